@@ -1,0 +1,141 @@
+// Command qwenctl is the client and operator CLI of qwenfleet.
+//
+//	qwenctl mkmodel --preset NAME --out DIR [--seed N] [--dtype bf16|f16|f32] [--layers N] [--config-only]
+//	qwenctl forward --model DIR --ids 1,2,3 [--out FILE.safetensors] [--generate N]
+//	qwenctl demo    [--preset tiny] [--tokens N]
+//
+// Every command prints one error line and exits non-zero on bad flags or
+// input.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+)
+
+type command struct {
+	name, summary string
+	run           func(args []string) error
+}
+
+var commands = []command{
+	{"mkmodel", "write a random-weight checkpoint of a preset shape", runMkmodel},
+	{"forward", "run token ids through a model: logits to a file, or greedy decoding", runForward},
+	{"demo", "make (once) and run a small model end to end", runDemo},
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: qwenctl COMMAND [flags]   (qwenctl COMMAND -h for its flags)")
+	for _, c := range commands {
+		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	}
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage(os.Stderr)
+		os.Exit(2)
+	}
+	name := os.Args[1]
+	if name == "-h" || name == "--help" || name == "help" {
+		usage(os.Stdout)
+		return
+	}
+	for _, c := range commands {
+		if c.name != name {
+			continue
+		}
+		err := c.run(os.Args[2:])
+		switch {
+		case err == nil:
+			return
+		case errors.Is(err, flag.ErrHelp):
+			return
+		case errors.As(err, new(usageError)):
+			fmt.Fprintf(os.Stderr, "qwenctl %s: %v (see qwenctl %s -h)\n", name, err, name)
+			os.Exit(2)
+		default:
+			fmt.Fprintf(os.Stderr, "qwenctl %s: %v\n", name, err)
+			os.Exit(1)
+		}
+	}
+	fmt.Fprintf(os.Stderr, "qwenctl: unknown command %q (see qwenctl -h)\n", name)
+	os.Exit(2)
+}
+
+// usageError is a bad flag or argument.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Sprintf(format, args...)} }
+
+// newFlags makes a flag set that reports parse errors as one line (through
+// parse) and prints help to stdout on -h.
+func newFlags(name, synopsis string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {
+		fmt.Fprintf(os.Stdout, "usage: qwenctl %s %s\n", name, synopsis)
+		fs.SetOutput(os.Stdout)
+		fs.PrintDefaults()
+		fs.SetOutput(io.Discard)
+	}
+	return fs
+}
+
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.Usage()
+			return err
+		}
+		return usageError{err.Error()}
+	}
+	if fs.NArg() > 0 {
+		return usagef("unexpected argument %q", fs.Arg(0))
+	}
+	return nil
+}
+
+// parseIDs parses "1,2,3".
+func parseIDs(flagName, s string) ([]int32, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, usagef("--%s: no token ids", flagName)
+	}
+	var ids []int32
+	for _, f := range strings.Split(s, ",") {
+		v, err := strconv.ParseInt(strings.TrimSpace(f), 10, 32)
+		if err != nil || v < 0 {
+			return nil, usagef("--%s: %q is not a token id", flagName, f)
+		}
+		ids = append(ids, int32(v))
+	}
+	return ids, nil
+}
+
+// parseBytes parses "2GiB", "512MiB", "80GB", "1000".
+func parseBytes(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   float64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"B", 1}}
+	mult := 1.0
+	num := strings.TrimSpace(s)
+	for _, u := range units {
+		if strings.HasSuffix(num, u.suffix) {
+			mult, num = u.mult, strings.TrimSpace(strings.TrimSuffix(num, u.suffix))
+			break
+		}
+	}
+	v, err := strconv.ParseFloat(num, 64)
+	if err != nil || v <= 0 {
+		return 0, fmt.Errorf("%q is not a size (e.g. 2GiB)", s)
+	}
+	return int64(v * mult), nil
+}

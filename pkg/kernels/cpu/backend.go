@@ -1,0 +1,190 @@
+package cpu
+
+import (
+	"fmt"
+	"runtime"
+	"unsafe"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+)
+
+// Config configures a CPU backend.
+type Config struct {
+	// Threads computing each op; 0 means runtime.GOMAXPROCS(0). More
+	// threads than cores only adds contention.
+	Threads int
+	// Generic forces the pure-Go inner loops even where SIMD ones exist
+	// (for testing, and to measure what the assembly buys).
+	Generic bool
+	// Kernels names a SIMD kernel set to use ("avx2"); empty picks the best
+	// the CPU supports. Ignored when Generic is set.
+	Kernels string
+}
+
+// Variants lists the kernel sets this machine can run: "generic" always,
+// then the SIMD ones its CPU supports.
+func Variants() []string {
+	names := []string{genericKernels.name}
+	for _, k := range simdKernels() {
+		names = append(names, k.name)
+	}
+	return names
+}
+
+// Backend implements kernels.Backend on the CPU.
+type Backend struct {
+	k       kernelSet
+	pool    *pool
+	scratch [][]float32 // per thread
+}
+
+var _ kernels.Backend = (*Backend)(nil)
+
+// New starts a backend and its threads; Close stops them.
+func New(cfg Config) (*Backend, error) {
+	if cfg.Threads < 0 {
+		return nil, fmt.Errorf("cpu: Threads %d < 0", cfg.Threads)
+	}
+	if cfg.Threads == 0 {
+		cfg.Threads = runtime.GOMAXPROCS(0)
+	}
+	k := genericKernels
+	if !cfg.Generic {
+		found := cfg.Kernels == ""
+		for _, s := range simdKernels() {
+			if cfg.Kernels == "" || s.name == cfg.Kernels {
+				k, found = s, true
+				break
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("cpu: kernel set %q not supported here (have %v)", cfg.Kernels, Variants())
+		}
+	}
+	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads)}, nil
+}
+
+// Close stops the backend's threads. The backend must not be used afterwards.
+func (b *Backend) Close() { b.pool.close() }
+
+// Name is "cpu/" and the kernel set.
+func (b *Backend) Name() string { return "cpu/" + b.k.name }
+
+// Threads is the number of threads each op runs on.
+func (b *Backend) Threads() int { return b.pool.threads }
+
+// tensor is the CPU tensor: F32 data in f, F16/BF16 data in h.
+type tensor struct {
+	dt    kernels.DType
+	shape []int
+	f     []float32
+	h     []uint16
+}
+
+func (t *tensor) DType() kernels.DType { return t.dt }
+func (t *tensor) Shape() []int         { return t.shape }
+func (t *tensor) rows() int            { return kernels.Rows(t) }
+func (t *tensor) cols() int            { return kernels.Cols(t) }
+
+func cast(t kernels.Tensor) *tensor {
+	c, ok := t.(*tensor)
+	if !ok {
+		panic(fmt.Sprintf("cpu: tensor %T is not from the CPU backend", t))
+	}
+	return c
+}
+
+// f32 returns the F32 data of an activation, panicking on other dtypes.
+func f32(t kernels.Tensor) *tensor {
+	c := cast(t)
+	if c.dt != kernels.F32 {
+		panic(fmt.Sprintf("cpu: want an F32 activation, got %v", c.dt))
+	}
+	return c
+}
+
+func newF32(shape ...int) *tensor {
+	return &tensor{dt: kernels.F32, shape: append([]int(nil), shape...), f: make([]float32, kernels.NumElements(shape))}
+}
+
+// Weight wraps data without copying when it is suitably aligned.
+func (b *Backend) Weight(dt kernels.DType, shape []int, data []byte) (kernels.Tensor, error) {
+	n := kernels.NumElements(shape)
+	if dt.Size() == 0 {
+		return nil, fmt.Errorf("cpu: unsupported dtype %v", dt)
+	}
+	if len(data) != n*dt.Size() {
+		return nil, fmt.Errorf("cpu: %v%v needs %d bytes, got %d", dt, shape, n*dt.Size(), len(data))
+	}
+	t := &tensor{dt: dt, shape: append([]int(nil), shape...)}
+	if n == 0 {
+		t.f, t.h = []float32{}, []uint16{}
+		return t, nil
+	}
+	p := unsafe.Pointer(&data[0])
+	if uintptr(p)%uintptr(dt.Size()) != 0 {
+		data = append([]byte(nil), data...) // fresh allocations are aligned
+		p = unsafe.Pointer(&data[0])
+	}
+	if dt == kernels.F32 {
+		t.f = unsafe.Slice((*float32)(p), n)
+	} else {
+		t.h = unsafe.Slice((*uint16)(p), n)
+	}
+	return t, nil
+}
+
+// Zeros is a new zeroed F32 tensor.
+func (b *Backend) Zeros(shape ...int) kernels.Tensor { return newF32(shape...) }
+
+// FromFloat32 copies data into a new F32 tensor.
+func (b *Backend) FromFloat32(shape []int, data []float32) kernels.Tensor {
+	t := newF32(shape...)
+	if len(data) != len(t.f) {
+		panic(fmt.Sprintf("cpu: FromFloat32 shape %v with %d values", shape, len(data)))
+	}
+	copy(t.f, data)
+	return t
+}
+
+// ToFloat32 copies t to the host, widened to float32.
+func (b *Backend) ToFloat32(t kernels.Tensor) []float32 {
+	c := cast(t)
+	out := make([]float32, kernels.NumElements(c.shape))
+	switch c.dt {
+	case kernels.F32:
+		copy(out, c.f)
+	case kernels.BF16:
+		b.k.cvtBF16(out, c.h)
+	case kernels.F16:
+		b.k.cvtF16(out, c.h)
+	}
+	return out
+}
+
+// Free drops the backend's reference; Go's collector reclaims the memory.
+func (b *Backend) Free(t kernels.Tensor) {
+	c := cast(t)
+	c.f, c.h = nil, nil
+}
+
+// widenRow writes row r of a (any dtype) into dst.
+func (b *Backend) widenRow(dst []float32, a *tensor, r int) {
+	n := len(dst)
+	switch a.dt {
+	case kernels.F32:
+		copy(dst, a.f[r*n:(r+1)*n])
+	case kernels.BF16:
+		b.k.cvtBF16(dst, a.h[r*n:(r+1)*n])
+	case kernels.F16:
+		b.k.cvtF16(dst, a.h[r*n:(r+1)*n])
+	}
+}
+
+// scratchFor returns thread tid's scratch buffer of at least n floats.
+func (b *Backend) scratchFor(tid, n int) []float32 {
+	if cap(b.scratch[tid]) < n {
+		b.scratch[tid] = make([]float32, n)
+	}
+	return b.scratch[tid][:n]
+}

@@ -1,0 +1,47 @@
+package cpu_test
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+)
+
+// BenchmarkMatMul reports GFLOP/s (2 per multiply-add) of x [T, K] · wᵀ for
+// a bf16 w [N, K] of the qwen2-0.5b MLP shape.
+func BenchmarkMatMul(b *testing.B) {
+	for _, v := range cpu.Variants() {
+		for _, threads := range []int{1, 2} {
+			for _, T := range []int{1, 8, 128} {
+				K, N := 896, 4864
+				b.Run(fmt.Sprintf("%s/threads=%d/T=%d", v, threads, T), func(b *testing.B) {
+					be, err := cpu.New(cpu.Config{Threads: threads, Generic: v == "generic", Kernels: map[bool]string{true: "", false: v}[v == "generic"]})
+					if err != nil {
+						b.Fatal(err)
+					}
+					defer be.Close()
+					rng := rand.New(rand.NewPCG(1, 1))
+					raw := make([]byte, N*K*2)
+					for i := 0; i < len(raw); i += 2 {
+						h := math.Float32bits(rng.Float32()*0.1-0.05) >> 16
+						raw[i], raw[i+1] = byte(h), byte(h>>8)
+					}
+					w, _ := be.Weight(kernels.BF16, []int{N, K}, raw)
+					xs := make([]float32, T*K)
+					for i := range xs {
+						xs[i] = rng.Float32()
+					}
+					x := be.FromFloat32([]int{T, K}, xs)
+					b.ResetTimer()
+					for i := 0; i < b.N; i++ {
+						be.Free(be.MatMul(x, w, nil))
+					}
+					b.ReportMetric(2*float64(T*K*N)*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
+				})
+			}
+		}
+	}
+}

@@ -1,0 +1,36 @@
+package cpu_test
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/kernelstest"
+)
+
+// TestConformance runs the suite on every kernel variant this machine
+// supports, single- and multi-threaded.
+func TestConformance(t *testing.T) {
+	for _, v := range cpu.Variants() {
+		for _, threads := range []int{1, 3} {
+			t.Run(fmt.Sprintf("%s/%dthreads", v, threads), func(t *testing.T) {
+				cfg := cpu.Config{Threads: threads, Generic: v == "generic"}
+				if !cfg.Generic {
+					cfg.Kernels = v
+				}
+				b, err := cpu.New(cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer b.Close()
+				kernelstest.Run(t, b)
+			})
+		}
+	}
+}
+
+func TestUnknownKernels(t *testing.T) {
+	if _, err := cpu.New(cpu.Config{Kernels: "sse1"}); err == nil {
+		t.Fatal("unknown kernel set accepted")
+	}
+}

@@ -1,0 +1,171 @@
+package cpu
+
+import "golang.org/x/sys/cpu"
+
+//go:noescape
+func dot4BF16AVX2(x *float32, w *uint16, stride, n int, out *[4]float32)
+
+//go:noescape
+func dot4F16AVX2(x *float32, w *uint16, stride, n int, out *[4]float32)
+
+//go:noescape
+func dot4F32AVX2(x *float32, w *float32, stride, n int, out *[4]float32)
+
+//go:noescape
+func gemm3x4AVX2(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ldc int)
+
+//go:noescape
+func gemm5x4AVX512(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ldc int)
+
+//go:noescape
+func cvtBF16AVX2(dst *float32, src *uint16, n int)
+
+//go:noescape
+func cvtF16AVX2(dst *float32, src *uint16, n int)
+
+// simdKernels lists the SIMD kernel sets this machine can run, best first.
+func simdKernels() []kernelSet {
+	if !(cpu.X86.HasAVX2 && cpu.X86.HasFMA && cpu.X86.HasF16C) {
+		return nil
+	}
+	avx2 := kernelSet{
+		name:     "avx2",
+		dot4BF16: dot4BF16Asm,
+		dot4F16:  dot4F16Asm,
+		dot4F32:  dot4F32Asm,
+		gemm:     gemm3x4Asm,
+		gemmRows: 3,
+		cvtBF16:  cvtBF16Asm,
+		cvtF16:   cvtF16Asm,
+	}
+	if !(cpu.X86.HasAVX512F && cpu.X86.HasAVX512VL && cpu.X86.HasAVX512DQ) {
+		return []kernelSet{avx2}
+	}
+	// AVX-512: the same memory-bound dot products, a wider GEMM tile.
+	avx512 := avx2
+	avx512.name, avx512.gemm, avx512.gemmRows = "avx512", gemm5x4Asm, 5
+	return []kernelSet{avx512, avx2}
+}
+
+// The wrappers check bounds (the assembly does not), run the multiple-of-8
+// bulk in assembly and the tail in Go.
+
+func dot4BF16Asm(x []float32, w []uint16, stride int, out *[4]float32) {
+	n := len(x)
+	if n == 0 {
+		*out = [4]float32{}
+		return
+	}
+	_ = w[3*stride+n-1]
+	n8 := n &^ 7
+	if n8 > 0 {
+		dot4BF16AVX2(&x[0], &w[0], stride, n8, out)
+	} else {
+		*out = [4]float32{}
+	}
+	for k := n8; k < n; k++ {
+		for j := range out {
+			out[j] += x[k] * bf16(w[j*stride+k])
+		}
+	}
+}
+
+func dot4F16Asm(x []float32, w []uint16, stride int, out *[4]float32) {
+	n := len(x)
+	if n == 0 {
+		*out = [4]float32{}
+		return
+	}
+	_ = w[3*stride+n-1]
+	n8 := n &^ 7
+	if n8 > 0 {
+		dot4F16AVX2(&x[0], &w[0], stride, n8, out)
+	} else {
+		*out = [4]float32{}
+	}
+	for k := n8; k < n; k++ {
+		for j := range out {
+			out[j] += x[k] * f16(w[j*stride+k])
+		}
+	}
+}
+
+func dot4F32Asm(x []float32, w []float32, stride int, out *[4]float32) {
+	n := len(x)
+	if n == 0 {
+		*out = [4]float32{}
+		return
+	}
+	_ = w[3*stride+n-1]
+	n8 := n &^ 7
+	if n8 > 0 {
+		dot4F32AVX2(&x[0], &w[0], stride, n8, out)
+	} else {
+		*out = [4]float32{}
+	}
+	for k := n8; k < n; k++ {
+		for j := range out {
+			out[j] += x[k] * w[j*stride+k]
+		}
+	}
+}
+
+func gemm3x4Asm(x []float32, ldx int, p []float32, ldp int, n int, c []float32, ldc int) {
+	gemmAsm(gemm3x4AVX2, 3, 8, x, ldx, p, ldp, n, c, ldc)
+}
+
+func gemm5x4Asm(x []float32, ldx int, p []float32, ldp int, n int, c []float32, ldc int) {
+	gemmAsm(gemm5x4AVX512, 5, 16, x, ldx, p, ldp, n, c, ldc)
+}
+
+// gemmAsm checks bounds, runs the bulk of k (a multiple of width) in kernel
+// and adds the tail in Go.
+func gemmAsm(kernel func(*float32, int, *float32, int, int, *float32, int), rows, width int,
+	x []float32, ldx int, p []float32, ldp int, n int, c []float32, ldc int) {
+	if n == 0 {
+		return
+	}
+	_ = x[(rows-1)*ldx+n-1]
+	_ = p[3*ldp+n-1]
+	_ = c[(rows-1)*ldc+3]
+	nb := n - n%width
+	if nb > 0 {
+		kernel(&x[0], ldx, &p[0], ldp, nb, &c[0], ldc)
+	}
+	if nb == n {
+		return
+	}
+	for i := 0; i < rows; i++ {
+		for j := 0; j < 4; j++ {
+			var s float32
+			for k := nb; k < n; k++ {
+				s += x[i*ldx+k] * p[j*ldp+k]
+			}
+			c[i*ldc+j] += s
+		}
+	}
+}
+
+func cvtBF16Asm(dst []float32, src []uint16) {
+	n := len(dst)
+	src = src[:n]
+	n8 := n &^ 7
+	if n8 > 0 {
+		cvtBF16AVX2(&dst[0], &src[0], n8)
+	}
+	for i := n8; i < n; i++ {
+		dst[i] = bf16(src[i])
+	}
+}
+
+func cvtF16Asm(dst []float32, src []uint16) {
+	n := len(dst)
+	src = src[:n]
+	n8 := n &^ 7
+	if n8 > 0 {
+		cvtF16AVX2(&dst[0], &src[0], n8)
+	}
+	for i := n8; i < n; i++ {
+		dst[i] = f16(src[i])
+	}
+}

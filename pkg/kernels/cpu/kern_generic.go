@@ -1,0 +1,119 @@
+package cpu
+
+import "math"
+
+// kernelSet is one implementation of the inner loops. Every function handles
+// any length; SIMD sets run the bulk in assembly and the tail in Go.
+type kernelSet struct {
+	name string
+	// dot4* compute out[j] = Σ_k x[k]·w[j·stride+k] for j < 4, k < len(x).
+	dot4BF16 func(x []float32, w []uint16, stride int, out *[4]float32)
+	dot4F16  func(x []float32, w []uint16, stride int, out *[4]float32)
+	dot4F32  func(x []float32, w []float32, stride int, out *[4]float32)
+	// gemm adds Σ_{k<n} x[i·ldx+k]·p[j·ldp+k] to c[i·ldc+j] for
+	// i < gemmRows, j < 4: a register-blocked tile of gemmRows tokens by 4
+	// weight rows.
+	gemm     func(x []float32, ldx int, p []float32, ldp int, n int, c []float32, ldc int)
+	gemmRows int
+	// cvt* widen len(dst) elements of src into dst.
+	cvtBF16 func(dst []float32, src []uint16)
+	cvtF16  func(dst []float32, src []uint16)
+}
+
+// genericKernels is the pure-Go reference set.
+var genericKernels = kernelSet{
+	name:     "generic",
+	dot4BF16: dot4BF16Go,
+	dot4F16:  dot4F16Go,
+	dot4F32:  dot4F32Go,
+	gemm:     gemm3x4Go,
+	gemmRows: 3,
+	cvtBF16:  cvtBF16Go,
+	cvtF16:   cvtF16Go,
+}
+
+func bf16(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
+
+func dot4BF16Go(x []float32, w []uint16, stride int, out *[4]float32) {
+	n := len(x)
+	w0, w1, w2, w3 := w[:n], w[stride:stride+n], w[2*stride:2*stride+n], w[3*stride:3*stride+n]
+	var s0, s1, s2, s3 float32
+	for k, xv := range x {
+		s0 += xv * bf16(w0[k])
+		s1 += xv * bf16(w1[k])
+		s2 += xv * bf16(w2[k])
+		s3 += xv * bf16(w3[k])
+	}
+	*out = [4]float32{s0, s1, s2, s3}
+}
+
+func dot4F16Go(x []float32, w []uint16, stride int, out *[4]float32) {
+	n := len(x)
+	w0, w1, w2, w3 := w[:n], w[stride:stride+n], w[2*stride:2*stride+n], w[3*stride:3*stride+n]
+	var s0, s1, s2, s3 float32
+	for k, xv := range x {
+		s0 += xv * f16(w0[k])
+		s1 += xv * f16(w1[k])
+		s2 += xv * f16(w2[k])
+		s3 += xv * f16(w3[k])
+	}
+	*out = [4]float32{s0, s1, s2, s3}
+}
+
+func dot4F32Go(x []float32, w []float32, stride int, out *[4]float32) {
+	n := len(x)
+	w0, w1, w2, w3 := w[:n], w[stride:stride+n], w[2*stride:2*stride+n], w[3*stride:3*stride+n]
+	var s0, s1, s2, s3 float32
+	for k, xv := range x {
+		s0 += xv * w0[k]
+		s1 += xv * w1[k]
+		s2 += xv * w2[k]
+		s3 += xv * w3[k]
+	}
+	*out = [4]float32{s0, s1, s2, s3}
+}
+
+func gemm3x4Go(x []float32, ldx int, p []float32, ldp int, n int, c []float32, ldc int) {
+	var out [4]float32
+	for i := 0; i < 3; i++ {
+		dot4F32Go(x[i*ldx:i*ldx+n], p, ldp, &out)
+		for j, v := range out {
+			c[i*ldc+j] += v
+		}
+	}
+}
+
+func cvtBF16Go(dst []float32, src []uint16) {
+	src = src[:len(dst)]
+	for i, h := range src {
+		dst[i] = bf16(h)
+	}
+}
+
+func cvtF16Go(dst []float32, src []uint16) {
+	src = src[:len(dst)]
+	for i, h := range src {
+		dst[i] = f16(h)
+	}
+}
+
+// f16 widens an IEEE half-precision number exactly.
+func f16(h uint16) float32 {
+	sign := uint32(h&0x8000) << 16
+	exp := uint32(h>>10) & 0x1f
+	mant := uint32(h & 0x3ff)
+	switch {
+	case exp == 0x1f: // inf, nan
+		return math.Float32frombits(sign | 0x7f800000 | mant<<13)
+	case exp != 0:
+		return math.Float32frombits(sign | (exp+112)<<23 | mant<<13)
+	case mant == 0:
+		return math.Float32frombits(sign)
+	}
+	// subnormal: mant · 2^-24
+	v := float32(mant) * (1.0 / (1 << 24))
+	if sign != 0 {
+		v = -v
+	}
+	return v
+}

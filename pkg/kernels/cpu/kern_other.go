@@ -1,0 +1,7 @@
+//go:build !amd64
+
+package cpu
+
+// simdKernels lists the SIMD kernel sets this machine can run: none yet
+// outside amd64, where the pure-Go loops run.
+func simdKernels() []kernelSet { return nil }

@@ -1,0 +1,153 @@
+package kernels
+
+import "fmt"
+
+// DType is the element type of a tensor.
+type DType uint8
+
+// The element types a checkpoint may hold. Activations are always F32.
+const (
+	F32 DType = iota + 1
+	F16
+	BF16
+)
+
+// Size is the number of bytes of one element.
+func (d DType) Size() int {
+	switch d {
+	case F32:
+		return 4
+	case F16, BF16:
+		return 2
+	}
+	return 0
+}
+
+func (d DType) String() string {
+	switch d {
+	case F32:
+		return "F32"
+	case F16:
+		return "F16"
+	case BF16:
+		return "BF16"
+	}
+	return fmt.Sprintf("DType(%d)", uint8(d))
+}
+
+// Tensor is a dense row-major array owned by a Backend. Only the backend that
+// made a tensor may be given it.
+type Tensor interface {
+	DType() DType
+	// Shape returns the dimensions; the caller must not modify the slice.
+	Shape() []int
+}
+
+// Rows is the first dimension of a tensor (1 for a scalar).
+func Rows(t Tensor) int {
+	s := t.Shape()
+	if len(s) == 0 {
+		return 1
+	}
+	return s[0]
+}
+
+// Cols is the product of all dimensions but the first.
+func Cols(t Tensor) int {
+	s := t.Shape()
+	n := 1
+	for i := 1; i < len(s); i++ {
+		n *= s[i]
+	}
+	return n
+}
+
+// NumElements is the product of all dimensions.
+func NumElements(shape []int) int {
+	n := 1
+	for _, d := range shape {
+		n *= d
+	}
+	return n
+}
+
+// Rope holds the rotary-embedding frequencies of one model: rotate-half
+// pairing (element i with i+headDim/2), angle = position·InvFreq[i], and both
+// cos and sin multiplied by Scale (YaRN's attention factor; 1 otherwise).
+type Rope struct {
+	InvFreq []float32 // headDim/2 frequencies
+	Scale   float32
+}
+
+// AttnSeq describes one sequence of a batched attention call.
+type AttnSeq struct {
+	Row    int     // first row of this sequence's queries in q
+	N      int     // number of query rows (new tokens)
+	Start  int     // absolute position of the first query row; keys 0..Start+N-1 are cached
+	Blocks []int32 // block table: block b holds positions [b·BlockSize, (b+1)·BlockSize)
+}
+
+// AttnBatch is the metadata of one Attention call.
+type AttnBatch struct {
+	Seqs      []AttnSeq
+	Heads     int     // query heads in q
+	KVHeads   int     // KV heads in the caches
+	HeadDim   int     // elements per head
+	BlockSize int     // slots per KV block
+	Scale     float32 // multiplies q·k (1/sqrt(HeadDim))
+}
+
+// Backend is the compute interface of the forward pass. Unless an op says
+// otherwise, arguments are F32 activations and the result is a new F32
+// activation; weights (w, table, bias, norm weights) may be of any DType.
+// Shape mismatches are programming errors and panic; data-dependent errors
+// (a bad token id, a slot out of range) are the caller's to rule out.
+type Backend interface {
+	// Name identifies the backend and the kernel variant, e.g. "cpu/avx2".
+	Name() string
+	// Threads is the number of threads the backend computes with.
+	Threads() int
+
+	// Weight makes a tensor from raw little-endian bytes of dtype dt. The
+	// backend may keep data without copying it (the CPU backend does), so the
+	// caller must not modify it afterwards.
+	Weight(dt DType, shape []int, data []byte) (Tensor, error)
+	// Zeros is a new zeroed F32 tensor.
+	Zeros(shape ...int) Tensor
+	// FromFloat32 copies host data into a new F32 tensor.
+	FromFloat32(shape []int, data []float32) Tensor
+	// ToFloat32 copies a tensor of any dtype to the host, widened to float32.
+	ToFloat32(t Tensor) []float32
+	// Free releases an activation early; using it afterwards is an error.
+	Free(t Tensor)
+
+	// Embed gathers rows ids of table [V, H] into [len(ids), H].
+	Embed(table Tensor, ids []int32) Tensor
+	// MatMul is x [T, K] times wᵀ for w [N, K], plus bias [N] when bias is
+	// not nil: [T, N].
+	MatMul(x, w, bias Tensor) Tensor
+	// RMSNorm is w ⊙ x/sqrt(mean(x²)+eps), row by row; w is [cols].
+	RMSNorm(x, w Tensor, eps float32) Tensor
+	// Add adds src to dst in place (same shape).
+	Add(dst, src Tensor)
+	// RoPE rotates every head of every row of x [T, heads·headDim] in place;
+	// row t is at position pos[t].
+	RoPE(x Tensor, headDim int, pos []int32, r *Rope)
+	// SwiGLU is silu(gate) ⊙ up.
+	SwiGLU(gate, up Tensor) Tensor
+	// WriteKV copies row i of x into row slots[i] of cache, in place.
+	WriteKV(cache, x Tensor, slots []int32)
+	// Attention is causal scaled-dot-product attention of q [T, Heads·HeadDim]
+	// over the paged caches kc, vc [slots, KVHeads·HeadDim]: query row Row+i
+	// of a sequence attends to its positions 0..Start+i. Query head h reads
+	// KV head h/(Heads/KVHeads). Softmax is computed in float32 or wider.
+	Attention(q, kc, vc Tensor, b *AttnBatch) Tensor
+
+	// Gather copies rows of x into a new [len(rows), cols] tensor.
+	Gather(x Tensor, rows []int32) Tensor
+	// ScatterAdd adds scale[i]·src row i into dst row rows[i], in place,
+	// in order of i.
+	ScatterAdd(dst, src Tensor, rows []int32, scale []float32)
+	// ScaleRows multiplies row i of x by s[i], in place.
+	ScaleRows(x Tensor, s []float32)
+}

@@ -1,0 +1,118 @@
+package model_test
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+)
+
+// The benchmarks run the qwen2-0.5b shape (BENCH_PRESET changes nothing:
+// the figures in the README are for this shape) with random bf16 weights
+// generated in memory once per process.
+var (
+	benchOnce    sync.Once
+	benchWeights map[string][]byte
+	benchCfg     *model.Config
+)
+
+// memWeights is a WeightSource over bytes generated once.
+type memWeights struct {
+	cfg *model.Config
+	rw  *model.RandomWeights
+}
+
+func (m memWeights) Lookup(name string) (kernels.DType, []int, bool) { return m.rw.Lookup(name) }
+func (m memWeights) Read(name string) ([]byte, error)                { return benchWeights[name], nil }
+
+func benchModel(b *testing.B, threads int) *model.Model {
+	b.Helper()
+	benchOnce.Do(func() {
+		cfg, err := model.Preset("qwen2-0.5b")
+		if err != nil {
+			panic(err)
+		}
+		benchCfg = cfg
+		rw := model.NewRandomWeights(cfg, kernels.BF16, 1)
+		benchWeights = map[string][]byte{}
+		for _, t := range rw.Tensors() {
+			data, err := rw.Read(t.Name)
+			if err != nil {
+				panic(err)
+			}
+			benchWeights[t.Name] = data
+		}
+	})
+	be, err := cpu.New(cpu.Config{Threads: threads})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(be.Close)
+	m, err := model.New(benchCfg, be, memWeights{benchCfg, model.NewRandomWeights(benchCfg, kernels.BF16, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m
+}
+
+func prompt(n int) []int32 {
+	p := make([]int32, n)
+	for i := range p {
+		p[i] = int32((i*7919 + 13) % 151000)
+	}
+	return p
+}
+
+// BenchmarkDecode measures single-sequence decode steps (after a 16-token
+// prompt, context growing to 16+b.N... capped by restarting) and reports
+// tokens/s and the share of weight bytes streamed per second.
+func BenchmarkDecode(b *testing.B) {
+	for _, threads := range []int{1, 2} {
+		b.Run(fmt.Sprintf("qwen2-0.5b-bf16/threads=%d", threads), func(b *testing.B) {
+			m := benchModel(b, threads)
+			const ctx = 256
+			bm, st := m.NewCache(ctx, model.DefaultBlockSize)
+			p := prompt(16)
+			bm.Reserve(1, ctx)
+			if _, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: p, Blocks: bm.Table(1)}}}, st); err != nil {
+				b.Fatal(err)
+			}
+			pos := len(p)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if pos == ctx {
+					pos = len(p) // overwrite the same cache: same work per step
+				}
+				if _, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: []int32{int32(i % 1000)}, Pos: pos, Blocks: bm.Table(1)}}}, st); err != nil {
+					b.Fatal(err)
+				}
+				pos++
+			}
+			sec := b.Elapsed().Seconds()
+			b.ReportMetric(float64(b.N)/sec, "tokens/s")
+			b.ReportMetric(float64(m.WeightBytes())*float64(b.N)/sec/1e9, "weightGB/s")
+		})
+	}
+}
+
+// BenchmarkPrefill measures a 128-token prompt in one step.
+func BenchmarkPrefill(b *testing.B) {
+	for _, threads := range []int{1, 2} {
+		b.Run(fmt.Sprintf("qwen2-0.5b-bf16/len=128/threads=%d", threads), func(b *testing.B) {
+			m := benchModel(b, threads)
+			p := prompt(128)
+			bm, st := m.NewCache(len(p), model.DefaultBlockSize)
+			bm.Reserve(1, len(p))
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if _, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: p, Blocks: bm.Table(1)}}}, st); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(len(p)*b.N)/b.Elapsed().Seconds(), "tokens/s")
+		})
+	}
+}

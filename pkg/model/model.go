@@ -1,0 +1,438 @@
+package model
+
+import (
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+)
+
+// Cache is the paged K/V storage a forward step reads and writes
+// (kvcache.Storage implements it). Tensors are [NumBlocks·BlockSize,
+// KVDim].
+type Cache interface {
+	BlockSize() int
+	NumBlocks() int
+	KV(layer int) (k, v kernels.Tensor)
+}
+
+// Model is a loaded Qwen2 or Qwen2-MoE model on one backend. Forward must not
+// be called concurrently (a backend runs one op at a time).
+type Model struct {
+	cfg    *Config
+	b      kernels.Backend
+	embed  kernels.Tensor
+	norm   kernels.Tensor
+	lmHead kernels.Tensor // the embedding when tied
+	layers []*layer
+	rope   kernels.Rope
+	bytes  int64 // weight bytes
+	closer func() error
+}
+
+type layer struct {
+	inNorm, postNorm kernels.Tensor
+	q, k, v, o       kernels.Tensor
+	qb, kb, vb       kernels.Tensor
+	mlp              *mlp // dense layers
+	moe              *moe // MoE layers
+}
+
+type mlp struct{ gate, up, down kernels.Tensor }
+
+type moe struct {
+	router     kernels.Tensor // [E, H]
+	experts    []mlp
+	shared     *mlp           // nil when shared_expert_intermediate_size is 0
+	sharedGate kernels.Tensor // [1, H]
+}
+
+// New builds a model from weights in src, checking every tensor's shape
+// against cfg.
+func New(cfg *Config, b kernels.Backend, src WeightSource) (*Model, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	ld := &loader{src: src, b: b}
+	m := &Model{cfg: cfg, b: b}
+	shapes := map[string][]int{}
+	for _, s := range Shapes(cfg) {
+		shapes[s.Name] = s.Shape
+	}
+	var err error
+	get := func(name string) kernels.Tensor {
+		if err != nil {
+			return nil
+		}
+		var t kernels.Tensor
+		t, err = ld.load(name, shapes[name]...)
+		if t != nil {
+			m.bytes += int64(kernels.NumElements(t.Shape()) * t.DType().Size())
+		}
+		return t
+	}
+	m.embed = get(EmbedName)
+	for l := 0; l < cfg.NumHiddenLayers; l++ {
+		n := func(s string) string { return LayerName(l, s) }
+		ly := &layer{
+			inNorm:   get(n("input_layernorm.weight")),
+			q:        get(n("self_attn.q_proj.weight")),
+			qb:       get(n("self_attn.q_proj.bias")),
+			k:        get(n("self_attn.k_proj.weight")),
+			kb:       get(n("self_attn.k_proj.bias")),
+			v:        get(n("self_attn.v_proj.weight")),
+			vb:       get(n("self_attn.v_proj.bias")),
+			o:        get(n("self_attn.o_proj.weight")),
+			postNorm: get(n("post_attention_layernorm.weight")),
+		}
+		if !cfg.IsMoELayer(l) {
+			ly.mlp = &mlp{get(n("mlp.gate_proj.weight")), get(n("mlp.up_proj.weight")), get(n("mlp.down_proj.weight"))}
+		} else {
+			e := &moe{router: get(n("mlp.gate.weight"))}
+			for x := 0; x < cfg.NumExperts; x++ {
+				e.experts = append(e.experts, mlp{
+					get(ExpertName(l, x, "gate_proj")), get(ExpertName(l, x, "up_proj")), get(ExpertName(l, x, "down_proj")),
+				})
+			}
+			if cfg.SharedExpertIntermediateSize > 0 {
+				e.shared = &mlp{
+					get(n("mlp.shared_expert.gate_proj.weight")),
+					get(n("mlp.shared_expert.up_proj.weight")),
+					get(n("mlp.shared_expert.down_proj.weight")),
+				}
+				e.sharedGate = get(n("mlp.shared_expert_gate.weight"))
+			}
+			ly.moe = e
+		}
+		m.layers = append(m.layers, ly)
+	}
+	m.norm = get(NormName)
+	if cfg.TieWordEmbeddings {
+		m.lmHead = m.embed
+	} else {
+		m.lmHead = get(LMHead)
+	}
+	if err != nil {
+		return nil, err
+	}
+	m.rope.InvFreq, m.rope.Scale = cfg.Rope()
+	return m, nil
+}
+
+// Config is the model's configuration.
+func (m *Model) Config() *Config { return m.cfg }
+
+// Backend is the backend the model runs on.
+func (m *Model) Backend() kernels.Backend { return m.b }
+
+// WeightBytes is the size of the loaded weights in their stored dtypes.
+func (m *Model) WeightBytes() int64 { return m.bytes }
+
+// KVDim is the width of one layer's K (or V) row: KV heads × head dim.
+func (m *Model) KVDim() int { return m.cfg.NumKeyValueHeads * m.cfg.headDim() }
+
+// Close releases what the weights depend on (a file mapping).
+func (m *Model) Close() error {
+	if m.closer != nil {
+		c := m.closer
+		m.closer = nil
+		return c()
+	}
+	return nil
+}
+
+// Seq is one sequence's part of a step.
+type Seq struct {
+	Tokens []int32 // new tokens, at positions Pos, Pos+1, ...
+	Pos    int     // tokens of this sequence already in the cache
+	// Blocks is the sequence's block table; it must cover Pos+len(Tokens)
+	// positions.
+	Blocks []int32
+	// AllLogits asks for the logits of every new token (for prompt
+	// logprobs); otherwise only the last token's are returned.
+	AllLogits bool
+}
+
+// Batch is one forward step over several sequences.
+type Batch struct {
+	Seqs []Seq
+	// Trace, when not nil, is filled with intermediate values (tests and
+	// debugging; it costs host copies).
+	Trace *Trace
+}
+
+// Trace records intermediate values of a step, in the layout of HF's
+// output_hidden_states and router outputs.
+type Trace struct {
+	// Hidden[0] is the embedding output, Hidden[i] (1 ≤ i < L) the output of
+	// layer i-1, Hidden[L] the final norm's output; each is [T, H] over the
+	// batch's new tokens.
+	Hidden [][]float32
+	// RouterLogits[l] is [T, E] for MoE layers (nil for dense ones).
+	RouterLogits [][]float32
+	// Experts[l] holds, per token, the chosen experts in descending
+	// probability ([T, k]); Weights[l] their routing weights as applied.
+	Experts [][]int32
+	Weights [][]float32
+}
+
+// Output is the result of a step.
+type Output struct {
+	// Logits[i] are sequence i's logits, rows × vocab_size float32 values,
+	// with one row per new token when AllLogits was set, else one row.
+	Logits [][]float32
+}
+
+// ErrBadBatch is wrapped by Forward errors about its input.
+var ErrBadBatch = errors.New("model: bad batch")
+
+// Forward runs one step. It validates the batch first (token ids, positions
+// against the context limit, block tables against the cache) and returns an
+// error wrapping ErrBadBatch without computing anything when it is bad.
+func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
+	st, err := m.plan(batch, cache)
+	if err != nil {
+		return nil, err
+	}
+	b, cfg := m.b, m.cfg
+	tr := batch.Trace
+	x := b.Embed(m.embed, st.ids)
+	if tr != nil {
+		tr.Hidden = append(tr.Hidden[:0], b.ToFloat32(x))
+		tr.RouterLogits = make([][]float32, len(m.layers))
+		tr.Experts = make([][]int32, len(m.layers))
+		tr.Weights = make([][]float32, len(m.layers))
+	}
+	eps := float32(cfg.RMSNormEps)
+	for l, ly := range m.layers {
+		a := b.RMSNorm(x, ly.inNorm, eps)
+		att := m.attention(l, ly, a, st, cache)
+		b.Free(a)
+		b.Add(x, att)
+		b.Free(att)
+		h := b.RMSNorm(x, ly.postNorm, eps)
+		var f kernels.Tensor
+		if ly.mlp != nil {
+			f = m.mlpForward(ly.mlp, h)
+		} else {
+			f = m.moeForward(l, ly.moe, h, tr)
+		}
+		b.Free(h)
+		b.Add(x, f)
+		b.Free(f)
+		if tr != nil && l < len(m.layers)-1 {
+			tr.Hidden = append(tr.Hidden, b.ToFloat32(x))
+		}
+	}
+	if tr != nil {
+		n := b.RMSNorm(x, m.norm, eps)
+		tr.Hidden = append(tr.Hidden, b.ToFloat32(n))
+		b.Free(n)
+	}
+	sel := b.Gather(x, st.outRows)
+	b.Free(x)
+	hn := b.RMSNorm(sel, m.norm, eps)
+	b.Free(sel)
+	lt := b.MatMul(hn, m.lmHead, nil)
+	b.Free(hn)
+	flat := b.ToFloat32(lt)
+	b.Free(lt)
+	V := cfg.VocabSize
+	out := &Output{Logits: make([][]float32, len(batch.Seqs))}
+	r := 0
+	for i, n := range st.outCount {
+		out.Logits[i] = flat[r*V : (r+n)*V : (r+n)*V]
+		r += n
+	}
+	return out, nil
+}
+
+// step is a validated batch flattened for the kernels.
+type step struct {
+	ids, pos, slots []int32
+	attn            kernels.AttnBatch
+	outRows         []int32 // rows of x whose logits are returned
+	outCount        []int   // rows per sequence
+}
+
+func (m *Model) plan(batch *Batch, cache Cache) (*step, error) {
+	cfg := m.cfg
+	if len(batch.Seqs) == 0 {
+		return nil, fmt.Errorf("%w: no sequences", ErrBadBatch)
+	}
+	bs, nb := cache.BlockSize(), cache.NumBlocks()
+	maxCtx := cfg.MaxContext()
+	st := &step{attn: kernels.AttnBatch{
+		Heads: cfg.NumAttentionHeads, KVHeads: cfg.NumKeyValueHeads, HeadDim: cfg.headDim(),
+		BlockSize: bs, Scale: float32(1 / math.Sqrt(float64(cfg.headDim()))),
+	}}
+	for i, s := range batch.Seqs {
+		if len(s.Tokens) == 0 {
+			return nil, fmt.Errorf("%w: sequence %d has no tokens", ErrBadBatch, i)
+		}
+		if s.Pos < 0 {
+			return nil, fmt.Errorf("%w: sequence %d: position %d < 0", ErrBadBatch, i, s.Pos)
+		}
+		end := s.Pos + len(s.Tokens)
+		if end > maxCtx {
+			return nil, fmt.Errorf("%w: sequence %d: %d tokens exceed the context of %d", ErrBadBatch, i, end, maxCtx)
+		}
+		if len(s.Blocks)*bs < end {
+			return nil, fmt.Errorf("%w: sequence %d: %d blocks of %d cannot hold %d tokens", ErrBadBatch, i, len(s.Blocks), bs, end)
+		}
+		for _, blk := range s.Blocks[:(end+bs-1)/bs] {
+			if blk < 0 || int(blk) >= nb {
+				return nil, fmt.Errorf("%w: sequence %d: block %d outside the cache's %d", ErrBadBatch, i, blk, nb)
+			}
+		}
+		row := len(st.ids)
+		for j, id := range s.Tokens {
+			if id < 0 || int(id) >= cfg.VocabSize {
+				return nil, fmt.Errorf("%w: sequence %d: token id %d outside the vocabulary [0, %d)", ErrBadBatch, i, id, cfg.VocabSize)
+			}
+			p := s.Pos + j
+			st.ids = append(st.ids, id)
+			st.pos = append(st.pos, int32(p))
+			st.slots = append(st.slots, s.Blocks[p/bs]*int32(bs)+int32(p%bs))
+		}
+		st.attn.Seqs = append(st.attn.Seqs, kernels.AttnSeq{Row: row, N: len(s.Tokens), Start: s.Pos, Blocks: s.Blocks})
+		if s.AllLogits {
+			for j := range s.Tokens {
+				st.outRows = append(st.outRows, int32(row+j))
+			}
+			st.outCount = append(st.outCount, len(s.Tokens))
+		} else {
+			st.outRows = append(st.outRows, int32(row+len(s.Tokens)-1))
+			st.outCount = append(st.outCount, 1)
+		}
+	}
+	return st, nil
+}
+
+func (m *Model) attention(l int, ly *layer, a kernels.Tensor, st *step, cache Cache) kernels.Tensor {
+	b, hd := m.b, m.cfg.headDim()
+	q := b.MatMul(a, ly.q, ly.qb)
+	k := b.MatMul(a, ly.k, ly.kb)
+	v := b.MatMul(a, ly.v, ly.vb)
+	b.RoPE(q, hd, st.pos, &m.rope)
+	b.RoPE(k, hd, st.pos, &m.rope)
+	kc, vc := cache.KV(l)
+	b.WriteKV(kc, k, st.slots)
+	b.WriteKV(vc, v, st.slots)
+	b.Free(k)
+	b.Free(v)
+	o := b.Attention(q, kc, vc, &st.attn)
+	b.Free(q)
+	out := b.MatMul(o, ly.o, nil)
+	b.Free(o)
+	return out
+}
+
+func (m *Model) mlpForward(p *mlp, x kernels.Tensor) kernels.Tensor {
+	b := m.b
+	g := b.MatMul(x, p.gate, nil)
+	u := b.MatMul(x, p.up, nil)
+	h := b.SwiGLU(g, u)
+	b.Free(g)
+	b.Free(u)
+	out := b.MatMul(h, p.down, nil)
+	b.Free(h)
+	return out
+}
+
+func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace) kernels.Tensor {
+	b, cfg := m.b, m.cfg
+	T, E, k := kernels.Rows(x), cfg.NumExperts, cfg.NumExpertsPerTok
+	rl := b.MatMul(x, e.router, nil)
+	logits := b.ToFloat32(rl)
+	b.Free(rl)
+	experts, weights := Route(logits, E, k, cfg.NormTopkProb)
+	if tr != nil {
+		tr.RouterLogits[l], tr.Experts[l], tr.Weights[l] = logits, experts, weights
+	}
+	rows := make([][]int32, E)
+	scale := make([][]float32, E)
+	for t := 0; t < T; t++ {
+		for j := 0; j < k; j++ {
+			ex := experts[t*k+j]
+			rows[ex] = append(rows[ex], int32(t))
+			scale[ex] = append(scale[ex], weights[t*k+j])
+		}
+	}
+	out := b.Zeros(T, cfg.HiddenSize)
+	for ex := range e.experts {
+		if len(rows[ex]) == 0 {
+			continue
+		}
+		xe := b.Gather(x, rows[ex])
+		y := m.mlpForward(&e.experts[ex], xe)
+		b.Free(xe)
+		b.ScatterAdd(out, y, rows[ex], scale[ex])
+		b.Free(y)
+	}
+	if e.shared != nil {
+		gt := b.MatMul(x, e.sharedGate, nil)
+		g := b.ToFloat32(gt)
+		b.Free(gt)
+		for i, v := range g {
+			g[i] = float32(1 / (1 + math.Exp(-float64(v))))
+		}
+		y := m.mlpForward(e.shared, x)
+		b.ScaleRows(y, g)
+		b.Add(out, y)
+		b.Free(y)
+	}
+	return out
+}
+
+// Route picks each token's experts from router logits [T, E]: a float32
+// softmax over all E experts, the k most probable in descending order (ties
+// to the lower index), their probabilities as weights, renormalised to sum
+// to 1 only when norm is set. It returns [T, k] expert ids and weights.
+func Route(logits []float32, E, k int, norm bool) (experts []int32, weights []float32) {
+	T := len(logits) / E
+	experts = make([]int32, 0, T*k)
+	weights = make([]float32, 0, T*k)
+	p := make([]float64, E)
+	for t := 0; t < T; t++ {
+		row := logits[t*E : (t+1)*E]
+		mx := math.Inf(-1)
+		for _, v := range row {
+			mx = math.Max(mx, float64(v))
+		}
+		var sum float64
+		for i, v := range row {
+			p[i] = math.Exp(float64(v) - mx)
+			sum += p[i]
+		}
+		var picked [64]bool
+		used := picked[:0]
+		if E > len(picked) {
+			used = make([]bool, E)
+		} else {
+			used = picked[:E]
+		}
+		var ws float64
+		start := len(weights)
+		for j := 0; j < k; j++ {
+			best := -1
+			for i := 0; i < E; i++ {
+				if !used[i] && (best < 0 || p[i] > p[best]) {
+					best = i
+				}
+			}
+			used[best] = true
+			w := float32(p[best] / sum)
+			experts = append(experts, int32(best))
+			weights = append(weights, w)
+			ws += float64(w)
+		}
+		if norm {
+			for j := start; j < len(weights); j++ {
+				weights[j] = float32(float64(weights[j]) / ws)
+			}
+		}
+	}
+	return experts, weights
+}
