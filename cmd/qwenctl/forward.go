@@ -84,13 +84,20 @@ func runForward(args []string) error {
 	if *gen < 0 {
 		return usagef("--generate: %d < 0", *gen)
 	}
-	m, b, err := ef.load(*dir)
-	if err != nil {
-		return err
+	// Everything that can be checked before the weights load is checked
+	// first, so bad input costs one line and no waiting.
+	if *out != "" {
+		if st, err := os.Stat(filepath.Dir(*out)); err != nil || !st.IsDir() {
+			return usagef("--out: directory %s does not exist", filepath.Dir(*out))
+		}
 	}
-	defer b.Close()
-	defer m.Close()
-	cfg := m.Config()
+	if _, err := os.Stat(*dir); err != nil {
+		return fmt.Errorf("--model: %w", err)
+	}
+	cfg, err := model.LoadConfig(filepath.Join(*dir, "config.json"))
+	if err != nil {
+		return fmt.Errorf("--model: %w", err)
+	}
 	for _, id := range ids {
 		if int(id) >= cfg.VocabSize {
 			return usagef("--ids: token id %d is outside the vocabulary [0, %d)", id, cfg.VocabSize)
@@ -99,6 +106,12 @@ func runForward(args []string) error {
 	if len(ids) > cfg.MaxContext() {
 		return usagef("--ids: %d tokens exceed the model's context of %d", len(ids), cfg.MaxContext())
 	}
+	m, b, err := ef.load(*dir)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	defer m.Close()
 
 	if *out != "" {
 		start := time.Now()

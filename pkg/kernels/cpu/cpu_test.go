@@ -2,6 +2,7 @@ package cpu_test
 
 import (
 	"fmt"
+	"math"
 	"testing"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
@@ -32,5 +33,17 @@ func TestConformance(t *testing.T) {
 func TestUnknownKernels(t *testing.T) {
 	if _, err := cpu.New(cpu.Config{Kernels: "sse1"}); err == nil {
 		t.Fatal("unknown kernel set accepted")
+	}
+}
+
+func TestExpf(t *testing.T) {
+	for x := float32(-87); x < 88; x += 0.01 {
+		got, want := float64(cpu.Expf(x)), math.Exp(float64(x))
+		if math.Abs(got-want) > 3e-7*want {
+			t.Fatalf("expf(%v) = %v, want %v", x, got, want)
+		}
+	}
+	if cpu.Expf(-100) != 0 || !math.IsInf(float64(cpu.Expf(100)), 1) {
+		t.Fatal("expf out of range")
 	}
 }

@@ -18,6 +18,12 @@ func gemm3x4AVX2(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ld
 func gemm5x4AVX512(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ldc int)
 
 //go:noescape
+func dot4BF16AVX512(x *float32, w *uint16, stride, n int, out *[4]float32)
+
+//go:noescape
+func swigluAVX2(gate, up, out *float32, n int)
+
+//go:noescape
 func cvtBF16AVX2(dst *float32, src *uint16, n int)
 
 //go:noescape
@@ -35,6 +41,7 @@ func simdKernels() []kernelSet {
 		dot4F32:  dot4F32Asm,
 		gemm:     gemm3x4Asm,
 		gemmRows: 3,
+		swiglu:   swigluAsm,
 		cvtBF16:  cvtBF16Asm,
 		cvtF16:   cvtF16Asm,
 	}
@@ -44,6 +51,7 @@ func simdKernels() []kernelSet {
 	// AVX-512: the same memory-bound dot products, a wider GEMM tile.
 	avx512 := avx2
 	avx512.name, avx512.gemm, avx512.gemmRows = "avx512", gemm5x4Asm, 5
+	avx512.dot4BF16 = dot4BF16Asm512
 	return []kernelSet{avx512, avx2}
 }
 
@@ -64,6 +72,26 @@ func dot4BF16Asm(x []float32, w []uint16, stride int, out *[4]float32) {
 		*out = [4]float32{}
 	}
 	for k := n8; k < n; k++ {
+		for j := range out {
+			out[j] += x[k] * bf16(w[j*stride+k])
+		}
+	}
+}
+
+func dot4BF16Asm512(x []float32, w []uint16, stride int, out *[4]float32) {
+	n := len(x)
+	if n == 0 {
+		*out = [4]float32{}
+		return
+	}
+	_ = w[3*stride+n-1]
+	n16 := n &^ 15
+	if n16 > 0 {
+		dot4BF16AVX512(&x[0], &w[0], stride, n16, out)
+	} else {
+		*out = [4]float32{}
+	}
+	for k := n16; k < n; k++ {
 		for j := range out {
 			out[j] += x[k] * bf16(w[j*stride+k])
 		}
@@ -144,6 +172,16 @@ func gemmAsm(kernel func(*float32, int, *float32, int, int, *float32, int), rows
 			c[i*ldc+j] += s
 		}
 	}
+}
+
+func swigluAsm(g, u, out []float32) {
+	n := len(out)
+	g, u = g[:n], u[:n]
+	n8 := n &^ 7
+	if n8 > 0 {
+		swigluAVX2(&g[0], &u[0], &out[0], n8)
+	}
+	swigluGo(g[n8:], u[n8:], out[n8:])
 }
 
 func cvtBF16Asm(dst []float32, src []uint16) {

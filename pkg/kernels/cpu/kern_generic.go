@@ -15,6 +15,8 @@ type kernelSet struct {
 	// weight rows.
 	gemm     func(x []float32, ldx int, p []float32, ldp int, n int, c []float32, ldc int)
 	gemmRows int
+	// swiglu writes out[i] = silu(g[i])·u[i] for i < len(out).
+	swiglu func(g, u, out []float32)
 	// cvt* widen len(dst) elements of src into dst.
 	cvtBF16 func(dst []float32, src []uint16)
 	cvtF16  func(dst []float32, src []uint16)
@@ -28,8 +30,16 @@ var genericKernels = kernelSet{
 	dot4F32:  dot4F32Go,
 	gemm:     gemm3x4Go,
 	gemmRows: 3,
+	swiglu:   swigluGo,
 	cvtBF16:  cvtBF16Go,
 	cvtF16:   cvtF16Go,
+}
+
+func swigluGo(g, u, out []float32) {
+	g, u = g[:len(out)], u[:len(out)]
+	for i, v := range g {
+		out[i] = v / (1 + expf(-v)) * u[i]
+	}
 }
 
 func bf16(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }

@@ -95,10 +95,7 @@ func (b *Backend) SwiGLU(gate, up kernels.Tensor) kernels.Tensor {
 	}
 	out := newF32(g.shape...)
 	b.pool.run(len(g.f), 4096, func(_, lo, hi int) {
-		for i := lo; i < hi; i++ {
-			v := g.f[i]
-			out.f[i] = v / (1 + float32(math.Exp(float64(-v)))) * u.f[i]
-		}
+		b.k.swiglu(g.f[lo:hi], u.f[lo:hi], out.f[lo:hi])
 	})
 	return out
 }
@@ -115,69 +112,127 @@ func (b *Backend) WriteKV(cache, x kernels.Tensor, slots []int32) {
 	}
 }
 
-// Attention is causal attention over paged caches; one unit of work is one
-// (sequence, head) pair.
+// Attention is causal attention over paged caches. One unit of work is a
+// (sequence, KV head, chunk of query rows): the unit gathers the keys of its
+// KV head into a contiguous [ctx, D] block and the values transposed into
+// [D, ctx], multiplies the queries of all heads sharing that KV head against
+// them with the GEMM micro-kernel (S = Q·Kᵀ, then O = P·V), and applies the
+// causal mask and a float32 softmax in between.
 func (b *Backend) Attention(q, kc, vc kernels.Tensor, ab *kernels.AttnBatch) kernels.Tensor {
 	qt, kt, vt := f32(q), f32(kc), f32(vc)
-	H, KVH, D, bs := ab.Heads, ab.KVHeads, ab.HeadDim, ab.BlockSize
+	H, KVH, D := ab.Heads, ab.KVHeads, ab.HeadDim
 	if qt.cols() != H*D || kt.cols() != KVH*D || vt.cols() != KVH*D || KVH == 0 || H%KVH != 0 {
 		panic(fmt.Sprintf("cpu: Attention q %v k %v v %v heads %d/%d dim %d", qt.shape, kt.shape, vt.shape, H, KVH, D))
 	}
 	out := newF32(qt.rows(), H*D)
-	group, kvStride := H/KVH, KVH*D
-	slots := make([][]int32, len(ab.Seqs))
-	maxCtx := 0
-	for i, s := range ab.Seqs {
-		n := s.Start + s.N
-		sl := make([]int32, n)
-		for p := range sl {
-			sl[p] = s.Blocks[p/bs]*int32(bs) + int32(p%bs)
-		}
-		slots[i] = sl
-		maxCtx = max(maxCtx, n)
-	}
-	b.pool.run(len(ab.Seqs)*H, 1, func(tid, lo, hi int) {
-		scores := b.scratchFor(tid, maxCtx)
-		for u := lo; u < hi; u++ {
-			si, h := u/H, u%H
-			s, sl := ab.Seqs[si], slots[si]
-			kvOff := (h / group) * D
-			for i := 0; i < s.N; i++ {
-				row := (s.Row + i) * H * D
-				qv := qt.f[row+h*D : row+(h+1)*D]
-				ctx := s.Start + i + 1
-				m := float32(math.Inf(-1))
-				for j := 0; j < ctx; j++ {
-					off := int(sl[j])*kvStride + kvOff
-					kv := kt.f[off : off+D]
-					var d float32
-					for e, a := range qv {
-						d += a * kv[e]
-					}
-					d *= ab.Scale
-					scores[j] = d
-					m = max(m, d)
-				}
-				var sum float32
-				for j := 0; j < ctx; j++ {
-					e := float32(math.Exp(float64(scores[j] - m)))
-					scores[j] = e
-					sum += e
-				}
-				o := out.f[row+h*D : row+(h+1)*D]
-				inv := 1 / sum
-				for j := 0; j < ctx; j++ {
-					p := scores[j] * inv
-					off := int(sl[j])*kvStride + kvOff
-					vv := vt.f[off : off+D]
-					for e := range o {
-						o[e] += p * vv[e]
-					}
-				}
+	G := H / KVH
+	type unit struct{ seq, kvh, i0, i1 int }
+	var units []unit
+	for si, s := range ab.Seqs {
+		ctx := s.Start + s.N
+		// query rows per unit: keep the score block near 1M floats
+		chunk := max(1, min(s.N, (1<<20)/max(1, G*ctx)))
+		for g := 0; g < KVH; g++ {
+			for i0 := 0; i0 < s.N; i0 += chunk {
+				units = append(units, unit{si, g, i0, min(s.N, i0+chunk)})
 			}
+		}
+	}
+	b.pool.run(len(units), 1, func(tid, lo, hi int) {
+		for _, u := range units[lo:hi] {
+			b.attendUnit(qt, kt, vt, out, ab, ab.Seqs[u.seq], u.kvh, u.i0, u.i1, tid)
 		}
 	})
 	return out
+}
+
+// attendUnit computes query rows [i0, i1) of sequence s for the G heads of
+// KV head g.
+func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s kernels.AttnSeq, g, i0, i1, tid int) {
+	H, KVH, D, bs := ab.Heads, ab.KVHeads, ab.HeadDim, ab.BlockSize
+	G, kvStride := H/KVH, KVH*D
+	ctx := s.Start + i1 // keys the last row of the unit sees
+	M := (i1 - i0) * G
+	buf := b.scratchFor(tid, 2*ctx*D+M*D+M*ctx+M*D)
+	keys, buf := buf[:ctx*D], buf[ctx*D:]
+	valsT, buf := buf[:D*ctx], buf[D*ctx:]
+	qs, buf := buf[:M*D], buf[M*D:]
+	sc, buf := buf[:M*ctx], buf[M*ctx:]
+	os := buf[:M*D]
+	for p := 0; p < ctx; p++ {
+		off := (int(s.Blocks[p/bs])*bs+p%bs)*kvStride + g*D
+		copy(keys[p*D:(p+1)*D], kt.f[off:off+D])
+		for e, v := range vt.f[off : off+D] {
+			valsT[e*ctx+p] = v
+		}
+	}
+	for i := i0; i < i1; i++ {
+		row := (s.Row + i) * H * D
+		for hh := 0; hh < G; hh++ {
+			h := g*G + hh
+			copy(qs[((i-i0)*G+hh)*D:], qt.f[row+h*D:row+(h+1)*D])
+		}
+	}
+	clear(sc)
+	b.panelMulAdd(qs, D, M, D, keys, D, ctx, sc, ctx)
+	for r := 0; r < M; r++ {
+		valid := s.Start + i0 + r/G + 1
+		srow := sc[r*ctx : (r+1)*ctx]
+		m := float32(math.Inf(-1))
+		for j := 0; j < valid; j++ {
+			srow[j] *= ab.Scale
+			m = max(m, srow[j])
+		}
+		var sum float32
+		for j := 0; j < valid; j++ {
+			e := expf(srow[j] - m)
+			srow[j] = e
+			sum += e
+		}
+		inv := 1 / sum
+		for j := 0; j < valid; j++ {
+			srow[j] *= inv
+		}
+		clear(srow[valid:])
+	}
+	clear(os)
+	b.panelMulAdd(sc, ctx, M, ctx, valsT, ctx, D, os, D)
+	for i := i0; i < i1; i++ {
+		row := (s.Row + i) * H * D
+		for hh := 0; hh < G; hh++ {
+			h := g*G + hh
+			copy(out.f[row+h*D:row+(h+1)*D], os[((i-i0)*G+hh)*D:])
+		}
+	}
+}
+
+// expf is e^x in float32 (Cephes' expf: range reduction by ln 2 and a
+// degree-6 polynomial; within 2 ulp), much cheaper than math.Exp.
+func expf(x float32) float32 {
+	const (
+		log2e = 1.44269504088896341
+		c1    = 0.693359375
+		c2    = -2.12194440e-4
+	)
+	if x > 88.72283 {
+		return float32(math.Inf(1))
+	}
+	if x < -87.33654 {
+		return 0
+	}
+	fx := x * log2e
+	var n int32
+	if fx >= 0 {
+		n = int32(fx + 0.5)
+	} else {
+		n = int32(fx - 0.5)
+	}
+	fn := float32(n)
+	r := x - fn*c1 - fn*c2
+	z := r * r
+	y := ((((1.9875691500e-4*r+1.3981999507e-3)*r+8.3334519073e-3)*r+4.1665795894e-2)*r+1.6666665459e-1)*r + 5.0000001201e-1
+	y = y*z + r + 1
+	return y * math.Float32frombits(uint32(n+127)<<23)
 }
 
 // Gather copies rows of x.

@@ -1,0 +1,213 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
+)
+
+// TestMain lets the tests run this binary as qwenctl: with QWENCTL_MAIN set
+// it runs main() with the given arguments instead of the tests.
+func TestMain(m *testing.M) {
+	if os.Getenv("QWENCTL_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// qwenctl runs the command in a child process; it returns stdout, stderr
+// and the exit code.
+func qwenctl(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "QWENCTL_MAIN=1")
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return out.String(), errb.String(), code
+}
+
+const refDir = "../../testdata/qwen2-ref"
+
+// TestForwardMatchesReference drives `qwenctl forward` like the acceptance
+// script: logits to a file and greedy ids, on every reference case.
+func TestForwardMatchesReference(t *testing.T) {
+	cases, _ := filepath.Glob(filepath.Join(refDir, "*", "reference.json"))
+	if len(cases) == 0 {
+		t.Fatal("no reference cases")
+	}
+	for _, rj := range cases {
+		dir := filepath.Dir(rj)
+		t.Run(filepath.Base(dir), func(t *testing.T) {
+			var ref struct {
+				PromptIDs   []int   `json:"prompt_ids"`
+				GreedyIDs   []int   `json:"greedy_ids"`
+				MaxAbsLogit float64 `json:"max_abs_logit"`
+			}
+			raw, _ := os.ReadFile(rj)
+			if err := json.Unmarshal(raw, &ref); err != nil {
+				t.Fatal(err)
+			}
+			ids := strings.Trim(strings.Join(strings.Fields(strings.Trim(jsonOf(ref.PromptIDs), "[]")), ""), ",")
+			out := filepath.Join(t.TempDir(), "logits.safetensors")
+			stdout, stderr, code := qwenctl(t, "forward", "--model", dir, "--ids", ids, "--out", out, "--generate", "16")
+			if code != 0 {
+				t.Fatalf("exit %d: %s", code, stderr)
+			}
+			var got struct{ IDs []int }
+			if err := json.Unmarshal([]byte(stdout), &got); err != nil {
+				t.Fatalf("stdout %q: %v", stdout, err)
+			}
+			if !slices.Equal(got.IDs, ref.GreedyIDs) {
+				t.Fatalf("ids %v, want %v", got.IDs, ref.GreedyIDs)
+			}
+			gotLogits := readLogits(t, out)
+			want := readLogits(t, filepath.Join(dir, "reference.safetensors"))
+			tol := 1e-4 * math.Max(1, ref.MaxAbsLogit)
+			for i := range want {
+				if d := math.Abs(float64(gotLogits[i] - want[i])); !(d <= tol) {
+					t.Fatalf("logit %d differs by %g > %g", i, d, tol)
+				}
+			}
+		})
+	}
+}
+
+func jsonOf(v any) string { b, _ := json.Marshal(v); return string(b) }
+
+func readLogits(t *testing.T, path string) []float32 {
+	t.Helper()
+	ck, err := safetensors.Open(path, safetensors.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ck.Close()
+	v, err := ck.ReadFloat32("logits")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// TestMkmodelThenForward makes the tiny presets and runs them.
+func TestMkmodelThenForward(t *testing.T) {
+	for _, preset := range []string{"tiny", "tiny-moe"} {
+		t.Run(preset, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "m")
+			if _, stderr, code := qwenctl(t, "mkmodel", "--preset", preset, "--out", dir, "--seed", "3", "--dtype", "f16", "--layers", "2"); code != 0 {
+				t.Fatalf("mkmodel: %s", stderr)
+			}
+			for _, f := range []string{"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} {
+				if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+					t.Errorf("missing %s", f)
+				}
+			}
+			stdout, stderr, code := qwenctl(t, "forward", "--model", dir, "--ids", "9707,1879", "--generate", "5", "--threads", "1")
+			if code != 0 {
+				t.Fatalf("forward: %s", stderr)
+			}
+			var got struct{ IDs []int }
+			if err := json.Unmarshal([]byte(stdout), &got); err != nil || len(got.IDs) != 5 {
+				t.Fatalf("stdout %q: %v", stdout, err)
+			}
+			// Same seed, same weights: a second model decodes the same ids.
+			dir2 := filepath.Join(t.TempDir(), "m2")
+			qwenctl(t, "mkmodel", "--preset", preset, "--out", dir2, "--seed", "3", "--dtype", "f16", "--layers", "2")
+			stdout2, _, _ := qwenctl(t, "forward", "--model", dir2, "--ids", "9707,1879", "--generate", "5", "--kernels", "generic")
+			if stdout2 != stdout {
+				t.Fatalf("same seed decodes %s and %s", stdout, stdout2)
+			}
+		})
+	}
+}
+
+func TestMkmodelShardsAndConfigOnly(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "sharded")
+	if _, stderr, code := qwenctl(t, "mkmodel", "--preset", "tiny", "--out", dir, "--shard-size", "12MiB"); code != 0 {
+		t.Fatal(stderr)
+	}
+	shards, _ := filepath.Glob(filepath.Join(dir, "model-*-of-*.safetensors"))
+	if len(shards) < 2 {
+		t.Fatalf("%d shards", len(shards))
+	}
+	if _, err := os.Stat(filepath.Join(dir, safetensors.IndexFile)); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, code := qwenctl(t, "forward", "--model", dir, "--ids", "1,2", "--generate", "2"); code != 0 {
+		t.Fatal(stderr)
+	}
+	cfgOnly := filepath.Join(t.TempDir(), "72b")
+	if _, stderr, code := qwenctl(t, "mkmodel", "--preset", "qwen2-72b", "--out", cfgOnly, "--config-only"); code != 0 {
+		t.Fatal(stderr)
+	}
+	entries, _ := os.ReadDir(cfgOnly)
+	if len(entries) != 1 || entries[0].Name() != "config.json" {
+		t.Fatalf("config-only wrote %v", entries)
+	}
+}
+
+// TestBadInputOneLine: every bad invocation exits non-zero with one line on
+// stderr that names the problem.
+func TestBadInputOneLine(t *testing.T) {
+	model := filepath.Join(refDir, "dense-gqa-f32")
+	existing := t.TempDir()
+	os.WriteFile(filepath.Join(existing, "config.json"), []byte("{}"), 0o644)
+	notModel := t.TempDir()
+	badCfg := t.TempDir()
+	os.WriteFile(filepath.Join(badCfg, "config.json"), []byte(`{"model_type":"qwen2","hidden_size":-4}`), 0o644)
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{nil, "usage"},
+		{[]string{"frobnicate"}, "unknown command"},
+		{[]string{"forward", "--ids", "1"}, "--model"},
+		{[]string{"forward", "--model", model}, "--ids"},
+		{[]string{"forward", "--model", model, "--ids", "1,x", "--generate", "1"}, `"x"`},
+		{[]string{"forward", "--model", model, "--ids", "1,-2", "--generate", "1"}, `"-2"`},
+		{[]string{"forward", "--model", model, "--ids", "1,512", "--generate", "1"}, "512"},
+		{[]string{"forward", "--model", model, "--ids", "1"}, "nothing to do"},
+		{[]string{"forward", "--model", "/nonexistent", "--ids", "1", "--generate", "1"}, "/nonexistent"},
+		{[]string{"forward", "--model", notModel, "--ids", "1", "--generate", "1"}, "config.json"},
+		{[]string{"forward", "--model", badCfg, "--ids", "1", "--generate", "1"}, "hidden_size"},
+		{[]string{"forward", "--model", model, "--ids", "1", "--generate", "1", "--kernels", "mmx"}, "mmx"},
+		{[]string{"forward", "--model", model, "--ids", "1", "--out", "/nonexistent/dir/x.safetensors"}, "--out"},
+		{[]string{"forward", "--bogus"}, "bogus"},
+		{[]string{"mkmodel", "--preset", "huge", "--out", "x"}, "huge"},
+		{[]string{"mkmodel", "--preset", "tiny"}, "--out"},
+		{[]string{"mkmodel", "--preset", "tiny", "--out", t.TempDir(), "--dtype", "int4"}, "int4"},
+		{[]string{"mkmodel", "--preset", "tiny", "--out", existing}, "already holds"},
+		{[]string{"mkmodel", "--preset", "tiny", "--out", t.TempDir(), "--layers", "-1"}, "--layers"},
+		{[]string{"demo", "--tokens", "0"}, "--tokens"},
+	}
+	for _, tc := range cases {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			_, stderr, code := qwenctl(t, tc.args...)
+			if code == 0 {
+				t.Fatal("exit 0")
+			}
+			lines := strings.Split(strings.TrimRight(stderr, "\n"), "\n")
+			if tc.args != nil && len(lines) != 1 {
+				t.Fatalf("stderr has %d lines: %q", len(lines), stderr)
+			}
+			if !strings.Contains(stderr, tc.want) {
+				t.Fatalf("stderr %q does not mention %q", stderr, tc.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,4 @@
+package cpu
+
+// Expf exposes expf to the tests.
+var Expf = expf
