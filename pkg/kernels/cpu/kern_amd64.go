@@ -55,85 +55,40 @@ func simdKernels() []kernelSet {
 	return []kernelSet{avx512, avx2}
 }
 
-// The wrappers check bounds (the assembly does not), run the multiple-of-8
-// bulk in assembly and the tail in Go.
+// The wrappers check bounds (the assembly does not), run the bulk (a
+// multiple of the kernel's width) in assembly and the tail in Go.
 
 func dot4BF16Asm(x []float32, w []uint16, stride int, out *[4]float32) {
-	n := len(x)
-	if n == 0 {
-		*out = [4]float32{}
-		return
-	}
-	_ = w[3*stride+n-1]
-	n8 := n &^ 7
-	if n8 > 0 {
-		dot4BF16AVX2(&x[0], &w[0], stride, n8, out)
-	} else {
-		*out = [4]float32{}
-	}
-	for k := n8; k < n; k++ {
-		for j := range out {
-			out[j] += x[k] * bf16(w[j*stride+k])
-		}
-	}
+	dot4Asm(dot4BF16AVX2, 8, bf16, x, w, stride, out)
 }
 
 func dot4BF16Asm512(x []float32, w []uint16, stride int, out *[4]float32) {
-	n := len(x)
-	if n == 0 {
-		*out = [4]float32{}
-		return
-	}
-	_ = w[3*stride+n-1]
-	n16 := n &^ 15
-	if n16 > 0 {
-		dot4BF16AVX512(&x[0], &w[0], stride, n16, out)
-	} else {
-		*out = [4]float32{}
-	}
-	for k := n16; k < n; k++ {
-		for j := range out {
-			out[j] += x[k] * bf16(w[j*stride+k])
-		}
-	}
+	dot4Asm(dot4BF16AVX512, 16, bf16, x, w, stride, out)
 }
 
 func dot4F16Asm(x []float32, w []uint16, stride int, out *[4]float32) {
-	n := len(x)
-	if n == 0 {
-		*out = [4]float32{}
-		return
-	}
-	_ = w[3*stride+n-1]
-	n8 := n &^ 7
-	if n8 > 0 {
-		dot4F16AVX2(&x[0], &w[0], stride, n8, out)
-	} else {
-		*out = [4]float32{}
-	}
-	for k := n8; k < n; k++ {
-		for j := range out {
-			out[j] += x[k] * f16(w[j*stride+k])
-		}
-	}
+	dot4Asm(dot4F16AVX2, 8, f16, x, w, stride, out)
 }
 
 func dot4F32Asm(x []float32, w []float32, stride int, out *[4]float32) {
+	dot4Asm(dot4F32AVX2, 8, func(v float32) float32 { return v }, x, w, stride, out)
+}
+
+func dot4Asm[T uint16 | float32](kernel func(*float32, *T, int, int, *[4]float32), width int, widen func(T) float32,
+	x []float32, w []T, stride int, out *[4]float32) {
+	*out = [4]float32{}
 	n := len(x)
 	if n == 0 {
-		*out = [4]float32{}
 		return
 	}
 	_ = w[3*stride+n-1]
-	n8 := n &^ 7
-	if n8 > 0 {
-		dot4F32AVX2(&x[0], &w[0], stride, n8, out)
-	} else {
-		*out = [4]float32{}
+	nb := n - n%width
+	if nb > 0 {
+		kernel(&x[0], &w[0], stride, nb, out)
 	}
-	for k := n8; k < n; k++ {
+	for k := nb; k < n; k++ {
 		for j := range out {
-			out[j] += x[k] * w[j*stride+k]
+			out[j] += x[k] * widen(w[j*stride+k])
 		}
 	}
 }
