@@ -11,18 +11,8 @@ import (
 // models for demos and tests that keep the real vocabulary so the real
 // tokenizer works with them.
 var presets = map[string]func() *Config{
-	"tiny": func() *Config {
-		c := dense(128, 384, 4, 4, 2, 151936, true)
-		return c
-	},
-	"tiny-moe": func() *Config {
-		c := dense(128, 384, 4, 4, 2, 151936, false)
-		c.ModelType, c.Architectures = "qwen2_moe", []string{"Qwen2MoeForCausalLM"}
-		c.NumExperts, c.NumExpertsPerTok = 64, 8
-		c.MoeIntermediateSize, c.SharedExpertIntermediateSize = 32, 256
-		c.DecoderSparseStep, c.MlpOnlyLayers, c.RouterAuxLossCoef = 1, []int{}, 0.001
-		return c
-	},
+	"tiny":       func() *Config { return dense(128, 384, 4, 4, 2, 151936, true) },
+	"tiny-moe":   func() *Config { return withMoE(dense(128, 384, 4, 4, 2, 151936, false), 32, 256) },
 	"qwen2-0.5b": func() *Config { return dense(896, 4864, 24, 14, 2, 151936, true) },
 	"qwen2-1.5b": func() *Config { return dense(1536, 8960, 28, 12, 2, 151936, true) },
 	"qwen2-7b":   func() *Config { return dense(3584, 18944, 28, 28, 4, 152064, false) },
@@ -32,11 +22,7 @@ var presets = map[string]func() *Config{
 		return c
 	},
 	"qwen2-57b-a14b": func() *Config {
-		c := dense(3584, 18944, 28, 28, 4, 151936, false)
-		c.ModelType, c.Architectures = "qwen2_moe", []string{"Qwen2MoeForCausalLM"}
-		c.NumExperts, c.NumExpertsPerTok = 64, 8
-		c.MoeIntermediateSize, c.SharedExpertIntermediateSize = 2560, 20480
-		c.DecoderSparseStep, c.MlpOnlyLayers, c.RouterAuxLossCoef = 1, []int{}, 0.001
+		c := withMoE(dense(3584, 18944, 28, 28, 4, 151936, false), 2560, 20480)
 		c.EosTokenIDs = IntSet{151643}
 		return c
 	},
@@ -54,6 +40,17 @@ func dense(h, i, layers, heads, kv, vocab int, tied bool) *Config {
 		BosTokenID: &bos, EosTokenIDs: IntSet{151645},
 		InitializerRange: 0.02, SlidingWindow: &window, MaxWindowLayers: layers,
 	}
+}
+
+// withMoE turns a dense config into Qwen2-MoE with every layer sparse: 64
+// experts, top-8 without renormalisation, experts of width inter and a
+// shared expert of width shared.
+func withMoE(c *Config, inter, shared int) *Config {
+	c.ModelType, c.Architectures = "qwen2_moe", []string{"Qwen2MoeForCausalLM"}
+	c.NumExperts, c.NumExpertsPerTok = 64, 8
+	c.MoeIntermediateSize, c.SharedExpertIntermediateSize = inter, shared
+	c.DecoderSparseStep, c.MlpOnlyLayers, c.RouterAuxLossCoef = 1, []int{}, 0.001
+	return c
 }
 
 // PresetNames lists the presets, sorted.
