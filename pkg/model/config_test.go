@@ -158,3 +158,44 @@ func TestRoute(t *testing.T) {
 		t.Fatalf("normalised weights sum to %v", s)
 	}
 }
+
+// TestPresetParameterCounts: the real-shape presets have exactly the
+// parameter counts of qwen2.md section 1.3 (tied models count the
+// embedding once).
+func TestPresetParameterCounts(t *testing.T) {
+	want := map[string]int64{
+		"qwen2-0.5b":     494_032_768,
+		"qwen2-1.5b":     1_543_714_304,
+		"qwen2-7b":       7_615_616_512,
+		"qwen2-72b":      72_706_203_648,
+		"qwen2-57b-a14b": 57_408_658_944,
+	}
+	for name, n := range want {
+		c, err := Preset(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		var got int64
+		for _, s := range Shapes(c) {
+			p := int64(1)
+			for _, d := range s.Shape {
+				p *= int64(d)
+			}
+			got += p
+		}
+		if got != n {
+			t.Errorf("%s: %d parameters, want %d", name, got, n)
+		}
+	}
+	for _, name := range PresetNames() {
+		if _, err := Preset(name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := Preset("qwen3"); err == nil {
+		t.Fatal("unknown preset accepted")
+	}
+}
