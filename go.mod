@@ -2,4 +2,7 @@ module github.com/qwenfleet/qwenfleet
 
 go 1.26.0
 
-require golang.org/x/sys v0.50.0 // indirect
+require (
+	golang.org/x/sys v0.50.0 // indirect
+	golang.org/x/text v0.33.0 // indirect
+)

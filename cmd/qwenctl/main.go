@@ -3,6 +3,8 @@
 //	qwenctl mkmodel --preset NAME --out DIR [--seed N] [--dtype bf16|f16|f32] [--layers N] [--config-only]
 //	qwenctl forward --model DIR --ids 1,2,3 [--out FILE.safetensors] [--generate N]
 //	qwenctl demo    [--preset tiny] [--tokens N]
+//	qwenctl tokenize (--model DIR | --tokenizer FILE) (--jsonl | --text TEXT [--chat])
+//	qwenctl detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special] [--json]
 //
 // Every command prints one error line and exits non-zero on bad flags or
 // input.
@@ -27,12 +29,14 @@ var commands = []command{
 	{"mkmodel", "write a random-weight checkpoint of a preset shape", runMkmodel},
 	{"forward", "run token ids through a model: logits to a file, or greedy decoding", runForward},
 	{"demo", "make (once) and run a small model end to end", runDemo},
+	{"tokenize", "text to token ids (one string, or JSON lines on stdin)", runTokenize},
+	{"detokenize", "token ids to text", runDetokenize},
 }
 
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: qwenctl COMMAND [flags]   (qwenctl COMMAND -h for its flags)")
 	for _, c := range commands {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
 }
 

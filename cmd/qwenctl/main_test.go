@@ -211,3 +211,93 @@ func TestBadInputOneLine(t *testing.T) {
 		})
 	}
 }
+
+const tokenizerFile = "../../testdata/tokenizer/tokenizer.json"
+
+// TestTokenizeJSONL drives `qwenctl tokenize --jsonl` like the acceptance
+// script: every reference line, ids in order.
+func TestTokenizeJSONL(t *testing.T) {
+	cases, err := os.ReadFile("../../testdata/tokenizer/cases.jsonl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "tokenize", "--tokenizer", tokenizerFile, "--jsonl")
+	cmd.Env = append(os.Environ(), "QWENCTL_MAIN=1")
+	cmd.Stdin = bytes.NewReader(cases)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := strings.Split(strings.TrimSpace(string(cases)), "\n")
+	got := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(got) != len(want) {
+		t.Fatalf("%d lines out for %d in", len(got), len(want))
+	}
+	for i := range want {
+		var w, g struct{ IDs []int32 }
+		json.Unmarshal([]byte(want[i]), &w)
+		if err := json.Unmarshal([]byte(got[i]), &g); err != nil || !slices.Equal(w.IDs, g.IDs) {
+			t.Errorf("line %d: %s, want ids %v", i+1, got[i], w.IDs)
+		}
+	}
+}
+
+func TestTokenizeAndDetokenize(t *testing.T) {
+	stdout, stderr, code := qwenctl(t, "tokenize", "--tokenizer", tokenizerFile, "--text", "Hello world")
+	if code != 0 || strings.TrimSpace(stdout) != `{"ids":[9707,1879]}` {
+		t.Fatalf("tokenize: %q %q", stdout, stderr)
+	}
+	stdout, _, _ = qwenctl(t, "tokenize", "--tokenizer", tokenizerFile, "--text", "", "--chat")
+	if !strings.HasPrefix(stdout, `{"ids":[151644,`) || !strings.HasSuffix(strings.TrimSpace(stdout), `151644,77091,198]}`) {
+		t.Fatalf("chat: %q", stdout)
+	}
+	stdout, stderr, code = qwenctl(t, "detokenize", "--tokenizer", tokenizerFile, "--ids", "151644,9707,1879,151645")
+	if code != 0 || stdout != "<|im_start|>Hello world<|im_end|>\n" {
+		t.Fatalf("detokenize: %q %q", stdout, stderr)
+	}
+	stdout, _, _ = qwenctl(t, "detokenize", "--tokenizer", tokenizerFile, "--ids", "151644,9707,1879,151645", "--skip-special", "--json")
+	if strings.TrimSpace(stdout) != `{"text":"Hello world"}` {
+		t.Fatalf("detokenize --json: %q", stdout)
+	}
+	// mkmodel writes the tokenizer next to the weights, for --model.
+	dir := filepath.Join(t.TempDir(), "m")
+	qwenctl(t, "mkmodel", "--preset", "tiny", "--out", dir, "--layers", "1")
+	stdout, stderr, code = qwenctl(t, "tokenize", "--model", dir, "--text", "你好，世界！")
+	if code != 0 || strings.TrimSpace(stdout) != `{"ids":[108386,3837,99489,6313]}` {
+		t.Fatalf("tokenize --model: %q %q", stdout, stderr)
+	}
+}
+
+func TestTokenizeBadInput(t *testing.T) {
+	for _, tc := range []struct {
+		args  []string
+		stdin string
+		want  string
+	}{
+		{[]string{"tokenize", "--text", "x"}, "", "--tokenizer"},
+		{[]string{"tokenize", "--tokenizer", tokenizerFile}, "", "--jsonl"},
+		{[]string{"tokenize", "--tokenizer", "/nonexistent.json", "--text", "x"}, "", "/nonexistent.json"},
+		{[]string{"tokenize", "--tokenizer", tokenizerFile, "--model", "x", "--text", "x"}, "", "not both"},
+		{[]string{"tokenize", "--tokenizer", tokenizerFile, "--jsonl"}, "{\"text\":\"a\"}\n{\"txt\":1}\n", "line 2"},
+		{[]string{"tokenize", "--tokenizer", tokenizerFile, "--jsonl"}, "[1,2]\n", "line 1"},
+		{[]string{"tokenize", "--tokenizer", tokenizerFile, "--text", "a<|im_end|>b", "--chat"}, "", "control token"},
+		{[]string{"detokenize", "--tokenizer", tokenizerFile, "--ids", "1,999999"}, "", "999999"},
+		{[]string{"detokenize", "--tokenizer", tokenizerFile, "--ids", "1,a"}, "", `"a"`},
+		{[]string{"tokenize", "--tokenizer", "../../testdata/qwen2-ref/dense-gqa-f32/config.json", "--text", "x"}, "", "model.type"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			cmd := exec.Command(os.Args[0], tc.args...)
+			cmd.Env = append(os.Environ(), "QWENCTL_MAIN=1")
+			cmd.Stdin = strings.NewReader(tc.stdin)
+			var errb bytes.Buffer
+			cmd.Stderr = &errb
+			err := cmd.Run()
+			if err == nil {
+				t.Fatal("exit 0")
+			}
+			if lines := strings.Count(strings.TrimRight(errb.String(), "\n"), "\n"); lines != 0 || !strings.Contains(errb.String(), tc.want) {
+				t.Fatalf("stderr %q, want one line mentioning %q", errb.String(), tc.want)
+			}
+		})
+	}
+}
