@@ -74,10 +74,7 @@ func runMkmodel(args []string) error {
 	if err != nil {
 		return err
 	}
-	var bytes int64
-	for _, t := range src.Tensors() {
-		bytes += int64(kernels.NumElements(t.Shape) * dt.Size())
-	}
+	bytes := model.NumParams(cfg) * int64(dt.Size())
 	fmt.Fprintf(os.Stderr, "wrote %s: %s, %d layers, %.2f GB of %v weights in %.1fs\n",
 		*out, *preset, cfg.NumHiddenLayers, float64(bytes)/1e9, dt, time.Since(start).Seconds())
 	return nil

@@ -37,15 +37,7 @@ func TestParseConfig57B(t *testing.T) {
 	if len(c.EosTokenIDs) != 1 || c.EosTokenIDs[0] != 151643 {
 		t.Fatalf("eos %v", c.EosTokenIDs)
 	}
-	var n int64
-	for _, s := range Shapes(c) {
-		p := int64(1)
-		for _, d := range s.Shape {
-			p *= int64(d)
-		}
-		n += p
-	}
-	if n != 57_408_658_944 {
+	if n := NumParams(c); n != 57_408_658_944 {
 		t.Fatalf("57B-A14B has %d parameters, qwen2.md says 57,408,658,944", n)
 	}
 }
@@ -178,15 +170,7 @@ func TestPresetParameterCounts(t *testing.T) {
 		if err := c.Validate(); err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
-		var got int64
-		for _, s := range Shapes(c) {
-			p := int64(1)
-			for _, d := range s.Shape {
-				p *= int64(d)
-			}
-			got += p
-		}
-		if got != n {
+		if got := NumParams(c); got != n {
 			t.Errorf("%s: %d parameters, want %d", name, got, n)
 		}
 	}

@@ -115,6 +115,20 @@ func Shapes(cfg *Config) []TensorShape {
 	return out
 }
 
+// NumParams is the number of parameters of a checkpoint of cfg (tied
+// models count the embedding once).
+func NumParams(cfg *Config) int64 {
+	var n int64
+	for _, s := range Shapes(cfg) {
+		p := int64(1)
+		for _, d := range s.Shape {
+			p *= int64(d)
+		}
+		n += p
+	}
+	return n
+}
+
 // TensorShape is a tensor name and its shape.
 type TensorShape struct {
 	Name  string

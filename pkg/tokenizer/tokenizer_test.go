@@ -426,3 +426,32 @@ func FuzzRoundTrip(f *testing.F) {
 		}
 	})
 }
+
+// TestConcurrentEncode: encoders running at once (each with its own piece
+// cache from the pool) give what one gives alone.
+func TestConcurrentEncode(t *testing.T) {
+	tk := tokenizers(t)["qwen2-3-specials"]
+	rng := rand.New(rand.NewPCG(5, 6))
+	texts := make([]string, 64)
+	want := make([][]int32, len(texts))
+	for i := range texts {
+		texts[i] = randText(rng, 200)
+		want[i] = tk.Encode(texts[i])
+	}
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := 0; k < 3; k++ {
+				for i, s := range texts {
+					if got := tk.Encode(s); !slices.Equal(got, want[i]) {
+						t.Errorf("text %d differs under concurrency", i)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
