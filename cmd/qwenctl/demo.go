@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/qwenfleet/qwenfleet/pkg/model"
 )
 
 // runDemo makes a preset model once (cached) and greedy-decodes from it.
@@ -20,6 +22,13 @@ func runDemo(args []string) error {
 	}
 	if *tokens <= 0 {
 		return usagef("--tokens: must be > 0")
+	}
+	cfg, err := model.Preset(*preset) // before the name becomes part of a path
+	if err != nil {
+		return usagef("--preset: %v", err)
+	}
+	if *tokens > cfg.MaxContext() {
+		return usagef("--tokens: %d is beyond the model's context of %d", *tokens, cfg.MaxContext())
 	}
 	if *dir == "" {
 		base, err := os.UserCacheDir()

@@ -36,8 +36,8 @@ func addEngineFlags(fs interface {
 
 // load opens the model in dir on a new CPU backend.
 func (e engineFlags) load(dir string) (*model.Model, *cpu.Backend, error) {
-	if *e.threads < 0 {
-		return nil, nil, usagef("--threads: %d < 0", *e.threads)
+	if *e.threads < 0 || *e.threads > cpu.MaxThreads {
+		return nil, nil, usagef("--threads: %d is outside [0, %d]", *e.threads, cpu.MaxThreads)
 	}
 	if st, err := os.Stat(filepath.Join(dir, "config.json")); err != nil || st.IsDir() {
 		return nil, nil, fmt.Errorf("--model: %s has no config.json (want a HuggingFace model directory)", dir)
@@ -105,6 +105,9 @@ func runForward(args []string) error {
 	}
 	if len(ids) > cfg.MaxContext() {
 		return usagef("--ids: %d tokens exceed the model's context of %d", len(ids), cfg.MaxContext())
+	}
+	if *gen > cfg.MaxContext()+1-len(ids) {
+		return usagef("--generate: %d prompt + %d new tokens exceed the model's context of %d", len(ids), *gen, cfg.MaxContext())
 	}
 	m, b, err := ef.load(*dir)
 	if err != nil {

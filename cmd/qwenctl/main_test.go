@@ -194,6 +194,10 @@ func TestBadInputOneLine(t *testing.T) {
 		{[]string{"mkmodel", "--preset", "tiny", "--out", existing}, "already holds"},
 		{[]string{"mkmodel", "--preset", "tiny", "--out", t.TempDir(), "--layers", "-1"}, "--layers"},
 		{[]string{"demo", "--tokens", "0"}, "--tokens"},
+		{[]string{"demo", "--preset", "../../../../victim"}, "--preset"},
+		{[]string{"demo", "--tokens", "9223372036854775806"}, "--tokens"},
+		{[]string{"forward", "--model", model, "--ids", "1,2", "--generate", "9223372036854775807"}, "--generate"},
+		{[]string{"forward", "--model", model, "--ids", "1", "--generate", "1", "--threads", "50000000"}, "50000000"},
 	}
 	for _, tc := range cases {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {

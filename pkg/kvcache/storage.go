@@ -1,6 +1,10 @@
 package kvcache
 
-import "github.com/qwenfleet/qwenfleet/pkg/kernels"
+import (
+	"fmt"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+)
 
 // Storage is the K and V tensors of every layer, [blocks·blockSize,
 // kvDim] each, allocated on a backend. It satisfies model.Cache.
@@ -12,6 +16,9 @@ type Storage struct {
 // NewStorage allocates layers × 2 tensors of numBlocks·blockSize rows of
 // kvDim (KV heads × head dim) float32 values.
 func NewStorage(b kernels.Backend, layers, numBlocks, blockSize, kvDim int) *Storage {
+	if layers < 0 || numBlocks < 0 || blockSize <= 0 || kvDim <= 0 {
+		panic(fmt.Sprintf("kvcache: NewStorage(%d layers, %d blocks, block size %d, kv dim %d)", layers, numBlocks, blockSize, kvDim))
+	}
 	s := &Storage{blockSize: blockSize}
 	for range layers {
 		s.k = append(s.k, b.Zeros(numBlocks*blockSize, kvDim))

@@ -193,21 +193,42 @@ func (c *Config) Validate() error {
 	default:
 		return bad("model_type", "%q is not supported (want qwen2 or qwen2_moe)", c.ModelType)
 	}
+	// Sizes must be positive and below generous limits (far above any
+	// Qwen2 model), so a hostile config cannot make the loader loop or
+	// allocate without end.
 	positive := []struct {
+		key   string
+		v     int
+		limit int
+	}{
+		{"hidden_size", c.HiddenSize, 1 << 17},
+		{"num_hidden_layers", c.NumHiddenLayers, 1 << 12},
+		{"num_attention_heads", c.NumAttentionHeads, 1 << 12},
+		{"num_key_value_heads", c.NumKeyValueHeads, 1 << 12},
+		{"vocab_size", c.VocabSize, 1 << 22},
+		{"max_position_embeddings", c.MaxPositionEmbeddings, 1 << 26},
+	}
+	for _, p := range positive {
+		if p.v <= 0 || p.v > p.limit {
+			return bad(p.key, "must be in [1, %d], got %d", p.limit, p.v)
+		}
+	}
+	for _, p := range []struct {
 		key string
 		v   int
 	}{
-		{"hidden_size", c.HiddenSize},
-		{"num_hidden_layers", c.NumHiddenLayers},
-		{"num_attention_heads", c.NumAttentionHeads},
-		{"num_key_value_heads", c.NumKeyValueHeads},
-		{"vocab_size", c.VocabSize},
-		{"max_position_embeddings", c.MaxPositionEmbeddings},
-	}
-	for _, p := range positive {
-		if p.v <= 0 {
-			return bad(p.key, "must be > 0, got %d", p.v)
+		{"intermediate_size", c.IntermediateSize}, {"head_dim", c.HeadDim},
+		{"moe_intermediate_size", c.MoeIntermediateSize}, {"shared_expert_intermediate_size", c.SharedExpertIntermediateSize},
+	} {
+		if p.v > 1<<20 {
+			return bad(p.key, "%d is beyond the limit of %d", p.v, 1<<20)
 		}
+	}
+	if c.NumExperts > 1<<12 {
+		return bad("num_experts", "%d is beyond the limit of %d", c.NumExperts, 1<<12)
+	}
+	if n := c.NumHiddenLayers * (13 + 3*max(c.NumExperts, 0)); n > 1<<20 {
+		return bad("num_hidden_layers", "%d layers of %d experts make %d tensors, beyond the limit of %d", c.NumHiddenLayers, c.NumExperts, n, 1<<20)
 	}
 	if c.NumAttentionHeads%c.NumKeyValueHeads != 0 {
 		return bad("num_key_value_heads", "%d does not divide num_attention_heads %d", c.NumKeyValueHeads, c.NumAttentionHeads)
@@ -253,10 +274,15 @@ func (c *Config) Validate() error {
 			return err
 		}
 	}
-	for l := 0; l < c.NumHiddenLayers; l++ {
-		if !c.IsMoELayer(l) && c.IntermediateSize <= 0 {
-			return bad("intermediate_size", "must be > 0 for dense layer %d, got %d", l, c.IntermediateSize)
+	if c.IntermediateSize <= 0 {
+		for l := 0; l < c.NumHiddenLayers; l++ {
+			if !c.IsMoELayer(l) {
+				return bad("intermediate_size", "must be > 0 for dense layer %d, got %d", l, c.IntermediateSize)
+			}
 		}
+	}
+	if c.MaxContext() <= 0 || c.MaxContext() > 1<<26 {
+		return bad("rope_scaling", "the context it gives, %d tokens, is outside [1, %d]", c.MaxContext(), 1<<26)
 	}
 	return nil
 }
@@ -276,8 +302,21 @@ func (c *Config) validateRope() error {
 	if r.OriginalMaxPositionEmbeddings < 0 {
 		return fmt.Errorf("config: key %q: must be > 0, got %d", "rope_scaling.original_max_position_embeddings", r.OriginalMaxPositionEmbeddings)
 	}
-	if r.BetaFast != nil && r.BetaSlow != nil && !(*r.BetaFast > *r.BetaSlow && *r.BetaSlow > 0) {
-		return fmt.Errorf("config: key %q: need beta_fast > beta_slow > 0, got %v and %v", "rope_scaling.beta_fast", *r.BetaFast, *r.BetaSlow)
+	if r.Factor > 1<<16 {
+		return fmt.Errorf("config: key %q: %v is beyond the limit of %d", "rope_scaling.factor", r.Factor, 1<<16)
+	}
+	fast, slow := 32.0, 1.0
+	if r.BetaFast != nil {
+		fast = *r.BetaFast
+	}
+	if r.BetaSlow != nil {
+		slow = *r.BetaSlow
+	}
+	if !(fast > slow && slow > 0) || math.IsInf(fast, 0) {
+		return fmt.Errorf("config: key %q: need beta_fast > beta_slow > 0, got %v and %v", "rope_scaling.beta_fast", fast, slow)
+	}
+	if a := r.AttentionFactor; a != nil && (!(*a > 0) || math.IsInf(*a, 0)) {
+		return fmt.Errorf("config: key %q: must be a positive number, got %v", "rope_scaling.attention_factor", *a)
 	}
 	return nil
 }
@@ -342,7 +381,7 @@ func (c *Config) MaxContext() int {
 		if l0 == 0 {
 			l0 = c.MaxPositionEmbeddings
 		}
-		return int(float64(l0) * c.RopeScaling.Factor)
+		return int(min(float64(l0)*c.RopeScaling.Factor, 1<<40))
 	}
 	return c.MaxPositionEmbeddings
 }

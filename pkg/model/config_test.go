@@ -183,3 +183,34 @@ func TestPresetParameterCounts(t *testing.T) {
 		t.Fatal("unknown preset accepted")
 	}
 }
+
+// TestConfigLimits: absurd sizes are refused up front, before anything
+// loops over them or allocates for them.
+func TestConfigLimits(t *testing.T) {
+	for key, value := range map[string]string{
+		"num_hidden_layers":       "3000000000",
+		"hidden_size":             "1000000000",
+		"vocab_size":              "2147483647",
+		"num_experts":             "100000",
+		"moe_intermediate_size":   "999999999",
+		"max_position_embeddings": "1000000000000",
+	} {
+		var m map[string]json.RawMessage
+		json.Unmarshal([]byte(qwen2_57b), &m)
+		m[key] = json.RawMessage(value)
+		raw, _ := json.Marshal(m)
+		if _, err := ParseConfig(raw); err == nil || !strings.Contains(err.Error(), key) {
+			t.Errorf("%s=%s: %v", key, value, err)
+		}
+	}
+	// many layers of many experts: too many tensors
+	big := strings.Replace(qwen2_57b, `"num_hidden_layers": 28`, `"num_hidden_layers": 4000`, 1)
+	big = strings.Replace(big, `"num_experts": 64`, `"num_experts": 4000`, 1)
+	if _, err := ParseConfig([]byte(big)); err == nil || !strings.Contains(err.Error(), "tensors") {
+		t.Errorf("4000 layers of 4000 experts: %v", err)
+	}
+	huge := strings.Replace(qwen2_57b, `"factor": 2.0`, `"factor": 1e300`, 1)
+	if _, err := ParseConfig([]byte(huge)); err == nil {
+		t.Error("YaRN factor 1e300 accepted")
+	}
+}

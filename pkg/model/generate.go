@@ -29,7 +29,9 @@ func (m *Model) Greedy(prompt []int32, n int, onToken func(step int, id int32, l
 	if n < 0 {
 		return nil, fmt.Errorf("%w: %d tokens to generate", ErrBadBatch, n)
 	}
-	if total := len(prompt) + n; total > m.cfg.MaxContext()+1 {
+	// The last new token is never run, so len(prompt)+n-1 positions are
+	// needed (written without adding, which could overflow).
+	if len(prompt) > m.cfg.MaxContext() || n > m.cfg.MaxContext()+1-len(prompt) {
 		return nil, fmt.Errorf("%w: %d prompt + %d new tokens exceed the context of %d", ErrBadBatch, len(prompt), n, m.cfg.MaxContext())
 	}
 	var ids []int32

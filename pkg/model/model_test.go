@@ -221,3 +221,15 @@ func TestGreedyRandomDtypes(t *testing.T) {
 		}
 	}
 }
+
+// TestGreedyRefusesTooMany: a token count that would overflow is an error,
+// not a panic.
+func TestGreedyRefusesTooMany(t *testing.T) {
+	c := refCases(t)[0]
+	m := loadCase(t, c, newBackend(t, 1), false)
+	for _, n := range []int{math.MaxInt, math.MaxInt - 1, m.Config().MaxContext() + 1} {
+		if _, err := m.Greedy([]int32{1, 2}, n, nil); !errors.Is(err, model.ErrBadBatch) {
+			t.Errorf("n=%d: %v", n, err)
+		}
+	}
+}

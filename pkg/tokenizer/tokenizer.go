@@ -105,16 +105,19 @@ func Parse(data []byte) (*Tokenizer, error) {
 	}
 	t := &Tokenizer{vocab: f.Model.Vocab}
 	t.caches.New = func() any { return newPieceCache() }
+	// Ids index a table, so they must be dense-ish: none beyond a bound
+	// that leaves room for gaps but not for a hostile 2^31.
+	limit := int32(min(len(f.Model.Vocab)+len(f.AddedTokens)+1<<16, 1<<24))
 	maxID := int32(-1)
 	for s, id := range f.Model.Vocab {
-		if id < 0 {
-			return nil, fmt.Errorf("tokenizer.json: model.vocab: %q has negative id %d", s, id)
+		if id < 0 || id >= limit {
+			return nil, fmt.Errorf("tokenizer.json: model.vocab: %q has id %d outside [0, %d)", s, id, limit)
 		}
 		maxID = max(maxID, id)
 	}
 	for _, a := range f.AddedTokens {
-		if a.ID < 0 || a.Content == "" {
-			return nil, fmt.Errorf("tokenizer.json: added_tokens: bad entry %d %q", a.ID, a.Content)
+		if a.ID < 0 || a.ID >= limit || a.Content == "" {
+			return nil, fmt.Errorf("tokenizer.json: added_tokens: bad entry %d %q (ids must be in [0, %d))", a.ID, a.Content, limit)
 		}
 		if a.SingleWord || a.Lstrip || a.Rstrip {
 			return nil, fmt.Errorf("tokenizer.json: added_tokens: %q: single_word/lstrip/rstrip are not supported", a.Content)

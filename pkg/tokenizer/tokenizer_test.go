@@ -455,3 +455,19 @@ func TestConcurrentEncode(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+func TestParseRefusesHugeIDs(t *testing.T) {
+	raw, err := os.ReadFile(tokenizerPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"2147483647", "2000000000", "-1"} {
+		doc := strings.Replace(string(raw), `"id": 151643`, `"id": `+id, 1)
+		if doc == string(raw) {
+			doc = strings.Replace(string(raw), `"id":151643`, `"id":`+id, 1)
+		}
+		if _, err := Parse([]byte(doc)); err == nil || !strings.Contains(err.Error(), "added_tokens") {
+			t.Errorf("added token id %s: %v", id, err)
+		}
+	}
+}

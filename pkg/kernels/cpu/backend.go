@@ -31,6 +31,9 @@ func Variants() []string {
 	return names
 }
 
+// MaxThreads bounds Config.Threads.
+const MaxThreads = 1024
+
 // Backend implements kernels.Backend on the CPU.
 type Backend struct {
 	k       kernelSet
@@ -42,8 +45,8 @@ var _ kernels.Backend = (*Backend)(nil)
 
 // New starts a backend and its threads; Close stops them.
 func New(cfg Config) (*Backend, error) {
-	if cfg.Threads < 0 {
-		return nil, fmt.Errorf("cpu: Threads %d < 0", cfg.Threads)
+	if cfg.Threads < 0 || cfg.Threads > MaxThreads {
+		return nil, fmt.Errorf("cpu: Threads %d outside [0, %d]", cfg.Threads, MaxThreads)
 	}
 	if cfg.Threads == 0 {
 		cfg.Threads = runtime.GOMAXPROCS(0)

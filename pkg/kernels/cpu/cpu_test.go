@@ -47,3 +47,12 @@ func TestExpf(t *testing.T) {
 		t.Fatal("expf out of range")
 	}
 }
+
+func TestThreadLimit(t *testing.T) {
+	if _, err := cpu.New(cpu.Config{Threads: 50_000_000}); err == nil {
+		t.Fatal("50M threads accepted")
+	}
+	if _, err := cpu.New(cpu.Config{Threads: -1}); err == nil {
+		t.Fatal("-1 threads accepted")
+	}
+}

@@ -159,11 +159,23 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 	qs, buf := buf[:M*D], buf[M*D:]
 	sc, buf := buf[:M*ctx], buf[M*ctx:]
 	os := buf[:M*D]
-	for p := 0; p < ctx; p++ {
-		off := (int(s.Blocks[p/bs])*bs+p%bs)*kvStride + g*D
-		copy(keys[p*D:(p+1)*D], kt.f[off:off+D])
-		for e, v := range vt.f[off : off+D] {
-			valsT[e*ctx+p] = v
+	// Keys are copied row by row; values are transposed in tiles of 16
+	// positions, so each write fills a cache line instead of touching a
+	// new one for every element.
+	const tile = 16
+	var offs [tile]int
+	for p0 := 0; p0 < ctx; p0 += tile {
+		n := min(tile, ctx-p0)
+		for k := 0; k < n; k++ {
+			p := p0 + k
+			offs[k] = (int(s.Blocks[p/bs])*bs+p%bs)*kvStride + g*D
+			copy(keys[p*D:(p+1)*D], kt.f[offs[k]:offs[k]+D])
+		}
+		for e := 0; e < D; e++ {
+			dst := valsT[e*ctx+p0 : e*ctx+p0+n]
+			for k := range dst {
+				dst[k] = vt.f[offs[k]+e]
+			}
 		}
 	}
 	for i := i0; i < i1; i++ {
