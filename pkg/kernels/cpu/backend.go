@@ -154,14 +154,7 @@ func (b *Backend) FromFloat32(shape []int, data []float32) kernels.Tensor {
 func (b *Backend) ToFloat32(t kernels.Tensor) []float32 {
 	c := cast(t)
 	out := make([]float32, kernels.NumElements(c.shape))
-	switch c.dt {
-	case kernels.F32:
-		copy(out, c.f)
-	case kernels.BF16:
-		b.k.cvtBF16(out, c.h)
-	case kernels.F16:
-		b.k.cvtF16(out, c.h)
-	}
+	b.widen(out, c, 0)
 	return out
 }
 
@@ -171,16 +164,17 @@ func (b *Backend) Free(t kernels.Tensor) {
 	c.f, c.h = nil, nil
 }
 
-// widenRow writes row r of a (any dtype) into dst.
-func (b *Backend) widenRow(dst []float32, a *tensor, r int) {
-	n := len(dst)
+// widen writes len(dst) elements of a (any dtype), from flat offset off,
+// into dst as float32.
+func (b *Backend) widen(dst []float32, a *tensor, off int) {
+	end := off + len(dst)
 	switch a.dt {
 	case kernels.F32:
-		copy(dst, a.f[r*n:(r+1)*n])
+		copy(dst, a.f[off:end])
 	case kernels.BF16:
-		b.k.cvtBF16(dst, a.h[r*n:(r+1)*n])
+		b.k.cvtBF16(dst, a.h[off:end])
 	case kernels.F16:
-		b.k.cvtF16(dst, a.h[r*n:(r+1)*n])
+		b.k.cvtF16(dst, a.h[off:end])
 	}
 }
 

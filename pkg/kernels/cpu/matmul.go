@@ -102,12 +102,7 @@ func (b *Backend) gemm(x []float32, T int, w *tensor, y []float32) {
 				} else {
 					p = buf[:rows*kn]
 					for j := 0; j < rows; j++ {
-						src := w.h[(r0+j)*K+k0 : (r0+j)*K+k0+kn]
-						if w.dt == kernels.BF16 {
-							b.k.cvtBF16(p[j*kn:(j+1)*kn], src)
-						} else {
-							b.k.cvtF16(p[j*kn:(j+1)*kn], src)
-						}
+						b.widen(p[j*kn:(j+1)*kn], w, (r0+j)*K+k0)
 					}
 				}
 				b.panelMulAdd(x[k0:], K, T, kn, p, ldp, rows, y[r0:], N)

@@ -16,7 +16,7 @@ func (b *Backend) Embed(table kernels.Tensor, ids []int32) kernels.Tensor {
 		if id < 0 || int(id) >= V {
 			panic(fmt.Sprintf("cpu: Embed id %d outside [0, %d)", id, V))
 		}
-		b.widenRow(out.f[i*H:(i+1)*H], tt, int(id))
+		b.widen(out.f[i*H:(i+1)*H], tt, int(id)*H)
 	}
 	return out
 }
