@@ -5,6 +5,8 @@
 //	qwenctl demo    [--preset tiny] [--tokens N]
 //	qwenctl tokenize (--model DIR | --tokenizer FILE) (--jsonl | --text TEXT [--chat])
 //	qwenctl detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special] [--json]
+//	qwenctl generate --addr HOST:PORT (--prompt TEXT | --chat TEXT | --ids 1,2,3) [--max-tokens N] [--temperature T] [--json] ...
+//	qwenctl status --addr HOST:PORT [--json] [--wait 60s]
 //
 // Every command prints one error line and exits non-zero on bad flags or
 // input.
@@ -31,6 +33,8 @@ var commands = []command{
 	{"demo", "make (once) and run a small model end to end", runDemo},
 	{"tokenize", "text to token ids (one string, or JSON lines on stdin)", runTokenize},
 	{"detokenize", "token ids to text", runDetokenize},
+	{"generate", "stream a completion from a cluster", runGenerate},
+	{"status", "a cluster's workers, placement and health", runStatus},
 }
 
 func usage(w io.Writer) {

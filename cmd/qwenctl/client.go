@@ -1,0 +1,317 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
+)
+
+func dial(addr string) (*grpc.ClientConn, pb.GeneratorClient, error) {
+	if addr == "" {
+		return nil, nil, usagef("--addr HOST:PORT is required")
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, nil, fmt.Errorf("--addr %s: %w", addr, err)
+	}
+	return conn, pb.NewGeneratorClient(conn), nil
+}
+
+// rpcError makes a gRPC error one readable line.
+func rpcError(err error) error {
+	if s, ok := status.FromError(err); ok {
+		return fmt.Errorf("%s: %s", s.Code(), s.Message())
+	}
+	return err
+}
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+type generateJSON struct {
+	ID             string     `json:"request_id"`
+	IDs            []int32    `json:"ids"`
+	Text           string     `json:"text"`
+	FinishReason   string     `json:"finish_reason"`
+	MatchedStop    string     `json:"matched_stop,omitempty"`
+	Usage          *pb.Usage  `json:"usage"`
+	Logprobs       []lpJSON   `json:"logprobs,omitempty"`
+	PromptLogprobs []*float64 `json:"prompt_logprobs,omitempty"`
+	Preemptions    int32      `json:"preemptions,omitempty"`
+}
+
+type lpJSON struct {
+	ID      int32       `json:"id"`
+	Logprob float32     `json:"logprob"`
+	Top     []topLpJSON `json:"top,omitempty"`
+}
+
+type topLpJSON struct {
+	ID      int32   `json:"id"`
+	Token   string  `json:"token,omitempty"`
+	Logprob float32 `json:"logprob"`
+}
+
+func runGenerate(args []string) error {
+	fs := newFlags("generate", "--addr HOST:PORT (--prompt TEXT | --chat TEXT | --ids 1,2,3) [flags]")
+	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
+	prompt := fs.String("prompt", "", "prompt text")
+	chat := fs.String("chat", "", "a user message, sent through the chat template")
+	system := fs.String("system", "", "system message for --chat")
+	ids := fs.String("ids", "", "prompt token ids, comma separated")
+	maxTokens := fs.Int("max-tokens", -1, "tokens to generate (default: the server's)")
+	minTokens := fs.Int("min-tokens", 0, "tokens to generate before EOS or stop ids may end it")
+	temperature := fs.Float64("temperature", 1, "0 = greedy")
+	topP := fs.Float64("top-p", 1, "nucleus sampling mass in (0, 1]")
+	topK := fs.Int("top-k", 0, "keep the K most likely tokens (0: all)")
+	minP := fs.Float64("min-p", 0, "drop tokens below min-p times the top probability")
+	repPen := fs.Float64("repetition-penalty", 1, "HF/vLLM repetition penalty (1: off)")
+	presPen := fs.Float64("presence-penalty", 0, "OpenAI presence penalty")
+	freqPen := fs.Float64("frequency-penalty", 0, "OpenAI frequency penalty")
+	seed := fs.Int64("seed", 0, "sampling seed (reproducible when set)")
+	var stops stringList
+	fs.Var(&stops, "stop", "stop string (repeatable)")
+	stopIDs := fs.String("stop-token-ids", "", "token ids that stop generation, comma separated")
+	ignoreEOS := fs.Bool("ignore-eos", false, "keep generating after EOS")
+	logprobs := fs.Int("logprobs", -1, "return the top-N logprobs of each generated token")
+	promptLogprobs := fs.Bool("prompt-logprobs", false, "return the logprob of every prompt token")
+	keepSpecial := fs.Bool("keep-special", false, "keep special tokens in the text")
+	requestID := fs.String("request-id", "", "client-chosen request id")
+	asJSON := fs.Bool("json", false, "print one JSON object instead of streaming text")
+	timeout := fs.Duration("timeout", 10*time.Minute, "give up after this long")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	req := &pb.GenerateRequest{RequestId: *requestID, IgnoreEos: *ignoreEOS, PromptLogprobs: *promptLogprobs, Stop: stops}
+	n := 0
+	for _, s := range []string{*prompt, *chat, *ids} {
+		if s != "" {
+			n++
+		}
+	}
+	if n != 1 {
+		return usagef("give exactly one of --prompt, --chat, --ids")
+	}
+	switch {
+	case *prompt != "":
+		req.Input = &pb.GenerateRequest_Text{Text: *prompt}
+	case *chat != "":
+		msgs := []*pb.ChatMessage{}
+		if *system != "" {
+			msgs = append(msgs, &pb.ChatMessage{Role: "system", Content: *system})
+		}
+		msgs = append(msgs, &pb.ChatMessage{Role: "user", Content: *chat})
+		req.Input = &pb.GenerateRequest_Chat{Chat: &pb.ChatInput{Messages: msgs}}
+	default:
+		v, err := parseIDs("ids", *ids)
+		if err != nil {
+			return err
+		}
+		req.Input = &pb.GenerateRequest_TokenIds{TokenIds: &pb.TokenIds{Ids: v}}
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	f32 := func(v float64) *float32 { x := float32(v); return &x }
+	if set["max-tokens"] {
+		v := int32(max(min(*maxTokens, math.MaxInt32), math.MinInt32))
+		req.MaxTokens = &v
+	}
+	if set["min-tokens"] {
+		v := int32(max(min(*minTokens, math.MaxInt32), math.MinInt32))
+		req.MinTokens = &v
+	}
+	if set["temperature"] {
+		req.Temperature = f32(*temperature)
+	}
+	if set["top-p"] {
+		req.TopP = f32(*topP)
+	}
+	if set["top-k"] {
+		v := int32(max(min(*topK, math.MaxInt32), math.MinInt32))
+		req.TopK = &v
+	}
+	if set["min-p"] {
+		req.MinP = f32(*minP)
+	}
+	if set["repetition-penalty"] {
+		req.RepetitionPenalty = f32(*repPen)
+	}
+	if set["presence-penalty"] {
+		req.PresencePenalty = f32(*presPen)
+	}
+	if set["frequency-penalty"] {
+		req.FrequencyPenalty = f32(*freqPen)
+	}
+	if set["seed"] {
+		req.Seed = seed
+	}
+	if set["logprobs"] {
+		v := int32(max(min(*logprobs, math.MaxInt32), math.MinInt32))
+		req.Logprobs = &v
+	}
+	if *keepSpecial {
+		f := false
+		req.SkipSpecialTokens = &f
+	}
+	if *stopIDs != "" {
+		v, err := parseIDs("stop-token-ids", *stopIDs)
+		if err != nil {
+			return err
+		}
+		req.StopTokenIds = v
+	}
+	conn, client, err := dial(*addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
+	defer stop()
+	stream, err := client.Generate(ctx, req)
+	if err != nil {
+		return rpcError(err)
+	}
+	out := generateJSON{}
+	var text strings.Builder
+	for {
+		resp, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return errors.New("stream ended without a complete message")
+		}
+		if err != nil {
+			return rpcError(err)
+		}
+		out.ID = resp.RequestId
+		switch r := resp.Response.(type) {
+		case *pb.GenerateResponse_Chunk:
+			out.IDs = append(out.IDs, r.Chunk.TokenIds...)
+			text.WriteString(r.Chunk.Text)
+			out.Usage = r.Chunk.Usage
+			for _, lp := range r.Chunk.Logprobs {
+				l := lpJSON{ID: lp.TokenId, Logprob: lp.Logprob}
+				for _, t := range lp.Top {
+					l.Top = append(l.Top, topLpJSON{ID: t.TokenId, Token: t.Token, Logprob: t.Logprob})
+				}
+				out.Logprobs = append(out.Logprobs, l)
+			}
+			if !*asJSON {
+				fmt.Print(r.Chunk.Text)
+			}
+		case *pb.GenerateResponse_Error:
+			return fmt.Errorf("%s: %s", r.Error.Code, r.Error.Message)
+		case *pb.GenerateResponse_Complete:
+			c := r.Complete
+			out.FinishReason, out.MatchedStop, out.Usage, out.Preemptions = c.FinishReason, c.MatchedStop, c.Usage, c.Preemptions
+			for _, p := range c.PromptLogprobs {
+				if p.Logprob == nil {
+					out.PromptLogprobs = append(out.PromptLogprobs, nil)
+				} else {
+					v := float64(*p.Logprob)
+					out.PromptLogprobs = append(out.PromptLogprobs, &v)
+				}
+			}
+			if out.IDs == nil {
+				out.IDs = []int32{}
+			}
+			out.Text = text.String()
+			if *asJSON {
+				enc := json.NewEncoder(os.Stdout)
+				return enc.Encode(out)
+			}
+			fmt.Printf("\n[%s: %d prompt + %d generated tokens]\n", out.FinishReason, out.Usage.GetPromptTokens(), out.Usage.GetCompletionTokens())
+			return nil
+		}
+	}
+}
+
+func runStatus(args []string) error {
+	fs := newFlags("status", "--addr HOST:PORT [--json] [--wait 60s]")
+	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
+	asJSON := fs.Bool("json", false, "print the server info as JSON")
+	wait := fs.Duration("wait", 0, "wait up to this long until the cluster can serve")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *wait < 0 {
+		return usagef("--wait: must be >= 0")
+	}
+	conn, client, err := dial(*addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	deadline := time.Now().Add(*wait)
+	var info *pb.ServerInfo
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		info, err = client.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+		var health *pb.HealthCheckResponse
+		if err == nil && info.Ready {
+			health, err = client.HealthCheck(ctx, &pb.HealthCheckRequest{})
+			if err == nil && !health.Healthy {
+				info.Ready, info.NotReadyReason = false, "health check: "+health.Message
+			}
+		}
+		cancel()
+		if err == nil && info.Ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			if err != nil {
+				return rpcError(err)
+			}
+			if *wait > 0 {
+				return fmt.Errorf("not ready after %v: %s", *wait, info.NotReadyReason)
+			}
+			break
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(info)
+	}
+	state := "ready"
+	if !info.Ready {
+		state = "not ready: " + info.NotReadyReason
+	}
+	fmt.Printf("coordinator %s (leader %v, leader at %s), %s\n", info.CoordinatorId, info.Leader, info.LeaderAddress, state)
+	fmt.Printf("workers:\n")
+	for _, w := range info.Workers {
+		fmt.Printf("  %-24s %-22s pid %-7d %s\n", w.Id, w.Address, w.Pid, w.State)
+	}
+	if p := info.Placement; p != nil {
+		fmt.Printf("placement v%d of %s:\n", p.Version, p.Model)
+		for _, r := range p.Replicas {
+			fmt.Printf("  replica %d: workers %s, layers [%d, %d)\n", r.Index, strings.Join(r.Workers, ","), r.LayersBegin, r.LayersEnd)
+		}
+	}
+	if s := info.Scheduler; s != nil {
+		fmt.Printf("scheduler: %d running, %d waiting, KV %d/%d blocks free (of %d tokens), %d preemptions, %d steps, %d tokens generated\n",
+			s.Running, s.Waiting, s.KvBlocksFree, s.KvBlocksTotal, s.KvBlockSize, s.Preemptions, s.Steps, s.GeneratedTokens)
+	}
+	if !info.Ready {
+		return errors.New("cluster not ready")
+	}
+	return nil
+}

@@ -1,0 +1,486 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"testing"
+	"time"
+)
+
+func startEtcd(t *testing.T) *EmbeddedEtcd {
+	t.Helper()
+	e, err := StartEmbeddedEtcd(t.TempDir())
+	if err != nil {
+		t.Fatalf("StartEmbeddedEtcd: %v", err)
+	}
+	t.Cleanup(func() { e.Close() })
+	return e
+}
+
+func connect(t *testing.T, e *EmbeddedEtcd) *Store {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := Connect(ctx, e.Endpoints(), "/test/")
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func testCtx(t *testing.T, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// waitFor polls cond every 50ms until it is true or d passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func workerIDs(ws []WorkerInfo) string {
+	s := ""
+	for i, w := range ws {
+		if i > 0 {
+			s += ","
+		}
+		s += w.ID + ":" + w.State
+	}
+	return s
+}
+
+func TestEmbeddedEtcdEndpointsAndClose(t *testing.T) {
+	e := startEtcd(t)
+	eps := e.Endpoints()
+	if len(eps) != 1 || len(eps[0]) < len("http://127.0.0.1:1") || eps[0][:17] != "http://127.0.0.1:" {
+		t.Fatalf("Endpoints = %v", eps)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+}
+
+func TestWorkersRegisterListWatch(t *testing.T) {
+	e := startEtcd(t)
+	s := connect(t, e)
+	ctx := testCtx(t, 15*time.Second)
+
+	watch := s.WatchWorkers(ctx)
+	next := func(want string) {
+		t.Helper()
+		select {
+		case ws, ok := <-watch:
+			if !ok {
+				t.Fatal("watch closed")
+			}
+			if got := workerIDs(ws); got != want {
+				t.Fatalf("watch sent %q, want %q", got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no watch update (want %q)", want)
+		}
+	}
+	next("")
+
+	started := time.Now().UTC().Truncate(time.Second)
+	wb := WorkerInfo{ID: "w-b", Addr: "127.0.0.1:9002", Backend: "cuda", MemoryBytes: 80 << 30, Devices: 1, PID: 42, Host: "h", State: WorkerStarting, Started: started}
+	rb, err := s.RegisterWorker(ctx, wb, 5*time.Second)
+	if err != nil {
+		t.Fatalf("RegisterWorker: %v", err)
+	}
+	next("w-b:starting")
+	ra, err := s.RegisterWorker(ctx, WorkerInfo{ID: "w-a", Addr: "127.0.0.1:9001", State: WorkerReady}, 5*time.Second)
+	if err != nil {
+		t.Fatalf("RegisterWorker: %v", err)
+	}
+	next("w-a:ready,w-b:starting")
+
+	wb.State = WorkerReady
+	if err := rb.Update(ctx, wb); err != nil {
+		t.Fatalf("Update: %v", err)
+	}
+	next("w-a:ready,w-b:ready")
+
+	ws, err := s.ListWorkers(ctx)
+	if err != nil {
+		t.Fatalf("ListWorkers: %v", err)
+	}
+	if len(ws) != 2 || ws[0].ID != "w-a" || ws[1].ID != "w-b" {
+		t.Fatalf("ListWorkers = %+v", ws)
+	}
+	if got := ws[1]; got != wb {
+		t.Fatalf("round trip: got %+v, want %+v", got, wb)
+	}
+
+	// Close revokes the lease: the key is gone at once.
+	if err := ra.Close(); err != nil {
+		t.Fatalf("Registration.Close: %v", err)
+	}
+	if err := ra.Close(); err != nil {
+		t.Fatalf("second Registration.Close: %v", err)
+	}
+	next("w-b:ready")
+	if ws, _ := s.ListWorkers(ctx); len(ws) != 1 || ws[0].ID != "w-b" {
+		t.Fatalf("after Close ListWorkers = %+v", ws)
+	}
+	select {
+	case <-ra.Lost():
+	case <-time.After(2 * time.Second):
+		t.Fatal("Lost not closed after Close")
+	}
+	if err := ra.Update(ctx, WorkerInfo{ID: "w-a"}); err == nil {
+		t.Fatal("Update after Close succeeded")
+	}
+	if err := rb.Update(ctx, WorkerInfo{ID: "other"}); err == nil {
+		t.Fatal("Update with another id succeeded")
+	}
+	rb.Close()
+	next("")
+}
+
+func TestWorkerLeaseExpires(t *testing.T) {
+	e := startEtcd(t)
+	s := connect(t, e)
+	worker := connect(t, e) // the worker process's own connection
+	ctx := testCtx(t, 15*time.Second)
+
+	r, err := worker.RegisterWorker(ctx, WorkerInfo{ID: "doomed", State: WorkerReady}, time.Second)
+	if err != nil {
+		t.Fatalf("RegisterWorker: %v", err)
+	}
+	// Survives well past its TTL while kept alive.
+	time.Sleep(2500 * time.Millisecond)
+	if ws, err := s.ListWorkers(ctx); err != nil || len(ws) != 1 {
+		t.Fatalf("kept-alive worker missing: %v %+v", err, ws)
+	}
+	// Simulate the worker dying: its connection goes away without a revoke.
+	start := time.Now()
+	worker.Close()
+	select {
+	case <-r.Lost():
+	case <-time.After(2 * time.Second):
+		t.Fatal("Lost not closed after the store closed")
+	}
+	waitFor(t, 6*time.Second, "expired worker to disappear", func() bool {
+		ws, err := s.ListWorkers(ctx)
+		return err == nil && len(ws) == 0
+	})
+	t.Logf("worker key expired %s after its keep-alive stopped", time.Since(start).Round(10*time.Millisecond))
+}
+
+func TestPlacementVersionsAndWatch(t *testing.T) {
+	e := startEtcd(t)
+	s := connect(t, e)
+	ctx := testCtx(t, 15*time.Second)
+
+	if _, _, err := s.GetPlacement(ctx); !errors.Is(err, ErrNoPlacement) {
+		t.Fatalf("GetPlacement on empty store: err = %v, want ErrNoPlacement", err)
+	}
+	watch := s.WatchPlacement(ctx)
+	next := func(wantValue string, wantVersion int64) {
+		t.Helper()
+		select {
+		case u, ok := <-watch:
+			if !ok {
+				t.Fatal("watch closed")
+			}
+			if string(u.Value) != wantValue || u.Version != wantVersion {
+				t.Fatalf("watch sent %q v%d, want %q v%d", u.Value, u.Version, wantValue, wantVersion)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no placement update (want v%d)", wantVersion)
+		}
+	}
+
+	v, err := s.PutPlacement(ctx, []byte(`{"gen":1}`))
+	if err != nil || v != 1 {
+		t.Fatalf("first PutPlacement = %d, %v; want 1", v, err)
+	}
+	v, err = s.PutPlacement(ctx, []byte(`{"gen":2}`))
+	if err != nil || v != 2 {
+		t.Fatalf("second PutPlacement = %d, %v; want 2", v, err)
+	}
+	next(`{"gen":1}`, 1)
+	next(`{"gen":2}`, 2)
+
+	val, ver, err := s.GetPlacement(ctx)
+	if err != nil || ver != 2 || string(val) != `{"gen":2}` {
+		t.Fatalf("GetPlacement = %q v%d, %v", val, ver, err)
+	}
+
+	// Conditional put only succeeds against the current version.
+	if _, ok, err := s.PutPlacementIf(ctx, []byte(`{"gen":"stale"}`), 1); err != nil || ok {
+		t.Fatalf("PutPlacementIf stale = %v, %v; want refused", ok, err)
+	}
+	if v, ok, err := s.PutPlacementIf(ctx, []byte(`{"gen":3}`), 2); err != nil || !ok || v != 3 {
+		t.Fatalf("PutPlacementIf = %d, %v, %v; want 3, true", v, ok, err)
+	}
+	next(`{"gen":3}`, 3)
+
+	// A fresh watcher gets the current value first.
+	ctx2, cancel2 := context.WithCancel(ctx)
+	w2 := s.WatchPlacement(ctx2)
+	select {
+	case u := <-w2:
+		if u.Version != 3 || string(u.Value) != `{"gen":3}` {
+			t.Fatalf("new watcher first update = %q v%d", u.Value, u.Version)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("new watcher got nothing")
+	}
+	cancel2()
+	select {
+	case _, ok := <-w2:
+		for ok {
+			_, ok = <-w2
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("watch channel not closed after ctx cancel")
+	}
+}
+
+func TestLeaderElectionFailover(t *testing.T) {
+	e := startEtcd(t)
+	observer := connect(t, e)
+	s1 := connect(t, e)
+	s2 := connect(t, e)
+	ctx := testCtx(t, 15*time.Second)
+
+	if _, err := observer.Leader(ctx); !errors.Is(err, ErrNoLeader) {
+		t.Fatalf("Leader with no candidates: err = %v, want ErrNoLeader", err)
+	}
+	l1, err := s1.Campaign(ctx, "coord-1:8080", 2*time.Second)
+	if err != nil {
+		t.Fatalf("Campaign 1: %v", err)
+	}
+	if got, err := observer.Leader(ctx); err != nil || got != "coord-1:8080" {
+		t.Fatalf("Leader = %q, %v", got, err)
+	}
+
+	type result struct {
+		l   *Leadership
+		err error
+	}
+	second := make(chan result, 1)
+	go func() {
+		l, err := s2.Campaign(ctx, "coord-2:8080", 2*time.Second)
+		second <- result{l, err}
+	}()
+	select {
+	case r := <-second:
+		t.Fatalf("second candidate did not block: %+v", r)
+	case <-time.After(700 * time.Millisecond):
+	}
+
+	// The leader dies: its connection goes away without resigning.
+	start := time.Now()
+	s1.Close()
+	select {
+	case <-l1.Lost():
+	case <-time.After(2 * time.Second):
+		t.Fatal("Lost not closed after the leader's store closed")
+	}
+	var l2 *Leadership
+	select {
+	case r := <-second:
+		if r.err != nil {
+			t.Fatalf("Campaign 2: %v", r.err)
+		}
+		l2 = r.l
+	case <-time.After(8 * time.Second):
+		t.Fatal("standby did not take over")
+	}
+	t.Logf("standby took over %s after the leader died", time.Since(start).Round(10*time.Millisecond))
+	if got, err := observer.Leader(ctx); err != nil || got != "coord-2:8080" {
+		t.Fatalf("Leader after failover = %q, %v", got, err)
+	}
+
+	// A third candidate takes over promptly when the leader resigns.
+	third := make(chan result, 1)
+	go func() {
+		l, err := observer.Campaign(ctx, "coord-3:8080", 2*time.Second)
+		third <- result{l, err}
+	}()
+	time.Sleep(200 * time.Millisecond)
+	start = time.Now()
+	if err := l2.Resign(ctx); err != nil {
+		t.Fatalf("Resign: %v", err)
+	}
+	if err := l2.Resign(ctx); err != nil {
+		t.Fatalf("second Resign: %v", err)
+	}
+	select {
+	case r := <-third:
+		if r.err != nil {
+			t.Fatalf("Campaign 3: %v", r.err)
+		}
+		t.Cleanup(func() { r.l.Resign(context.Background()) })
+		if time.Since(start) > time.Second {
+			t.Fatalf("takeover after resign took %s", time.Since(start))
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("third candidate did not take over after resign")
+	}
+	if got, err := observer.Leader(ctx); err != nil || got != "coord-3:8080" {
+		t.Fatalf("Leader after resign = %q, %v", got, err)
+	}
+
+	// A campaign that cannot win gives up when its ctx ends.
+	cctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	if _, err := s2.Campaign(cctx, "coord-4", 2*time.Second); err == nil {
+		t.Fatal("blocked Campaign returned without error after ctx ended")
+	}
+}
+
+func TestConnectUnreachable(t *testing.T) {
+	// A port that was free a moment ago: nothing listens there.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	start := time.Now()
+	s, err := Connect(ctx, []string{"http://" + addr}, "")
+	if err == nil {
+		s.Close()
+		t.Fatal("Connect to an unreachable endpoint succeeded")
+	}
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("Connect took %s to fail", el)
+	}
+	t.Logf("Connect error: %v", err)
+}
+
+func startGossip(t *testing.T, name string, meta []byte, seeds ...string) *Gossip {
+	t.Helper()
+	g, err := JoinGossip(GossipConfig{Name: name, Seeds: seeds, Meta: meta, Fast: true})
+	if err != nil {
+		t.Fatalf("JoinGossip %s: %v", name, err)
+	}
+	t.Cleanup(func() { g.Close() })
+	return g
+}
+
+// waitEvent waits for an event about name with the given liveness.
+func waitEvent(t *testing.T, g *Gossip, name string, alive bool, d time.Duration) MemberEvent {
+	t.Helper()
+	timeout := time.After(d)
+	for {
+		select {
+		case ev, ok := <-g.Events():
+			if !ok {
+				t.Fatal("events channel closed")
+			}
+			if ev.Name == name && ev.Alive == alive {
+				return ev
+			}
+		case <-timeout:
+			t.Fatalf("no %s alive=%v event within %s", name, alive, d)
+		}
+	}
+}
+
+func TestGossipMembershipAndFailure(t *testing.T) {
+	a := startGossip(t, "a", []byte(`{"role":"coordinator"}`))
+	b := startGossip(t, "b", []byte(`{"role":"worker","id":"b"}`), a.Addr())
+	c := startGossip(t, "c", []byte(`{"role":"worker","id":"c"}`), a.Addr())
+
+	for _, g := range []*Gossip{a, b, c} {
+		waitFor(t, 3*time.Second, g.Name()+" to see 3 members", func() bool { return len(g.Members()) == 3 })
+	}
+	// Meta round-trips through gossip.
+	for _, m := range a.Members() {
+		want := map[string]string{"a": `{"role":"coordinator"}`, "b": `{"role":"worker","id":"b"}`, "c": `{"role":"worker","id":"c"}`}[m.Name]
+		if string(m.Meta) != want || !m.Alive {
+			t.Fatalf("member %s: meta %q alive %v, want %q", m.Name, m.Meta, m.Alive, want)
+		}
+	}
+	ev := waitEvent(t, a, "c", true, 3*time.Second)
+	if ev.Addr != c.Addr() || !bytes.Equal(ev.Meta, []byte(`{"role":"worker","id":"c"}`)) {
+		t.Fatalf("join event %+v, want addr %s", ev, c.Addr())
+	}
+
+	// Meta updates propagate too.
+	if err := b.SetMeta([]byte(`{"role":"worker","id":"b","state":"ready"}`)); err != nil {
+		t.Fatalf("SetMeta: %v", err)
+	}
+	waitFor(t, 3*time.Second, "meta update to reach a", func() bool {
+		for _, m := range a.Members() {
+			if m.Name == "b" && string(m.Meta) == `{"role":"worker","id":"b","state":"ready"}` {
+				return true
+			}
+		}
+		return false
+	})
+
+	// c crashes (no leave message): the failure detector must notice.
+	start := time.Now()
+	if err := c.stop(false); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	waitEvent(t, a, "c", false, 3*time.Second)
+	waitEvent(t, b, "c", false, 3*time.Second)
+	t.Logf("crash detected in %s", time.Since(start).Round(10*time.Millisecond))
+
+	// b leaves gracefully.
+	start = time.Now()
+	if err := b.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	waitEvent(t, a, "b", false, 3*time.Second)
+	t.Logf("leave seen in %s", time.Since(start).Round(10*time.Millisecond))
+	if n := len(a.Members()); n != 1 {
+		t.Fatalf("a sees %d members, want 1", n)
+	}
+	if _, ok := <-b.Events(); ok {
+		// Drain: the channel must end up closed.
+		for range b.Events() {
+		}
+	}
+}
+
+func TestGossipErrors(t *testing.T) {
+	if _, err := JoinGossip(GossipConfig{Name: "big", Meta: make([]byte, MaxGossipMeta+1), Fast: true}); err == nil {
+		t.Fatal("oversized meta accepted")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := l.Addr().String()
+	l.Close()
+	start := time.Now()
+	if g, err := JoinGossip(GossipConfig{Name: "lonely", Seeds: []string{dead}, Fast: true}); err == nil {
+		g.Close()
+		t.Fatal("join with unreachable seed succeeded")
+	} else {
+		t.Logf("join error after %s: %v", time.Since(start).Round(time.Millisecond), err)
+	}
+	g := startGossip(t, "solo", nil)
+	if ms := g.Members(); len(ms) != 1 || ms[0].Name != "solo" || ms[0].Addr != g.Addr() {
+		t.Fatalf("Members = %+v", ms)
+	}
+}

@@ -1,0 +1,22 @@
+// Package cluster holds the coordination layer of a qwenfleet cluster: an
+// etcd-backed Store (worker membership, placement and leader election), an
+// optional embedded etcd server for the coordinator, and memberlist-based
+// gossip for fast peer failure detection.
+//
+// A coordinator normally embeds etcd (StartEmbeddedEtcd) and connects to it
+// like any other client (Connect). Workers register themselves under a lease
+// (RegisterWorker) so that their entry disappears when they die. A standby
+// coordinator campaigns for leadership (Campaign) and takes over when the
+// leader's session expires.
+//
+// # Key layout
+//
+// All keys live under a prefix, "/qwenfleet/" by default (DefaultPrefix):
+//
+//	<prefix>workers/<id>      JSON WorkerInfo, attached to the worker's lease;
+//	                          removed on Registration.Close or lease expiry.
+//	<prefix>placement         opaque JSON placement document; its etcd key
+//	                          Version (1, 2, 3, ...) is the placement version.
+//	<prefix>leader/<lease>    election keys (go.etcd.io/etcd/client/v3/concurrency);
+//	                          the oldest key's value is the current leader.
+package cluster

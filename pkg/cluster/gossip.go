@@ -1,0 +1,284 @@
+package cluster
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// MaxGossipMeta is the largest Meta a gossip node may carry.
+const MaxGossipMeta = memberlist.MetaMaxSize
+
+// gossipEventBuffer is the capacity of Gossip.Events.
+const gossipEventBuffer = 256
+
+// gossipLeaveTimeout bounds the graceful leave broadcast in Close.
+const gossipLeaveTimeout = 500 * time.Millisecond
+
+// GossipConfig configures JoinGossip.
+type GossipConfig struct {
+	// Name must be unique in the cluster; default hostname plus a random
+	// suffix.
+	Name string
+	// BindAddr is the address to listen on; default "127.0.0.1".
+	BindAddr string
+	// BindPort is the UDP/TCP port; 0 picks a free one.
+	BindPort int
+	// AdvertiseAddr is the address announced to peers; default BindAddr
+	// (memberlist picks a private IP when BindAddr is 0.0.0.0).
+	AdvertiseAddr string
+	// Seeds are host:port addresses of existing members to join.
+	Seeds []string
+	// Meta is opaque node metadata gossiped to all members (at most 512
+	// bytes).
+	Meta []byte
+	// Fast selects aggressive timings (200ms probes, 50ms gossip) that detect
+	// a dead peer in under a second; meant for tests and small loopback
+	// clusters. Otherwise memberlist's LAN defaults are used.
+	Fast bool
+}
+
+// MemberEvent describes a member, or a change to one: Alive is false when the
+// member left or was declared dead.
+type MemberEvent struct {
+	Name  string
+	Addr  string
+	Meta  []byte
+	Alive bool
+}
+
+// Gossip is a running memberlist node.
+type Gossip struct {
+	ml   *memberlist.Memberlist
+	name string
+	addr string
+
+	// members mirrors memberlist's live set, maintained from its (locked)
+	// event callbacks, because the *Node values memberlist.Members returns
+	// are mutated concurrently.
+	memMu   sync.RWMutex
+	members map[string]MemberEvent
+
+	metaMu sync.RWMutex
+	meta   []byte
+
+	evMu     sync.Mutex
+	events   chan MemberEvent
+	evClosed bool
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// JoinGossip starts a gossip node and, when cfg.Seeds is non-empty, joins
+// them; it fails if none of the seeds can be reached.
+func JoinGossip(cfg GossipConfig) (*Gossip, error) {
+	if len(cfg.Meta) > MaxGossipMeta {
+		return nil, fmt.Errorf("cluster: gossip meta is %d bytes, max %d", len(cfg.Meta), MaxGossipMeta)
+	}
+	g := &Gossip{
+		meta:    append([]byte(nil), cfg.Meta...),
+		events:  make(chan MemberEvent, gossipEventBuffer),
+		members: make(map[string]MemberEvent),
+	}
+	var mc *memberlist.Config
+	if cfg.Fast {
+		mc = memberlist.DefaultLocalConfig()
+		mc.ProbeInterval = 200 * time.Millisecond
+		mc.ProbeTimeout = 100 * time.Millisecond
+		mc.GossipInterval = 50 * time.Millisecond
+		mc.SuspicionMult = 2
+		mc.PushPullInterval = 5 * time.Second
+	} else {
+		mc = memberlist.DefaultLANConfig()
+	}
+	if cfg.Name == "" {
+		cfg.Name = defaultNodeName()
+	}
+	if cfg.BindAddr == "" {
+		cfg.BindAddr = "127.0.0.1"
+	}
+	mc.Name = cfg.Name
+	mc.BindAddr = cfg.BindAddr
+	mc.BindPort = cfg.BindPort
+	mc.AdvertiseAddr = cfg.AdvertiseAddr
+	mc.AdvertisePort = 0
+	mc.LogOutput = io.Discard
+	mc.Delegate = (*gossipDelegate)(g)
+	mc.Events = (*gossipEvents)(g)
+
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		return nil, fmt.Errorf("cluster: start gossip: %w", err)
+	}
+	g.ml = ml
+	local := ml.LocalNode()
+	g.name = local.Name
+	g.addr = net.JoinHostPort(local.Addr.String(), strconv.Itoa(int(local.Port)))
+	if len(cfg.Seeds) > 0 {
+		if err := g.Join(cfg.Seeds); err != nil {
+			g.Close()
+			return nil, err
+		}
+	}
+	return g, nil
+}
+
+func defaultNodeName() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "node"
+	}
+	var b [4]byte
+	rand.Read(b[:])
+	return host + "-" + hex.EncodeToString(b[:])
+}
+
+// Addr returns the host:port this node is bound to and advertises.
+func (g *Gossip) Addr() string { return g.addr }
+
+// Name returns this node's name.
+func (g *Gossip) Name() string { return g.name }
+
+// Members returns the live members (including suspect ones and this node),
+// sorted by name.
+func (g *Gossip) Members() []MemberEvent {
+	g.memMu.RLock()
+	out := make([]MemberEvent, 0, len(g.members))
+	for _, m := range g.members {
+		m.Meta = append([]byte(nil), m.Meta...)
+		out = append(out, m)
+	}
+	g.memMu.RUnlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Events returns join, update, leave and failure events. The channel is
+// buffered; when the consumer falls behind the oldest events are dropped, so
+// memberlist is never blocked. It is closed by Close.
+func (g *Gossip) Events() <-chan MemberEvent { return g.events }
+
+// Join contacts seeds (host:port) and merges state with them. It succeeds if
+// at least one seed answered.
+func (g *Gossip) Join(seeds []string) error {
+	if len(seeds) == 0 {
+		return nil
+	}
+	n, err := g.ml.Join(seeds)
+	if n == 0 {
+		if err == nil {
+			err = errors.New("no seed answered")
+		}
+		return fmt.Errorf("cluster: gossip join %v: %w", seeds, err)
+	}
+	return nil
+}
+
+// SetMeta replaces this node's metadata (at most 512 bytes) and broadcasts it.
+func (g *Gossip) SetMeta(meta []byte) error {
+	if len(meta) > MaxGossipMeta {
+		return fmt.Errorf("cluster: gossip meta is %d bytes, max %d", len(meta), MaxGossipMeta)
+	}
+	g.metaMu.Lock()
+	g.meta = append([]byte(nil), meta...)
+	g.metaMu.Unlock()
+	return g.ml.UpdateNode(time.Second)
+}
+
+// Close broadcasts a leave (waiting at most 500ms) and shuts the node down.
+// It closes the Events channel and is idempotent.
+func (g *Gossip) Close() error {
+	return g.stop(true)
+}
+
+// stop shuts the node down once; leave selects a graceful leave first, while
+// leave=false makes the node vanish as if it crashed.
+func (g *Gossip) stop(leave bool) error {
+	g.closeOnce.Do(func() {
+		if leave {
+			g.ml.Leave(gossipLeaveTimeout)
+		}
+		g.closeErr = g.ml.Shutdown()
+		g.evMu.Lock()
+		g.evClosed = true
+		close(g.events)
+		g.evMu.Unlock()
+	})
+	return g.closeErr
+}
+
+func nodeEvent(n *memberlist.Node, alive bool) MemberEvent {
+	return MemberEvent{
+		Name:  n.Name,
+		Addr:  net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port))),
+		Meta:  append([]byte(nil), n.Meta...),
+		Alive: alive,
+	}
+}
+
+// observe records ev in the member set and emits it.
+func (g *Gossip) observe(ev MemberEvent) {
+	g.memMu.Lock()
+	if ev.Alive {
+		g.members[ev.Name] = ev
+	} else {
+		delete(g.members, ev.Name)
+	}
+	g.memMu.Unlock()
+	ev.Meta = append([]byte(nil), ev.Meta...)
+	g.emit(ev)
+}
+
+// emit delivers ev without ever blocking, dropping the oldest event if the
+// buffer is full.
+func (g *Gossip) emit(ev MemberEvent) {
+	g.evMu.Lock()
+	defer g.evMu.Unlock()
+	if g.evClosed {
+		return
+	}
+	for {
+		select {
+		case g.events <- ev:
+			return
+		default:
+		}
+		select {
+		case <-g.events:
+		default:
+		}
+	}
+}
+
+type gossipEvents Gossip
+
+func (e *gossipEvents) NotifyJoin(n *memberlist.Node)   { (*Gossip)(e).observe(nodeEvent(n, true)) }
+func (e *gossipEvents) NotifyLeave(n *memberlist.Node)  { (*Gossip)(e).observe(nodeEvent(n, false)) }
+func (e *gossipEvents) NotifyUpdate(n *memberlist.Node) { (*Gossip)(e).observe(nodeEvent(n, true)) }
+
+type gossipDelegate Gossip
+
+func (d *gossipDelegate) NodeMeta(limit int) []byte {
+	d.metaMu.RLock()
+	defer d.metaMu.RUnlock()
+	if len(d.meta) > limit {
+		return nil
+	}
+	return append([]byte(nil), d.meta...)
+}
+
+func (d *gossipDelegate) NotifyMsg([]byte)                           {}
+func (d *gossipDelegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
+func (d *gossipDelegate) LocalState(join bool) []byte                { return nil }
+func (d *gossipDelegate) MergeRemoteState(buf []byte, join bool)     {}

@@ -1,0 +1,154 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// ErrNoPlacement is returned by GetPlacement when no placement is stored.
+var ErrNoPlacement = errors.New("cluster: no placement stored")
+
+// PlacementUpdate is one placement value seen by WatchPlacement. Version is
+// the etcd key version (1, 2, 3, ...); a deletion is reported with Version 0
+// and a nil Value.
+type PlacementUpdate struct {
+	Value   []byte
+	Version int64
+}
+
+// PutPlacement stores value (an opaque JSON document) at <prefix>placement
+// and returns its new version: 1 for the first write, then 2, 3, ...
+func (s *Store) PutPlacement(ctx context.Context, value []byte) (version int64, err error) {
+	key := s.placementKey()
+	resp, err := s.client.Txn(ctx).Then(
+		clientv3.OpPut(key, string(value)),
+		clientv3.OpGet(key),
+	).Commit()
+	if err != nil {
+		return 0, fmt.Errorf("cluster: put placement: %w", err)
+	}
+	if len(resp.Responses) < 2 {
+		return 0, errors.New("cluster: put placement: short transaction response")
+	}
+	kvs := resp.Responses[1].GetResponseRange().GetKvs()
+	if len(kvs) == 0 {
+		return 0, errors.New("cluster: put placement: value vanished")
+	}
+	return kvs[0].Version, nil
+}
+
+// PutPlacementIf stores value only if the current version equals expect
+// (0 meaning "no placement stored yet"). It returns the new version and
+// whether the write happened.
+func (s *Store) PutPlacementIf(ctx context.Context, value []byte, expect int64) (version int64, ok bool, err error) {
+	key := s.placementKey()
+	resp, err := s.client.Txn(ctx).
+		If(clientv3.Compare(clientv3.Version(key), "=", expect)).
+		Then(clientv3.OpPut(key, string(value)), clientv3.OpGet(key)).
+		Else(clientv3.OpGet(key)).
+		Commit()
+	if err != nil {
+		return 0, false, fmt.Errorf("cluster: put placement: %w", err)
+	}
+	last := resp.Responses[len(resp.Responses)-1].GetResponseRange().GetKvs()
+	if len(last) > 0 {
+		version = last[0].Version
+	}
+	return version, resp.Succeeded, nil
+}
+
+// GetPlacement returns the stored placement and its version, or
+// ErrNoPlacement.
+func (s *Store) GetPlacement(ctx context.Context) (value []byte, version int64, err error) {
+	resp, err := s.client.Get(ctx, s.placementKey())
+	if err != nil {
+		return nil, 0, fmt.Errorf("cluster: get placement: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, 0, ErrNoPlacement
+	}
+	return resp.Kvs[0].Value, resp.Kvs[0].Version, nil
+}
+
+// DeletePlacement removes the stored placement (a later PutPlacement starts
+// again at version 1).
+func (s *Store) DeletePlacement(ctx context.Context) error {
+	if _, err := s.client.Delete(ctx, s.placementKey()); err != nil {
+		return fmt.Errorf("cluster: delete placement: %w", err)
+	}
+	return nil
+}
+
+// WatchPlacement sends the current placement first (if any) and then every
+// change, until ctx ends; the channel is then closed. A broken watch is
+// re-established, and the current value re-sent if it changed meanwhile.
+func (s *Store) WatchPlacement(ctx context.Context) <-chan PlacementUpdate {
+	out := make(chan PlacementUpdate, 16)
+	go func() {
+		defer close(out)
+		key := s.placementKey()
+		var lastMod int64 = -1 // ModRevision of the last value sent; 0 = absent
+		send := func(u PlacementUpdate, mod int64) bool {
+			if mod == lastMod {
+				return true
+			}
+			lastMod = mod
+			select {
+			case out <- u:
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		}
+		first := true
+		for ctx.Err() == nil && s.client.Ctx().Err() == nil {
+			resp, err := s.client.Get(ctx, key)
+			if err != nil {
+				if !sleepCtx(ctx, retryDelay) {
+					return
+				}
+				continue
+			}
+			if len(resp.Kvs) > 0 {
+				kv := resp.Kvs[0]
+				if !send(PlacementUpdate{Value: kv.Value, Version: kv.Version}, kv.ModRevision) {
+					return
+				}
+			} else if first {
+				lastMod = 0
+			} else if !send(PlacementUpdate{}, 0) {
+				return
+			}
+			first = false
+			wctx, wcancel := context.WithCancel(ctx)
+			wch := s.client.Watch(wctx, key, clientv3.WithRev(resp.Header.Revision+1))
+			for wr := range wch {
+				if wr.Canceled || wr.Err() != nil {
+					break
+				}
+				for _, ev := range wr.Events {
+					var ok bool
+					switch ev.Type {
+					case mvccpb.PUT:
+						ok = send(PlacementUpdate{Value: ev.Kv.Value, Version: ev.Kv.Version}, ev.Kv.ModRevision)
+					case mvccpb.DELETE:
+						ok = send(PlacementUpdate{}, 0)
+					}
+					if !ok {
+						wcancel()
+						return
+					}
+				}
+			}
+			wcancel()
+			if !sleepCtx(ctx, retryDelay) {
+				return
+			}
+		}
+	}()
+	return out
+}

@@ -1,0 +1,263 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// Worker states commonly stored in WorkerInfo.State.
+const (
+	WorkerStarting = "starting"
+	WorkerReady    = "ready"
+	WorkerDraining = "draining"
+)
+
+// WorkerInfo describes a registered worker; it is stored as JSON under
+// <prefix>workers/<ID>.
+type WorkerInfo struct {
+	ID          string    `json:"id"`
+	Addr        string    `json:"addr"`
+	GossipAddr  string    `json:"gossip_addr,omitempty"`
+	Backend     string    `json:"backend"`
+	MemoryBytes int64     `json:"memory_bytes"`
+	Devices     int       `json:"devices"`
+	PID         int       `json:"pid"`
+	Host        string    `json:"host"`
+	State       string    `json:"state"`
+	Started     time.Time `json:"started"`
+}
+
+// Registration is a worker entry kept alive by its own etcd lease.
+type Registration struct {
+	store  *Store
+	key    string
+	lease  clientv3.LeaseID
+	cancel context.CancelFunc
+	lost   chan struct{}
+
+	mu   sync.Mutex
+	info WorkerInfo
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// ttlSeconds converts a TTL to whole seconds (rounded up, at least 1), or
+// def when ttl <= 0.
+func ttlSeconds(ttl, def time.Duration) int64 {
+	if ttl <= 0 {
+		ttl = def
+	}
+	s := int64(math.Ceil(ttl.Seconds()))
+	if s < 1 {
+		s = 1
+	}
+	return s
+}
+
+// RegisterWorker stores w under <prefix>workers/<w.ID> attached to a new
+// lease of ttl (default 10s; etcd may round very short TTLs up to its
+// minimum) that is kept alive in the background. The key vanishes when Close
+// is called (lease revoked) or when the keep-alive stops, e.g. the process
+// dies or the Store is closed (lease expiry).
+func (s *Store) RegisterWorker(ctx context.Context, w WorkerInfo, ttl time.Duration) (*Registration, error) {
+	if w.ID == "" || strings.Contains(w.ID, "/") {
+		return nil, fmt.Errorf("cluster: invalid worker id %q", w.ID)
+	}
+	data, err := json.Marshal(w)
+	if err != nil {
+		return nil, fmt.Errorf("cluster: encode worker: %w", err)
+	}
+	grant, err := s.client.Grant(ctx, ttlSeconds(ttl, 10*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("cluster: grant lease: %w", err)
+	}
+	key := s.workerKey(w.ID)
+	if _, err := s.client.Put(ctx, key, string(data), clientv3.WithLease(grant.ID)); err != nil {
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		s.client.Revoke(rctx, grant.ID)
+		cancel()
+		return nil, fmt.Errorf("cluster: register worker %s: %w", w.ID, err)
+	}
+	kctx, kcancel := context.WithCancel(s.client.Ctx())
+	ch, err := s.client.KeepAlive(kctx, grant.ID)
+	if err != nil {
+		kcancel()
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		s.client.Revoke(rctx, grant.ID)
+		cancel()
+		return nil, fmt.Errorf("cluster: keep lease alive: %w", err)
+	}
+	r := &Registration{store: s, key: key, lease: grant.ID, cancel: kcancel, lost: make(chan struct{}), info: w}
+	go func() {
+		for range ch {
+		}
+		close(r.lost)
+	}()
+	return r, nil
+}
+
+// Update replaces the stored WorkerInfo (e.g. a state change) under the same
+// lease. w.ID must match the registered ID.
+func (r *Registration) Update(ctx context.Context, w WorkerInfo) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if w.ID != r.info.ID {
+		return fmt.Errorf("cluster: update: worker id %q does not match registration %q", w.ID, r.info.ID)
+	}
+	select {
+	case <-r.lost:
+		return errors.New("cluster: update: registration lost")
+	default:
+	}
+	data, err := json.Marshal(w)
+	if err != nil {
+		return fmt.Errorf("cluster: encode worker: %w", err)
+	}
+	if _, err := r.store.client.Put(ctx, r.key, string(data), clientv3.WithLease(r.lease)); err != nil {
+		return fmt.Errorf("cluster: update worker %s: %w", w.ID, err)
+	}
+	r.info = w
+	return nil
+}
+
+// Info returns the last WorkerInfo written by RegisterWorker or Update.
+func (r *Registration) Info() WorkerInfo {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.info
+}
+
+// LeaseID returns the etcd lease the worker key is attached to.
+func (r *Registration) LeaseID() clientv3.LeaseID { return r.lease }
+
+// Close stops the keep-alive and revokes the lease, deleting the worker key.
+// It is idempotent; later calls return the first call's result.
+func (r *Registration) Close() error {
+	r.closeOnce.Do(func() {
+		r.cancel()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := r.store.client.Revoke(ctx, r.lease); err != nil && !isLeaseNotFound(err) {
+			r.closeErr = fmt.Errorf("cluster: revoke worker lease: %w", err)
+		}
+	})
+	return r.closeErr
+}
+
+func isLeaseNotFound(err error) bool {
+	return errors.Is(err, rpctypes.ErrLeaseNotFound)
+}
+
+// Lost returns a channel closed when the keep-alive ends: the lease expired,
+// etcd became unreachable for longer than the TTL, the Store was closed, or
+// Close was called.
+func (r *Registration) Lost() <-chan struct{} { return r.lost }
+
+// ListWorkers returns all registered workers sorted by ID. Entries that do
+// not decode as WorkerInfo are skipped.
+func (s *Store) ListWorkers(ctx context.Context) ([]WorkerInfo, error) {
+	ws, _, err := s.listWorkers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return sortedWorkers(ws), nil
+}
+
+func (s *Store) listWorkers(ctx context.Context) (map[string]WorkerInfo, int64, error) {
+	resp, err := s.client.Get(ctx, s.workersPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return nil, 0, fmt.Errorf("cluster: list workers: %w", err)
+	}
+	ws := make(map[string]WorkerInfo, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		var w WorkerInfo
+		if json.Unmarshal(kv.Value, &w) == nil {
+			ws[string(kv.Key)] = w
+		}
+	}
+	return ws, resp.Header.Revision, nil
+}
+
+func sortedWorkers(m map[string]WorkerInfo) []WorkerInfo {
+	out := make([]WorkerInfo, 0, len(m))
+	for _, w := range m {
+		out = append(out, w)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// WatchWorkers sends the full sorted worker list now and again after every
+// change, until ctx ends; the channel is then closed. A broken watch (etcd
+// restart, compaction) is re-established with a fresh listing.
+func (s *Store) WatchWorkers(ctx context.Context) <-chan []WorkerInfo {
+	out := make(chan []WorkerInfo, 16)
+	go func() {
+		defer close(out)
+		send := func(m map[string]WorkerInfo) bool {
+			select {
+			case out <- sortedWorkers(m):
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		}
+		for ctx.Err() == nil && s.client.Ctx().Err() == nil {
+			ws, rev, err := s.listWorkers(ctx)
+			if err != nil {
+				if !sleepCtx(ctx, retryDelay) {
+					return
+				}
+				continue
+			}
+			if !send(ws) {
+				return
+			}
+			wctx, wcancel := context.WithCancel(ctx)
+			wch := s.client.Watch(wctx, s.workersPrefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+			for resp := range wch {
+				if resp.Canceled || resp.Err() != nil {
+					break
+				}
+				if len(resp.Events) == 0 {
+					continue
+				}
+				for _, ev := range resp.Events {
+					k := string(ev.Kv.Key)
+					switch ev.Type {
+					case mvccpb.PUT:
+						var w WorkerInfo
+						if json.Unmarshal(ev.Kv.Value, &w) == nil {
+							ws[k] = w
+						} else {
+							delete(ws, k)
+						}
+					case mvccpb.DELETE:
+						delete(ws, k)
+					}
+				}
+				if !send(ws) {
+					wcancel()
+					return
+				}
+			}
+			wcancel()
+			if !sleepCtx(ctx, retryDelay) {
+				return
+			}
+		}
+	}()
+	return out
+}

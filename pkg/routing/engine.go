@@ -1,0 +1,515 @@
+package routing
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kvcache"
+	"github.com/qwenfleet/qwenfleet/pkg/sampling"
+)
+
+// StepSeq is one sequence's part of an executed step.
+type StepSeq struct {
+	ID     uint64
+	Tokens []int32
+	Start  int
+	Blocks []int32
+	Sample bool // outputs wanted for the last token
+	TopN   int  // candidates wanted (≥ 1 when Sample)
+	// FullRow asks for the whole logits row of the last token.
+	FullRow bool
+	// PromptTargets, when not nil, has one entry per token: the id whose
+	// logprob is wanted at that position, or -1.
+	PromptTargets []int32
+}
+
+// StepBatch is what an Executor runs.
+type StepBatch struct {
+	ID   uint64
+	Seqs []StepSeq
+}
+
+// Candidate is a token and its raw logit.
+type Candidate struct {
+	ID    int32
+	Logit float32
+}
+
+// SeqResult is one sequence's output of a step (only for Sample items,
+// except PromptLogprobs).
+type SeqResult struct {
+	Candidates     []Candidate // descending by logit, ties by id
+	LogSumExp      float64     // of the whole row
+	Row            []float32   // when FullRow
+	PromptLogprobs []float32   // one per PromptTargets entry (NaN where -1)
+}
+
+// StepResult is the output of a step, in the batch's order.
+type StepResult struct {
+	Seqs    []SeqResult
+	Forward time.Duration
+}
+
+// Executor runs steps: a worker group behind gRPC, or a model in-process.
+type Executor interface {
+	Step(ctx context.Context, b *StepBatch) (*StepResult, error)
+}
+
+// Request is a validated generation request.
+type Request struct {
+	ID        string
+	Prompt    []int32
+	Sampling  sampling.Params // normalized and validated
+	MaxTokens int             // ≥ 1
+	MinTokens int
+	// StopIDs end the request when generated (EOS unless ignore_eos, and
+	// stop_token_ids); they are suppressed before MinTokens.
+	StopIDs        []int32
+	Logprobs       int // -1: none; 0: the chosen token's; N: and the top N
+	PromptLogprobs bool
+}
+
+// TokenLogprob is the logprob of a generated token and its top alternatives.
+type TokenLogprob struct {
+	ID      int32
+	Logprob float32
+	Top     []sampling.Candidate
+}
+
+// Event is what a Stream delivers: new tokens, then a final event.
+type Event struct {
+	Tokens   []int32
+	Logprobs []TokenLogprob
+	Done     bool
+	Finish   string // stop, length, abort or error (with Err)
+	// MatchedStop is the stop token that ended the request, or -1.
+	MatchedStop int32
+	// PromptLogprobs (final event, when asked): one per prompt position,
+	// NaN for position 0.
+	PromptLogprobs []float32
+	Preemptions    int
+	Err            error
+}
+
+// Stream delivers one request's events; events not yet received are
+// merged, so a slow reader never stalls the engine. Safe for concurrent use.
+type Stream struct {
+	mu      sync.Mutex
+	pending Event
+	has     bool
+	closed  bool
+	notify  chan struct{}
+}
+
+func newStream() *Stream { return &Stream{notify: make(chan struct{}, 1), pending: Event{MatchedStop: -1}} }
+
+func (s *Stream) push(tokens []int32, lps []TokenLogprob) {
+	s.mu.Lock()
+	s.pending.Tokens = append(s.pending.Tokens, tokens...)
+	s.pending.Logprobs = append(s.pending.Logprobs, lps...)
+	s.has = true
+	s.mu.Unlock()
+	s.wake()
+}
+
+func (s *Stream) finish(e Event) {
+	s.mu.Lock()
+	if !s.closed {
+		s.pending.Done, s.pending.Finish, s.pending.MatchedStop = true, e.Finish, e.MatchedStop
+		s.pending.PromptLogprobs, s.pending.Preemptions, s.pending.Err = e.PromptLogprobs, e.Preemptions, e.Err
+		s.closed, s.has = true, true
+	}
+	s.mu.Unlock()
+	s.wake()
+}
+
+func (s *Stream) wake() {
+	select {
+	case s.notify <- struct{}{}:
+	default:
+	}
+}
+
+// Recv waits for the next events (merged). After the Done event it returns
+// io.EOF-like ErrStreamDone.
+func (s *Stream) Recv(ctx context.Context) (Event, error) {
+	for {
+		s.mu.Lock()
+		if s.has {
+			e := s.pending
+			s.pending, s.has = Event{MatchedStop: -1}, false
+			if e.Done {
+				s.pending.Done = true // later calls see done
+			}
+			s.mu.Unlock()
+			return e, nil
+		}
+		if s.pending.Done {
+			s.mu.Unlock()
+			return Event{}, ErrStreamDone
+		}
+		s.mu.Unlock()
+		select {
+		case <-s.notify:
+		case <-ctx.Done():
+			return Event{}, ctx.Err()
+		}
+	}
+}
+
+// ErrStreamDone is returned by Recv after the final event.
+var ErrStreamDone = errors.New("routing: stream done")
+
+// ErrDuplicate is returned by Submit for a request id already running.
+var ErrDuplicate = errors.New("routing: duplicate request id")
+
+// ErrClosed is returned by Submit after Close.
+var ErrClosed = errors.New("routing: engine closed")
+
+var seqIDs atomic.Uint64
+
+// reqState is a sequence's request-side state (the Seq's Payload).
+type reqState struct {
+	req     *Request
+	stream  *Stream
+	sampler *sampling.Sampler
+	plp     []float32 // prompt logprobs gathered so far
+	stop    map[int32]bool
+}
+
+// Stats are an engine's counters.
+type Stats struct {
+	Running, Waiting        int
+	BlocksTotal, BlocksFree int
+	BlockSize               int
+	Preemptions             int64
+	Steps, Tokens           int64
+	StepErrors              int64
+	LastStep                time.Duration
+}
+
+// Engine runs the continuous-batching loop of one replica. Safe for
+// concurrent use.
+type Engine struct {
+	exec     Executor
+	timeout  time.Duration
+	mu       sync.Mutex
+	sched    *Scheduler
+	byID     map[string]*Seq
+	wake     chan struct{}
+	closed   bool
+	steps    atomic.Int64
+	tokens   atomic.Int64
+	errs     atomic.Int64
+	lastStep atomic.Int64
+	// OnStepError, when set, is called (outside the lock) after a failed
+	// step; the engine has already sent its running sequences back to the
+	// queue.
+	OnStepError func(error)
+}
+
+// NewEngine makes an engine over a pool of numBlocks KV blocks.
+func NewEngine(exec Executor, cfg SchedulerConfig, numBlocks, blockSize int) *Engine {
+	return &Engine{exec: exec, timeout: 60 * time.Second,
+		sched: NewScheduler(cfg, kvcache.NewBlockManager(numBlocks, blockSize)),
+		byID:  map[string]*Seq{}, wake: make(chan struct{}, 1)}
+}
+
+// SetStepTimeout bounds each executor call (default 60 s).
+func (e *Engine) SetStepTimeout(d time.Duration) { e.timeout = d }
+
+// Fits reports whether a request of maxLen tokens could ever run here.
+func (e *Engine) Fits(maxLen int) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.sched.Fits(maxLen)
+}
+
+// Submit queues a request and returns its stream.
+func (e *Engine) Submit(r *Request) (*Stream, error) {
+	st := &reqState{req: r, stream: newStream(), sampler: sampling.New(r.Sampling), stop: map[int32]bool{}}
+	for _, id := range r.StopIDs {
+		st.stop[id] = true
+	}
+	if r.PromptLogprobs {
+		st.plp = make([]float32, len(r.Prompt))
+		for i := range st.plp {
+			st.plp[i] = float32(math.NaN())
+		}
+	}
+	q := &Seq{ID: kvcache.SeqID(seqIDs.Add(1)), Tokens: slices.Clone(r.Prompt), NumPrompt: len(r.Prompt),
+		MaxLen: len(r.Prompt) + r.MaxTokens, Payload: st}
+	if err := e.adopt(q); err != nil {
+		return nil, err
+	}
+	return st.stream, nil
+}
+
+func (e *Engine) adopt(q *Seq) error {
+	st := q.Payload.(*reqState)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return ErrClosed
+	}
+	if _, dup := e.byID[st.req.ID]; dup {
+		return fmt.Errorf("%w: %q", ErrDuplicate, st.req.ID)
+	}
+	if err := e.sched.Add(q); err != nil {
+		return err
+	}
+	e.byID[st.req.ID] = q
+	e.poke()
+	return nil
+}
+
+// Adopt takes over sequences drained from another engine (their KV is
+// recomputed here); those that cannot be queued end with an error.
+func (e *Engine) Adopt(seqs []*Seq) {
+	for _, q := range seqs {
+		if err := e.adopt(q); err != nil {
+			q.Payload.(*reqState).stream.finish(Event{Finish: "error", Err: err, MatchedStop: -1})
+		}
+	}
+}
+
+// Has reports whether a request id is queued or running here.
+func (e *Engine) Has(id string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, ok := e.byID[id]
+	return ok
+}
+
+// Abort ends a request with finish reason "abort" and frees its blocks at
+// once. It reports whether the request was here.
+func (e *Engine) Abort(id string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	q, ok := e.byID[id]
+	if !ok {
+		return false
+	}
+	e.end(q, Event{Finish: "abort", MatchedStop: -1})
+	return true
+}
+
+// end removes q and sends its final event; e.mu is held.
+func (e *Engine) end(q *Seq, ev Event) {
+	st := q.Payload.(*reqState)
+	e.sched.Remove(q)
+	delete(e.byID, st.req.ID)
+	ev.PromptLogprobs = st.plp
+	ev.Preemptions = q.Preemptions
+	st.stream.finish(ev)
+}
+
+// Close stops the engine and returns its sequences (for Adopt elsewhere).
+func (e *Engine) Close() []*Seq {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.closed = true
+	seqs := e.sched.Drain()
+	clear(e.byID)
+	e.poke()
+	return seqs
+}
+
+// Fail ends every request here with err.
+func (e *Engine) Fail(err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, q := range e.sched.Drain() {
+		st := q.Payload.(*reqState)
+		delete(e.byID, st.req.ID)
+		st.stream.finish(Event{Finish: "error", Err: err, MatchedStop: -1, Preemptions: q.Preemptions})
+	}
+}
+
+func (e *Engine) poke() {
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Stats reads the counters.
+func (e *Engine) Stats() Stats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	bm := e.sched.Blocks()
+	r, w := e.sched.Len()
+	return Stats{Running: r, Waiting: w, BlocksTotal: bm.NumFree() + bm.NumUsed(), BlocksFree: bm.NumFree(),
+		BlockSize: bm.BlockSize(), Preemptions: e.sched.Preemptions(), Steps: e.steps.Load(), Tokens: e.tokens.Load(),
+		StepErrors: e.errs.Load(), LastStep: time.Duration(e.lastStep.Load())}
+}
+
+// Load is the number of sequences here (for routing).
+func (e *Engine) Load() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	r, w := e.sched.Len()
+	return r + w
+}
+
+// Run drives steps until ctx ends or the engine is closed.
+func (e *Engine) Run(ctx context.Context) {
+	backoff := 50 * time.Millisecond
+	for {
+		e.mu.Lock()
+		if e.closed {
+			e.mu.Unlock()
+			return
+		}
+		plan := e.sched.Schedule()
+		batch := e.batch(plan)
+		e.mu.Unlock()
+		if len(plan.Items) == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-e.wake:
+			}
+			continue
+		}
+		sctx, cancel := context.WithTimeout(ctx, e.timeout)
+		t0 := time.Now()
+		res, err := e.exec.Step(sctx, batch)
+		cancel()
+		if err == nil && len(res.Seqs) != len(batch.Seqs) {
+			err = fmt.Errorf("routing: executor returned %d results for %d sequences", len(res.Seqs), len(batch.Seqs))
+		}
+		if err != nil {
+			e.errs.Add(1)
+			e.mu.Lock()
+			e.sched.PreemptAll()
+			e.mu.Unlock()
+			if e.OnStepError != nil {
+				e.OnStepError(err)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 2*time.Second)
+			continue
+		}
+		backoff = 50 * time.Millisecond
+		e.lastStep.Store(int64(time.Since(t0)))
+		e.steps.Add(1)
+		e.mu.Lock()
+		e.apply(plan, res)
+		e.mu.Unlock()
+	}
+}
+
+func (e *Engine) batch(p *Plan) *StepBatch {
+	b := &StepBatch{Seqs: make([]StepSeq, len(p.Items))}
+	for i, it := range p.Items {
+		st := it.Seq.Payload.(*reqState)
+		s := StepSeq{ID: uint64(it.Seq.ID), Tokens: it.Tokens, Start: it.Start, Blocks: it.Blocks, Sample: it.Sample}
+		if it.Sample {
+			s.TopN = max(1, st.req.Logprobs)
+			s.FullRow = !st.plainGreedy(it.Seq)
+		}
+		if st.req.PromptLogprobs && it.Start < it.Seq.NumPrompt {
+			s.PromptTargets = make([]int32, len(it.Tokens))
+			for j := range s.PromptTargets {
+				pos := it.Start + j
+				s.PromptTargets[j] = -1
+				if pos+1 < it.Seq.NumPrompt && math.IsNaN(float64(st.plp[pos+1])) {
+					s.PromptTargets[j] = it.Seq.Tokens[pos+1]
+				}
+			}
+		}
+		b.Seqs[i] = s
+	}
+	return b
+}
+
+// plainGreedy: the arg-max of the raw row decides (no penalties, nothing
+// suppressed), so the top candidate is enough.
+func (st *reqState) plainGreedy(q *Seq) bool {
+	return st.req.Sampling.Greedy() && !st.req.Sampling.Penalized() && (q.Generated() >= st.req.MinTokens || len(st.stop) == 0)
+}
+
+func (e *Engine) apply(p *Plan, res *StepResult) {
+	e.sched.Advance(p)
+	for i, it := range p.Items {
+		q := it.Seq
+		if !q.Running() {
+			continue // aborted during the step
+		}
+		st := q.Payload.(*reqState)
+		r := res.Seqs[i]
+		for j, lp := range r.PromptLogprobs {
+			if pos := it.Start + j + 1; pos < len(st.plp) && j < len(it.Tokens) && !math.IsNaN(float64(lp)) {
+				st.plp[pos] = lp
+			}
+		}
+		if !it.Sample {
+			continue
+		}
+		tok, lp, err := st.choose(q, &r)
+		if err != nil {
+			e.end(q, Event{Finish: "error", Err: err, MatchedStop: -1})
+			continue
+		}
+		e.tokens.Add(1)
+		q.Tokens = append(q.Tokens, tok)
+		var lps []TokenLogprob
+		if lp != nil {
+			lps = []TokenLogprob{*lp}
+		}
+		st.stream.push([]int32{tok}, lps)
+		switch {
+		case st.stop[tok]:
+			e.end(q, Event{Finish: "stop", MatchedStop: tok})
+		case q.Generated() >= st.req.MaxTokens || len(q.Tokens) >= q.MaxLen:
+			e.end(q, Event{Finish: "length", MatchedStop: -1})
+		}
+	}
+}
+
+// choose picks the next token from a step's output.
+func (st *reqState) choose(q *Seq, r *SeqResult) (int32, *TokenLogprob, error) {
+	var tok int32
+	var raw float32
+	if len(r.Row) > 0 {
+		ctx := sampling.Context{Prompt: q.Tokens[:q.NumPrompt], Output: q.Tokens[q.NumPrompt:]}
+		if q.Generated() < st.req.MinTokens {
+			ctx.Suppress = st.req.StopIDs
+		}
+		var keep []float32
+		if st.req.Logprobs >= 0 {
+			keep = slices.Clone(r.Row)
+		}
+		tok = st.sampler.Sample(r.Row, ctx)
+		if int(tok) < 0 || int(tok) >= len(r.Row) {
+			return 0, nil, fmt.Errorf("routing: sampler chose %d of %d", tok, len(r.Row))
+		}
+		if keep != nil {
+			raw = keep[tok]
+		}
+	} else {
+		if len(r.Candidates) == 0 {
+			return 0, nil, errors.New("routing: executor returned no candidates")
+		}
+		tok, raw = r.Candidates[0].ID, r.Candidates[0].Logit
+	}
+	if st.req.Logprobs < 0 {
+		return tok, nil, nil
+	}
+	lp := &TokenLogprob{ID: tok, Logprob: float32(float64(raw) - r.LogSumExp)}
+	for _, c := range r.Candidates[:min(st.req.Logprobs, len(r.Candidates))] {
+		lp.Top = append(lp.Top, sampling.Candidate{ID: c.ID, Logit: c.Logit, Logprob: float32(float64(c.Logit) - r.LogSumExp)})
+	}
+	return tok, lp, nil
+}

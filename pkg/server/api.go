@@ -1,0 +1,523 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/sampling"
+	"github.com/qwenfleet/qwenfleet/pkg/tokenizer"
+	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
+)
+
+// Limits on request fields.
+const (
+	MaxStopStrings   = 16
+	MaxStopLen       = 256
+	MaxStopTokenIDs  = 64
+	MaxLogprobs      = 20
+	MaxRequestIDLen  = 256
+	MaxChatMessages  = 1024
+	DefaultMaxTokens = 16384
+)
+
+// Version is reported by GetServerInfo.
+const Version = "0.4.0"
+
+var requestIDs atomic.Uint64
+
+// GeneratorService implements the public API over a Coordinator.
+type GeneratorService struct {
+	pb.UnimplementedGeneratorServer
+	c *Coordinator
+}
+
+// NewGeneratorService serves c.
+func NewGeneratorService(c *Coordinator) *GeneratorService { return &GeneratorService{c: c} }
+
+func invalid(field, format string, args ...any) error {
+	return status.Errorf(codes.InvalidArgument, "%s: %s", field, fmt.Sprintf(format, args...))
+}
+
+func (s *GeneratorService) serving() error {
+	c := s.c
+	if !c.IsLeader() {
+		leader, _ := c.opts.Store.Leader(context.Background())
+		return status.Errorf(codes.Unavailable, "this coordinator is a standby; the leader is at %q", leader)
+	}
+	return nil
+}
+
+// prompt turns the request's input into ids.
+func (s *GeneratorService) prompt(req interface {
+	GetText() string
+	GetChat() *pb.ChatInput
+}, ids []int32, hasIDs bool) ([]int32, error) {
+	c := s.c
+	switch {
+	case hasIDs:
+		if len(ids) == 0 {
+			return nil, invalid("token_ids", "empty")
+		}
+		for i, id := range ids {
+			if id < 0 || int(id) >= c.cfg.VocabSize {
+				return nil, invalid(fmt.Sprintf("token_ids[%d]", i), "%d is not in the vocabulary of %d", id, c.cfg.VocabSize)
+			}
+		}
+		return ids, nil
+	case req.GetChat() != nil:
+		if c.tok == nil {
+			return nil, status.Error(codes.FailedPrecondition, "chat: the model has no tokenizer.json; send token_ids")
+		}
+		ch := req.GetChat()
+		if len(ch.Messages) == 0 {
+			return nil, invalid("chat.messages", "empty")
+		}
+		if len(ch.Messages) > MaxChatMessages {
+			return nil, invalid("chat.messages", "%d messages (at most %d)", len(ch.Messages), MaxChatMessages)
+		}
+		msgs := make([]tokenizer.Message, len(ch.Messages))
+		for i, m := range ch.Messages {
+			msgs[i] = tokenizer.Message{Role: m.Role, Content: m.Content}
+		}
+		out, err := c.tok.EncodeChat(msgs, ch.AddGenerationPrompt == nil || *ch.AddGenerationPrompt)
+		if err != nil {
+			return nil, invalid("chat.messages", "%v", err)
+		}
+		return out, nil
+	default:
+		text := req.GetText()
+		if text == "" {
+			return nil, invalid("input", "empty: give text, chat or token_ids")
+		}
+		if c.tok == nil {
+			return nil, status.Error(codes.FailedPrecondition, "text: the model has no tokenizer.json; send token_ids")
+		}
+		return c.tok.Encode(text), nil
+	}
+}
+
+// request validates a GenerateRequest into a routing request.
+func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, error) {
+	c := s.c
+	if req.Model != "" && req.Model != c.opts.ModelName && req.Model != c.opts.ModelDir {
+		return nil, status.Errorf(codes.NotFound, "model: %q is not loaded (this cluster serves %q)", req.Model, c.opts.ModelName)
+	}
+	if len(req.RequestId) > MaxRequestIDLen {
+		return nil, invalid("request_id", "%d bytes (at most %d)", len(req.RequestId), MaxRequestIDLen)
+	}
+	ids, err := s.prompt(req, req.GetTokenIds().GetIds(), req.GetTokenIds() != nil)
+	if err != nil {
+		return nil, err
+	}
+	ctxLen := c.cfg.MaxContext()
+	if len(ids) >= ctxLen {
+		return nil, invalid("prompt", "%d tokens leave no room in the context of %d", len(ids), ctxLen)
+	}
+	p := sampling.Params{Temperature: 1, TopP: 1, RepetitionPenalty: 1}
+	if req.Temperature != nil {
+		p.Temperature = *req.Temperature
+	}
+	if req.TopP != nil {
+		p.TopP = *req.TopP
+		if p.TopP == 0 {
+			return nil, invalid("top_p", "0 is outside (0, 1]")
+		}
+	}
+	if req.TopK != nil {
+		p.TopK = int(*req.TopK)
+	}
+	if req.MinP != nil {
+		p.MinP = *req.MinP
+	}
+	if req.RepetitionPenalty != nil {
+		p.RepetitionPenalty = *req.RepetitionPenalty
+		if p.RepetitionPenalty == 0 {
+			return nil, invalid("repetition_penalty", "must be > 0, got 0")
+		}
+	}
+	if req.PresencePenalty != nil {
+		p.PresencePenalty = *req.PresencePenalty
+	}
+	if req.FrequencyPenalty != nil {
+		p.FrequencyPenalty = *req.FrequencyPenalty
+	}
+	if req.Seed != nil {
+		p.Seed, p.HasSeed = uint64(*req.Seed), true
+	}
+	p.Normalize()
+	if err := p.Validate(); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	room := ctxLen - len(ids)
+	r := &routing.Request{ID: req.RequestId, Prompt: ids, Sampling: p, MaxTokens: min(room, DefaultMaxTokens), Logprobs: -1,
+		PromptLogprobs: req.PromptLogprobs}
+	if req.MaxTokens != nil {
+		n := int(*req.MaxTokens)
+		if n < 1 {
+			return nil, invalid("max_tokens", "must be >= 1, got %d", n)
+		}
+		if n > room {
+			return nil, invalid("max_tokens", "%d + %d prompt tokens exceed the context of %d", n, len(ids), ctxLen)
+		}
+		r.MaxTokens = n
+	}
+	if req.MinTokens != nil {
+		n := int(*req.MinTokens)
+		if n < 0 || n > r.MaxTokens {
+			return nil, invalid("min_tokens", "%d is outside [0, max_tokens=%d]", n, r.MaxTokens)
+		}
+		r.MinTokens = n
+	}
+	if len(req.Stop) > MaxStopStrings {
+		return nil, invalid("stop", "%d stop strings (at most %d)", len(req.Stop), MaxStopStrings)
+	}
+	for i, st := range req.Stop {
+		if st == "" || len(st) > MaxStopLen {
+			return nil, invalid(fmt.Sprintf("stop[%d]", i), "must be 1 to %d bytes, got %d", MaxStopLen, len(st))
+		}
+	}
+	if len(req.Stop) > 0 && c.tok == nil {
+		return nil, status.Error(codes.FailedPrecondition, "stop: the model has no tokenizer.json to match stop strings with")
+	}
+	if len(req.StopTokenIds) > MaxStopTokenIDs {
+		return nil, invalid("stop_token_ids", "%d ids (at most %d)", len(req.StopTokenIds), MaxStopTokenIDs)
+	}
+	for i, id := range req.StopTokenIds {
+		if id < 0 || int(id) >= c.cfg.VocabSize {
+			return nil, invalid(fmt.Sprintf("stop_token_ids[%d]", i), "%d is not in the vocabulary of %d", id, c.cfg.VocabSize)
+		}
+		r.StopIDs = append(r.StopIDs, id)
+	}
+	if !req.IgnoreEos {
+		r.StopIDs = append(r.StopIDs, c.eosIDs()...)
+	}
+	if req.Logprobs != nil {
+		n := int(*req.Logprobs)
+		if n < 0 || n > MaxLogprobs {
+			return nil, invalid("logprobs", "%d is outside [0, %d]", n, MaxLogprobs)
+		}
+		r.Logprobs = n
+	}
+	if err := c.router.Fits(len(ids) + r.MaxTokens); err != nil && !errors.Is(err, routing.ErrNoReplica) {
+		return nil, invalid("max_tokens", "%v (ask for fewer tokens)", err)
+	}
+	if r.ID == "" {
+		r.ID = fmt.Sprintf("req-%d-%d", time.Now().UnixNano(), requestIDs.Add(1))
+	}
+	return r, nil
+}
+
+func (c *Coordinator) eosIDs() []int32 {
+	var out []int32
+	for _, id := range c.cfg.EosTokenIDs {
+		if id >= 0 && id < c.cfg.VocabSize {
+			out = append(out, int32(id))
+		}
+	}
+	if c.tok != nil {
+		for _, id := range c.tok.StopIDs() {
+			if int(id) < c.cfg.VocabSize {
+				out = append(out, id)
+			}
+		}
+	}
+	return out
+}
+
+func submitError(err error) error {
+	switch {
+	case errors.Is(err, routing.ErrQueueFull):
+		return status.Error(codes.ResourceExhausted, err.Error())
+	case errors.Is(err, routing.ErrDuplicate):
+		return status.Errorf(codes.AlreadyExists, "request_id: %v", err)
+	case errors.Is(err, routing.ErrTooLong):
+		return status.Errorf(codes.InvalidArgument, "max_tokens: %v", err)
+	case errors.Is(err, routing.ErrNoReplica), errors.Is(err, routing.ErrClosed):
+		return status.Error(codes.Unavailable, err.Error())
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+// Generate streams one request.
+func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_GenerateServer) error {
+	if err := s.serving(); err != nil {
+		return err
+	}
+	r, err := s.request(req)
+	if err != nil {
+		return err
+	}
+	stream, err := s.c.router.Submit(r)
+	if err != nil {
+		return submitError(err)
+	}
+	ctx := out.Context()
+	g := newGenState(s.c, r, req)
+	for {
+		ev, err := stream.Recv(ctx)
+		if err != nil {
+			// The client went away (or its deadline passed): free at once.
+			s.c.router.Abort(r.ID)
+			return status.FromContextError(err).Err()
+		}
+		chunk, done := g.add(ev)
+		if done && !ev.Done {
+			s.c.router.Abort(r.ID) // a stop string matched
+		}
+		if chunk != nil {
+			if err := out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Chunk{Chunk: chunk}}); err != nil {
+				s.c.router.Abort(r.ID)
+				return err
+			}
+		}
+		if done || ev.Done {
+			if ev.Err != nil && g.finish == "" {
+				return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Error{Error: &pb.GenerateError{
+					Code: codes.Internal.String(), Message: ev.Err.Error()}}})
+			}
+			return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Complete{Complete: g.complete(ev)}})
+		}
+	}
+}
+
+// genState turns engine events into chunks: detokenizes, matches stop
+// strings (holding back text that could start one), counts usage.
+type genState struct {
+	c        *Coordinator
+	r        *routing.Request
+	detok    *tokenizer.Detokenizer
+	stops    []string
+	holdBack int
+	text     strings.Builder // all text so far
+	sent     int             // bytes of text sent
+	n        int             // tokens generated
+	finish   string
+	matched  string
+	plp      []float32
+	preempt  int
+}
+
+func newGenState(c *Coordinator, r *routing.Request, req *pb.GenerateRequest) *genState {
+	g := &genState{c: c, r: r, stops: req.Stop}
+	if c.tok != nil {
+		g.detok = c.tok.NewDetokenizer(req.SkipSpecialTokens == nil || *req.SkipSpecialTokens)
+	}
+	for _, st := range g.stops {
+		g.holdBack = max(g.holdBack, len(st)-1)
+	}
+	return g
+}
+
+func (g *genState) add(ev routing.Event) (*pb.GenerateChunk, bool) {
+	ch := &pb.GenerateChunk{}
+	stopped := false
+	for i, id := range ev.Tokens {
+		g.n++
+		ch.TokenIds = append(ch.TokenIds, id)
+		if i < len(ev.Logprobs) {
+			ch.Logprobs = append(ch.Logprobs, g.logprob(ev.Logprobs[i]))
+		}
+		if g.detok != nil {
+			piece, _ := g.detok.Add(id)
+			g.text.WriteString(piece)
+		}
+		if len(g.stops) > 0 {
+			if at, st := g.findStop(); at >= 0 {
+				g.finish, g.matched, stopped = "stop", st, true
+				full := g.text.String()[:at]
+				g.text.Reset()
+				g.text.WriteString(full)
+				break
+			}
+		}
+	}
+	if ev.Done && !stopped && g.detok != nil {
+		g.text.WriteString(g.detok.Flush())
+	}
+	full := g.text.String()
+	end := len(full)
+	if !ev.Done && !stopped {
+		end = max(g.sent, len(full)-g.holdBack)
+		for end > g.sent && end < len(full) && !utf8Start(full[end]) {
+			end--
+		}
+	}
+	ch.Text = full[g.sent:end]
+	g.sent = end
+	ch.Usage = g.usage()
+	if ev.Done {
+		g.plp, g.preempt = ev.PromptLogprobs, ev.Preemptions
+		if g.finish == "" {
+			g.finish = ev.Finish
+			if ev.MatchedStop >= 0 {
+				g.matched = strconv.Itoa(int(ev.MatchedStop))
+			}
+		}
+	}
+	if len(ch.TokenIds) == 0 && ch.Text == "" {
+		ch = nil
+	}
+	return ch, stopped
+}
+
+func utf8Start(b byte) bool { return b&0xC0 != 0x80 }
+
+// findStop looks for a stop string in the text not yet sent (a match may
+// begin up to holdBack bytes before it).
+func (g *genState) findStop() (int, string) {
+	full := g.text.String()
+	from := max(0, g.sent-g.holdBack)
+	best, bestStop := -1, ""
+	for _, st := range g.stops {
+		if i := strings.Index(full[from:], st); i >= 0 && (best < 0 || from+i < best) {
+			best, bestStop = from+i, st
+		}
+	}
+	return best, bestStop
+}
+
+func (g *genState) logprob(lp routing.TokenLogprob) *pb.TokenLogprob {
+	out := &pb.TokenLogprob{TokenId: lp.ID, Logprob: lp.Logprob}
+	for _, t := range lp.Top {
+		tl := &pb.TopLogprob{TokenId: t.ID, Logprob: t.Logprob}
+		if g.c.tok != nil {
+			tl.Token, _ = g.c.tok.Decode([]int32{t.ID}, false)
+		}
+		out.Top = append(out.Top, tl)
+	}
+	return out
+}
+
+func (g *genState) usage() *pb.Usage {
+	p := int32(len(g.r.Prompt))
+	return &pb.Usage{PromptTokens: p, CompletionTokens: int32(g.n), TotalTokens: p + int32(g.n)}
+}
+
+func (g *genState) complete(ev routing.Event) *pb.GenerateComplete {
+	c := &pb.GenerateComplete{FinishReason: g.finish, Usage: g.usage(), MatchedStop: g.matched, Preemptions: int32(g.preempt)}
+	if g.r.PromptLogprobs {
+		for i, id := range g.r.Prompt {
+			pl := &pb.PromptLogprob{TokenId: id}
+			if i > 0 && i < len(g.plp) && !math.IsNaN(float64(g.plp[i])) {
+				v := g.plp[i]
+				pl.Logprob = &v
+			}
+			c.PromptLogprobs = append(c.PromptLogprobs, pl)
+		}
+	}
+	return c
+}
+
+// Abort ends a request by id.
+func (s *GeneratorService) Abort(ctx context.Context, req *pb.AbortRequest) (*pb.AbortResponse, error) {
+	if req.RequestId == "" {
+		return nil, invalid("request_id", "empty")
+	}
+	return &pb.AbortResponse{Found: s.c.router.Abort(req.RequestId)}, nil
+}
+
+// Tokenize encodes text or chat.
+func (s *GeneratorService) Tokenize(ctx context.Context, req *pb.TokenizeRequest) (*pb.TokenizeResponse, error) {
+	ids, err := s.prompt(req, nil, false)
+	if err != nil {
+		return nil, err
+	}
+	out := &pb.TokenizeResponse{Ids: ids}
+	for _, id := range ids {
+		t, _ := s.c.tok.Decode([]int32{id}, false)
+		out.Tokens = append(out.Tokens, t)
+	}
+	return out, nil
+}
+
+// GetModelInfo describes the served model.
+func (s *GeneratorService) GetModelInfo(ctx context.Context, _ *pb.GetModelInfoRequest) (*pb.ModelInfo, error) {
+	cfg := s.c.cfg
+	return &pb.ModelInfo{Name: s.c.opts.ModelName, ModelType: cfg.ModelType, VocabSize: int32(cfg.VocabSize),
+		MaxContext: int32(min(cfg.MaxContext(), math.MaxInt32)), HiddenSize: int32(cfg.HiddenSize), NumLayers: int32(cfg.NumHiddenLayers),
+		NumAttentionHeads: int32(cfg.NumAttentionHeads), NumKeyValueHeads: int32(cfg.NumKeyValueHeads), NumExperts: int32(cfg.NumExperts),
+		NumParameters: model.NumParams(cfg), Dtype: cfg.TorchDtype, HasTokenizer: s.c.tok != nil, EosTokenIds: s.c.eosIDs()}, nil
+}
+
+// GetServerInfo reports workers, placement, leadership and scheduler state.
+func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInfoRequest) (*pb.ServerInfo, error) {
+	c := s.c
+	info := &pb.ServerInfo{Version: Version, CoordinatorId: c.opts.ID, Leader: c.IsLeader(),
+		UptimeSeconds: time.Since(c.started).Seconds(), EtcdEndpoints: c.opts.EtcdEndpoints}
+	lctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	info.LeaderAddress, _ = c.opts.Store.Leader(lctx)
+	ws, err := c.opts.Store.ListWorkers(lctx)
+	cancel()
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "etcd: %v", err)
+	}
+	c.mu.Lock()
+	for _, w := range ws {
+		state := w.State
+		if r, ok := c.replicas[w.ID]; ok && info.Leader {
+			state = r.state
+		}
+		info.Workers = append(info.Workers, &pb.WorkerStatus{Id: w.ID, Address: w.Addr, Pid: int32(w.PID), State: state,
+			Backend: w.Backend, MemoryBytes: w.MemoryBytes, Host: w.Host})
+	}
+	p := c.placement
+	c.mu.Unlock()
+	info.Placement = &pb.Placement{Version: p.Version, Model: p.Model}
+	for _, r := range p.Replicas {
+		info.Placement.Replicas = append(info.Placement.Replicas, &pb.Placement_Replica{Index: int32(r.Index), Workers: r.Workers,
+			LayersBegin: int32(r.LayersBegin), LayersEnd: int32(r.LayersEnd)})
+	}
+	st := c.router.Stats()
+	info.Scheduler = &pb.SchedulerStats{Running: int32(st.Running), Waiting: int32(st.Waiting), KvBlocksTotal: int32(st.BlocksTotal),
+		KvBlocksFree: int32(st.BlocksFree), KvBlockSize: int32(st.BlockSize), Preemptions: st.Preemptions, Steps: st.Steps, GeneratedTokens: st.Tokens}
+	switch {
+	case !info.Leader:
+		info.NotReadyReason = "standby coordinator (leader: " + info.LeaderAddress + ")"
+	case len(c.router.Replicas()) == 0:
+		info.NotReadyReason = fmt.Sprintf("no replica ready (%d workers registered)", len(ws))
+	default:
+		info.Ready = true
+	}
+	return info, nil
+}
+
+// HealthCheck runs a one-token greedy generation end to end.
+func (s *GeneratorService) HealthCheck(ctx context.Context, _ *pb.HealthCheckRequest) (*pb.HealthCheckResponse, error) {
+	if err := s.serving(); err != nil {
+		return &pb.HealthCheckResponse{Healthy: false, Message: status.Convert(err).Message()}, nil
+	}
+	t0 := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	r := &routing.Request{ID: fmt.Sprintf("health-%d", requestIDs.Add(1)), Prompt: []int32{0}, MaxTokens: 1, Logprobs: -1,
+		Sampling: sampling.Params{TopP: 1, RepetitionPenalty: 1}}
+	stream, err := s.c.router.Submit(r)
+	if err != nil {
+		return &pb.HealthCheckResponse{Healthy: false, Message: err.Error()}, nil
+	}
+	for {
+		ev, err := stream.Recv(ctx)
+		if err != nil {
+			s.c.router.Abort(r.ID)
+			return &pb.HealthCheckResponse{Healthy: false, Message: "generation did not finish: " + err.Error()}, nil
+		}
+		if ev.Done {
+			ms := float64(time.Since(t0).Microseconds()) / 1000
+			if ev.Err != nil || ev.Finish != "length" {
+				return &pb.HealthCheckResponse{Healthy: false, Message: fmt.Sprintf("generation ended with %s: %v", ev.Finish, ev.Err), LatencyMs: ms}, nil
+			}
+			return &pb.HealthCheckResponse{Healthy: true, Message: "generated one token", LatencyMs: ms}, nil
+		}
+	}
+}

@@ -1,0 +1,177 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/routing"
+)
+
+// The flag sets of the two commands live here so that the coordinator
+// binary can run as a worker too (RoleEnv).
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func newLogger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %q is not debug, info, warn or error", level)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+}
+
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+func parseFlags(fs *flag.FlagSet, args []string) int {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(os.Stdout)
+			fs.PrintDefaults()
+			return 0
+		}
+		fmt.Fprintf(os.Stderr, "%s: %v\n", fs.Name(), err)
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+		return 2
+	}
+	return -1
+}
+
+// WorkerMain is cmd/worker's main; it returns the exit code.
+func WorkerMain(args []string) int {
+	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
+	etcd := fs.String("etcd-endpoints", "", "etcd endpoints, comma separated (required)")
+	prefix := fs.String("prefix", "/qwenfleet/", "etcd key prefix")
+	listen := fs.String("listen", "127.0.0.1:0", "gRPC listen address")
+	advertise := fs.String("advertise", "", "address the coordinator dials (default: the bound address)")
+	id := fs.String("id", "", "worker id (default: host-pid)")
+	threads := fs.Int("threads", 0, "CPU threads (0: all)")
+	kernels := fs.String("kernels", "", "CPU kernel set: generic, avx2, avx512 (default: best)")
+	kv := fs.String("kv-cache", "512MiB", "KV pool size when the coordinator names none")
+	mem := fs.String("memory", "0", "memory budget reported to the planner")
+	gossipFast := fs.Bool("gossip-fast", true, "sub-second gossip failure detection (loopback/LAN)")
+	level := fs.String("log-level", "info", "debug, info, warn or error")
+	if rc := parseFlags(fs, args); rc >= 0 {
+		return rc
+	}
+	fail := func(format string, a ...any) int { fmt.Fprintf(os.Stderr, "worker: "+format+"\n", a...); return 2 }
+	if *threads < 0 || *threads > cpu.MaxThreads {
+		return fail("--threads: %d is outside [0, %d]", *threads, cpu.MaxThreads)
+	}
+	kvBytes, err := ParseBytes(*kv)
+	if err != nil {
+		return fail("--kv-cache: %v", err)
+	}
+	memBytes, err := ParseBytes(*mem)
+	if err != nil {
+		return fail("--memory: %v", err)
+	}
+	log, err := newLogger(*level)
+	if err != nil {
+		return fail("%v", err)
+	}
+	ctx, cancel := signalContext()
+	defer cancel()
+	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
+		ID: *id, Threads: *threads, Kernels: *kernels, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast, Logger: log})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "worker: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// CoordinatorMain is cmd/coordinator's main; it returns the exit code.
+func CoordinatorMain(args []string) int {
+	fs := flag.NewFlagSet("coordinator", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:50051", "public gRPC address")
+	modelDir := fs.String("model", "", "model directory in HuggingFace layout (default: a demo model made under --data-dir)")
+	dataDir := fs.String("data-dir", "", "embedded etcd data and the demo model (default: the user cache dir /qwenfleet)")
+	localWorkers := fs.Int("local-workers", 1, "worker processes to start on this machine")
+	etcd := fs.String("etcd-endpoints", "", "external etcd endpoints, comma separated (default: embedded etcd)")
+	prefix := fs.String("prefix", "/qwenfleet/", "etcd key prefix")
+	id := fs.String("id", "", "coordinator id (default: from --listen)")
+	threads := fs.Int("worker-threads", 0, "CPU threads of each local worker (0: all)")
+	kv := fs.String("kv-cache", "0", "KV pool asked of each worker (0: the worker's default, 512MiB)")
+	blocks := fs.Int64("kv-blocks", 0, "KV pool size in blocks (overrides --kv-cache)")
+	blockSize := fs.Int("block-size", 16, "tokens per KV block")
+	batchTokens := fs.Int("max-batch-tokens", 512, "tokens computed per step (prefill chunks + decodes)")
+	maxRunning := fs.Int("max-running", 64, "sequences decoding together")
+	maxWaiting := fs.Int("max-waiting", 1024, "queued requests before RESOURCE_EXHAUSTED")
+	leaderTTL := fs.Duration("leader-ttl", 5*time.Second, "leader session TTL: a standby takes over this long after the leader dies")
+	level := fs.String("log-level", "info", "debug, info, warn or error")
+	if rc := parseFlags(fs, args); rc >= 0 {
+		return rc
+	}
+	fail := func(format string, a ...any) int { fmt.Fprintf(os.Stderr, "coordinator: "+format+"\n", a...); return 2 }
+	switch {
+	case *localWorkers < 0 || *localWorkers > 64:
+		return fail("--local-workers: %d is outside [0, 64]", *localWorkers)
+	case *threads < 0 || *threads > cpu.MaxThreads:
+		return fail("--worker-threads: %d is outside [0, %d]", *threads, cpu.MaxThreads)
+	case *blockSize < 1 || *blockSize > 1024:
+		return fail("--block-size: %d is outside [1, 1024]", *blockSize)
+	case *batchTokens < 1:
+		return fail("--max-batch-tokens: must be >= 1")
+	case *maxRunning < 1:
+		return fail("--max-running: must be >= 1")
+	case *maxWaiting < 0:
+		return fail("--max-waiting: must be >= 0")
+	case *blocks < 0:
+		return fail("--kv-blocks: must be >= 0")
+	case *leaderTTL < time.Second:
+		return fail("--leader-ttl: must be >= 1s")
+	}
+	kvBytes, err := ParseBytes(*kv)
+	if err != nil {
+		return fail("--kv-cache: %v", err)
+	}
+	if *modelDir != "" {
+		if _, err := os.Stat(*modelDir + "/config.json"); err != nil {
+			return fail("--model: %s has no config.json", *modelDir)
+		}
+	}
+	log, err := newLogger(*level)
+	if err != nil {
+		return fail("%v", err)
+	}
+	var wargs []string
+	if *threads > 0 {
+		wargs = append(wargs, "--threads", fmt.Sprint(*threads))
+	}
+	wargs = append(wargs, "--log-level", *level)
+	ctx, cancel := signalContext()
+	defer cancel()
+	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
+		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
+		LeaderTTL: *leaderTTL, GossipFast: true, Logger: log,
+		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
+	if err != nil && ctx.Err() == nil {
+		fmt.Fprintf(os.Stderr, "coordinator: %v\n", err)
+		return 1
+	}
+	return 0
+}

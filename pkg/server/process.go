@@ -1,0 +1,377 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/qwenfleet/qwenfleet"
+	"github.com/qwenfleet/qwenfleet/pkg/cluster"
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
+	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
+)
+
+// RoleEnv, set to "worker", makes the coordinator binary run as a worker:
+// that is how it starts local workers as separate processes without a
+// second binary.
+const RoleEnv = "QWENFLEET_ROLE"
+
+// WorkerProcessOptions configure RunWorker.
+type WorkerProcessOptions struct {
+	EtcdEndpoints []string
+	Prefix        string
+	Listen        string // default 127.0.0.1:0
+	Advertise     string // default: the bound address
+	ID            string // default host-pid
+	Threads       int
+	Kernels       string
+	KVCacheBytes  int64
+	MemoryBytes   int64
+	LeaseTTL      time.Duration
+	GossipBind    string // default: the listen host
+	GossipFast    bool
+	Logger        *slog.Logger
+}
+
+// RunWorker serves the worker API, registered in etcd, until ctx ends.
+func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
+	log := o.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if len(o.EtcdEndpoints) == 0 {
+		return errors.New("--etcd-endpoints: required")
+	}
+	if o.Listen == "" {
+		o.Listen = "127.0.0.1:0"
+	}
+	host, _ := os.Hostname()
+	if o.ID == "" {
+		o.ID = fmt.Sprintf("%s-%d", host, os.Getpid())
+	}
+	if o.LeaseTTL <= 0 {
+		o.LeaseTTL = 5 * time.Second
+	}
+	lis, err := net.Listen("tcp", o.Listen)
+	if err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	addr := o.Advertise
+	if addr == "" {
+		addr = lis.Addr().String()
+	}
+	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, KVCacheBytes: o.KVCacheBytes,
+		MemoryBytes: o.MemoryBytes, Logger: log})
+	defer svc.Close()
+	gs := grpc.NewServer(grpc.MaxRecvMsgSize(256<<20), grpc.MaxSendMsgSize(256<<20),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}))
+	workerv1.RegisterWorkerServer(gs, svc)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	reflection.Register(gs)
+	go gs.Serve(lis)
+	defer stopServer(gs)
+
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	store, err := cluster.Connect(cctx, o.EtcdEndpoints, o.Prefix)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	gbind := o.GossipBind
+	if gbind == "" {
+		gbind, _, _ = net.SplitHostPort(lis.Addr().String())
+	}
+	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: o.ID, BindAddr: gbind, Fast: o.GossipFast})
+	if err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	defer gossip.Close()
+	info := cluster.WorkerInfo{ID: o.ID, Addr: addr, GossipAddr: gossip.Addr(), Backend: "cpu", MemoryBytes: o.MemoryBytes,
+		Devices: 1, PID: os.Getpid(), Host: host, State: "idle", Started: time.Now()}
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	reg, err := store.RegisterWorker(rctx, info, o.LeaseTTL)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	var umu sync.Mutex
+	svc.opts.OnState = func(state, model string) {
+		go func() {
+			umu.Lock()
+			defer umu.Unlock()
+			info.State = state
+			uctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			reg.Update(uctx, info)
+		}()
+		if state == "ready" {
+			hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+		}
+	}
+	log.Info("worker registered", "id", o.ID, "addr", addr, "gossip", gossip.Addr())
+	select {
+	case <-ctx.Done():
+		return nil
+	case <-reg.Lost():
+		return errors.New("etcd registration lost")
+	}
+}
+
+func stopServer(gs *grpc.Server) {
+	done := make(chan struct{})
+	go func() { gs.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		gs.Stop()
+	}
+}
+
+// CoordinatorProcessOptions configure RunCoordinator.
+type CoordinatorProcessOptions struct {
+	Listen        string // default 127.0.0.1:50051
+	ModelDir      string // default: a demo model made under DataDir
+	DataDir       string
+	EtcdEndpoints []string // default: embedded etcd under DataDir
+	Prefix        string
+	ID            string
+	LocalWorkers  int
+	// WorkerArgs are extra flags for local workers (e.g. --threads 2).
+	WorkerArgs   []string
+	BlockSize    int
+	KVCacheBytes int64
+	NumBlocks    int64
+	LeaderTTL    time.Duration
+	Scheduler    routing.SchedulerConfig
+	GossipFast   bool
+	Logger       *slog.Logger
+	// OnReady is called once a replica can serve, with the public address.
+	OnReady func(addr string)
+}
+
+// DemoPreset is the model made when no --model is given.
+const DemoPreset = "tiny"
+
+// EnsureDemoModel makes (once) the demo model under dataDir and returns its
+// directory: the tiny preset's shape with random weights and the real
+// Qwen2 tokenizer.
+func EnsureDemoModel(dataDir string) (string, error) {
+	dir := filepath.Join(dataDir, "demo-"+DemoPreset)
+	if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
+		return dir, nil
+	}
+	cfg, err := model.Preset(DemoPreset)
+	if err != nil {
+		return "", err
+	}
+	cfg.TorchDtype = "bfloat16"
+	tok, err := qwenfleet.Qwen2TokenizerJSON()
+	if err != nil {
+		return "", err
+	}
+	tmp := dir + ".partial"
+	os.RemoveAll(tmp)
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return "", err
+	}
+	err = model.WriteCheckpoint(tmp, cfg, model.NewRandomWeights(cfg, kernels.BF16, 0), model.WriteOptions{
+		Tokenizer: tok, TokenizerConfig: []byte(qwenfleet.Qwen2TokenizerConfigJSON)})
+	if err != nil {
+		return "", err
+	}
+	return dir, os.Rename(tmp, dir)
+}
+
+// RunCoordinator runs a coordinator process until ctx ends.
+func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
+	log := o.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if o.Listen == "" {
+		o.Listen = "127.0.0.1:50051"
+	}
+	if o.DataDir == "" {
+		base, err := os.UserCacheDir()
+		if err != nil {
+			base = os.TempDir()
+		}
+		o.DataDir = filepath.Join(base, "qwenfleet")
+	}
+	if err := os.MkdirAll(o.DataDir, 0o755); err != nil {
+		return fmt.Errorf("--data-dir: %w", err)
+	}
+	if o.LocalWorkers < 0 {
+		return fmt.Errorf("--local-workers: %d < 0", o.LocalWorkers)
+	}
+	if o.ModelDir == "" {
+		log.Info("no --model: using the demo model (made once)", "dir", filepath.Join(o.DataDir, "demo-"+DemoPreset))
+		dir, err := EnsureDemoModel(o.DataDir)
+		if err != nil {
+			return fmt.Errorf("demo model: %w", err)
+		}
+		o.ModelDir = dir
+	}
+	lis, err := net.Listen("tcp", o.Listen)
+	if err != nil {
+		return fmt.Errorf("--listen: %w", err)
+	}
+	defer lis.Close()
+	addr := lis.Addr().String()
+	endpoints := o.EtcdEndpoints
+	if len(endpoints) == 0 {
+		e, err := cluster.StartEmbeddedEtcd(filepath.Join(o.DataDir, "etcd"))
+		if err != nil {
+			return fmt.Errorf("embedded etcd: %w", err)
+		}
+		defer e.Close()
+		endpoints = e.Endpoints()
+		log.Info("embedded etcd", "endpoints", strings.Join(endpoints, ","))
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	store, err := cluster.Connect(cctx, endpoints, o.Prefix)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("--etcd-endpoints: %w", err)
+	}
+	defer store.Close()
+	host, _, _ := net.SplitHostPort(addr)
+	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: "coordinator-" + addr, BindAddr: host, Fast: o.GossipFast})
+	if err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	defer gossip.Close()
+	if o.ID == "" {
+		o.ID = "coordinator-" + addr
+	}
+	coord, err := NewCoordinator(CoordinatorOptions{ID: o.ID, Addr: addr, ModelDir: o.ModelDir, Store: store, Gossip: gossip,
+		EtcdEndpoints: endpoints, LeaderTTL: o.LeaderTTL, BlockSize: o.BlockSize, KVCacheBytes: o.KVCacheBytes, NumBlocks: o.NumBlocks,
+		Scheduler: o.Scheduler, Logger: log})
+	if err != nil {
+		return fmt.Errorf("--model: %w", err)
+	}
+	gs := grpc.NewServer()
+	pb.RegisterGeneratorServer(gs, NewGeneratorService(coord))
+	hs := health.NewServer()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	hs.SetServingStatus(pb.Generator_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
+	healthpb.RegisterHealthServer(gs, hs)
+	reflection.Register(gs)
+	go gs.Serve(lis)
+	defer stopServer(gs)
+	log.Info("coordinator serving", "addr", addr, "model", o.ModelDir)
+
+	rctx, stop := context.WithCancel(ctx)
+	defer stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer stop()
+	for i := 0; i < o.LocalWorkers; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			superviseWorker(rctx, log, i, append([]string{"--etcd-endpoints", strings.Join(endpoints, ","),
+				"--id", fmt.Sprintf("local-%d-w%d", os.Getpid(), i), "--prefix", o.Prefix}, o.WorkerArgs...))
+		}(i)
+	}
+	go func() {
+		select {
+		case <-coord.Ready():
+			hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+			hs.SetServingStatus(pb.Generator_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+			log.Info("cluster ready", "addr", addr)
+			if o.OnReady != nil {
+				o.OnReady(addr)
+			}
+		case <-rctx.Done():
+		}
+	}()
+	return coord.Run(rctx)
+}
+
+// superviseWorker runs a local worker process (this binary in worker mode)
+// and restarts it when it exits, until ctx ends.
+func superviseWorker(ctx context.Context, log *slog.Logger, i int, args []string) {
+	exe, err := os.Executable()
+	if err != nil {
+		log.Error("local worker: no executable", "err", err)
+		return
+	}
+	for backoff := time.Second; ctx.Err() == nil; backoff = min(2*backoff, 30*time.Second) {
+		cmd := exec.Command(exe, args...)
+		cmd.Env = append(os.Environ(), RoleEnv+"=worker")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		t0 := time.Now()
+		if err := cmd.Start(); err != nil {
+			log.Error("local worker did not start", "worker", i, "err", err)
+		} else {
+			log.Info("local worker started", "worker", i, "pid", cmd.Process.Pid)
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				log.Warn("local worker exited", "worker", i, "err", err)
+			case <-ctx.Done():
+				cmd.Process.Signal(syscall.SIGTERM)
+				select {
+				case <-done:
+				case <-time.After(5 * time.Second):
+					cmd.Process.Kill()
+					<-done
+				}
+				return
+			}
+		}
+		if time.Since(t0) > time.Minute {
+			backoff = time.Second
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+	}
+}
+
+// ParseBytes reads sizes like 512MiB, 2GiB, 1e9 or 4096.
+func ParseBytes(s string) (int64, error) {
+	units := []struct {
+		suf string
+		mul float64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"B", 1}}
+	mul := 1.0
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suf) {
+			s, mul = strings.TrimSuffix(s, u.suf), u.mul
+			break
+		}
+	}
+	f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
+	if err != nil || f < 0 || f*mul > 1<<62 {
+		return 0, fmt.Errorf("%q is not a size (like 512MiB)", s)
+	}
+	return int64(f * mul), nil
+}

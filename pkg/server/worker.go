@@ -1,0 +1,269 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/shard"
+	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
+)
+
+// WorkerOptions configure a worker service.
+type WorkerOptions struct {
+	ID           string
+	Threads      int    // CPU threads (0: all)
+	Kernels      string // CPU kernel set ("": best)
+	MemoryBytes  int64  // reported budget
+	KVCacheBytes int64  // default KV pool when Warmup names none
+	Mmap         bool
+	Logger       *slog.Logger
+	// OnState is called when the worker's state changes (idle, loading,
+	// ready, failed).
+	OnState func(state, model string)
+}
+
+// WorkerService implements the internal Worker API.
+type WorkerService struct {
+	workerv1.UnimplementedWorkerServer
+	opts WorkerOptions
+
+	mu        sync.Mutex
+	backend   *cpu.Backend
+	exec      *shard.Executor
+	modelDir  string
+	version   int64
+	state     string
+	blockSize int
+}
+
+// NewWorkerService makes an idle worker.
+func NewWorkerService(opts WorkerOptions) *WorkerService {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.KVCacheBytes <= 0 {
+		opts.KVCacheBytes = 512 << 20
+	}
+	return &WorkerService{opts: opts, state: "idle"}
+}
+
+// Close frees the model and backend.
+func (w *WorkerService) Close() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.unload()
+}
+
+func (w *WorkerService) unload() {
+	if w.exec != nil {
+		w.exec.Model().Close()
+		w.exec = nil
+	}
+	if w.backend != nil {
+		w.backend.Close()
+		w.backend = nil
+	}
+	w.modelDir, w.version = "", 0
+}
+
+func (w *WorkerService) setState(s string) {
+	w.state = s
+	if w.opts.OnState != nil {
+		w.opts.OnState(s, w.modelDir)
+	}
+}
+
+// Info describes the worker.
+func (w *WorkerService) Info(ctx context.Context, _ *workerv1.InfoRequest) (*workerv1.InfoResponse, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	host, _ := os.Hostname()
+	r := &workerv1.InfoResponse{Id: w.opts.ID, Backend: "cpu", Threads: int32(w.opts.Threads), MemoryBytes: w.opts.MemoryBytes,
+		Pid: int32(os.Getpid()), Host: host, Model: w.modelDir, AssignmentVersion: w.version, KvBlockSize: int32(w.blockSize)}
+	if w.exec != nil {
+		r.NumKvBlocks = int64(w.exec.NumBlocks())
+	}
+	return r, nil
+}
+
+// Load loads the model an assignment names (a no-op when it is loaded).
+func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_LoadServer) error {
+	a := req.GetAssignment()
+	if a == nil || a.Model == "" {
+		return status.Error(codes.InvalidArgument, "assignment.model: empty")
+	}
+	dir := filepath.Clean(a.Model)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.exec != nil && w.modelDir == dir {
+		w.version = a.Version
+		return stream.Send(w.progress("ready"))
+	}
+	w.unload()
+	w.setState("loading")
+	if err := stream.Send(&workerv1.LoadProgress{Stage: "reading"}); err != nil {
+		return err
+	}
+	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels})
+	if err != nil {
+		w.setState("failed")
+		return status.Errorf(codes.FailedPrecondition, "backend: %v", err)
+	}
+	t0 := time.Now()
+	m, err := model.Load(dir, b, model.LoadOptions{Mmap: req.Mmap || w.opts.Mmap})
+	if err != nil {
+		b.Close()
+		w.setState("failed")
+		return status.Errorf(codes.InvalidArgument, "load %s: %v", dir, err)
+	}
+	w.backend, w.exec, w.modelDir, w.version = b, shard.NewExecutor(m), dir, a.Version
+	w.opts.Logger.Info("model loaded", "model", dir, "bytes", m.WeightBytes(), "seconds", time.Since(t0).Seconds())
+	w.setState("loaded")
+	return stream.Send(w.progress("ready"))
+}
+
+func (w *WorkerService) progress(stage string) *workerv1.LoadProgress {
+	cfg := w.exec.Model().Config()
+	n := w.exec.Model().WeightBytes()
+	return &workerv1.LoadProgress{BytesLoaded: n, BytesTotal: n, Stage: stage, ModelType: cfg.ModelType,
+		VocabSize: int32(cfg.VocabSize), MaxContext: int32(min(cfg.MaxContext(), math.MaxInt32))}
+}
+
+// Warmup sizes the KV pool and runs one step.
+func (w *WorkerService) Warmup(ctx context.Context, req *workerv1.WarmupRequest) (*workerv1.WarmupResponse, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.exec == nil {
+		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
+	}
+	bs := int(req.BlockSize)
+	if bs <= 0 || bs > 1024 {
+		return nil, status.Errorf(codes.InvalidArgument, "block_size: %d is outside [1, 1024]", bs)
+	}
+	per := w.exec.BytesPerBlock(bs)
+	n := req.NumBlocks
+	if n <= 0 {
+		budget := req.KvCacheBytes
+		if budget <= 0 {
+			budget = w.opts.KVCacheBytes
+		}
+		n = budget / per
+	}
+	// No more blocks than the context needs 64 sequences to hold, and a
+	// hard cap against absurd requests.
+	ctxBlocks := int64((w.exec.Model().Config().MaxContext() + bs - 1) / bs)
+	n = min(n, 64*ctxBlocks, 1<<22)
+	if n < 1 {
+		return nil, status.Errorf(codes.ResourceExhausted, "KV budget too small for one block of %d bytes", per)
+	}
+	t0 := time.Now()
+	if err := w.exec.Warmup(int(n), bs, int(max(req.MaxBatchTokens, 1))); err != nil {
+		return nil, status.Errorf(codes.Internal, "warmup: %v", err)
+	}
+	w.blockSize = bs
+	w.setState("ready")
+	return &workerv1.WarmupResponse{NumBlocks: n, BlockSize: int32(bs), BytesPerBlock: per,
+		WarmupMs: float64(time.Since(t0).Microseconds()) / 1000}, nil
+}
+
+// Step runs one forward step.
+func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*workerv1.StepResponse, error) {
+	t0 := time.Now()
+	w.mu.Lock()
+	exec, version := w.exec, w.version
+	w.mu.Unlock()
+	if exec == nil {
+		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
+	}
+	if req.AssignmentVersion != 0 && req.AssignmentVersion != version {
+		return nil, status.Errorf(codes.FailedPrecondition, "assignment_version: %d, this worker holds %d", req.AssignmentVersion, version)
+	}
+	b := &routing.StepBatch{ID: req.StepId, Seqs: make([]routing.StepSeq, len(req.Seqs))}
+	tokens := 0
+	for i, s := range req.Seqs {
+		b.Seqs[i] = routing.StepSeq{ID: s.SeqId, Tokens: s.Tokens, Start: int(s.Start), Blocks: s.BlockTable,
+			Sample: s.Sample, TopN: int(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets}
+		tokens += len(s.Tokens)
+	}
+	res, err := exec.Step(ctx, b)
+	switch {
+	case errors.Is(err, model.ErrBadBatch):
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, shard.ErrNotReady):
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return nil, status.FromContextError(err).Err()
+	case err != nil:
+		return nil, status.Errorf(codes.Internal, "step: %v", err)
+	}
+	out := &workerv1.StepResponse{StepId: req.StepId, Results: make([]*workerv1.SeqResult, len(res.Seqs)), Tokens: int32(tokens),
+		ForwardMs: float64(res.Forward.Microseconds()) / 1000}
+	for i, r := range res.Seqs {
+		pr := &workerv1.SeqResult{SeqId: req.Seqs[i].SeqId, Logsumexp: r.LogSumExp, Row: r.Row, PromptLogprobs: r.PromptLogprobs,
+			Candidates: make([]*workerv1.Candidate, len(r.Candidates))}
+		for j, c := range r.Candidates {
+			pr.Candidates[j] = &workerv1.Candidate{Id: c.ID, Logit: c.Logit}
+		}
+		out.Results[i] = pr
+	}
+	out.TotalMs = float64(time.Since(t0).Microseconds()) / 1000
+	return out, nil
+}
+
+// Release drops sequences (no per-sequence state is kept today).
+func (w *WorkerService) Release(ctx context.Context, req *workerv1.ReleaseRequest) (*workerv1.ReleaseResponse, error) {
+	return &workerv1.ReleaseResponse{}, nil
+}
+
+// Health reports whether the worker can run steps.
+func (w *WorkerService) Health(ctx context.Context, _ *workerv1.HealthRequest) (*workerv1.HealthResponse, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return &workerv1.HealthResponse{Ready: w.state == "ready", State: w.state}, nil
+}
+
+// grpcExecutor runs steps on a remote worker.
+type grpcExecutor struct {
+	client  workerv1.WorkerClient
+	version int64
+	steps   uint64
+}
+
+func (g *grpcExecutor) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
+	g.steps++
+	req := &workerv1.StepRequest{StepId: g.steps, AssignmentVersion: g.version, Seqs: make([]*workerv1.SeqStep, len(b.Seqs))}
+	for i, s := range b.Seqs {
+		req.Seqs[i] = &workerv1.SeqStep{SeqId: s.ID, Tokens: s.Tokens, Start: int32(s.Start), BlockTable: s.Blocks,
+			Sample: s.Sample, TopN: int32(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets}
+	}
+	resp, err := g.client.Step(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	if len(resp.Results) != len(b.Seqs) {
+		return nil, fmt.Errorf("worker returned %d results for %d sequences", len(resp.Results), len(b.Seqs))
+	}
+	out := &routing.StepResult{Seqs: make([]routing.SeqResult, len(resp.Results)), Forward: time.Duration(resp.ForwardMs * float64(time.Millisecond))}
+	for i, r := range resp.Results {
+		sr := routing.SeqResult{LogSumExp: r.Logsumexp, Row: r.Row, PromptLogprobs: r.PromptLogprobs,
+			Candidates: make([]routing.Candidate, len(r.Candidates))}
+		for j, c := range r.Candidates {
+			sr.Candidates[j] = routing.Candidate{ID: c.Id, Logit: c.Logit}
+		}
+		out.Seqs[i] = sr
+	}
+	return out, nil
+}
