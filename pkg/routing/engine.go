@@ -107,7 +107,9 @@ type Stream struct {
 	notify  chan struct{}
 }
 
-func newStream() *Stream { return &Stream{notify: make(chan struct{}, 1), pending: Event{MatchedStop: -1}} }
+func newStream() *Stream {
+	return &Stream{notify: make(chan struct{}, 1), pending: Event{MatchedStop: -1}}
+}
 
 func (s *Stream) push(tokens []int32, lps []TokenLogprob) {
 	s.mu.Lock()

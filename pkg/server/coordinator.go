@@ -38,10 +38,10 @@ type CoordinatorOptions struct {
 	// KVCacheBytes is the KV pool asked of each worker (0: the worker's default).
 	KVCacheBytes int64
 	// NumBlocks, when > 0, fixes the KV pool size in blocks (tests).
-	NumBlocks int64
-	Scheduler routing.SchedulerConfig
+	NumBlocks   int64
+	Scheduler   routing.SchedulerConfig
 	StepTimeout time.Duration
-	Logger    *slog.Logger
+	Logger      *slog.Logger
 }
 
 // Placement is what the leader writes to etcd: every ready worker is a
