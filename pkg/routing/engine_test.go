@@ -1,0 +1,217 @@
+package routing_test
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/sampling"
+	"github.com/qwenfleet/qwenfleet/pkg/shard"
+)
+
+func root() string {
+	_, f, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(f), "..", "..")
+}
+
+// newEngine runs an engine over an in-process executor of a reference model.
+func newEngine(t *testing.T, blocks, blockSize int, cfg routing.SchedulerConfig) (*routing.Engine, *model.Model) {
+	t.Helper()
+	b, err := cpu.New(cpu.Config{Threads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := model.Load(filepath.Join(root(), "testdata", "qwen2-ref", "dense-gqa-f32"), b, model.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := shard.NewExecutor(m)
+	if err := x.Warmup(blocks, blockSize, 8); err != nil {
+		t.Fatal(err)
+	}
+	e := routing.NewEngine(x, cfg, blocks, blockSize)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { e.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done; m.Close(); b.Close() })
+	return e, m
+}
+
+func greedy(id string, prompt []int32, n int) *routing.Request {
+	return &routing.Request{ID: id, Prompt: prompt, MaxTokens: n, Logprobs: -1,
+		Sampling: sampling.Params{TopP: 1, RepetitionPenalty: 1}}
+}
+
+func collect(t *testing.T, s *routing.Stream) ([]int32, routing.Event) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var ids []int32
+	for {
+		ev, err := s.Recv(ctx)
+		if err != nil {
+			t.Fatalf("recv: %v", err)
+		}
+		ids = append(ids, ev.Tokens...)
+		if ev.Done {
+			return ids, ev
+		}
+	}
+}
+
+func prompts(n int) [][]int32 {
+	out := make([][]int32, n)
+	for i := range out {
+		p := make([]int32, 3+(i*7)%29)
+		for j := range p {
+			p[j] = int32((i*131 + j*17) % 512)
+		}
+		out[i] = p
+	}
+	return out
+}
+
+// run generates every prompt concurrently and returns the ids.
+func run(t *testing.T, e *routing.Engine, ps [][]int32, lens func(int) int) [][]int32 {
+	out := make([][]int32, len(ps))
+	var wg sync.WaitGroup
+	for i, p := range ps {
+		s, err := e.Submit(greedy(fmt.Sprint("r", i), p, lens(i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ids, ev := collect(t, s)
+			if ev.Finish != "length" || len(ids) != lens(i) {
+				t.Errorf("request %d: %s after %d tokens", i, ev.Finish, len(ids))
+			}
+			out[i] = ids
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+func TestEngineBatchingChangesNothing(t *testing.T) {
+	e, m := newEngine(t, 512, 16, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 32, MaxWaiting: 64})
+	ps := prompts(32)
+	lens := func(i int) int { return 1 + (i*5)%20 }
+	got := run(t, e, ps, lens)
+	for i, p := range ps {
+		want, err := m.Greedy(p, lens(i), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got[i], want) {
+			t.Fatalf("request %d batched %v, alone %v", i, got[i], want)
+		}
+	}
+	if st := e.Stats(); st.BlocksFree != st.BlocksTotal || st.Running+st.Waiting != 0 {
+		t.Fatalf("after all finished: %+v", st)
+	}
+}
+
+func TestEnginePreemptsAndCompletesEverything(t *testing.T) {
+	// 12 blocks of 4 = 48 slots for 8 requests of up to 30 tokens each.
+	e, m := newEngine(t, 12, 4, routing.SchedulerConfig{MaxBatchTokens: 32, MaxRunning: 8, MaxWaiting: 64})
+	ps := prompts(8)
+	lens := func(i int) int { return 12 }
+	got := run(t, e, ps, lens)
+	st := e.Stats()
+	if st.Preemptions == 0 {
+		t.Fatalf("no preemption with 48 slots for 8 requests: %+v", st)
+	}
+	for i, p := range ps {
+		want, _ := m.Greedy(p, lens(i), nil)
+		if !slices.Equal(got[i], want) {
+			t.Fatalf("request %d after preemption %v, alone %v", i, got[i], want)
+		}
+	}
+	if st.BlocksFree != st.BlocksTotal {
+		t.Fatalf("blocks leaked: %+v", st)
+	}
+	t.Logf("%d preemptions", st.Preemptions)
+}
+
+func TestEngineAbortFreesBlocks(t *testing.T) {
+	e, _ := newEngine(t, 64, 4, routing.SchedulerConfig{MaxBatchTokens: 32, MaxRunning: 8, MaxWaiting: 8})
+	s, err := e.Submit(greedy("long", prompts(1)[0], 200))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := s.Recv(ctx); err != nil { // it is running
+		t.Fatal(err)
+	}
+	if st := e.Stats(); st.BlocksFree == st.BlocksTotal {
+		t.Fatalf("running request holds no blocks: %+v", st)
+	}
+	if _, err := e.Submit(greedy("long", []int32{1}, 1)); err == nil {
+		t.Fatal("duplicate request id accepted")
+	}
+	if !e.Abort("long") || e.Abort("long") {
+		t.Fatal("abort did not find the request exactly once")
+	}
+	if st := e.Stats(); st.BlocksFree != st.BlocksTotal || st.Running != 0 {
+		t.Fatalf("after abort: %+v", st)
+	}
+	_, ev := collect(t, s)
+	if ev.Finish != "abort" {
+		t.Fatalf("finish %q", ev.Finish)
+	}
+}
+
+func TestEngineSeededSamplingIsReproducible(t *testing.T) {
+	e, _ := newEngine(t, 128, 16, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 8, MaxWaiting: 8})
+	sample := func(id string, seed uint64) []int32 {
+		r := greedy(id, []int32{5, 6, 7}, 24)
+		r.Sampling = sampling.Params{Temperature: 1.5, TopP: 0.95, TopK: 50, RepetitionPenalty: 1.1, Seed: seed, HasSeed: true}
+		r.Logprobs = 3
+		s, err := e.Submit(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids, _ := collect(t, s)
+		return ids
+	}
+	a, b, c := sample("a", 7), sample("b", 7), sample("c", 8)
+	if !slices.Equal(a, b) {
+		t.Fatalf("same seed: %v vs %v", a, b)
+	}
+	if slices.Equal(a, c) {
+		t.Fatalf("different seeds gave the same 24 tokens %v", a)
+	}
+}
+
+func TestEngineStopsAtStopIDAfterMinTokens(t *testing.T) {
+	e, m := newEngine(t, 128, 16, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 8, MaxWaiting: 8})
+	p := []int32{11, 12, 13}
+	want, _ := m.Greedy(p, 10, nil)
+	r := greedy("s", p, 10)
+	r.StopIDs = []int32{want[3]}
+	s, _ := e.Submit(r)
+	ids, ev := collect(t, s)
+	first := slices.Index(want, want[3])
+	if ev.Finish != "stop" || ev.MatchedStop != want[3] || !slices.Equal(ids, want[:first+1]) {
+		t.Fatalf("stop: %v %s %d, greedy %v", ids, ev.Finish, ev.MatchedStop, want)
+	}
+	// min_tokens suppresses the stop id: it can no longer be chosen early.
+	r = greedy("m", p, 10)
+	r.StopIDs, r.MinTokens = []int32{want[0]}, 5
+	s, _ = e.Submit(r)
+	ids, _ = collect(t, s)
+	if len(ids) < 5 || slices.Contains(ids[:5], want[0]) {
+		t.Fatalf("min_tokens 5 with stop id %d: %v", want[0], ids)
+	}
+}

@@ -1,0 +1,719 @@
+package server_test
+
+// End-to-end tests: real coordinator and worker processes (the binaries of
+// cmd/coordinator and cmd/worker, built once by TestMain), real gRPC on
+// 127.0.0.1, embedded etcd (inside the coordinator, or inside the test for
+// the failover test).
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	"github.com/qwenfleet/qwenfleet/pkg/cluster"
+	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
+	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
+)
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	if os.Getenv("QWENFLEET_SKIP_E2E") != "" {
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "qwenfleet-e2e-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	cmd := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "./cmd/coordinator", "./cmd/worker")
+	cmd.Dir = repoRoot()
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building the binaries:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func repoRoot() string {
+	_, f, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(f), "..", "..")
+}
+
+func refDir(name string) string { return filepath.Join(repoRoot(), "testdata", "qwen2-ref", name) }
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// proc is a process started by a test, in its own process group, stopped
+// (with its children) at cleanup.
+type proc struct {
+	cmd  *exec.Cmd
+	log  *os.File
+	done chan struct{}
+}
+
+func start(t *testing.T, bin string, args ...string) *proc {
+	t.Helper()
+	logf, err := os.CreateTemp(t.TempDir(), filepath.Base(bin)+"-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(filepath.Join(binDir, bin), args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: cmd, log: logf, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.stop(syscall.SIGTERM)
+		if t.Failed() {
+			raw, _ := os.ReadFile(logf.Name())
+			t.Logf("%s log:\n%s", bin, tail(string(raw), 3000))
+		}
+	})
+	return p
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// stop signals the whole process group and waits.
+func (p *proc) stop(sig syscall.Signal) {
+	syscall.Kill(-p.cmd.Process.Pid, sig)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.done
+	}
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL) // stragglers of the group
+}
+
+type clusterT struct {
+	addr   string
+	client pb.GeneratorClient
+	conn   *grpc.ClientConn
+	coord  *proc
+}
+
+func dial(t *testing.T, addr string) (*grpc.ClientConn, pb.GeneratorClient) {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn, pb.NewGeneratorClient(conn)
+}
+
+// startCluster runs a coordinator with embedded etcd and local workers.
+func startCluster(t *testing.T, modelDir string, args ...string) *clusterT {
+	t.Helper()
+	addr := freeAddr(t)
+	all := append([]string{"--listen", addr, "--data-dir", t.TempDir(), "--log-level", "warn", "--worker-threads", "2"}, args...)
+	if modelDir != "" {
+		all = append(all, "--model", modelDir)
+	}
+	if !slices.Contains(all, "--local-workers") {
+		all = append(all, "--local-workers", "1")
+	}
+	c := &clusterT{addr: addr, coord: start(t, "coordinator", all...)}
+	c.conn, c.client = dial(t, addr)
+	waitReady(t, c.client, c.coord, 120*time.Second)
+	return c
+}
+
+func waitReady(t *testing.T, client pb.GeneratorClient, p *proc, d time.Duration) *pb.ServerInfo {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		info, err := client.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+		cancel()
+		if err == nil && info.Ready {
+			return info
+		}
+		if p != nil {
+			select {
+			case <-p.done:
+				t.Fatalf("coordinator exited before it was ready")
+			default:
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not ready after %v: %v %v", d, err, info.GetNotReadyReason())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+type result struct {
+	ids    []int32
+	text   string
+	finish string
+	plp    []*pb.PromptLogprob
+	lps    []*pb.TokenLogprob
+	usage  *pb.Usage
+	chunks int
+}
+
+func generate(ctx context.Context, client pb.GeneratorClient, req *pb.GenerateRequest) (*result, error) {
+	stream, err := client.Generate(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	r := &result{}
+	for {
+		resp, err := stream.Recv()
+		if err == io.EOF {
+			return nil, fmt.Errorf("stream ended without complete")
+		}
+		if err != nil {
+			return nil, err
+		}
+		switch x := resp.Response.(type) {
+		case *pb.GenerateResponse_Chunk:
+			r.chunks++
+			r.ids = append(r.ids, x.Chunk.TokenIds...)
+			r.text += x.Chunk.Text
+			r.lps = append(r.lps, x.Chunk.Logprobs...)
+		case *pb.GenerateResponse_Complete:
+			r.finish, r.plp, r.usage = x.Complete.FinishReason, x.Complete.PromptLogprobs, x.Complete.Usage
+			return r, nil
+		case *pb.GenerateResponse_Error:
+			return nil, fmt.Errorf("%s: %s", x.Error.Code, x.Error.Message)
+		}
+	}
+}
+
+func mustGenerate(t *testing.T, client pb.GeneratorClient, req *pb.GenerateRequest) *result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	r, err := generate(ctx, client, req)
+	if err != nil {
+		t.Fatalf("generate: %v", err)
+	}
+	return r
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func idsReq(ids []int32, n int) *pb.GenerateRequest {
+	return &pb.GenerateRequest{Input: &pb.GenerateRequest_TokenIds{TokenIds: &pb.TokenIds{Ids: ids}}, MaxTokens: ptr(int32(n)),
+		Temperature: ptr(float32(0)), IgnoreEos: true}
+}
+
+type reference struct {
+	PromptIDs   []int32 `json:"prompt_ids"`
+	GreedyIDs   []int32 `json:"greedy_ids"`
+	MaxAbsLogit float64 `json:"max_abs_logit"`
+	logits      []float32
+	vocab       int
+}
+
+func loadRef(t *testing.T, dir string) *reference {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(dir, "reference.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &reference{}
+	if err := json.Unmarshal(raw, r); err != nil {
+		t.Fatal(err)
+	}
+	st, err := safetensors.Open(filepath.Join(dir, "reference.safetensors"), safetensors.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if r.logits, err = st.ReadFloat32("logits"); err != nil {
+		t.Fatal(err)
+	}
+	r.vocab = len(r.logits) / len(r.PromptIDs)
+	return r
+}
+
+// TestGenerateMatchesReference: greedy ids and prompt logprobs of every
+// reference case through a real cluster.
+func TestGenerateMatchesReference(t *testing.T) {
+	dirs, _ := filepath.Glob(refDir("*"))
+	for _, dir := range dirs {
+		if _, err := os.Stat(filepath.Join(dir, "reference.json")); err != nil {
+			continue
+		}
+		t.Run(filepath.Base(dir), func(t *testing.T) {
+			ref := loadRef(t, dir)
+			c := startCluster(t, dir)
+			req := idsReq(ref.PromptIDs, len(ref.GreedyIDs))
+			req.PromptLogprobs = true
+			r := mustGenerate(t, c.client, req)
+			if !slices.Equal(r.ids, ref.GreedyIDs) {
+				t.Fatalf("ids %v, want %v", r.ids, ref.GreedyIDs)
+			}
+			if r.finish != "length" || r.usage.CompletionTokens != int32(len(ref.GreedyIDs)) || r.usage.PromptTokens != int32(len(ref.PromptIDs)) {
+				t.Fatalf("finish %q usage %v", r.finish, r.usage)
+			}
+			if len(r.plp) != len(ref.PromptIDs) || r.plp[0].Logprob != nil {
+				t.Fatalf("%d prompt logprobs for %d tokens (first %v)", len(r.plp), len(ref.PromptIDs), r.plp[0].Logprob)
+			}
+			tol := 1e-4 * math.Max(1, ref.MaxAbsLogit)
+			for i := 1; i < len(ref.PromptIDs); i++ {
+				row := ref.logits[(i-1)*ref.vocab : i*ref.vocab]
+				want := logSoftmaxAt(row, int(ref.PromptIDs[i]))
+				if r.plp[i].Logprob == nil || math.Abs(float64(*r.plp[i].Logprob)-want) > tol {
+					t.Fatalf("prompt logprob %d: %v, want %.6f (tol %.2g)", i, r.plp[i].Logprob, want, tol)
+				}
+			}
+		})
+	}
+}
+
+func logSoftmaxAt(row []float32, i int) float64 {
+	mx := math.Inf(-1)
+	for _, x := range row {
+		mx = math.Max(mx, float64(x))
+	}
+	s := 0.0
+	for _, x := range row {
+		s += math.Exp(float64(x) - mx)
+	}
+	return float64(row[i]) - mx - math.Log(s)
+}
+
+func testPrompts(n, vocab int) [][]int32 {
+	out := make([][]int32, n)
+	for i := range out {
+		p := make([]int32, 2+(i*11)%37)
+		for j := range p {
+			p[j] = int32((i*193 + j*29 + 7) % vocab)
+		}
+		out[i] = p
+	}
+	return out
+}
+
+// TestConcurrentStreamsAndSeeds: 32 concurrent streams of different prompt
+// and output lengths each produce exactly what they produce alone, and
+// seeded sampling is reproducible (alone and under load).
+func TestConcurrentStreamsAndSeeds(t *testing.T) {
+	c := startCluster(t, refDir("dense-tied-bf16"))
+	ps := testPrompts(32, 512)
+	n := func(i int) int { return 4 + (i*13)%40 }
+	seeded := func(i int) *pb.GenerateRequest {
+		r := idsReq(ps[i], n(i))
+		r.Temperature, r.TopP, r.TopK, r.Seed = ptr(float32(0.9)), ptr(float32(0.9)), ptr(int32(40)), ptr(int64(1000+i))
+		return r
+	}
+	alone := make([]*result, 32)
+	aloneSeeded := make([]*result, 8)
+	for i := range ps {
+		alone[i] = mustGenerate(t, c.client, idsReq(ps[i], n(i)))
+	}
+	for i := range aloneSeeded {
+		aloneSeeded[i] = mustGenerate(t, c.client, seeded(i))
+	}
+	together := make([]*result, 32)
+	togetherSeeded := make([]*result, 8)
+	var wg sync.WaitGroup
+	for i := range ps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+			defer cancel()
+			r, err := generate(ctx, c.client, idsReq(ps[i], n(i)))
+			if err != nil {
+				t.Errorf("stream %d: %v", i, err)
+			}
+			together[i] = r
+		}()
+	}
+	for i := range togetherSeeded {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+			defer cancel()
+			r, err := generate(ctx, c.client, seeded(i))
+			if err != nil {
+				t.Errorf("seeded stream %d: %v", i, err)
+			}
+			togetherSeeded[i] = r
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	for i := range ps {
+		if !slices.Equal(alone[i].ids, together[i].ids) || len(alone[i].ids) != n(i) {
+			t.Fatalf("stream %d: alone %v, together %v", i, alone[i].ids, together[i].ids)
+		}
+	}
+	distinct := map[string]bool{}
+	for i := range aloneSeeded {
+		if !slices.Equal(aloneSeeded[i].ids, togetherSeeded[i].ids) {
+			t.Fatalf("seeded stream %d: alone %v, together %v", i, aloneSeeded[i].ids, togetherSeeded[i].ids)
+		}
+		distinct[fmt.Sprint(aloneSeeded[i].ids)] = true
+	}
+	if len(distinct) < 2 {
+		t.Fatal("seeded sampling gave the same tokens for every seed")
+	}
+	info, err := c.client.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := info.Scheduler; s.KvBlocksFree != s.KvBlocksTotal || s.Running != 0 || s.Waiting != 0 {
+		t.Fatalf("after all streams: %v", s)
+	}
+}
+
+func schedulerStats(t *testing.T, client pb.GeneratorClient) *pb.SchedulerStats {
+	t.Helper()
+	info, err := client.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Scheduler
+}
+
+// TestDisconnectFreesBlocksAndPreemption: a client that goes away (and one
+// that calls Abort) frees its KV blocks at once; a pool too small for the
+// load preempts and still completes every request with the right tokens.
+func TestDisconnectFreesBlocksAndPreemption(t *testing.T) {
+	// 10 blocks of 4 tokens: 40 slots.
+	c := startCluster(t, refDir("dense-gqa-f32"), "--kv-blocks", "10", "--block-size", "4", "--max-batch-tokens", "32")
+	s := schedulerStats(t, c.client)
+	if s.KvBlocksTotal != 10 || s.KvBlocksFree != 10 {
+		t.Fatalf("pool: %v", s)
+	}
+	// Disconnect.
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := c.client.Generate(ctx, idsReq([]int32{1, 2, 3}, 30))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	if s := schedulerStats(t, c.client); s.KvBlocksFree == s.KvBlocksTotal && s.Running == 0 {
+		// It may have finished already; only a running request proves anything.
+		t.Logf("request finished before the disconnect: %v", s)
+	}
+	cancel()
+	waitFreed(t, c.client)
+	// Abort by id.
+	req := idsReq([]int32{4, 5}, 35)
+	req.RequestId = "to-abort"
+	actx, acancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer acancel()
+	astream, err := c.client.Generate(actx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := astream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.client.Abort(actx, &pb.AbortRequest{RequestId: "to-abort"}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		resp, err := astream.Recv()
+		if err != nil {
+			t.Fatalf("aborted stream: %v", err)
+		}
+		if cp := resp.GetComplete(); cp != nil {
+			if cp.FinishReason != "abort" && cp.FinishReason != "length" {
+				t.Fatalf("aborted request finished with %q", cp.FinishReason)
+			}
+			break
+		}
+	}
+	waitFreed(t, c.client)
+
+	// Preemption: 6 requests of up to 5+25 = 30 tokens (8 blocks each) in 10 blocks.
+	ps := testPrompts(6, 512)
+	for i := range ps {
+		ps[i] = ps[i][:min(len(ps[i]), 5)]
+	}
+	alone := make([][]int32, len(ps))
+	for i, p := range ps {
+		alone[i] = mustGenerate(t, c.client, idsReq(p, 25)).ids
+	}
+	var wg sync.WaitGroup
+	got := make([][]int32, len(ps))
+	for i, p := range ps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := generate(context.Background(), c.client, idsReq(p, 25))
+			if err != nil {
+				t.Errorf("request %d: %v", i, err)
+				return
+			}
+			got[i] = r.ids
+		}()
+	}
+	wg.Wait()
+	for i := range ps {
+		if !slices.Equal(got[i], alone[i]) {
+			t.Fatalf("request %d under preemption %v, alone %v", i, got[i], alone[i])
+		}
+	}
+	s = schedulerStats(t, c.client)
+	if s.Preemptions == 0 {
+		t.Fatalf("no preemption: %v", s)
+	}
+	if s.KvBlocksFree != s.KvBlocksTotal {
+		t.Fatalf("blocks leaked: %v", s)
+	}
+	t.Logf("%d preemptions", s.Preemptions)
+	// A request longer than the whole pool is refused up front.
+	_, err = generate(context.Background(), c.client, idsReq([]int32{1, 2}, 50))
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "max_tokens") {
+		t.Fatalf("request beyond the pool: %v", err)
+	}
+}
+
+func waitFreed(t *testing.T, client pb.GeneratorClient) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		s := schedulerStats(t, client)
+		if s.KvBlocksFree == s.KvBlocksTotal && s.Running == 0 && s.Waiting == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("blocks not freed: %v", s)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestBadRequests: every bad field is INVALID_ARGUMENT naming it; an
+// unknown model NOT_FOUND; a full queue RESOURCE_EXHAUSTED, quickly.
+func TestBadRequests(t *testing.T) {
+	c := startCluster(t, refDir("dense-gqa-f32"), "--max-running", "1", "--max-waiting", "1")
+	ok := func() *pb.GenerateRequest { return idsReq([]int32{1, 2, 3}, 4) }
+	cases := []struct {
+		name  string
+		edit  func(r *pb.GenerateRequest)
+		code  codes.Code
+		field string
+	}{
+		{"negative max_tokens", func(r *pb.GenerateRequest) { r.MaxTokens = ptr(int32(-1)) }, codes.InvalidArgument, "max_tokens"},
+		{"zero max_tokens", func(r *pb.GenerateRequest) { r.MaxTokens = ptr(int32(0)) }, codes.InvalidArgument, "max_tokens"},
+		{"top_p above 1", func(r *pb.GenerateRequest) { r.TopP = ptr(float32(1.5)) }, codes.InvalidArgument, "top_p"},
+		{"top_p zero", func(r *pb.GenerateRequest) { r.TopP = ptr(float32(0)) }, codes.InvalidArgument, "top_p"},
+		{"negative temperature", func(r *pb.GenerateRequest) { r.Temperature = ptr(float32(-1)) }, codes.InvalidArgument, "temperature"},
+		{"NaN temperature", func(r *pb.GenerateRequest) { r.Temperature = ptr(float32(math.NaN())) }, codes.InvalidArgument, "temperature"},
+		{"bad top_k", func(r *pb.GenerateRequest) { r.TopK = ptr(int32(-5)) }, codes.InvalidArgument, "top_k"},
+		{"bad min_p", func(r *pb.GenerateRequest) { r.MinP = ptr(float32(2)) }, codes.InvalidArgument, "min_p"},
+		{"bad repetition_penalty", func(r *pb.GenerateRequest) { r.RepetitionPenalty = ptr(float32(-1)) }, codes.InvalidArgument, "repetition_penalty"},
+		{"bad presence_penalty", func(r *pb.GenerateRequest) { r.PresencePenalty = ptr(float32(3)) }, codes.InvalidArgument, "presence_penalty"},
+		{"unknown token id", func(r *pb.GenerateRequest) { r.GetTokenIds().Ids[1] = 99999 }, codes.InvalidArgument, "token_ids[1]"},
+		{"negative token id", func(r *pb.GenerateRequest) { r.GetTokenIds().Ids[0] = -1 }, codes.InvalidArgument, "token_ids[0]"},
+		{"empty ids", func(r *pb.GenerateRequest) { r.GetTokenIds().Ids = nil }, codes.InvalidArgument, "token_ids"},
+		{"no input", func(r *pb.GenerateRequest) { r.Input = nil }, codes.InvalidArgument, "input"},
+		{"text without tokenizer", func(r *pb.GenerateRequest) { r.Input = &pb.GenerateRequest_Text{Text: "hi"} }, codes.FailedPrecondition, "tokenizer"},
+		{"prompt longer than the context", func(r *pb.GenerateRequest) { r.GetTokenIds().Ids = make([]int32, 40000) }, codes.InvalidArgument, "prompt"},
+		{"max_tokens beyond the context", func(r *pb.GenerateRequest) { r.MaxTokens = ptr(int32(1 << 30)) }, codes.InvalidArgument, "max_tokens"},
+		{"too many stop strings", func(r *pb.GenerateRequest) { r.Stop = make([]string, 17) }, codes.InvalidArgument, "stop"},
+		{"empty stop string", func(r *pb.GenerateRequest) { r.Stop = []string{""} }, codes.InvalidArgument, "stop[0]"},
+		{"bad stop token id", func(r *pb.GenerateRequest) { r.StopTokenIds = []int32{600} }, codes.InvalidArgument, "stop_token_ids[0]"},
+		{"min_tokens above max_tokens", func(r *pb.GenerateRequest) { r.MinTokens = ptr(int32(9)) }, codes.InvalidArgument, "min_tokens"},
+		{"logprobs too many", func(r *pb.GenerateRequest) { r.Logprobs = ptr(int32(21)) }, codes.InvalidArgument, "logprobs"},
+		{"unknown model", func(r *pb.GenerateRequest) { r.Model = "qwen2-72b" }, codes.NotFound, "model"},
+	}
+	for _, tc := range cases {
+		r := ok()
+		tc.edit(r)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err := generate(ctx, c.client, r)
+		cancel()
+		if status.Code(err) != tc.code || !strings.Contains(status.Convert(err).Message(), tc.field) {
+			t.Errorf("%s: got %v, want %v naming %q", tc.name, err, tc.code, tc.field)
+		}
+	}
+	// The good request still works, and names the served model.
+	r := ok()
+	r.Model = "dense-gqa-f32"
+	if res := mustGenerate(t, c.client, r); len(res.ids) != 4 {
+		t.Fatalf("good request: %v", res.ids)
+	}
+	// A full queue: one running, one waiting, the rest refused at once.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	first, err := c.client.Generate(ctx, idsReq([]int32{1, 2, 3}, 30000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := first.Recv(); err != nil { // running
+		t.Fatal(err)
+	}
+	if _, err := c.client.Generate(ctx, idsReq([]int32{1, 2, 3}, 30000)); err != nil {
+		t.Fatal(err)
+	}
+	for s := schedulerStats(t, c.client); s.Waiting != 1; s = schedulerStats(t, c.client) {
+		time.Sleep(10 * time.Millisecond) // the second one queues
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		qctx, qcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		t0 := time.Now()
+		_, err := generate(qctx, c.client, ok())
+		qcancel()
+		if status.Code(err) == codes.ResourceExhausted {
+			t.Logf("RESOURCE_EXHAUSTED after %v: %v", time.Since(t0), err)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("queue never full: %v", err)
+		}
+	}
+}
+
+// TestLeaderFailover: two coordinators on one (test-embedded) etcd and an
+// independent worker process; the standby refuses to serve until the
+// leader is killed, then takes over and serves the same tokens.
+func TestLeaderFailover(t *testing.T) {
+	e, err := cluster.StartEmbeddedEtcd(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	eps := strings.Join(e.Endpoints(), ",")
+	dir := refDir("dense-gqa-f32")
+	ref := loadRef(t, dir)
+	start(t, "worker", "--etcd-endpoints", eps, "--threads", "2", "--log-level", "warn")
+	coord := func() (*proc, pb.GeneratorClient) {
+		addr := freeAddr(t)
+		p := start(t, "coordinator", "--listen", addr, "--model", dir, "--etcd-endpoints", eps, "--local-workers", "0",
+			"--leader-ttl", "1s", "--data-dir", t.TempDir(), "--log-level", "warn")
+		_, client := dial(t, addr)
+		return p, client
+	}
+	a, ca := coord()
+	waitReady(t, ca, a, 60*time.Second)
+	b, cb := coord()
+	// b answers as a standby.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		info, err := cb.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
+		if err == nil {
+			if info.Leader || info.Ready {
+				t.Fatalf("second coordinator leads: %v", info)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := generate(context.Background(), cb, idsReq(ref.PromptIDs, 2)); status.Code(err) != codes.Unavailable {
+		t.Fatalf("standby Generate: %v", err)
+	}
+	if r := mustGenerate(t, ca, idsReq(ref.PromptIDs, len(ref.GreedyIDs))); !slices.Equal(r.ids, ref.GreedyIDs) {
+		t.Fatalf("leader: %v", r.ids)
+	}
+	t0 := time.Now()
+	a.stop(syscall.SIGKILL)
+	info := waitReady(t, cb, b, 60*time.Second)
+	t.Logf("standby took over in %v", time.Since(t0))
+	if !info.Leader {
+		t.Fatalf("ready but not leader: %v", info)
+	}
+	if r := mustGenerate(t, cb, idsReq(ref.PromptIDs, len(ref.GreedyIDs))); !slices.Equal(r.ids, ref.GreedyIDs) {
+		t.Fatalf("new leader: %v, want %v", r.ids, ref.GreedyIDs)
+	}
+}
+
+// TestDemoClusterTextChatHealth: the no-model default (demo model made
+// under --data-dir, one local worker), text and chat input, stop strings,
+// logprobs, Tokenize, model info, HealthCheck, grpc.health.v1.
+func TestDemoClusterTextChatHealth(t *testing.T) {
+	c := startCluster(t, "")
+	ctx := context.Background()
+	mi, err := c.client.GetModelInfo(ctx, &pb.GetModelInfoRequest{})
+	if err != nil || !mi.HasTokenizer || mi.VocabSize != 151936 {
+		t.Fatalf("model info %v %v", mi, err)
+	}
+	tk, err := c.client.Tokenize(ctx, &pb.TokenizeRequest{Input: &pb.TokenizeRequest_Text{Text: "Hello world"}})
+	if err != nil || !slices.Equal(tk.Ids, []int32{9707, 1879}) {
+		t.Fatalf("tokenize: %v %v", tk, err)
+	}
+	r := mustGenerate(t, c.client, &pb.GenerateRequest{Input: &pb.GenerateRequest_Text{Text: "Hello world"}, MaxTokens: ptr(int32(12)),
+		Temperature: ptr(float32(0)), IgnoreEos: true, Logprobs: ptr(int32(3))})
+	if len(r.ids) != 12 || len(r.lps) != 12 || len(r.lps[0].Top) != 3 || r.lps[0].Top[0].TokenId != r.ids[0] {
+		t.Fatalf("text request: %d ids, logprobs %v", len(r.ids), r.lps)
+	}
+	if r.lps[0].Logprob > 0 || r.lps[0].Logprob != r.lps[0].Top[0].Logprob {
+		t.Fatalf("logprob of a greedy token %v, top %v", r.lps[0].Logprob, r.lps[0].Top[0])
+	}
+	if r.text == "" {
+		t.Fatal("no text")
+	}
+	// A stop string taken from the text: the output ends before it.
+	full := []rune(r.text)
+	if len(full) > 4 {
+		stop := string(full[len(full)/2 : len(full)/2+2])
+		s := mustGenerate(t, c.client, &pb.GenerateRequest{Input: &pb.GenerateRequest_Text{Text: "Hello world"}, MaxTokens: ptr(int32(12)),
+			Temperature: ptr(float32(0)), IgnoreEos: true, Stop: []string{stop}})
+		if s.finish != "stop" || strings.Contains(s.text, stop) || !strings.HasPrefix(r.text, s.text) {
+			t.Fatalf("stop %q: %q (%s), full %q", stop, s.text, s.finish, r.text)
+		}
+	}
+	chat := mustGenerate(t, c.client, &pb.GenerateRequest{Input: &pb.GenerateRequest_Chat{Chat: &pb.ChatInput{
+		Messages: []*pb.ChatMessage{{Role: "user", Content: "Hi"}}}}, MaxTokens: ptr(int32(3)), Temperature: ptr(float32(0)), IgnoreEos: true})
+	if chat.usage.PromptTokens < 10 || len(chat.ids) != 3 {
+		t.Fatalf("chat: %v", chat.usage)
+	}
+	h, err := c.client.HealthCheck(ctx, &pb.HealthCheckRequest{})
+	if err != nil || !h.Healthy {
+		t.Fatalf("health check %v %v", h, err)
+	}
+	hs, err := healthpb.NewHealthClient(c.conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || hs.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("grpc health %v %v", hs, err)
+	}
+}
