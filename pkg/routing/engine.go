@@ -24,6 +24,8 @@ type StepSeq struct {
 	TopN   int  // candidates wanted (≥ 1 when Sample)
 	// FullRow asks for the whole logits row of the last token.
 	FullRow bool
+	// WantLogSumExp asks for the row's log-normalizer (logprobs).
+	WantLogSumExp bool
 	// PromptTargets, when not nil, has one entry per token: the id whose
 	// logprob is wanted at that position, or -1.
 	PromptTargets []int32
@@ -420,6 +422,7 @@ func (e *Engine) batch(p *Plan) *StepBatch {
 		if it.Sample {
 			s.TopN = max(1, st.req.Logprobs)
 			s.FullRow = !st.plainGreedy(it.Seq)
+			s.WantLogSumExp = st.req.Logprobs >= 0
 		}
 		if st.req.PromptLogprobs && it.Start < it.Seq.NumPrompt {
 			s.PromptTargets = make([]int32, len(it.Tokens))

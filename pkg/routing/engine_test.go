@@ -25,7 +25,7 @@ func root() string {
 // newEngine runs an engine over an in-process executor of a reference model.
 func newEngine(t *testing.T, blocks, blockSize int, cfg routing.SchedulerConfig) (*routing.Engine, *model.Model) {
 	t.Helper()
-	b, err := cpu.New(cpu.Config{Threads: 2})
+	b, err := cpu.New(cpu.Config{Threads: 2, BatchInvariant: true})
 	if err != nil {
 		t.Fatal(err)
 	}

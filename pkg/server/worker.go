@@ -117,7 +117,7 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	if err := stream.Send(&workerv1.LoadProgress{Stage: "reading"}); err != nil {
 		return err
 	}
-	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels})
+	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true})
 	if err != nil {
 		w.setState("failed")
 		return status.Errorf(codes.FailedPrecondition, "backend: %v", err)
@@ -195,7 +195,7 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	tokens := 0
 	for i, s := range req.Seqs {
 		b.Seqs[i] = routing.StepSeq{ID: s.SeqId, Tokens: s.Tokens, Start: int(s.Start), Blocks: s.BlockTable,
-			Sample: s.Sample, TopN: int(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets}
+			Sample: s.Sample, TopN: int(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogSumExp: s.WantLogsumexp}
 		tokens += len(s.Tokens)
 	}
 	res, err := exec.Step(ctx, b)
@@ -247,7 +247,7 @@ func (g *grpcExecutor) Step(ctx context.Context, b *routing.StepBatch) (*routing
 	req := &workerv1.StepRequest{StepId: g.steps, AssignmentVersion: g.version, Seqs: make([]*workerv1.SeqStep, len(b.Seqs))}
 	for i, s := range b.Seqs {
 		req.Seqs[i] = &workerv1.SeqStep{SeqId: s.ID, Tokens: s.Tokens, Start: int32(s.Start), BlockTable: s.Blocks,
-			Sample: s.Sample, TopN: int32(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets}
+			Sample: s.Sample, TopN: int32(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogsumexp: s.WantLogSumExp}
 	}
 	resp, err := g.client.Step(ctx, req)
 	if err != nil {

@@ -128,7 +128,9 @@ func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.Ste
 			continue
 		}
 		last := rows[len(rows)-V:]
-		r.LogSumExp = sampling.LogSumExp(last)
+		if s.WantLogSumExp {
+			r.LogSumExp = sampling.LogSumExp(last)
+		}
 		for _, c := range sampling.TopN(last, s.TopN, r.LogSumExp) {
 			r.Candidates = append(r.Candidates, routing.Candidate{ID: c.ID, Logit: c.Logit})
 		}

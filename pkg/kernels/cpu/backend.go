@@ -19,6 +19,13 @@ type Config struct {
 	// Kernels names a SIMD kernel set to use ("avx2"); empty picks the best
 	// the CPU supports. Ignored when Generic is set.
 	Kernels string
+	// BatchInvariant makes every row of a MatMul or Attention come out
+	// bit-identical whatever the other rows of the batch are (and whether
+	// there are any): every row goes through the same GEMM micro-kernel,
+	// padded with zero rows to its tile height, even a single token. A
+	// server needs it so that batching never changes a request's tokens;
+	// it costs one-token decode some speed (see the README).
+	BatchInvariant bool
 }
 
 // Variants lists the kernel sets this machine can run: "generic" always,
@@ -39,6 +46,8 @@ type Backend struct {
 	k       kernelSet
 	pool    *pool
 	scratch [][]float32 // per thread
+	// invariant: see Config.BatchInvariant.
+	invariant bool
 }
 
 var _ kernels.Backend = (*Backend)(nil)
@@ -64,7 +73,7 @@ func New(cfg Config) (*Backend, error) {
 			return nil, fmt.Errorf("cpu: kernel set %q not supported here (have %v)", cfg.Kernels, Variants())
 		}
 	}
-	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads)}, nil
+	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant}, nil
 }
 
 // Close stops the backend's threads. The backend must not be used afterwards.

@@ -14,18 +14,20 @@ import (
 func TestConformance(t *testing.T) {
 	for _, v := range cpu.Variants() {
 		for _, threads := range []int{1, 3} {
-			t.Run(fmt.Sprintf("%s/%dthreads", v, threads), func(t *testing.T) {
-				cfg := cpu.Config{Threads: threads, Generic: v == "generic"}
-				if !cfg.Generic {
-					cfg.Kernels = v
-				}
-				b, err := cpu.New(cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer b.Close()
-				kernelstest.Run(t, b)
-			})
+			for _, inv := range []bool{false, true} {
+				t.Run(fmt.Sprintf("%s/%dthreads/invariant=%v", v, threads, inv), func(t *testing.T) {
+					cfg := cpu.Config{Threads: threads, Generic: v == "generic", BatchInvariant: inv}
+					if !cfg.Generic {
+						cfg.Kernels = v
+					}
+					b, err := cpu.New(cfg)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer b.Close()
+					kernelstest.Run(t, b)
+				})
+			}
 		}
 	}
 }

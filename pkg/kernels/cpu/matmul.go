@@ -16,7 +16,7 @@ func (b *Backend) MatMul(x, w, bias kernels.Tensor) kernels.Tensor {
 	out := newF32(T, N)
 	switch {
 	case T == 0 || N == 0:
-	case T == 1:
+	case T == 1 && !b.invariant:
 		b.gemv(xt.f, wt, out.f)
 	default:
 		b.gemm(xt.f, T, wt, out.f)
@@ -86,6 +86,16 @@ const (
 func (b *Backend) gemm(x []float32, T int, w *tensor, y []float32) {
 	K := len(x) / T
 	N := len(y) / T
+	if mr := b.k.gemmRows; b.invariant && T%mr != 0 {
+		// Pad to whole tiles so no row takes the leftover-row path.
+		Tp := (T + mr - 1) / mr * mr
+		xp := make([]float32, Tp*K)
+		copy(xp, x)
+		yp := make([]float32, Tp*N)
+		b.gemm(xp, Tp, w, yp)
+		copy(y, yp[:T*N])
+		return
+	}
 	for k0 := 0; k0 < K; k0 += gemmKC {
 		kn := min(gemmKC, K-k0)
 		b.pool.run(N, gemmP, func(tid, lo, hi int) {

@@ -153,12 +153,25 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 	G, kvStride := H/KVH, KVH*D
 	ctx := s.Start + i1 // keys the last row of the unit sees
 	M := (i1 - i0) * G
-	buf := b.scratchFor(tid, 2*ctx*D+M*D+M*ctx+M*D)
-	keys, buf := buf[:ctx*D], buf[ctx*D:]
-	valsT, buf := buf[:D*ctx], buf[D*ctx:]
-	qs, buf := buf[:M*D], buf[M*D:]
-	sc, buf := buf[:M*ctx], buf[M*ctx:]
-	os := buf[:M*D]
+	Mp := M // rows through the GEMMs: whole tiles when batch-invariant
+	if mr := b.k.gemmRows; b.invariant {
+		Mp = (M + mr - 1) / mr * mr
+	}
+	// L is the score rows' length: when batch-invariant, the keys are
+	// padded with zero keys and weights to a multiple of 16, so that
+	// neither GEMM takes the micro-kernel's leftover paths differently for
+	// a row depending on how many keys the other rows of its unit see.
+	L := ctx
+	if b.invariant {
+		L = (ctx + 15) &^ 15
+	}
+	buf := b.scratchFor(tid, L*D+D*L+Mp*D+Mp*L+Mp*D)
+	keys, buf := buf[:L*D], buf[L*D:]
+	valsT, buf := buf[:D*L], buf[D*L:]
+	qs, buf := buf[:Mp*D], buf[Mp*D:]
+	sc, buf := buf[:Mp*L], buf[Mp*L:]
+	os := buf[:Mp*D]
+	clear(qs[M*D:])
 	// Keys are copied row by row; values are transposed in tiles of 16
 	// positions, so each write fills a cache line instead of touching a
 	// new one for every element.
@@ -172,7 +185,7 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 			copy(keys[p*D:(p+1)*D], kt.f[offs[k]:offs[k]+D])
 		}
 		for e := 0; e < D; e++ {
-			dst := valsT[e*ctx+p0 : e*ctx+p0+n]
+			dst := valsT[e*L+p0 : e*L+p0+n]
 			for k := range dst {
 				dst[k] = vt.f[offs[k]+e]
 			}
@@ -185,11 +198,15 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 			copy(qs[((i-i0)*G+hh)*D:], qt.f[row+h*D:row+(h+1)*D])
 		}
 	}
+	for e := 0; e < D && L > ctx; e++ {
+		clear(valsT[e*L+ctx : (e+1)*L])
+	}
+	clear(keys[ctx*D:])
 	clear(sc)
-	b.panelMulAdd(qs, D, M, D, keys, D, ctx, sc, ctx)
+	b.panelMulAdd(qs, D, Mp, D, keys, D, L, sc, L)
 	for r := 0; r < M; r++ {
 		valid := s.Start + i0 + r/G + 1
-		srow := sc[r*ctx : (r+1)*ctx]
+		srow := sc[r*L : (r+1)*L]
 		m := float32(math.Inf(-1))
 		for j := 0; j < valid; j++ {
 			srow[j] *= ab.Scale
@@ -207,8 +224,9 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 		}
 		clear(srow[valid:])
 	}
+	clear(sc[M*L:]) // padding rows weigh nothing
 	clear(os)
-	b.panelMulAdd(sc, ctx, M, ctx, valsT, ctx, D, os, D)
+	b.panelMulAdd(sc, L, Mp, L, valsT, L, D, os, D)
 	for i := i0; i < i1; i++ {
 		row := (s.Row + i) * H * D
 		for hh := 0; hh < G; hh++ {

@@ -565,6 +565,8 @@ type SeqStep struct {
 	// prompt_targets[i] is the id following tokens[i] in the prompt (or -1):
 	// its logprob is returned in prompt_logprobs.
 	PromptTargets []int32 `protobuf:"varint,8,rep,packed,name=prompt_targets,json=promptTargets,proto3" json:"prompt_targets,omitempty"`
+	// want_logsumexp asks for the row's log-normalizer (for logprobs).
+	WantLogsumexp bool `protobuf:"varint,9,opt,name=want_logsumexp,json=wantLogsumexp,proto3" json:"want_logsumexp,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -653,6 +655,13 @@ func (x *SeqStep) GetPromptTargets() []int32 {
 		return x.PromptTargets
 	}
 	return nil
+}
+
+func (x *SeqStep) GetWantLogsumexp() bool {
+	if x != nil {
+		return x.WantLogsumexp
+	}
+	return false
 }
 
 type StepRequest struct {
@@ -771,7 +780,7 @@ type SeqResult struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	SeqId          uint64                 `protobuf:"varint,1,opt,name=seq_id,json=seqId,proto3" json:"seq_id,omitempty"`
 	Candidates     []*Candidate           `protobuf:"bytes,2,rep,name=candidates,proto3" json:"candidates,omitempty"`                                        // top_n by logit, descending
-	Logsumexp      float64                `protobuf:"fixed64,3,opt,name=logsumexp,proto3" json:"logsumexp,omitempty"`                                        // over the whole vocabulary row
+	Logsumexp      float64                `protobuf:"fixed64,3,opt,name=logsumexp,proto3" json:"logsumexp,omitempty"`                                        // over the whole row, when asked
 	Row            []float32              `protobuf:"fixed32,4,rep,packed,name=row,proto3" json:"row,omitempty"`                                             // full row when full_row
 	PromptLogprobs []float32              `protobuf:"fixed32,5,rep,packed,name=prompt_logprobs,json=promptLogprobs,proto3" json:"prompt_logprobs,omitempty"` // one per prompt_targets entry (NaN where -1)
 	unknownFields  protoimpl.UnknownFields
@@ -1145,7 +1154,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\n" +
 	"block_size\x18\x02 \x01(\x05R\tblockSize\x12&\n" +
 	"\x0fbytes_per_block\x18\x03 \x01(\x03R\rbytesPerBlock\x12\x1b\n" +
-	"\twarmup_ms\x18\x04 \x01(\x01R\bwarmupMs\"\xde\x01\n" +
+	"\twarmup_ms\x18\x04 \x01(\x01R\bwarmupMs\"\x85\x02\n" +
 	"\aSeqStep\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x16\n" +
 	"\x06tokens\x18\x02 \x03(\x05R\x06tokens\x12\x14\n" +
@@ -1155,7 +1164,8 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x06sample\x18\x05 \x01(\bR\x06sample\x12\x13\n" +
 	"\x05top_n\x18\x06 \x01(\x05R\x04topN\x12\x19\n" +
 	"\bfull_row\x18\a \x01(\bR\afullRow\x12%\n" +
-	"\x0eprompt_targets\x18\b \x03(\x05R\rpromptTargets\"\x87\x01\n" +
+	"\x0eprompt_targets\x18\b \x03(\x05R\rpromptTargets\x12%\n" +
+	"\x0ewant_logsumexp\x18\t \x01(\bR\rwantLogsumexp\"\x87\x01\n" +
 	"\vStepRequest\x12\x17\n" +
 	"\astep_id\x18\x01 \x01(\x04R\x06stepId\x12-\n" +
 	"\x12assignment_version\x18\x02 \x01(\x03R\x11assignmentVersion\x120\n" +

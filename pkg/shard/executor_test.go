@@ -1,0 +1,127 @@
+package shard_test
+
+import (
+	"context"
+	"errors"
+	"math"
+	"slices"
+	"testing"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/sampling"
+	"github.com/qwenfleet/qwenfleet/pkg/shard"
+)
+
+func newExec(t *testing.T) *shard.Executor {
+	t.Helper()
+	cfg, err := model.Preset("qwen2-0.5b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.NumHiddenLayers, cfg.MaxWindowLayers = 2, 2
+	b, err := cpu.New(cpu.Config{Threads: 2, BatchInvariant: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := model.New(cfg, b, model.NewRandomWeights(cfg, kernels.BF16, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close(); b.Close() })
+	x := shard.NewExecutor(m)
+	if err := x.Warmup(64, 16, 4); err != nil {
+		t.Fatal(err)
+	}
+	return x
+}
+
+func step(t *testing.T, x *shard.Executor, seqs ...routing.StepSeq) *routing.StepResult {
+	t.Helper()
+	r, err := x.Step(context.Background(), &routing.StepBatch{Seqs: seqs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestStepIsBatchInvariant: on the qwen2-0.5b shape, a sequence's row is
+// bit-identical whether it decodes alone or beside others, and whether its
+// prompt was prefilled in one chunk or two.
+func TestStepIsBatchInvariant(t *testing.T) {
+	x := newExec(t)
+	prompts := [][]int32{{100, 200, 300, 400, 500}, {7, 8, 9}, {1000, 2000, 3000, 4000, 5000, 6000, 7000}}
+	tables := [][]int32{{0}, {1}, {2}}
+	// Prefill all three together, the first one in two chunks.
+	step(t, x, routing.StepSeq{ID: 1, Tokens: prompts[0][:2], Blocks: tables[0]})
+	step(t, x,
+		routing.StepSeq{ID: 1, Tokens: prompts[0][2:], Start: 2, Blocks: tables[0]},
+		routing.StepSeq{ID: 2, Tokens: prompts[1], Blocks: tables[1]},
+		routing.StepSeq{ID: 3, Tokens: prompts[2], Blocks: tables[2]})
+	dec := func(i int) routing.StepSeq {
+		return routing.StepSeq{ID: uint64(i), Tokens: []int32{42}, Start: len(prompts[i]), Blocks: tables[i], Sample: true, TopN: 1, FullRow: true}
+	}
+	batched := step(t, x, dec(0), dec(1), dec(2))
+	// The first one again, alone, from a fresh one-chunk prefill in other blocks.
+	step(t, x, routing.StepSeq{ID: 9, Tokens: prompts[0], Blocks: []int32{5}})
+	s := dec(0)
+	s.Blocks = []int32{5}
+	alone := step(t, x, s)
+	if !slices.Equal(alone.Seqs[0].Row, batched.Seqs[0].Row) {
+		d := 0
+		for i := range alone.Seqs[0].Row {
+			if alone.Seqs[0].Row[i] != batched.Seqs[0].Row[i] {
+				d++
+			}
+		}
+		t.Fatalf("%d of %d logits differ alone and batched", d, len(alone.Seqs[0].Row))
+	}
+	c := alone.Seqs[0].Candidates
+	if len(c) != 1 || c[0].ID != int32(model.Argmax(alone.Seqs[0].Row)) {
+		t.Fatalf("candidate %v", c)
+	}
+}
+
+func TestStepPromptLogprobsAndErrors(t *testing.T) {
+	x := newExec(t)
+	p := []int32{11, 22, 33, 44}
+	r := step(t, x, routing.StepSeq{ID: 1, Tokens: p, Blocks: []int32{0}, Sample: true, TopN: 3, WantLogSumExp: true,
+		PromptTargets: []int32{22, 33, 44, -1}})
+	lp := r.Seqs[0].PromptLogprobs
+	// Position 1's row, computed as a sampled row of a two-token prompt.
+	row := step(t, x, routing.StepSeq{ID: 2, Tokens: p[:2], Blocks: []int32{1}, Sample: true, TopN: 1, FullRow: true}).Seqs[0].Row
+	if want := float64(row[33]) - sampling.LogSumExp(row); math.Abs(float64(lp[1])-want) > 1e-4 {
+		t.Fatalf("prompt logprob %v, want %v", lp[1], want)
+	}
+	if len(lp) != 4 || !math.IsNaN(float64(lp[3])) {
+		t.Fatalf("prompt logprobs %v", lp)
+	}
+	for _, v := range lp[:3] {
+		if !(v < 0) {
+			t.Fatalf("prompt logprob %v", v)
+		}
+	}
+	cs := r.Seqs[0].Candidates
+	if len(cs) != 3 || cs[0].Logit < cs[1].Logit || cs[1].Logit < cs[2].Logit || r.Seqs[0].LogSumExp < float64(cs[0].Logit) {
+		t.Fatalf("candidates %v lse %v", cs, r.Seqs[0].LogSumExp)
+	}
+	if lse := sampling.LogSumExp(nil); !math.IsInf(lse, -1) {
+		t.Fatal(lse)
+	}
+	bad := []routing.StepSeq{
+		{ID: 1, Tokens: []int32{1}, Blocks: []int32{0}, Sample: true, TopN: 0},
+		{ID: 1, Tokens: []int32{1}, Blocks: []int32{0}, Sample: true, TopN: 5000},
+		{ID: 1, Tokens: []int32{1, 2}, Blocks: []int32{0}, PromptTargets: []int32{1}},
+		{ID: 1, Tokens: []int32{1}, Blocks: []int32{0}, PromptTargets: []int32{1 << 20}},
+		{ID: 1, Tokens: []int32{1 << 20}, Blocks: []int32{0}},
+		{ID: 1, Tokens: []int32{1}, Blocks: []int32{999}},
+		{ID: 1, Tokens: []int32{1}, Start: -1, Blocks: []int32{0}},
+	}
+	for i, s := range bad {
+		if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: []routing.StepSeq{s}}); !errors.Is(err, model.ErrBadBatch) {
+			t.Errorf("bad step %d: %v", i, err)
+		}
+	}
+}
