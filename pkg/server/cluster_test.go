@@ -65,7 +65,7 @@ func repoRoot() string {
 
 func refDir(name string) string { return filepath.Join(repoRoot(), "testdata", "qwen2-ref", name) }
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -83,7 +83,7 @@ type proc struct {
 	done chan struct{}
 }
 
-func start(t *testing.T, bin string, args ...string) *proc {
+func start(t testing.TB, bin string, args ...string) *proc {
 	t.Helper()
 	logf, err := os.CreateTemp(t.TempDir(), filepath.Base(bin)+"-*.log")
 	if err != nil {
@@ -133,7 +133,7 @@ type clusterT struct {
 	coord  *proc
 }
 
-func dial(t *testing.T, addr string) (*grpc.ClientConn, pb.GeneratorClient) {
+func dial(t testing.TB, addr string) (*grpc.ClientConn, pb.GeneratorClient) {
 	t.Helper()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -144,7 +144,7 @@ func dial(t *testing.T, addr string) (*grpc.ClientConn, pb.GeneratorClient) {
 }
 
 // startCluster runs a coordinator with embedded etcd and local workers.
-func startCluster(t *testing.T, modelDir string, args ...string) *clusterT {
+func startCluster(t testing.TB, modelDir string, args ...string) *clusterT {
 	t.Helper()
 	addr := freeAddr(t)
 	all := append([]string{"--listen", addr, "--data-dir", t.TempDir(), "--log-level", "warn", "--worker-threads", "2"}, args...)
@@ -160,7 +160,7 @@ func startCluster(t *testing.T, modelDir string, args ...string) *clusterT {
 	return c
 }
 
-func waitReady(t *testing.T, client pb.GeneratorClient, p *proc, d time.Duration) *pb.ServerInfo {
+func waitReady(t testing.TB, client pb.GeneratorClient, p *proc, d time.Duration) *pb.ServerInfo {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for {
@@ -223,7 +223,7 @@ func generate(ctx context.Context, client pb.GeneratorClient, req *pb.GenerateRe
 	}
 }
 
-func mustGenerate(t *testing.T, client pb.GeneratorClient, req *pb.GenerateRequest) *result {
+func mustGenerate(t testing.TB, client pb.GeneratorClient, req *pb.GenerateRequest) *result {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()

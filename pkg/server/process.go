@@ -178,11 +178,16 @@ const DemoPreset = "tiny"
 // directory: the tiny preset's shape with random weights and the real
 // Qwen2 tokenizer.
 func EnsureDemoModel(dataDir string) (string, error) {
-	dir := filepath.Join(dataDir, "demo-"+DemoPreset)
+	return EnsurePresetModel(filepath.Join(dataDir, "demo-"+DemoPreset), DemoPreset)
+}
+
+// EnsurePresetModel makes (once) a random-weight bf16 checkpoint of a preset
+// shape, with the real tokenizer, in dir.
+func EnsurePresetModel(dir, preset string) (string, error) {
 	if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
 		return dir, nil
 	}
-	cfg, err := model.Preset(DemoPreset)
+	cfg, err := model.Preset(preset)
 	if err != nil {
 		return "", err
 	}

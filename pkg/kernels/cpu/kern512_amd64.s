@@ -20,6 +20,28 @@
 	VADDPS (PTR), XA, XA; \
 	VMOVUPS XA, (PTR)
 
+#define G1SETUP(SHIFT) \
+	MOVQ x+0(FP), SI; \
+	MOVQ w+8(FP), DI; \
+	MOVQ stride+16(FP), BX; \
+	MOVQ n+24(FP), CX; \
+	MOVQ c+32(FP), DX; \
+	SHLQ SHIFT, BX; \
+	LEAQ (DI)(BX*1), R8; \
+	LEAQ (R8)(BX*1), R9; \
+	LEAQ (R9)(BX*1), R10; \
+	VPXORD Z0, Z0, Z0; \
+	VPXORD Z1, Z1, Z1; \
+	VPXORD Z2, Z2, Z2; \
+	VPXORD Z3, Z3, Z3; \
+	XORQ AX, AX
+
+#define G1FMA \
+	VFMADD231PS Z16, Z20, Z0; \
+	VFMADD231PS Z16, Z21, Z1; \
+	VFMADD231PS Z16, Z22, Z2; \
+	VFMADD231PS Z16, Z23, Z3
+
 // func gemm5x4AVX512(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ldc int)
 // c[i*ldc+j] += sum_k x[i*ldx+k] * p[j*ldp+k] for i < 5, j < 4; n is a multiple of 16.
 TEXT ·gemm5x4AVX512(SB), NOSPLIT, $0-56
@@ -217,5 +239,84 @@ dbdone:
 	VMOVSS X1, 4(DX)
 	VMOVSS X2, 8(DX)
 	VMOVSS X3, 12(DX)
+	VZEROUPPER
+	RET
+
+// One-token tiles with the arithmetic of gemm5x4AVX512's rows: one 16-lane
+// accumulator per weight row, k in order, then REDUCE4 adds the four sums
+// to c[0..3]. A token's result is bit-identical whether it went through
+// gemm5x4 (in a batch) or here (alone); the weights are read (and widened
+// exactly) straight from their storage dtype. n is a multiple of 16.
+
+// func gemm1x4BF16AVX512(x *float32, w *uint16, stride int, n int, c *float32)
+TEXT ·gemm1x4BF16AVX512(SB), NOSPLIT, $0-40
+	G1SETUP($1)
+g1b:
+	CMPQ AX, CX
+	JGE  g1bdone
+	PREFETCHT0 1024(DI)(AX*2)
+	PREFETCHT0 1024(R8)(AX*2)
+	PREFETCHT0 1024(R9)(AX*2)
+	PREFETCHT0 1024(R10)(AX*2)
+	VMOVUPS   (SI)(AX*4), Z16
+	VPMOVZXWD (DI)(AX*2), Z20
+	VPMOVZXWD (R8)(AX*2), Z21
+	VPMOVZXWD (R9)(AX*2), Z22
+	VPMOVZXWD (R10)(AX*2), Z23
+	VPSLLD $16, Z20, Z20
+	VPSLLD $16, Z21, Z21
+	VPSLLD $16, Z22, Z22
+	VPSLLD $16, Z23, Z23
+	G1FMA
+	ADDQ $16, AX
+	JMP  g1b
+g1bdone:
+	REDUCE4(Z0, Z1, Z2, Z3, Y0, Y1, Y2, Y3, X0, DX)
+	VZEROUPPER
+	RET
+
+// func gemm1x4F16AVX512(x *float32, w *uint16, stride int, n int, c *float32)
+TEXT ·gemm1x4F16AVX512(SB), NOSPLIT, $0-40
+	G1SETUP($1)
+g1h:
+	CMPQ AX, CX
+	JGE  g1hdone
+	PREFETCHT0 1024(DI)(AX*2)
+	PREFETCHT0 1024(R8)(AX*2)
+	PREFETCHT0 1024(R9)(AX*2)
+	PREFETCHT0 1024(R10)(AX*2)
+	VMOVUPS   (SI)(AX*4), Z16
+	VCVTPH2PS (DI)(AX*2), Z20
+	VCVTPH2PS (R8)(AX*2), Z21
+	VCVTPH2PS (R9)(AX*2), Z22
+	VCVTPH2PS (R10)(AX*2), Z23
+	G1FMA
+	ADDQ $16, AX
+	JMP  g1h
+g1hdone:
+	REDUCE4(Z0, Z1, Z2, Z3, Y0, Y1, Y2, Y3, X0, DX)
+	VZEROUPPER
+	RET
+
+// func gemm1x4F32AVX512(x *float32, w *float32, stride int, n int, c *float32)
+TEXT ·gemm1x4F32AVX512(SB), NOSPLIT, $0-40
+	G1SETUP($2)
+g1f:
+	CMPQ AX, CX
+	JGE  g1fdone
+	PREFETCHT0 1024(DI)(AX*4)
+	PREFETCHT0 1024(R8)(AX*4)
+	PREFETCHT0 1024(R9)(AX*4)
+	PREFETCHT0 1024(R10)(AX*4)
+	VMOVUPS (SI)(AX*4), Z16
+	VMOVUPS (DI)(AX*4), Z20
+	VMOVUPS (R8)(AX*4), Z21
+	VMOVUPS (R9)(AX*4), Z22
+	VMOVUPS (R10)(AX*4), Z23
+	G1FMA
+	ADDQ $16, AX
+	JMP  g1f
+g1fdone:
+	REDUCE4(Z0, Z1, Z2, Z3, Y0, Y1, Y2, Y3, X0, DX)
 	VZEROUPPER
 	RET

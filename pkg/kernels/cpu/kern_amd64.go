@@ -18,6 +18,15 @@ func gemm3x4AVX2(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ld
 func gemm5x4AVX512(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ldc int)
 
 //go:noescape
+func gemm1x4BF16AVX512(x *float32, w *uint16, stride int, n int, c *float32)
+
+//go:noescape
+func gemm1x4F16AVX512(x *float32, w *uint16, stride int, n int, c *float32)
+
+//go:noescape
+func gemm1x4F32AVX512(x *float32, w *float32, stride int, n int, c *float32)
+
+//go:noescape
 func dot4BF16AVX512(x *float32, w *uint16, stride, n int, out *[4]float32)
 
 //go:noescape
@@ -52,6 +61,15 @@ func simdKernels() []kernelSet {
 	avx512 := avx2
 	avx512.name, avx512.gemm, avx512.gemmRows = "avx512", gemm5x4Asm, 5
 	avx512.dot4BF16 = dot4BF16Asm512
+	avx512.gemm1BF16 = func(x []float32, w []uint16, stride, n int, c []float32) {
+		gemm1Asm(gemm1x4BF16AVX512, bf16, x, w, stride, n, c)
+	}
+	avx512.gemm1F16 = func(x []float32, w []uint16, stride, n int, c []float32) {
+		gemm1Asm(gemm1x4F16AVX512, f16, x, w, stride, n, c)
+	}
+	avx512.gemm1F32 = func(x []float32, w []float32, stride, n int, c []float32) {
+		gemm1Asm(gemm1x4F32AVX512, func(v float32) float32 { return v }, x, w, stride, n, c)
+	}
 	return []kernelSet{avx512, avx2}
 }
 
@@ -160,5 +178,31 @@ func cvtF16Asm(dst []float32, src []uint16) {
 	}
 	for i := n8; i < n; i++ {
 		dst[i] = f16(src[i])
+	}
+}
+
+// gemm1Asm checks bounds, runs the bulk of k (a multiple of 16) in kernel
+// and adds the tail exactly as gemmAsm does for a row of a tile.
+func gemm1Asm[T uint16 | float32](kernel func(*float32, *T, int, int, *float32), widen func(T) float32,
+	x []float32, w []T, stride, n int, c []float32) {
+	if n == 0 {
+		return
+	}
+	_ = x[n-1]
+	_ = w[3*stride+n-1]
+	_ = c[3]
+	nb := n - n%16
+	if nb > 0 {
+		kernel(&x[0], &w[0], stride, nb, &c[0])
+	}
+	if nb == n {
+		return
+	}
+	for j := 0; j < 4; j++ {
+		var s float32
+		for k := nb; k < n; k++ {
+			s += x[k] * widen(w[j*stride+k])
+		}
+		c[j] += s
 	}
 }

@@ -15,6 +15,12 @@ type kernelSet struct {
 	// weight rows.
 	gemm     func(x []float32, ldx int, p []float32, ldp int, n int, c []float32, ldc int)
 	gemmRows int
+	// gemm1* (optional) add the one-token row of gemm's tile, with gemm's
+	// exact arithmetic, reading 4 weight rows (stride apart) in their
+	// storage dtype: c[j] += Σ_{k<n} x[k]·w[j·stride+k] for j < 4.
+	gemm1BF16 func(x []float32, w []uint16, stride, n int, c []float32)
+	gemm1F16  func(x []float32, w []uint16, stride, n int, c []float32)
+	gemm1F32  func(x []float32, w []float32, stride, n int, c []float32)
 	// swiglu writes out[i] = silu(g[i])·u[i] for i < len(out).
 	swiglu func(g, u, out []float32)
 	// cvt* widen len(dst) elements of src into dst.

@@ -18,6 +18,8 @@ func (b *Backend) MatMul(x, w, bias kernels.Tensor) kernels.Tensor {
 	case T == 0 || N == 0:
 	case T == 1 && !b.invariant:
 		b.gemv(xt.f, wt, out.f)
+	case T == 1 && b.hasGemm1(wt.dt):
+		b.gemv1(xt.f, wt, out.f)
 	default:
 		b.gemm(xt.f, T, wt, out.f)
 	}
@@ -64,6 +66,51 @@ func (b *Backend) gemv(x []float32, w *tensor, y []float32) {
 		for ; r < hi; r++ {
 			b.dot4(x, w, r, 0, &o)
 			y[r] = o[0]
+		}
+	})
+}
+
+func (b *Backend) hasGemm1(dt kernels.DType) bool {
+	switch dt {
+	case kernels.BF16:
+		return b.k.gemm1BF16 != nil
+	case kernels.F16:
+		return b.k.gemm1F16 != nil
+	}
+	return b.k.gemm1F32 != nil
+}
+
+// gemv1 is the batch-invariant one-token case: the arithmetic of gemm (the
+// same k blocks, tile rows and leftover rows) with each weight row streamed
+// once, as in gemv.
+func (b *Backend) gemv1(x []float32, w *tensor, y []float32) {
+	K, N := len(x), len(y)
+	b.pool.run(N, 4, func(tid, lo, hi int) {
+		full := lo + (hi-lo)&^3
+		for k0 := 0; k0 < K; k0 += gemmKC {
+			kn := min(gemmKC, K-k0)
+			xs := x[k0 : k0+kn]
+			for r := lo; r < full; r += 4 {
+				switch w.dt {
+				case kernels.BF16:
+					b.k.gemm1BF16(xs, w.h[r*K+k0:], K, kn, y[r:r+4])
+				case kernels.F16:
+					b.k.gemm1F16(xs, w.h[r*K+k0:], K, kn, y[r:r+4])
+				default:
+					b.k.gemm1F32(xs, w.f[r*K+k0:], K, kn, y[r:r+4])
+				}
+			}
+			if full < hi {
+				// Rows past the last whole group of 4 (N % 4 of them, at
+				// the end), as panelMulAdd does them: widened, then dot4.
+				buf := b.scratchFor(tid, kn)[:kn]
+				var o [4]float32
+				for r := full; r < hi; r++ {
+					b.widen(buf, w, r*K+k0)
+					b.k.dot4F32(xs, buf, 0, &o)
+					y[r] += o[0]
+				}
+			}
 		}
 	})
 }

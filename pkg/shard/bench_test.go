@@ -1,0 +1,50 @@
+package shard_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/shard"
+)
+
+// BenchmarkDecodeStep: one decode step of B sequences on the qwen2-0.5b
+// shape (random bf16 weights, all threads), with and without batch
+// invariance. tok/s is B per step time.
+func BenchmarkDecodeStep(b *testing.B) {
+	cfg, _ := model.Preset("qwen2-0.5b")
+	for _, inv := range []bool{false, true} {
+		be, err := cpu.New(cpu.Config{BatchInvariant: inv})
+		if err != nil {
+			b.Fatal(err)
+		}
+		m, err := model.New(cfg, be, model.NewRandomWeights(cfg, kernels.BF16, 1))
+		if err != nil {
+			b.Fatal(err)
+		}
+		x := shard.NewExecutor(m)
+		if err := x.Warmup(32*8, 16, 1); err != nil {
+			b.Fatal(err)
+		}
+		for _, B := range []int{1, 8, 32} {
+			b.Run(fmt.Sprintf("invariant=%v/seqs=%d", inv, B), func(b *testing.B) {
+				seqs := make([]routing.StepSeq, B)
+				for i := range seqs {
+					seqs[i] = routing.StepSeq{ID: uint64(i), Tokens: []int32{int32(100 + i)}, Start: 64, Blocks: []int32{int32(8 * i), int32(8*i + 1), int32(8*i + 2), int32(8*i + 3), int32(8*i + 4)}, Sample: true, TopN: 1}
+				}
+				for i := 0; i < b.N; i++ {
+					if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: seqs}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(B*b.N)/b.Elapsed().Seconds(), "tok/s")
+			})
+		}
+		m.Close()
+		be.Close()
+	}
+}
