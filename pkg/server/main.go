@@ -74,6 +74,7 @@ func WorkerMain(args []string) int {
 	mem := fs.String("memory", "0", "memory budget reported to the planner")
 	gossipFast := fs.Bool("gossip-fast", true, "sub-second gossip failure detection (loopback/LAN)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file until exit")
 	if rc := parseFlags(fs, args); rc >= 0 {
 		return rc
 	}
@@ -96,7 +97,7 @@ func WorkerMain(args []string) int {
 	ctx, cancel := signalContext()
 	defer cancel()
 	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
-		ID: *id, Threads: *threads, Kernels: *kernels, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast, Logger: log})
+		ID: *id, Threads: *threads, Kernels: *kernels, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast, CPUProfile: *cpuProfile, Logger: log})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "worker: %v\n", err)
 		return 1

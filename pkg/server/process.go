@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -49,6 +50,7 @@ type WorkerProcessOptions struct {
 	LeaseTTL      time.Duration
 	GossipBind    string // default: the listen host
 	GossipFast    bool
+	CPUProfile    string // file to write a CPU profile to, until exit
 	Logger        *slog.Logger
 }
 
@@ -70,6 +72,17 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	}
 	if o.LeaseTTL <= 0 {
 		o.LeaseTTL = 5 * time.Second
+	}
+	if o.CPUProfile != "" {
+		pf, err := os.Create(o.CPUProfile)
+		if err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer pf.Close()
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	lis, err := net.Listen("tcp", o.Listen)
 	if err != nil {

@@ -87,29 +87,31 @@ func (b *Backend) gemv1(x []float32, w *tensor, y []float32) {
 	K, N := len(x), len(y)
 	b.pool.run(N, 4, func(tid, lo, hi int) {
 		full := lo + (hi-lo)&^3
-		for k0 := 0; k0 < K; k0 += gemmKC {
-			kn := min(gemmKC, K-k0)
-			xs := x[k0 : k0+kn]
-			for r := lo; r < full; r += 4 {
+		// Rows outer, k blocks inner: each weight row streams contiguously;
+		// y still sums its k blocks in gemm's order.
+		for r := lo; r < full; r += 4 {
+			for k0 := 0; k0 < K; k0 += gemmKC {
+				kn := min(gemmKC, K-k0)
 				switch w.dt {
 				case kernels.BF16:
-					b.k.gemm1BF16(xs, w.h[r*K+k0:], K, kn, y[r:r+4])
+					b.k.gemm1BF16(x[k0:k0+kn], w.h[r*K+k0:], K, kn, y[r:r+4])
 				case kernels.F16:
-					b.k.gemm1F16(xs, w.h[r*K+k0:], K, kn, y[r:r+4])
+					b.k.gemm1F16(x[k0:k0+kn], w.h[r*K+k0:], K, kn, y[r:r+4])
 				default:
-					b.k.gemm1F32(xs, w.f[r*K+k0:], K, kn, y[r:r+4])
+					b.k.gemm1F32(x[k0:k0+kn], w.f[r*K+k0:], K, kn, y[r:r+4])
 				}
 			}
-			if full < hi {
-				// Rows past the last whole group of 4 (N % 4 of them, at
-				// the end), as panelMulAdd does them: widened, then dot4.
+		}
+		// Rows past the last whole group of 4 (N % 4 of them, at the end),
+		// as panelMulAdd does them: widened, then dot4.
+		var o [4]float32
+		for r := full; r < hi; r++ {
+			for k0 := 0; k0 < K; k0 += gemmKC {
+				kn := min(gemmKC, K-k0)
 				buf := b.scratchFor(tid, kn)[:kn]
-				var o [4]float32
-				for r := full; r < hi; r++ {
-					b.widen(buf, w, r*K+k0)
-					b.k.dot4F32(xs, buf, 0, &o)
-					y[r] += o[0]
-				}
+				b.widen(buf, w, r*K+k0)
+				b.k.dot4F32(x[k0:k0+kn], buf, 0, &o)
+				y[r] += o[0]
 			}
 		}
 	})
