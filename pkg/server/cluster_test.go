@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
@@ -715,5 +716,25 @@ func TestDemoClusterTextChatHealth(t *testing.T) {
 	hs, err := healthpb.NewHealthClient(c.conn).Check(ctx, &healthpb.HealthCheckRequest{})
 	if err != nil || hs.Status != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("grpc health %v %v", hs, err)
+	}
+	// Server reflection lists the services (what grpcurl and ghz use).
+	rs, err := reflectpb.NewServerReflectionClient(c.conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rs.Send(&reflectpb.ServerReflectionRequest{MessageRequest: &reflectpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	rr, err := rs.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range rr.GetListServicesResponse().GetService() {
+		names = append(names, s.Name)
+	}
+	rs.CloseSend()
+	if !slices.Contains(names, "qwenfleet.v1.Generator") || !slices.Contains(names, "grpc.health.v1.Health") {
+		t.Fatalf("reflection lists %v", names)
 	}
 }
