@@ -63,8 +63,8 @@ func TestGenerateAndStatus(t *testing.T) {
 		t.Fatalf("generate: %d %s", code, errs)
 	}
 	var got struct {
-		IDs            []int32    `json:"ids"`
-		FinishReason   string     `json:"finish_reason"`
+		IDs            []int32 `json:"ids"`
+		FinishReason   string  `json:"finish_reason"`
 		Usage          struct{ PromptTokens, CompletionTokens int }
 		Logprobs       []lpJSON   `json:"logprobs"`
 		PromptLogprobs []*float64 `json:"prompt_logprobs"`
