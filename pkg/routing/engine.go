@@ -185,7 +185,13 @@ type reqState struct {
 	sampler *sampling.Sampler
 	plp     []float32 // prompt logprobs gathered so far
 	stop    map[int32]bool
+	// failures counts consecutive failed steps this request was in; after
+	// MaxStepFailures it ends with an error instead of retrying forever.
+	failures int
 }
+
+// MaxStepFailures is how many consecutive failed steps a request survives.
+const MaxStepFailures = 3
 
 // Stats are an engine's counters.
 type Stats struct {
@@ -220,12 +226,12 @@ type Engine struct {
 
 // NewEngine makes an engine over a pool of numBlocks KV blocks.
 func NewEngine(exec Executor, cfg SchedulerConfig, numBlocks, blockSize int) *Engine {
-	return &Engine{exec: exec, timeout: 60 * time.Second,
+	return &Engine{exec: exec, timeout: 120 * time.Second,
 		sched: NewScheduler(cfg, kvcache.NewBlockManager(numBlocks, blockSize)),
 		byID:  map[string]*Seq{}, wake: make(chan struct{}, 1)}
 }
 
-// SetStepTimeout bounds each executor call (default 60 s).
+// SetStepTimeout bounds each executor call (default 120 s).
 func (e *Engine) SetStepTimeout(d time.Duration) { e.timeout = d }
 
 // Fits reports whether a request of maxLen tokens could ever run here.
@@ -274,13 +280,19 @@ func (e *Engine) adopt(q *Seq) error {
 }
 
 // Adopt takes over sequences drained from another engine (their KV is
-// recomputed here); those that cannot be queued end with an error.
-func (e *Engine) Adopt(seqs []*Seq) {
+// recomputed here). It returns those it refused because it is closed (to
+// be placed elsewhere); others that cannot be queued end with an error.
+func (e *Engine) Adopt(seqs []*Seq) (closed []*Seq) {
 	for _, q := range seqs {
-		if err := e.adopt(q); err != nil {
+		err := e.adopt(q)
+		switch {
+		case errors.Is(err, ErrClosed):
+			closed = append(closed, q)
+		case err != nil:
 			q.Payload.(*reqState).stream.finish(Event{Finish: "error", Err: err, MatchedStop: -1})
 		}
 	}
+	return closed
 }
 
 // Has reports whether a request id is queued or running here.
@@ -302,6 +314,20 @@ func (e *Engine) Abort(id string) bool {
 	}
 	e.end(q, Event{Finish: "abort", MatchedStop: -1})
 	return true
+}
+
+// AbortStream is Abort for the request whose stream s is (a request id may
+// be reused once its first owner is done).
+func (e *Engine) AbortStream(s *Stream) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, q := range e.byID {
+		if q.Payload.(*reqState).stream == s {
+			e.end(q, Event{Finish: "abort", MatchedStop: -1})
+			return true
+		}
+	}
+	return false
 }
 
 // end removes q and sends its final event; e.mu is held.
@@ -392,6 +418,21 @@ func (e *Engine) Run(ctx context.Context) {
 		if err != nil {
 			e.errs.Add(1)
 			e.mu.Lock()
+			if e.closed {
+				e.mu.Unlock()
+				return
+			}
+			for _, it := range plan.Items {
+				q := it.Seq
+				if !e.sched.Owns(q) {
+					continue
+				}
+				st := q.Payload.(*reqState)
+				if st.failures++; st.failures >= MaxStepFailures {
+					e.end(q, Event{Finish: "error", MatchedStop: -1,
+						Err: fmt.Errorf("routing: %d consecutive steps failed, the last with: %w", st.failures, err)})
+				}
+			}
 			e.sched.PreemptAll()
 			e.mu.Unlock()
 			if e.OnStepError != nil {
@@ -409,6 +450,10 @@ func (e *Engine) Run(ctx context.Context) {
 		e.lastStep.Store(int64(time.Since(t0)))
 		e.steps.Add(1)
 		e.mu.Lock()
+		if e.closed { // the replica was removed during the step
+			e.mu.Unlock()
+			return
+		}
 		e.apply(plan, res)
 		e.mu.Unlock()
 	}
@@ -449,10 +494,11 @@ func (e *Engine) apply(p *Plan, res *StepResult) {
 	e.sched.Advance(p)
 	for i, it := range p.Items {
 		q := it.Seq
-		if !q.Running() {
-			continue // aborted during the step
+		if !e.sched.Owns(q) {
+			continue // aborted (or moved) during the step
 		}
 		st := q.Payload.(*reqState)
+		st.failures = 0
 		r := res.Seqs[i]
 		for j, lp := range r.PromptLogprobs {
 			if pos := it.Start + j + 1; pos < len(st.plp) && j < len(it.Tokens) && !math.IsNaN(float64(lp)) {

@@ -215,3 +215,85 @@ func TestEngineStopsAtStopIDAfterMinTokens(t *testing.T) {
 		t.Fatalf("min_tokens 5 with stop id %d: %v", want[0], ids)
 	}
 }
+
+// failing always fails its steps.
+type failing struct{ n int }
+
+func (f *failing) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
+	f.n++
+	return nil, fmt.Errorf("worker gone (%d)", f.n)
+}
+
+func TestEngineGivesUpAfterRepeatedStepFailures(t *testing.T) {
+	e := routing.NewEngine(&failing{}, routing.SchedulerConfig{MaxBatchTokens: 16, MaxRunning: 4, MaxWaiting: 4}, 16, 4)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go e.Run(ctx)
+	s, err := e.Submit(greedy("x", []int32{1, 2, 3}, 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ev := collect(t, s)
+	if ev.Finish != "error" || ev.Err == nil || e.Stats().BlocksFree != 16 {
+		t.Fatalf("after failing steps: %+v, %+v", ev, e.Stats())
+	}
+}
+
+// TestRouterMovesRequests: requests of a replica removed mid-generation
+// finish on another with the tokens they would have produced anyway;
+// with no replica left they wait, and the next replica added serves them.
+func TestRouterMovesRequests(t *testing.T) {
+	cfg := routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 16, MaxWaiting: 64}
+	a, m := newEngine(t, 256, 16, cfg)
+	r := routing.NewRouter()
+	r.AddReplica("a", a)
+	ps := prompts(6)
+	var streams []*routing.Stream
+	for i, p := range ps {
+		s, err := r.Submit(greedy(fmt.Sprint("r", i), p, 24))
+		if err != nil {
+			t.Fatal(err)
+		}
+		streams = append(streams, s)
+	}
+	if _, err := r.Submit(greedy("r0", []int32{1}, 1)); err == nil {
+		t.Fatal("duplicate id accepted")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	first := make([][]int32, len(ps))
+	for i, s := range streams {
+		ev, err := s.Recv(ctx) // every request has started
+		if err != nil {
+			t.Fatal(err)
+		}
+		first[i] = ev.Tokens
+	}
+	r.RemoveReplica("a") // no replica: the requests wait
+	if st := r.Stats(); st.Waiting != len(ps) {
+		t.Fatalf("orphans: %+v", st)
+	}
+	b, _ := newEngine(t, 256, 16, cfg)
+	r.AddReplica("b", b)
+	for i, s := range streams {
+		ids, ev := collect(t, s)
+		ids = append(first[i], ids...)
+		want, _ := m.Greedy(ps[i], 24, nil)
+		if ev.Finish != "length" || !slices.Equal(ids, want) {
+			t.Fatalf("request %d: %v (%s), want %v", i, ids, ev.Finish, want)
+		}
+	}
+	// A replica removed while a second one serves: its requests move there.
+	s, _ := r.Submit(greedy("late", ps[0], 30))
+	c, _ := newEngine(t, 256, 16, cfg)
+	r.AddReplica("c", c)
+	r.RemoveReplica("b")
+	ids, ev := collect(t, s)
+	want, _ := m.Greedy(ps[0], 30, nil)
+	if ev.Finish != "length" || !slices.Equal(ids, want) {
+		t.Fatalf("moved request: %v, want %v", ids, want)
+	}
+	if r.AbortStream(s) || r.Abort("late") {
+		t.Fatal("a finished request was found to abort")
+	}
+}

@@ -2,6 +2,7 @@ package routing
 
 import (
 	"errors"
+	"fmt"
 	"sort"
 	"sync"
 )
@@ -10,7 +11,9 @@ import (
 var ErrNoReplica = errors.New("routing: no replica is ready")
 
 // Router spreads requests over the replicas' engines (least loaded first)
-// and moves a lost replica's requests to the others. Safe for concurrent use.
+// and moves a lost replica's requests to the others, or keeps them until a
+// replica comes. Request ids are unique across replicas while running.
+// Safe for concurrent use. Lock order: Router, then Engine.
 type Router struct {
 	mu       sync.Mutex
 	replicas map[string]*Engine
@@ -20,14 +23,19 @@ type Router struct {
 // NewRouter makes an empty router.
 func NewRouter() *Router { return &Router{replicas: map[string]*Engine{}} }
 
-// AddReplica makes an engine available; orphaned requests move to it.
+// AddReplica makes an engine available (replacing, and draining, one of
+// the same name); waiting requests move to it.
 func (r *Router) AddReplica(name string, e *Engine) {
 	r.mu.Lock()
+	old := r.replicas[name]
 	r.replicas[name] = e
-	orphans := r.orphans
+	seqs := r.orphans
 	r.orphans = nil
 	r.mu.Unlock()
-	e.Adopt(orphans)
+	if old != nil && old != e {
+		seqs = append(old.Close(), seqs...)
+	}
+	r.place(seqs)
 }
 
 // RemoveReplica closes a replica's engine; its requests move to the least
@@ -37,26 +45,36 @@ func (r *Router) RemoveReplica(name string) {
 	e, ok := r.replicas[name]
 	delete(r.replicas, name)
 	r.mu.Unlock()
-	if !ok {
-		return
+	if ok {
+		r.place(e.Close())
 	}
-	seqs := e.Close()
-	if len(seqs) == 0 {
-		return
+}
+
+// place hands sequences to the least loaded replica, or keeps them as
+// orphans when there is none (decided under the lock, so AddReplica cannot
+// miss them).
+func (r *Router) place(seqs []*Seq) {
+	for len(seqs) > 0 {
+		r.mu.Lock()
+		e := r.pickLocked()
+		if e == nil {
+			r.orphans = append(r.orphans, seqs...)
+			r.mu.Unlock()
+			return
+		}
+		r.mu.Unlock()
+		seqs = e.Adopt(seqs) // those refused because e closed meanwhile
 	}
-	if next := r.pick(); next != nil {
-		next.Adopt(seqs)
-		return
-	}
-	r.mu.Lock()
-	r.orphans = append(r.orphans, seqs...)
-	r.mu.Unlock()
 }
 
 // Replicas lists the replica names, sorted.
 func (r *Router) Replicas() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.namesLocked()
+}
+
+func (r *Router) namesLocked() []string {
 	names := make([]string, 0, len(r.replicas))
 	for n := range r.replicas {
 		names = append(names, n)
@@ -72,17 +90,10 @@ func (r *Router) Engine(name string) *Engine {
 	return r.replicas[name]
 }
 
-func (r *Router) pick() *Engine {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+func (r *Router) pickLocked() *Engine {
 	var best *Engine
 	bestLoad := 0
-	names := make([]string, 0, len(r.replicas))
-	for n := range r.replicas {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
+	for _, n := range r.namesLocked() {
 		e := r.replicas[n]
 		if l := e.Load(); best == nil || l < bestLoad {
 			best, bestLoad = e, l
@@ -91,49 +102,92 @@ func (r *Router) pick() *Engine {
 	return best
 }
 
-// Fits checks a request length against a replica's pool.
+// Capacity is the longest sequence (prompt + output tokens) every replica
+// could hold alone, or 0 when there is no replica.
+func (r *Router) Capacity() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c := 0
+	for _, e := range r.replicas {
+		st := e.Stats()
+		if n := st.BlocksTotal * st.BlockSize; c == 0 || n < c {
+			c = n
+		}
+	}
+	return c
+}
+
+// Fits checks a request length against the replicas' pools.
 func (r *Router) Fits(maxLen int) error {
-	e := r.pick()
-	if e == nil {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.replicas) == 0 {
 		return ErrNoReplica
 	}
-	return e.Fits(maxLen)
+	for _, n := range r.namesLocked() {
+		if err := r.replicas[n].Fits(maxLen); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Submit sends a request to the least loaded replica.
 func (r *Router) Submit(req *Request) (*Stream, error) {
-	e := r.pick()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.replicas {
+		if e.Has(req.ID) {
+			return nil, fmt.Errorf("%w: %q", ErrDuplicate, req.ID)
+		}
+	}
+	for _, q := range r.orphans {
+		if q.Payload.(*reqState).req.ID == req.ID {
+			return nil, fmt.Errorf("%w: %q", ErrDuplicate, req.ID)
+		}
+	}
+	e := r.pickLocked()
 	if e == nil {
 		return nil, ErrNoReplica
 	}
 	return e.Submit(req)
 }
 
-// Abort ends a request wherever it runs.
+// Abort ends a request by id wherever it runs.
 func (r *Router) Abort(id string) bool {
+	return r.abort(func(st *reqState) bool { return st.req.ID == id }, func(e *Engine) bool { return e.Abort(id) })
+}
+
+// AbortStream ends the request whose stream s is.
+func (r *Router) AbortStream(s *Stream) bool {
+	return r.abort(func(st *reqState) bool { return st.stream == s }, func(e *Engine) bool { return e.AbortStream(s) })
+}
+
+func (r *Router) abort(match func(*reqState) bool, inEngine func(*Engine) bool) bool {
 	r.mu.Lock()
+	for i, q := range r.orphans {
+		if st := q.Payload.(*reqState); match(st) {
+			r.orphans = append(r.orphans[:i], r.orphans[i+1:]...)
+			r.mu.Unlock()
+			st.stream.finish(Event{Finish: "abort", MatchedStop: -1, PromptLogprobs: st.plp, Preemptions: q.Preemptions})
+			return true
+		}
+	}
 	es := make([]*Engine, 0, len(r.replicas))
 	for _, e := range r.replicas {
 		es = append(es, e)
 	}
-	for i, q := range r.orphans {
-		if q.Payload.(*reqState).req.ID == id {
-			r.orphans = append(r.orphans[:i], r.orphans[i+1:]...)
-			r.mu.Unlock()
-			q.Payload.(*reqState).stream.finish(Event{Finish: "abort", MatchedStop: -1})
-			return true
-		}
-	}
 	r.mu.Unlock()
 	for _, e := range es {
-		if e.Abort(id) {
+		if inEngine(e) {
 			return true
 		}
 	}
 	return false
 }
 
-// Stats sums the replicas' counters.
+// Stats sums the replicas' counters; requests waiting for a replica count
+// as waiting.
 func (r *Router) Stats() Stats {
 	r.mu.Lock()
 	es := make([]*Engine, 0, len(r.replicas))

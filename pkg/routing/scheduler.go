@@ -229,14 +229,15 @@ func (s *Scheduler) preemptLast() {
 // Items whose sequence was removed meanwhile are skipped.
 func (s *Scheduler) Advance(p *Plan) {
 	for _, it := range p.Items {
-		if it.Seq.running && it.Seq.Computed == it.Start {
+		if s.Owns(it.Seq) && it.Seq.Computed == it.Start {
 			it.Seq.Computed = it.Start + len(it.Tokens)
 		}
 	}
 }
 
-// Running reports whether q is in the running set.
-func (q *Seq) Running() bool { return q.running }
+// Owns reports whether q is in this scheduler's running set (a sequence
+// removed, preempted or moved to another scheduler during a step is not).
+func (s *Scheduler) Owns(q *Seq) bool { return q.running && indexOf(s.running, q) >= 0 }
 
 func indexOf(v []*Seq, q *Seq) int {
 	for i, x := range v {

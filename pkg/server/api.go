@@ -162,6 +162,12 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 	room := ctxLen - len(ids)
 	r := &routing.Request{ID: req.RequestId, Prompt: ids, Sampling: p, MaxTokens: min(room, DefaultMaxTokens), Logprobs: -1,
 		PromptLogprobs: req.PromptLogprobs}
+	if capTok := c.router.Capacity(); capTok > 0 {
+		if len(ids) >= capTok {
+			return nil, invalid("prompt", "%d tokens do not fit the KV cache of %d tokens", len(ids), capTok)
+		}
+		r.MaxTokens = min(r.MaxTokens, capTok-len(ids)) // the default; an explicit one is checked below
+	}
 	if req.MaxTokens != nil {
 		n := int(*req.MaxTokens)
 		if n < 1 {
@@ -268,16 +274,24 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 		ev, err := stream.Recv(ctx)
 		if err != nil {
 			// The client went away (or its deadline passed): free at once.
-			s.c.router.Abort(r.ID)
+			s.c.router.AbortStream(stream)
 			return status.FromContextError(err).Err()
 		}
 		chunk, done := g.add(ev)
 		if done && !ev.Done {
-			s.c.router.Abort(r.ID) // a stop string matched
+			// A stop string matched: end the request and wait for its
+			// final event (prompt logprobs, preemptions).
+			s.c.router.AbortStream(stream)
+			for !ev.Done {
+				if ev, err = stream.Recv(ctx); err != nil {
+					return status.FromContextError(err).Err()
+				}
+			}
+			g.plp, g.preempt = ev.PromptLogprobs, ev.Preemptions
 		}
 		if chunk != nil {
 			if err := out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Chunk{Chunk: chunk}}); err != nil {
-				s.c.router.Abort(r.ID)
+				s.c.router.AbortStream(stream)
 				return err
 			}
 		}
@@ -467,6 +481,8 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 		state := w.State
 		if r, ok := c.replicas[w.ID]; ok && info.Leader {
 			state = r.state
+		} else if why, ok := c.failed[w.ID]; ok && info.Leader {
+			state = why
 		}
 		info.Workers = append(info.Workers, &pb.WorkerStatus{Id: w.ID, Address: w.Addr, Pid: int32(w.PID), State: state,
 			Backend: w.Backend, MemoryBytes: w.MemoryBytes, Host: w.Host})
@@ -509,7 +525,7 @@ func (s *GeneratorService) HealthCheck(ctx context.Context, _ *pb.HealthCheckReq
 	for {
 		ev, err := stream.Recv(ctx)
 		if err != nil {
-			s.c.router.Abort(r.ID)
+			s.c.router.AbortStream(stream)
 			return &pb.HealthCheckResponse{Healthy: false, Message: "generation did not finish: " + err.Error()}, nil
 		}
 		if ev.Done {

@@ -486,7 +486,9 @@ func TestDisconnectFreesBlocksAndPreemption(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r, err := generate(context.Background(), c.client, idsReq(p, 25))
+			ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+			defer cancel()
+			r, err := generate(ctx, c.client, idsReq(p, 25))
 			if err != nil {
 				t.Errorf("request %d: %v", i, err)
 				return
@@ -737,4 +739,105 @@ func TestDemoClusterTextChatHealth(t *testing.T) {
 	if !slices.Contains(names, "qwenfleet.v1.Generator") || !slices.Contains(names, "grpc.health.v1.Health") {
 		t.Fatalf("reflection lists %v", names)
 	}
+}
+
+// TestWorkerDeathLosesNoRequest: with two local workers (two replicas), a
+// worker killed in the middle of generation loses no request: its streams
+// finish on the other replica with the tokens they would have produced;
+// the killed worker is restarted and becomes a replica again.
+func TestWorkerDeathLosesNoRequest(t *testing.T) {
+	c := startCluster(t, refDir("dense-tied-bf16"), "--local-workers", "2", "--worker-threads", "1")
+	deadline := time.Now().Add(60 * time.Second)
+	for len(readyWorkers(t, c.client)) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("second replica never ready")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	ps := testPrompts(8, 512)
+	alone := make([][]int32, len(ps))
+	for i, p := range ps {
+		alone[i] = mustGenerate(t, c.client, idsReq(p, 400)).ids
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	got := make([][]int32, len(ps))
+	started := make(chan struct{}, len(ps))
+	for i, p := range ps {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			stream, err := c.client.Generate(ctx, idsReq(p, 400))
+			if err != nil {
+				t.Errorf("request %d: %v", i, err)
+				return
+			}
+			first := true
+			for {
+				resp, err := stream.Recv()
+				if err != nil {
+					t.Errorf("request %d: %v", i, err)
+					return
+				}
+				if ch := resp.GetChunk(); ch != nil {
+					got[i] = append(got[i], ch.TokenIds...)
+					if first {
+						first = false
+						started <- struct{}{}
+					}
+				}
+				if cp := resp.GetComplete(); cp != nil {
+					if cp.FinishReason != "length" {
+						t.Errorf("request %d finished with %s", i, cp.FinishReason)
+					}
+					return
+				}
+			}
+		}()
+	}
+	for range ps {
+		<-started
+	}
+	victim := readyWorkers(t, c.client)[0]
+	running := schedulerStats(t, c.client).Running
+	if err := syscall.Kill(int(victim.Pid), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if running < 5 {
+		t.Fatalf("only %d requests running when the worker was killed", running)
+	}
+	wg.Wait()
+	for i := range ps {
+		if !slices.Equal(got[i], alone[i]) {
+			t.Fatalf("request %d after the worker died: %v, alone %v", i, got[i], alone[i])
+		}
+	}
+	// The supervisor restarts the worker; it becomes a replica again.
+	deadline = time.Now().Add(60 * time.Second)
+	for {
+		ws := readyWorkers(t, c.client)
+		if len(ws) == 2 && ws[0].Pid != victim.Pid && ws[1].Pid != victim.Pid {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("killed worker not back: %v", ws)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func readyWorkers(t testing.TB, client pb.GeneratorClient) []*pb.WorkerStatus {
+	t.Helper()
+	info, err := client.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*pb.WorkerStatus
+	for _, w := range info.Workers {
+		if w.State == "ready" {
+			out = append(out, w)
+		}
+	}
+	return out
 }

@@ -14,7 +14,9 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
@@ -75,8 +77,10 @@ type Coordinator struct {
 	workers   []cluster.WorkerInfo
 	replicas  map[string]*replica // by worker id
 	placement Placement
-	ready     chan struct{} // closed when the first replica is up
+	failed    map[string]string // worker id → why its bring-up failed
+	ready     chan struct{}     // closed when the first replica is up
 	readyOnce sync.Once
+	retry     chan struct{} // asks Run to reconcile again
 }
 
 type replica struct {
@@ -115,7 +119,7 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 		return nil, fmt.Errorf("model %s: %w", dir, err)
 	}
 	c := &Coordinator{opts: opts, log: opts.Logger, cfg: cfg, router: routing.NewRouter(), started: time.Now(),
-		replicas: map[string]*replica{}, ready: make(chan struct{})}
+		replicas: map[string]*replica{}, failed: map[string]string{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {
 			return nil, fmt.Errorf("model %s: %w", dir, err)
@@ -172,8 +176,29 @@ func (c *Coordinator) Run(ctx context.Context) error {
 				return errors.New("worker watch ended")
 			}
 			c.reconcile(wctx, ws)
+		case <-c.retry:
+			c.mu.Lock()
+			ws := c.workers
+			c.mu.Unlock()
+			c.reconcile(wctx, ws)
 		}
 	}
+}
+
+// retryBackoff is how long a worker dropped for a reason other than
+// leaving etcd (gossip, a failed step, a failed load) waits before it is
+// tried again.
+const retryBackoff = time.Second
+
+// scheduleRetry reconciles again after retryBackoff: a worker dropped while
+// its etcd key stays is brought up again if it still answers.
+func (c *Coordinator) scheduleRetry() {
+	time.AfterFunc(retryBackoff, func() {
+		select {
+		case c.retry <- struct{}{}:
+		default:
+		}
+	})
 }
 
 func (c *Coordinator) watchGossip(ctx context.Context) {
@@ -185,6 +210,8 @@ func (c *Coordinator) watchGossip(ctx context.Context) {
 			if !ev.Alive {
 				c.log.Warn("gossip: member gone", "name", ev.Name)
 				c.drop(ev.Name, "gossip reports it dead")
+			} else {
+				c.scheduleRetry() // back (or new): reconcile brings it up
 			}
 		}
 	}
@@ -211,8 +238,9 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 	for _, w := range ws {
 		c.mu.Lock()
 		_, have := c.replicas[w.ID]
+		r := &replica{info: w, state: "loading"}
 		if !have {
-			c.replicas[w.ID] = &replica{info: w, state: "loading"}
+			c.replicas[w.ID] = r
 		}
 		c.mu.Unlock()
 		if !have {
@@ -221,25 +249,28 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 					c.log.Warn("gossip join", "worker", w.ID, "err", err)
 				}
 			}
-			go c.bringUp(ctx, w)
+			go c.bringUp(ctx, w, r)
 		}
 	}
 }
 
-// bringUp loads and warms a worker and adds it as a replica.
-func (c *Coordinator) bringUp(ctx context.Context, w cluster.WorkerInfo) {
-	err := c.tryBringUp(ctx, w)
-	if err != nil {
+// bringUp loads and warms a worker and adds it as a replica; on failure the
+// worker is forgotten and tried again after a backoff.
+func (c *Coordinator) bringUp(ctx context.Context, w cluster.WorkerInfo, r *replica) {
+	err := c.tryBringUp(ctx, w, r)
+	if err != nil && ctx.Err() == nil {
 		c.log.Error("worker not usable", "worker", w.ID, "addr", w.Addr, "err", err)
 		c.mu.Lock()
-		if r := c.replicas[w.ID]; r != nil && r.engine == nil {
-			r.state = "failed: " + err.Error()
+		if c.replicas[w.ID] == r {
+			delete(c.replicas, w.ID)
 		}
+		c.failed[w.ID] = "failed: " + err.Error()
 		c.mu.Unlock()
+		c.scheduleRetry()
 	}
 }
 
-func (c *Coordinator) tryBringUp(ctx context.Context, w cluster.WorkerInfo) error {
+func (c *Coordinator) tryBringUp(ctx context.Context, w cluster.WorkerInfo, r *replica) error {
 	conn, err := grpc.NewClient(w.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
 	if err != nil {
@@ -279,24 +310,31 @@ func (c *Coordinator) tryBringUp(ctx context.Context, w cluster.WorkerInfo) erro
 	ectx, ecancel := context.WithCancel(ctx)
 	eng.OnStepError = func(err error) {
 		c.log.Warn("step failed", "worker", w.ID, "err", err)
+		if status.Code(err) == codes.FailedPrecondition { // another assignment, or lost its KV pool
+			go c.drop(w.ID, "step refused: "+status.Convert(err).Message())
+			return
+		}
 		hctx, hc := context.WithTimeout(ectx, 2*time.Second)
 		defer hc()
 		if h, herr := client.Health(hctx, &workerv1.HealthRequest{}); herr != nil || !h.Ready {
 			go c.drop(w.ID, "step failed and health check failed")
 		}
 	}
+	go eng.Run(ectx)
 	c.mu.Lock()
-	r, ok := c.replicas[w.ID]
-	if !ok || ctx.Err() != nil {
+	if c.replicas[w.ID] != r || ctx.Err() != nil {
 		c.mu.Unlock()
 		ecancel()
+		eng.Close()
 		conn.Close()
-		return errors.New("worker left while loading")
+		return errors.New("worker dropped while loading")
 	}
 	r.conn, r.engine, r.cancel, r.state = conn, eng, ecancel, "ready"
-	c.mu.Unlock()
-	go eng.Run(ectx)
+	delete(c.failed, w.ID)
+	// Added under c.mu: a drop of this worker (which removes it from
+	// c.replicas first) cannot run between the check above and this.
 	c.router.AddReplica(w.ID, eng)
+	c.mu.Unlock()
 	c.log.Info("replica ready", "worker", w.ID, "kv_blocks", wr.NumBlocks, "block_size", wr.BlockSize, "warmup_ms", wr.WarmupMs)
 	c.readyOnce.Do(func() { close(c.ready) })
 	return nil
@@ -319,6 +357,7 @@ func (c *Coordinator) drop(id, why string) {
 	if r.conn != nil {
 		r.conn.Close()
 	}
+	c.scheduleRetry() // still registered in etcd? then it is tried again
 }
 
 func (c *Coordinator) dropAll() {

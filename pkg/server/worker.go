@@ -40,6 +40,11 @@ type WorkerService struct {
 	workerv1.UnimplementedWorkerServer
 	opts WorkerOptions
 
+	// life is held shared by a running Step and exclusively by whatever
+	// replaces or frees the model or its KV pool (Load, Warmup, Close), so
+	// a step never runs on freed memory. mu guards the fields below and is
+	// only held briefly (Info and Health never wait for a load).
+	life      sync.RWMutex
 	mu        sync.Mutex
 	backend   *cpu.Backend
 	exec      *shard.Executor
@@ -60,13 +65,16 @@ func NewWorkerService(opts WorkerOptions) *WorkerService {
 	return &WorkerService{opts: opts, state: "idle"}
 }
 
-// Close frees the model and backend.
+// Close frees the model and backend (after any running step).
 func (w *WorkerService) Close() {
+	w.life.Lock()
+	defer w.life.Unlock()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.unload()
 }
 
+// unload frees the model; w.life and w.mu are held.
 func (w *WorkerService) unload() {
 	if w.exec != nil {
 		w.exec.Model().Close()
@@ -106,33 +114,45 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 		return status.Error(codes.InvalidArgument, "assignment.model: empty")
 	}
 	dir := filepath.Clean(a.Model)
+	w.life.Lock()
+	defer w.life.Unlock()
 	w.mu.Lock()
-	defer w.mu.Unlock()
 	if w.exec != nil && w.modelDir == dir {
 		w.version = a.Version
-		return stream.Send(w.progress("ready"))
+		p := w.progress("ready")
+		w.mu.Unlock()
+		return stream.Send(p)
 	}
 	w.unload()
 	w.setState("loading")
+	w.mu.Unlock()
 	if err := stream.Send(&workerv1.LoadProgress{Stage: "reading"}); err != nil {
 		return err
 	}
+	fail := func() {
+		w.mu.Lock()
+		w.setState("failed")
+		w.mu.Unlock()
+	}
 	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true})
 	if err != nil {
-		w.setState("failed")
+		fail()
 		return status.Errorf(codes.FailedPrecondition, "backend: %v", err)
 	}
 	t0 := time.Now()
 	m, err := model.Load(dir, b, model.LoadOptions{Mmap: req.Mmap || w.opts.Mmap})
 	if err != nil {
 		b.Close()
-		w.setState("failed")
+		fail()
 		return status.Errorf(codes.InvalidArgument, "load %s: %v", dir, err)
 	}
-	w.backend, w.exec, w.modelDir, w.version = b, shard.NewExecutor(m), dir, a.Version
 	w.opts.Logger.Info("model loaded", "model", dir, "bytes", m.WeightBytes(), "seconds", time.Since(t0).Seconds())
+	w.mu.Lock()
+	w.backend, w.exec, w.modelDir, w.version = b, shard.NewExecutor(m), dir, a.Version
 	w.setState("loaded")
-	return stream.Send(w.progress("ready"))
+	p := w.progress("ready")
+	w.mu.Unlock()
+	return stream.Send(p)
 }
 
 func (w *WorkerService) progress(stage string) *workerv1.LoadProgress {
@@ -144,16 +164,19 @@ func (w *WorkerService) progress(stage string) *workerv1.LoadProgress {
 
 // Warmup sizes the KV pool and runs one step.
 func (w *WorkerService) Warmup(ctx context.Context, req *workerv1.WarmupRequest) (*workerv1.WarmupResponse, error) {
+	w.life.Lock()
+	defer w.life.Unlock()
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.exec == nil {
+	exec := w.exec
+	w.mu.Unlock()
+	if exec == nil {
 		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
 	}
 	bs := int(req.BlockSize)
 	if bs <= 0 || bs > 1024 {
 		return nil, status.Errorf(codes.InvalidArgument, "block_size: %d is outside [1, 1024]", bs)
 	}
-	per := w.exec.BytesPerBlock(bs)
+	per := exec.BytesPerBlock(bs)
 	n := req.NumBlocks
 	if n <= 0 {
 		budget := req.KvCacheBytes
@@ -164,17 +187,19 @@ func (w *WorkerService) Warmup(ctx context.Context, req *workerv1.WarmupRequest)
 	}
 	// No more blocks than the context needs 64 sequences to hold, and a
 	// hard cap against absurd requests.
-	ctxBlocks := int64((w.exec.Model().Config().MaxContext() + bs - 1) / bs)
+	ctxBlocks := int64((exec.Model().Config().MaxContext() + bs - 1) / bs)
 	n = min(n, 64*ctxBlocks, 1<<22)
 	if n < 1 {
 		return nil, status.Errorf(codes.ResourceExhausted, "KV budget too small for one block of %d bytes", per)
 	}
 	t0 := time.Now()
-	if err := w.exec.Warmup(int(n), bs, int(max(req.MaxBatchTokens, 1))); err != nil {
+	if err := exec.Warmup(int(n), bs, int(max(req.MaxBatchTokens, 1))); err != nil {
 		return nil, status.Errorf(codes.Internal, "warmup: %v", err)
 	}
+	w.mu.Lock()
 	w.blockSize = bs
 	w.setState("ready")
+	w.mu.Unlock()
 	return &workerv1.WarmupResponse{NumBlocks: n, BlockSize: int32(bs), BytesPerBlock: per,
 		WarmupMs: float64(time.Since(t0).Microseconds()) / 1000}, nil
 }
@@ -182,6 +207,8 @@ func (w *WorkerService) Warmup(ctx context.Context, req *workerv1.WarmupRequest)
 // Step runs one forward step.
 func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*workerv1.StepResponse, error) {
 	t0 := time.Now()
+	w.life.RLock()
+	defer w.life.RUnlock()
 	w.mu.Lock()
 	exec, version := w.exec, w.version
 	w.mu.Unlock()
