@@ -39,6 +39,13 @@ func rpcError(err error) error {
 	return err
 }
 
+// clamp32 saturates an int flag to int32 (the server then names the field
+// when the value is out of its range).
+func clamp32(v int) *int32 {
+	x := int32(max(min(v, math.MaxInt32), math.MinInt32))
+	return &x
+}
+
 // stringList is a repeatable string flag.
 type stringList []string
 
@@ -130,12 +137,10 @@ func runGenerate(args []string) error {
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	f32 := func(v float64) *float32 { x := float32(v); return &x }
 	if set["max-tokens"] {
-		v := int32(max(min(*maxTokens, math.MaxInt32), math.MinInt32))
-		req.MaxTokens = &v
+		req.MaxTokens = clamp32(*maxTokens)
 	}
 	if set["min-tokens"] {
-		v := int32(max(min(*minTokens, math.MaxInt32), math.MinInt32))
-		req.MinTokens = &v
+		req.MinTokens = clamp32(*minTokens)
 	}
 	if set["temperature"] {
 		req.Temperature = f32(*temperature)
@@ -144,8 +149,7 @@ func runGenerate(args []string) error {
 		req.TopP = f32(*topP)
 	}
 	if set["top-k"] {
-		v := int32(max(min(*topK, math.MaxInt32), math.MinInt32))
-		req.TopK = &v
+		req.TopK = clamp32(*topK)
 	}
 	if set["min-p"] {
 		req.MinP = f32(*minP)
@@ -163,8 +167,7 @@ func runGenerate(args []string) error {
 		req.Seed = seed
 	}
 	if set["logprobs"] {
-		v := int32(max(min(*logprobs, math.MaxInt32), math.MinInt32))
-		req.Logprobs = &v
+		req.Logprobs = clamp32(*logprobs)
 	}
 	if *keepSpecial {
 		f := false

@@ -127,23 +127,3 @@ func parseIDs(flagName, s string) ([]int32, error) {
 	return ids, nil
 }
 
-// parseBytes parses "2GiB", "512MiB", "80GB", "1000".
-func parseBytes(s string) (int64, error) {
-	units := []struct {
-		suffix string
-		mult   float64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"B", 1}}
-	mult := 1.0
-	num := strings.TrimSpace(s)
-	for _, u := range units {
-		if strings.HasSuffix(num, u.suffix) {
-			mult, num = u.mult, strings.TrimSpace(strings.TrimSuffix(num, u.suffix))
-			break
-		}
-	}
-	v, err := strconv.ParseFloat(num, 64)
-	if err != nil || v <= 0 {
-		return 0, fmt.Errorf("%q is not a size (e.g. 2GiB)", s)
-	}
-	return int64(v * mult), nil
-}

@@ -10,6 +10,7 @@ import (
 	"github.com/qwenfleet/qwenfleet"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/units"
 )
 
 func runMkmodel(args []string) error {
@@ -38,7 +39,7 @@ func runMkmodel(args []string) error {
 	if err != nil {
 		return err
 	}
-	shardBytes, err := parseBytes(*shard)
+	shardBytes, err := units.ParseBytes(*shard)
 	if err != nil {
 		return usagef("--shard-size: %v", err)
 	}

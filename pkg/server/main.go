@@ -15,6 +15,7 @@ import (
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/units"
 )
 
 // The flag sets of the two commands live here so that the coordinator
@@ -82,11 +83,11 @@ func WorkerMain(args []string) int {
 	if *threads < 0 || *threads > cpu.MaxThreads {
 		return fail("--threads: %d is outside [0, %d]", *threads, cpu.MaxThreads)
 	}
-	kvBytes, err := ParseBytes(*kv)
+	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {
 		return fail("--kv-cache: %v", err)
 	}
-	memBytes, err := ParseBytes(*mem)
+	memBytes, err := units.ParseBytes(*mem)
 	if err != nil {
 		return fail("--memory: %v", err)
 	}
@@ -146,7 +147,7 @@ func CoordinatorMain(args []string) int {
 	case *leaderTTL < time.Second:
 		return fail("--leader-ttl: must be >= 1s")
 	}
-	kvBytes, err := ParseBytes(*kv)
+	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {
 		return fail("--kv-cache: %v", err)
 	}

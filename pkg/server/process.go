@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -372,24 +371,4 @@ func superviseWorker(ctx context.Context, log *slog.Logger, i int, args []string
 		case <-time.After(backoff):
 		}
 	}
-}
-
-// ParseBytes reads sizes like 512MiB, 2GiB, 1e9 or 4096.
-func ParseBytes(s string) (int64, error) {
-	units := []struct {
-		suf string
-		mul float64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"B", 1}}
-	mul := 1.0
-	for _, u := range units {
-		if strings.HasSuffix(s, u.suf) {
-			s, mul = strings.TrimSuffix(s, u.suf), u.mul
-			break
-		}
-	}
-	f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
-	if err != nil || f < 0 || f*mul > 1<<62 {
-		return 0, fmt.Errorf("%q is not a size (like 512MiB)", s)
-	}
-	return int64(f * mul), nil
 }
