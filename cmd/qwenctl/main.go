@@ -126,4 +126,3 @@ func parseIDs(flagName, s string) ([]int32, error) {
 	}
 	return ids, nil
 }
-
