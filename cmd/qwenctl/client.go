@@ -264,10 +264,11 @@ func runStatus(args []string) error {
 	defer conn.Close()
 	deadline := time.Now().Add(*wait)
 	var info *pb.ServerInfo
+	var health *pb.HealthCheckResponse
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		info, err = client.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
-		var health *pb.HealthCheckResponse
+		health = nil
 		if err == nil && info.Ready {
 			health, err = client.HealthCheck(ctx, &pb.HealthCheckRequest{})
 			if err == nil && !health.Healthy {
@@ -292,7 +293,16 @@ func runStatus(args []string) error {
 	if *asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(info)
+		if err := enc.Encode(struct {
+			*pb.ServerInfo
+			Health *pb.HealthCheckResponse `json:"health,omitempty"`
+		}{info, health}); err != nil {
+			return err
+		}
+		if !info.Ready {
+			return errors.New("cluster not ready")
+		}
+		return nil
 	}
 	state := "ready"
 	if !info.Ready {
@@ -312,6 +322,9 @@ func runStatus(args []string) error {
 	if s := info.Scheduler; s != nil {
 		fmt.Printf("scheduler: %d running, %d waiting, KV %d/%d blocks free (of %d tokens), %d preemptions, %d steps, %d tokens generated\n",
 			s.Running, s.Waiting, s.KvBlocksFree, s.KvBlocksTotal, s.KvBlockSize, s.Preemptions, s.Steps, s.GeneratedTokens)
+	}
+	if health != nil {
+		fmt.Printf("health: %v, %s (%.1f ms)\n", health.Healthy, health.Message, health.LatencyMs)
 	}
 	if !info.Ready {
 		return errors.New("cluster not ready")

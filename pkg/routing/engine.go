@@ -63,6 +63,12 @@ type Executor interface {
 	Step(ctx context.Context, b *StepBatch) (*StepResult, error)
 }
 
+// Releaser is an Executor that keeps per-sequence state: the engine tells
+// it which sequences ended (after the step that ended them).
+type Releaser interface {
+	Release(ctx context.Context, ids []uint64) error
+}
+
 // Request is a validated generation request.
 type Request struct {
 	ID        string
@@ -212,6 +218,7 @@ type Engine struct {
 	mu       sync.Mutex
 	sched    *Scheduler
 	byID     map[string]*Seq
+	ended    []uint64 // sequences to release on the executor
 	wake     chan struct{}
 	closed   bool
 	steps    atomic.Int64
@@ -335,6 +342,7 @@ func (e *Engine) end(q *Seq, ev Event) {
 	st := q.Payload.(*reqState)
 	e.sched.Remove(q)
 	delete(e.byID, st.req.ID)
+	e.ended = append(e.ended, uint64(q.ID))
 	ev.PromptLogprobs = st.plp
 	ev.Preemptions = q.Preemptions
 	st.stream.finish(ev)
@@ -455,7 +463,14 @@ func (e *Engine) Run(ctx context.Context) {
 			return
 		}
 		e.apply(plan, res)
+		ended := e.ended
+		e.ended = nil
 		e.mu.Unlock()
+		if r, ok := e.exec.(Releaser); ok && len(ended) > 0 {
+			rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			r.Release(rctx, ended) // best effort: a failure only costs the executor memory
+			cancel()
+		}
 	}
 }
 

@@ -72,7 +72,7 @@ func WorkerMain(args []string) int {
 	threads := fs.Int("threads", 0, "CPU threads (0: all)")
 	kernels := fs.String("kernels", "", "CPU kernel set: generic, avx2, avx512 (default: best)")
 	kv := fs.String("kv-cache", "512MiB", "KV pool size when the coordinator names none")
-	mem := fs.String("memory", "0", "memory budget reported to the planner")
+	mem := fs.String("memory", "0", "memory reported in etcd for placement (0: the machine's RAM)")
 	gossipFast := fs.Bool("gossip-fast", true, "sub-second gossip failure detection (loopback/LAN)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file until exit")

@@ -72,6 +72,12 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	if o.LeaseTTL <= 0 {
 		o.LeaseTTL = 5 * time.Second
 	}
+	if o.MemoryBytes == 0 { // report the machine's memory
+		var si syscall.Sysinfo_t
+		if syscall.Sysinfo(&si) == nil {
+			o.MemoryBytes = int64(si.Totalram) * int64(si.Unit)
+		}
+	}
 	if o.CPUProfile != "" {
 		pf, err := os.Create(o.CPUProfile)
 		if err != nil {

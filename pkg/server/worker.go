@@ -229,7 +229,7 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	switch {
 	case errors.Is(err, model.ErrBadBatch):
 		return nil, status.Error(codes.InvalidArgument, err.Error())
-	case errors.Is(err, shard.ErrNotReady):
+	case errors.Is(err, shard.ErrNotReady), errors.Is(err, shard.ErrMissingKV):
 		return nil, status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return nil, status.FromContextError(err).Err()
@@ -250,8 +250,16 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	return out, nil
 }
 
-// Release drops sequences (no per-sequence state is kept today).
+// Release forgets finished sequences: a later Step for one must start at
+// position 0.
 func (w *WorkerService) Release(ctx context.Context, req *workerv1.ReleaseRequest) (*workerv1.ReleaseResponse, error) {
+	w.mu.Lock()
+	exec := w.exec
+	w.mu.Unlock()
+	if exec == nil {
+		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
+	}
+	exec.Release(req.SeqIds)
 	return &workerv1.ReleaseResponse{}, nil
 }
 
@@ -260,6 +268,11 @@ func (w *WorkerService) Health(ctx context.Context, _ *workerv1.HealthRequest) (
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return &workerv1.HealthResponse{Ready: w.state == "ready", State: w.state}, nil
+}
+
+func (g *grpcExecutor) Release(ctx context.Context, ids []uint64) error {
+	_, err := g.client.Release(ctx, &workerv1.ReleaseRequest{SeqIds: ids})
+	return err
 }
 
 // grpcExecutor runs steps on a remote worker.

@@ -20,16 +20,41 @@ const MaxTopN = 1024
 // ErrNotReady is returned by Step before Warmup.
 var ErrNotReady = errors.New("shard: KV cache not allocated (call Warmup)")
 
+// ErrMissingKV is returned by Step for a sequence that starts past the
+// positions this executor computed for it (its KV was lost, e.g. the pool
+// was re-allocated by a Warmup, or it ran elsewhere): the coordinator must
+// recompute it from position 0.
+var ErrMissingKV = errors.New("shard: sequence's KV cache is not here")
+
 // Executor runs steps of one model on one worker. Safe for concurrent use
 // (steps are serialized).
 type Executor struct {
 	mu    sync.Mutex
 	m     *model.Model
 	cache *kvcache.Storage
+	// known is, per sequence, how many positions of KV this executor has
+	// computed since the pool was allocated (until Release).
+	known map[uint64]int
 }
 
 // NewExecutor wraps a loaded model.
-func NewExecutor(m *model.Model) *Executor { return &Executor{m: m} }
+func NewExecutor(m *model.Model) *Executor { return &Executor{m: m, known: map[uint64]int{}} }
+
+// Release forgets sequences (they finished, or moved).
+func (x *Executor) Release(ids []uint64) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	for _, id := range ids {
+		delete(x.known, id)
+	}
+}
+
+// Tracked is the number of sequences the executor holds KV for.
+func (x *Executor) Tracked() int {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return len(x.known)
+}
 
 // Model is the executor's model.
 func (x *Executor) Model() *model.Model { return x.m }
@@ -48,6 +73,7 @@ func (x *Executor) Warmup(numBlocks, blockSize, warmTokens int) error {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.cache = nil
+	clear(x.known)
 	x.cache = kvcache.NewStorage(x.m.Backend(), x.m.Config().NumHiddenLayers, numBlocks, blockSize, x.m.KVDim())
 	n := min(warmTokens, numBlocks*blockSize, x.m.Config().MaxContext())
 	if n <= 0 {
@@ -103,9 +129,21 @@ func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.Ste
 		x.mu.Unlock()
 		return nil, ErrNotReady
 	}
+	for _, s := range b.Seqs {
+		if s.Start > x.known[s.ID] {
+			n := x.known[s.ID]
+			x.mu.Unlock()
+			return nil, fmt.Errorf("%w: sequence %d starts at %d, %d positions are cached", ErrMissingKV, s.ID, s.Start, n)
+		}
+	}
 	t0 := time.Now()
 	out, err := x.m.Forward(mb, x.cache)
 	fwd := time.Since(t0)
+	if err == nil {
+		for _, s := range b.Seqs {
+			x.known[s.ID] = s.Start + len(s.Tokens)
+		}
+	}
 	x.mu.Unlock()
 	if err != nil {
 		return nil, err

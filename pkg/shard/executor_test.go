@@ -61,13 +61,13 @@ func TestStepIsBatchInvariant(t *testing.T) {
 		routing.StepSeq{ID: 2, Tokens: prompts[1], Blocks: tables[1]},
 		routing.StepSeq{ID: 3, Tokens: prompts[2], Blocks: tables[2]})
 	dec := func(i int) routing.StepSeq {
-		return routing.StepSeq{ID: uint64(i), Tokens: []int32{42}, Start: len(prompts[i]), Blocks: tables[i], Sample: true, TopN: 1, FullRow: true}
+		return routing.StepSeq{ID: uint64(i + 1), Tokens: []int32{42}, Start: len(prompts[i]), Blocks: tables[i], Sample: true, TopN: 1, FullRow: true}
 	}
 	batched := step(t, x, dec(0), dec(1), dec(2))
 	// The first one again, alone, from a fresh one-chunk prefill in other blocks.
 	step(t, x, routing.StepSeq{ID: 9, Tokens: prompts[0], Blocks: []int32{5}})
 	s := dec(0)
-	s.Blocks = []int32{5}
+	s.ID, s.Blocks = 9, []int32{5}
 	alone := step(t, x, s)
 	if !slices.Equal(alone.Seqs[0].Row, batched.Seqs[0].Row) {
 		d := 0
@@ -118,6 +118,15 @@ func TestStepPromptLogprobsAndErrors(t *testing.T) {
 		{ID: 1, Tokens: []int32{1 << 20}, Blocks: []int32{0}},
 		{ID: 1, Tokens: []int32{1}, Blocks: []int32{999}},
 		{ID: 1, Tokens: []int32{1}, Start: -1, Blocks: []int32{0}},
+	}
+	// A sequence whose KV is not here (never computed, or released) must
+	// start at 0.
+	if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: []routing.StepSeq{{ID: 77, Tokens: []int32{1}, Start: 3, Blocks: []int32{2}}}}); !errors.Is(err, shard.ErrMissingKV) {
+		t.Fatalf("unknown sequence at position 3: %v", err)
+	}
+	x.Release([]uint64{1})
+	if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: []routing.StepSeq{{ID: 1, Tokens: []int32{1}, Start: 4, Blocks: []int32{0}}}}); !errors.Is(err, shard.ErrMissingKV) {
+		t.Fatalf("released sequence: %v", err)
 	}
 	for i, s := range bad {
 		if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: []routing.StepSeq{s}}); !errors.Is(err, model.ErrBadBatch) {
