@@ -3,6 +3,7 @@ package shard_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"testing"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
@@ -13,8 +14,9 @@ import (
 )
 
 // BenchmarkDecodeStep: one decode step of B sequences on the qwen2-0.5b
-// shape (random bf16 weights, all threads), with and without batch
-// invariance. tok/s is B per step time.
+// shape (random bf16 weights, or the checkpoint QWENFLEET_BENCH_MODEL
+// names; all threads), with and without batch invariance. tok/s is B per
+// step time.
 func BenchmarkDecodeStep(b *testing.B) {
 	cfg, _ := model.Preset("qwen2-0.5b")
 	for _, inv := range []bool{false, true} {
@@ -22,7 +24,12 @@ func BenchmarkDecodeStep(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		m, err := model.New(cfg, be, model.NewRandomWeights(cfg, kernels.BF16, 1))
+		var m *model.Model
+		if dir := os.Getenv("QWENFLEET_BENCH_MODEL"); dir != "" { // a checkpoint: setup stays out of profiles
+			m, err = model.Load(dir, be, model.LoadOptions{})
+		} else {
+			m, err = model.New(cfg, be, model.NewRandomWeights(cfg, kernels.BF16, 1))
+		}
 		if err != nil {
 			b.Fatal(err)
 		}
