@@ -42,7 +42,7 @@ func (e engineFlags) load(dir string) (*model.Model, *cpu.Backend, error) {
 	if st, err := os.Stat(filepath.Join(dir, "config.json")); err != nil || st.IsDir() {
 		return nil, nil, fmt.Errorf("--model: %s has no config.json (want a HuggingFace model directory)", dir)
 	}
-	cfg := cpu.Config{Threads: *e.threads, Kernels: *e.kernels}
+	cfg := cpu.Config{Threads: *e.threads, Kernels: *e.kernels, PackWeights: !*e.mmap}
 	if cfg.Kernels == "generic" {
 		cfg.Generic, cfg.Kernels = true, ""
 	}
@@ -56,8 +56,8 @@ func (e engineFlags) load(dir string) (*model.Model, *cpu.Backend, error) {
 		b.Close()
 		return nil, nil, err
 	}
-	fmt.Fprintf(os.Stderr, "loaded %s: %.2f GB of weights in %.2fs on %s with %d threads\n",
-		dir, float64(m.WeightBytes())/1e9, time.Since(start).Seconds(), b.Name(), b.Threads())
+	fmt.Fprintf(os.Stderr, "loaded %s: %.2f GB of weights in %.2fs on %s with %d threads%s\n",
+		dir, float64(m.WeightBytes())/1e9, time.Since(start).Seconds(), b.Name(), b.Threads(), map[bool]string{true: ", packed", false: ""}[b.Packs()])
 	return m, b, nil
 }
 

@@ -123,9 +123,19 @@ func fullForward(t *testing.T, m *model.Model, prompt []int32, tr *model.Trace) 
 // was picked from, and (MoE) layer-0 routing.
 func TestReference(t *testing.T) {
 	for _, c := range refCases(t) {
-		for _, mmap := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s/mmap=%v", c.name, mmap), func(t *testing.T) {
-				m := loadCase(t, c, newBackend(t, 2), mmap)
+		for _, mode := range []string{"copy", "mmap", "packed"} {
+			mmap := mode == "mmap"
+			t.Run(fmt.Sprintf("%s/%s", c.name, mode), func(t *testing.T) {
+				b := newBackend(t, 2)
+				if mode == "packed" {
+					pb, err := cpu.New(cpu.Config{Threads: 2, PackWeights: true, BatchInvariant: true})
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(pb.Close)
+					b = pb
+				}
+				m := loadCase(t, c, b, mmap)
 				tr := &model.Trace{}
 				got := fullForward(t, m, c.json.PromptIDs, tr)
 

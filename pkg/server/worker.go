@@ -134,13 +134,14 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 		w.setState("failed")
 		w.mu.Unlock()
 	}
-	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true})
+	mmap := req.Mmap || w.opts.Mmap
+	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true, PackWeights: !mmap})
 	if err != nil {
 		fail()
 		return status.Errorf(codes.FailedPrecondition, "backend: %v", err)
 	}
 	t0 := time.Now()
-	m, err := model.Load(dir, b, model.LoadOptions{Mmap: req.Mmap || w.opts.Mmap})
+	m, err := model.Load(dir, b, model.LoadOptions{Mmap: mmap})
 	if err != nil {
 		b.Close()
 		fail()

@@ -15,12 +15,13 @@ import (
 
 // BenchmarkDecodeStep: one decode step of B sequences on the qwen2-0.5b
 // shape (random bf16 weights, or the checkpoint QWENFLEET_BENCH_MODEL
-// names; all threads), with and without batch invariance. tok/s is B per
+// names; all threads): plain kernels, batch-invariant ones, and packed
+// weights (batch-invariant too). tok/s is B per
 // step time.
 func BenchmarkDecodeStep(b *testing.B) {
 	cfg, _ := model.Preset("qwen2-0.5b")
-	for _, inv := range []bool{false, true} {
-		be, err := cpu.New(cpu.Config{BatchInvariant: inv})
+	for _, mode := range []string{"plain", "invariant", "packed"} {
+		be, err := cpu.New(cpu.Config{BatchInvariant: mode != "plain", PackWeights: mode == "packed"})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -38,7 +39,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, B := range []int{1, 8, 32} {
-			b.Run(fmt.Sprintf("invariant=%v/seqs=%d", inv, B), func(b *testing.B) {
+			b.Run(fmt.Sprintf("%s/seqs=%d", mode, B), func(b *testing.B) {
 				seqs := make([]routing.StepSeq, B)
 				for i := range seqs {
 					seqs[i] = routing.StepSeq{ID: uint64(i), Tokens: []int32{int32(100 + i)}, Start: 64, Blocks: []int32{int32(8 * i), int32(8*i + 1), int32(8*i + 2), int32(8*i + 3), int32(8*i + 4)}, Sample: true, TopN: 1}

@@ -26,6 +26,11 @@ type Config struct {
 	// server needs it so that batching never changes a request's tokens;
 	// it costs one-token decode some speed (see the README).
 	BatchInvariant bool
+	// PackWeights stores 2-D weights in the panel layout of the packed
+	// kernels (where the kernel set has them): faster one-token and batched
+	// products, batch-invariant by construction. It copies each weight, so
+	// it is off for memory-mapped weights.
+	PackWeights bool
 }
 
 // Variants lists the kernel sets this machine can run: "generic" always,
@@ -48,6 +53,7 @@ type Backend struct {
 	scratch [][]float32 // per thread
 	// invariant: see Config.BatchInvariant.
 	invariant bool
+	packW     bool
 }
 
 var _ kernels.Backend = (*Backend)(nil)
@@ -73,7 +79,7 @@ func New(cfg Config) (*Backend, error) {
 			return nil, fmt.Errorf("cpu: kernel set %q not supported here (have %v)", cfg.Kernels, Variants())
 		}
 	}
-	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant}, nil
+	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant, packW: cfg.PackWeights}, nil
 }
 
 // Close stops the backend's threads. The backend must not be used afterwards.
@@ -91,6 +97,7 @@ type tensor struct {
 	shape []int
 	f     []float32
 	h     []uint16
+	pk    *packed // a weight in panel layout (f and h are then nil)
 }
 
 func (t *tensor) DType() kernels.DType { return t.dt }
@@ -143,6 +150,9 @@ func (b *Backend) Weight(dt kernels.DType, shape []int, data []byte) (kernels.Te
 	} else {
 		t.h = unsafe.Slice((*uint16)(p), n)
 	}
+	if b.packW && len(shape) == 2 && b.canPack(dt) {
+		b.pack(t)
+	}
 	return t, nil
 }
 
@@ -170,12 +180,16 @@ func (b *Backend) ToFloat32(t kernels.Tensor) []float32 {
 // Free drops the backend's reference; Go's collector reclaims the memory.
 func (b *Backend) Free(t kernels.Tensor) {
 	c := cast(t)
-	c.f, c.h = nil, nil
+	c.f, c.h, c.pk = nil, nil, nil
 }
 
 // widen writes len(dst) elements of a (any dtype), from flat offset off,
 // into dst as float32.
 func (b *Backend) widen(dst []float32, a *tensor, off int) {
+	if a.pk != nil {
+		b.widenPacked(dst, a, off)
+		return
+	}
 	end := off + len(dst)
 	switch a.dt {
 	case kernels.F32:

@@ -1,6 +1,7 @@
 package cpu_test
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -21,70 +22,72 @@ func randSlice(r *rand.Rand, n int) []float32 {
 // results are bit-identical alone and at any place in any batch.
 func TestBatchInvariance(t *testing.T) {
 	for _, v := range cpu.Variants() {
-		t.Run(v, func(t *testing.T) {
-			b, err := cpu.New(cpu.Config{Threads: 2, Generic: v == "generic", Kernels: map[bool]string{true: "", false: v}[v == "generic"], BatchInvariant: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
-			r := rand.New(rand.NewPCG(1, 2))
-			const K, N = 1100, 38 // K over one k block with a tail; N not a multiple of 4
-			for _, dt := range []kernels.DType{kernels.F32, kernels.BF16} {
-				w := b.FromFloat32([]int{N, K}, randSlice(r, N*K))
-				if dt == kernels.BF16 {
-					if w, err = b.Weight(kernels.BF16, []int{N, K}, bf16Bytes(b.ToFloat32(w))); err != nil {
-						t.Fatal(err)
+		for _, pack := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/packed=%v", v, pack), func(t *testing.T) {
+				b, err := cpu.New(cpu.Config{Threads: 2, Generic: v == "generic", Kernels: map[bool]string{true: "", false: v}[v == "generic"], BatchInvariant: true, PackWeights: pack})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer b.Close()
+				r := rand.New(rand.NewPCG(1, 2))
+				const K, N = 1100, 38 // K over one k block with a tail; N not a multiple of 4
+				for _, dt := range []kernels.DType{kernels.F32, kernels.BF16} {
+					w := b.FromFloat32([]int{N, K}, randSlice(r, N*K))
+					if dt == kernels.BF16 {
+						if w, err = b.Weight(kernels.BF16, []int{N, K}, bf16Bytes(b.ToFloat32(w))); err != nil {
+							t.Fatal(err)
+						}
 					}
-				}
-				xs := randSlice(r, 13*K)
-				alone := make([][]float32, 13)
-				for i := range alone {
-					alone[i] = b.ToFloat32(b.MatMul(b.FromFloat32([]int{1, K}, xs[i*K:(i+1)*K]), w, nil))
-				}
-				for T := 2; T <= 13; T++ {
-					y := b.ToFloat32(b.MatMul(b.FromFloat32([]int{T, K}, xs[:T*K]), w, nil))
-					for i := 0; i < T; i++ {
-						for j := 0; j < N; j++ {
-							if y[i*N+j] != alone[i][j] {
-								t.Fatalf("%v T=%d row %d col %d: %v batched, %v alone", dt, T, i, j, y[i*N+j], alone[i][j])
+					xs := randSlice(r, 33*K)
+					alone := make([][]float32, 33)
+					for i := range alone {
+						alone[i] = b.ToFloat32(b.MatMul(b.FromFloat32([]int{1, K}, xs[i*K:(i+1)*K]), w, nil))
+					}
+					for T := 2; T <= 33; T++ {
+						y := b.ToFloat32(b.MatMul(b.FromFloat32([]int{T, K}, xs[:T*K]), w, nil))
+						for i := 0; i < T; i++ {
+							for j := 0; j < N; j++ {
+								if y[i*N+j] != alone[i][j] {
+									t.Fatalf("%v T=%d row %d col %d: %v batched, %v alone", dt, T, i, j, y[i*N+j], alone[i][j])
+								}
 							}
 						}
 					}
 				}
-			}
-			// Attention: sequence 0 decodes alone, then beside a prefill.
-			const H, KVH, D, bs = 4, 2, 16, 4
-			kc := b.FromFloat32([]int{64 * bs, KVH * D}, randSlice(r, 64*bs*KVH*D))
-			vc := b.FromFloat32([]int{64 * bs, KVH * D}, randSlice(r, 64*bs*KVH*D))
-			blocks0 := []int32{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19}
-			blocks1 := []int32{8, 9, 10, 11, 12, 13, 14, 15}
-			q := randSlice(r, 8*H*D)
-			one := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: bs, Scale: 0.25,
-				Seqs: []kernels.AttnSeq{{Row: 0, N: 1, Start: 16, Blocks: blocks0}}}
-			a := b.ToFloat32(b.Attention(b.FromFloat32([]int{1, H * D}, q[:H*D]), kc, vc, one))
-			two := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: bs, Scale: 0.25,
-				Seqs: []kernels.AttnSeq{{Row: 0, N: 7, Start: 3, Blocks: blocks1}, {Row: 7, N: 1, Start: 16, Blocks: blocks0}}}
-			qq := append(append([]float32{}, q[H*D:8*H*D]...), q[:H*D]...)
-			bt := b.ToFloat32(b.Attention(b.FromFloat32([]int{8, H * D}, qq), kc, vc, two))
-			for j := 0; j < H*D; j++ {
-				if bt[7*H*D+j] != a[j] {
-					t.Fatalf("attention %d: %v batched, %v alone", j, bt[7*H*D+j], a[j])
+				// Attention: sequence 0 decodes alone, then beside a prefill.
+				const H, KVH, D, bs = 4, 2, 16, 4
+				kc := b.FromFloat32([]int{64 * bs, KVH * D}, randSlice(r, 64*bs*KVH*D))
+				vc := b.FromFloat32([]int{64 * bs, KVH * D}, randSlice(r, 64*bs*KVH*D))
+				blocks0 := []int32{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19}
+				blocks1 := []int32{8, 9, 10, 11, 12, 13, 14, 15}
+				q := randSlice(r, 8*H*D)
+				one := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: bs, Scale: 0.25,
+					Seqs: []kernels.AttnSeq{{Row: 0, N: 1, Start: 16, Blocks: blocks0}}}
+				a := b.ToFloat32(b.Attention(b.FromFloat32([]int{1, H * D}, q[:H*D]), kc, vc, one))
+				two := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: bs, Scale: 0.25,
+					Seqs: []kernels.AttnSeq{{Row: 0, N: 7, Start: 3, Blocks: blocks1}, {Row: 7, N: 1, Start: 16, Blocks: blocks0}}}
+				qq := append(append([]float32{}, q[H*D:8*H*D]...), q[:H*D]...)
+				bt := b.ToFloat32(b.Attention(b.FromFloat32([]int{8, H * D}, qq), kc, vc, two))
+				for j := 0; j < H*D; j++ {
+					if bt[7*H*D+j] != a[j] {
+						t.Fatalf("attention %d: %v batched, %v alone", j, bt[7*H*D+j], a[j])
+					}
 				}
-			}
-			// The same position inside a prefill chunk that sees more keys.
-			// (16 keys alone, 34 for the chunk's last row: the scalar tail
-			// of the micro-kernel would split them differently.)
-			qc := randSlice(r, 20*H*D)
-			copy(qc[2*H*D:], q[:H*D])
-			chunk := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: bs, Scale: 0.25,
-				Seqs: []kernels.AttnSeq{{Row: 0, N: 20, Start: 14, Blocks: blocks0}}}
-			ct := b.ToFloat32(b.Attention(b.FromFloat32([]int{20, H * D}, qc), kc, vc, chunk))
-			for j := 0; j < H*D; j++ {
-				if ct[2*H*D+j] != a[j] {
-					t.Fatalf("attention in a chunk %d: %v, %v alone", j, ct[2*H*D+j], a[j])
+				// The same position inside a prefill chunk that sees more keys.
+				// (16 keys alone, 34 for the chunk's last row: the scalar tail
+				// of the micro-kernel would split them differently.)
+				qc := randSlice(r, 20*H*D)
+				copy(qc[2*H*D:], q[:H*D])
+				chunk := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: bs, Scale: 0.25,
+					Seqs: []kernels.AttnSeq{{Row: 0, N: 20, Start: 14, Blocks: blocks0}}}
+				ct := b.ToFloat32(b.Attention(b.FromFloat32([]int{20, H * D}, qc), kc, vc, chunk))
+				for j := 0; j < H*D; j++ {
+					if ct[2*H*D+j] != a[j] {
+						t.Fatalf("attention in a chunk %d: %v, %v alone", j, ct[2*H*D+j], a[j])
+					}
 				}
-			}
-		})
+			})
+		}
 	}
 }
 

@@ -18,6 +18,24 @@ func gemm3x4AVX2(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ld
 func gemm5x4AVX512(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ldc int)
 
 //go:noescape
+func pgemv32BF16(x *float32, w *uint16, k int, y *float32)
+
+//go:noescape
+func pgemv32F16(x *float32, w *uint16, k int, y *float32)
+
+//go:noescape
+func pgemv32F32(x *float32, w *float32, k int, y *float32)
+
+//go:noescape
+func pgemm14x32BF16(xp *float32, w *uint16, k int, c *float32)
+
+//go:noescape
+func pgemm14x32F16(xp *float32, w *uint16, k int, c *float32)
+
+//go:noescape
+func pgemm14x32F32(xp *float32, w *float32, k int, c *float32)
+
+//go:noescape
 func gemm1x4BF16AVX512(x *float32, w *uint16, stride int, n int, c *float32)
 
 //go:noescape
@@ -66,6 +84,30 @@ func simdKernels() []kernelSet {
 	}
 	avx512.gemm1F16 = func(x []float32, w []uint16, stride, n int, c []float32) {
 		gemm1Asm(gemm1x4F16AVX512, f16, x, w, stride, n, c)
+	}
+	avx512.pgemvBF16 = func(x []float32, w []uint16, k int, y []float32) {
+		_, _, _ = x[k-1], w[32*k-1], y[31]
+		pgemv32BF16(&x[0], &w[0], k, &y[0])
+	}
+	avx512.pgemvF16 = func(x []float32, w []uint16, k int, y []float32) {
+		_, _, _ = x[k-1], w[32*k-1], y[31]
+		pgemv32F16(&x[0], &w[0], k, &y[0])
+	}
+	avx512.pgemvF32 = func(x []float32, w []float32, k int, y []float32) {
+		_, _, _ = x[k-1], w[32*k-1], y[31]
+		pgemv32F32(&x[0], &w[0], k, &y[0])
+	}
+	avx512.pgemmBF16 = func(xp []float32, w []uint16, k int, c []float32) {
+		_, _, _ = xp[14*k-1], w[32*k-1], c[14*32-1]
+		pgemm14x32BF16(&xp[0], &w[0], k, &c[0])
+	}
+	avx512.pgemmF16 = func(xp []float32, w []uint16, k int, c []float32) {
+		_, _, _ = xp[14*k-1], w[32*k-1], c[14*32-1]
+		pgemm14x32F16(&xp[0], &w[0], k, &c[0])
+	}
+	avx512.pgemmF32 = func(xp []float32, w []float32, k int, c []float32) {
+		_, _, _ = xp[14*k-1], w[32*k-1], c[14*32-1]
+		pgemm14x32F32(&xp[0], &w[0], k, &c[0])
 	}
 	avx512.gemm1F32 = func(x []float32, w []float32, stride, n int, c []float32) {
 		gemm1Asm(gemm1x4F32AVX512, func(v float32) float32 { return v }, x, w, stride, n, c)

@@ -21,6 +21,14 @@ type kernelSet struct {
 	gemm1BF16 func(x []float32, w []uint16, stride, n int, c []float32)
 	gemm1F16  func(x []float32, w []uint16, stride, n int, c []float32)
 	gemm1F32  func(x []float32, w []float32, stride, n int, c []float32)
+	// pgemv* / pgemm* (optional) are the packed-weight kernels: y[j] =
+	// Σ_k x[k]·w[k·32+j] for j < 32, and the same for a 14-token tile whose
+	// x is k-major (xp[k·14+t]) into c[t·32+j]. Each output is one FMA chain
+	// over k in order.
+	pgemvBF16, pgemvF16 func(x []float32, w []uint16, k int, y []float32)
+	pgemvF32            func(x []float32, w []float32, k int, y []float32)
+	pgemmBF16, pgemmF16 func(xp []float32, w []uint16, k int, c []float32)
+	pgemmF32            func(xp []float32, w []float32, k int, c []float32)
 	// swiglu writes out[i] = silu(g[i])·u[i] for i < len(out).
 	swiglu func(g, u, out []float32)
 	// cvt* widen len(dst) elements of src into dst.

@@ -1,0 +1,188 @@
+package cpu
+
+import (
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+)
+
+// Packed weights. With Config.PackWeights and a kernel set that has packed
+// kernels, Weight stores every 2-D weight [N, K] as panels of packNR rows,
+// k-major: panel p holds w[p·packNR+j][k] at k·packNR+j (rows past N are
+// zero). A one-token product streams each panel once, front to back (one
+// sequential stream per thread); a batch goes through a 14×32 register tile
+// that reads each panel once per 14 tokens. Every output is a single FMA
+// chain over k in order, so a row's result does not depend on the batch
+// (packed products are batch-invariant by construction).
+const (
+	packNR = 32 // weight rows (outputs) per panel
+	packMR = 14 // tokens per register tile
+)
+
+// packed is a weight in panel layout.
+type packed struct {
+	n, k int
+	h    []uint16  // BF16 / F16
+	f    []float32 // F32
+}
+
+// Packs reports whether this backend stores 2-D weights packed.
+func (b *Backend) Packs() bool { return b.packW && b.canPack(kernels.BF16) }
+
+func (b *Backend) canPack(dt kernels.DType) bool {
+	switch dt {
+	case kernels.BF16:
+		return b.k.pgemvBF16 != nil
+	case kernels.F16:
+		return b.k.pgemvF16 != nil
+	case kernels.F32:
+		return b.k.pgemvF32 != nil
+	}
+	return false
+}
+
+// pack lays out t (2-D, h or f set) in panels and drops the row-major data.
+func (b *Backend) pack(t *tensor) {
+	n, k := t.rows(), t.cols()
+	P := (n + packNR - 1) / packNR
+	pk := &packed{n: n, k: k}
+	if t.dt == kernels.F32 {
+		pk.f = make([]float32, P*packNR*k)
+	} else {
+		pk.h = make([]uint16, P*packNR*k)
+	}
+	b.pool.run(P, 1, func(_, lo, hi int) {
+		for p := lo; p < hi; p++ {
+			base := p * packNR * k
+			for j := 0; j < packNR && p*packNR+j < n; j++ {
+				r := (p*packNR + j) * k
+				for kk := 0; kk < k; kk++ {
+					if pk.f != nil {
+						pk.f[base+kk*packNR+j] = t.f[r+kk]
+					} else {
+						pk.h[base+kk*packNR+j] = t.h[r+kk]
+					}
+				}
+			}
+		}
+	})
+	t.pk, t.f, t.h = pk, nil, nil
+}
+
+// widenPacked is widen for a packed tensor (Embed rows, ToFloat32).
+func (b *Backend) widenPacked(dst []float32, t *tensor, off int) {
+	pk := t.pk
+	for i := range dst {
+		r, c := (off+i)/pk.k, (off+i)%pk.k
+		idx := (r/packNR)*packNR*pk.k + c*packNR + r%packNR
+		switch t.dt {
+		case kernels.F32:
+			dst[i] = pk.f[idx]
+		case kernels.BF16:
+			dst[i] = bf16(pk.h[idx])
+		default:
+			dst[i] = f16(pk.h[idx])
+		}
+	}
+}
+
+// pgemv runs the one-row kernel: y[0:32] = x · panel p.
+func (b *Backend) pgemv(dt kernels.DType, x []float32, pk *packed, p int, y []float32) {
+	K := pk.k
+	if K == 0 {
+		clear(y[:packNR])
+		return
+	}
+	switch dt {
+	case kernels.BF16:
+		b.k.pgemvBF16(x, pk.h[p*packNR*K:(p+1)*packNR*K], K, y)
+	case kernels.F16:
+		b.k.pgemvF16(x, pk.h[p*packNR*K:(p+1)*packNR*K], K, y)
+	default:
+		b.k.pgemvF32(x, pk.f[p*packNR*K:(p+1)*packNR*K], K, y)
+	}
+}
+
+// pgemm runs the tile kernel: c[t·32+j] for t < 14 from the packed tile xp.
+func (b *Backend) pgemm(dt kernels.DType, xp []float32, pk *packed, p int, c []float32) {
+	K := pk.k
+	if K == 0 {
+		clear(c[:packMR*packNR])
+		return
+	}
+	switch dt {
+	case kernels.BF16:
+		b.k.pgemmBF16(xp, pk.h[p*packNR*K:(p+1)*packNR*K], K, c)
+	case kernels.F16:
+		b.k.pgemmF16(xp, pk.h[p*packNR*K:(p+1)*packNR*K], K, c)
+	default:
+		b.k.pgemmF32(xp, pk.f[p*packNR*K:(p+1)*packNR*K], K, c)
+	}
+}
+
+// matmulPacked computes y = x·wᵀ for a packed w.
+func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
+	pk := w.pk
+	K, N := pk.k, pk.n
+	P := (N + packNR - 1) / packNR
+	// Tiles of packMR tokens, x transposed k-major (the tile kernel
+	// broadcasts x[t][k] from consecutive floats); a remainder of fewer
+	// than 4 tokens goes row by row through the one-row kernel instead.
+	tiles := T / packMR
+	if T%packMR >= 4 {
+		tiles++
+	}
+	var xp []float32
+	if tiles > 0 {
+		xp = make([]float32, tiles*K*packMR)
+		b.pool.run(tiles, 1, func(_, lo, hi int) {
+			for tl := lo; tl < hi; tl++ {
+				dst := xp[tl*K*packMR : (tl+1)*K*packMR]
+				for t := 0; t < packMR && tl*packMR+t < T; t++ {
+					row := x[(tl*packMR+t)*K : (tl*packMR+t+1)*K]
+					for k, v := range row {
+						dst[k*packMR+t] = v
+					}
+				}
+			}
+		})
+	}
+	// With several tiles, a bf16/f16 panel is widened once into scratch
+	// (exactly: the products are the same) and the tiles read float32.
+	widen := tiles >= 2 && w.dt != kernels.F32 && K > 0
+	b.pool.run(P, 1, func(tid, lo, hi int) {
+		var c [packMR * packNR]float32
+		var o [packNR]float32
+		var wf []float32
+		if widen {
+			wf = b.scratchFor(tid, packNR*K)[:packNR*K]
+		}
+		for p := lo; p < hi; p++ {
+			cols := min(packNR, N-p*packNR)
+			if widen {
+				src := pk.h[p*packNR*K : (p+1)*packNR*K]
+				if w.dt == kernels.BF16 {
+					b.k.cvtBF16(wf, src)
+				} else {
+					b.k.cvtF16(wf, src)
+				}
+			}
+			for tl := 0; tl < tiles; tl++ {
+				if widen {
+					b.k.pgemmF32(xp[tl*K*packMR:(tl+1)*K*packMR], wf, K, c[:])
+				} else {
+					b.pgemm(w.dt, xp[tl*K*packMR:(tl+1)*K*packMR], pk, p, c[:])
+				}
+				for t := 0; t < packMR && tl*packMR+t < T; t++ {
+					copy(y[(tl*packMR+t)*N+p*packNR:][:cols], c[t*packNR:t*packNR+cols])
+				}
+			}
+			for t := tiles * packMR; t < T; t++ {
+				if cols == packNR {
+					b.pgemv(w.dt, x[t*K:(t+1)*K], pk, p, y[t*N+p*packNR:t*N+p*packNR+packNR])
+				} else {
+					b.pgemv(w.dt, x[t*K:(t+1)*K], pk, p, o[:])
+					copy(y[t*N+p*packNR:][:cols], o[:cols])
+				}
+			}
+		}
+	})
+}
