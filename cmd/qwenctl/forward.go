@@ -17,9 +17,10 @@ import (
 
 // engineFlags are the flags of commands that run a model in this process.
 type engineFlags struct {
-	threads *int
-	mmap    *bool
-	kernels *string
+	threads  *int
+	mmap     *bool
+	kernels  *string
+	quantize *string
 }
 
 func addEngineFlags(fs interface {
@@ -28,9 +29,10 @@ func addEngineFlags(fs interface {
 	String(string, string, string) *string
 }) engineFlags {
 	return engineFlags{
-		threads: fs.Int("threads", 0, "compute threads (0: one per CPU)"),
-		mmap:    fs.Bool("mmap", false, "use the weights through a memory map of the files instead of copies in memory"),
-		kernels: fs.String("kernels", "", "CPU kernel set: generic, or a SIMD set (default: the best this CPU supports)"),
+		threads:  fs.Int("threads", 0, "compute threads (0: one per CPU)"),
+		mmap:     fs.Bool("mmap", false, "use the weights through a memory map of the files instead of copies in memory"),
+		kernels:  fs.String("kernels", "", "CPU kernel set: generic, or a SIMD set (default: the best this CPU supports)"),
+		quantize: fs.String("quantize", "", "weight quantisation at load: q8 (int8, one scale per row), or none"),
 	}
 }
 
@@ -42,7 +44,13 @@ func (e engineFlags) load(dir string) (*model.Model, *cpu.Backend, error) {
 	if st, err := os.Stat(filepath.Join(dir, "config.json")); err != nil || st.IsDir() {
 		return nil, nil, fmt.Errorf("--model: %s has no config.json (want a HuggingFace model directory)", dir)
 	}
-	cfg := cpu.Config{Threads: *e.threads, Kernels: *e.kernels, PackWeights: !*e.mmap}
+	if *e.quantize != "" && *e.quantize != "q8" {
+		return nil, nil, usagef("--quantize: %q is not q8", *e.quantize)
+	}
+	if *e.quantize != "" && *e.mmap {
+		return nil, nil, usagef("--quantize: quantised weights are copies; drop --mmap")
+	}
+	cfg := cpu.Config{Threads: *e.threads, Kernels: *e.kernels, PackWeights: !*e.mmap, Quantize: *e.quantize}
 	if cfg.Kernels == "generic" {
 		cfg.Generic, cfg.Kernels = true, ""
 	}
@@ -57,7 +65,7 @@ func (e engineFlags) load(dir string) (*model.Model, *cpu.Backend, error) {
 		return nil, nil, err
 	}
 	fmt.Fprintf(os.Stderr, "loaded %s: %.2f GB of weights in %.2fs on %s with %d threads%s\n",
-		dir, float64(m.WeightBytes())/1e9, time.Since(start).Seconds(), b.Name(), b.Threads(), map[bool]string{true: ", packed", false: ""}[b.Packs()])
+		dir, float64(m.WeightBytes())/1e9, time.Since(start).Seconds(), b.Name(), b.Threads(), map[bool]string{true: ", packed", false: ""}[b.Packs()]+map[bool]string{true: ", int8", false: ""}[b.Quantizes()])
 	return m, b, nil
 }
 

@@ -195,3 +195,29 @@ func TestReference(t *testing.T) {
 		}
 	}
 }
+
+// TestReferenceQ8: with int8 weights (groups of 32, one scale each) the
+// logits stay within 3% of the largest reference logit on every case; the
+// figure is stated in the README.
+func TestReferenceQ8(t *testing.T) {
+	b, err := cpu.New(cpu.Config{Threads: 2, Quantize: "q8"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	if !b.Quantizes() {
+		t.Skip("no int8 kernels on this machine")
+	}
+	for _, c := range refCases(t) {
+		t.Run(c.name, func(t *testing.T) {
+			m := loadCase(t, c, b, false)
+			got := fullForward(t, m, c.json.PromptIDs, nil)
+			tol := 0.03 * math.Max(1, c.json.MaxAbsLogit)
+			d := maxDiff(got, c.tensor(t, "logits"))
+			if d > tol {
+				t.Fatalf("q8 logits differ by %.3g > %.3g", d, tol)
+			}
+			t.Logf("max|Δlogits| %.3g = %.2f%% of max|logit|", d, 100*d/math.Max(1, c.json.MaxAbsLogit))
+		})
+	}
+}

@@ -31,6 +31,10 @@ type Config struct {
 	// products, batch-invariant by construction. It copies each weight, so
 	// it is off for memory-mapped weights.
 	PackWeights bool
+	// Quantize "q8" stores 2-D weights as int8 with one scale per output
+	// row (weight-only quantisation: activations stay float32), packed;
+	// "" keeps the stored dtype.
+	Quantize string
 }
 
 // Variants lists the kernel sets this machine can run: "generic" always,
@@ -54,6 +58,7 @@ type Backend struct {
 	// invariant: see Config.BatchInvariant.
 	invariant bool
 	packW     bool
+	quant     bool
 }
 
 var _ kernels.Backend = (*Backend)(nil)
@@ -65,6 +70,9 @@ func New(cfg Config) (*Backend, error) {
 	}
 	if cfg.Threads == 0 {
 		cfg.Threads = runtime.GOMAXPROCS(0)
+	}
+	if cfg.Quantize != "" && cfg.Quantize != "q8" {
+		return nil, fmt.Errorf("cpu: quantisation %q not supported (q8)", cfg.Quantize)
 	}
 	k := genericKernels
 	if !cfg.Generic {
@@ -79,7 +87,7 @@ func New(cfg Config) (*Backend, error) {
 			return nil, fmt.Errorf("cpu: kernel set %q not supported here (have %v)", cfg.Kernels, Variants())
 		}
 	}
-	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant, packW: cfg.PackWeights}, nil
+	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant, packW: cfg.PackWeights || cfg.Quantize != "", quant: cfg.Quantize == "q8"}, nil
 }
 
 // Close stops the backend's threads. The backend must not be used afterwards.
@@ -150,8 +158,11 @@ func (b *Backend) Weight(dt kernels.DType, shape []int, data []byte) (kernels.Te
 	} else {
 		t.h = unsafe.Slice((*uint16)(p), n)
 	}
-	if b.packW && len(shape) == 2 && b.canPack(dt) {
-		b.pack(t)
+	switch {
+	case b.quant && len(shape) == 2 && b.k.pgemvQ8 != nil:
+		b.pack(t, true)
+	case b.packW && len(shape) == 2 && b.canPack(dt):
+		b.pack(t, false)
 	}
 	return t, nil
 }

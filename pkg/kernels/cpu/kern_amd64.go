@@ -18,6 +18,12 @@ func gemm3x4AVX2(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ld
 func gemm5x4AVX512(x *float32, ldx int, p *float32, ldp int, n int, c *float32, ldc int)
 
 //go:noescape
+func pgemv32Q8(x *float32, w *int8, s *float32, k int, y *float32)
+
+//go:noescape
+func pgemm14x32Q8(xp *float32, w *int8, s *float32, k int, c *float32)
+
+//go:noescape
 func pgemv32BF16(x *float32, w *uint16, k int, y *float32)
 
 //go:noescape
@@ -108,6 +114,14 @@ func simdKernels() []kernelSet {
 	avx512.pgemmF32 = func(xp []float32, w []float32, k int, c []float32) {
 		_, _, _ = xp[14*k-1], w[32*k-1], c[14*32-1]
 		pgemm14x32F32(&xp[0], &w[0], k, &c[0])
+	}
+	avx512.pgemvQ8 = func(x []float32, w []int8, s []float32, k int, y []float32) {
+		_, _, _, _ = x[k-1], w[32*k-1], s[32*((k+31)/32)-1], y[31]
+		pgemv32Q8(&x[0], &w[0], &s[0], k, &y[0])
+	}
+	avx512.pgemmQ8 = func(xp []float32, w []int8, s []float32, k int, c []float32) {
+		_, _, _, _ = xp[14*k-1], w[32*k-1], s[32*((k+31)/32)-1], c[14*32-1]
+		pgemm14x32Q8(&xp[0], &w[0], &s[0], k, &c[0])
 	}
 	avx512.gemm1F32 = func(x []float32, w []float32, stride, n int, c []float32) {
 		gemm1Asm(gemm1x4F32AVX512, func(v float32) float32 { return v }, x, w, stride, n, c)

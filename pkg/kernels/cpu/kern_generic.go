@@ -29,6 +29,10 @@ type kernelSet struct {
 	pgemvF32            func(x []float32, w []float32, k int, y []float32)
 	pgemmBF16, pgemmF16 func(xp []float32, w []uint16, k int, c []float32)
 	pgemmF32            func(xp []float32, w []float32, k int, c []float32)
+	// pgemvQ8 / pgemmQ8 take int8 weights in groups of 32 k with scales
+	// s[g·32+j]; a weight enters the chain as float32(q)·s.
+	pgemvQ8 func(x []float32, w []int8, s []float32, k int, y []float32)
+	pgemmQ8 func(xp []float32, w []int8, s []float32, k int, c []float32)
 	// swiglu writes out[i] = silu(g[i])·u[i] for i < len(out).
 	swiglu func(g, u, out []float32)
 	// cvt* widen len(dst) elements of src into dst.

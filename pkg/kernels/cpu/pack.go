@@ -1,6 +1,8 @@
 package cpu
 
 import (
+	"math"
+
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
 )
 
@@ -13,19 +15,30 @@ import (
 // chain over k in order, so a row's result does not depend on the batch
 // (packed products are batch-invariant by construction).
 const (
-	packNR = 32 // weight rows (outputs) per panel
-	packMR = 14 // tokens per register tile
+	packNR  = 32 // weight rows (outputs) per panel
+	packMR  = 14 // tokens per register tile
+	q8Group = 32 // k values sharing an int8 scale
 )
+
+func q8Groups(k int) int { return (k + q8Group - 1) / q8Group }
 
 // packed is a weight in panel layout.
 type packed struct {
 	n, k int
 	h    []uint16  // BF16 / F16
 	f    []float32 // F32
+	// q8: int8 weights in groups of q8Group along k, one float32 scale
+	// per (group, row): scale = max|w|/127 over the group, w ≈ q·scale.
+	// Panel p's scales are scale[p·G·32 : (p+1)·G·32], [G][32], G groups.
+	q     []int8
+	scale []float32
 }
 
 // Packs reports whether this backend stores 2-D weights packed.
 func (b *Backend) Packs() bool { return b.packW && b.canPack(kernels.BF16) }
+
+// Quantizes reports whether this backend stores 2-D weights as int8.
+func (b *Backend) Quantizes() bool { return b.quant && b.k.pgemvQ8 != nil }
 
 func (b *Backend) canPack(dt kernels.DType) bool {
 	switch dt {
@@ -39,25 +52,51 @@ func (b *Backend) canPack(dt kernels.DType) bool {
 	return false
 }
 
-// pack lays out t (2-D, h or f set) in panels and drops the row-major data.
-func (b *Backend) pack(t *tensor) {
+// pack lays out t (2-D, h or f set) in panels and drops the row-major
+// data; with quantize, as int8 with per-row scales.
+func (b *Backend) pack(t *tensor, quantize bool) {
 	n, k := t.rows(), t.cols()
 	P := (n + packNR - 1) / packNR
 	pk := &packed{n: n, k: k}
-	if t.dt == kernels.F32 {
+	switch {
+	case quantize:
+		pk.q, pk.scale = make([]int8, P*packNR*k), make([]float32, P*q8Groups(k)*packNR)
+	case t.dt == kernels.F32:
 		pk.f = make([]float32, P*packNR*k)
-	} else {
+	default:
 		pk.h = make([]uint16, P*packNR*k)
 	}
-	b.pool.run(P, 1, func(_, lo, hi int) {
+	b.pool.run(P, 1, func(tid, lo, hi int) {
 		for p := lo; p < hi; p++ {
 			base := p * packNR * k
 			for j := 0; j < packNR && p*packNR+j < n; j++ {
 				r := (p*packNR + j) * k
-				for kk := 0; kk < k; kk++ {
-					if pk.f != nil {
+				switch {
+				case quantize:
+					row := b.scratchFor(tid, k)[:k]
+					b.widen(row, t, r)
+					G := q8Groups(k)
+					for g := 0; g < G; g++ {
+						grp := row[g*q8Group : min(k, (g+1)*q8Group)]
+						var m float32
+						for _, v := range grp {
+							m = max(m, abs32(v))
+						}
+						s := m / 127
+						pk.scale[(p*G+g)*packNR+j] = s
+						if s == 0 {
+							continue
+						}
+						for i, v := range grp {
+							pk.q[base+(g*q8Group+i)*packNR+j] = int8(max(-127, min(127, roundEven(v/s))))
+						}
+					}
+				case pk.f != nil:
+					for kk := 0; kk < k; kk++ {
 						pk.f[base+kk*packNR+j] = t.f[r+kk]
-					} else {
+					}
+				default:
+					for kk := 0; kk < k; kk++ {
 						pk.h[base+kk*packNR+j] = t.h[r+kk]
 					}
 				}
@@ -67,12 +106,22 @@ func (b *Backend) pack(t *tensor) {
 	t.pk, t.f, t.h = pk, nil, nil
 }
 
+func abs32(v float32) float32 { return math.Float32frombits(math.Float32bits(v) &^ (1 << 31)) }
+
+func roundEven(v float32) float32 { return float32(math.RoundToEven(float64(v))) }
+
 // widenPacked is widen for a packed tensor (Embed rows, ToFloat32).
 func (b *Backend) widenPacked(dst []float32, t *tensor, off int) {
 	pk := t.pk
 	for i := range dst {
 		r, c := (off+i)/pk.k, (off+i)%pk.k
 		idx := (r/packNR)*packNR*pk.k + c*packNR + r%packNR
+		switch {
+		case pk.q != nil:
+			G := q8Groups(pk.k)
+			dst[i] = float32(pk.q[idx]) * pk.scale[((r/packNR)*G+c/q8Group)*packNR+r%packNR]
+			continue
+		}
 		switch t.dt {
 		case kernels.F32:
 			dst[i] = pk.f[idx]
@@ -91,6 +140,11 @@ func (b *Backend) pgemv(dt kernels.DType, x []float32, pk *packed, p int, y []fl
 		clear(y[:packNR])
 		return
 	}
+	if pk.q != nil {
+		G := q8Groups(K)
+		b.k.pgemvQ8(x, pk.q[p*packNR*K:(p+1)*packNR*K], pk.scale[p*G*packNR:(p+1)*G*packNR], K, y)
+		return
+	}
 	switch dt {
 	case kernels.BF16:
 		b.k.pgemvBF16(x, pk.h[p*packNR*K:(p+1)*packNR*K], K, y)
@@ -106,6 +160,11 @@ func (b *Backend) pgemm(dt kernels.DType, xp []float32, pk *packed, p int, c []f
 	K := pk.k
 	if K == 0 {
 		clear(c[:packMR*packNR])
+		return
+	}
+	if pk.q != nil {
+		G := q8Groups(K)
+		b.k.pgemmQ8(xp, pk.q[p*packNR*K:(p+1)*packNR*K], pk.scale[p*G*packNR:(p+1)*G*packNR], K, c)
 		return
 	}
 	switch dt {
@@ -147,7 +206,7 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 	}
 	// With several tiles, a bf16/f16 panel is widened once into scratch
 	// (exactly: the products are the same) and the tiles read float32.
-	widen := tiles >= 2 && w.dt != kernels.F32 && K > 0
+	widen := tiles >= 2 && (w.dt != kernels.F32 || pk.q != nil) && K > 0
 	b.pool.run(P, 1, func(tid, lo, hi int) {
 		var c [packMR * packNR]float32
 		var o [packNR]float32
@@ -158,11 +217,20 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 		for p := lo; p < hi; p++ {
 			cols := min(packNR, N-p*packNR)
 			if widen {
-				src := pk.h[p*packNR*K : (p+1)*packNR*K]
-				if w.dt == kernels.BF16 {
-					b.k.cvtBF16(wf, src)
-				} else {
-					b.k.cvtF16(wf, src)
+				switch {
+				case pk.q != nil: // float32(q)·scale, the kernels' own rounding
+					G := q8Groups(K)
+					q, sc := pk.q[p*packNR*K:(p+1)*packNR*K], pk.scale[p*G*packNR:(p+1)*G*packNR]
+					for kk := 0; kk < K; kk++ {
+						s := sc[(kk/q8Group)*packNR:][:packNR]
+						for j, v := range q[kk*packNR : (kk+1)*packNR] {
+							wf[kk*packNR+j] = float32(v) * s[j]
+						}
+					}
+				case w.dt == kernels.BF16:
+					b.k.cvtBF16(wf, pk.h[p*packNR*K:(p+1)*packNR*K])
+				default:
+					b.k.cvtF16(wf, pk.h[p*packNR*K:(p+1)*packNR*K])
 				}
 			}
 			for tl := 0; tl < tiles; tl++ {
