@@ -841,3 +841,26 @@ func readyWorkers(t testing.TB, client pb.GeneratorClient) []*pb.WorkerStatus {
 	}
 	return out
 }
+
+// TestQuantizedCluster: --quantize q8 reaches the workers through their
+// assignment; prompt logprobs stay near the bf16 ones.
+func TestQuantizedCluster(t *testing.T) {
+	dir := refDir("dense-gqa-f32")
+	ref := loadRef(t, dir)
+	c := startCluster(t, dir, "--quantize", "q8")
+	req := idsReq(ref.PromptIDs, 8)
+	req.PromptLogprobs = true
+	r := mustGenerate(t, c.client, req)
+	if len(r.ids) != 8 || r.finish != "length" {
+		t.Fatalf("q8 generation: %v %s", r.ids, r.finish)
+	}
+	for i := 1; i < len(ref.PromptIDs); i++ {
+		want := logSoftmaxAt(ref.logits[(i-1)*ref.vocab:i*ref.vocab], int(ref.PromptIDs[i]))
+		if d := math.Abs(float64(*r.plp[i].Logprob) - want); d > 0.1 {
+			t.Fatalf("q8 prompt logprob %d: %v, bf16 reference %v", i, *r.plp[i].Logprob, want)
+		}
+	}
+	if _, err := generate(context.Background(), c.client, req); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -40,8 +40,10 @@ type CoordinatorOptions struct {
 	// KVCacheBytes is the KV pool asked of each worker (0: the worker's default).
 	KVCacheBytes int64
 	// NumBlocks, when > 0, fixes the KV pool size in blocks (tests).
-	NumBlocks   int64
-	Scheduler   routing.SchedulerConfig
+	NumBlocks int64
+	Scheduler routing.SchedulerConfig
+	// Quantize is passed to workers in their assignment ("" or "q8").
+	Quantize    string
 	StepTimeout time.Duration
 	Logger      *slog.Logger
 }
@@ -281,7 +283,7 @@ func (c *Coordinator) tryBringUp(ctx context.Context, w cluster.WorkerInfo, r *r
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	ls, err := client.Load(lctx, &workerv1.LoadRequest{Assignment: &workerv1.Assignment{Version: version, Model: c.opts.ModelDir,
-		LayersEnd: int32(c.cfg.NumHiddenLayers), TpSize: 1}})
+		LayersEnd: int32(c.cfg.NumHiddenLayers), TpSize: 1, Quantize: c.opts.Quantize}})
 	if err != nil {
 		conn.Close()
 		return err

@@ -123,6 +123,7 @@ func CoordinatorMain(args []string) int {
 	batchTokens := fs.Int("max-batch-tokens", 512, "tokens computed per step (prefill chunks + decodes)")
 	maxRunning := fs.Int("max-running", 64, "sequences decoding together")
 	maxWaiting := fs.Int("max-waiting", 1024, "queued requests before RESOURCE_EXHAUSTED")
+	quantize := fs.String("quantize", "", "weight quantisation on the workers: q8 (int8, groups of 32), or none")
 	leaderTTL := fs.Duration("leader-ttl", 5*time.Second, "leader session TTL: a standby takes over this long after the leader dies")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	if rc := parseFlags(fs, args); rc >= 0 {
@@ -146,6 +147,8 @@ func CoordinatorMain(args []string) int {
 		return fail("--kv-blocks: must be >= 0")
 	case *leaderTTL < time.Second:
 		return fail("--leader-ttl: must be >= 1s")
+	case *quantize != "" && *quantize != "q8":
+		return fail("--quantize: %q is not q8", *quantize)
 	}
 	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {
@@ -169,7 +172,7 @@ func CoordinatorMain(args []string) int {
 	defer cancel()
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
-		LeaderTTL: *leaderTTL, GossipFast: true, Logger: log,
+		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log,
 		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
 	if err != nil && ctx.Err() == nil {
 		fmt.Fprintf(os.Stderr, "coordinator: %v\n", err)

@@ -183,6 +183,7 @@ type CoordinatorProcessOptions struct {
 	NumBlocks    int64
 	LeaderTTL    time.Duration
 	Scheduler    routing.SchedulerConfig
+	Quantize     string
 	GossipFast   bool
 	Logger       *slog.Logger
 	// OnReady is called once a replica can serve, with the public address.
@@ -291,7 +292,7 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	}
 	coord, err := NewCoordinator(CoordinatorOptions{ID: o.ID, Addr: addr, ModelDir: o.ModelDir, Store: store, Gossip: gossip,
 		EtcdEndpoints: endpoints, LeaderTTL: o.LeaderTTL, BlockSize: o.BlockSize, KVCacheBytes: o.KVCacheBytes, NumBlocks: o.NumBlocks,
-		Scheduler: o.Scheduler, Logger: log})
+		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log})
 	if err != nil {
 		return fmt.Errorf("--model: %w", err)
 	}

@@ -52,6 +52,7 @@ type WorkerService struct {
 	version   int64
 	state     string
 	blockSize int
+	quantize  string
 }
 
 // NewWorkerService makes an idle worker.
@@ -117,7 +118,10 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	w.life.Lock()
 	defer w.life.Unlock()
 	w.mu.Lock()
-	if w.exec != nil && w.modelDir == dir {
+	if a.Quantize != "" && a.Quantize != "q8" {
+		return status.Errorf(codes.InvalidArgument, "assignment.quantize: %q is not q8", a.Quantize)
+	}
+	if w.exec != nil && w.modelDir == dir && w.quantize == a.Quantize {
 		w.version = a.Version
 		p := w.progress("ready")
 		w.mu.Unlock()
@@ -135,7 +139,10 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 		w.mu.Unlock()
 	}
 	mmap := req.Mmap || w.opts.Mmap
-	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true, PackWeights: !mmap})
+	if a.Quantize != "" {
+		mmap = false // quantised weights are copies
+	}
+	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true, PackWeights: !mmap, Quantize: a.Quantize})
 	if err != nil {
 		fail()
 		return status.Errorf(codes.FailedPrecondition, "backend: %v", err)
@@ -149,7 +156,7 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	}
 	w.opts.Logger.Info("model loaded", "model", dir, "bytes", m.WeightBytes(), "seconds", time.Since(t0).Seconds())
 	w.mu.Lock()
-	w.backend, w.exec, w.modelDir, w.version = b, shard.NewExecutor(m), dir, a.Version
+	w.backend, w.exec, w.modelDir, w.version, w.quantize = b, shard.NewExecutor(m), dir, a.Version, a.Quantize
 	w.setState("loaded")
 	p := w.progress("ready")
 	w.mu.Unlock()

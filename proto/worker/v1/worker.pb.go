@@ -178,15 +178,17 @@ func (x *InfoResponse) GetKvBlockSize() int32 {
 }
 
 type Assignment struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // placement version
-	Model         string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`      // model directory (HuggingFace layout)
-	Replica       int32                  `protobuf:"varint,3,opt,name=replica,proto3" json:"replica,omitempty"`
-	Stage         int32                  `protobuf:"varint,4,opt,name=stage,proto3" json:"stage,omitempty"`
-	LayersBegin   int32                  `protobuf:"varint,5,opt,name=layers_begin,json=layersBegin,proto3" json:"layers_begin,omitempty"` // [begin, end) of decoder layers; whole model today
-	LayersEnd     int32                  `protobuf:"varint,6,opt,name=layers_end,json=layersEnd,proto3" json:"layers_end,omitempty"`
-	TpRank        int32                  `protobuf:"varint,7,opt,name=tp_rank,json=tpRank,proto3" json:"tp_rank,omitempty"`
-	TpSize        int32                  `protobuf:"varint,8,opt,name=tp_size,json=tpSize,proto3" json:"tp_size,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Version     int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // placement version
+	Model       string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`      // model directory (HuggingFace layout)
+	Replica     int32                  `protobuf:"varint,3,opt,name=replica,proto3" json:"replica,omitempty"`
+	Stage       int32                  `protobuf:"varint,4,opt,name=stage,proto3" json:"stage,omitempty"`
+	LayersBegin int32                  `protobuf:"varint,5,opt,name=layers_begin,json=layersBegin,proto3" json:"layers_begin,omitempty"` // [begin, end) of decoder layers; whole model today
+	LayersEnd   int32                  `protobuf:"varint,6,opt,name=layers_end,json=layersEnd,proto3" json:"layers_end,omitempty"`
+	TpRank      int32                  `protobuf:"varint,7,opt,name=tp_rank,json=tpRank,proto3" json:"tp_rank,omitempty"`
+	TpSize      int32                  `protobuf:"varint,8,opt,name=tp_size,json=tpSize,proto3" json:"tp_size,omitempty"`
+	// quantize: "" keeps the checkpoint's dtype; "q8" loads int8 weights.
+	Quantize      string `protobuf:"bytes,9,opt,name=quantize,proto3" json:"quantize,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -275,6 +277,13 @@ func (x *Assignment) GetTpSize() int32 {
 		return x.TpSize
 	}
 	return 0
+}
+
+func (x *Assignment) GetQuantize() string {
+	if x != nil {
+		return x.Quantize
+	}
+	return ""
 }
 
 type LoadRequest struct {
@@ -1113,7 +1122,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x12assignment_version\x18\b \x01(\x03R\x11assignmentVersion\x12\"\n" +
 	"\rnum_kv_blocks\x18\t \x01(\x03R\vnumKvBlocks\x12\"\n" +
 	"\rkv_block_size\x18\n" +
-	" \x01(\x05R\vkvBlockSize\"\xe0\x01\n" +
+	" \x01(\x05R\vkvBlockSize\"\xfc\x01\n" +
 	"\n" +
 	"Assignment\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
@@ -1124,7 +1133,8 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\n" +
 	"layers_end\x18\x06 \x01(\x05R\tlayersEnd\x12\x17\n" +
 	"\atp_rank\x18\a \x01(\x05R\x06tpRank\x12\x17\n" +
-	"\atp_size\x18\b \x01(\x05R\x06tpSize\"b\n" +
+	"\atp_size\x18\b \x01(\x05R\x06tpSize\x12\x1a\n" +
+	"\bquantize\x18\t \x01(\tR\bquantize\"b\n" +
 	"\vLoadRequest\x12?\n" +
 	"\n" +
 	"assignment\x18\x01 \x01(\v2\x1f.qwenfleet.worker.v1.AssignmentR\n" +
