@@ -22,9 +22,13 @@ func randSlice(r *rand.Rand, n int) []float32 {
 // results are bit-identical alone and at any place in any batch.
 func TestBatchInvariance(t *testing.T) {
 	for _, v := range cpu.Variants() {
-		for _, pack := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s/packed=%v", v, pack), func(t *testing.T) {
-				b, err := cpu.New(cpu.Config{Threads: 2, Generic: v == "generic", Kernels: map[bool]string{true: "", false: v}[v == "generic"], BatchInvariant: true, PackWeights: pack})
+		for _, mode := range []string{"plain", "packed", "q8"} {
+			t.Run(fmt.Sprintf("%s/%s", v, mode), func(t *testing.T) {
+				cfg := cpu.Config{Threads: 2, Generic: v == "generic", Kernels: map[bool]string{true: "", false: v}[v == "generic"], BatchInvariant: true, PackWeights: mode == "packed"}
+				if mode == "q8" {
+					cfg.Quantize = "q8"
+				}
+				b, err := cpu.New(cfg)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -86,7 +90,28 @@ func TestBatchInvariance(t *testing.T) {
 						t.Fatalf("attention in a chunk %d: %v, %v alone", j, ct[2*H*D+j], a[j])
 					}
 				}
-			})
+				// Long context: position 600 decoded alone and inside a chunk
+			// that runs past it, across several attention blocks.
+			const long = 700
+			lk := b.FromFloat32([]int{long, KVH * D}, randSlice(r, long*KVH*D))
+			lv := b.FromFloat32([]int{long, KVH * D}, randSlice(r, long*KVH*D))
+			lb := make([]int32, long) // block size 1, pages shuffled
+			for i, p := range r.Perm(long) {
+				lb[i] = int32(p)
+			}
+			lq := randSlice(r, 90*H*D)
+			dec := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: 1, Scale: 0.25,
+				Seqs: []kernels.AttnSeq{{Row: 0, N: 1, Start: 600, Blocks: lb}}}
+			la := b.ToFloat32(b.Attention(b.FromFloat32([]int{1, H * D}, lq[40*H*D:41*H*D]), lk, lv, dec))
+			pre := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: 1, Scale: 0.25,
+				Seqs: []kernels.AttnSeq{{Row: 0, N: 90, Start: 560, Blocks: lb}}}
+			lc := b.ToFloat32(b.Attention(b.FromFloat32([]int{90, H * D}, lq), lk, lv, pre))
+			for j := 0; j < H*D; j++ {
+				if lc[40*H*D+j] != la[j] {
+					t.Fatalf("long attention %d: %v in a chunk, %v alone", j, lc[40*H*D+j], la[j])
+				}
+			}
+		})
 		}
 	}
 }

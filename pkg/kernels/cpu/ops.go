@@ -112,12 +112,23 @@ func (b *Backend) WriteKV(cache, x kernels.Tensor, slots []int32) {
 	}
 }
 
-// Attention is causal attention over paged caches. One unit of work is a
-// (sequence, KV head, chunk of query rows): the unit gathers the keys of its
-// KV head into a contiguous [ctx, D] block and the values transposed into
-// [D, ctx], multiplies the queries of all heads sharing that KV head against
-// them with the GEMM micro-kernel (S = Q·Kᵀ, then O = P·V), and applies the
-// causal mask and a float32 softmax in between.
+// attnBlock is the number of key positions one pass of Attention holds:
+// blocks are aligned to absolute positions (block j covers [j·attnBlock,
+// (j+1)·attnBlock)), so a query row meets the same blocks whatever chunk
+// of its sequence it is computed in.
+const attnBlock = 256
+
+// attnRows bounds the query rows (times heads per KV head) of one unit.
+const attnRows = 128
+
+// Attention is causal attention over paged caches, flash-style: one unit of
+// work is a (sequence, KV head, chunk of query rows); the unit walks the
+// keys in blocks of attnBlock positions, gathering each block's keys and
+// (transposed) values from the pages, multiplies the queries of all heads
+// sharing the KV head against them with the GEMM micro-kernel, and folds the
+// block into a running maximum, sum and output per row (online softmax). No
+// score row longer than a block is ever materialised, so memory per unit
+// does not grow with the context.
 func (b *Backend) Attention(q, kc, vc kernels.Tensor, ab *kernels.AttnBatch) kernels.Tensor {
 	qt, kt, vt := f32(q), f32(kc), f32(vc)
 	H, KVH, D := ab.Heads, ab.KVHeads, ab.HeadDim
@@ -129,9 +140,7 @@ func (b *Backend) Attention(q, kc, vc kernels.Tensor, ab *kernels.AttnBatch) ker
 	type unit struct{ seq, kvh, i0, i1 int }
 	var units []unit
 	for si, s := range ab.Seqs {
-		ctx := s.Start + s.N
-		// query rows per unit: keep the score block near 1M floats
-		chunk := max(1, min(s.N, (1<<20)/max(1, G*ctx)))
+		chunk := max(1, min(s.N, attnRows/G))
 		for g := 0; g < KVH; g++ {
 			for i0 := 0; i0 < s.N; i0 += chunk {
 				units = append(units, unit{si, g, i0, min(s.N, i0+chunk)})
@@ -157,40 +166,15 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 	if mr := b.k.gemmRows; b.invariant {
 		Mp = (M + mr - 1) / mr * mr
 	}
-	// L is the score rows' length: when batch-invariant, the keys are
-	// padded with zero keys and weights to a multiple of 16, so that
-	// neither GEMM takes the micro-kernel's leftover paths differently for
-	// a row depending on how many keys the other rows of its unit see.
-	L := ctx
-	if b.invariant {
-		L = (ctx + 15) &^ 15
-	}
-	buf := b.scratchFor(tid, L*D+D*L+Mp*D+Mp*L+Mp*D)
-	keys, buf := buf[:L*D], buf[L*D:]
-	valsT, buf := buf[:D*L], buf[D*L:]
+	const Bk = attnBlock
+	buf := b.scratchFor(tid, Bk*D+D*Bk+Mp*D+Mp*Bk+2*Mp*D+2*Mp)
+	keys, buf := buf[:Bk*D], buf[Bk*D:]
+	valsT, buf := buf[:D*Bk], buf[D*Bk:]
 	qs, buf := buf[:Mp*D], buf[Mp*D:]
-	sc, buf := buf[:Mp*L], buf[Mp*L:]
-	os := buf[:Mp*D]
-	clear(qs[M*D:])
-	// Keys are copied row by row; values are transposed in tiles of 16
-	// positions, so each write fills a cache line instead of touching a
-	// new one for every element.
-	const tile = 16
-	var offs [tile]int
-	for p0 := 0; p0 < ctx; p0 += tile {
-		n := min(tile, ctx-p0)
-		for k := 0; k < n; k++ {
-			p := p0 + k
-			offs[k] = (int(s.Blocks[p/bs])*bs+p%bs)*kvStride + g*D
-			copy(keys[p*D:(p+1)*D], kt.f[offs[k]:offs[k]+D])
-		}
-		for e := 0; e < D; e++ {
-			dst := valsT[e*L+p0 : e*L+p0+n]
-			for k := range dst {
-				dst[k] = vt.f[offs[k]+e]
-			}
-		}
-	}
+	sc, buf := buf[:Mp*Bk], buf[Mp*Bk:]
+	acc, buf := buf[:Mp*D], buf[Mp*D:] // running output per row
+	pv, buf := buf[:Mp*D], buf[Mp*D:]  // this block's P·V
+	mx, sum := buf[:Mp], buf[Mp:2*Mp]  // running maximum and sum per row
 	for i := i0; i < i1; i++ {
 		row := (s.Row + i) * H * D
 		for hh := 0; hh < G; hh++ {
@@ -198,40 +182,87 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 			copy(qs[((i-i0)*G+hh)*D:], qt.f[row+h*D:row+(h+1)*D])
 		}
 	}
-	for e := 0; e < D && L > ctx; e++ {
-		clear(valsT[e*L+ctx : (e+1)*L])
+	clear(qs[M*D:])
+	clear(acc)
+	for r := range mx {
+		mx[r], sum[r] = float32(math.Inf(-1)), 0
 	}
-	clear(keys[ctx*D:])
-	clear(sc)
-	b.panelMulAdd(qs, D, Mp, D, keys, D, L, sc, L)
-	for r := 0; r < M; r++ {
-		valid := s.Start + i0 + r/G + 1
-		srow := sc[r*L : (r+1)*L]
-		m := float32(math.Inf(-1))
-		for j := 0; j < valid; j++ {
-			srow[j] *= ab.Scale
-			m = max(m, srow[j])
+	var offs [16]int
+	for k0 := 0; k0 < ctx; k0 += Bk {
+		n := min(Bk, ctx-k0)
+		// L: the block's score rows; when batch-invariant, keys are padded
+		// with zero keys and weights to a multiple of 16, so neither GEMM
+		// takes the micro-kernel's leftover paths differently for a row
+		// depending on how many keys the other rows of its unit see.
+		L := n
+		if b.invariant {
+			L = (n + 15) &^ 15
 		}
-		var sum float32
-		for j := 0; j < valid; j++ {
-			e := expf(srow[j] - m)
-			srow[j] = e
-			sum += e
+		// Keys are copied row by row; values are transposed in tiles of 16
+		// positions, so each write fills a cache line.
+		for p0 := 0; p0 < n; p0 += 16 {
+			m := min(16, n-p0)
+			for k := 0; k < m; k++ {
+				p := k0 + p0 + k
+				offs[k] = (int(s.Blocks[p/bs])*bs+p%bs)*kvStride + g*D
+				copy(keys[(p0+k)*D:(p0+k+1)*D], kt.f[offs[k]:offs[k]+D])
+			}
+			for e := 0; e < D; e++ {
+				dst := valsT[e*L+p0 : e*L+p0+m]
+				for k := range dst {
+					dst[k] = vt.f[offs[k]+e]
+				}
+			}
 		}
-		inv := 1 / sum
-		for j := 0; j < valid; j++ {
-			srow[j] *= inv
+		for e := 0; e < D && L > n; e++ {
+			clear(valsT[e*L+n : (e+1)*L])
 		}
-		clear(srow[valid:])
+		clear(keys[n*D : L*D])
+		clear(sc[:Mp*L])
+		b.panelMulAdd(qs, D, Mp, D, keys, D, L, sc, L)
+		for r := 0; r < M; r++ {
+			srow := sc[r*L : (r+1)*L]
+			valid := min(n, s.Start+i0+r/G+1-k0) // keys of this block the row sees
+			if valid <= 0 {
+				clear(srow) // a block past the row: nothing changes
+				continue
+			}
+			m := mx[r]
+			for j := 0; j < valid; j++ {
+				srow[j] *= ab.Scale
+				m = max(m, srow[j])
+			}
+			alpha := expf(mx[r] - m) // 0 on the first block (-Inf)
+			var bsum float32
+			for j := 0; j < valid; j++ {
+				e := expf(srow[j] - m)
+				srow[j] = e
+				bsum += e
+			}
+			clear(srow[valid:])
+			mx[r], sum[r] = m, sum[r]*alpha+bsum
+			if alpha != 1 {
+				for e, v := range acc[r*D : (r+1)*D] {
+					acc[r*D+e] = v * alpha
+				}
+			}
+		}
+		clear(sc[M*L : Mp*L]) // padding rows weigh nothing
+		clear(pv)
+		b.panelMulAdd(sc, L, Mp, L, valsT, L, D, pv, D)
+		for i, v := range pv[:M*D] {
+			acc[i] += v
+		}
 	}
-	clear(sc[M*L:]) // padding rows weigh nothing
-	clear(os)
-	b.panelMulAdd(sc, L, Mp, L, valsT, L, D, os, D)
 	for i := i0; i < i1; i++ {
 		row := (s.Row + i) * H * D
 		for hh := 0; hh < G; hh++ {
-			h := g*G + hh
-			copy(out.f[row+h*D:row+(h+1)*D], os[((i-i0)*G+hh)*D:])
+			h, r := g*G+hh, (i-i0)*G+hh
+			inv := 1 / sum[r]
+			dst := out.f[row+h*D : row+(h+1)*D]
+			for e, v := range acc[r*D : (r+1)*D] {
+				dst[e] = v * inv
+			}
 		}
 	}
 }

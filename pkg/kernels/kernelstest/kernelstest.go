@@ -246,9 +246,10 @@ func testAttention(t *testing.T, b kernels.Backend) {
 	rng := rand.New(rand.NewPCG(13, 14))
 	for _, tc := range []struct{ heads, kv, hd, bs int }{{4, 2, 8, 4}, {7, 1, 16, 16}, {2, 2, 64, 3}, {8, 8, 4, 1}} {
 		name := fmt.Sprintf("h%d kv%d hd%d bs%d", tc.heads, tc.kv, tc.hd, tc.bs)
-		// three sequences: a prefill from 0, a decode step, a chunk continuing a cached prefix
+		// a prefill from 0, a decode step, a chunk continuing a cached prefix,
+		// and long ones whose keys span several attention blocks (256)
 		type seq struct{ start, n int }
-		seqs := []seq{{0, 6}, {9, 1}, {5, 4}}
+		seqs := []seq{{0, 6}, {9, 1}, {5, 4}, {600, 1}, {250, 270}}
 		nBlocks := 0
 		for _, s := range seqs {
 			nBlocks += (s.start + s.n + tc.bs - 1) / tc.bs
