@@ -91,27 +91,27 @@ func TestBatchInvariance(t *testing.T) {
 					}
 				}
 				// Long context: position 600 decoded alone and inside a chunk
-			// that runs past it, across several attention blocks.
-			const long = 700
-			lk := b.FromFloat32([]int{long, KVH * D}, randSlice(r, long*KVH*D))
-			lv := b.FromFloat32([]int{long, KVH * D}, randSlice(r, long*KVH*D))
-			lb := make([]int32, long) // block size 1, pages shuffled
-			for i, p := range r.Perm(long) {
-				lb[i] = int32(p)
-			}
-			lq := randSlice(r, 90*H*D)
-			dec := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: 1, Scale: 0.25,
-				Seqs: []kernels.AttnSeq{{Row: 0, N: 1, Start: 600, Blocks: lb}}}
-			la := b.ToFloat32(b.Attention(b.FromFloat32([]int{1, H * D}, lq[40*H*D:41*H*D]), lk, lv, dec))
-			pre := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: 1, Scale: 0.25,
-				Seqs: []kernels.AttnSeq{{Row: 0, N: 90, Start: 560, Blocks: lb}}}
-			lc := b.ToFloat32(b.Attention(b.FromFloat32([]int{90, H * D}, lq), lk, lv, pre))
-			for j := 0; j < H*D; j++ {
-				if lc[40*H*D+j] != la[j] {
-					t.Fatalf("long attention %d: %v in a chunk, %v alone", j, lc[40*H*D+j], la[j])
+				// that runs past it, across several attention blocks.
+				const long = 700
+				lk := b.FromFloat32([]int{long, KVH * D}, randSlice(r, long*KVH*D))
+				lv := b.FromFloat32([]int{long, KVH * D}, randSlice(r, long*KVH*D))
+				lb := make([]int32, long) // block size 1, pages shuffled
+				for i, p := range r.Perm(long) {
+					lb[i] = int32(p)
 				}
-			}
-		})
+				lq := randSlice(r, 90*H*D)
+				dec := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: 1, Scale: 0.25,
+					Seqs: []kernels.AttnSeq{{Row: 0, N: 1, Start: 600, Blocks: lb}}}
+				la := b.ToFloat32(b.Attention(b.FromFloat32([]int{1, H * D}, lq[40*H*D:41*H*D]), lk, lv, dec))
+				pre := &kernels.AttnBatch{Heads: H, KVHeads: KVH, HeadDim: D, BlockSize: 1, Scale: 0.25,
+					Seqs: []kernels.AttnSeq{{Row: 0, N: 90, Start: 560, Blocks: lb}}}
+				lc := b.ToFloat32(b.Attention(b.FromFloat32([]int{90, H * D}, lq), lk, lv, pre))
+				for j := 0; j < H*D; j++ {
+					if lc[40*H*D+j] != la[j] {
+						t.Fatalf("long attention %d: %v in a chunk, %v alone", j, lc[40*H*D+j], la[j])
+					}
+				}
+			})
 		}
 	}
 }
