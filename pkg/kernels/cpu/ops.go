@@ -119,7 +119,7 @@ func (b *Backend) WriteKV(cache, x kernels.Tensor, slots []int32) {
 const attnBlock = 256
 
 // attnRows bounds the query rows (times heads per KV head) of one unit.
-const attnRows = 128
+const attnRows = 512
 
 // Attention is causal attention over paged caches, flash-style: one unit of
 // work is a (sequence, KV head, chunk of query rows); the unit walks the
