@@ -116,3 +116,62 @@ func BenchmarkPrefill(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkDecodeShapes: single-sequence decode of the qwen2-0.5b and
+// qwen2-1.5b shapes and a 2-layer qwen2-7b (real widths) with packed bf16
+// (and int8) weights on all threads, reporting tokens/s and, for bf16, the
+// weight bytes streamed per second: its ratio to the machine's read
+// bandwidth (../shared/checks/membw.c) is the share of the bandwidth bound.
+// Weights are random and generated in memory.
+func BenchmarkDecodeShapes(b *testing.B) {
+	for _, sh := range []struct {
+		preset string
+		layers int
+	}{{"qwen2-0.5b", 0}, {"qwen2-1.5b", 0}, {"qwen2-7b", 2}} {
+		for _, quant := range []string{"", "q8"} {
+			name := sh.preset + map[bool]string{true: "-2layers", false: ""}[sh.layers > 0] + map[bool]string{true: "-q8", false: "-bf16"}[quant != ""]
+			b.Run(name, func(b *testing.B) {
+				cfg, err := model.Preset(sh.preset)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if sh.layers > 0 {
+					cfg.NumHiddenLayers, cfg.MaxWindowLayers = sh.layers, sh.layers
+				}
+				be, err := cpu.New(cpu.Config{PackWeights: true, Quantize: quant})
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer be.Close()
+				m, err := model.New(cfg, be, model.NewRandomWeights(cfg, kernels.BF16, 1))
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer m.Close()
+				bm, st := m.NewCache(64+b.N, model.DefaultBlockSize)
+				bm.Reserve(1, 64+b.N)
+				p := prompt(16)
+				if _, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: p, Blocks: bm.Table(1)}}}, st); err != nil {
+					b.Fatal(err)
+				}
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					if _, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: []int32{int32(100 + i)}, Pos: 16 + i, Blocks: bm.Table(1)}}}, st); err != nil {
+						b.Fatal(err)
+					}
+				}
+				sec := b.Elapsed().Seconds()
+				b.ReportMetric(float64(b.N)/sec, "tok/s")
+				if quant == "" {
+					// Bytes a decode step streams: every weight except an
+					// untied embedding table (only its rows are read).
+					read := m.WeightBytes()
+					if !cfg.TieWordEmbeddings {
+						read -= int64(cfg.VocabSize) * int64(cfg.HiddenSize) * 2
+					}
+					b.ReportMetric(float64(read)*float64(b.N)/sec/1e9, "GB/s")
+				}
+			})
+		}
+	}
+}
