@@ -24,6 +24,12 @@ func pgemv32Q8(x *float32, w *int8, s *float32, k int, y *float32)
 func pgemm14x32Q8(xp *float32, w *int8, s *float32, k int, c *float32)
 
 //go:noescape
+func pgemv32x2Q8(x *float32, w1, w2 *int8, s1, s2 *float32, k int, y1, y2 *float32)
+
+//go:noescape
+func pgemv32x2BF16(x *float32, w1, w2 *uint16, k int, y1, y2 *float32)
+
+//go:noescape
 func pgemv32BF16(x *float32, w *uint16, k int, y *float32)
 
 //go:noescape
@@ -94,6 +100,15 @@ func simdKernels() []kernelSet {
 	avx512.pgemvBF16 = func(x []float32, w []uint16, k int, y []float32) {
 		_, _, _ = x[k-1], w[32*k-1], y[31]
 		pgemv32BF16(&x[0], &w[0], k, &y[0])
+	}
+	avx512.pgemv2BF16 = func(x []float32, w1, w2 []uint16, k int, y1, y2 []float32) {
+		_, _, _, _, _ = x[k-1], w1[32*k-1], w2[32*k-1], y1[31], y2[31]
+		pgemv32x2BF16(&x[0], &w1[0], &w2[0], k, &y1[0], &y2[0])
+	}
+	avx512.pgemv2Q8 = func(x []float32, w1, w2 []int8, s1, s2 []float32, k int, y1, y2 []float32) {
+		g := 32 * ((k + 31) / 32)
+		_, _, _, _, _, _, _ = x[k-1], w1[32*k-1], w2[32*k-1], s1[g-1], s2[g-1], y1[31], y2[31]
+		pgemv32x2Q8(&x[0], &w1[0], &w2[0], &s1[0], &s2[0], k, &y1[0], &y2[0])
 	}
 	avx512.pgemvF16 = func(x []float32, w []uint16, k int, y []float32) {
 		_, _, _ = x[k-1], w[32*k-1], y[31]

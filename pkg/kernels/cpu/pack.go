@@ -243,6 +243,37 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 					copy(y[(tl*packMR+t)*N+p*packNR:][:cols], c[t*packNR:t*packNR+cols])
 				}
 			}
+			two := (pk.q == nil && w.dt == kernels.BF16 && b.k.pgemv2BF16 != nil) || (pk.q != nil && b.k.pgemv2Q8 != nil)
+			if T == 1 && tiles == 0 && two && K > 0 {
+				// One token: the thread's panels in two streams (its first
+				// and second half) for more memory parallelism.
+				half := (hi - lo + 1) / 2
+				if p >= lo+half {
+					continue // done with its partner
+				}
+				q := p + half
+				if q < hi && (q+1)*packNR <= N && cols == packNR {
+					y1, y2 := y[p*packNR:p*packNR+packNR], y[q*packNR:q*packNR+packNR]
+					if pk.q != nil {
+						G := q8Groups(K)
+						b.k.pgemv2Q8(x[:K], pk.q[p*packNR*K:(p+1)*packNR*K], pk.q[q*packNR*K:(q+1)*packNR*K],
+							pk.scale[p*G*packNR:(p+1)*G*packNR], pk.scale[q*G*packNR:(q+1)*G*packNR], K, y1, y2)
+					} else {
+						b.k.pgemv2BF16(x[:K], pk.h[p*packNR*K:(p+1)*packNR*K], pk.h[q*packNR*K:(q+1)*packNR*K], K, y1, y2)
+					}
+					continue
+				}
+				// q is the ragged last panel (or absent): both one by one.
+				for _, pp := range []int{p, q} {
+					if pp >= hi {
+						continue
+					}
+					c2 := min(packNR, N-pp*packNR)
+					b.pgemv(w.dt, x[:K], pk, pp, o[:])
+					copy(y[pp*packNR:][:c2], o[:c2])
+				}
+				continue
+			}
 			for t := tiles * packMR; t < T; t++ {
 				if cols == packNR {
 					b.pgemv(w.dt, x[t*K:(t+1)*K], pk, p, y[t*N+p*packNR:t*N+p*packNR+packNR])
