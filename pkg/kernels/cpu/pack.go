@@ -205,8 +205,10 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 		})
 	}
 	// With several tiles, a bf16/f16 panel is widened once into scratch
-	// (exactly: the products are the same) and the tiles read float32.
-	widen := tiles >= 2 && (w.dt != kernels.F32 || pk.q != nil) && K > 0
+	// (exactly: the products are the same) and the tiles read float32;
+	// int8 panels are dequantised in registers by the tile kernel itself
+	// (faster than a widening pass here).
+	widen := tiles >= 2 && w.dt != kernels.F32 && pk.q == nil && K > 0
 	b.pool.run(P, 1, func(tid, lo, hi int) {
 		var c [packMR * packNR]float32
 		var o [packNR]float32
@@ -218,15 +220,6 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 			cols := min(packNR, N-p*packNR)
 			if widen {
 				switch {
-				case pk.q != nil: // float32(q)·scale, the kernels' own rounding
-					G := q8Groups(K)
-					q, sc := pk.q[p*packNR*K:(p+1)*packNR*K], pk.scale[p*G*packNR:(p+1)*G*packNR]
-					for kk := 0; kk < K; kk++ {
-						s := sc[(kk/q8Group)*packNR:][:packNR]
-						for j, v := range q[kk*packNR : (kk+1)*packNR] {
-							wf[kk*packNR+j] = float32(v) * s[j]
-						}
-					}
 				case w.dt == kernels.BF16:
 					b.k.cvtBF16(wf, pk.h[p*packNR*K:(p+1)*packNR*K])
 				default:
