@@ -40,6 +40,15 @@ func (b *Backend) Packs() bool { return b.packW && b.canPack(kernels.BF16) }
 // Quantizes reports whether this backend stores 2-D weights as int8.
 func (b *Backend) Quantizes() bool { return b.quant && b.k.pgemvQ8 != nil }
 
+// Panel p's slices of each storage.
+func (pk *packed) hp(p int) []uint16  { return pk.h[p*packNR*pk.k : (p+1)*packNR*pk.k] }
+func (pk *packed) fp(p int) []float32 { return pk.f[p*packNR*pk.k : (p+1)*packNR*pk.k] }
+func (pk *packed) qp(p int) []int8    { return pk.q[p*packNR*pk.k : (p+1)*packNR*pk.k] }
+func (pk *packed) sp(p int) []float32 {
+	G := q8Groups(pk.k)
+	return pk.scale[p*G*packNR : (p+1)*G*packNR]
+}
+
 func (b *Backend) canPack(dt kernels.DType) bool {
 	switch dt {
 	case kernels.BF16:
@@ -135,52 +144,83 @@ func (b *Backend) widenPacked(dst []float32, t *tensor, off int) {
 
 // pgemv runs the one-row kernel: y[0:32] = x · panel p.
 func (b *Backend) pgemv(dt kernels.DType, x []float32, pk *packed, p int, y []float32) {
-	K := pk.k
-	if K == 0 {
+	switch {
+	case pk.k == 0:
 		clear(y[:packNR])
-		return
-	}
-	if pk.q != nil {
-		G := q8Groups(K)
-		b.k.pgemvQ8(x, pk.q[p*packNR*K:(p+1)*packNR*K], pk.scale[p*G*packNR:(p+1)*G*packNR], K, y)
-		return
-	}
-	switch dt {
-	case kernels.BF16:
-		b.k.pgemvBF16(x, pk.h[p*packNR*K:(p+1)*packNR*K], K, y)
-	case kernels.F16:
-		b.k.pgemvF16(x, pk.h[p*packNR*K:(p+1)*packNR*K], K, y)
+	case pk.q != nil:
+		b.k.pgemvQ8(x, pk.qp(p), pk.sp(p), pk.k, y)
+	case dt == kernels.BF16:
+		b.k.pgemvBF16(x, pk.hp(p), pk.k, y)
+	case dt == kernels.F16:
+		b.k.pgemvF16(x, pk.hp(p), pk.k, y)
 	default:
-		b.k.pgemvF32(x, pk.f[p*packNR*K:(p+1)*packNR*K], K, y)
+		b.k.pgemvF32(x, pk.fp(p), pk.k, y)
+	}
+}
+
+// pgemvRow writes panel p's outputs of one token into its output row
+// (the last panel may hold fewer than 32 rows).
+func (b *Backend) pgemvRow(dt kernels.DType, x []float32, pk *packed, p int, yrow []float32) {
+	if cols := pk.n - p*packNR; cols >= packNR {
+		b.pgemv(dt, x, pk, p, yrow[p*packNR:p*packNR+packNR])
+	} else {
+		var o [packNR]float32
+		b.pgemv(dt, x, pk, p, o[:])
+		copy(yrow[p*packNR:], o[:cols])
 	}
 }
 
 // pgemm runs the tile kernel: c[t·32+j] for t < 14 from the packed tile xp.
 func (b *Backend) pgemm(dt kernels.DType, xp []float32, pk *packed, p int, c []float32) {
-	K := pk.k
-	if K == 0 {
+	switch {
+	case pk.k == 0:
 		clear(c[:packMR*packNR])
-		return
-	}
-	if pk.q != nil {
-		G := q8Groups(K)
-		b.k.pgemmQ8(xp, pk.q[p*packNR*K:(p+1)*packNR*K], pk.scale[p*G*packNR:(p+1)*G*packNR], K, c)
-		return
-	}
-	switch dt {
-	case kernels.BF16:
-		b.k.pgemmBF16(xp, pk.h[p*packNR*K:(p+1)*packNR*K], K, c)
-	case kernels.F16:
-		b.k.pgemmF16(xp, pk.h[p*packNR*K:(p+1)*packNR*K], K, c)
+	case pk.q != nil:
+		b.k.pgemmQ8(xp, pk.qp(p), pk.sp(p), pk.k, c)
+	case dt == kernels.BF16:
+		b.k.pgemmBF16(xp, pk.hp(p), pk.k, c)
+	case dt == kernels.F16:
+		b.k.pgemmF16(xp, pk.hp(p), pk.k, c)
 	default:
-		b.k.pgemmF32(xp, pk.f[p*packNR*K:(p+1)*packNR*K], K, c)
+		b.k.pgemmF32(xp, pk.fp(p), pk.k, c)
 	}
+}
+
+// gemvPacked2 is the one-token product with two-panel kernels: each thread
+// streams its panels as two sequential streams (the first and second half
+// of its range) for more memory parallelism; outputs are exactly pgemv's.
+func (b *Backend) gemvPacked2(x []float32, w *tensor, y []float32) {
+	pk := w.pk
+	P := (pk.n + packNR - 1) / packNR
+	b.pool.run(P, 1, func(_, lo, hi int) {
+		half := (hi - lo + 1) / 2
+		for p := lo; p < lo+half; p++ {
+			q := p + half
+			if q >= hi || (q+1)*packNR > pk.n { // no partner, or a ragged one
+				b.pgemvRow(w.dt, x, pk, p, y)
+				if q < hi {
+					b.pgemvRow(w.dt, x, pk, q, y)
+				}
+				continue
+			}
+			y1, y2 := y[p*packNR:(p+1)*packNR], y[q*packNR:(q+1)*packNR]
+			if pk.q != nil {
+				b.k.pgemv2Q8(x, pk.qp(p), pk.qp(q), pk.sp(p), pk.sp(q), pk.k, y1, y2)
+			} else {
+				b.k.pgemv2BF16(x, pk.hp(p), pk.hp(q), pk.k, y1, y2)
+			}
+		}
+	})
 }
 
 // matmulPacked computes y = x·wᵀ for a packed w.
 func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 	pk := w.pk
 	K, N := pk.k, pk.n
+	if T == 1 && K > 0 && ((pk.q == nil && w.dt == kernels.BF16 && b.k.pgemv2BF16 != nil) || (pk.q != nil && b.k.pgemv2Q8 != nil)) {
+		b.gemvPacked2(x, w, y)
+		return
+	}
 	P := (N + packNR - 1) / packNR
 	// Tiles of packMR tokens, x transposed k-major (the tile kernel
 	// broadcasts x[t][k] from consecutive floats); a remainder of fewer
@@ -211,7 +251,6 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 	widen := tiles >= 2 && w.dt != kernels.F32 && pk.q == nil && K > 0
 	b.pool.run(P, 1, func(tid, lo, hi int) {
 		var c [packMR * packNR]float32
-		var o [packNR]float32
 		var wf []float32
 		if widen {
 			wf = b.scratchFor(tid, packNR*K)[:packNR*K]
@@ -219,11 +258,10 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 		for p := lo; p < hi; p++ {
 			cols := min(packNR, N-p*packNR)
 			if widen {
-				switch {
-				case w.dt == kernels.BF16:
-					b.k.cvtBF16(wf, pk.h[p*packNR*K:(p+1)*packNR*K])
-				default:
-					b.k.cvtF16(wf, pk.h[p*packNR*K:(p+1)*packNR*K])
+				if w.dt == kernels.BF16 {
+					b.k.cvtBF16(wf, pk.hp(p))
+				} else {
+					b.k.cvtF16(wf, pk.hp(p))
 				}
 			}
 			for tl := 0; tl < tiles; tl++ {
@@ -236,44 +274,8 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 					copy(y[(tl*packMR+t)*N+p*packNR:][:cols], c[t*packNR:t*packNR+cols])
 				}
 			}
-			two := (pk.q == nil && w.dt == kernels.BF16 && b.k.pgemv2BF16 != nil) || (pk.q != nil && b.k.pgemv2Q8 != nil)
-			if T == 1 && tiles == 0 && two && K > 0 {
-				// One token: the thread's panels in two streams (its first
-				// and second half) for more memory parallelism.
-				half := (hi - lo + 1) / 2
-				if p >= lo+half {
-					continue // done with its partner
-				}
-				q := p + half
-				if q < hi && (q+1)*packNR <= N && cols == packNR {
-					y1, y2 := y[p*packNR:p*packNR+packNR], y[q*packNR:q*packNR+packNR]
-					if pk.q != nil {
-						G := q8Groups(K)
-						b.k.pgemv2Q8(x[:K], pk.q[p*packNR*K:(p+1)*packNR*K], pk.q[q*packNR*K:(q+1)*packNR*K],
-							pk.scale[p*G*packNR:(p+1)*G*packNR], pk.scale[q*G*packNR:(q+1)*G*packNR], K, y1, y2)
-					} else {
-						b.k.pgemv2BF16(x[:K], pk.h[p*packNR*K:(p+1)*packNR*K], pk.h[q*packNR*K:(q+1)*packNR*K], K, y1, y2)
-					}
-					continue
-				}
-				// q is the ragged last panel (or absent): both one by one.
-				for _, pp := range []int{p, q} {
-					if pp >= hi {
-						continue
-					}
-					c2 := min(packNR, N-pp*packNR)
-					b.pgemv(w.dt, x[:K], pk, pp, o[:])
-					copy(y[pp*packNR:][:c2], o[:c2])
-				}
-				continue
-			}
 			for t := tiles * packMR; t < T; t++ {
-				if cols == packNR {
-					b.pgemv(w.dt, x[t*K:(t+1)*K], pk, p, y[t*N+p*packNR:t*N+p*packNR+packNR])
-				} else {
-					b.pgemv(w.dt, x[t*K:(t+1)*K], pk, p, o[:])
-					copy(y[t*N+p*packNR:][:cols], o[:cols])
-				}
+				b.pgemvRow(w.dt, x[t*K:(t+1)*K], pk, p, y[t*N:(t+1)*N])
 			}
 		}
 	})
