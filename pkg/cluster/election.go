@@ -69,9 +69,6 @@ func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (
 // Value returns the value this candidate campaigned with.
 func (l *Leadership) Value() string { return l.value }
 
-// Key returns the election key held by this leader.
-func (l *Leadership) Key() string { return l.election.Key() }
-
 // Lost returns a channel closed when the session ends (lease expired, etcd
 // unreachable for longer than the TTL, Store closed, or Resign called).
 func (l *Leadership) Lost() <-chan struct{} { return l.session.Done() }

@@ -83,13 +83,6 @@ func (r *Router) namesLocked() []string {
 	return names
 }
 
-// Engine returns a replica's engine.
-func (r *Router) Engine(name string) *Engine {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.replicas[name]
-}
-
 func (r *Router) pickLocked() *Engine {
 	var best *Engine
 	bestLoad := 0

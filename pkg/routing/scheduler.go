@@ -63,15 +63,6 @@ type Plan struct {
 	Preempted []*Seq // sequences preempted while planning
 }
 
-// Tokens is the number of tokens the plan computes.
-func (p *Plan) Tokens() int {
-	n := 0
-	for _, it := range p.Items {
-		n += len(it.Tokens)
-	}
-	return n
-}
-
 // Scheduler decides which sequences run in each step.
 type Scheduler struct {
 	cfg     SchedulerConfig

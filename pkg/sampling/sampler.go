@@ -67,9 +67,6 @@ func New(p Params) *Sampler {
 // Seed returns the seed of the Sampler's RNG (the drawn one without HasSeed).
 func (s *Sampler) Seed() uint64 { return s.seed }
 
-// Params returns the Sampler's (normalized) parameters.
-func (s *Sampler) Params() Params { return s.p }
-
 const (
 	// expCutoff: weights exp(d) below exp(expCutoff) ≈ 1.3e-14 times the
 	// largest are taken as 0. Together they weigh under V*1.3e-14 (2e-9 of

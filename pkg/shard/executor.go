@@ -49,13 +49,6 @@ func (x *Executor) Release(ids []uint64) {
 	}
 }
 
-// Tracked is the number of sequences the executor holds KV for.
-func (x *Executor) Tracked() int {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	return len(x.known)
-}
-
 // Model is the executor's model.
 func (x *Executor) Model() *model.Model { return x.m }
 
