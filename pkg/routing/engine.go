@@ -154,13 +154,10 @@ func (s *Stream) Recv(ctx context.Context) (Event, error) {
 		if s.has {
 			e := s.pending
 			s.pending, s.has = Event{MatchedStop: -1}, false
-			if e.Done {
-				s.pending.Done = true // later calls see done
-			}
 			s.mu.Unlock()
 			return e, nil
 		}
-		if s.pending.Done {
+		if s.closed { // the final event was delivered
 			s.mu.Unlock()
 			return Event{}, ErrStreamDone
 		}
@@ -240,13 +237,6 @@ func NewEngine(exec Executor, cfg SchedulerConfig, numBlocks, blockSize int) *En
 
 // SetStepTimeout bounds each executor call (default 120 s).
 func (e *Engine) SetStepTimeout(d time.Duration) { e.timeout = d }
-
-// Fits reports whether a request of maxLen tokens could ever run here.
-func (e *Engine) Fits(maxLen int) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.sched.Fits(maxLen)
-}
 
 // Submit queues a request and returns its stream.
 func (e *Engine) Submit(r *Request) (*Stream, error) {

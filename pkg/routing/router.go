@@ -110,21 +110,6 @@ func (r *Router) Capacity() int {
 	return c
 }
 
-// Fits checks a request length against the replicas' pools.
-func (r *Router) Fits(maxLen int) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if len(r.replicas) == 0 {
-		return ErrNoReplica
-	}
-	for _, n := range r.namesLocked() {
-		if err := r.replicas[n].Fits(maxLen); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // Submit sends a request to the least loaded replica.
 func (r *Router) Submit(req *Request) (*Stream, error) {
 	r.mu.Lock()

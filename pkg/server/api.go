@@ -162,7 +162,8 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 	room := ctxLen - len(ids)
 	r := &routing.Request{ID: req.RequestId, Prompt: ids, Sampling: p, MaxTokens: min(room, DefaultMaxTokens), Logprobs: -1,
 		PromptLogprobs: req.PromptLogprobs}
-	if capTok := c.router.Capacity(); capTok > 0 {
+	capTok := c.router.Capacity() // 0 without a replica: Submit says so
+	if capTok > 0 {
 		if len(ids) >= capTok {
 			return nil, invalid("prompt", "%d tokens do not fit the KV cache of %d tokens", len(ids), capTok)
 		}
@@ -215,8 +216,8 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 		}
 		r.Logprobs = n
 	}
-	if err := c.router.Fits(len(ids) + r.MaxTokens); err != nil && !errors.Is(err, routing.ErrNoReplica) {
-		return nil, invalid("max_tokens", "%v (ask for fewer tokens)", err)
+	if capTok > 0 && len(ids)+r.MaxTokens > capTok {
+		return nil, invalid("max_tokens", "%d + %d prompt tokens do not fit the KV cache of %d tokens (ask for fewer tokens)", r.MaxTokens, len(ids), capTok)
 	}
 	if r.ID == "" {
 		r.ID = fmt.Sprintf("req-%d-%d", time.Now().UnixNano(), requestIDs.Add(1))
