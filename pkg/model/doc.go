@@ -33,7 +33,7 @@
 // decode are the same call, and a mixed batch computes exactly what each
 // sequence would compute alone.
 //
-//	st := kvcache.NewStorage(backend, cfg.NumHiddenLayers, blocks, 16, m.KVDim())
+//	st := kvcache.NewStorage(backend, m.NumLayers(), blocks, 16, m.KVDim())
 //	bm := kvcache.NewBlockManager(blocks, 16)
 //	bm.Reserve(seq, len(prompt))
 //	out, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: prompt, Blocks: bm.Table(seq)}}}, st)

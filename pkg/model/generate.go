@@ -14,7 +14,7 @@ const DefaultBlockSize = 16
 // positions in total, in blocks of blockSize.
 func (m *Model) NewCache(tokens, blockSize int) (*kvcache.BlockManager, *kvcache.Storage) {
 	n := (tokens + blockSize - 1) / blockSize
-	return kvcache.NewBlockManager(n, blockSize), kvcache.NewStorage(m.b, m.cfg.NumHiddenLayers, n, blockSize, m.KVDim())
+	return kvcache.NewBlockManager(n, blockSize), kvcache.NewStorage(m.b, m.NumLayers(), n, blockSize, m.KVDim())
 }
 
 // Greedy runs prompt through the model in one prefill step and then decodes n

@@ -25,7 +25,9 @@ type Model struct {
 	embed  kernels.Tensor
 	norm   kernels.Tensor
 	lmHead kernels.Tensor // the embedding when tied
-	layers []*layer
+	layers []*layer // the shard's layers, from sh.LayersBegin
+	sh     Shard
+	g      geometry
 	rope   kernels.Rope
 	bytes  int64 // weight bytes
 	closer func() error
@@ -48,70 +50,94 @@ type moe struct {
 	sharedGate kernels.Tensor // [1, H]
 }
 
-// New builds a model from weights in src, checking every tensor's shape
-// against cfg.
+// New builds a whole model from weights in src, checking every tensor's
+// shape against cfg.
 func New(cfg *Config, b kernels.Backend, src WeightSource) (*Model, error) {
+	return NewShard(cfg, b, src, Shard{})
+}
+
+// NewShard builds the part sh of a model, reading from src only the bytes
+// of its slices (when src can read slices; see SliceSource).
+func NewShard(cfg *Config, b kernels.Backend, src WeightSource, sh Shard) (*Model, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	sh, err := sh.Normalize(cfg)
+	if err != nil {
+		return nil, err
+	}
+	g := sh.geometry(cfg)
 	ld := &loader{src: src, b: b}
-	m := &Model{cfg: cfg, b: b}
+	m := &Model{cfg: cfg, b: b, sh: sh, g: g}
 	shapes := map[string][]int{}
 	for _, s := range Shapes(cfg) {
 		shapes[s.Name] = s.Shape
 	}
-	var err error
-	get := func(name string) kernels.Tensor {
+	// get loads a tensor whole (dim < 0) or the span sp of its rows (dim 0)
+	// or columns (dim 1).
+	get := func(name string, dim int, sp span) kernels.Tensor {
 		if err != nil {
 			return nil
 		}
 		var t kernels.Tensor
-		t, err = ld.load(name, shapes[name]...)
+		t, err = ld.load(name, shapes[name], dim, sp)
 		if t != nil {
 			m.bytes += int64(kernels.NumElements(t.Shape()) * t.DType().Size())
 		}
 		return t
 	}
-	m.embed = get(EmbedName)
-	for l := 0; l < cfg.NumHiddenLayers; l++ {
+	whole := func(name string) kernels.Tensor { return get(name, -1, span{}) }
+	rows := func(name string, sp span) kernels.Tensor { return get(name, 0, sp) }
+	cols := func(name string, sp span) kernels.Tensor { return get(name, 1, sp) }
+	mlpOf := func(gate, up, down string, width int) mlp {
+		sp := sh.rowsOf(width)
+		return mlp{rows(gate, sp), rows(up, sp), cols(down, sp)}
+	}
+	if g.first {
+		m.embed = rows(EmbedName, g.vocab)
+	}
+	for l := sh.LayersBegin; l < sh.LayersEnd; l++ {
 		n := func(s string) string { return LayerName(l, s) }
 		ly := &layer{
-			inNorm:   get(n("input_layernorm.weight")),
-			q:        get(n("self_attn.q_proj.weight")),
-			qb:       get(n("self_attn.q_proj.bias")),
-			k:        get(n("self_attn.k_proj.weight")),
-			kb:       get(n("self_attn.k_proj.bias")),
-			v:        get(n("self_attn.v_proj.weight")),
-			vb:       get(n("self_attn.v_proj.bias")),
-			o:        get(n("self_attn.o_proj.weight")),
-			postNorm: get(n("post_attention_layernorm.weight")),
+			inNorm:   whole(n("input_layernorm.weight")),
+			q:        rows(n("self_attn.q_proj.weight"), g.q),
+			qb:       rows(n("self_attn.q_proj.bias"), g.q),
+			k:        rows(n("self_attn.k_proj.weight"), g.kv),
+			kb:       rows(n("self_attn.k_proj.bias"), g.kv),
+			v:        rows(n("self_attn.v_proj.weight"), g.kv),
+			vb:       rows(n("self_attn.v_proj.bias"), g.kv),
+			o:        cols(n("self_attn.o_proj.weight"), g.q),
+			postNorm: whole(n("post_attention_layernorm.weight")),
 		}
 		if !cfg.IsMoELayer(l) {
-			ly.mlp = &mlp{get(n("mlp.gate_proj.weight")), get(n("mlp.up_proj.weight")), get(n("mlp.down_proj.weight"))}
+			p := mlpOf(n("mlp.gate_proj.weight"), n("mlp.up_proj.weight"), n("mlp.down_proj.weight"), cfg.IntermediateSize)
+			ly.mlp = &p
 		} else {
-			e := &moe{router: get(n("mlp.gate.weight"))}
+			e := &moe{router: whole(n("mlp.gate.weight"))}
 			for x := 0; x < cfg.NumExperts; x++ {
-				e.experts = append(e.experts, mlp{
-					get(ExpertName(l, x, "gate_proj")), get(ExpertName(l, x, "up_proj")), get(ExpertName(l, x, "down_proj")),
-				})
+				e.experts = append(e.experts, mlpOf(ExpertName(l, x, "gate_proj"), ExpertName(l, x, "up_proj"),
+					ExpertName(l, x, "down_proj"), cfg.MoeIntermediateSize))
 			}
-			if cfg.SharedExpertIntermediateSize > 0 {
-				e.shared = &mlp{
-					get(n("mlp.shared_expert.gate_proj.weight")),
-					get(n("mlp.shared_expert.up_proj.weight")),
-					get(n("mlp.shared_expert.down_proj.weight")),
-				}
-				e.sharedGate = get(n("mlp.shared_expert_gate.weight"))
+			if Is := cfg.SharedExpertIntermediateSize; Is > 0 {
+				p := mlpOf(n("mlp.shared_expert.gate_proj.weight"), n("mlp.shared_expert.up_proj.weight"),
+					n("mlp.shared_expert.down_proj.weight"), Is)
+				e.shared = &p
+				e.sharedGate = whole(n("mlp.shared_expert_gate.weight"))
 			}
 			ly.moe = e
 		}
 		m.layers = append(m.layers, ly)
 	}
-	m.norm = get(NormName)
-	if cfg.TieWordEmbeddings {
-		m.lmHead = m.embed
-	} else {
-		m.lmHead = get(LMHead)
+	if g.last {
+		m.norm = whole(NormName)
+		switch {
+		case !cfg.TieWordEmbeddings:
+			m.lmHead = rows(LMHead, g.vocab)
+		case g.first:
+			m.lmHead = m.embed
+		default: // a later stage of a tied model holds the embedding as its head
+			m.lmHead = rows(EmbedName, g.vocab)
+		}
 	}
 	if err != nil {
 		return nil, err
@@ -129,8 +155,27 @@ func (m *Model) Backend() kernels.Backend { return m.b }
 // WeightBytes is the size of the loaded weights in their stored dtypes.
 func (m *Model) WeightBytes() int64 { return m.bytes }
 
-// KVDim is the width of one layer's K (or V) row: KV heads × head dim.
-func (m *Model) KVDim() int { return m.cfg.NumKeyValueHeads * m.cfg.headDim() }
+// KVDim is the width of one layer's K (or V) row: the shard's KV heads ×
+// head dim.
+func (m *Model) KVDim() int { return m.g.kvHeads * m.cfg.headDim() }
+
+// NumLayers is the number of decoder layers this shard holds (the layers
+// of its KV cache).
+func (m *Model) NumLayers() int { return len(m.layers) }
+
+// Shard is the part of the model this is.
+func (m *Model) Shard() Shard { return m.sh }
+
+// Vocab is the vocabulary slice [begin, end) whose logits this shard
+// returns (the whole vocabulary without tensor parallelism).
+func (m *Model) Vocab() (begin, end int) { return m.g.vocab.begin, m.g.vocab.end }
+
+// IsFirst and IsLast say whether the shard is the first (embedding) and
+// last (LM head) pipeline stage.
+func (m *Model) IsFirst() bool { return m.g.first }
+
+// IsLast: see IsFirst.
+func (m *Model) IsLast() bool { return m.g.last }
 
 // Close releases what the weights depend on (a file mapping).
 func (m *Model) Close() error {
@@ -157,8 +202,13 @@ type Seq struct {
 // Batch is one forward step over several sequences.
 type Batch struct {
 	Seqs []Seq
+	// Hidden is the input of a shard that is not the first pipeline stage:
+	// the previous stage's Output.Hidden, [T, H] over the batch's new tokens.
+	Hidden []float32
+	// Comm connects a tensor-parallel shard to its group for this step.
+	Comm Comm
 	// Trace, when not nil, is filled with intermediate values (tests and
-	// debugging; it costs host copies).
+	// debugging; it costs host copies). Only the whole model traces.
 	Trace *Trace
 }
 
@@ -179,9 +229,15 @@ type Trace struct {
 
 // Output is the result of a step.
 type Output struct {
-	// Logits[i] are sequence i's logits, rows × vocab_size float32 values,
-	// with one row per new token when AllLogits was set, else one row.
-	Logits [][]float32
+	// Logits[i] are sequence i's logits, rows × (VocabEnd-VocabBegin)
+	// float32 values, with one row per new token when AllLogits was set,
+	// else one row. Only the last pipeline stage returns logits; a
+	// tensor-parallel one returns its vocabulary slice.
+	Logits               [][]float32
+	VocabBegin, VocabEnd int
+	// Hidden is a non-last stage's output, [T, H] over the new tokens: the
+	// next stage's Batch.Hidden.
+	Hidden []float32
 }
 
 // ErrBadBatch is wrapped by Forward errors about its input.
@@ -197,7 +253,25 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 	}
 	b, cfg := m.b, m.cfg
 	tr := batch.Trace
-	x := b.Embed(m.embed, st.ids)
+	if m.sharded() {
+		tr = nil
+	}
+	if m.sh.TPSize > 1 && batch.Comm == nil {
+		return nil, fmt.Errorf("%w: a tensor-parallel shard needs a Comm", ErrBadBatch)
+	}
+	T, H := len(st.ids), cfg.HiddenSize
+	var x kernels.Tensor
+	if m.g.first {
+		x, err = m.embedTokens(st.ids, batch.Comm)
+		if err != nil {
+			return nil, err
+		}
+	} else {
+		if len(batch.Hidden) != T*H {
+			return nil, fmt.Errorf("%w: %d hidden values for %d tokens of width %d", ErrBadBatch, len(batch.Hidden), T, H)
+		}
+		x = b.FromFloat32([]int{T, H}, batch.Hidden)
+	}
 	if tr != nil {
 		tr.Hidden = append(tr.Hidden[:0], b.ToFloat32(x))
 		tr.RouterLogits = make([][]float32, len(m.layers))
@@ -209,6 +283,10 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 		a := b.RMSNorm(x, ly.inNorm, eps)
 		att := m.attention(l, ly, a, st, cache)
 		b.Free(a)
+		if att, err = m.reduce(att, batch.Comm); err != nil {
+			b.Free(x)
+			return nil, err
+		}
 		b.Add(x, att)
 		b.Free(att)
 		h := b.RMSNorm(x, ly.postNorm, eps)
@@ -219,11 +297,20 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 			f = m.moeForward(l, ly.moe, h, tr)
 		}
 		b.Free(h)
+		if f, err = m.reduce(f, batch.Comm); err != nil {
+			b.Free(x)
+			return nil, err
+		}
 		b.Add(x, f)
 		b.Free(f)
 		if tr != nil && l < len(m.layers)-1 {
 			tr.Hidden = append(tr.Hidden, b.ToFloat32(x))
 		}
+	}
+	if !m.g.last {
+		out := &Output{Hidden: b.ToFloat32(x)}
+		b.Free(x)
+		return out, nil
 	}
 	if tr != nil {
 		n := b.RMSNorm(x, m.norm, eps)
@@ -238,14 +325,51 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 	b.Free(hn)
 	flat := b.ToFloat32(lt)
 	b.Free(lt)
-	V := cfg.VocabSize
-	out := &Output{Logits: make([][]float32, len(batch.Seqs))}
+	V := m.g.vocab.end - m.g.vocab.begin
+	out := &Output{Logits: make([][]float32, len(batch.Seqs)), VocabBegin: m.g.vocab.begin, VocabEnd: m.g.vocab.end}
 	r := 0
 	for i, n := range st.outCount {
 		out.Logits[i] = flat[r*V : (r+n)*V : (r+n)*V]
 		r += n
 	}
 	return out, nil
+}
+
+func (m *Model) sharded() bool { return m.sh.TPSize > 1 || !m.g.first || !m.g.last }
+
+// embedTokens looks ids up in the (vocabulary slice of the) embedding;
+// with tensor parallelism, rows of ids outside the slice are zero and the
+// group's lookups are all-reduced (one rank contributes each row, so the
+// sum is exact).
+func (m *Model) embedTokens(ids []int32, c Comm) (kernels.Tensor, error) {
+	if m.sh.TPSize == 1 {
+		return m.b.Embed(m.embed, ids), nil
+	}
+	local := make([]int32, len(ids))
+	keep := make([]float32, len(ids))
+	for i, id := range ids {
+		if int(id) >= m.g.vocab.begin && int(id) < m.g.vocab.end {
+			local[i], keep[i] = id-int32(m.g.vocab.begin), 1
+		}
+	}
+	x := m.b.Embed(m.embed, local)
+	m.b.ScaleRows(x, keep)
+	return m.reduce(x, c)
+}
+
+// reduce all-reduces a row-parallel partial sum across the tensor-parallel
+// group (a no-op without one). x is consumed.
+func (m *Model) reduce(x kernels.Tensor, c Comm) (kernels.Tensor, error) {
+	if m.sh.TPSize == 1 {
+		return x, nil
+	}
+	shape := x.Shape()
+	f := m.b.ToFloat32(x)
+	m.b.Free(x)
+	if err := c.AllReduce(f); err != nil {
+		return nil, fmt.Errorf("all-reduce: %w", err)
+	}
+	return m.b.FromFloat32(shape, f), nil
 }
 
 // step is a validated batch flattened for the kernels.
@@ -264,7 +388,7 @@ func (m *Model) plan(batch *Batch, cache Cache) (*step, error) {
 	bs, nb := cache.BlockSize(), cache.NumBlocks()
 	maxCtx := cfg.MaxContext()
 	st := &step{attn: kernels.AttnBatch{
-		Heads: cfg.NumAttentionHeads, KVHeads: cfg.NumKeyValueHeads, HeadDim: cfg.headDim(),
+		Heads: m.g.heads, KVHeads: m.g.kvHeads, HeadDim: cfg.headDim(),
 		BlockSize: bs, Scale: float32(1 / math.Sqrt(float64(cfg.headDim()))),
 	}}
 	for i, s := range batch.Seqs {

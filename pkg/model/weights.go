@@ -141,7 +141,18 @@ type loader struct {
 	b   kernels.Backend
 }
 
-func (ld *loader) load(name string, shape ...int) (kernels.Tensor, error) {
+// SliceSource is a WeightSource that can read part of a tensor, so that a
+// shard reads only its own bytes (a safetensors Checkpoint can).
+type SliceSource interface {
+	// ReadRows returns rows [r0, r1) of a tensor (elements of a 1-D one).
+	ReadRows(name string, r0, r1 int) ([]byte, error)
+	// ReadCols returns columns [c0, c1) of a 2-D tensor, packed row-major.
+	ReadCols(name string, c0, c1 int) ([]byte, error)
+}
+
+// load reads tensor name, whose checkpoint shape must be shape: whole when
+// dim < 0, else the span sp of dimension dim (0 rows, 1 columns).
+func (ld *loader) load(name string, shape []int, dim int, sp span) (kernels.Tensor, error) {
 	dt, got, ok := ld.src.Lookup(name)
 	if !ok {
 		return nil, fmt.Errorf("%w: %q", ErrMissingTensor, name)
@@ -152,15 +163,54 @@ func (ld *loader) load(name string, shape ...int) (kernels.Tensor, error) {
 	if !slices.Equal(got, shape) {
 		return nil, fmt.Errorf("tensor %q: shape %v, config says %v", name, got, shape)
 	}
-	data, err := ld.src.Read(name)
+	if dim >= 0 && sp.begin == 0 && sp.end == shape[dim] {
+		dim = -1 // the slice is the whole tensor
+	}
+	var data []byte
+	var err error
+	out := slices.Clone(shape)
+	switch {
+	case dim < 0:
+		data, err = ld.src.Read(name)
+	default:
+		out[dim] = sp.end - sp.begin
+		data, err = ld.slice(name, dt, shape, dim, sp)
+	}
 	if err != nil {
 		return nil, err
 	}
-	t, err := ld.b.Weight(dt, shape, data)
+	t, err := ld.b.Weight(dt, out, data)
 	if err != nil {
 		return nil, fmt.Errorf("tensor %q: %w", name, err)
 	}
 	return t, nil
+}
+
+func (ld *loader) slice(name string, dt kernels.DType, shape []int, dim int, sp span) ([]byte, error) {
+	if ss, ok := ld.src.(SliceSource); ok {
+		if dim == 0 {
+			return ss.ReadRows(name, sp.begin, sp.end)
+		}
+		return ss.ReadCols(name, sp.begin, sp.end)
+	}
+	all, err := ld.src.Read(name)
+	if err != nil {
+		return nil, err
+	}
+	es := dt.Size()
+	rowLen := es // bytes of one row of dimension 0
+	for _, d := range shape[1:] {
+		rowLen *= d
+	}
+	if dim == 0 {
+		return all[sp.begin*rowLen : sp.end*rowLen], nil
+	}
+	w := (sp.end - sp.begin) * es
+	out := make([]byte, 0, shape[0]*w)
+	for r := 0; r < shape[0]; r++ {
+		out = append(out, all[r*rowLen+sp.begin*es:r*rowLen+sp.end*es]...)
+	}
+	return out, nil
 }
 
 // LoadOptions configures Load.
@@ -170,6 +220,8 @@ type LoadOptions struct {
 	// measured, decoding from copies was faster (see README), so the
 	// default is false.
 	Mmap bool
+	// Shard is the part of the model to load (zero: all of it).
+	Shard Shard
 }
 
 // Load reads dir/config.json and the safetensors weights in dir (one file or
@@ -183,7 +235,7 @@ func Load(dir string, b kernels.Backend, opts LoadOptions) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := New(cfg, b, Checkpoint{ck})
+	m, err := NewShard(cfg, b, Checkpoint{ck}, opts.Shard)
 	if err != nil {
 		ck.Close()
 		return nil, fmt.Errorf("%s: %w", dir, err)

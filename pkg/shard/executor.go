@@ -54,7 +54,7 @@ func (x *Executor) Model() *model.Model { return x.m }
 
 // BytesPerBlock is the KV storage of one block of blockSize tokens.
 func (x *Executor) BytesPerBlock(blockSize int) int64 {
-	return int64(kvcache.BytesPerToken(x.m.Config().NumHiddenLayers, x.m.KVDim())) * int64(blockSize)
+	return int64(kvcache.BytesPerToken(x.m.NumLayers(), x.m.KVDim())) * int64(blockSize)
 }
 
 // Warmup (re)allocates the KV pool and runs one step of warmTokens tokens
@@ -67,7 +67,7 @@ func (x *Executor) Warmup(numBlocks, blockSize, warmTokens int) error {
 	defer x.mu.Unlock()
 	x.cache = nil
 	clear(x.known)
-	x.cache = kvcache.NewStorage(x.m.Backend(), x.m.Config().NumHiddenLayers, numBlocks, blockSize, x.m.KVDim())
+	x.cache = kvcache.NewStorage(x.m.Backend(), x.m.NumLayers(), numBlocks, blockSize, x.m.KVDim())
 	n := min(warmTokens, numBlocks*blockSize, x.m.Config().MaxContext())
 	if n <= 0 {
 		return nil
