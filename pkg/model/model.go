@@ -25,7 +25,7 @@ type Model struct {
 	embed  kernels.Tensor
 	norm   kernels.Tensor
 	lmHead kernels.Tensor // the embedding when tied
-	layers []*layer // the shard's layers, from sh.LayersBegin
+	layers []*layer       // the shard's layers, from sh.LayersBegin
 	sh     Shard
 	g      geometry
 	rope   kernels.Rope
