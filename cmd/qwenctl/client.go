@@ -316,7 +316,10 @@ func runStatus(args []string) error {
 	if p := info.Placement; p != nil {
 		fmt.Printf("placement v%d of %s:\n", p.Version, p.Model)
 		for _, r := range p.Replicas {
-			fmt.Printf("  replica %d: workers %s, layers [%d, %d)\n", r.Index, strings.Join(r.Workers, ","), r.LayersBegin, r.LayersEnd)
+			fmt.Printf("  replica %d: tp=%d pp=%d, workers %s\n", r.Index, max(r.Tp, 1), max(r.Pp, 1), strings.Join(r.Workers, ","))
+			for _, st := range r.Stages {
+				fmt.Printf("    stage %d: layers [%d, %d) on %s\n", st.Index, st.LayersBegin, st.LayersEnd, strings.Join(st.Workers, ","))
+			}
 		}
 	}
 	if s := info.Scheduler; s != nil {

@@ -7,6 +7,7 @@
 //	qwenctl detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special] [--json]
 //	qwenctl generate --addr HOST:PORT (--prompt TEXT | --chat TEXT | --ids 1,2,3) [--max-tokens N] [--temperature T] [--json] ...
 //	qwenctl status --addr HOST:PORT [--json] [--wait 60s]
+//	qwenctl plan (--model DIR | --preset NAME) --workers N --mem 80GiB [--hosts H] [--backend cuda|cpu] [--tp N] [--pp M] [--kv-tokens N] [--json]
 //
 // Every command prints one error line and exits non-zero on bad flags or
 // input.
@@ -35,6 +36,7 @@ var commands = []command{
 	{"detokenize", "token ids to text", runDetokenize},
 	{"generate", "stream a completion from a cluster", runGenerate},
 	{"status", "a cluster's workers, placement and health", runStatus},
+	{"plan", "plan replicas, pipeline stages and TP ranks for a model on N workers", runPlan},
 }
 
 func usage(w io.Writer) {

@@ -50,12 +50,22 @@ type SeqResult struct {
 	LogSumExp      float64     // of the whole row
 	Row            []float32   // when FullRow
 	PromptLogprobs []float32   // one per PromptTargets entry (NaN where -1)
+	// A part of a result (one tensor-parallel rank's vocabulary slice
+	// [VocabBegin, VocabEnd); both zero for a whole one) has the slice's
+	// candidates, LogSumExp and Row; PromptLogprobs then hold each target's
+	// raw logit where the slice owns it (NaN elsewhere) and PromptLSE each
+	// prompt row's logsumexp over the slice. shard.Merge joins the parts.
+	PromptLSE            []float64
+	VocabBegin, VocabEnd int
 }
 
 // StepResult is the output of a step, in the batch's order.
 type StepResult struct {
 	Seqs    []SeqResult
 	Forward time.Duration
+	// Comm is the time the step's workers spent in all-reduces and passing
+	// hidden states between stages (the slowest worker's).
+	Comm time.Duration
 }
 
 // Executor runs steps: a worker group behind gRPC, or a model in-process.
@@ -205,6 +215,11 @@ type Stats struct {
 	Steps, Tokens           int64
 	StepErrors              int64
 	LastStep                time.Duration
+	// Comm is the total time steps spent in worker-to-worker
+	// communication (all-reduces, stage transfers).
+	Comm time.Duration
+	// StepTime is the total wall time of steps.
+	StepTime time.Duration
 }
 
 // Engine runs the continuous-batching loop of one replica. Safe for
@@ -222,6 +237,10 @@ type Engine struct {
 	tokens   atomic.Int64
 	errs     atomic.Int64
 	lastStep atomic.Int64
+	commNs   atomic.Int64
+	stepNs   atomic.Int64
+	depth    int
+	nextID   uint64
 	// OnStepError, when set, is called (outside the lock) after a failed
 	// step; the engine has already sent its running sequences back to the
 	// queue.
@@ -375,7 +394,8 @@ func (e *Engine) Stats() Stats {
 	r, w := e.sched.Len()
 	return Stats{Running: r, Waiting: w, BlocksTotal: bm.NumFree() + bm.NumUsed(), BlocksFree: bm.NumFree(),
 		BlockSize: bm.BlockSize(), Preemptions: e.sched.Preemptions(), Steps: e.steps.Load(), Tokens: e.tokens.Load(),
-		StepErrors: e.errs.Load(), LastStep: time.Duration(e.lastStep.Load())}
+		StepErrors: e.errs.Load(), LastStep: time.Duration(e.lastStep.Load()), Comm: time.Duration(e.commNs.Load()),
+		StepTime: time.Duration(e.stepNs.Load())}
 }
 
 // Load is the number of sequences here (for routing).
@@ -386,41 +406,86 @@ func (e *Engine) Load() int {
 	return r + w
 }
 
+// SetDepth sets how many steps may be in flight at once (default 1). A
+// pipeline of n stages keeps every stage busy with n micro-batches: the
+// running sequences are split into n groups that step in turn. Steps are
+// numbered (StepBatch.ID) in the order they are issued.
+func (e *Engine) SetDepth(n int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.depth = max(n, 1)
+}
+
+// stepDone is a finished step.
+type stepDone struct {
+	plan  *Plan
+	batch *StepBatch
+	res   *StepResult
+	err   error
+	took  time.Duration
+}
+
 // Run drives steps until ctx ends or the engine is closed.
 func (e *Engine) Run(ctx context.Context) {
 	backoff := 50 * time.Millisecond
+	inflight := 0
+	done := make(chan stepDone, 64)
 	for {
 		e.mu.Lock()
 		if e.closed {
 			e.mu.Unlock()
 			return
 		}
-		plan := e.sched.Schedule()
-		batch := e.batch(plan)
-		e.mu.Unlock()
-		if len(plan.Items) == 0 {
-			select {
-			case <-ctx.Done():
-				return
-			case <-e.wake:
+		depth := max(e.depth, 1)
+		for inflight < depth {
+			maxSeqs := 0
+			if depth > 1 {
+				r, w := e.sched.Len()
+				maxSeqs = max((r+w+depth-1)/depth, 1)
 			}
-			continue
-		}
-		sctx, cancel := context.WithTimeout(ctx, e.timeout)
-		t0 := time.Now()
-		res, err := e.exec.Step(sctx, batch)
-		cancel()
-		if err == nil && len(res.Seqs) != len(batch.Seqs) {
-			err = fmt.Errorf("routing: executor returned %d results for %d sequences", len(res.Seqs), len(batch.Seqs))
-		}
-		if err != nil {
-			e.errs.Add(1)
-			e.mu.Lock()
-			if e.closed {
-				e.mu.Unlock()
-				return
+			plan := e.sched.ScheduleAtMost(maxSeqs)
+			if len(plan.Items) == 0 {
+				break
 			}
 			for _, it := range plan.Items {
+				it.Seq.inflight = true
+			}
+			e.nextID++
+			batch := e.batch(plan)
+			batch.ID = e.nextID
+			inflight++
+			go func() {
+				sctx, cancel := context.WithTimeout(ctx, e.timeout)
+				defer cancel()
+				t0 := time.Now()
+				res, err := e.exec.Step(sctx, batch)
+				done <- stepDone{plan: plan, batch: batch, res: res, err: err, took: time.Since(t0)}
+			}()
+		}
+		e.mu.Unlock()
+		var d stepDone
+		select {
+		case <-ctx.Done():
+			return
+		case <-e.wake:
+			continue
+		case d = <-done:
+			inflight--
+		}
+		if d.err == nil && len(d.res.Seqs) != len(d.batch.Seqs) {
+			d.err = fmt.Errorf("routing: executor returned %d results for %d sequences", len(d.res.Seqs), len(d.batch.Seqs))
+		}
+		e.mu.Lock()
+		if e.closed { // the replica was removed during the step (Drain reset its sequences)
+			e.mu.Unlock()
+			return
+		}
+		for _, it := range d.plan.Items {
+			it.Seq.inflight = false
+		}
+		if d.err != nil {
+			e.errs.Add(1)
+			for _, it := range d.plan.Items {
 				q := it.Seq
 				if !e.sched.Owns(q) {
 					continue
@@ -428,13 +493,13 @@ func (e *Engine) Run(ctx context.Context) {
 				st := q.Payload.(*reqState)
 				if st.failures++; st.failures >= MaxStepFailures {
 					e.end(q, Event{Finish: "error", MatchedStop: -1,
-						Err: fmt.Errorf("routing: %d consecutive steps failed, the last with: %w", st.failures, err)})
+						Err: fmt.Errorf("routing: %d consecutive steps failed, the last with: %w", st.failures, d.err)})
 				}
 			}
 			e.sched.PreemptAll()
 			e.mu.Unlock()
 			if e.OnStepError != nil {
-				e.OnStepError(err)
+				e.OnStepError(d.err)
 			}
 			select {
 			case <-ctx.Done():
@@ -445,14 +510,11 @@ func (e *Engine) Run(ctx context.Context) {
 			continue
 		}
 		backoff = 50 * time.Millisecond
-		e.lastStep.Store(int64(time.Since(t0)))
+		e.lastStep.Store(int64(d.took))
 		e.steps.Add(1)
-		e.mu.Lock()
-		if e.closed { // the replica was removed during the step
-			e.mu.Unlock()
-			return
-		}
-		e.apply(plan, res)
+		e.commNs.Add(int64(d.res.Comm))
+		e.stepNs.Add(int64(d.took))
+		e.apply(d.plan, d.res)
 		ended := e.ended
 		e.ended = nil
 		e.mu.Unlock()

@@ -297,3 +297,95 @@ func TestRouterMovesRequests(t *testing.T) {
 		t.Fatal("a finished request was found to abort")
 	}
 }
+
+// overlapExec wraps an executor: each step is delayed so that steps
+// overlap, and it checks that no sequence is in two steps at once and that
+// step ids are issued in order.
+type overlapExec struct {
+	x       routing.Executor
+	mu      sync.Mutex
+	busy    map[uint64]bool
+	ids     map[uint64]bool
+	maxOut  int
+	out     int
+	problem error
+}
+
+func (o *overlapExec) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
+	o.mu.Lock()
+	for _, s := range b.Seqs {
+		if o.busy[s.ID] && o.problem == nil {
+			o.problem = fmt.Errorf("sequence %d in two steps at once", s.ID)
+		}
+		o.busy[s.ID] = true
+	}
+	if (b.ID == 0 || o.ids[b.ID]) && o.problem == nil {
+		o.problem = fmt.Errorf("step id %d reused", b.ID)
+	}
+	o.ids[b.ID] = true
+	o.out++
+	o.maxOut = max(o.maxOut, o.out)
+	o.mu.Unlock()
+	time.Sleep(2 * time.Millisecond)
+	res, err := o.x.Step(ctx, b)
+	o.mu.Lock()
+	for _, s := range b.Seqs {
+		delete(o.busy, s.ID)
+	}
+	o.out--
+	o.mu.Unlock()
+	return res, err
+}
+
+// TestEngineDepth: with two steps in flight (a two-stage pipeline), the
+// running sequences step in two disjoint groups that overlap, and every
+// request still produces what it produces alone.
+func TestEngineDepth(t *testing.T) {
+	b, err := cpu.New(cpu.Config{Threads: 1, BatchInvariant: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	m, err := model.Load(filepath.Join(root(), "testdata", "qwen2-ref", "dense-gqa-f32"), b, model.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := shard.NewExecutor(m)
+	if err := x.Warmup(256, 16, 0); err != nil {
+		t.Fatal(err)
+	}
+	ps := prompts(8)
+	want := make([][]int32, len(ps)) // before the engine runs: one backend, one op at a time
+	for i, p := range ps {
+		want[i], _ = m.Greedy(p, 12, nil)
+	}
+	ox := &overlapExec{x: x, busy: map[uint64]bool{}, ids: map[uint64]bool{}}
+	e := routing.NewEngine(ox, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 16, MaxWaiting: 64}, 256, 16)
+	e.SetDepth(2)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { e.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	var streams []*routing.Stream
+	for i, p := range ps {
+		s, err := e.Submit(greedy(fmt.Sprint("d", i), p, 12))
+		if err != nil {
+			t.Fatal(err)
+		}
+		streams = append(streams, s)
+	}
+	for i, s := range streams {
+		ids, ev := collect(t, s)
+		if ev.Finish != "length" || !slices.Equal(ids, want[i]) {
+			t.Fatalf("request %d: %v, want %v", i, ids, want[i])
+		}
+	}
+	ox.mu.Lock()
+	defer ox.mu.Unlock()
+	if ox.problem != nil {
+		t.Fatal(ox.problem)
+	}
+	if ox.maxOut != 2 {
+		t.Fatalf("at most %d steps were in flight, want 2", ox.maxOut)
+	}
+}

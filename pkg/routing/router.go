@@ -186,6 +186,8 @@ func (r *Router) Stats() Stats {
 		s.Steps += x.Steps
 		s.Tokens += x.Tokens
 		s.StepErrors += x.StepErrors
+		s.Comm += x.Comm
+		s.StepTime += x.StepTime
 	}
 	s.Waiting += waiting
 	return s

@@ -3,6 +3,7 @@ package routing
 import (
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kvcache"
 )
@@ -40,7 +41,8 @@ type Seq struct {
 	// Payload is the caller's; the scheduler never reads it.
 	Payload any
 
-	running bool
+	running  bool
+	inflight bool // in a step that has not returned (pipelined engines)
 }
 
 // Generated is the number of tokens generated so far.
@@ -137,7 +139,7 @@ func (s *Scheduler) Drain() []*Seq {
 	out := append(append([]*Seq(nil), s.running...), s.waiting...)
 	for _, q := range out {
 		s.bm.Free(q.ID)
-		q.Computed, q.running = 0, false
+		q.Computed, q.running, q.inflight = 0, false, false
 	}
 	s.running, s.waiting = nil, nil
 	return out
@@ -157,24 +159,32 @@ func (s *Scheduler) PreemptAll() {
 }
 
 // Schedule plans the next step; an empty plan means nothing to do.
-func (s *Scheduler) Schedule() *Plan {
+func (s *Scheduler) Schedule() *Plan { return s.ScheduleAtMost(0) }
+
+// ScheduleAtMost plans a step of at most maxSeqs sequences (0: no limit)
+// among those not in a step already (see Engine.SetDepth).
+func (s *Scheduler) ScheduleAtMost(maxSeqs int) *Plan {
 	p := &Plan{}
 	budget := s.cfg.MaxBatchTokens
-	for i := 0; i < len(s.running) && budget > 0; i++ {
+	full := func() bool { return maxSeqs > 0 && len(p.Items) >= maxSeqs }
+	for i := 0; i < len(s.running) && budget > 0 && !full(); i++ {
 		q := s.running[i]
 		n := min(len(q.Tokens)-q.Computed, budget)
-		if n <= 0 {
+		if n <= 0 || q.inflight {
 			continue
 		}
 		for s.bm.Reserve(q.ID, q.Computed+n) != nil {
-			// Preempt the newest running sequence; if that is q itself, q
-			// waits and the step goes on without it.
-			victim := s.running[len(s.running)-1]
-			s.preemptLast()
+			// Preempt the newest running sequence not in a step; if that
+			// is q itself, q waits and the step goes on without it.
+			victim := s.newestIdle()
+			s.preemptSeq(victim)
 			p.Preempted = append(p.Preempted, victim)
 			if victim == q {
 				n = 0
 				break
+			}
+			if indexOf(s.running, q) < i { // q moved down
+				i--
 			}
 		}
 		if n == 0 {
@@ -185,8 +195,11 @@ func (s *Scheduler) Schedule() *Plan {
 	}
 	// Admit waiting sequences while budget, room and blocks remain; none
 	// are admitted in a step that had to preempt.
-	for len(p.Preempted) == 0 && budget > 0 && len(s.waiting) > 0 && len(s.running) < s.cfg.MaxRunning {
+	for len(p.Preempted) == 0 && budget > 0 && len(s.waiting) > 0 && len(s.running) < s.cfg.MaxRunning && !full() {
 		q := s.waiting[0]
+		if q.inflight { // preempted during a step still out: wait for it
+			break
+		}
 		n := min(len(q.Tokens)-q.Computed, budget)
 		if s.bm.Reserve(q.ID, q.Computed+n) != nil {
 			s.bm.Free(q.ID)
@@ -206,9 +219,18 @@ func (s *Scheduler) item(q *Seq, n int) Item {
 		Blocks: append([]int32(nil), s.bm.Table(q.ID)...), Sample: q.Computed+n == len(q.Tokens)}
 }
 
-func (s *Scheduler) preemptLast() {
-	q := s.running[len(s.running)-1]
-	s.running = s.running[:len(s.running)-1]
+// newestIdle is the newest running sequence not in a step.
+func (s *Scheduler) newestIdle() *Seq {
+	for i := len(s.running) - 1; i >= 0; i-- {
+		if !s.running[i].inflight {
+			return s.running[i]
+		}
+	}
+	return nil
+}
+
+func (s *Scheduler) preemptSeq(q *Seq) {
+	s.running = slices.Delete(s.running, indexOf(s.running, q), indexOf(s.running, q)+1)
 	s.bm.Free(q.ID)
 	q.Computed, q.running = 0, false
 	q.Preemptions++

@@ -480,7 +480,7 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 	c.mu.Lock()
 	for _, w := range ws {
 		state := w.State
-		if r, ok := c.replicas[w.ID]; ok && info.Leader {
+		if r, ok := c.owner[w.ID]; ok && info.Leader {
 			state = r.state
 		} else if why, ok := c.failed[w.ID]; ok && info.Leader {
 			state = why
@@ -492,12 +492,21 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 	c.mu.Unlock()
 	info.Placement = &pb.Placement{Version: p.Version, Model: p.Model}
 	for _, r := range p.Replicas {
-		info.Placement.Replicas = append(info.Placement.Replicas, &pb.Placement_Replica{Index: int32(r.Index), Workers: r.Workers,
-			LayersBegin: int32(r.LayersBegin), LayersEnd: int32(r.LayersEnd)})
+		pr := &pb.Placement_Replica{Index: int32(r.Index), Workers: r.Workers,
+			LayersBegin: int32(r.LayersBegin), LayersEnd: int32(r.LayersEnd), Tp: int32(r.TP), Pp: int32(r.PP)}
+		for _, st := range r.Stages {
+			ps := &pb.Placement_Replica_Stage{Index: int32(st.Index), LayersBegin: int32(st.LayersBegin), LayersEnd: int32(st.LayersEnd)}
+			for _, rk := range st.Ranks {
+				ps.Workers = append(ps.Workers, rk.Worker)
+			}
+			pr.Stages = append(pr.Stages, ps)
+		}
+		info.Placement.Replicas = append(info.Placement.Replicas, pr)
 	}
 	st := c.router.Stats()
 	info.Scheduler = &pb.SchedulerStats{Running: int32(st.Running), Waiting: int32(st.Waiting), KvBlocksTotal: int32(st.BlocksTotal),
-		KvBlocksFree: int32(st.BlocksFree), KvBlockSize: int32(st.BlockSize), Preemptions: st.Preemptions, Steps: st.Steps, GeneratedTokens: st.Tokens}
+		KvBlocksFree: int32(st.BlocksFree), KvBlockSize: int32(st.BlockSize), Preemptions: st.Preemptions, Steps: st.Steps, GeneratedTokens: st.Tokens,
+		StepSeconds: st.StepTime.Seconds(), CommSeconds: st.Comm.Seconds()}
 	switch {
 	case !info.Leader:
 		info.NotReadyReason = "standby coordinator (leader: " + info.LeaderAddress + ")"

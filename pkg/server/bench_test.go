@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -85,4 +87,75 @@ func BenchmarkServingDecode(b *testing.B) {
 	if err == nil {
 		b.Logf("steps %d, tokens %d, preemptions %d", info.Scheduler.Steps, info.Scheduler.GeneratedTokens, info.Scheduler.Preemptions)
 	}
+}
+
+// BenchmarkParallelDecode compares layouts of one replica on this machine,
+// all processes local and the CPUs shared among the workers: TP=1, TP=2
+// and PP=2 on the qwen2-0.5b shape, at 1 and 16 concurrent streams
+// (16-token prompts, 32 new tokens each). It reports aggregate decode
+// tokens/s and the mean per-step time workers spent communicating
+// (all-reduces, stage transfers).
+//
+//	go test ./pkg/server -run '^$' -bench ParallelDecode -benchtime 1x
+func BenchmarkParallelDecode(b *testing.B) {
+	preset := os.Getenv("QWENFLEET_BENCH_PRESET")
+	if preset == "" {
+		preset = "qwen2-0.5b"
+	}
+	dir, err := server.EnsurePresetModel(filepath.Join(os.TempDir(), "qwenfleet-bench", preset), preset)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cpus := runtime.NumCPU()
+	for _, l := range [][2]int{{1, 1}, {2, 1}, {1, 2}} {
+		tp, pp := l[0], l[1]
+		n := tp * pp
+		c := startCluster(b, dir, "--tp", fmt.Sprint(tp), "--pp", fmt.Sprint(pp), "--local-workers", fmt.Sprint(n),
+			"--worker-threads", fmt.Sprint(max(cpus/n, 1)))
+		for _, conc := range []int{1, 16} {
+			b.Run(fmt.Sprintf("tp=%d,pp=%d,streams=%d", tp, pp, conc), func(b *testing.B) {
+				before := schedStats(b, c)
+				var total int
+				var elapsed time.Duration
+				for it := 0; it < b.N; it++ {
+					t0 := time.Now()
+					var wg sync.WaitGroup
+					var mu sync.Mutex
+					for s := 0; s < conc; s++ {
+						wg.Go(func() {
+							p := make([]int32, 16)
+							for j := range p {
+								p[j] = int32((it*7919 + s*104729 + j*31) % 150000)
+							}
+							r, err := generate(context.Background(), c.client, idsReq(p, 32))
+							if err != nil {
+								b.Error(err)
+								return
+							}
+							mu.Lock()
+							total += len(r.ids)
+							mu.Unlock()
+						})
+					}
+					wg.Wait()
+					elapsed += time.Since(t0)
+				}
+				after := schedStats(b, c)
+				steps := float64(after.Steps - before.Steps)
+				b.ReportMetric(float64(total)/elapsed.Seconds(), "tok/s")
+				b.ReportMetric(1000*(after.StepSeconds-before.StepSeconds)/steps, "ms/step")
+				b.ReportMetric(1000*(after.CommSeconds-before.CommSeconds)/steps, "ms-comm/step")
+				b.ReportMetric(0, "ns/op")
+			})
+		}
+		c.coord.stop(syscall.SIGTERM)
+	}
+}
+
+func schedStats(b *testing.B, c *clusterT) *pb.SchedulerStats {
+	info, err := c.client.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return info.Scheduler
 }

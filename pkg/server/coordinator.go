@@ -20,6 +20,7 @@ import (
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/placement"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/tokenizer"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
@@ -43,26 +44,84 @@ type CoordinatorOptions struct {
 	NumBlocks int64
 	Scheduler routing.SchedulerConfig
 	// Quantize is passed to workers in their assignment ("" or "q8").
-	Quantize    string
+	Quantize string
+	// TP and PP force the parallel layout of every replica; 0 lets the
+	// planner choose (pkg/placement).
+	TP, PP      int
 	StepTimeout time.Duration
 	Logger      *slog.Logger
 }
 
-// Placement is what the leader writes to etcd: every ready worker is a
-// replica holding the whole model (splitting comes with tensor and
-// pipeline parallelism).
+// Placement is what the leader writes to etcd: the replicas, each a
+// pipeline of stages of tensor-parallel ranks. Workers read their own
+// assignment from it (by the replica's generation).
 type Placement struct {
 	Version  int64              `json:"version"`
 	Model    string             `json:"model"`
+	Quantize string             `json:"quantize,omitempty"`
 	Replicas []PlacementReplica `json:"replicas"`
 }
 
 // PlacementReplica is one replica of a placement.
 type PlacementReplica struct {
-	Index       int      `json:"index"`
-	Workers     []string `json:"workers"`
-	LayersBegin int      `json:"layers_begin"`
-	LayersEnd   int      `json:"layers_end"`
+	Index int `json:"index"`
+	// Generation identifies this replica's layout: workers take it as their
+	// assignment version, and steps of another generation are refused.
+	Generation  int64            `json:"generation"`
+	TP          int              `json:"tp"`
+	PP          int              `json:"pp"`
+	Workers     []string         `json:"workers"` // every worker, stage by stage, rank by rank
+	LayersBegin int              `json:"layers_begin"`
+	LayersEnd   int              `json:"layers_end"`
+	Stages      []PlacementStage `json:"stages"`
+}
+
+// PlacementStage is a pipeline stage of a replica.
+type PlacementStage struct {
+	Index       int             `json:"index"`
+	LayersBegin int             `json:"layers_begin"`
+	LayersEnd   int             `json:"layers_end"`
+	Ranks       []PlacementRank `json:"ranks"` // by tensor-parallel rank
+}
+
+// PlacementRank is one worker of a stage.
+type PlacementRank struct {
+	Worker string `json:"worker"`
+	Addr   string `json:"addr"`
+}
+
+// Assignment finds worker id's assignment in the replica of generation gen.
+func (p *Placement) Assignment(id string, gen int64) (*workerv1.Assignment, error) {
+	for _, r := range p.Replicas {
+		if r.Generation != gen {
+			continue
+		}
+		for si, st := range r.Stages {
+			for ri, rk := range st.Ranks {
+				if rk.Worker != id {
+					continue
+				}
+				a := &workerv1.Assignment{Version: gen, Model: p.Model, Replica: int32(r.Index), Stage: int32(si),
+					LayersBegin: int32(st.LayersBegin), LayersEnd: int32(st.LayersEnd), TpRank: int32(ri), TpSize: int32(len(st.Ranks)),
+					Quantize: p.Quantize, PpSize: int32(len(r.Stages))}
+				if len(st.Ranks) > 1 {
+					for _, x := range st.Ranks {
+						a.TpPeers = append(a.TpPeers, x.Addr)
+					}
+				}
+				if si+1 < len(r.Stages) {
+					next := r.Stages[si+1].Ranks
+					if len(next) != len(st.Ranks) {
+						return nil, fmt.Errorf("replica %d: stage %d has %d ranks, stage %d has %d", r.Index, si, len(st.Ranks), si+1, len(next))
+					}
+					a.NextStage = next[ri].Addr
+				}
+				return a, nil
+			}
+		}
+		return nil, fmt.Errorf("worker %s is not in replica %d (generation %d)", id, r.Index, gen)
+	}
+	return nil, fmt.Errorf("placement version %d has no replica of generation %d", p.Version, gen)
 }
 
 // Coordinator owns the router and the cluster's lifecycle.
@@ -77,20 +136,35 @@ type Coordinator struct {
 	mu        sync.Mutex
 	leader    bool
 	workers   []cluster.WorkerInfo
-	replicas  map[string]*replica // by worker id
+	replicas  map[string]*replica // by key
+	owner     map[string]*replica // worker id → the replica it serves in
 	placement Placement
-	failed    map[string]string // worker id → why its bring-up failed
+	failed    map[string]string // worker id → why it is not serving
+	planErr   string            // why the free workers make no replica
 	ready     chan struct{}     // closed when the first replica is up
 	readyOnce sync.Once
 	retry     chan struct{} // asks Run to reconcile again
+	pmu       sync.Mutex    // serialises placement writes
+	lastGen   int64
 }
 
+// replica is a group of workers serving one copy of the model.
 type replica struct {
-	info   cluster.WorkerInfo
-	conn   *grpc.ClientConn
-	engine *routing.Engine
-	cancel context.CancelFunc
-	state  string
+	key     string // "g<generation>"
+	gen     int64
+	tp, pp  int
+	stages  []placement.Stage
+	members []*member // stage by stage, rank by rank
+	engine  *routing.Engine
+	cancel  context.CancelFunc
+	state   string
+}
+
+type member struct {
+	info        cluster.WorkerInfo
+	stage, rank int
+	conn        *grpc.ClientConn
+	client      workerv1.WorkerClient
 }
 
 // NewCoordinator reads the model's config and tokenizer; it does not start
@@ -120,8 +194,16 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("model %s: %w", dir, err)
 	}
+	if opts.TP > 0 {
+		if err := model.CheckTP(cfg, opts.TP); err != nil {
+			return nil, fmt.Errorf("--tp: %v", err)
+		}
+	}
+	if opts.PP > cfg.NumHiddenLayers || opts.PP < 0 {
+		return nil, fmt.Errorf("--pp: %d stages for %d layers", opts.PP, cfg.NumHiddenLayers)
+	}
 	c := &Coordinator{opts: opts, log: opts.Logger, cfg: cfg, router: routing.NewRouter(), started: time.Now(),
-		replicas: map[string]*replica{}, failed: map[string]string{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
+		replicas: map[string]*replica{}, owner: map[string]*replica{}, failed: map[string]string{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {
 			return nil, fmt.Errorf("model %s: %w", dir, err)
@@ -211,7 +293,7 @@ func (c *Coordinator) watchGossip(ctx context.Context) {
 		case ev := <-c.opts.Gossip.Events():
 			if !ev.Alive {
 				c.log.Warn("gossip: member gone", "name", ev.Name)
-				c.drop(ev.Name, "gossip reports it dead")
+				c.dropWorker(ev.Name, "gossip reports worker "+ev.Name+" dead")
 			} else {
 				c.scheduleRetry() // back (or new): reconcile brings it up
 			}
@@ -219,7 +301,18 @@ func (c *Coordinator) watchGossip(ctx context.Context) {
 	}
 }
 
-// reconcile turns the registered workers into replicas.
+// newGeneration returns a replica generation, unique and increasing.
+func (c *Coordinator) newGeneration() int64 {
+	g := time.Now().UnixNano()
+	if g <= c.lastGen {
+		g = c.lastGen + 1
+	}
+	c.lastGen = g
+	return g
+}
+
+// reconcile drops replicas that lost a worker and plans replicas on the
+// workers that serve in none.
 func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 	c.mu.Lock()
 	c.workers = ws
@@ -228,165 +321,323 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 		live[w.ID] = w
 	}
 	var gone []string
-	for id, r := range c.replicas {
-		if w, ok := live[id]; !ok || w.Addr != r.info.Addr || w.PID != r.info.PID {
-			gone = append(gone, id)
+	for key, r := range c.replicas {
+		for _, m := range r.members {
+			if w, ok := live[m.info.ID]; !ok || w.Addr != m.info.Addr || w.PID != m.info.PID {
+				gone = append(gone, key)
+				break
+			}
 		}
 	}
 	c.mu.Unlock()
-	for _, id := range gone {
-		c.drop(id, "left etcd")
+	for _, key := range gone {
+		c.drop(key, "a worker left etcd")
 	}
+	c.mu.Lock()
+	var free []placement.Worker
+	byID := map[string]cluster.WorkerInfo{}
 	for _, w := range ws {
-		c.mu.Lock()
-		_, have := c.replicas[w.ID]
-		r := &replica{info: w, state: "loading"}
-		if !have {
-			c.replicas[w.ID] = r
+		if _, busy := c.owner[w.ID]; busy {
+			continue
+		}
+		byID[w.ID] = w
+		mem := w.MemoryBytes
+		if mem <= 0 {
+			mem = 1 << 50 // unknown: do not let memory decide
+		}
+		free = append(free, placement.Worker{ID: w.ID, Host: w.Host, Addr: w.Addr, MemoryBytes: mem, Backend: w.Backend})
+	}
+	if len(free) == 0 {
+		c.planErr = ""
+		c.mu.Unlock()
+		return
+	}
+	plan, err := placement.New(c.cfg, free, placement.Options{Model: c.opts.ModelName, TP: c.opts.TP, PP: c.opts.PP,
+		KVCacheTokens: c.kvTokens(), MaxBatchTokens: c.opts.Scheduler.MaxBatchTokens})
+	if err != nil {
+		if c.planErr != err.Error() {
+			c.log.Warn("free workers make no replica", "workers", len(free), "why", err)
+		}
+		c.planErr = err.Error()
+		for _, w := range free {
+			c.failed[w.ID] = "waiting: " + err.Error()
 		}
 		c.mu.Unlock()
-		if !have {
-			if c.opts.Gossip != nil && w.GossipAddr != "" {
-				if err := c.opts.Gossip.Join([]string{w.GossipAddr}); err != nil {
-					c.log.Warn("gossip join", "worker", w.ID, "err", err)
+		return
+	}
+	c.planErr = ""
+	var start []*replica
+	for _, pr := range plan.Replicas {
+		gen := c.newGeneration()
+		r := &replica{key: fmt.Sprintf("g%d", gen), gen: gen, tp: plan.TP, pp: plan.PP, stages: pr.Stages, state: "loading"}
+		for si, st := range pr.Stages {
+			for ri, rk := range st.Ranks {
+				r.members = append(r.members, &member{info: byID[rk.Worker], stage: si, rank: ri})
+				c.owner[rk.Worker] = r
+				delete(c.failed, rk.Worker)
+			}
+		}
+		c.replicas[r.key] = r
+		start = append(start, r)
+	}
+	for _, id := range plan.Unused {
+		c.failed[id] = "spare: the plan (" + fmt.Sprintf("tp=%d pp=%d", plan.TP, plan.PP) + ") has no use for it"
+	}
+	c.mu.Unlock()
+	for _, r := range start {
+		c.log.Info("replica planned", "replica", r.key, "tp", r.tp, "pp", r.pp, "workers", r.workerIDs())
+		if c.opts.Gossip != nil {
+			for _, m := range r.members {
+				if m.info.GossipAddr != "" {
+					if err := c.opts.Gossip.Join([]string{m.info.GossipAddr}); err != nil {
+						c.log.Warn("gossip join", "worker", m.info.ID, "err", err)
+					}
 				}
 			}
-			go c.bringUp(ctx, w, r)
 		}
+		go c.bringUp(ctx, r)
 	}
 }
 
-// bringUp loads and warms a worker and adds it as a replica; on failure the
-// worker is forgotten and tried again after a backoff.
-func (c *Coordinator) bringUp(ctx context.Context, w cluster.WorkerInfo, r *replica) {
-	err := c.tryBringUp(ctx, w, r)
+// kvTokens is the KV cache a replica is planned to hold.
+func (c *Coordinator) kvTokens() int {
+	if c.opts.NumBlocks > 0 {
+		return int(c.opts.NumBlocks) * c.opts.BlockSize
+	}
+	return 0 // the model's context
+}
+
+func (r *replica) workerIDs() []string {
+	ids := make([]string, len(r.members))
+	for i, m := range r.members {
+		ids[i] = m.info.ID
+	}
+	return ids
+}
+
+// bringUp loads and warms a replica's workers and starts its engine; on
+// failure the replica is dropped (its workers are planned again after a
+// backoff).
+func (c *Coordinator) bringUp(ctx context.Context, r *replica) {
+	err := c.tryBringUp(ctx, r)
 	if err != nil && ctx.Err() == nil {
-		c.log.Error("worker not usable", "worker", w.ID, "addr", w.Addr, "err", err)
+		c.log.Error("replica not usable", "replica", r.key, "workers", r.workerIDs(), "err", err)
+		c.drop(r.key, "bring-up failed: "+err.Error())
 		c.mu.Lock()
-		if c.replicas[w.ID] == r {
-			delete(c.replicas, w.ID)
+		for _, m := range r.members {
+			c.failed[m.info.ID] = "failed: " + err.Error()
 		}
-		c.failed[w.ID] = "failed: " + err.Error()
 		c.mu.Unlock()
-		c.scheduleRetry()
 	}
 }
 
-func (c *Coordinator) tryBringUp(ctx context.Context, w cluster.WorkerInfo, r *replica) error {
-	conn, err := grpc.NewClient(w.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
-	if err != nil {
-		return err
+func (c *Coordinator) tryBringUp(ctx context.Context, r *replica) error {
+	for _, m := range r.members {
+		conn, err := grpc.NewClient(m.info.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
+		if err != nil {
+			return err
+		}
+		m.conn, m.client = conn, workerv1.NewWorkerClient(conn)
 	}
-	client := workerv1.NewWorkerClient(conn)
-	version := c.writePlacement(ctx, w.ID)
+	if err := c.writePlacement(ctx); err != nil {
+		return fmt.Errorf("placement: %w", err)
+	}
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	ls, err := client.Load(lctx, &workerv1.LoadRequest{Assignment: &workerv1.Assignment{Version: version, Model: c.opts.ModelDir,
-		LayersEnd: int32(c.cfg.NumHiddenLayers), TpSize: 1, Quantize: c.opts.Quantize}})
-	if err != nil {
-		conn.Close()
+	if err := forEach(r.members, func(m *member) error { return c.load(lctx, r, m) }); err != nil {
 		return err
 	}
-	for {
-		p, err := ls.Recv()
-		if err == io.EOF {
-			break
+	sharded := len(r.members) > 1
+	warm := func(m *member, blocks int64) (*workerv1.WarmupResponse, error) {
+		wctx, wcancel := context.WithTimeout(ctx, 5*time.Minute)
+		defer wcancel()
+		req := &workerv1.WarmupRequest{BlockSize: int32(c.opts.BlockSize), NumBlocks: blocks, KvCacheBytes: c.opts.KVCacheBytes}
+		if !sharded { // a shard cannot step alone: its first real step warms it
+			req.MaxBatchTokens = int32(min(c.opts.Scheduler.MaxBatchTokens, 64))
 		}
+		wr, err := m.client.Warmup(wctx, req)
 		if err != nil {
-			conn.Close()
-			return fmt.Errorf("load: %w", err)
+			return nil, fmt.Errorf("warmup %s: %w", m.info.ID, err)
 		}
-		c.log.Info("worker loading", "worker", w.ID, "stage", p.Stage, "bytes", p.BytesLoaded)
+		return wr, nil
 	}
-	wctx, wcancel := context.WithTimeout(ctx, 5*time.Minute)
-	defer wcancel()
-	wr, err := client.Warmup(wctx, &workerv1.WarmupRequest{BlockSize: int32(c.opts.BlockSize), NumBlocks: c.opts.NumBlocks,
-		KvCacheBytes: c.opts.KVCacheBytes, MaxBatchTokens: int32(min(c.opts.Scheduler.MaxBatchTokens, 64))})
-	if err != nil {
-		conn.Close()
-		return fmt.Errorf("warmup: %w", err)
+	// Every worker of a replica must hold the same number of blocks (the
+	// coordinator's block tables index all of them): size each from its
+	// budget, then shrink the larger pools to the smallest.
+	pools := make([]*workerv1.WarmupResponse, len(r.members))
+	if err := forEachIndex(r.members, func(i int, m *member) (err error) {
+		pools[i], err = warm(m, c.opts.NumBlocks)
+		return err
+	}); err != nil {
+		return err
 	}
-	eng := routing.NewEngine(&grpcExecutor{client: client, version: version}, c.opts.Scheduler, int(wr.NumBlocks), int(wr.BlockSize))
+	blocks, warmMs := pools[0].NumBlocks, 0.0
+	for _, p := range pools {
+		blocks = min(blocks, p.NumBlocks)
+		warmMs = max(warmMs, p.WarmupMs)
+	}
+	if err := forEachIndex(r.members, func(i int, m *member) (err error) {
+		if pools[i].NumBlocks != blocks {
+			_, err = warm(m, blocks)
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	exec := &replicaExecutor{members: r.members, gen: r.gen, pp: r.pp, tp: r.tp}
+	eng := routing.NewEngine(exec, c.opts.Scheduler, int(blocks), c.opts.BlockSize)
 	eng.SetStepTimeout(c.opts.StepTimeout)
+	eng.SetDepth(r.pp) // one micro-batch in flight per stage
 	ectx, ecancel := context.WithCancel(ctx)
 	eng.OnStepError = func(err error) {
-		c.log.Warn("step failed", "worker", w.ID, "err", err)
+		c.log.Warn("step failed", "replica", r.key, "err", err)
 		if status.Code(err) == codes.FailedPrecondition { // another assignment, or lost its KV pool
-			go c.drop(w.ID, "step refused: "+status.Convert(err).Message())
+			go c.drop(r.key, "step refused: "+status.Convert(err).Message())
 			return
 		}
 		hctx, hc := context.WithTimeout(ectx, 2*time.Second)
 		defer hc()
-		if h, herr := client.Health(hctx, &workerv1.HealthRequest{}); herr != nil || !h.Ready {
-			go c.drop(w.ID, "step failed and health check failed")
+		for _, m := range r.members {
+			if h, herr := m.client.Health(hctx, &workerv1.HealthRequest{}); herr != nil || !h.Ready {
+				go c.drop(r.key, "step failed and worker "+m.info.ID+" failed its health check")
+				return
+			}
 		}
 	}
 	go eng.Run(ectx)
 	c.mu.Lock()
-	if c.replicas[w.ID] != r || ctx.Err() != nil {
+	if c.replicas[r.key] != r || ctx.Err() != nil {
 		c.mu.Unlock()
 		ecancel()
 		eng.Close()
-		conn.Close()
-		return errors.New("worker dropped while loading")
+		return errors.New("replica dropped while loading")
 	}
-	r.conn, r.engine, r.cancel, r.state = conn, eng, ecancel, "ready"
-	delete(c.failed, w.ID)
-	// Added under c.mu: a drop of this worker (which removes it from
+	r.engine, r.cancel, r.state = eng, ecancel, "ready"
+	// Added under c.mu: a drop of this replica (which removes it from
 	// c.replicas first) cannot run between the check above and this.
-	c.router.AddReplica(w.ID, eng)
+	c.router.AddReplica(r.key, eng)
 	c.mu.Unlock()
-	c.log.Info("replica ready", "worker", w.ID, "kv_blocks", wr.NumBlocks, "block_size", wr.BlockSize, "warmup_ms", wr.WarmupMs)
+	c.log.Info("replica ready", "replica", r.key, "tp", r.tp, "pp", r.pp, "workers", r.workerIDs(),
+		"kv_blocks", blocks, "block_size", c.opts.BlockSize, "warmup_ms", warmMs)
 	c.readyOnce.Do(func() { close(c.ready) })
 	return nil
 }
 
-// drop removes a worker's replica; its requests move to other replicas.
-func (c *Coordinator) drop(id, why string) {
+// load has worker m load its slice; it reads its assignment from the
+// placement in etcd.
+func (c *Coordinator) load(ctx context.Context, r *replica, m *member) error {
+	ls, err := m.client.Load(ctx, &workerv1.LoadRequest{Version: r.gen})
+	if err != nil {
+		return fmt.Errorf("load %s: %w", m.info.ID, err)
+	}
+	for {
+		p, err := ls.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("load %s: %w", m.info.ID, err)
+		}
+		c.log.Info("worker loading", "worker", m.info.ID, "stage", p.Stage, "bytes", p.BytesLoaded)
+	}
+}
+
+func forEach(ms []*member, f func(*member) error) error {
+	return forEachIndex(ms, func(_ int, m *member) error { return f(m) })
+}
+
+// forEachIndex runs f on every member concurrently and returns the first
+// error.
+func forEachIndex(ms []*member, f func(int, *member) error) error {
+	errs := make([]error, len(ms))
+	var wg sync.WaitGroup
+	for i, m := range ms {
+		wg.Go(func() { errs[i] = f(i, m) })
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// dropWorker drops the replica worker id serves in.
+func (c *Coordinator) dropWorker(id, why string) {
 	c.mu.Lock()
-	r, ok := c.replicas[id]
-	delete(c.replicas, id)
+	r := c.owner[id]
+	c.mu.Unlock()
+	if r != nil {
+		c.drop(r.key, why)
+	}
+}
+
+// drop removes a replica; its requests move to other replicas and its
+// workers are planned again.
+func (c *Coordinator) drop(key, why string) {
+	c.mu.Lock()
+	r, ok := c.replicas[key]
+	delete(c.replicas, key)
+	if ok {
+		for _, m := range r.members {
+			if c.owner[m.info.ID] == r {
+				delete(c.owner, m.info.ID)
+			}
+		}
+	}
 	c.mu.Unlock()
 	if !ok {
 		return
 	}
-	c.log.Warn("replica removed", "worker", id, "why", why)
-	c.router.RemoveReplica(id)
+	c.log.Warn("replica removed", "replica", key, "workers", r.workerIDs(), "why", why)
+	c.router.RemoveReplica(key)
 	if r.cancel != nil {
 		r.cancel()
 	}
-	if r.conn != nil {
-		r.conn.Close()
+	for _, m := range r.members {
+		if m.conn != nil {
+			m.conn.Close()
+		}
 	}
-	c.scheduleRetry() // still registered in etcd? then it is tried again
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c.writePlacement(ctx)
+	}()
+	c.scheduleRetry() // its workers still registered? then they are planned again
 }
 
 func (c *Coordinator) dropAll() {
 	c.mu.Lock()
-	ids := make([]string, 0, len(c.replicas))
-	for id := range c.replicas {
-		ids = append(ids, id)
+	keys := make([]string, 0, len(c.replicas))
+	for k := range c.replicas {
+		keys = append(keys, k)
 	}
 	c.mu.Unlock()
-	for _, id := range ids {
-		c.drop(id, "coordinator stopping")
+	for _, k := range keys {
+		c.drop(k, "coordinator stopping")
 	}
 }
 
-// writePlacement stores the placement with every known replica plus
-// newID, returning its version.
-func (c *Coordinator) writePlacement(ctx context.Context, newID string) int64 {
+// writePlacement stores the current replicas (loading or ready) in etcd.
+func (c *Coordinator) writePlacement(ctx context.Context) error {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
 	c.mu.Lock()
-	ids := []string{}
-	for id := range c.replicas {
-		ids = append(ids, id)
+	rs := make([]*replica, 0, len(c.replicas))
+	for _, r := range c.replicas {
+		rs = append(rs, r)
 	}
 	c.mu.Unlock()
-	sort.Strings(ids)
-	p := Placement{Model: c.opts.ModelDir}
-	for i, id := range ids {
-		p.Replicas = append(p.Replicas, PlacementReplica{Index: i, Workers: []string{id}, LayersEnd: c.cfg.NumHiddenLayers})
+	sort.Slice(rs, func(i, j int) bool { return rs[i].gen < rs[j].gen })
+	p := Placement{Model: c.opts.ModelDir, Quantize: c.opts.Quantize}
+	for i, r := range rs {
+		pr := PlacementReplica{Index: i, Generation: r.gen, TP: r.tp, PP: r.pp, LayersEnd: c.cfg.NumHiddenLayers, Workers: r.workerIDs()}
+		for _, st := range r.stages {
+			ps := PlacementStage{Index: st.Index, LayersBegin: st.LayersBegin, LayersEnd: st.LayersEnd}
+			for _, rk := range st.Ranks {
+				ps.Ranks = append(ps.Ranks, PlacementRank{Worker: rk.Worker, Addr: rk.Addr})
+			}
+			pr.Stages = append(pr.Stages, ps)
+		}
+		p.Replicas = append(p.Replicas, pr)
 	}
 	raw, _ := json.Marshal(p)
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -394,11 +645,11 @@ func (c *Coordinator) writePlacement(ctx context.Context, newID string) int64 {
 	v, err := c.opts.Store.PutPlacement(pctx, raw)
 	if err != nil {
 		c.log.Warn("placement not written", "err", err)
-		return 0
+		return err
 	}
 	p.Version = v
 	c.mu.Lock()
 	c.placement = p
 	c.mu.Unlock()
-	return v
+	return nil
 }

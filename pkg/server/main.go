@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -112,11 +113,13 @@ func CoordinatorMain(args []string) int {
 	listen := fs.String("listen", "127.0.0.1:50051", "public gRPC address")
 	modelDir := fs.String("model", "", "model directory in HuggingFace layout (default: a demo model made under --data-dir)")
 	dataDir := fs.String("data-dir", "", "embedded etcd data and the demo model (default: the user cache dir /qwenfleet)")
-	localWorkers := fs.Int("local-workers", 1, "worker processes to start on this machine")
+	localWorkers := fs.Int("local-workers", 1, "worker processes to start on this machine (default: 1, or tp×pp when those are given)")
+	tp := fs.Int("tp", 0, "tensor-parallel degree of every replica (0: the planner's choice)")
+	pp := fs.Int("pp", 0, "pipeline-parallel stages of every replica (0: the planner's choice)")
 	etcd := fs.String("etcd-endpoints", "", "external etcd endpoints, comma separated (default: embedded etcd)")
 	prefix := fs.String("prefix", "/qwenfleet/", "etcd key prefix")
 	id := fs.String("id", "", "coordinator id (default: from --listen)")
-	threads := fs.Int("worker-threads", 0, "CPU threads of each local worker (0: all)")
+	threads := fs.Int("worker-threads", 0, "CPU threads of each local worker (0: the machine's CPUs shared among them)")
 	kv := fs.String("kv-cache", "0", "KV pool asked of each worker (0: the worker's default, 512MiB)")
 	blocks := fs.Int64("kv-blocks", 0, "KV pool size in blocks (overrides --kv-cache)")
 	blockSize := fs.Int("block-size", 16, "tokens per KV block")
@@ -131,6 +134,10 @@ func CoordinatorMain(args []string) int {
 	}
 	fail := func(format string, a ...any) int { fmt.Fprintf(os.Stderr, "coordinator: "+format+"\n", a...); return 2 }
 	switch {
+	case *tp < 0 || *tp > 64:
+		return fail("--tp: %d is outside [0, 64]", *tp)
+	case *pp < 0 || *pp > 64:
+		return fail("--pp: %d is outside [0, 64]", *pp)
 	case *localWorkers < 0 || *localWorkers > 64:
 		return fail("--local-workers: %d is outside [0, 64]", *localWorkers)
 	case *threads < 0 || *threads > cpu.MaxThreads:
@@ -163,16 +170,24 @@ func CoordinatorMain(args []string) int {
 	if err != nil {
 		return fail("%v", err)
 	}
+	explicit := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { explicit[f.Name] = true })
+	if !explicit["local-workers"] && max(*tp, 1)*max(*pp, 1) > 1 {
+		*localWorkers = max(*tp, 1) * max(*pp, 1)
+	}
 	var wargs []string
-	if *threads > 0 {
+	switch {
+	case *threads > 0:
 		wargs = append(wargs, "--threads", fmt.Sprint(*threads))
+	case *localWorkers > 1: // share the CPUs rather than oversubscribe them
+		wargs = append(wargs, "--threads", fmt.Sprint(max(runtime.NumCPU() / *localWorkers, 1)))
 	}
 	wargs = append(wargs, "--log-level", *level)
 	ctx, cancel := signalContext()
 	defer cancel()
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
-		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log,
+		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp,
 		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
 	if err != nil && ctx.Err() == nil {
 		fmt.Fprintf(os.Stderr, "coordinator: %v\n", err)

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -116,6 +117,17 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		return err
 	}
 	defer store.Close()
+	svc.setAssignments(func(ctx context.Context, version int64) (*workerv1.Assignment, error) {
+		raw, _, err := store.GetPlacement(ctx)
+		if err != nil {
+			return nil, err
+		}
+		var p Placement
+		if err := json.Unmarshal(raw, &p); err != nil {
+			return nil, fmt.Errorf("placement: %w", err)
+		}
+		return p.Assignment(o.ID, version)
+	})
 	gbind := o.GossipBind
 	if gbind == "" {
 		gbind, _, _ = net.SplitHostPort(lis.Addr().String())
@@ -176,6 +188,7 @@ type CoordinatorProcessOptions struct {
 	Prefix        string
 	ID            string
 	LocalWorkers  int
+	TP, PP        int // forced layout (0: the planner's)
 	// WorkerArgs are extra flags for local workers (e.g. --threads 2).
 	WorkerArgs   []string
 	BlockSize    int
@@ -292,9 +305,9 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	}
 	coord, err := NewCoordinator(CoordinatorOptions{ID: o.ID, Addr: addr, ModelDir: o.ModelDir, Store: store, Gossip: gossip,
 		EtcdEndpoints: endpoints, LeaderTTL: o.LeaderTTL, BlockSize: o.BlockSize, KVCacheBytes: o.KVCacheBytes, NumBlocks: o.NumBlocks,
-		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log})
+		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log, TP: o.TP, PP: o.PP})
 	if err != nil {
-		return fmt.Errorf("--model: %w", err)
+		return err
 	}
 	gs := grpc.NewServer()
 	pb.RegisterGeneratorServer(gs, NewGeneratorService(coord))

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -33,6 +34,10 @@ type WorkerOptions struct {
 	// OnState is called when the worker's state changes (idle, loading,
 	// ready, failed).
 	OnState func(state, model string)
+	// Assignments reads this worker's assignment of a replica generation
+	// from the placement (in etcd); Load uses it when the request carries
+	// only the version.
+	Assignments func(ctx context.Context, version int64) (*workerv1.Assignment, error)
 }
 
 // WorkerService implements the internal Worker API.
@@ -53,6 +58,9 @@ type WorkerService struct {
 	state     string
 	blockSize int
 	quantize  string
+	assign    *workerv1.Assignment
+	peers     *peers // nil unless sharded
+	box       mailbox
 }
 
 // NewWorkerService makes an idle worker.
@@ -64,6 +72,12 @@ func NewWorkerService(opts WorkerOptions) *WorkerService {
 		opts.KVCacheBytes = 512 << 20
 	}
 	return &WorkerService{opts: opts, state: "idle"}
+}
+
+func (w *WorkerService) setAssignments(f func(ctx context.Context, version int64) (*workerv1.Assignment, error)) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.opts.Assignments = f
 }
 
 // Close frees the model and backend (after any running step).
@@ -85,7 +99,11 @@ func (w *WorkerService) unload() {
 		w.backend.Close()
 		w.backend = nil
 	}
-	w.modelDir, w.version = "", 0
+	if w.peers != nil {
+		w.peers.close()
+		w.peers = nil
+	}
+	w.modelDir, w.version, w.assign = "", 0, nil
 }
 
 func (w *WorkerService) setState(s string) {
@@ -111,17 +129,38 @@ func (w *WorkerService) Info(ctx context.Context, _ *workerv1.InfoRequest) (*wor
 // Load loads the model an assignment names (a no-op when it is loaded).
 func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_LoadServer) error {
 	a := req.GetAssignment()
-	if a == nil || a.Model == "" {
+	w.mu.Lock()
+	read := w.opts.Assignments
+	w.mu.Unlock()
+	if a == nil {
+		if read == nil {
+			return status.Error(codes.InvalidArgument, "assignment: empty, and this worker has no placement store to read it from")
+		}
+		var err error
+		if a, err = read(stream.Context(), req.Version); err != nil {
+			return status.Errorf(codes.FailedPrecondition, "assignment of generation %d: %v", req.Version, err)
+		}
+	}
+	if a.Model == "" {
 		return status.Error(codes.InvalidArgument, "assignment.model: empty")
 	}
+	if a.Quantize != "" && a.Quantize != "q8" {
+		return status.Errorf(codes.InvalidArgument, "assignment.quantize: %q is not q8", a.Quantize)
+	}
+	if a.TpSize < 0 || a.TpSize > 1 && len(a.TpPeers) != int(a.TpSize) {
+		return status.Errorf(codes.InvalidArgument, "assignment.tp_peers: %d addresses for tp_size %d", len(a.TpPeers), a.TpSize)
+	}
+	sh := model.Shard{LayersBegin: int(a.LayersBegin), LayersEnd: int(a.LayersEnd), TPRank: int(a.TpRank), TPSize: int(a.TpSize)}
 	dir := filepath.Clean(a.Model)
 	w.life.Lock()
 	defer w.life.Unlock()
 	w.mu.Lock()
-	if a.Quantize != "" && a.Quantize != "q8" {
-		return status.Errorf(codes.InvalidArgument, "assignment.quantize: %q is not q8", a.Quantize)
-	}
-	if w.exec != nil && w.modelDir == dir && w.quantize == a.Quantize {
+	if w.exec != nil && w.modelDir == dir && w.quantize == a.Quantize && w.exec.Model().Shard() == mustNormalize(w.exec.Model().Config(), sh) {
+		// Same slice: keep the weights, take the new peers.
+		if err := w.setPeers(a); err != nil {
+			w.mu.Unlock()
+			return status.Errorf(codes.InvalidArgument, "assignment: %v", err)
+		}
 		w.version = a.Version
 		p := w.progress("ready")
 		w.mu.Unlock()
@@ -148,19 +187,50 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 		return status.Errorf(codes.FailedPrecondition, "backend: %v", err)
 	}
 	t0 := time.Now()
-	m, err := model.Load(dir, b, model.LoadOptions{Mmap: mmap})
+	m, err := model.Load(dir, b, model.LoadOptions{Mmap: mmap, Shard: sh})
 	if err != nil {
 		b.Close()
 		fail()
 		return status.Errorf(codes.InvalidArgument, "load %s: %v", dir, err)
 	}
-	w.opts.Logger.Info("model loaded", "model", dir, "bytes", m.WeightBytes(), "seconds", time.Since(t0).Seconds())
+	w.opts.Logger.Info("model loaded", "model", dir, "bytes", m.WeightBytes(), "seconds", time.Since(t0).Seconds(),
+		"layers", fmt.Sprintf("[%d,%d)", m.Shard().LayersBegin, m.Shard().LayersEnd), "tp_rank", m.Shard().TPRank, "tp_size", m.Shard().TPSize)
 	w.mu.Lock()
+	if err := w.setPeers(a); err != nil {
+		m.Close()
+		b.Close()
+		w.setState("failed")
+		w.mu.Unlock()
+		return status.Errorf(codes.InvalidArgument, "assignment: %v", err)
+	}
 	w.backend, w.exec, w.modelDir, w.version, w.quantize = b, shard.NewExecutor(m), dir, a.Version, a.Quantize
 	w.setState("loaded")
 	p := w.progress("ready")
 	w.mu.Unlock()
 	return stream.Send(p)
+}
+
+// setPeers connects to the assignment's peers; w.mu is held.
+func (w *WorkerService) setPeers(a *workerv1.Assignment) error {
+	if w.peers != nil {
+		w.peers.close()
+		w.peers = nil
+	}
+	w.assign = a
+	if a.TpSize <= 1 && a.NextStage == "" && a.Stage == 0 {
+		return nil
+	}
+	p, err := dialPeers(a)
+	if err != nil {
+		return err
+	}
+	w.peers = p
+	return nil
+}
+
+func mustNormalize(cfg *model.Config, sh model.Shard) model.Shard {
+	n, _ := sh.Normalize(cfg)
+	return n
 }
 
 func (w *WorkerService) progress(stage string) *workerv1.LoadProgress {
@@ -218,7 +288,7 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	w.life.RLock()
 	defer w.life.RUnlock()
 	w.mu.Lock()
-	exec, version := w.exec, w.version
+	exec, version, prs := w.exec, w.version, w.peers
 	w.mu.Unlock()
 	if exec == nil {
 		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
@@ -233,7 +303,13 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 			Sample: s.Sample, TopN: int(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogSumExp: s.WantLogsumexp}
 		tokens += len(s.Tokens)
 	}
-	res, err := exec.Step(ctx, b)
+	var link *stepLink
+	var sl shard.Link
+	if prs != nil {
+		link = &stepLink{ctx: ctx, box: &w.box, p: prs, version: version, step: req.StepId}
+		sl = link
+	}
+	res, err := exec.StepLinked(ctx, b, sl)
 	switch {
 	case errors.Is(err, model.ErrBadBatch):
 		return nil, status.Error(codes.InvalidArgument, err.Error())
@@ -246,9 +322,14 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	}
 	out := &workerv1.StepResponse{StepId: req.StepId, Results: make([]*workerv1.SeqResult, len(res.Seqs)), Tokens: int32(tokens),
 		ForwardMs: float64(res.Forward.Microseconds()) / 1000}
+	if link != nil {
+		out.CommMs = float64(link.commTime.Microseconds()) / 1000
+		out.WaitMs = float64(link.waitTime.Microseconds()) / 1000
+	}
 	for i, r := range res.Seqs {
 		pr := &workerv1.SeqResult{SeqId: req.Seqs[i].SeqId, Logsumexp: r.LogSumExp, Row: r.Row, PromptLogprobs: r.PromptLogprobs,
-			Candidates: make([]*workerv1.Candidate, len(r.Candidates))}
+			Candidates: make([]*workerv1.Candidate, len(r.Candidates)), PromptLse: r.PromptLSE,
+			VocabBegin: int32(r.VocabBegin), VocabEnd: int32(r.VocabEnd)}
 		for j, c := range r.Candidates {
 			pr.Candidates[j] = &workerv1.Candidate{Id: c.ID, Logit: c.Logit}
 		}
@@ -256,6 +337,26 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	}
 	out.TotalMs = float64(time.Since(t0).Microseconds()) / 1000
 	return out, nil
+}
+
+// Exchange takes a message from another worker of the replica.
+func (w *WorkerService) Exchange(ctx context.Context, req *workerv1.ExchangeRequest) (*workerv1.ExchangeResponse, error) {
+	if req.Kind != kindAllReduce && req.Kind != kindHidden {
+		return nil, status.Errorf(codes.InvalidArgument, "kind: %d is not 0 (all-reduce) or 1 (hidden states)", req.Kind)
+	}
+	if len(req.Data)%4 != 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "data: %d bytes is not whole float32s", len(req.Data))
+	}
+	w.mu.Lock()
+	version := w.version
+	w.mu.Unlock()
+	if req.Version != version {
+		return nil, status.Errorf(codes.FailedPrecondition, "version: %d, this worker holds %d", req.Version, version)
+	}
+	if err := w.box.put(mailKey{req.Version, req.StepId, req.Kind, req.Index, req.FromRank}, req.Data); err != nil {
+		return nil, status.Error(codes.AlreadyExists, err.Error())
+	}
+	return &workerv1.ExchangeResponse{}, nil
 }
 
 // Release forgets finished sequences: a later Step for one must start at
@@ -278,40 +379,88 @@ func (w *WorkerService) Health(ctx context.Context, _ *workerv1.HealthRequest) (
 	return &workerv1.HealthResponse{Ready: w.state == "ready", State: w.state}, nil
 }
 
-func (g *grpcExecutor) Release(ctx context.Context, ids []uint64) error {
-	_, err := g.client.Release(ctx, &workerv1.ReleaseRequest{SeqIds: ids})
-	return err
+// replicaExecutor runs a replica's steps on its workers: every worker gets
+// the step (same id), stages pass hidden states among themselves, and the
+// last stage's ranks answer; their vocabulary slices are merged here.
+type replicaExecutor struct {
+	members []*member // stage by stage, rank by rank
+	gen     int64
+	tp, pp  int
+	// comm is the total time workers reported in all-reduces and stage
+	// transfers (nanoseconds), over steps.
+	comm, steps atomic.Int64
 }
 
-// grpcExecutor runs steps on a remote worker.
-type grpcExecutor struct {
-	client  workerv1.WorkerClient
-	version int64
-	steps   uint64
+func (g *replicaExecutor) Release(ctx context.Context, ids []uint64) error {
+	return forEach(g.members, func(m *member) error {
+		_, err := m.client.Release(ctx, &workerv1.ReleaseRequest{SeqIds: ids})
+		return err
+	})
 }
 
-func (g *grpcExecutor) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
-	g.steps++
-	req := &workerv1.StepRequest{StepId: g.steps, AssignmentVersion: g.version, Seqs: make([]*workerv1.SeqStep, len(b.Seqs))}
+func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
+	req := &workerv1.StepRequest{StepId: b.ID, AssignmentVersion: g.gen, Seqs: make([]*workerv1.SeqStep, len(b.Seqs))}
 	for i, s := range b.Seqs {
 		req.Seqs[i] = &workerv1.SeqStep{SeqId: s.ID, Tokens: s.Tokens, Start: int32(s.Start), BlockTable: s.Blocks,
 			Sample: s.Sample, TopN: int32(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogsumexp: s.WantLogSumExp}
 	}
-	resp, err := g.client.Step(ctx, req)
-	if err != nil {
-		return nil, err
+	// One failed worker fails the step; the others' waits are cancelled.
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	resps := make([]*workerv1.StepResponse, len(g.members))
+	errs := make([]error, len(g.members))
+	var wg sync.WaitGroup
+	for i, m := range g.members {
+		wg.Go(func() {
+			resps[i], errs[i] = m.client.Step(sctx, req)
+			if errs[i] != nil {
+				cancel()
+			}
+		})
 	}
-	if len(resp.Results) != len(b.Seqs) {
-		return nil, fmt.Errorf("worker returned %d results for %d sequences", len(resp.Results), len(b.Seqs))
-	}
-	out := &routing.StepResult{Seqs: make([]routing.SeqResult, len(resp.Results)), Forward: time.Duration(resp.ForwardMs * float64(time.Millisecond))}
-	for i, r := range resp.Results {
-		sr := routing.SeqResult{LogSumExp: r.Logsumexp, Row: r.Row, PromptLogprobs: r.PromptLogprobs,
-			Candidates: make([]routing.Candidate, len(r.Candidates))}
-		for j, c := range r.Candidates {
-			sr.Candidates[j] = routing.Candidate{ID: c.Id, Logit: c.Logit}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil && status.Code(err) != codes.Canceled {
+			return nil, fmt.Errorf("worker %s: %w", g.members[i].info.ID, err)
 		}
-		out.Seqs[i] = sr
+	}
+	for i, err := range errs {
+		if err != nil {
+			return nil, fmt.Errorf("worker %s: %w", g.members[i].info.ID, err)
+		}
+	}
+	last := resps[len(resps)-g.tp:]
+	for _, r := range last {
+		if len(r.Results) != len(b.Seqs) {
+			return nil, fmt.Errorf("worker returned %d results for %d sequences", len(r.Results), len(b.Seqs))
+		}
+	}
+	var comm float64
+	for _, r := range resps {
+		comm = max(comm, r.CommMs)
+	}
+	g.comm.Add(int64(comm * 1e6))
+	g.steps.Add(1)
+	out := &routing.StepResult{Seqs: make([]routing.SeqResult, len(b.Seqs)), Forward: time.Duration(last[0].ForwardMs * float64(time.Millisecond)),
+		Comm: time.Duration(comm * float64(time.Millisecond))}
+	parts := make([]routing.SeqResult, len(last))
+	for i, s := range b.Seqs {
+		for j, r := range last {
+			parts[j] = seqResult(r.Results[i])
+		}
+		var err error
+		if out.Seqs[i], err = shard.Merge(parts, s.TopN, s.WantLogSumExp); err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
+}
+
+func seqResult(r *workerv1.SeqResult) routing.SeqResult {
+	sr := routing.SeqResult{LogSumExp: r.Logsumexp, Row: r.Row, PromptLogprobs: r.PromptLogprobs, PromptLSE: r.PromptLse,
+		VocabBegin: int(r.VocabBegin), VocabEnd: int(r.VocabEnd), Candidates: make([]routing.Candidate, len(r.Candidates))}
+	for j, c := range r.Candidates {
+		sr.Candidates[j] = routing.Candidate{ID: c.Id, Logit: c.Logit}
+	}
+	return sr
 }

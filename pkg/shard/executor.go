@@ -35,10 +35,18 @@ type Executor struct {
 	// known is, per sequence, how many positions of KV this executor has
 	// computed since the pool was allocated (until Release).
 	known map[uint64]int
+
+	// turn is the highest step id run since Warmup; turnC is closed and
+	// replaced whenever it moves.
+	turnMu sync.Mutex
+	turn   uint64
+	turnC  chan struct{}
 }
 
-// NewExecutor wraps a loaded model.
-func NewExecutor(m *model.Model) *Executor { return &Executor{m: m, known: map[uint64]int{}} }
+// NewExecutor wraps a loaded model (whole, or a shard of it).
+func NewExecutor(m *model.Model) *Executor {
+	return &Executor{m: m, known: map[uint64]int{}, turnC: make(chan struct{})}
+}
 
 // Release forgets sequences (they finished, or moved).
 func (x *Executor) Release(ids []uint64) {
@@ -67,9 +75,13 @@ func (x *Executor) Warmup(numBlocks, blockSize, warmTokens int) error {
 	defer x.mu.Unlock()
 	x.cache = nil
 	clear(x.known)
+	x.turnMu.Lock()
+	x.turn = 0
+	x.turnMu.Unlock()
 	x.cache = kvcache.NewStorage(x.m.Backend(), x.m.NumLayers(), numBlocks, blockSize, x.m.KVDim())
 	n := min(warmTokens, numBlocks*blockSize, x.m.Config().MaxContext())
-	if n <= 0 {
+	if n <= 0 || x.m.Shard() != (model.Shard{LayersEnd: x.m.Config().NumHiddenLayers, TPSize: 1}) {
+		// A shard cannot step alone: its first step warms it.
 		return nil
 	}
 	toks := make([]int32, n)
@@ -91,10 +103,39 @@ func (x *Executor) NumBlocks() int {
 	return x.cache.NumBlocks()
 }
 
-// Step runs one batch. Errors about the batch wrap model.ErrBadBatch.
+// Link connects a sharded executor's step to the rest of its replica.
+type Link interface {
+	model.Comm // the tensor-parallel group
+	// RecvHidden returns the previous stage's hidden states for this step.
+	RecvHidden() ([]float32, error)
+	// SendHidden hands this stage's output to the next stage.
+	SendHidden(h []float32) error
+}
+
+// TurnWait bounds how long a step waits for the steps numbered before it
+// (one that never comes, because the coordinator failed to send it, must
+// not block the replica for good).
+var TurnWait = 2 * time.Second
+
+// Step runs one batch on a whole model (no Link needed).
 func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
-	V := x.m.Config().VocabSize
+	return x.StepLinked(ctx, b, nil)
+}
+
+// StepLinked runs one batch. Errors about the batch wrap model.ErrBadBatch.
+// Steps with ids (b.ID > 0) run in id order. A stage that is not the last
+// returns no per-sequence results.
+func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Link) (*routing.StepResult, error) {
+	m := x.m
+	V := m.Config().VocabSize
+	sharded := !m.IsFirst() || !m.IsLast() || m.Shard().TPSize > 1
+	if sharded && link == nil {
+		return nil, fmt.Errorf("%w: a sharded step needs a link to its peers", model.ErrBadBatch)
+	}
 	mb := &model.Batch{Seqs: make([]model.Seq, len(b.Seqs))}
+	if link != nil {
+		mb.Comm = link
+	}
 	for i, s := range b.Seqs {
 		if s.Sample && (s.TopN < 1 || s.TopN > MaxTopN) {
 			return nil, fmt.Errorf("%w: sequence %d asks for %d candidates (1..%d)", model.ErrBadBatch, s.ID, s.TopN, MaxTopN)
@@ -117,6 +158,15 @@ func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.Ste
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	x.waitTurn(ctx, b.ID)
+	defer x.doneTurn(b.ID)
+	if !m.IsFirst() {
+		h, err := link.RecvHidden()
+		if err != nil {
+			return nil, fmt.Errorf("hidden states from the previous stage: %w", err)
+		}
+		mb.Hidden = h
+	}
 	x.mu.Lock()
 	if x.cache == nil {
 		x.mu.Unlock()
@@ -130,7 +180,7 @@ func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.Ste
 		}
 	}
 	t0 := time.Now()
-	out, err := x.m.Forward(mb, x.cache)
+	out, err := m.Forward(mb, x.cache)
 	fwd := time.Since(t0)
 	if err == nil {
 		for _, s := range b.Seqs {
@@ -141,16 +191,38 @@ func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.Ste
 	if err != nil {
 		return nil, err
 	}
-	res := &routing.StepResult{Seqs: make([]routing.SeqResult, len(b.Seqs)), Forward: fwd}
+	res := &routing.StepResult{Forward: fwd}
+	if !m.IsLast() {
+		if err := link.SendHidden(out.Hidden); err != nil {
+			return nil, fmt.Errorf("hidden states to the next stage: %w", err)
+		}
+		return res, nil
+	}
+	res.Seqs = make([]routing.SeqResult, len(b.Seqs))
+	part := m.Shard().TPSize > 1
+	vb, ve := out.VocabBegin, out.VocabEnd
+	W := ve - vb
 	for i, s := range b.Seqs {
 		rows := out.Logits[i]
 		r := &res.Seqs[i]
+		if part {
+			r.VocabBegin, r.VocabEnd = vb, ve
+		}
 		if s.PromptTargets != nil {
 			r.PromptLogprobs = make([]float32, len(s.PromptTargets))
+			if part {
+				r.PromptLSE = make([]float64, len(s.PromptTargets))
+			}
 			for j, t := range s.PromptTargets {
+				row := rows[j*W : (j+1)*W]
 				r.PromptLogprobs[j] = float32(math.NaN())
-				if t >= 0 {
-					row := rows[j*V : (j+1)*V]
+				switch {
+				case part:
+					r.PromptLSE[j] = sampling.LogSumExp(row)
+					if int(t) >= vb && int(t) < ve {
+						r.PromptLogprobs[j] = row[int(t)-vb]
+					}
+				case t >= 0:
 					r.PromptLogprobs[j] = float32(float64(row[t]) - sampling.LogSumExp(row))
 				}
 			}
@@ -158,16 +230,48 @@ func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.Ste
 		if !s.Sample {
 			continue
 		}
-		last := rows[len(rows)-V:]
-		if s.WantLogSumExp {
+		last := rows[len(rows)-W:]
+		if s.WantLogSumExp || part {
 			r.LogSumExp = sampling.LogSumExp(last)
 		}
 		for _, c := range sampling.TopN(last, s.TopN, r.LogSumExp) {
-			r.Candidates = append(r.Candidates, routing.Candidate{ID: c.ID, Logit: c.Logit})
+			r.Candidates = append(r.Candidates, routing.Candidate{ID: c.ID + int32(vb), Logit: c.Logit})
 		}
 		if s.FullRow {
 			r.Row = last
 		}
 	}
 	return res, nil
+}
+
+// waitTurn blocks until the steps numbered before id have run here, or
+// TurnWait has passed, or ctx ends. Steps without an id do not wait.
+func (x *Executor) waitTurn(ctx context.Context, id uint64) {
+	if id == 0 {
+		return
+	}
+	deadline := time.Now().Add(TurnWait)
+	x.turnMu.Lock()
+	defer x.turnMu.Unlock()
+	for x.turn+1 < id && time.Now().Before(deadline) && ctx.Err() == nil {
+		moved := x.turnC
+		x.turnMu.Unlock()
+		select {
+		case <-moved:
+		case <-time.After(time.Until(deadline)):
+		case <-ctx.Done():
+		}
+		x.turnMu.Lock()
+	}
+}
+
+func (x *Executor) doneTurn(id uint64) {
+	if id == 0 {
+		return
+	}
+	x.turnMu.Lock()
+	x.turn = max(x.turn, id)
+	close(x.turnC)
+	x.turnC = make(chan struct{})
+	x.turnMu.Unlock()
 }

@@ -1555,8 +1555,12 @@ type SchedulerStats struct {
 	Preemptions     int64                  `protobuf:"varint,6,opt,name=preemptions,proto3" json:"preemptions,omitempty"`
 	Steps           int64                  `protobuf:"varint,7,opt,name=steps,proto3" json:"steps,omitempty"`
 	GeneratedTokens int64                  `protobuf:"varint,8,opt,name=generated_tokens,json=generatedTokens,proto3" json:"generated_tokens,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Totals over steps: wall time of steps, and the part workers spent in
+	// all-reduces and passing hidden states between pipeline stages.
+	StepSeconds   float64 `protobuf:"fixed64,9,opt,name=step_seconds,json=stepSeconds,proto3" json:"step_seconds,omitempty"`
+	CommSeconds   float64 `protobuf:"fixed64,10,opt,name=comm_seconds,json=commSeconds,proto3" json:"comm_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SchedulerStats) Reset() {
@@ -1641,6 +1645,20 @@ func (x *SchedulerStats) GetSteps() int64 {
 func (x *SchedulerStats) GetGeneratedTokens() int64 {
 	if x != nil {
 		return x.GeneratedTokens
+	}
+	return 0
+}
+
+func (x *SchedulerStats) GetStepSeconds() float64 {
+	if x != nil {
+		return x.StepSeconds
+	}
+	return 0
+}
+
+func (x *SchedulerStats) GetCommSeconds() float64 {
+	if x != nil {
+		return x.CommSeconds
 	}
 	return 0
 }
@@ -1866,11 +1884,14 @@ func (x *HealthCheckResponse) GetLatencyMs() float64 {
 }
 
 type Placement_Replica struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Index         int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
-	Workers       []string               `protobuf:"bytes,2,rep,name=workers,proto3" json:"workers,omitempty"`
-	LayersBegin   int32                  `protobuf:"varint,3,opt,name=layers_begin,json=layersBegin,proto3" json:"layers_begin,omitempty"`
-	LayersEnd     int32                  `protobuf:"varint,4,opt,name=layers_end,json=layersEnd,proto3" json:"layers_end,omitempty"`
+	state         protoimpl.MessageState     `protogen:"open.v1"`
+	Index         int32                      `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Workers       []string                   `protobuf:"bytes,2,rep,name=workers,proto3" json:"workers,omitempty"`
+	LayersBegin   int32                      `protobuf:"varint,3,opt,name=layers_begin,json=layersBegin,proto3" json:"layers_begin,omitempty"`
+	LayersEnd     int32                      `protobuf:"varint,4,opt,name=layers_end,json=layersEnd,proto3" json:"layers_end,omitempty"`
+	Tp            int32                      `protobuf:"varint,5,opt,name=tp,proto3" json:"tp,omitempty"`
+	Pp            int32                      `protobuf:"varint,6,opt,name=pp,proto3" json:"pp,omitempty"`
+	Stages        []*Placement_Replica_Stage `protobuf:"bytes,7,rep,name=stages,proto3" json:"stages,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1931,6 +1952,95 @@ func (x *Placement_Replica) GetLayersEnd() int32 {
 		return x.LayersEnd
 	}
 	return 0
+}
+
+func (x *Placement_Replica) GetTp() int32 {
+	if x != nil {
+		return x.Tp
+	}
+	return 0
+}
+
+func (x *Placement_Replica) GetPp() int32 {
+	if x != nil {
+		return x.Pp
+	}
+	return 0
+}
+
+func (x *Placement_Replica) GetStages() []*Placement_Replica_Stage {
+	if x != nil {
+		return x.Stages
+	}
+	return nil
+}
+
+type Placement_Replica_Stage struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	LayersBegin   int32                  `protobuf:"varint,2,opt,name=layers_begin,json=layersBegin,proto3" json:"layers_begin,omitempty"`
+	LayersEnd     int32                  `protobuf:"varint,3,opt,name=layers_end,json=layersEnd,proto3" json:"layers_end,omitempty"`
+	Workers       []string               `protobuf:"bytes,4,rep,name=workers,proto3" json:"workers,omitempty"` // by tensor-parallel rank
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Placement_Replica_Stage) Reset() {
+	*x = Placement_Replica_Stage{}
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Placement_Replica_Stage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Placement_Replica_Stage) ProtoMessage() {}
+
+func (x *Placement_Replica_Stage) ProtoReflect() protoreflect.Message {
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Placement_Replica_Stage.ProtoReflect.Descriptor instead.
+func (*Placement_Replica_Stage) Descriptor() ([]byte, []int) {
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{20, 0, 0}
+}
+
+func (x *Placement_Replica_Stage) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Placement_Replica_Stage) GetLayersBegin() int32 {
+	if x != nil {
+		return x.LayersBegin
+	}
+	return 0
+}
+
+func (x *Placement_Replica_Stage) GetLayersEnd() int32 {
+	if x != nil {
+		return x.LayersEnd
+	}
+	return 0
+}
+
+func (x *Placement_Replica_Stage) GetWorkers() []string {
+	if x != nil {
+		return x.Workers
+	}
+	return nil
 }
 
 var File_qwenfleet_v1_generate_proto protoreflect.FileDescriptor
@@ -2070,17 +2180,26 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\x05state\x18\x04 \x01(\tR\x05state\x12\x18\n" +
 	"\abackend\x18\x05 \x01(\tR\abackend\x12!\n" +
 	"\fmemory_bytes\x18\x06 \x01(\x03R\vmemoryBytes\x12\x12\n" +
-	"\x04host\x18\a \x01(\tR\x04host\"\xf5\x01\n" +
+	"\x04host\x18\a \x01(\tR\x04host\"\xd0\x03\n" +
 	"\tPlacement\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12;\n" +
-	"\breplicas\x18\x03 \x03(\v2\x1f.qwenfleet.v1.Placement.ReplicaR\breplicas\x1a{\n" +
+	"\breplicas\x18\x03 \x03(\v2\x1f.qwenfleet.v1.Placement.ReplicaR\breplicas\x1a\xd5\x02\n" +
 	"\aReplica\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x18\n" +
 	"\aworkers\x18\x02 \x03(\tR\aworkers\x12!\n" +
 	"\flayers_begin\x18\x03 \x01(\x05R\vlayersBegin\x12\x1d\n" +
 	"\n" +
-	"layers_end\x18\x04 \x01(\x05R\tlayersEnd\"\x99\x02\n" +
+	"layers_end\x18\x04 \x01(\x05R\tlayersEnd\x12\x0e\n" +
+	"\x02tp\x18\x05 \x01(\x05R\x02tp\x12\x0e\n" +
+	"\x02pp\x18\x06 \x01(\x05R\x02pp\x12=\n" +
+	"\x06stages\x18\a \x03(\v2%.qwenfleet.v1.Placement.Replica.StageR\x06stages\x1ay\n" +
+	"\x05Stage\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x05R\x05index\x12!\n" +
+	"\flayers_begin\x18\x02 \x01(\x05R\vlayersBegin\x12\x1d\n" +
+	"\n" +
+	"layers_end\x18\x03 \x01(\x05R\tlayersEnd\x12\x18\n" +
+	"\aworkers\x18\x04 \x03(\tR\aworkers\"\xdf\x02\n" +
 	"\x0eSchedulerStats\x12\x18\n" +
 	"\arunning\x18\x01 \x01(\x05R\arunning\x12\x18\n" +
 	"\awaiting\x18\x02 \x01(\x05R\awaiting\x12&\n" +
@@ -2089,7 +2208,10 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\rkv_block_size\x18\x05 \x01(\x05R\vkvBlockSize\x12 \n" +
 	"\vpreemptions\x18\x06 \x01(\x03R\vpreemptions\x12\x14\n" +
 	"\x05steps\x18\a \x01(\x03R\x05steps\x12)\n" +
-	"\x10generated_tokens\x18\b \x01(\x03R\x0fgeneratedTokens\"\xc3\x03\n" +
+	"\x10generated_tokens\x18\b \x01(\x03R\x0fgeneratedTokens\x12!\n" +
+	"\fstep_seconds\x18\t \x01(\x01R\vstepSeconds\x12!\n" +
+	"\fcomm_seconds\x18\n" +
+	" \x01(\x01R\vcommSeconds\"\xc3\x03\n" +
 	"\n" +
 	"ServerInfo\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12%\n" +
@@ -2130,34 +2252,35 @@ func file_qwenfleet_v1_generate_proto_rawDescGZIP() []byte {
 	return file_qwenfleet_v1_generate_proto_rawDescData
 }
 
-var file_qwenfleet_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_qwenfleet_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_qwenfleet_v1_generate_proto_goTypes = []any{
-	(*ChatMessage)(nil),          // 0: qwenfleet.v1.ChatMessage
-	(*ChatInput)(nil),            // 1: qwenfleet.v1.ChatInput
-	(*TokenIds)(nil),             // 2: qwenfleet.v1.TokenIds
-	(*GenerateRequest)(nil),      // 3: qwenfleet.v1.GenerateRequest
-	(*TopLogprob)(nil),           // 4: qwenfleet.v1.TopLogprob
-	(*TokenLogprob)(nil),         // 5: qwenfleet.v1.TokenLogprob
-	(*Usage)(nil),                // 6: qwenfleet.v1.Usage
-	(*GenerateChunk)(nil),        // 7: qwenfleet.v1.GenerateChunk
-	(*PromptLogprob)(nil),        // 8: qwenfleet.v1.PromptLogprob
-	(*GenerateComplete)(nil),     // 9: qwenfleet.v1.GenerateComplete
-	(*GenerateError)(nil),        // 10: qwenfleet.v1.GenerateError
-	(*GenerateResponse)(nil),     // 11: qwenfleet.v1.GenerateResponse
-	(*AbortRequest)(nil),         // 12: qwenfleet.v1.AbortRequest
-	(*AbortResponse)(nil),        // 13: qwenfleet.v1.AbortResponse
-	(*TokenizeRequest)(nil),      // 14: qwenfleet.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),     // 15: qwenfleet.v1.TokenizeResponse
-	(*GetModelInfoRequest)(nil),  // 16: qwenfleet.v1.GetModelInfoRequest
-	(*ModelInfo)(nil),            // 17: qwenfleet.v1.ModelInfo
-	(*GetServerInfoRequest)(nil), // 18: qwenfleet.v1.GetServerInfoRequest
-	(*WorkerStatus)(nil),         // 19: qwenfleet.v1.WorkerStatus
-	(*Placement)(nil),            // 20: qwenfleet.v1.Placement
-	(*SchedulerStats)(nil),       // 21: qwenfleet.v1.SchedulerStats
-	(*ServerInfo)(nil),           // 22: qwenfleet.v1.ServerInfo
-	(*HealthCheckRequest)(nil),   // 23: qwenfleet.v1.HealthCheckRequest
-	(*HealthCheckResponse)(nil),  // 24: qwenfleet.v1.HealthCheckResponse
-	(*Placement_Replica)(nil),    // 25: qwenfleet.v1.Placement.Replica
+	(*ChatMessage)(nil),             // 0: qwenfleet.v1.ChatMessage
+	(*ChatInput)(nil),               // 1: qwenfleet.v1.ChatInput
+	(*TokenIds)(nil),                // 2: qwenfleet.v1.TokenIds
+	(*GenerateRequest)(nil),         // 3: qwenfleet.v1.GenerateRequest
+	(*TopLogprob)(nil),              // 4: qwenfleet.v1.TopLogprob
+	(*TokenLogprob)(nil),            // 5: qwenfleet.v1.TokenLogprob
+	(*Usage)(nil),                   // 6: qwenfleet.v1.Usage
+	(*GenerateChunk)(nil),           // 7: qwenfleet.v1.GenerateChunk
+	(*PromptLogprob)(nil),           // 8: qwenfleet.v1.PromptLogprob
+	(*GenerateComplete)(nil),        // 9: qwenfleet.v1.GenerateComplete
+	(*GenerateError)(nil),           // 10: qwenfleet.v1.GenerateError
+	(*GenerateResponse)(nil),        // 11: qwenfleet.v1.GenerateResponse
+	(*AbortRequest)(nil),            // 12: qwenfleet.v1.AbortRequest
+	(*AbortResponse)(nil),           // 13: qwenfleet.v1.AbortResponse
+	(*TokenizeRequest)(nil),         // 14: qwenfleet.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),        // 15: qwenfleet.v1.TokenizeResponse
+	(*GetModelInfoRequest)(nil),     // 16: qwenfleet.v1.GetModelInfoRequest
+	(*ModelInfo)(nil),               // 17: qwenfleet.v1.ModelInfo
+	(*GetServerInfoRequest)(nil),    // 18: qwenfleet.v1.GetServerInfoRequest
+	(*WorkerStatus)(nil),            // 19: qwenfleet.v1.WorkerStatus
+	(*Placement)(nil),               // 20: qwenfleet.v1.Placement
+	(*SchedulerStats)(nil),          // 21: qwenfleet.v1.SchedulerStats
+	(*ServerInfo)(nil),              // 22: qwenfleet.v1.ServerInfo
+	(*HealthCheckRequest)(nil),      // 23: qwenfleet.v1.HealthCheckRequest
+	(*HealthCheckResponse)(nil),     // 24: qwenfleet.v1.HealthCheckResponse
+	(*Placement_Replica)(nil),       // 25: qwenfleet.v1.Placement.Replica
+	(*Placement_Replica_Stage)(nil), // 26: qwenfleet.v1.Placement.Replica.Stage
 }
 var file_qwenfleet_v1_generate_proto_depIdxs = []int32{
 	0,  // 0: qwenfleet.v1.ChatInput.messages:type_name -> qwenfleet.v1.ChatMessage
@@ -2176,23 +2299,24 @@ var file_qwenfleet_v1_generate_proto_depIdxs = []int32{
 	19, // 13: qwenfleet.v1.ServerInfo.workers:type_name -> qwenfleet.v1.WorkerStatus
 	20, // 14: qwenfleet.v1.ServerInfo.placement:type_name -> qwenfleet.v1.Placement
 	21, // 15: qwenfleet.v1.ServerInfo.scheduler:type_name -> qwenfleet.v1.SchedulerStats
-	3,  // 16: qwenfleet.v1.Generator.Generate:input_type -> qwenfleet.v1.GenerateRequest
-	12, // 17: qwenfleet.v1.Generator.Abort:input_type -> qwenfleet.v1.AbortRequest
-	14, // 18: qwenfleet.v1.Generator.Tokenize:input_type -> qwenfleet.v1.TokenizeRequest
-	16, // 19: qwenfleet.v1.Generator.GetModelInfo:input_type -> qwenfleet.v1.GetModelInfoRequest
-	18, // 20: qwenfleet.v1.Generator.GetServerInfo:input_type -> qwenfleet.v1.GetServerInfoRequest
-	23, // 21: qwenfleet.v1.Generator.HealthCheck:input_type -> qwenfleet.v1.HealthCheckRequest
-	11, // 22: qwenfleet.v1.Generator.Generate:output_type -> qwenfleet.v1.GenerateResponse
-	13, // 23: qwenfleet.v1.Generator.Abort:output_type -> qwenfleet.v1.AbortResponse
-	15, // 24: qwenfleet.v1.Generator.Tokenize:output_type -> qwenfleet.v1.TokenizeResponse
-	17, // 25: qwenfleet.v1.Generator.GetModelInfo:output_type -> qwenfleet.v1.ModelInfo
-	22, // 26: qwenfleet.v1.Generator.GetServerInfo:output_type -> qwenfleet.v1.ServerInfo
-	24, // 27: qwenfleet.v1.Generator.HealthCheck:output_type -> qwenfleet.v1.HealthCheckResponse
-	22, // [22:28] is the sub-list for method output_type
-	16, // [16:22] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	26, // 16: qwenfleet.v1.Placement.Replica.stages:type_name -> qwenfleet.v1.Placement.Replica.Stage
+	3,  // 17: qwenfleet.v1.Generator.Generate:input_type -> qwenfleet.v1.GenerateRequest
+	12, // 18: qwenfleet.v1.Generator.Abort:input_type -> qwenfleet.v1.AbortRequest
+	14, // 19: qwenfleet.v1.Generator.Tokenize:input_type -> qwenfleet.v1.TokenizeRequest
+	16, // 20: qwenfleet.v1.Generator.GetModelInfo:input_type -> qwenfleet.v1.GetModelInfoRequest
+	18, // 21: qwenfleet.v1.Generator.GetServerInfo:input_type -> qwenfleet.v1.GetServerInfoRequest
+	23, // 22: qwenfleet.v1.Generator.HealthCheck:input_type -> qwenfleet.v1.HealthCheckRequest
+	11, // 23: qwenfleet.v1.Generator.Generate:output_type -> qwenfleet.v1.GenerateResponse
+	13, // 24: qwenfleet.v1.Generator.Abort:output_type -> qwenfleet.v1.AbortResponse
+	15, // 25: qwenfleet.v1.Generator.Tokenize:output_type -> qwenfleet.v1.TokenizeResponse
+	17, // 26: qwenfleet.v1.Generator.GetModelInfo:output_type -> qwenfleet.v1.ModelInfo
+	22, // 27: qwenfleet.v1.Generator.GetServerInfo:output_type -> qwenfleet.v1.ServerInfo
+	24, // 28: qwenfleet.v1.Generator.HealthCheck:output_type -> qwenfleet.v1.HealthCheckResponse
+	23, // [23:29] is the sub-list for method output_type
+	17, // [17:23] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_qwenfleet_v1_generate_proto_init() }
@@ -2222,7 +2346,7 @@ func file_qwenfleet_v1_generate_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_qwenfleet_v1_generate_proto_rawDesc), len(file_qwenfleet_v1_generate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

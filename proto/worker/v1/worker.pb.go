@@ -179,16 +179,19 @@ func (x *InfoResponse) GetKvBlockSize() int32 {
 
 type Assignment struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
-	Version     int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // placement version
+	Version     int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // the replica's generation (steps carry it)
 	Model       string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`      // model directory (HuggingFace layout)
 	Replica     int32                  `protobuf:"varint,3,opt,name=replica,proto3" json:"replica,omitempty"`
-	Stage       int32                  `protobuf:"varint,4,opt,name=stage,proto3" json:"stage,omitempty"`
-	LayersBegin int32                  `protobuf:"varint,5,opt,name=layers_begin,json=layersBegin,proto3" json:"layers_begin,omitempty"` // [begin, end) of decoder layers; whole model today
+	Stage       int32                  `protobuf:"varint,4,opt,name=stage,proto3" json:"stage,omitempty"`                                // pipeline stage, 0-based
+	LayersBegin int32                  `protobuf:"varint,5,opt,name=layers_begin,json=layersBegin,proto3" json:"layers_begin,omitempty"` // [begin, end) of decoder layers
 	LayersEnd   int32                  `protobuf:"varint,6,opt,name=layers_end,json=layersEnd,proto3" json:"layers_end,omitempty"`
 	TpRank      int32                  `protobuf:"varint,7,opt,name=tp_rank,json=tpRank,proto3" json:"tp_rank,omitempty"`
 	TpSize      int32                  `protobuf:"varint,8,opt,name=tp_size,json=tpSize,proto3" json:"tp_size,omitempty"`
 	// quantize: "" keeps the checkpoint's dtype; "q8" loads int8 weights.
-	Quantize      string `protobuf:"bytes,9,opt,name=quantize,proto3" json:"quantize,omitempty"`
+	Quantize      string   `protobuf:"bytes,9,opt,name=quantize,proto3" json:"quantize,omitempty"`
+	PpSize        int32    `protobuf:"varint,10,opt,name=pp_size,json=ppSize,proto3" json:"pp_size,omitempty"`
+	TpPeers       []string `protobuf:"bytes,11,rep,name=tp_peers,json=tpPeers,proto3" json:"tp_peers,omitempty"`       // addresses of this stage's ranks, by rank
+	NextStage     string   `protobuf:"bytes,12,opt,name=next_stage,json=nextStage,proto3" json:"next_stage,omitempty"` // address of the same rank in the next stage ("" when last)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -286,10 +289,34 @@ func (x *Assignment) GetQuantize() string {
 	return ""
 }
 
+func (x *Assignment) GetPpSize() int32 {
+	if x != nil {
+		return x.PpSize
+	}
+	return 0
+}
+
+func (x *Assignment) GetTpPeers() []string {
+	if x != nil {
+		return x.TpPeers
+	}
+	return nil
+}
+
+func (x *Assignment) GetNextStage() string {
+	if x != nil {
+		return x.NextStage
+	}
+	return ""
+}
+
 type LoadRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Assignment    *Assignment            `protobuf:"bytes,1,opt,name=assignment,proto3" json:"assignment,omitempty"`
-	Mmap          bool                   `protobuf:"varint,2,opt,name=mmap,proto3" json:"mmap,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// assignment, when set, is used as given; otherwise the worker reads its
+	// assignment of generation version from the placement in etcd.
+	Assignment    *Assignment `protobuf:"bytes,1,opt,name=assignment,proto3" json:"assignment,omitempty"`
+	Mmap          bool        `protobuf:"varint,2,opt,name=mmap,proto3" json:"mmap,omitempty"`
+	Version       int64       `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -336,6 +363,13 @@ func (x *LoadRequest) GetMmap() bool {
 		return x.Mmap
 	}
 	return false
+}
+
+func (x *LoadRequest) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
 }
 
 type LoadProgress struct {
@@ -792,8 +826,15 @@ type SeqResult struct {
 	Logsumexp      float64                `protobuf:"fixed64,3,opt,name=logsumexp,proto3" json:"logsumexp,omitempty"`                                        // over the whole row, when asked
 	Row            []float32              `protobuf:"fixed32,4,rep,packed,name=row,proto3" json:"row,omitempty"`                                             // full row when full_row
 	PromptLogprobs []float32              `protobuf:"fixed32,5,rep,packed,name=prompt_logprobs,json=promptLogprobs,proto3" json:"prompt_logprobs,omitempty"` // one per prompt_targets entry (NaN where -1)
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// A tensor-parallel last stage answers for its vocabulary slice: the
+	// candidates and logsumexp are the slice's, prompt_logprobs hold the raw
+	// logit of each target it owns (NaN elsewhere) and prompt_lse each row's
+	// logsumexp over the slice; the coordinator merges the ranks' answers.
+	PromptLse     []float64 `protobuf:"fixed64,6,rep,packed,name=prompt_lse,json=promptLse,proto3" json:"prompt_lse,omitempty"`
+	VocabBegin    int32     `protobuf:"varint,7,opt,name=vocab_begin,json=vocabBegin,proto3" json:"vocab_begin,omitempty"`
+	VocabEnd      int32     `protobuf:"varint,8,opt,name=vocab_end,json=vocabEnd,proto3" json:"vocab_end,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SeqResult) Reset() {
@@ -861,6 +902,27 @@ func (x *SeqResult) GetPromptLogprobs() []float32 {
 	return nil
 }
 
+func (x *SeqResult) GetPromptLse() []float64 {
+	if x != nil {
+		return x.PromptLse
+	}
+	return nil
+}
+
+func (x *SeqResult) GetVocabBegin() int32 {
+	if x != nil {
+		return x.VocabBegin
+	}
+	return 0
+}
+
+func (x *SeqResult) GetVocabEnd() int32 {
+	if x != nil {
+		return x.VocabEnd
+	}
+	return 0
+}
+
 type StepResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	StepId        uint64                 `protobuf:"varint,1,opt,name=step_id,json=stepId,proto3" json:"step_id,omitempty"`
@@ -868,6 +930,8 @@ type StepResponse struct {
 	ForwardMs     float64                `protobuf:"fixed64,3,opt,name=forward_ms,json=forwardMs,proto3" json:"forward_ms,omitempty"`
 	TotalMs       float64                `protobuf:"fixed64,4,opt,name=total_ms,json=totalMs,proto3" json:"total_ms,omitempty"`
 	Tokens        int32                  `protobuf:"varint,5,opt,name=tokens,proto3" json:"tokens,omitempty"`
+	CommMs        float64                `protobuf:"fixed64,6,opt,name=comm_ms,json=commMs,proto3" json:"comm_ms,omitempty"` // all-reduces and sending hidden states
+	WaitMs        float64                `protobuf:"fixed64,7,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"` // waiting for the previous stage
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -937,6 +1001,140 @@ func (x *StepResponse) GetTokens() int32 {
 	return 0
 }
 
+func (x *StepResponse) GetCommMs() float64 {
+	if x != nil {
+		return x.CommMs
+	}
+	return 0
+}
+
+func (x *StepResponse) GetWaitMs() float64 {
+	if x != nil {
+		return x.WaitMs
+	}
+	return 0
+}
+
+type ExchangeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // the replica's generation
+	StepId        uint64                 `protobuf:"varint,2,opt,name=step_id,json=stepId,proto3" json:"step_id,omitempty"`
+	Kind          int32                  `protobuf:"varint,3,opt,name=kind,proto3" json:"kind,omitempty"`   // 0: all-reduce part, 1: hidden states for the next stage
+	Index         int32                  `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"` // which all-reduce of the step
+	FromRank      int32                  `protobuf:"varint,5,opt,name=from_rank,json=fromRank,proto3" json:"from_rank,omitempty"`
+	Data          []byte                 `protobuf:"bytes,6,opt,name=data,proto3" json:"data,omitempty"` // little-endian float32
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExchangeRequest) Reset() {
+	*x = ExchangeRequest{}
+	mi := &file_worker_v1_worker_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExchangeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExchangeRequest) ProtoMessage() {}
+
+func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
+func (*ExchangeRequest) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ExchangeRequest) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ExchangeRequest) GetStepId() uint64 {
+	if x != nil {
+		return x.StepId
+	}
+	return 0
+}
+
+func (x *ExchangeRequest) GetKind() int32 {
+	if x != nil {
+		return x.Kind
+	}
+	return 0
+}
+
+func (x *ExchangeRequest) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *ExchangeRequest) GetFromRank() int32 {
+	if x != nil {
+		return x.FromRank
+	}
+	return 0
+}
+
+func (x *ExchangeRequest) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type ExchangeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExchangeResponse) Reset() {
+	*x = ExchangeResponse{}
+	mi := &file_worker_v1_worker_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExchangeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExchangeResponse) ProtoMessage() {}
+
+func (x *ExchangeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExchangeResponse.ProtoReflect.Descriptor instead.
+func (*ExchangeResponse) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{13}
+}
+
 type ReleaseRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SeqIds        []uint64               `protobuf:"varint,1,rep,packed,name=seq_ids,json=seqIds,proto3" json:"seq_ids,omitempty"`
@@ -946,7 +1144,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[12]
+	mi := &file_worker_v1_worker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -958,7 +1156,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[12]
+	mi := &file_worker_v1_worker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -971,7 +1169,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{12}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ReleaseRequest) GetSeqIds() []uint64 {
@@ -989,7 +1187,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[13]
+	mi := &file_worker_v1_worker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1001,7 +1199,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[13]
+	mi := &file_worker_v1_worker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1014,7 +1212,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{13}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{15}
 }
 
 type HealthRequest struct {
@@ -1025,7 +1223,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[14]
+	mi := &file_worker_v1_worker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1037,7 +1235,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[14]
+	mi := &file_worker_v1_worker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1050,7 +1248,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{14}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{16}
 }
 
 type HealthResponse struct {
@@ -1063,7 +1261,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[15]
+	mi := &file_worker_v1_worker_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1075,7 +1273,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[15]
+	mi := &file_worker_v1_worker_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1088,7 +1286,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{15}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *HealthResponse) GetReady() bool {
@@ -1122,7 +1320,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x12assignment_version\x18\b \x01(\x03R\x11assignmentVersion\x12\"\n" +
 	"\rnum_kv_blocks\x18\t \x01(\x03R\vnumKvBlocks\x12\"\n" +
 	"\rkv_block_size\x18\n" +
-	" \x01(\x05R\vkvBlockSize\"\xfc\x01\n" +
+	" \x01(\x05R\vkvBlockSize\"\xcf\x02\n" +
 	"\n" +
 	"Assignment\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
@@ -1134,12 +1332,18 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"layers_end\x18\x06 \x01(\x05R\tlayersEnd\x12\x17\n" +
 	"\atp_rank\x18\a \x01(\x05R\x06tpRank\x12\x17\n" +
 	"\atp_size\x18\b \x01(\x05R\x06tpSize\x12\x1a\n" +
-	"\bquantize\x18\t \x01(\tR\bquantize\"b\n" +
+	"\bquantize\x18\t \x01(\tR\bquantize\x12\x17\n" +
+	"\app_size\x18\n" +
+	" \x01(\x05R\x06ppSize\x12\x19\n" +
+	"\btp_peers\x18\v \x03(\tR\atpPeers\x12\x1d\n" +
+	"\n" +
+	"next_stage\x18\f \x01(\tR\tnextStage\"|\n" +
 	"\vLoadRequest\x12?\n" +
 	"\n" +
 	"assignment\x18\x01 \x01(\v2\x1f.qwenfleet.worker.v1.AssignmentR\n" +
 	"assignment\x12\x12\n" +
-	"\x04mmap\x18\x02 \x01(\bR\x04mmap\"\xc7\x01\n" +
+	"\x04mmap\x18\x02 \x01(\bR\x04mmap\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x03R\aversion\"\xc7\x01\n" +
 	"\fLoadProgress\x12!\n" +
 	"\fbytes_loaded\x18\x01 \x01(\x03R\vbytesLoaded\x12\x1f\n" +
 	"\vbytes_total\x18\x02 \x01(\x03R\n" +
@@ -1182,7 +1386,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x04seqs\x18\x03 \x03(\v2\x1c.qwenfleet.worker.v1.SeqStepR\x04seqs\"1\n" +
 	"\tCandidate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x14\n" +
-	"\x05logit\x18\x02 \x01(\x02R\x05logit\"\xbb\x01\n" +
+	"\x05logit\x18\x02 \x01(\x02R\x05logit\"\x98\x02\n" +
 	"\tSeqResult\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12>\n" +
 	"\n" +
@@ -1190,28 +1394,44 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"candidates\x12\x1c\n" +
 	"\tlogsumexp\x18\x03 \x01(\x01R\tlogsumexp\x12\x10\n" +
 	"\x03row\x18\x04 \x03(\x02R\x03row\x12'\n" +
-	"\x0fprompt_logprobs\x18\x05 \x03(\x02R\x0epromptLogprobs\"\xb3\x01\n" +
+	"\x0fprompt_logprobs\x18\x05 \x03(\x02R\x0epromptLogprobs\x12\x1d\n" +
+	"\n" +
+	"prompt_lse\x18\x06 \x03(\x01R\tpromptLse\x12\x1f\n" +
+	"\vvocab_begin\x18\a \x01(\x05R\n" +
+	"vocabBegin\x12\x1b\n" +
+	"\tvocab_end\x18\b \x01(\x05R\bvocabEnd\"\xe5\x01\n" +
 	"\fStepResponse\x12\x17\n" +
 	"\astep_id\x18\x01 \x01(\x04R\x06stepId\x128\n" +
 	"\aresults\x18\x02 \x03(\v2\x1e.qwenfleet.worker.v1.SeqResultR\aresults\x12\x1d\n" +
 	"\n" +
 	"forward_ms\x18\x03 \x01(\x01R\tforwardMs\x12\x19\n" +
 	"\btotal_ms\x18\x04 \x01(\x01R\atotalMs\x12\x16\n" +
-	"\x06tokens\x18\x05 \x01(\x05R\x06tokens\")\n" +
+	"\x06tokens\x18\x05 \x01(\x05R\x06tokens\x12\x17\n" +
+	"\acomm_ms\x18\x06 \x01(\x01R\x06commMs\x12\x17\n" +
+	"\await_ms\x18\a \x01(\x01R\x06waitMs\"\x9f\x01\n" +
+	"\x0fExchangeRequest\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x17\n" +
+	"\astep_id\x18\x02 \x01(\x04R\x06stepId\x12\x12\n" +
+	"\x04kind\x18\x03 \x01(\x05R\x04kind\x12\x14\n" +
+	"\x05index\x18\x04 \x01(\x05R\x05index\x12\x1b\n" +
+	"\tfrom_rank\x18\x05 \x01(\x05R\bfromRank\x12\x12\n" +
+	"\x04data\x18\x06 \x01(\fR\x04data\"\x12\n" +
+	"\x10ExchangeResponse\")\n" +
 	"\x0eReleaseRequest\x12\x17\n" +
 	"\aseq_ids\x18\x01 \x03(\x04R\x06seqIds\"\x11\n" +
 	"\x0fReleaseResponse\"\x0f\n" +
 	"\rHealthRequest\"<\n" +
 	"\x0eHealthResponse\x12\x14\n" +
 	"\x05ready\x18\x01 \x01(\bR\x05ready\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state2\xed\x03\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state2\xc6\x04\n" +
 	"\x06Worker\x12K\n" +
 	"\x04Info\x12 .qwenfleet.worker.v1.InfoRequest\x1a!.qwenfleet.worker.v1.InfoResponse\x12M\n" +
 	"\x04Load\x12 .qwenfleet.worker.v1.LoadRequest\x1a!.qwenfleet.worker.v1.LoadProgress0\x01\x12Q\n" +
 	"\x06Warmup\x12\".qwenfleet.worker.v1.WarmupRequest\x1a#.qwenfleet.worker.v1.WarmupResponse\x12K\n" +
 	"\x04Step\x12 .qwenfleet.worker.v1.StepRequest\x1a!.qwenfleet.worker.v1.StepResponse\x12T\n" +
 	"\aRelease\x12#.qwenfleet.worker.v1.ReleaseRequest\x1a$.qwenfleet.worker.v1.ReleaseResponse\x12Q\n" +
-	"\x06Health\x12\".qwenfleet.worker.v1.HealthRequest\x1a#.qwenfleet.worker.v1.HealthResponseB9Z7github.com/qwenfleet/qwenfleet/proto/worker/v1;workerv1b\x06proto3"
+	"\x06Health\x12\".qwenfleet.worker.v1.HealthRequest\x1a#.qwenfleet.worker.v1.HealthResponse\x12W\n" +
+	"\bExchange\x12$.qwenfleet.worker.v1.ExchangeRequest\x1a%.qwenfleet.worker.v1.ExchangeResponseB9Z7github.com/qwenfleet/qwenfleet/proto/worker/v1;workerv1b\x06proto3"
 
 var (
 	file_worker_v1_worker_proto_rawDescOnce sync.Once
@@ -1225,24 +1445,26 @@ func file_worker_v1_worker_proto_rawDescGZIP() []byte {
 	return file_worker_v1_worker_proto_rawDescData
 }
 
-var file_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_worker_v1_worker_proto_goTypes = []any{
-	(*InfoRequest)(nil),     // 0: qwenfleet.worker.v1.InfoRequest
-	(*InfoResponse)(nil),    // 1: qwenfleet.worker.v1.InfoResponse
-	(*Assignment)(nil),      // 2: qwenfleet.worker.v1.Assignment
-	(*LoadRequest)(nil),     // 3: qwenfleet.worker.v1.LoadRequest
-	(*LoadProgress)(nil),    // 4: qwenfleet.worker.v1.LoadProgress
-	(*WarmupRequest)(nil),   // 5: qwenfleet.worker.v1.WarmupRequest
-	(*WarmupResponse)(nil),  // 6: qwenfleet.worker.v1.WarmupResponse
-	(*SeqStep)(nil),         // 7: qwenfleet.worker.v1.SeqStep
-	(*StepRequest)(nil),     // 8: qwenfleet.worker.v1.StepRequest
-	(*Candidate)(nil),       // 9: qwenfleet.worker.v1.Candidate
-	(*SeqResult)(nil),       // 10: qwenfleet.worker.v1.SeqResult
-	(*StepResponse)(nil),    // 11: qwenfleet.worker.v1.StepResponse
-	(*ReleaseRequest)(nil),  // 12: qwenfleet.worker.v1.ReleaseRequest
-	(*ReleaseResponse)(nil), // 13: qwenfleet.worker.v1.ReleaseResponse
-	(*HealthRequest)(nil),   // 14: qwenfleet.worker.v1.HealthRequest
-	(*HealthResponse)(nil),  // 15: qwenfleet.worker.v1.HealthResponse
+	(*InfoRequest)(nil),      // 0: qwenfleet.worker.v1.InfoRequest
+	(*InfoResponse)(nil),     // 1: qwenfleet.worker.v1.InfoResponse
+	(*Assignment)(nil),       // 2: qwenfleet.worker.v1.Assignment
+	(*LoadRequest)(nil),      // 3: qwenfleet.worker.v1.LoadRequest
+	(*LoadProgress)(nil),     // 4: qwenfleet.worker.v1.LoadProgress
+	(*WarmupRequest)(nil),    // 5: qwenfleet.worker.v1.WarmupRequest
+	(*WarmupResponse)(nil),   // 6: qwenfleet.worker.v1.WarmupResponse
+	(*SeqStep)(nil),          // 7: qwenfleet.worker.v1.SeqStep
+	(*StepRequest)(nil),      // 8: qwenfleet.worker.v1.StepRequest
+	(*Candidate)(nil),        // 9: qwenfleet.worker.v1.Candidate
+	(*SeqResult)(nil),        // 10: qwenfleet.worker.v1.SeqResult
+	(*StepResponse)(nil),     // 11: qwenfleet.worker.v1.StepResponse
+	(*ExchangeRequest)(nil),  // 12: qwenfleet.worker.v1.ExchangeRequest
+	(*ExchangeResponse)(nil), // 13: qwenfleet.worker.v1.ExchangeResponse
+	(*ReleaseRequest)(nil),   // 14: qwenfleet.worker.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),  // 15: qwenfleet.worker.v1.ReleaseResponse
+	(*HealthRequest)(nil),    // 16: qwenfleet.worker.v1.HealthRequest
+	(*HealthResponse)(nil),   // 17: qwenfleet.worker.v1.HealthResponse
 }
 var file_worker_v1_worker_proto_depIdxs = []int32{
 	2,  // 0: qwenfleet.worker.v1.LoadRequest.assignment:type_name -> qwenfleet.worker.v1.Assignment
@@ -1253,16 +1475,18 @@ var file_worker_v1_worker_proto_depIdxs = []int32{
 	3,  // 5: qwenfleet.worker.v1.Worker.Load:input_type -> qwenfleet.worker.v1.LoadRequest
 	5,  // 6: qwenfleet.worker.v1.Worker.Warmup:input_type -> qwenfleet.worker.v1.WarmupRequest
 	8,  // 7: qwenfleet.worker.v1.Worker.Step:input_type -> qwenfleet.worker.v1.StepRequest
-	12, // 8: qwenfleet.worker.v1.Worker.Release:input_type -> qwenfleet.worker.v1.ReleaseRequest
-	14, // 9: qwenfleet.worker.v1.Worker.Health:input_type -> qwenfleet.worker.v1.HealthRequest
-	1,  // 10: qwenfleet.worker.v1.Worker.Info:output_type -> qwenfleet.worker.v1.InfoResponse
-	4,  // 11: qwenfleet.worker.v1.Worker.Load:output_type -> qwenfleet.worker.v1.LoadProgress
-	6,  // 12: qwenfleet.worker.v1.Worker.Warmup:output_type -> qwenfleet.worker.v1.WarmupResponse
-	11, // 13: qwenfleet.worker.v1.Worker.Step:output_type -> qwenfleet.worker.v1.StepResponse
-	13, // 14: qwenfleet.worker.v1.Worker.Release:output_type -> qwenfleet.worker.v1.ReleaseResponse
-	15, // 15: qwenfleet.worker.v1.Worker.Health:output_type -> qwenfleet.worker.v1.HealthResponse
-	10, // [10:16] is the sub-list for method output_type
-	4,  // [4:10] is the sub-list for method input_type
+	14, // 8: qwenfleet.worker.v1.Worker.Release:input_type -> qwenfleet.worker.v1.ReleaseRequest
+	16, // 9: qwenfleet.worker.v1.Worker.Health:input_type -> qwenfleet.worker.v1.HealthRequest
+	12, // 10: qwenfleet.worker.v1.Worker.Exchange:input_type -> qwenfleet.worker.v1.ExchangeRequest
+	1,  // 11: qwenfleet.worker.v1.Worker.Info:output_type -> qwenfleet.worker.v1.InfoResponse
+	4,  // 12: qwenfleet.worker.v1.Worker.Load:output_type -> qwenfleet.worker.v1.LoadProgress
+	6,  // 13: qwenfleet.worker.v1.Worker.Warmup:output_type -> qwenfleet.worker.v1.WarmupResponse
+	11, // 14: qwenfleet.worker.v1.Worker.Step:output_type -> qwenfleet.worker.v1.StepResponse
+	15, // 15: qwenfleet.worker.v1.Worker.Release:output_type -> qwenfleet.worker.v1.ReleaseResponse
+	17, // 16: qwenfleet.worker.v1.Worker.Health:output_type -> qwenfleet.worker.v1.HealthResponse
+	13, // 17: qwenfleet.worker.v1.Worker.Exchange:output_type -> qwenfleet.worker.v1.ExchangeResponse
+	11, // [11:18] is the sub-list for method output_type
+	4,  // [4:11] is the sub-list for method input_type
 	4,  // [4:4] is the sub-list for extension type_name
 	4,  // [4:4] is the sub-list for extension extendee
 	0,  // [0:4] is the sub-list for field type_name
@@ -1279,7 +1503,7 @@ func file_worker_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_worker_v1_worker_proto_rawDesc), len(file_worker_v1_worker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -23,12 +23,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Worker_Info_FullMethodName    = "/qwenfleet.worker.v1.Worker/Info"
-	Worker_Load_FullMethodName    = "/qwenfleet.worker.v1.Worker/Load"
-	Worker_Warmup_FullMethodName  = "/qwenfleet.worker.v1.Worker/Warmup"
-	Worker_Step_FullMethodName    = "/qwenfleet.worker.v1.Worker/Step"
-	Worker_Release_FullMethodName = "/qwenfleet.worker.v1.Worker/Release"
-	Worker_Health_FullMethodName  = "/qwenfleet.worker.v1.Worker/Health"
+	Worker_Info_FullMethodName     = "/qwenfleet.worker.v1.Worker/Info"
+	Worker_Load_FullMethodName     = "/qwenfleet.worker.v1.Worker/Load"
+	Worker_Warmup_FullMethodName   = "/qwenfleet.worker.v1.Worker/Warmup"
+	Worker_Step_FullMethodName     = "/qwenfleet.worker.v1.Worker/Step"
+	Worker_Release_FullMethodName  = "/qwenfleet.worker.v1.Worker/Release"
+	Worker_Health_FullMethodName   = "/qwenfleet.worker.v1.Worker/Health"
+	Worker_Exchange_FullMethodName = "/qwenfleet.worker.v1.Worker/Exchange"
 )
 
 // WorkerClient is the client API for Worker service.
@@ -46,6 +47,11 @@ type WorkerClient interface {
 	// today beyond statistics; the call is the hook for caches that do).
 	Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error)
 	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
+	// Exchange delivers one message from another worker of the same replica:
+	// a tensor-parallel rank's partial sum for an all-reduce, or a pipeline
+	// stage's hidden states for the next stage. Worker to worker; the
+	// coordinator is not on this path.
+	Exchange(ctx context.Context, in *ExchangeRequest, opts ...grpc.CallOption) (*ExchangeResponse, error)
 }
 
 type workerClient struct {
@@ -125,6 +131,16 @@ func (c *workerClient) Health(ctx context.Context, in *HealthRequest, opts ...gr
 	return out, nil
 }
 
+func (c *workerClient) Exchange(ctx context.Context, in *ExchangeRequest, opts ...grpc.CallOption) (*ExchangeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExchangeResponse)
+	err := c.cc.Invoke(ctx, Worker_Exchange_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // WorkerServer is the server API for Worker service.
 // All implementations must embed UnimplementedWorkerServer
 // for forward compatibility.
@@ -140,6 +156,11 @@ type WorkerServer interface {
 	// today beyond statistics; the call is the hook for caches that do).
 	Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error)
 	Health(context.Context, *HealthRequest) (*HealthResponse, error)
+	// Exchange delivers one message from another worker of the same replica:
+	// a tensor-parallel rank's partial sum for an all-reduce, or a pipeline
+	// stage's hidden states for the next stage. Worker to worker; the
+	// coordinator is not on this path.
+	Exchange(context.Context, *ExchangeRequest) (*ExchangeResponse, error)
 	mustEmbedUnimplementedWorkerServer()
 }
 
@@ -167,6 +188,9 @@ func (UnimplementedWorkerServer) Release(context.Context, *ReleaseRequest) (*Rel
 }
 func (UnimplementedWorkerServer) Health(context.Context, *HealthRequest) (*HealthResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Health not implemented")
+}
+func (UnimplementedWorkerServer) Exchange(context.Context, *ExchangeRequest) (*ExchangeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Exchange not implemented")
 }
 func (UnimplementedWorkerServer) mustEmbedUnimplementedWorkerServer() {}
 func (UnimplementedWorkerServer) testEmbeddedByValue()                {}
@@ -290,6 +314,24 @@ func _Worker_Health_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Worker_Exchange_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExchangeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(WorkerServer).Exchange(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Worker_Exchange_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(WorkerServer).Exchange(ctx, req.(*ExchangeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Worker_ServiceDesc is the grpc.ServiceDesc for Worker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -316,6 +358,10 @@ var Worker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Health",
 			Handler:    _Worker_Health_Handler,
+		},
+		{
+			MethodName: "Exchange",
+			Handler:    _Worker_Exchange_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1,0 +1,281 @@
+package placement
+
+import (
+	"fmt"
+
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+)
+
+// maxTP bounds the degrees ValidTP reports.
+const maxTP = 64
+
+// kvBytesPerElem: the KV cache is bf16 whatever the weights are.
+const kvBytesPerElem = 2
+
+// actBytesPerElem: activations are float32 (model's arithmetic).
+const actBytesPerElem = 4
+
+// ValidTP lists the tensor-parallel degrees t ≤ 64 the model can be split
+// into (qwen2.md section 5.2), ascending. See checkTP for the rule.
+func ValidTP(cfg *model.Config) []int {
+	var out []int
+	for t := 1; t <= maxTP; t++ {
+		if checkTP(cfg, t) == nil {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// checkTP says why t is not a valid degree (nil when it is): t must divide
+// the query heads; t and the KV heads must divide one another (t > kv
+// replicates KV heads, vLLM's rule); t must divide every MLP width a rank
+// splits (intermediate_size when a dense layer exists; the expert and
+// shared-expert widths for MoE); and MoE needs t ≤ num_experts, as vLLM.
+func checkTP(cfg *model.Config, t int) error {
+	nh, kv := cfg.NumAttentionHeads, cfg.NumKeyValueHeads
+	switch {
+	case t < 1:
+		return invalidf("tp=%d: must be >= 1", t)
+	case t > nh:
+		return invalidf("tp=%d exceeds the %d query heads", t, nh)
+	case nh%t != 0:
+		return invalidf("tp=%d does not divide the %d query heads", t, nh)
+	case kv%t != 0 && t%kv != 0:
+		return invalidf("tp=%d and the %d KV heads do not divide one another", t, kv)
+	}
+	if hasDenseLayer(cfg) && cfg.IntermediateSize%t != 0 {
+		return invalidf("tp=%d does not divide intermediate_size %d", t, cfg.IntermediateSize)
+	}
+	if cfg.IsMoE() {
+		if t > cfg.NumExperts {
+			return invalidf("tp=%d exceeds the %d experts", t, cfg.NumExperts)
+		}
+		if cfg.MoeIntermediateSize%t != 0 {
+			return invalidf("tp=%d does not divide moe_intermediate_size %d", t, cfg.MoeIntermediateSize)
+		}
+		if cfg.SharedExpertIntermediateSize%t != 0 {
+			return invalidf("tp=%d does not divide shared_expert_intermediate_size %d", t, cfg.SharedExpertIntermediateSize)
+		}
+	}
+	return nil
+}
+
+func hasDenseLayer(cfg *model.Config) bool {
+	for l := 0; l < cfg.NumHiddenLayers; l++ {
+		if !cfg.IsMoELayer(l) {
+			return true
+		}
+	}
+	return false
+}
+
+// kvHeadsPerRank is kv/t, or 1 when t > kv (each rank holds one replicated
+// KV head).
+func kvHeadsPerRank(cfg *model.Config, t int) int { return max(cfg.NumKeyValueHeads/t, 1) }
+
+// VocabRange is the embedding / LM-head rows rank r of t owns:
+// [r·ceil(V/t), min(V, (r+1)·ceil(V/t))). The last slice may be shorter
+// (or empty when t does not fit V at all).
+func VocabRange(vocab, t, r int) (begin, end int) {
+	per := (vocab + t - 1) / t
+	return min(r*per, vocab), min((r+1)*per, vocab)
+}
+
+// sizer holds the per-rank arithmetic of one (model, tp) pair. All byte
+// counts are per rank; the largest rank is counted where slices differ
+// (the vocabulary's first slice).
+type sizer struct {
+	cfg  *model.Config
+	opts Options
+	t    int
+
+	layer      []int64 // weight bytes of each layer
+	embed      int64   // embedding slice
+	head       int64   // final norm + LM head slice (a tied model's copy of the embedding included)
+	headShared int64   // final norm only: a tied model whose embedding sits on the same stage
+	kvToken    int64   // KV bytes of one token in one layer
+	actBase    int64   // activation bytes per batch token, without the FFN term
+}
+
+func newSizer(cfg *model.Config, opts Options, t int) *sizer {
+	H, hd := int64(cfg.HiddenSize), int64(cfg.HeadDimension())
+	nhL, kvL := int64(cfg.NumAttentionHeads/t), int64(kvHeadsPerRank(cfg, t))
+	bpp := int64(opts.WeightBytesPerParam)
+	s := &sizer{cfg: cfg, opts: opts, t: t}
+	vocabRows := int64((cfg.VocabSize + t - 1) / t)
+	s.embed = vocabRows * H * bpp
+	s.headShared = H * bpp
+	s.head = s.headShared + vocabRows*H*bpp
+	s.layer = make([]int64, cfg.NumHiddenLayers)
+	for l := range s.layer {
+		s.layer[l] = layerParams(cfg, l, t) * bpp
+	}
+	s.kvToken = 2 * kvL * hd * kvBytesPerElem
+	s.actBase = 4*H + (nhL+2*kvL)*hd
+	return s
+}
+
+// layerParams is the parameters rank-local in layer l at degree t:
+// q/k/v column-split with their biases, o row-split, k/v at one head when
+// replicated, the MLP (or every expert and the shared expert) split by t,
+// norms, router and shared-expert gate replicated.
+func layerParams(cfg *model.Config, l, t int) int64 {
+	H, hd := int64(cfg.HiddenSize), int64(cfg.HeadDimension())
+	q := int64(cfg.NumAttentionHeads/t) * hd
+	kv := int64(kvHeadsPerRank(cfg, t)) * hd
+	n := 2*H + // input and post-attention norms
+		q*H + q + 2*(kv*H+kv) + H*q // q, k, v with biases; o
+	if !cfg.IsMoELayer(l) {
+		return n + 3*H*int64(cfg.IntermediateSize/t)
+	}
+	E := int64(cfg.NumExperts)
+	n += E*H + E*3*H*int64(cfg.MoeIntermediateSize/t) // router, experts
+	if is := cfg.SharedExpertIntermediateSize; is > 0 {
+		n += 3*H*int64(is/t) + H // shared expert and its gate
+	}
+	return n
+}
+
+// ffnWidth is the widest MLP intermediate a token of layer l produces
+// before the split: I for a dense layer, top-k expert widths plus the
+// shared expert for MoE.
+func ffnWidth(cfg *model.Config, l int) int64 {
+	if !cfg.IsMoELayer(l) {
+		return int64(cfg.IntermediateSize)
+	}
+	return int64(cfg.NumExpertsPerTok*cfg.MoeIntermediateSize + cfg.SharedExpertIntermediateSize)
+}
+
+// stageMem is one stage's per-rank memory.
+type stageMem struct {
+	begin, end        int
+	embed, head       bool
+	weights, kv, acts int64
+}
+
+func (m stageMem) total() int64 { return m.weights + m.kv + m.acts }
+
+// stage computes the memory of layers [b, e) with the embedding and/or the
+// head. A tied model whose embedding is on the same stage shares it as
+// the LM head; otherwise the head stage holds its own matrix.
+func (s *sizer) stage(b, e int, embed, head bool) stageMem {
+	m := stageMem{begin: b, end: e, embed: embed, head: head}
+	var width int64
+	for l := b; l < e; l++ {
+		m.weights += s.layer[l]
+		width = max(width, ffnWidth(s.cfg, l))
+	}
+	if embed {
+		m.weights += s.embed
+	}
+	if head {
+		if s.cfg.TieWordEmbeddings && embed {
+			m.weights += s.headShared
+		} else {
+			m.weights += s.head
+		}
+	}
+	m.kv = int64(s.opts.KVCacheTokens) * int64(e-b) * s.kvToken
+	m.acts = int64(s.opts.MaxBatchTokens) * (s.actBase + 2*width/int64(s.t)) * actBytesPerElem
+	if head {
+		m.acts += int64(s.opts.MaxBatchSeqs) * int64(s.cfg.VocabSize) * actBytesPerElem
+	}
+	return m
+}
+
+// balance splits the layers into pp contiguous stages, each at least one
+// layer, minimising the largest stage's weight bytes (layers, plus the
+// embedding on the first stage and final norm + LM head on the last). Of
+// the partitions reaching that minimum it returns the one giving earlier
+// stages the most layers (greedy fill at the optimal bound). It returns
+// the pp+1 stage boundaries.
+func (s *sizer) balance(pp int) []int {
+	L := len(s.layer)
+	if pp < 1 || pp > L {
+		panic(fmt.Sprintf("placement: balance %d layers over %d stages", L, pp))
+	}
+	extra := func(st int) int64 {
+		var x int64
+		if st == 0 {
+			x += s.embed
+		}
+		if st == pp-1 {
+			if pp == 1 && s.cfg.TieWordEmbeddings {
+				x += s.headShared
+			} else {
+				x += s.head
+			}
+		}
+		return x
+	}
+	// fill returns the greedy boundaries under bound c, or nil.
+	fill := func(c int64) []int {
+		bounds := []int{0}
+		b := 0
+		for st := 0; st < pp; st++ {
+			sum := extra(st)
+			e := b
+			if st == pp-1 {
+				for ; e < L; e++ {
+					sum += s.layer[e]
+				}
+			} else {
+				for e < L-(pp-1-st) && sum+s.layer[e] <= c {
+					sum += s.layer[e]
+					e++
+				}
+			}
+			if e == b || sum > c {
+				return nil
+			}
+			bounds = append(bounds, e)
+			b = e
+		}
+		return bounds
+	}
+	var lo, hi int64 = 0, extra(0) + extra(pp-1)
+	for _, w := range s.layer {
+		hi += w
+	}
+	for lo < hi { // smallest feasible bound; fill(hi) always succeeds
+		mid := lo + (hi-lo)/2
+		if fill(mid) != nil {
+			hi = mid
+		} else {
+			lo = mid + 1
+		}
+	}
+	return fill(lo)
+}
+
+// layout evaluates tp=t × pp: the balanced stages and the peak per-rank
+// memory.
+type layout struct {
+	t, pp  int
+	stages []stageMem
+	peak   int64 // largest stage total
+	peakAt int   // its stage index
+}
+
+func (l *layout) g() int { return l.t * l.pp }
+
+func (s *sizer) layout(pp int) *layout {
+	bounds := s.balance(pp)
+	lo := &layout{t: s.t, pp: pp}
+	for st := 0; st < pp; st++ {
+		m := s.stage(bounds[st], bounds[st+1], st == 0, st == pp-1)
+		lo.stages = append(lo.stages, m)
+		if m.total() > lo.peak {
+			lo.peak, lo.peakAt = m.total(), st
+		}
+	}
+	return lo
+}
+
+func (l *layout) name() string {
+	if l.pp == 1 {
+		return fmt.Sprintf("tp=%d", l.t)
+	}
+	return fmt.Sprintf("tp=%d x pp=%d", l.t, l.pp)
+}

@@ -1,0 +1,136 @@
+package placement
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+)
+
+// Worker is one device the planner may use: a GPU, or a whole machine for
+// the CPU backend.
+type Worker struct {
+	ID   string `json:"id"`   // unique, non-empty
+	Host string `json:"host"` // machine name; workers with "" share one unnamed host
+	Addr string `json:"addr"` // passed through to the plan, never interpreted
+	// MemoryBytes is the device memory (GPU) or RAM (CPU); must be > 0.
+	MemoryBytes int64 `json:"memory_bytes"`
+	// Backend is the kernel backend, "cpu" or "cuda". One replica never
+	// mixes backends.
+	Backend string `json:"backend"`
+}
+
+// Options tunes the planner. The zero value asks for every default.
+type Options struct {
+	// Model labels the plan and its messages ("qwen2-72b"); "" reads "the model".
+	Model string
+	// TP and PP force the tensor- and pipeline-parallel degrees; 0 lets the
+	// planner choose. A forced degree that is invalid or does not fit is an
+	// error, never silently changed.
+	TP, PP int
+	// KVCacheTokens is the KV cache every replica must hold, in tokens
+	// (summed over its sequences). 0 = the model's max context
+	// (cfg.MaxContext()), like vLLM refusing to start when max_model_len
+	// does not fit. More tokens, more concurrent long sequences, fewer
+	// replicas.
+	KVCacheTokens int
+	// MaxBatchTokens sizes the activation estimate: tokens in one step
+	// (prefill chunk plus decode rows). 0 = 8192.
+	MaxBatchTokens int
+	// MaxBatchSeqs sizes the logits buffer of the last stage: rows sampled
+	// in one step. 0 = 256 (vLLM's max_num_seqs).
+	MaxBatchSeqs int
+	// Utilization is the usable fraction of a worker's memory, in (0, 1];
+	// the rest is left for the runtime, fragmentation and other processes.
+	// 0 = 0.9 (vLLM's gpu_memory_utilization).
+	Utilization float64
+	// WeightBytesPerParam is the stored size of one weight. 0 = from
+	// cfg.TorchDtype: 2 for bfloat16/float16 (and when absent), 4 for
+	// float32. Set 1 for an int8-quantized model.
+	WeightBytesPerParam int
+}
+
+// Defaults of Options.
+const (
+	DefaultMaxBatchTokens = 8192
+	DefaultMaxBatchSeqs   = 256
+	DefaultUtilization    = 0.9
+)
+
+// DefaultOptions returns Options with every model-independent default
+// filled in (KVCacheTokens and WeightBytesPerParam stay 0: they default
+// from the model config).
+func DefaultOptions() Options {
+	return Options{MaxBatchTokens: DefaultMaxBatchTokens, MaxBatchSeqs: DefaultMaxBatchSeqs, Utilization: DefaultUtilization}
+}
+
+// Validate fills in the model-independent defaults and rejects values no
+// model could use. New calls it on a copy.
+func (o *Options) Validate() error {
+	for _, f := range []struct {
+		name string
+		v    int
+	}{{"TP", o.TP}, {"PP", o.PP}, {"KVCacheTokens", o.KVCacheTokens}, {"MaxBatchTokens", o.MaxBatchTokens},
+		{"MaxBatchSeqs", o.MaxBatchSeqs}, {"WeightBytesPerParam", o.WeightBytesPerParam}} {
+		if f.v < 0 {
+			return invalidf("%s must be >= 0 (0 = default), got %d", f.name, f.v)
+		}
+	}
+	if math.IsNaN(o.Utilization) || o.Utilization < 0 || o.Utilization > 1 {
+		return invalidf("Utilization must be in (0, 1] (0 = %v), got %v", DefaultUtilization, o.Utilization)
+	}
+	if o.MaxBatchTokens == 0 {
+		o.MaxBatchTokens = DefaultMaxBatchTokens
+	}
+	if o.MaxBatchSeqs == 0 {
+		o.MaxBatchSeqs = DefaultMaxBatchSeqs
+	}
+	if o.Utilization == 0 {
+		o.Utilization = DefaultUtilization
+	}
+	return nil
+}
+
+// fillFromModel sets the defaults that depend on cfg.
+func (o *Options) fillFromModel(cfg *model.Config) error {
+	if o.KVCacheTokens == 0 {
+		o.KVCacheTokens = cfg.MaxContext()
+	}
+	if o.WeightBytesPerParam == 0 {
+		switch strings.ToLower(cfg.TorchDtype) {
+		case "bfloat16", "float16", "":
+			o.WeightBytesPerParam = 2
+		case "float32":
+			o.WeightBytesPerParam = 4
+		default:
+			return invalidf("torch_dtype %q: set WeightBytesPerParam", cfg.TorchDtype)
+		}
+	}
+	return nil
+}
+
+// Errors callers may branch on with errors.Is. The messages of the
+// returned errors are whole sentences and do not repeat these.
+var (
+	// ErrNoWorkers: no worker was given.
+	ErrNoWorkers = errors.New("placement: no workers")
+	// ErrInvalid: a bad worker, option or forced TP/PP degree.
+	ErrInvalid = errors.New("placement: invalid request")
+	// ErrNoFit: the model (with its KV cache) does not fit the workers.
+	ErrNoFit = errors.New("placement: model does not fit")
+)
+
+// planError reads as its message alone and matches its kind with errors.Is.
+type planError struct {
+	kind error
+	msg  string
+}
+
+func (e *planError) Error() string { return e.msg }
+func (e *planError) Unwrap() error { return e.kind }
+
+func invalidf(format string, args ...any) error {
+	return &planError{ErrInvalid, fmt.Sprintf(format, args...)}
+}

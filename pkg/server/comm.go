@@ -1,0 +1,250 @@
+package server
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
+)
+
+// Message kinds of the Exchange RPC.
+const (
+	kindAllReduce = 0
+	kindHidden    = 1
+)
+
+// mailKey names one message between the workers of a replica.
+type mailKey struct {
+	version     int64
+	step        uint64
+	kind, index int32
+	from        int32
+}
+
+// mailbox holds messages that arrived before (or while) their step waits
+// for them.
+type mailbox struct {
+	mu    sync.Mutex
+	boxes map[mailKey]*letter
+}
+
+type letter struct {
+	ch      chan []byte // buffered, one message
+	created time.Time
+}
+
+// staleMail is how long an unclaimed message is kept (its step failed).
+const staleMail = time.Minute
+
+func (m *mailbox) slot(k mailKey) *letter {
+	if m.boxes == nil {
+		m.boxes = map[mailKey]*letter{}
+	}
+	l, ok := m.boxes[k]
+	if !ok {
+		l = &letter{ch: make(chan []byte, 1), created: time.Now()}
+		m.boxes[k] = l
+		if len(m.boxes) > 4096 {
+			for k2, l2 := range m.boxes {
+				if time.Since(l2.created) > staleMail {
+					delete(m.boxes, k2)
+				}
+			}
+		}
+	}
+	return l
+}
+
+func (m *mailbox) put(k mailKey, data []byte) error {
+	m.mu.Lock()
+	l := m.slot(k)
+	m.mu.Unlock()
+	select {
+	case l.ch <- data:
+		return nil
+	default:
+		return fmt.Errorf("message %+v delivered twice", k)
+	}
+}
+
+func (m *mailbox) take(ctx context.Context, k mailKey) ([]byte, error) {
+	m.mu.Lock()
+	l := m.slot(k)
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		delete(m.boxes, k)
+		m.mu.Unlock()
+	}()
+	select {
+	case d := <-l.ch:
+		return d, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("waiting for %s %d of step %d from rank %d: %w", kindName(k.kind), k.index, k.step, k.from, ctx.Err())
+	}
+}
+
+func kindName(k int32) string {
+	if k == kindHidden {
+		return "hidden states"
+	}
+	return "all-reduce"
+}
+
+func encodeF32(x []float32) []byte {
+	b := make([]byte, 4*len(x))
+	for i, v := range x {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(v))
+	}
+	return b
+}
+
+func decodeF32(b []byte, into []float32) error {
+	if len(b) != 4*len(into) {
+		return fmt.Errorf("%d bytes for %d values", len(b), len(into))
+	}
+	for i := range into {
+		into[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
+	}
+	return nil
+}
+
+// peers are the workers a sharded worker talks to.
+type peers struct {
+	rank  int
+	tp    []workerv1.WorkerClient // by rank; nil at rank
+	next  workerv1.WorkerClient   // nil on the last stage
+	conns []*grpc.ClientConn
+}
+
+func dialPeers(a *workerv1.Assignment) (*peers, error) {
+	p := &peers{rank: int(a.TpRank), tp: make([]workerv1.WorkerClient, len(a.TpPeers))}
+	dial := func(addr string) (workerv1.WorkerClient, error) {
+		c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
+		if err != nil {
+			return nil, err
+		}
+		p.conns = append(p.conns, c)
+		return workerv1.NewWorkerClient(c), nil
+	}
+	var err error
+	for r, addr := range a.TpPeers {
+		if r != p.rank {
+			if p.tp[r], err = dial(addr); err != nil {
+				p.close()
+				return nil, fmt.Errorf("tp peer %d (%s): %w", r, addr, err)
+			}
+		}
+	}
+	if a.NextStage != "" {
+		if p.next, err = dial(a.NextStage); err != nil {
+			p.close()
+			return nil, fmt.Errorf("next stage (%s): %w", a.NextStage, err)
+		}
+	}
+	return p, nil
+}
+
+func (p *peers) close() {
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// stepLink is a shard.Link over gRPC for one step: an all-reduce sends this
+// rank's part to every other rank and adds all parts in rank order, so
+// every rank computes the same sum.
+type stepLink struct {
+	ctx     context.Context
+	box     *mailbox
+	p       *peers
+	version int64
+	step    uint64
+	n       int32 // all-reduces so far
+	// commTime is the time spent in all-reduces and sending hidden states;
+	// waitTime the time waiting for the previous stage.
+	commTime, waitTime time.Duration
+}
+
+func (l *stepLink) send(c workerv1.WorkerClient, kind, index int32, data []byte) error {
+	_, err := c.Exchange(l.ctx, &workerv1.ExchangeRequest{Version: l.version, StepId: l.step, Kind: kind, Index: index,
+		FromRank: int32(l.p.rank), Data: data})
+	return err
+}
+
+func (l *stepLink) AllReduce(x []float32) error {
+	t0 := time.Now()
+	defer func() { l.commTime += time.Since(t0) }()
+	idx := l.n
+	l.n++
+	data := encodeF32(x)
+	errs := make(chan error, len(l.p.tp))
+	for r, c := range l.p.tp {
+		if c != nil {
+			go func() {
+				if err := l.send(c, kindAllReduce, idx, data); err != nil {
+					errs <- fmt.Errorf("to rank %d: %w", r, err)
+					return
+				}
+				errs <- nil
+			}()
+		}
+	}
+	parts := make([][]float32, len(l.p.tp))
+	parts[l.p.rank] = append([]float32(nil), x...)
+	var first error
+	for r := range l.p.tp {
+		if r == l.p.rank {
+			continue
+		}
+		b, err := l.box.take(l.ctx, mailKey{l.version, l.step, kindAllReduce, idx, int32(r)})
+		if err == nil {
+			parts[r] = make([]float32, len(x))
+			err = decodeF32(b, parts[r])
+		}
+		if err != nil && first == nil {
+			first = fmt.Errorf("from rank %d: %w", r, err)
+		}
+	}
+	for range len(l.p.tp) - 1 {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	if first != nil {
+		return first
+	}
+	clear(x)
+	for _, p := range parts {
+		for i, v := range p {
+			x[i] += v
+		}
+	}
+	return nil
+}
+
+func (l *stepLink) RecvHidden() ([]float32, error) {
+	t0 := time.Now()
+	defer func() { l.waitTime += time.Since(t0) }()
+	b, err := l.box.take(l.ctx, mailKey{l.version, l.step, kindHidden, 0, int32(l.p.rank)})
+	if err != nil {
+		return nil, err
+	}
+	h := make([]float32, len(b)/4)
+	return h, decodeF32(b, h)
+}
+
+func (l *stepLink) SendHidden(h []float32) error {
+	t0 := time.Now()
+	defer func() { l.commTime += time.Since(t0) }()
+	return l.send(l.p.next, kindHidden, 0, encodeF32(h))
+}

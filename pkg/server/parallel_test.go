@@ -1,0 +1,102 @@
+package server_test
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
+)
+
+// TestParallelLayouts runs the f32 reference case on clusters of real
+// worker processes split tp × pp, and checks for each layout: the greedy
+// ids and prompt logprobs of the reference (within its tolerance), the
+// placement the coordinator reports, and concurrent requests of different
+// lengths (several micro-batches in flight through the pipeline) giving
+// the tokens one process gives.
+func TestParallelLayouts(t *testing.T) {
+	dir := refDir("dense-gqa-f32") // 4 query heads, 2 KV heads, 3 layers
+	ref := loadRef(t, dir)
+	prompts := testPrompts(6, ref.vocab)
+	want := make([][]int32, len(prompts))
+	b, err := cpu.New(cpu.Config{Threads: 1, BatchInvariant: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := model.Load(dir, b, model.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range prompts {
+		if want[i], err = m.Greedy(p, 10+i, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Close()
+	b.Close()
+	for _, l := range [][2]int{{2, 1}, {4, 1}, {1, 2}, {1, 3}, {2, 2}} {
+		tp, pp := l[0], l[1]
+		t.Run(fmt.Sprintf("tp%d-pp%d", tp, pp), func(t *testing.T) {
+			c := startCluster(t, dir, "--tp", fmt.Sprint(tp), "--pp", fmt.Sprint(pp), "--local-workers", fmt.Sprint(tp*pp), "--worker-threads", "1")
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			info, err := c.client.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			reps := info.Placement.GetReplicas()
+			if len(reps) != 1 || reps[0].Tp != int32(tp) || reps[0].Pp != int32(pp) || len(reps[0].Stages) != pp || len(reps[0].Workers) != tp*pp {
+				t.Fatalf("placement %v", info.Placement)
+			}
+			for s, st := range reps[0].Stages {
+				if len(st.Workers) != tp || st.LayersEnd-st.LayersBegin < 1 || (s == 0) != (st.LayersBegin == 0) {
+					t.Fatalf("stage %d: %v", s, st)
+				}
+			}
+			req := idsReq(ref.PromptIDs, len(ref.GreedyIDs))
+			req.PromptLogprobs = true
+			r := mustGenerate(t, c.client, req)
+			if !slices.Equal(r.ids, ref.GreedyIDs) {
+				t.Fatalf("ids %v, want %v", r.ids, ref.GreedyIDs)
+			}
+			tol := 1e-4 * math.Max(1, ref.MaxAbsLogit)
+			worst := 0.0
+			for i := 1; i < len(ref.PromptIDs); i++ {
+				row := ref.logits[(i-1)*ref.vocab : i*ref.vocab]
+				d := math.Abs(float64(*r.plp[i].Logprob) - logSoftmaxAt(row, int(ref.PromptIDs[i])))
+				worst = math.Max(worst, d)
+			}
+			if worst > tol {
+				t.Fatalf("prompt logprobs differ from the reference by %g (tolerance %g)", worst, tol)
+			}
+			var wg sync.WaitGroup
+			errs := make([]error, len(prompts))
+			for i, p := range prompts {
+				wg.Go(func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+					defer cancel()
+					got, err := generate(ctx, c.client, idsReq(p, len(want[i])))
+					switch {
+					case err != nil:
+						errs[i] = err
+					case !slices.Equal(got.ids, want[i]):
+						errs[i] = fmt.Errorf("request %d: %v, want %v", i, got.ids, want[i])
+					}
+				})
+			}
+			wg.Wait()
+			for _, err := range errs {
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			t.Logf("prompt logprobs within %.2g of the reference", worst)
+		})
+	}
+}
