@@ -6,6 +6,7 @@ import (
 	"math"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -98,5 +99,87 @@ func TestParallelLayouts(t *testing.T) {
 			}
 			t.Logf("prompt logprobs within %.2g of the reference", worst)
 		})
+	}
+}
+
+// TestParallelWorkerDeath: a worker of a tp=2 × pp=2 replica is killed
+// mid-generation. The replica is dropped, its requests wait, the worker is
+// restarted, the replica is formed again and every request completes with
+// the tokens it produces undisturbed.
+func TestParallelWorkerDeath(t *testing.T) {
+	c := startCluster(t, refDir("dense-gqa-f32"), "--tp", "2", "--pp", "2", "--local-workers", "4", "--worker-threads", "1")
+	ps := testPrompts(4, 512)
+	alone := make([][]int32, len(ps))
+	for i, p := range ps {
+		alone[i] = mustGenerate(t, c.client, idsReq(p, 300)).ids
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	got := make([][]int32, len(ps))
+	errs := make([]error, len(ps))
+	started := make(chan struct{}, len(ps))
+	var wg sync.WaitGroup
+	for i, p := range ps {
+		wg.Go(func() {
+			stream, err := c.client.Generate(ctx, idsReq(p, 300))
+			if err != nil {
+				errs[i] = err
+				started <- struct{}{}
+				return
+			}
+			first := true
+			for {
+				resp, err := stream.Recv()
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				if ch := resp.GetChunk(); ch != nil {
+					got[i] = append(got[i], ch.TokenIds...)
+					if first {
+						first = false
+						started <- struct{}{}
+					}
+				}
+				if resp.GetComplete() != nil {
+					return
+				}
+			}
+		})
+	}
+	for range ps {
+		<-started
+	}
+	before := readyWorkers(t, c.client)
+	if len(before) != 4 {
+		t.Fatalf("%d workers ready", len(before))
+	}
+	victim := before[3]
+	running := schedulerStats(t, c.client).Running
+	if err := syscall.Kill(int(victim.Pid), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if running < 2 {
+		t.Fatalf("only %d requests running when the worker was killed", running)
+	}
+	wg.Wait()
+	for i := range ps {
+		if errs[i] != nil {
+			t.Fatalf("request %d: %v", i, errs[i])
+		}
+		if !slices.Equal(got[i], alone[i]) {
+			t.Fatalf("request %d after the worker died: %v, alone %v", i, got[i], alone[i])
+		}
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		ws := readyWorkers(t, c.client)
+		if len(ws) == 4 && !slices.ContainsFunc(ws, func(w *pb.WorkerStatus) bool { return w.Pid == victim.Pid }) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica not formed again: %v", ws)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
