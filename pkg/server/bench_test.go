@@ -22,14 +22,7 @@ import (
 //
 //	go test ./pkg/server -run '^$' -bench ServingDecode -benchtime 1x
 func BenchmarkServingDecode(b *testing.B) {
-	preset := os.Getenv("QWENFLEET_BENCH_PRESET")
-	if preset == "" {
-		preset = "qwen2-0.5b"
-	}
-	dir, err := server.EnsurePresetModel(filepath.Join(os.TempDir(), "qwenfleet-bench", preset), preset)
-	if err != nil {
-		b.Fatal(err)
-	}
+	dir := benchModel(b)
 	c := startCluster(b, dir)
 	const promptLen, newTokens = 16, 64
 	for _, conc := range []int{1, 8, 32} {
@@ -98,14 +91,7 @@ func BenchmarkServingDecode(b *testing.B) {
 //
 //	go test ./pkg/server -run '^$' -bench ParallelDecode -benchtime 1x
 func BenchmarkParallelDecode(b *testing.B) {
-	preset := os.Getenv("QWENFLEET_BENCH_PRESET")
-	if preset == "" {
-		preset = "qwen2-0.5b"
-	}
-	dir, err := server.EnsurePresetModel(filepath.Join(os.TempDir(), "qwenfleet-bench", preset), preset)
-	if err != nil {
-		b.Fatal(err)
-	}
+	dir := benchModel(b)
 	cpus := runtime.NumCPU()
 	for _, l := range [][2]int{{1, 1}, {2, 1}, {1, 2}} {
 		tp, pp := l[0], l[1]
@@ -158,4 +144,18 @@ func schedStats(b *testing.B, c *clusterT) *pb.SchedulerStats {
 		b.Fatal(err)
 	}
 	return info.Scheduler
+}
+
+// benchModel makes (once, under the temp dir) the benchmarks' random bf16
+// checkpoint: qwen2-0.5b, or the preset QWENFLEET_BENCH_PRESET names.
+func benchModel(b *testing.B) string {
+	preset := os.Getenv("QWENFLEET_BENCH_PRESET")
+	if preset == "" {
+		preset = "qwen2-0.5b"
+	}
+	dir, err := server.EnsurePresetModel(filepath.Join(os.TempDir(), "qwenfleet-bench", preset), preset)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return dir
 }

@@ -759,55 +759,16 @@ func TestWorkerDeathLosesNoRequest(t *testing.T) {
 	for i, p := range ps {
 		alone[i] = mustGenerate(t, c.client, idsReq(p, 400)).ids
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
-	defer cancel()
-	var wg sync.WaitGroup
-	got := make([][]int32, len(ps))
-	started := make(chan struct{}, len(ps))
-	for i, p := range ps {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			stream, err := c.client.Generate(ctx, idsReq(p, 400))
-			if err != nil {
-				t.Errorf("request %d: %v", i, err)
-				return
-			}
-			first := true
-			for {
-				resp, err := stream.Recv()
-				if err != nil {
-					t.Errorf("request %d: %v", i, err)
-					return
-				}
-				if ch := resp.GetChunk(); ch != nil {
-					got[i] = append(got[i], ch.TokenIds...)
-					if first {
-						first = false
-						started <- struct{}{}
-					}
-				}
-				if cp := resp.GetComplete(); cp != nil {
-					if cp.FinishReason != "length" {
-						t.Errorf("request %d finished with %s", i, cp.FinishReason)
-					}
-					return
-				}
-			}
-		}()
-	}
-	for range ps {
-		<-started
-	}
 	victim := readyWorkers(t, c.client)[0]
-	running := schedulerStats(t, c.client).Running
-	if err := syscall.Kill(int(victim.Pid), syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	if running < 5 {
-		t.Fatalf("only %d requests running when the worker was killed", running)
-	}
-	wg.Wait()
+	got := generateAround(t, c.client, ps, 400, func() {
+		running := schedulerStats(t, c.client).Running
+		if err := syscall.Kill(int(victim.Pid), syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		if running < 5 {
+			t.Fatalf("only %d requests running when the worker was killed", running)
+		}
+	})
 	for i := range ps {
 		if !slices.Equal(got[i], alone[i]) {
 			t.Fatalf("request %d after the worker died: %v, alone %v", i, got[i], alone[i])
@@ -825,6 +786,65 @@ func TestWorkerDeathLosesNoRequest(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// generateAround streams a greedy request of n tokens for each prompt,
+// calls during once every request has streamed its first token, and
+// returns each request's tokens (all must finish for length).
+func generateAround(t *testing.T, client pb.GeneratorClient, ps [][]int32, n int, during func()) [][]int32 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	got := make([][]int32, len(ps))
+	errs := make([]error, len(ps))
+	started := make(chan struct{}, len(ps))
+	var wg sync.WaitGroup
+	for i, p := range ps {
+		wg.Go(func() {
+			first := true
+			defer func() {
+				if first {
+					started <- struct{}{}
+				}
+			}()
+			stream, err := client.Generate(ctx, idsReq(p, n))
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			for {
+				resp, err := stream.Recv()
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				if ch := resp.GetChunk(); ch != nil {
+					got[i] = append(got[i], ch.TokenIds...)
+					if first {
+						first = false
+						started <- struct{}{}
+					}
+				}
+				if cp := resp.GetComplete(); cp != nil {
+					if cp.FinishReason != "length" {
+						errs[i] = fmt.Errorf("finished with %s", cp.FinishReason)
+					}
+					return
+				}
+			}
+		})
+	}
+	for range ps {
+		<-started
+	}
+	during()
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+	}
+	return got
 }
 
 func readyWorkers(t testing.TB, client pb.GeneratorClient) []*pb.WorkerStatus {

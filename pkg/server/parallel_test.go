@@ -113,60 +113,21 @@ func TestParallelWorkerDeath(t *testing.T) {
 	for i, p := range ps {
 		alone[i] = mustGenerate(t, c.client, idsReq(p, 300)).ids
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
-	defer cancel()
-	got := make([][]int32, len(ps))
-	errs := make([]error, len(ps))
-	started := make(chan struct{}, len(ps))
-	var wg sync.WaitGroup
-	for i, p := range ps {
-		wg.Go(func() {
-			stream, err := c.client.Generate(ctx, idsReq(p, 300))
-			if err != nil {
-				errs[i] = err
-				started <- struct{}{}
-				return
-			}
-			first := true
-			for {
-				resp, err := stream.Recv()
-				if err != nil {
-					errs[i] = err
-					return
-				}
-				if ch := resp.GetChunk(); ch != nil {
-					got[i] = append(got[i], ch.TokenIds...)
-					if first {
-						first = false
-						started <- struct{}{}
-					}
-				}
-				if resp.GetComplete() != nil {
-					return
-				}
-			}
-		})
-	}
-	for range ps {
-		<-started
-	}
 	before := readyWorkers(t, c.client)
 	if len(before) != 4 {
 		t.Fatalf("%d workers ready", len(before))
 	}
 	victim := before[3]
-	running := schedulerStats(t, c.client).Running
-	if err := syscall.Kill(int(victim.Pid), syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	if running < 2 {
-		t.Fatalf("only %d requests running when the worker was killed", running)
-	}
-	wg.Wait()
-	for i := range ps {
-		if errs[i] != nil {
-			t.Fatalf("request %d: %v", i, errs[i])
+	got := generateAround(t, c.client, ps, 300, func() {
+		running := schedulerStats(t, c.client).Running
+		if err := syscall.Kill(int(victim.Pid), syscall.SIGKILL); err != nil {
+			t.Fatal(err)
 		}
+		if running < 2 {
+			t.Fatalf("only %d requests running when the worker was killed", running)
+		}
+	})
+	for i := range ps {
 		if !slices.Equal(got[i], alone[i]) {
 			t.Fatalf("request %d after the worker died: %v, alone %v", i, got[i], alone[i])
 		}
