@@ -90,7 +90,6 @@ func (s *Store) WatchPlacement(ctx context.Context) <-chan PlacementUpdate {
 	out := make(chan PlacementUpdate, 16)
 	go func() {
 		defer close(out)
-		key := s.placementKey()
 		var lastMod int64 = -1 // ModRevision of the last value sent; 0 = absent
 		send := func(u PlacementUpdate, mod int64) bool {
 			if mod == lastMod {
@@ -105,50 +104,30 @@ func (s *Store) WatchPlacement(ctx context.Context) <-chan PlacementUpdate {
 			}
 		}
 		first := true
-		for ctx.Err() == nil && s.client.Ctx().Err() == nil {
-			resp, err := s.client.Get(ctx, key)
-			if err != nil {
-				if !sleepCtx(ctx, retryDelay) {
-					return
-				}
-				continue
-			}
-			if len(resp.Kvs) > 0 {
+		s.watch(ctx, s.placementKey(), false, func(resp *clientv3.GetResponse) bool {
+			defer func() { first = false }()
+			switch {
+			case len(resp.Kvs) > 0:
 				kv := resp.Kvs[0]
-				if !send(PlacementUpdate{Value: kv.Value, Version: kv.Version}, kv.ModRevision) {
-					return
-				}
-			} else if first {
+				return send(PlacementUpdate{Value: kv.Value, Version: kv.Version}, kv.ModRevision)
+			case first: // absent from the start: nothing to say
 				lastMod = 0
-			} else if !send(PlacementUpdate{}, 0) {
-				return
+				return true
+			default:
+				return send(PlacementUpdate{}, 0)
 			}
-			first = false
-			wctx, wcancel := context.WithCancel(ctx)
-			wch := s.client.Watch(wctx, key, clientv3.WithRev(resp.Header.Revision+1))
-			for wr := range wch {
-				if wr.Canceled || wr.Err() != nil {
-					break
+		}, func(evs []*clientv3.Event) bool {
+			for _, ev := range evs {
+				u, mod := PlacementUpdate{}, int64(0)
+				if ev.Type == mvccpb.PUT {
+					u, mod = PlacementUpdate{Value: ev.Kv.Value, Version: ev.Kv.Version}, ev.Kv.ModRevision
 				}
-				for _, ev := range wr.Events {
-					var ok bool
-					switch ev.Type {
-					case mvccpb.PUT:
-						ok = send(PlacementUpdate{Value: ev.Kv.Value, Version: ev.Kv.Version}, ev.Kv.ModRevision)
-					case mvccpb.DELETE:
-						ok = send(PlacementUpdate{}, 0)
-					}
-					if !ok {
-						wcancel()
-						return
-					}
+				if !send(u, mod) {
+					return false
 				}
 			}
-			wcancel()
-			if !sleepCtx(ctx, retryDelay) {
-				return
-			}
-		}
+			return true
+		})
 	}()
 	return out
 }

@@ -180,6 +180,11 @@ func (s *Store) listWorkers(ctx context.Context) (map[string]WorkerInfo, int64, 
 	if err != nil {
 		return nil, 0, fmt.Errorf("cluster: list workers: %w", err)
 	}
+	return workersOf(resp), resp.Header.Revision, nil
+}
+
+// workersOf reads the worker entries of a listing, by key.
+func workersOf(resp *clientv3.GetResponse) map[string]WorkerInfo {
 	ws := make(map[string]WorkerInfo, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		var w WorkerInfo
@@ -187,7 +192,7 @@ func (s *Store) listWorkers(ctx context.Context) (map[string]WorkerInfo, int64, 
 			ws[string(kv.Key)] = w
 		}
 	}
-	return ws, resp.Header.Revision, nil
+	return ws
 }
 
 func sortedWorkers(m map[string]WorkerInfo) []WorkerInfo {
@@ -214,50 +219,59 @@ func (s *Store) WatchWorkers(ctx context.Context) <-chan []WorkerInfo {
 				return false
 			}
 		}
-		for ctx.Err() == nil && s.client.Ctx().Err() == nil {
-			ws, rev, err := s.listWorkers(ctx)
-			if err != nil {
-				if !sleepCtx(ctx, retryDelay) {
-					return
-				}
-				continue
-			}
-			if !send(ws) {
-				return
-			}
-			wctx, wcancel := context.WithCancel(ctx)
-			wch := s.client.Watch(wctx, s.workersPrefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
-			for resp := range wch {
-				if resp.Canceled || resp.Err() != nil {
-					break
-				}
-				if len(resp.Events) == 0 {
-					continue
-				}
-				for _, ev := range resp.Events {
-					k := string(ev.Kv.Key)
-					switch ev.Type {
-					case mvccpb.PUT:
-						var w WorkerInfo
-						if json.Unmarshal(ev.Kv.Value, &w) == nil {
-							ws[k] = w
-						} else {
-							delete(ws, k)
-						}
-					case mvccpb.DELETE:
-						delete(ws, k)
-					}
-				}
-				if !send(ws) {
-					wcancel()
-					return
+		var ws map[string]WorkerInfo
+		s.watch(ctx, s.workersPrefix(), true, func(resp *clientv3.GetResponse) bool {
+			ws = workersOf(resp)
+			return send(ws)
+		}, func(evs []*clientv3.Event) bool {
+			for _, ev := range evs {
+				k := string(ev.Kv.Key)
+				var w WorkerInfo
+				if ev.Type == mvccpb.PUT && json.Unmarshal(ev.Kv.Value, &w) == nil {
+					ws[k] = w
+				} else {
+					delete(ws, k)
 				}
 			}
-			wcancel()
+			return send(ws)
+		})
+	}()
+	return out
+}
+
+// watch runs a get-then-watch loop on key (or every key under it when
+// prefix is set) until ctx ends or a callback returns false: snapshot gets
+// the current values, events every batch of changes after them. A broken
+// watch (etcd restarted, compacted) starts over with a new snapshot.
+func (s *Store) watch(ctx context.Context, key string, prefix bool, snapshot func(*clientv3.GetResponse) bool, events func([]*clientv3.Event) bool) {
+	var opts []clientv3.OpOption
+	if prefix {
+		opts = append(opts, clientv3.WithPrefix())
+	}
+	for ctx.Err() == nil && s.client.Ctx().Err() == nil {
+		resp, err := s.client.Get(ctx, key, opts...)
+		if err != nil {
 			if !sleepCtx(ctx, retryDelay) {
 				return
 			}
+			continue
 		}
-	}()
-	return out
+		if !snapshot(resp) {
+			return
+		}
+		wctx, wcancel := context.WithCancel(ctx)
+		for wr := range s.client.Watch(wctx, key, append(opts, clientv3.WithRev(resp.Header.Revision+1))...) {
+			if wr.Canceled || wr.Err() != nil {
+				break
+			}
+			if len(wr.Events) > 0 && !events(wr.Events) {
+				wcancel()
+				return
+			}
+		}
+		wcancel()
+		if !sleepCtx(ctx, retryDelay) {
+			return
+		}
+	}
 }
