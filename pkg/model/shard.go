@@ -77,6 +77,8 @@ func CheckTP(cfg *Config, t int) error {
 		return fmt.Errorf("tp=%d does not divide the %d query heads", t, nh)
 	case kv%t != 0 && t%kv != 0:
 		return fmt.Errorf("tp=%d and the %d KV heads do not divide one another", t, kv)
+	case (cfg.VocabSize+t-1)/t*(t-1) >= cfg.VocabSize:
+		return fmt.Errorf("tp=%d leaves a rank no rows of the %d-token vocabulary", t, cfg.VocabSize)
 	}
 	for l := 0; l < cfg.NumHiddenLayers; l++ {
 		if !cfg.IsMoELayer(l) && cfg.IntermediateSize%t != 0 {

@@ -439,9 +439,10 @@ func (e *Engine) Run(ctx context.Context) {
 		depth := max(e.depth, 1)
 		for inflight < depth {
 			maxSeqs := 0
-			if depth > 1 {
+			if depth > 1 { // an equal share of what can run at once
 				r, w := e.sched.Len()
-				maxSeqs = max((r+w+depth-1)/depth, 1)
+				n := min(r+w, e.sched.cfg.MaxRunning)
+				maxSeqs = max((n+depth-1)/depth, 1)
 			}
 			plan := e.sched.ScheduleAtMost(maxSeqs)
 			if len(plan.Items) == 0 {
@@ -519,9 +520,13 @@ func (e *Engine) Run(ctx context.Context) {
 		e.ended = nil
 		e.mu.Unlock()
 		if r, ok := e.exec.(Releaser); ok && len(ended) > 0 {
-			rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			r.Release(rctx, ended) // best effort: a failure only costs the executor memory
-			cancel()
+			// Best effort, and not in the way of the next step (a worker
+			// answers it after the step it is running).
+			go func() {
+				rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				defer cancel()
+				r.Release(rctx, ended)
+			}()
 		}
 	}
 }

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 	"sync"
@@ -29,10 +30,13 @@ type mailKey struct {
 }
 
 // mailbox holds messages that arrived before (or while) their step waits
-// for them.
+// for them. Messages nobody takes (their step failed or was cancelled) are
+// swept after staleMail, and every message of another replica generation
+// when the worker takes a new assignment.
 type mailbox struct {
 	mu    sync.Mutex
 	boxes map[mailKey]*letter
+	swept time.Time
 }
 
 type letter struct {
@@ -40,26 +44,41 @@ type letter struct {
 	created time.Time
 }
 
-// staleMail is how long an unclaimed message is kept (its step failed).
-const staleMail = time.Minute
+// staleMail is how long an unclaimed message is kept: longer than any step
+// waits for it (the coordinator's step timeout is a minute).
+const staleMail = 2 * time.Minute
 
+// slot finds or makes k's letter; m.mu is held.
 func (m *mailbox) slot(k mailKey) *letter {
 	if m.boxes == nil {
 		m.boxes = map[mailKey]*letter{}
 	}
-	l, ok := m.boxes[k]
-	if !ok {
-		l = &letter{ch: make(chan []byte, 1), created: time.Now()}
-		m.boxes[k] = l
-		if len(m.boxes) > 4096 {
-			for k2, l2 := range m.boxes {
-				if time.Since(l2.created) > staleMail {
-					delete(m.boxes, k2)
-				}
+	now := time.Now()
+	if now.Sub(m.swept) > staleMail/4 {
+		m.swept = now
+		for k2, l2 := range m.boxes {
+			if now.Sub(l2.created) > staleMail {
+				delete(m.boxes, k2)
 			}
 		}
 	}
+	l, ok := m.boxes[k]
+	if !ok {
+		l = &letter{ch: make(chan []byte, 1), created: now}
+		m.boxes[k] = l
+	}
 	return l
+}
+
+// keepOnly drops every message of a generation other than version.
+func (m *mailbox) keepOnly(version int64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for k := range m.boxes {
+		if k.version != version {
+			delete(m.boxes, k)
+		}
+	}
 }
 
 func (m *mailbox) put(k mailKey, data []byte) error {
@@ -187,16 +206,18 @@ func (l *stepLink) AllReduce(x []float32) error {
 	idx := l.n
 	l.n++
 	data := encodeF32(x)
-	errs := make(chan error, len(l.p.tp))
+	// A failed send ends the waits too: a peer that cannot be reached
+	// will not send its part either.
+	ctx, cancel := context.WithCancelCause(l.ctx)
+	defer cancel(nil)
+	var sends sync.WaitGroup
 	for r, c := range l.p.tp {
 		if c != nil {
-			go func() {
+			sends.Go(func() {
 				if err := l.send(c, kindAllReduce, idx, data); err != nil {
-					errs <- fmt.Errorf("to rank %d: %w", r, err)
-					return
+					cancel(fmt.Errorf("sending to rank %d: %w", r, err))
 				}
-				errs <- nil
-			}()
+			})
 		}
 	}
 	parts := make([][]float32, len(l.p.tp))
@@ -206,19 +227,19 @@ func (l *stepLink) AllReduce(x []float32) error {
 		if r == l.p.rank {
 			continue
 		}
-		b, err := l.box.take(l.ctx, mailKey{l.version, l.step, kindAllReduce, idx, int32(r)})
+		b, err := l.box.take(ctx, mailKey{l.version, l.step, kindAllReduce, idx, int32(r)})
 		if err == nil {
 			parts[r] = make([]float32, len(x))
 			err = decodeF32(b, parts[r])
 		}
-		if err != nil && first == nil {
+		if err != nil {
 			first = fmt.Errorf("from rank %d: %w", r, err)
+			break
 		}
 	}
-	for range len(l.p.tp) - 1 {
-		if err := <-errs; err != nil && first == nil {
-			first = err
-		}
+	sends.Wait()
+	if cause := context.Cause(ctx); cause != nil && l.ctx.Err() == nil && !errors.Is(cause, context.Canceled) {
+		return cause
 	}
 	if first != nil {
 		return first

@@ -140,8 +140,12 @@ type Coordinator struct {
 	owner     map[string]*replica // worker id → the replica it serves in
 	placement Placement
 	failed    map[string]string // worker id → why it is not serving
-	planErr   string            // why the free workers make no replica
-	ready     chan struct{}     // closed when the first replica is up
+	// suspect holds workers gossip reported dead, until their etcd key
+	// goes (lease expiry) or changes (a restart) or gossip sees them again:
+	// they are not planned meanwhile.
+	suspect   map[string]cluster.WorkerInfo
+	planErr   string        // why the free workers make no replica
+	ready     chan struct{} // closed when the first replica is up
 	readyOnce sync.Once
 	retry     chan struct{} // asks Run to reconcile again
 	pmu       sync.Mutex    // serialises placement writes
@@ -203,7 +207,8 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 		return nil, fmt.Errorf("--pp: %d stages for %d layers", opts.PP, cfg.NumHiddenLayers)
 	}
 	c := &Coordinator{opts: opts, log: opts.Logger, cfg: cfg, router: routing.NewRouter(), started: time.Now(),
-		replicas: map[string]*replica{}, owner: map[string]*replica{}, failed: map[string]string{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
+		replicas: map[string]*replica{}, owner: map[string]*replica{}, failed: map[string]string{},
+		suspect: map[string]cluster.WorkerInfo{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {
 			return nil, fmt.Errorf("model %s: %w", dir, err)
@@ -293,8 +298,19 @@ func (c *Coordinator) watchGossip(ctx context.Context) {
 		case ev := <-c.opts.Gossip.Events():
 			if !ev.Alive {
 				c.log.Warn("gossip: member gone", "name", ev.Name)
+				c.mu.Lock()
+				for _, w := range c.workers {
+					if w.ID == ev.Name {
+						c.suspect[w.ID] = w
+						c.failed[w.ID] = "gossip reports it dead"
+					}
+				}
+				c.mu.Unlock()
 				c.dropWorker(ev.Name, "gossip reports worker "+ev.Name+" dead")
 			} else {
+				c.mu.Lock()
+				delete(c.suspect, ev.Name)
+				c.mu.Unlock()
 				c.scheduleRetry() // back (or new): reconcile brings it up
 			}
 		}
@@ -336,8 +352,16 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 	c.mu.Lock()
 	var free []placement.Worker
 	byID := map[string]cluster.WorkerInfo{}
+	for id, sw := range c.suspect {
+		if w, ok := live[id]; !ok || w.Addr != sw.Addr || w.PID != sw.PID {
+			delete(c.suspect, id) // gone, or back as a new process
+		}
+	}
 	for _, w := range ws {
 		if _, busy := c.owner[w.ID]; busy {
+			continue
+		}
+		if _, dead := c.suspect[w.ID]; dead {
 			continue
 		}
 		byID[w.ID] = w
@@ -372,7 +396,15 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 		r := &replica{key: fmt.Sprintf("g%d", gen), gen: gen, tp: plan.TP, pp: plan.PP, stages: pr.Stages, state: "loading"}
 		for si, st := range pr.Stages {
 			for ri, rk := range st.Ranks {
-				r.members = append(r.members, &member{info: byID[rk.Worker], stage: si, rank: ri})
+				m := &member{info: byID[rk.Worker], stage: si, rank: ri}
+				// Connections are made before the replica is published, so a
+				// drop always finds (and closes) them; NewClient only fails
+				// on a malformed address, and then the first call fails.
+				if conn, err := grpc.NewClient(m.info.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+					grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20))); err == nil {
+					m.conn, m.client = conn, workerv1.NewWorkerClient(conn)
+				}
+				r.members = append(r.members, m)
 				c.owner[rk.Worker] = r
 				delete(c.failed, rk.Worker)
 			}
@@ -433,12 +465,9 @@ func (c *Coordinator) bringUp(ctx context.Context, r *replica) {
 
 func (c *Coordinator) tryBringUp(ctx context.Context, r *replica) error {
 	for _, m := range r.members {
-		conn, err := grpc.NewClient(m.info.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
-		if err != nil {
-			return err
+		if m.client == nil {
+			return fmt.Errorf("worker %s: bad address %q", m.info.ID, m.info.Addr)
 		}
-		m.conn, m.client = conn, workerv1.NewWorkerClient(conn)
 	}
 	if err := c.writePlacement(ctx); err != nil {
 		return fmt.Errorf("placement: %w", err)
@@ -494,6 +523,13 @@ func (c *Coordinator) tryBringUp(ctx context.Context, r *replica) error {
 		c.log.Warn("step failed", "replica", r.key, "err", err)
 		if status.Code(err) == codes.FailedPrecondition { // another assignment, or lost its KV pool
 			go c.drop(r.key, "step refused: "+status.Convert(err).Message())
+			return
+		}
+		if len(r.members) > 1 {
+			// Its workers may now disagree on which steps ran (they run
+			// steps strictly in id order, and this one may have reached
+			// some of them only): form the replica again.
+			go c.drop(r.key, "step failed in a sharded replica: "+err.Error())
 			return
 		}
 		hctx, hc := context.WithTimeout(ectx, 2*time.Second)

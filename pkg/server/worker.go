@@ -115,13 +115,14 @@ func (w *WorkerService) setState(s string) {
 
 // Info describes the worker.
 func (w *WorkerService) Info(ctx context.Context, _ *workerv1.InfoRequest) (*workerv1.InfoResponse, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
 	host, _ := os.Hostname()
+	w.mu.Lock()
 	r := &workerv1.InfoResponse{Id: w.opts.ID, Backend: "cpu", Threads: int32(w.opts.Threads), MemoryBytes: w.opts.MemoryBytes,
 		Pid: int32(os.Getpid()), Host: host, Model: w.modelDir, AssignmentVersion: w.version, KvBlockSize: int32(w.blockSize)}
-	if w.exec != nil {
-		r.NumKvBlocks = int64(w.exec.NumBlocks())
+	exec := w.exec
+	w.mu.Unlock()
+	if exec != nil { // outside w.mu: it waits for a running step
+		r.NumKvBlocks = int64(exec.NumBlocks())
 	}
 	return r, nil
 }
@@ -217,6 +218,7 @@ func (w *WorkerService) setPeers(a *workerv1.Assignment) error {
 		w.peers = nil
 	}
 	w.assign = a
+	w.box.keepOnly(a.Version)
 	if a.TpSize <= 1 && a.NextStage == "" && a.Stage == 0 {
 		return nil
 	}
@@ -399,7 +401,13 @@ func (g *replicaExecutor) Release(ctx context.Context, ids []uint64) error {
 }
 
 func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
-	req := &workerv1.StepRequest{StepId: b.ID, AssignmentVersion: g.gen, Seqs: make([]*workerv1.SeqStep, len(b.Seqs))}
+	req := &workerv1.StepRequest{AssignmentVersion: g.gen, Seqs: make([]*workerv1.SeqStep, len(b.Seqs))}
+	if len(g.members) > 1 {
+		// Workers run numbered steps strictly in order; a lone worker
+		// runs one step at a time anyway and must not wait for a step
+		// that never reached it.
+		req.StepId = b.ID
+	}
 	for i, s := range b.Seqs {
 		req.Seqs[i] = &workerv1.SeqStep{SeqId: s.ID, Tokens: s.Tokens, Start: int32(s.Start), BlockTable: s.Blocks,
 			Sample: s.Sample, TopN: int32(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogsumexp: s.WantLogSumExp}

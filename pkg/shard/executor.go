@@ -112,20 +112,20 @@ type Link interface {
 	SendHidden(h []float32) error
 }
 
-// TurnWait bounds how long a step waits for the steps numbered before it
-// (one that never comes, because the coordinator failed to send it, must
-// not block the replica for good).
-var TurnWait = 2 * time.Second
-
 // Step runs one batch on a whole model (no Link needed).
 func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
 	return x.StepLinked(ctx, b, nil)
 }
 
 // StepLinked runs one batch. Errors about the batch wrap model.ErrBadBatch.
-// Steps with ids (b.ID > 0) run in id order. A stage that is not the last
-// returns no per-sequence results.
+// Steps with ids (b.ID > 0) run strictly in id order: a step waits for
+// every lower id to have run or failed here (or for ctx to end), so the
+// ranks of a tensor-parallel group never run different steps at once. The
+// coordinator gives up on a sharded replica whose step failed (see
+// pkg/server), so a missing id never stalls a live replica. A stage that is
+// not the last returns no per-sequence results.
 func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Link) (*routing.StepResult, error) {
+	defer x.doneTurn(b.ID) // failed or not, later steps may go
 	m := x.m
 	V := m.Config().VocabSize
 	sharded := !m.IsFirst() || !m.IsLast() || m.Shard().TPSize > 1
@@ -158,8 +158,9 @@ func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Li
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	x.waitTurn(ctx, b.ID)
-	defer x.doneTurn(b.ID)
+	if err := x.waitTurn(ctx, b.ID); err != nil {
+		return nil, err
+	}
 	if !m.IsFirst() {
 		h, err := link.RecvHidden()
 		if err != nil {
@@ -244,25 +245,26 @@ func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Li
 	return res, nil
 }
 
-// waitTurn blocks until the steps numbered before id have run here, or
-// TurnWait has passed, or ctx ends. Steps without an id do not wait.
-func (x *Executor) waitTurn(ctx context.Context, id uint64) {
+// waitTurn blocks until the steps numbered before id have run here or ctx
+// ends. Steps without an id do not wait.
+func (x *Executor) waitTurn(ctx context.Context, id uint64) error {
 	if id == 0 {
-		return
+		return nil
 	}
-	deadline := time.Now().Add(TurnWait)
 	x.turnMu.Lock()
 	defer x.turnMu.Unlock()
-	for x.turn+1 < id && time.Now().Before(deadline) && ctx.Err() == nil {
+	for x.turn+1 < id {
 		moved := x.turnC
 		x.turnMu.Unlock()
 		select {
 		case <-moved:
-		case <-time.After(time.Until(deadline)):
 		case <-ctx.Done():
+			x.turnMu.Lock()
+			return fmt.Errorf("waiting for step %d to run first: %w", x.turn+1, ctx.Err())
 		}
 		x.turnMu.Lock()
 	}
+	return nil
 }
 
 func (x *Executor) doneTurn(id uint64) {

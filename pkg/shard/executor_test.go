@@ -6,6 +6,7 @@ import (
 	"math"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
@@ -132,5 +133,106 @@ func TestStepPromptLogprobsAndErrors(t *testing.T) {
 		if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: []routing.StepSeq{s}}); !errors.Is(err, model.ErrBadBatch) {
 			t.Errorf("bad step %d: %v", i, err)
 		}
+	}
+}
+
+// commLink is a shard.Link for one tensor-parallel stage in process.
+type commLink struct{ model.Comm }
+
+func (commLink) RecvHidden() ([]float32, error) { return nil, errors.New("no previous stage") }
+func (commLink) SendHidden([]float32) error     { return errors.New("no next stage") }
+
+// TestStepsRunInIDOrder: two tensor-parallel ranks receive numbered steps
+// in opposite orders; each runs them in id order, so their all-reduces
+// pair up and every step completes with the same answer on both. A step
+// waiting for a lower id that never comes fails when its context ends.
+func TestStepsRunInIDOrder(t *testing.T) {
+	cfg, err := model.Preset("tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := model.NewRandomWeights(cfg, kernels.BF16, 5)
+	comms := model.LocalComms(2)
+	var xs []*shard.Executor
+	for r := range 2 {
+		b, err := cpu.New(cpu.Config{Threads: 1, BatchInvariant: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := model.NewShard(cfg, b, src, model.Shard{TPRank: r, TPSize: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close(); b.Close() })
+		x := shard.NewExecutor(m)
+		if err := x.Warmup(16, 16, 0); err != nil {
+			t.Fatal(err)
+		}
+		xs = append(xs, x)
+	}
+	batch := func(id uint64) *routing.StepBatch {
+		return &routing.StepBatch{ID: id, Seqs: []routing.StepSeq{{ID: id, Tokens: []int32{int32(id), 7, 9}, Blocks: []int32{int32(id)},
+			Sample: true, TopN: 3}}}
+	}
+	type out struct {
+		rank int
+		id   uint64
+		res  *routing.StepResult
+		err  error
+	}
+	results := make(chan out, 6)
+	orders := [][]uint64{{1, 2, 3}, {3, 2, 1}}
+	for r, order := range orders {
+		for _, id := range order {
+			go func() {
+				res, err := xs[r].StepLinked(context.Background(), batch(id), commLink{comms[r]})
+				results <- out{r, id, res, err}
+			}()
+			time.Sleep(20 * time.Millisecond) // arrive in this order
+		}
+	}
+	got := map[uint64][]*routing.StepResult{}
+	for range 6 {
+		select {
+		case o := <-results:
+			if o.err != nil {
+				t.Fatalf("rank %d step %d: %v", o.rank, o.id, o.err)
+			}
+			got[o.id] = append(got[o.id], o.res)
+		case <-time.After(60 * time.Second):
+			t.Fatal("ranks deadlocked")
+		}
+	}
+	b, err := cpu.New(cpu.Config{Threads: 1, BatchInvariant: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	whole, err := model.New(cfg, b, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { whole.Close(); b.Close() })
+	wx := shard.NewExecutor(whole)
+	if err := wx.Warmup(16, 16, 0); err != nil {
+		t.Fatal(err)
+	}
+	for id, rs := range got {
+		a, b := rs[0].Seqs[0], rs[1].Seqs[0]
+		m, err := shard.Merge([]routing.SeqResult{a, b}, 3, false)
+		if err != nil {
+			t.Fatalf("step %d: %v", id, err)
+		}
+		want := step(t, wx, batch(id).Seqs...).Seqs[0].Candidates
+		for i := range want {
+			if m.Candidates[i].ID != want[i].ID || math.Abs(float64(m.Candidates[i].Logit-want[i].Logit)) > 1e-4 {
+				t.Fatalf("step %d: candidates %v, one process %v", id, m.Candidates, want)
+			}
+		}
+	}
+	// Step 5 without step 4: it waits, and fails when its context ends.
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := xs[0].StepLinked(ctx, batch(5), commLink{comms[0]}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a step past a missing one: %v", err)
 	}
 }

@@ -708,10 +708,12 @@ func (x *SeqStep) GetWantLogsumexp() bool {
 }
 
 type StepRequest struct {
-	state             protoimpl.MessageState `protogen:"open.v1"`
-	StepId            uint64                 `protobuf:"varint,1,opt,name=step_id,json=stepId,proto3" json:"step_id,omitempty"`
-	AssignmentVersion int64                  `protobuf:"varint,2,opt,name=assignment_version,json=assignmentVersion,proto3" json:"assignment_version,omitempty"`
-	Seqs              []*SeqStep             `protobuf:"bytes,3,rep,name=seqs,proto3" json:"seqs,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// step_id > 0: the replica's steps are numbered and every worker runs
+	// them strictly in that order (several may be in flight); 0: unordered.
+	StepId            uint64     `protobuf:"varint,1,opt,name=step_id,json=stepId,proto3" json:"step_id,omitempty"`
+	AssignmentVersion int64      `protobuf:"varint,2,opt,name=assignment_version,json=assignmentVersion,proto3" json:"assignment_version,omitempty"`
+	Seqs              []*SeqStep `protobuf:"bytes,3,rep,name=seqs,proto3" json:"seqs,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
