@@ -8,6 +8,7 @@ import (
 	"math"
 	"sync"
 	"time"
+	"unsafe"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -117,22 +118,42 @@ func kindName(k int32) string {
 	return "all-reduce"
 }
 
-func encodeF32(x []float32) []byte {
-	b := make([]byte, 4*len(x))
-	for i, v := range x {
-		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(v))
+// f32Bytes views x as its bytes (little-endian on every platform Go's
+// amd64 and arm64 ports run). The view aliases x.
+func f32Bytes(x []float32) []byte {
+	if len(x) == 0 {
+		return nil
 	}
-	return b
+	return unsafe.Slice((*byte)(unsafe.Pointer(&x[0])), 4*len(x))
 }
 
 func decodeF32(b []byte, into []float32) error {
 	if len(b) != 4*len(into) {
 		return fmt.Errorf("%d bytes for %d values", len(b), len(into))
 	}
-	for i := range into {
-		into[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
-	}
+	copy(f32Bytes(into), b)
 	return nil
+}
+
+// Flow-control windows and buffers for worker-to-worker traffic: a
+// prefill chunk's hidden states are megabytes, and gRPC's default 64 KiB
+// windows would stall every such message on window updates.
+const (
+	peerWindow = 16 << 20
+	peerBuffer = 256 << 10
+)
+
+// PeerDialOptions are the dial options for a worker's peers.
+func PeerDialOptions() []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(peerWindow), grpc.WithInitialConnWindowSize(peerWindow),
+		grpc.WithWriteBufferSize(peerBuffer), grpc.WithReadBufferSize(peerBuffer)}
+}
+
+// PeerServerOptions are the matching server options of a worker.
+func PeerServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.InitialWindowSize(peerWindow), grpc.InitialConnWindowSize(peerWindow),
+		grpc.WriteBufferSize(peerBuffer), grpc.ReadBufferSize(peerBuffer)}
 }
 
 // peers are the workers a sharded worker talks to.
@@ -146,8 +167,8 @@ type peers struct {
 func dialPeers(a *workerv1.Assignment) (*peers, error) {
 	p := &peers{rank: int(a.TpRank), tp: make([]workerv1.WorkerClient, len(a.TpPeers))}
 	dial := func(addr string) (workerv1.WorkerClient, error) {
-		c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))
+		c, err := grpc.NewClient(addr, append(PeerDialOptions(),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))...)
 		if err != nil {
 			return nil, err
 		}
@@ -205,7 +226,7 @@ func (l *stepLink) AllReduce(x []float32) error {
 	defer func() { l.commTime += time.Since(t0) }()
 	idx := l.n
 	l.n++
-	data := encodeF32(x)
+	data := f32Bytes(x) // read by the sends, which end before x changes
 	// A failed send ends the waits too: a peer that cannot be reached
 	// will not send its part either.
 	ctx, cancel := context.WithCancelCause(l.ctx)
@@ -220,22 +241,21 @@ func (l *stepLink) AllReduce(x []float32) error {
 			})
 		}
 	}
-	parts := make([][]float32, len(l.p.tp))
-	parts[l.p.rank] = append([]float32(nil), x...)
+	parts := make([][]byte, len(l.p.tp))
 	var first error
 	for r := range l.p.tp {
 		if r == l.p.rank {
 			continue
 		}
 		b, err := l.box.take(ctx, mailKey{l.version, l.step, kindAllReduce, idx, int32(r)})
-		if err == nil {
-			parts[r] = make([]float32, len(x))
-			err = decodeF32(b, parts[r])
+		if err == nil && len(b) != len(data) {
+			err = fmt.Errorf("%d bytes for %d values", len(b), len(x))
 		}
 		if err != nil {
 			first = fmt.Errorf("from rank %d: %w", r, err)
 			break
 		}
+		parts[r] = b
 	}
 	sends.Wait()
 	if cause := context.Cause(ctx); cause != nil && l.ctx.Err() == nil && !errors.Is(cause, context.Canceled) {
@@ -244,11 +264,18 @@ func (l *stepLink) AllReduce(x []float32) error {
 	if first != nil {
 		return first
 	}
-	clear(x)
-	for _, p := range parts {
-		for i, v := range p {
-			x[i] += v
+	// Every rank adds the parts in rank order, from zero: the same bits
+	// everywhere.
+	for i, own := range x {
+		var sum float32
+		for r, p := range parts {
+			v := own
+			if r != l.p.rank {
+				v = math.Float32frombits(binary.LittleEndian.Uint32(p[4*i:]))
+			}
+			sum += v
 		}
+		x[i] = sum
 	}
 	return nil
 }
@@ -267,5 +294,5 @@ func (l *stepLink) RecvHidden() ([]float32, error) {
 func (l *stepLink) SendHidden(h []float32) error {
 	t0 := time.Now()
 	defer func() { l.commTime += time.Since(t0) }()
-	return l.send(l.p.next, kindHidden, 0, encodeF32(h))
+	return l.send(l.p.next, kindHidden, 0, f32Bytes(h))
 }

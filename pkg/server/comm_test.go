@@ -24,7 +24,7 @@ func linkedGroup(t testing.TB, n int) ([]*WorkerService, []*peers) {
 			t.Fatal(err)
 		}
 		s := NewWorkerService(WorkerOptions{})
-		gs := grpc.NewServer()
+		gs := grpc.NewServer(append(PeerServerOptions(), grpc.MaxRecvMsgSize(256<<20))...)
 		workerv1.RegisterWorkerServer(gs, s)
 		go gs.Serve(lis)
 		t.Cleanup(gs.Stop)
@@ -85,26 +85,31 @@ func TestAllReduceOverGRPC(t *testing.T) {
 	}
 }
 
-// BenchmarkAllReduce is the latency of one all-reduce of a decode row of
-// the qwen2-0.5b shape (896 floats) between two local ranks.
+// BenchmarkAllReduce is the latency of one all-reduce between two local
+// ranks of the qwen2-0.5b shape's hidden rows (896 floats each): one
+// decode row, 16 rows (a batch of decodes) and 512 (a prefill chunk).
 func BenchmarkAllReduce(b *testing.B) {
 	svcs, ps := linkedGroup(b, 2)
-	x := make([][]float32, 2)
-	for r := range x {
-		x[r] = make([]float32, 896)
-	}
-	b.ResetTimer()
-	var wg sync.WaitGroup
-	for r := range 2 {
-		wg.Go(func() {
-			l := &stepLink{ctx: context.Background(), box: &svcs[r].box, p: ps[r], step: 1}
-			for i := 0; i < b.N; i++ {
-				if err := l.AllReduce(x[r]); err != nil {
-					b.Error(err)
-					return
-				}
+	for _, rows := range []int{1, 16, 512} {
+		b.Run(fmt.Sprintf("rows=%d", rows), func(b *testing.B) {
+			x := make([][]float32, 2)
+			for r := range x {
+				x[r] = make([]float32, 896*rows)
 			}
+			var wg sync.WaitGroup
+			step := uint64(rows) << 32 // fresh mail keys per sub-benchmark
+			for r := range 2 {
+				wg.Go(func() {
+					l := &stepLink{ctx: context.Background(), box: &svcs[r].box, p: ps[r], step: step}
+					for i := 0; i < b.N; i++ {
+						if err := l.AllReduce(x[r]); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
 		})
 	}
-	wg.Wait()
 }
