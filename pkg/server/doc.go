@@ -3,8 +3,14 @@
 // (proto/qwenfleet/v1) over routing's Router, and the worker's internal
 // Worker service (proto/worker/v1) over shard's Executor. It also holds the
 // processes' lifecycles: a worker registering in etcd and joining gossip, a
-// coordinator campaigning for leadership, watching workers, loading and
-// warming them and turning each into a replica.
+// coordinator campaigning for leadership, watching workers, planning the
+// free ones into replicas (pkg/placement), writing the placement to etcd,
+// having each worker load its assignment from it and warming them up.
+//
+// Workers of a split replica talk to each other directly (the Exchange
+// RPC: tensor-parallel all-reduces and hidden states from stage to stage);
+// the coordinator sends each numbered step to all of them and merges the
+// last stage's vocabulary slices (shard.Merge).
 //
 // Status codes: bad request fields are INVALID_ARGUMENT naming the field, a
 // full queue RESOURCE_EXHAUSTED, an unknown model NOT_FOUND, no ready

@@ -39,12 +39,12 @@ type WorkerClient interface {
 	Info(ctx context.Context, in *InfoRequest, opts ...grpc.CallOption) (*InfoResponse, error)
 	// Load loads the model slice an assignment names, streaming progress.
 	Load(ctx context.Context, in *LoadRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LoadProgress], error)
-	// Warmup sizes the KV pool and runs one forward step.
+	// Warmup sizes the KV pool and (a whole model only) runs one forward step.
 	Warmup(ctx context.Context, in *WarmupRequest, opts ...grpc.CallOption) (*WarmupResponse, error)
 	// Step runs one forward step over a batch of prefill chunks and decodes.
 	Step(ctx context.Context, in *StepRequest, opts ...grpc.CallOption) (*StepResponse, error)
-	// Release drops finished sequences (the worker keeps no per-sequence state
-	// today beyond statistics; the call is the hook for caches that do).
+	// Release drops finished sequences: the worker forgets how much of their
+	// KV it holds, so a later step for one must start at position 0.
 	Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error)
 	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
 	// Exchange delivers one message from another worker of the same replica:
@@ -148,12 +148,12 @@ type WorkerServer interface {
 	Info(context.Context, *InfoRequest) (*InfoResponse, error)
 	// Load loads the model slice an assignment names, streaming progress.
 	Load(*LoadRequest, grpc.ServerStreamingServer[LoadProgress]) error
-	// Warmup sizes the KV pool and runs one forward step.
+	// Warmup sizes the KV pool and (a whole model only) runs one forward step.
 	Warmup(context.Context, *WarmupRequest) (*WarmupResponse, error)
 	// Step runs one forward step over a batch of prefill chunks and decodes.
 	Step(context.Context, *StepRequest) (*StepResponse, error)
-	// Release drops finished sequences (the worker keeps no per-sequence state
-	// today beyond statistics; the call is the hook for caches that do).
+	// Release drops finished sequences: the worker forgets how much of their
+	// KV it holds, so a later step for one must start at position 0.
 	Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error)
 	Health(context.Context, *HealthRequest) (*HealthResponse, error)
 	// Exchange delivers one message from another worker of the same replica:
