@@ -29,6 +29,7 @@ type WorkerInfo struct {
 	ID          string    `json:"id"`
 	Addr        string    `json:"addr"`
 	GossipAddr  string    `json:"gossip_addr,omitempty"`
+	MetricsAddr string    `json:"metrics_addr,omitempty"` // Prometheus /metrics, when served
 	Backend     string    `json:"backend"`
 	MemoryBytes int64     `json:"memory_bytes"`
 	Devices     int       `json:"devices"`

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sync/atomic"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
 )
@@ -31,6 +32,9 @@ type Model struct {
 	rope   kernels.Rope
 	bytes  int64 // weight bytes
 	closer func() error
+	// expertTokens counts, per expert, the token rows routed to it (summed
+	// over layers) since the model was built.
+	expertTokens []atomic.Int64
 }
 
 type layer struct {
@@ -143,7 +147,23 @@ func NewShard(cfg *Config, b kernels.Backend, src WeightSource, sh Shard) (*Mode
 		return nil, err
 	}
 	m.rope.InvFreq, m.rope.Scale = cfg.Rope()
+	if cfg.IsMoE() {
+		m.expertTokens = make([]atomic.Int64, cfg.NumExperts)
+	}
 	return m, nil
+}
+
+// ExpertTokens returns, per expert, how many token rows this model routed
+// to it so far, summed over its layers (nil for a dense model).
+func (m *Model) ExpertTokens() []int64 {
+	if m.expertTokens == nil {
+		return nil
+	}
+	out := make([]int64, len(m.expertTokens))
+	for i := range m.expertTokens {
+		out[i] = m.expertTokens[i].Load()
+	}
+	return out
 }
 
 // Config is the model's configuration.
@@ -489,6 +509,7 @@ func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace) kernels.T
 		if len(rows[ex]) == 0 {
 			continue
 		}
+		m.expertTokens[ex].Add(int64(len(rows[ex])))
 		xe := b.Gather(x, rows[ex])
 		y := m.mlpForward(&e.experts[ex], xe)
 		b.Free(xe)

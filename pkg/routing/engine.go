@@ -29,6 +29,8 @@ type StepSeq struct {
 	// PromptTargets, when not nil, has one entry per token: the id whose
 	// logprob is wanted at that position, or -1.
 	PromptTargets []int32
+	// RequestID is the client's id of the request (for workers' logs).
+	RequestID string
 }
 
 // StepBatch is what an Executor runs.
@@ -113,6 +115,9 @@ type Event struct {
 	PromptLogprobs []float32
 	Preemptions    int
 	Err            error
+	// Scheduled (final event) is when the request first ran in a step;
+	// zero if it never did.
+	Scheduled time.Time
 }
 
 // Stream delivers one request's events; events not yet received are
@@ -143,6 +148,7 @@ func (s *Stream) finish(e Event) {
 	if !s.closed {
 		s.pending.Done, s.pending.Finish, s.pending.MatchedStop = true, e.Finish, e.MatchedStop
 		s.pending.PromptLogprobs, s.pending.Preemptions, s.pending.Err = e.PromptLogprobs, e.Preemptions, e.Err
+		s.pending.Scheduled = e.Scheduled
 		s.closed, s.has = true, true
 	}
 	s.mu.Unlock()
@@ -201,6 +207,8 @@ type reqState struct {
 	// failures counts consecutive failed steps this request was in; after
 	// MaxStepFailures it ends with an error instead of retrying forever.
 	failures int
+	// scheduled is when the request first ran in a step.
+	scheduled time.Time
 }
 
 // MaxStepFailures is how many consecutive failed steps a request survives.
@@ -245,6 +253,9 @@ type Engine struct {
 	// step; the engine has already sent its running sequences back to the
 	// queue.
 	OnStepError func(error)
+	// OnStep, when set, is called (outside the lock) after every step
+	// that succeeded.
+	OnStep func(StepInfo)
 }
 
 // NewEngine makes an engine over a pool of numBlocks KV blocks.
@@ -354,6 +365,7 @@ func (e *Engine) end(q *Seq, ev Event) {
 	e.ended = append(e.ended, uint64(q.ID))
 	ev.PromptLogprobs = st.plp
 	ev.Preemptions = q.Preemptions
+	ev.Scheduled = st.scheduled
 	st.stream.finish(ev)
 }
 
@@ -414,6 +426,14 @@ func (e *Engine) SetDepth(n int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.depth = max(n, 1)
+}
+
+// StepInfo describes a finished step (for metrics).
+type StepInfo struct {
+	Took, Comm time.Duration
+	Seqs       int // sequences in the step
+	Tokens     int // tokens computed
+	Preempted  int // sequences preempted to make room for it
 }
 
 // stepDone is a finished step.
@@ -519,6 +539,13 @@ func (e *Engine) Run(ctx context.Context) {
 		ended := e.ended
 		e.ended = nil
 		e.mu.Unlock()
+		if e.OnStep != nil {
+			info := StepInfo{Took: d.took, Comm: d.res.Comm, Seqs: len(d.batch.Seqs), Preempted: len(d.plan.Preempted)}
+			for _, s := range d.batch.Seqs {
+				info.Tokens += len(s.Tokens)
+			}
+			e.OnStep(info)
+		}
 		if r, ok := e.exec.(Releaser); ok && len(ended) > 0 {
 			// Best effort, and not in the way of the next step (a worker
 			// answers it after the step it is running).
@@ -535,7 +562,10 @@ func (e *Engine) batch(p *Plan) *StepBatch {
 	b := &StepBatch{Seqs: make([]StepSeq, len(p.Items))}
 	for i, it := range p.Items {
 		st := it.Seq.Payload.(*reqState)
-		s := StepSeq{ID: uint64(it.Seq.ID), Tokens: it.Tokens, Start: it.Start, Blocks: it.Blocks, Sample: it.Sample}
+		s := StepSeq{ID: uint64(it.Seq.ID), Tokens: it.Tokens, Start: it.Start, Blocks: it.Blocks, Sample: it.Sample, RequestID: st.req.ID}
+		if st.scheduled.IsZero() {
+			st.scheduled = time.Now()
+		}
 		if it.Sample {
 			s.TopN = max(1, st.req.Logprobs)
 			s.FullRow = !st.plainGreedy(it.Seq)

@@ -271,6 +271,9 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 	}
 	ctx := out.Context()
 	g := newGenState(s.c, r, req)
+	rec := s.c.record(r)
+	finish, final := "abort", routing.Event{} // a client gone is an abort
+	defer func() { rec.done(finish, final) }()
 	for {
 		ev, err := stream.Recv(ctx)
 		if err != nil {
@@ -295,13 +298,18 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 				s.c.router.AbortStream(stream)
 				return err
 			}
+			rec.sent(len(chunk.TokenIds))
 		}
 		if done || ev.Done {
+			final = ev
 			if ev.Err != nil && g.finish == "" {
+				finish = "error"
 				return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Error{Error: &pb.GenerateError{
 					Code: codes.Internal.String(), Message: ev.Err.Error()}}})
 			}
-			return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Complete{Complete: g.complete(ev)}})
+			c := g.complete(ev)
+			finish = c.FinishReason
+			return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Complete{Complete: c}})
 		}
 	}
 }
@@ -485,7 +493,7 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 		} else if why, ok := c.failed[w.ID]; ok && info.Leader {
 			state = why
 		}
-		info.Workers = append(info.Workers, &pb.WorkerStatus{Id: w.ID, Address: w.Addr, Pid: int32(w.PID), State: state,
+		info.Workers = append(info.Workers, &pb.WorkerStatus{Id: w.ID, Address: w.Addr, Pid: int32(w.PID), State: state, MetricsAddress: w.MetricsAddr,
 			Backend: w.Backend, MemoryBytes: w.MemoryBytes, Host: w.Host})
 	}
 	p := c.placement

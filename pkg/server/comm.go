@@ -10,9 +10,11 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
 )
 
@@ -213,6 +215,16 @@ type stepLink struct {
 	// commTime is the time spent in all-reduces and sending hidden states;
 	// waitTime the time waiting for the previous stage.
 	commTime, waitTime time.Duration
+	m                  *metrics.Worker // nil: not observed
+}
+
+// observe adds an operation's time to a total and, with metrics, to h.
+func (l *stepLink) observe(total *time.Duration, h func(*metrics.Worker) prometheus.Histogram, t0 time.Time) {
+	d := time.Since(t0)
+	*total += d
+	if l.m != nil {
+		h(l.m).Observe(d.Seconds())
+	}
 }
 
 func (l *stepLink) send(c workerv1.WorkerClient, kind, index int32, data []byte) error {
@@ -222,8 +234,7 @@ func (l *stepLink) send(c workerv1.WorkerClient, kind, index int32, data []byte)
 }
 
 func (l *stepLink) AllReduce(x []float32) error {
-	t0 := time.Now()
-	defer func() { l.commTime += time.Since(t0) }()
+	defer l.observe(&l.commTime, func(m *metrics.Worker) prometheus.Histogram { return m.AllReduce }, time.Now())
 	idx := l.n
 	l.n++
 	data := f32Bytes(x) // read by the sends, which end before x changes
@@ -281,8 +292,7 @@ func (l *stepLink) AllReduce(x []float32) error {
 }
 
 func (l *stepLink) RecvHidden() ([]float32, error) {
-	t0 := time.Now()
-	defer func() { l.waitTime += time.Since(t0) }()
+	defer l.observe(&l.waitTime, func(m *metrics.Worker) prometheus.Histogram { return m.StageWait }, time.Now())
 	b, err := l.box.take(l.ctx, mailKey{l.version, l.step, kindHidden, 0, int32(l.p.rank)})
 	if err != nil {
 		return nil, err
@@ -292,7 +302,6 @@ func (l *stepLink) RecvHidden() ([]float32, error) {
 }
 
 func (l *stepLink) SendHidden(h []float32) error {
-	t0 := time.Now()
-	defer func() { l.commTime += time.Since(t0) }()
+	defer l.observe(&l.commTime, func(m *metrics.Worker) prometheus.Histogram { return m.StageTransfer }, time.Now())
 	return l.send(l.p.next, kindHidden, 0, f32Bytes(h))
 }

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
+	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/placement"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
@@ -148,7 +149,8 @@ type Coordinator struct {
 	ready     chan struct{} // closed when the first replica is up
 	readyOnce sync.Once
 	retry     chan struct{} // asks Run to reconcile again
-	pmu       sync.Mutex    // serialises placement writes
+	metrics   *metrics.Coordinator
+	pmu       sync.Mutex // serialises placement writes
 	lastGen   int64
 }
 
@@ -209,6 +211,7 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 	c := &Coordinator{opts: opts, log: opts.Logger, cfg: cfg, router: routing.NewRouter(), started: time.Now(),
 		replicas: map[string]*replica{}, owner: map[string]*replica{}, failed: map[string]string{},
 		suspect: map[string]cluster.WorkerInfo{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
+	c.metrics = metrics.NewCoordinator(opts.ModelName, cfg.MaxContext(), newStateCollector(c, opts.ModelName))
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {
 			return nil, fmt.Errorf("model %s: %w", dir, err)
@@ -216,6 +219,9 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 	}
 	return c, nil
 }
+
+// Metrics are the coordinator's Prometheus instruments.
+func (c *Coordinator) Metrics() *metrics.Coordinator { return c.metrics }
 
 // Router is the coordinator's router (tests read its counters).
 func (c *Coordinator) Router() *routing.Router { return c.router }
@@ -518,6 +524,7 @@ func (c *Coordinator) tryBringUp(ctx context.Context, r *replica) error {
 	eng := routing.NewEngine(exec, c.opts.Scheduler, int(blocks), c.opts.BlockSize)
 	eng.SetStepTimeout(c.opts.StepTimeout)
 	eng.SetDepth(r.pp) // one micro-batch in flight per stage
+	eng.OnStep = c.observeStep
 	ectx, ecancel := context.WithCancel(ctx)
 	eng.OnStepError = func(err error) {
 		c.log.Warn("step failed", "replica", r.key, "err", err)

@@ -32,12 +32,19 @@ func splitList(s string) []string {
 	return out
 }
 
-func newLogger(level string) (*slog.Logger, error) {
+func newLogger(level, format string) (*slog.Logger, error) {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
 		return nil, fmt.Errorf("--log-level: %q is not debug, info, warn or error", level)
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+	opts := &slog.HandlerOptions{Level: l}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format: %q is not text or json", format)
 }
 
 func signalContext() (context.Context, context.CancelFunc) {
@@ -76,6 +83,8 @@ func WorkerMain(args []string) int {
 	mem := fs.String("memory", "0", "memory reported in etcd for placement (0: the machine's RAM)")
 	gossipFast := fs.Bool("gossip-fast", true, "sub-second gossip failure detection (loopback/LAN)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	format := fs.String("log-format", "text", "log lines as text or json")
+	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 0.0.0.0:9091; empty: off)")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file until exit")
 	if rc := parseFlags(fs, args); rc >= 0 {
 		return rc
@@ -92,14 +101,14 @@ func WorkerMain(args []string) int {
 	if err != nil {
 		return fail("--memory: %v", err)
 	}
-	log, err := newLogger(*level)
+	log, err := newLogger(*level, *format)
 	if err != nil {
 		return fail("%v", err)
 	}
 	ctx, cancel := signalContext()
 	defer cancel()
 	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
-		ID: *id, Threads: *threads, Kernels: *kernels, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast, CPUProfile: *cpuProfile, Logger: log})
+		ID: *id, Threads: *threads, Kernels: *kernels, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast, CPUProfile: *cpuProfile, MetricsListen: *metricsListen, Logger: log})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "worker: %v\n", err)
 		return 1
@@ -129,6 +138,8 @@ func CoordinatorMain(args []string) int {
 	quantize := fs.String("quantize", "", "weight quantisation on the workers: q8 (int8, groups of 32), or none")
 	leaderTTL := fs.Duration("leader-ttl", 5*time.Second, "leader session TTL: a standby takes over this long after the leader dies")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	format := fs.String("log-format", "text", "log lines as text or json (local workers too)")
+	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9090; empty: off); local workers then serve theirs too")
 	if rc := parseFlags(fs, args); rc >= 0 {
 		return rc
 	}
@@ -166,7 +177,7 @@ func CoordinatorMain(args []string) int {
 			return fail("--model: %s has no config.json", *modelDir)
 		}
 	}
-	log, err := newLogger(*level)
+	log, err := newLogger(*level, *format)
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -182,12 +193,12 @@ func CoordinatorMain(args []string) int {
 	case *localWorkers > 1: // share the CPUs rather than oversubscribe them
 		wargs = append(wargs, "--threads", fmt.Sprint(max(runtime.NumCPU() / *localWorkers, 1)))
 	}
-	wargs = append(wargs, "--log-level", *level)
+	wargs = append(wargs, "--log-level", *level, "--log-format", *format)
 	ctx, cancel := signalContext()
 	defer cancel()
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
-		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp,
+		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen,
 		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
 	if err != nil && ctx.Err() == nil {
 		fmt.Fprintf(os.Stderr, "coordinator: %v\n", err)

@@ -25,6 +25,7 @@ import (
 	"github.com/qwenfleet/qwenfleet"
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
@@ -51,6 +52,9 @@ type WorkerProcessOptions struct {
 	GossipBind    string // default: the listen host
 	GossipFast    bool
 	CPUProfile    string // file to write a CPU profile to, until exit
+	// MetricsListen, when set, serves Prometheus /metrics there (port 0
+	// picks one; the address is registered in etcd).
+	MetricsListen string
 	Logger        *slog.Logger
 }
 
@@ -101,6 +105,16 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, KVCacheBytes: o.KVCacheBytes,
 		MemoryBytes: o.MemoryBytes, Logger: log})
 	defer svc.Close()
+	var metricsAddr string
+	if o.MetricsListen != "" {
+		a, stopMetrics, err := metrics.Serve(o.MetricsListen, svc.Metrics().Registry)
+		if err != nil {
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+		defer stopMetrics()
+		metricsAddr = a
+		log.Info("metrics", "addr", "http://"+a+"/metrics")
+	}
 	gs := grpc.NewServer(append(PeerServerOptions(), grpc.MaxRecvMsgSize(256<<20), grpc.MaxSendMsgSize(256<<20),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}))...)
 	workerv1.RegisterWorkerServer(gs, svc)
@@ -137,7 +151,7 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		return fmt.Errorf("gossip: %w", err)
 	}
 	defer gossip.Close()
-	info := cluster.WorkerInfo{ID: o.ID, Addr: addr, GossipAddr: gossip.Addr(), Backend: "cpu", MemoryBytes: o.MemoryBytes,
+	info := cluster.WorkerInfo{ID: o.ID, Addr: addr, GossipAddr: gossip.Addr(), MetricsAddr: metricsAddr, Backend: "cpu", MemoryBytes: o.MemoryBytes,
 		Devices: 1, PID: os.Getpid(), Host: host, State: "idle", Started: time.Now()}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	reg, err := store.RegisterWorker(rctx, info, o.LeaseTTL)
@@ -189,6 +203,10 @@ type CoordinatorProcessOptions struct {
 	ID            string
 	LocalWorkers  int
 	TP, PP        int // forced layout (0: the planner's)
+	// MetricsListen, when set, serves the coordinator's Prometheus
+	// /metrics there; local workers then serve theirs on loopback ports
+	// (registered in etcd, listed by GetServerInfo).
+	MetricsListen string
 	// WorkerArgs are extra flags for local workers (e.g. --threads 2).
 	WorkerArgs   []string
 	BlockSize    int
@@ -308,6 +326,15 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log, TP: o.TP, PP: o.PP})
 	if err != nil {
 		return err
+	}
+	if o.MetricsListen != "" {
+		a, stopMetrics, err := metrics.Serve(o.MetricsListen, coord.Metrics().Registry)
+		if err != nil {
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+		defer stopMetrics()
+		log.Info("metrics", "addr", "http://"+a+"/metrics")
+		o.WorkerArgs = append(o.WorkerArgs, "--metrics-listen", "127.0.0.1:0")
 	}
 	gs := grpc.NewServer()
 	pb.RegisterGeneratorServer(gs, NewGeneratorService(coord))

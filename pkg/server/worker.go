@@ -8,14 +8,17 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
+	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/shard"
@@ -61,6 +64,7 @@ type WorkerService struct {
 	assign    *workerv1.Assignment
 	peers     *peers // nil unless sharded
 	box       mailbox
+	metrics   *metrics.Worker
 }
 
 // NewWorkerService makes an idle worker.
@@ -71,8 +75,13 @@ func NewWorkerService(opts WorkerOptions) *WorkerService {
 	if opts.KVCacheBytes <= 0 {
 		opts.KVCacheBytes = 512 << 20
 	}
-	return &WorkerService{opts: opts, state: "idle"}
+	w := &WorkerService{opts: opts, state: "idle"}
+	w.metrics = metrics.NewWorker(opts.ID, newWorkerCollector(w))
+	return w
 }
+
+// Metrics are the worker's Prometheus instruments.
+func (w *WorkerService) Metrics() *metrics.Worker { return w.metrics }
 
 func (w *WorkerService) setAssignments(f func(ctx context.Context, version int64) (*workerv1.Assignment, error)) {
 	w.mu.Lock()
@@ -308,10 +317,24 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	var link *stepLink
 	var sl shard.Link
 	if prs != nil {
-		link = &stepLink{ctx: ctx, box: &w.box, p: prs, version: version, step: req.StepId}
+		link = &stepLink{ctx: ctx, box: &w.box, p: prs, version: version, step: req.StepId, m: w.metrics}
 		sl = link
 	}
 	res, err := exec.StepLinked(ctx, b, sl)
+	if err == nil {
+		w.metrics.Steps.Inc()
+		w.metrics.Tokens.Add(float64(tokens))
+		w.metrics.StepDuration.Observe(time.Since(t0).Seconds())
+		w.metrics.Forward.Observe(res.Forward.Seconds())
+	}
+	if log := w.opts.Logger; log.Enabled(ctx, slog.LevelDebug) {
+		ids := make([]string, len(req.Seqs))
+		for i, s := range req.Seqs {
+			ids[i] = s.RequestId
+		}
+		log.Debug("step", "step_id", req.StepId, "seqs", len(req.Seqs), "tokens", tokens, "ms", ms(time.Since(t0)),
+			"request_ids", ids, "err", err)
+	}
 	switch {
 	case errors.Is(err, model.ErrBadBatch):
 		return nil, status.Error(codes.InvalidArgument, err.Error())
@@ -410,7 +433,8 @@ func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*rout
 	}
 	for i, s := range b.Seqs {
 		req.Seqs[i] = &workerv1.SeqStep{SeqId: s.ID, Tokens: s.Tokens, Start: int32(s.Start), BlockTable: s.Blocks,
-			Sample: s.Sample, TopN: int32(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogsumexp: s.WantLogSumExp}
+			Sample: s.Sample, TopN: int32(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogsumexp: s.WantLogSumExp,
+			RequestId: s.RequestID}
 	}
 	// One failed worker fails the step; the others' waits are cancelled.
 	sctx, cancel := context.WithCancel(ctx)
@@ -471,4 +495,50 @@ func seqResult(r *workerv1.SeqResult) routing.SeqResult {
 		sr.Candidates[j] = routing.Candidate{ID: c.Id, Logit: c.Logit}
 	}
 	return sr
+}
+
+// workerCollector reads a worker's state at scrape time: its KV pool, its
+// assignment, and per-expert token counts of a MoE model.
+type workerCollector struct {
+	w                       *WorkerService
+	blocks, info, expertTok *prometheus.Desc
+}
+
+func newWorkerCollector(w *WorkerService) *workerCollector {
+	l := prometheus.Labels{"worker": w.opts.ID}
+	return &workerCollector{w: w,
+		blocks: prometheus.NewDesc(metrics.Prefix+"worker_kv_cache_blocks", "The worker's KV pool, in blocks.", nil, l),
+		info: prometheus.NewDesc(metrics.Prefix+"worker_assignment", "1, labelled with what the worker holds.",
+			[]string{"model", "stage", "layers", "tp_rank", "tp_size", "state"}, l),
+		expertTok: prometheus.NewDesc(metrics.Prefix+"expert_tokens_total", "Token rows routed to each expert (summed over the worker's layers).",
+			[]string{"expert"}, l),
+	}
+}
+
+func (c *workerCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.blocks
+	ch <- c.info
+	ch <- c.expertTok
+}
+
+func (c *workerCollector) Collect(ch chan<- prometheus.Metric) {
+	w := c.w
+	w.mu.Lock()
+	exec, a, state, dir := w.exec, w.assign, w.state, w.modelDir
+	w.mu.Unlock()
+	if exec == nil {
+		ch <- prometheus.MustNewConstMetric(c.info, prometheus.GaugeValue, 1, "", "", "", "", "", state)
+		return
+	}
+	sh := exec.Model().Shard()
+	stage, tpSize := "0", "1"
+	if a != nil {
+		stage, tpSize = strconv.Itoa(int(a.Stage)), strconv.Itoa(max(int(a.TpSize), 1))
+	}
+	ch <- prometheus.MustNewConstMetric(c.info, prometheus.GaugeValue, 1, filepath.Base(dir), stage,
+		fmt.Sprintf("%d-%d", sh.LayersBegin, sh.LayersEnd), strconv.Itoa(sh.TPRank), tpSize, state)
+	ch <- prometheus.MustNewConstMetric(c.blocks, prometheus.GaugeValue, float64(exec.NumBlocks()))
+	for e, n := range exec.Model().ExpertTokens() {
+		ch <- prometheus.MustNewConstMetric(c.expertTok, prometheus.CounterValue, float64(n), strconv.Itoa(e))
+	}
 }

@@ -1394,16 +1394,17 @@ func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
 }
 
 type WorkerStatus struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Address       string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
-	Pid           int32                  `protobuf:"varint,3,opt,name=pid,proto3" json:"pid,omitempty"`
-	State         string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
-	Backend       string                 `protobuf:"bytes,5,opt,name=backend,proto3" json:"backend,omitempty"`
-	MemoryBytes   int64                  `protobuf:"varint,6,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
-	Host          string                 `protobuf:"bytes,7,opt,name=host,proto3" json:"host,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Id             string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Address        string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	Pid            int32                  `protobuf:"varint,3,opt,name=pid,proto3" json:"pid,omitempty"`
+	State          string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
+	Backend        string                 `protobuf:"bytes,5,opt,name=backend,proto3" json:"backend,omitempty"`
+	MemoryBytes    int64                  `protobuf:"varint,6,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
+	Host           string                 `protobuf:"bytes,7,opt,name=host,proto3" json:"host,omitempty"`
+	MetricsAddress string                 `protobuf:"bytes,8,opt,name=metrics_address,json=metricsAddress,proto3" json:"metrics_address,omitempty"` // the worker's Prometheus /metrics (host:port), when served
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *WorkerStatus) Reset() {
@@ -1481,6 +1482,13 @@ func (x *WorkerStatus) GetMemoryBytes() int64 {
 func (x *WorkerStatus) GetHost() string {
 	if x != nil {
 		return x.Host
+	}
+	return ""
+}
+
+func (x *WorkerStatus) GetMetricsAddress() string {
+	if x != nil {
+		return x.MetricsAddress
 	}
 	return ""
 }
@@ -2172,7 +2180,7 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\x05dtype\x18\v \x01(\tR\x05dtype\x12#\n" +
 	"\rhas_tokenizer\x18\f \x01(\bR\fhasTokenizer\x12\"\n" +
 	"\reos_token_ids\x18\r \x03(\x05R\veosTokenIds\"\x16\n" +
-	"\x14GetServerInfoRequest\"\xb1\x01\n" +
+	"\x14GetServerInfoRequest\"\xda\x01\n" +
 	"\fWorkerStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x10\n" +
@@ -2180,7 +2188,8 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\x05state\x18\x04 \x01(\tR\x05state\x12\x18\n" +
 	"\abackend\x18\x05 \x01(\tR\abackend\x12!\n" +
 	"\fmemory_bytes\x18\x06 \x01(\x03R\vmemoryBytes\x12\x12\n" +
-	"\x04host\x18\a \x01(\tR\x04host\"\xd0\x03\n" +
+	"\x04host\x18\a \x01(\tR\x04host\x12'\n" +
+	"\x0fmetrics_address\x18\b \x01(\tR\x0emetricsAddress\"\xd0\x03\n" +
 	"\tPlacement\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12;\n" +

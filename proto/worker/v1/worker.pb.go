@@ -609,7 +609,8 @@ type SeqStep struct {
 	// its logprob is returned in prompt_logprobs.
 	PromptTargets []int32 `protobuf:"varint,8,rep,packed,name=prompt_targets,json=promptTargets,proto3" json:"prompt_targets,omitempty"`
 	// want_logsumexp asks for the row's log-normalizer (for logprobs).
-	WantLogsumexp bool `protobuf:"varint,9,opt,name=want_logsumexp,json=wantLogsumexp,proto3" json:"want_logsumexp,omitempty"`
+	WantLogsumexp bool   `protobuf:"varint,9,opt,name=want_logsumexp,json=wantLogsumexp,proto3" json:"want_logsumexp,omitempty"`
+	RequestId     string `protobuf:"bytes,10,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // the client's request id (for logs)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -705,6 +706,13 @@ func (x *SeqStep) GetWantLogsumexp() bool {
 		return x.WantLogsumexp
 	}
 	return false
+}
+
+func (x *SeqStep) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
 }
 
 type StepRequest struct {
@@ -1370,7 +1378,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\n" +
 	"block_size\x18\x02 \x01(\x05R\tblockSize\x12&\n" +
 	"\x0fbytes_per_block\x18\x03 \x01(\x03R\rbytesPerBlock\x12\x1b\n" +
-	"\twarmup_ms\x18\x04 \x01(\x01R\bwarmupMs\"\x85\x02\n" +
+	"\twarmup_ms\x18\x04 \x01(\x01R\bwarmupMs\"\xa4\x02\n" +
 	"\aSeqStep\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x16\n" +
 	"\x06tokens\x18\x02 \x03(\x05R\x06tokens\x12\x14\n" +
@@ -1381,7 +1389,10 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x05top_n\x18\x06 \x01(\x05R\x04topN\x12\x19\n" +
 	"\bfull_row\x18\a \x01(\bR\afullRow\x12%\n" +
 	"\x0eprompt_targets\x18\b \x03(\x05R\rpromptTargets\x12%\n" +
-	"\x0ewant_logsumexp\x18\t \x01(\bR\rwantLogsumexp\"\x87\x01\n" +
+	"\x0ewant_logsumexp\x18\t \x01(\bR\rwantLogsumexp\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\n" +
+	" \x01(\tR\trequestId\"\x87\x01\n" +
 	"\vStepRequest\x12\x17\n" +
 	"\astep_id\x18\x01 \x01(\x04R\x06stepId\x12-\n" +
 	"\x12assignment_version\x18\x02 \x01(\x03R\x11assignmentVersion\x120\n" +
