@@ -5,6 +5,9 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -129,6 +132,24 @@ func TestMetrics(t *testing.T) {
 		t.Errorf("cluster gauges: up %v placement %v replicas %v free blocks %v", sum(after, "qwenfleet:worker_up"),
 			sum(after, "qwenfleet:placement_version"), sum(after, "qwenfleet:replicas", `state="ready"`),
 			sum(after, "qwenfleet:kv_cache_blocks", `state="free"`))
+	}
+	// Every metric the Grafana dashboard queries exists (per-expert
+	// counts only for a mixture-of-experts model).
+	names := map[string]bool{}
+	for _, m := range []map[string]float64{after, scrape(t, info.Workers[0].MetricsAddress)} {
+		for k := range m {
+			n, _, _ := strings.Cut(k, "{")
+			names[n] = true
+		}
+	}
+	dash, err := os.ReadFile(filepath.Join(repoRoot(), "deploy", "grafana", "qwenfleet-dashboard.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range regexp.MustCompile(`qwenfleet:[a-z0-9_:]+`).FindAllString(string(dash), -1) {
+		if !names[n] && n != "qwenfleet:expert_tokens_total" {
+			t.Errorf("the dashboard queries %s, which no server exports", n)
+		}
 	}
 	// Each worker ran every step; each step of a tp=2 model of 3 layers
 	// all-reduces 2 per layer and once for the embedding.
