@@ -311,7 +311,11 @@ func runStatus(args []string) error {
 	fmt.Printf("coordinator %s (leader %v, leader at %s), %s\n", info.CoordinatorId, info.Leader, info.LeaderAddress, state)
 	fmt.Printf("workers:\n")
 	for _, w := range info.Workers {
-		fmt.Printf("  %-24s %-22s pid %-7d %s\n", w.Id, w.Address, w.Pid, w.State)
+		metrics := ""
+		if w.MetricsAddress != "" {
+			metrics = "  metrics http://" + w.MetricsAddress + "/metrics"
+		}
+		fmt.Printf("  %-24s %-22s pid %-7d %s%s\n", w.Id, w.Address, w.Pid, w.State, metrics)
 	}
 	if p := info.Placement; p != nil {
 		fmt.Printf("placement v%d of %s:\n", p.Version, p.Model)
