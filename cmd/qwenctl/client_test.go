@@ -17,35 +17,8 @@ import (
 // generate --json` against a real coordinator process (embedded etcd, one
 // local worker) serving a reference case.
 func TestGenerateAndStatus(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "coordinator")
-	build := exec.Command("go", "build", "-o", bin, "../coordinator")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
 	dir := filepath.Join(refDir, "dense-gqa-f32")
-	coord := exec.Command(bin, "--listen", addr, "--model", dir, "--data-dir", t.TempDir(), "--log-level", "warn", "--worker-threads", "1")
-	coord.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	coord.Stderr = os.Stderr
-	if err := coord.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		syscall.Kill(-coord.Process.Pid, syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { coord.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			syscall.Kill(-coord.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
-	})
+	addr := startCluster(t, dir)
 	out, errs, code := qwenctl(t, "status", "--addr", addr, "--wait", "60s")
 	if code != 0 || !strings.Contains(out, "ready") || !strings.Contains(out, "replica 0") {
 		t.Fatalf("status: %d %q %q", code, out, errs)
@@ -109,4 +82,42 @@ func TestStatusUnreachable(t *testing.T) {
 	if code != 1 || !strings.Contains(errs, "Unavailable") || time.Since(start) > 30*time.Second {
 		t.Fatalf("exit %d %q after %v", code, errs, time.Since(start))
 	}
+}
+
+// startCluster runs a real coordinator (embedded etcd, one local worker
+// process) serving the model in dir on a free loopback port, waits until it
+// can serve, and stops it when the test ends. It returns the address.
+func startCluster(t *testing.T, dir string) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "coordinator")
+	if out, err := exec.Command("go", "build", "-o", bin, "../coordinator").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	coord := exec.Command(bin, "--listen", addr, "--model", dir, "--data-dir", t.TempDir(), "--log-level", "warn", "--worker-threads", "1")
+	coord.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	coord.Stderr = os.Stderr
+	if err := coord.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		syscall.Kill(-coord.Process.Pid, syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { coord.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			syscall.Kill(-coord.Process.Pid, syscall.SIGKILL)
+			<-done
+		}
+	})
+	if out, errs, code := qwenctl(t, "status", "--addr", addr, "--wait", "60s"); code != 0 {
+		t.Fatalf("status: %d %q %q", code, out, errs)
+	}
+	return addr
 }

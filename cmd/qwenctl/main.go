@@ -7,6 +7,7 @@
 //	qwenctl detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special] [--json]
 //	qwenctl generate --addr HOST:PORT (--prompt TEXT | --chat TEXT | --ids 1,2,3) [--max-tokens N] [--temperature T] [--json] ...
 //	qwenctl status --addr HOST:PORT [--json] [--wait 60s]
+//	qwenctl bench  --addr HOST:PORT [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
 //	qwenctl plan (--model DIR | --preset NAME) --workers N --mem 80GiB [--hosts H] [--backend cuda|cpu] [--tp N] [--pp M] [--kv-tokens N] [--json]
 //
 // Every command prints one error line and exits non-zero on bad flags or
@@ -36,6 +37,7 @@ var commands = []command{
 	{"detokenize", "token ids to text", runDetokenize},
 	{"generate", "stream a completion from a cluster", runGenerate},
 	{"status", "a cluster's workers, placement and health", runStatus},
+	{"bench", "load-test a cluster: throughput, TTFT, TPOT, ITL, latency (like vllm bench serve)", runBench},
 	{"plan", "plan replicas, pipeline stages and TP ranks for a model on N workers", runPlan},
 }
 
@@ -102,8 +104,7 @@ func newFlags(name, synopsis string) *flag.FlagSet {
 func parse(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fs.Usage()
-			return err
+			return err // Parse has printed the usage
 		}
 		return usageError{err.Error()}
 	}

@@ -1,0 +1,438 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/qwenfleet/qwenfleet/pkg/bench"
+	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
+)
+
+const benchSynopsis = "[--addr HOST:PORT] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
+	"[--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ttft=200ms,tpot=50ms,e2e=2s] [--json FILE] [--plot FILE.png] ..."
+
+// runBench is a load generator modelled on `vllm bench serve`: it sends
+// requests closed loop (C in flight) or open loop (Poisson arrivals, capped
+// at C in flight when both are given), records every chunk's arrival, and
+// prints (and writes) a bench.Report. The prompts, arrivals and statistics
+// are pkg/bench's; this is the gRPC and timer loop around them.
+func runBench(args []string) error {
+	fs := newFlags("bench", benchSynopsis)
+	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
+	concurrency := fs.Int("concurrency", 1, "requests kept in flight (closed loop); with --rate, a cap on requests in flight (none unless given)")
+	rate := fs.Float64("rate", 0, "open loop: Poisson arrivals at this many requests/s (inf: all at once)")
+	requests := fs.Int("requests", 100, "requests to send (no limit when only --duration is given)")
+	duration := fs.Duration("duration", 0, "stop sending after this long, then wait for the requests in flight")
+	dataset := fs.String("dataset", "", `JSONL prompts: {"prompt": ...} or {"messages": [...]}, with optional "max_tokens"; cycled`)
+	inputLen := fs.String("input-len", "128", "synthetic prompt length in tokens: N, uniform:A-B or normal:MEAN,STD")
+	outputLen := fs.String("output-len", "128", "tokens to generate when a prompt names no max_tokens: N, uniform:A-B or normal:MEAN,STD")
+	temperature := fs.Float64("temperature", 0, "sampling temperature (0: greedy)")
+	ignoreEOS := fs.Bool("ignore-eos", false, "keep generating after EOS, so outputs are exactly max_tokens long (default: true for synthetic prompts, false with --dataset)")
+	seed := fs.Int64("seed", 0, "seed of the prompts, lengths and arrivals")
+	sloFlag := fs.String("slo", "", "goodput objectives, any of ttft=200ms,tpot=50ms,e2e=2s")
+	jsonOut := fs.String("json", "", "write the report, config and per-request records as JSON to this file")
+	plotOut := fs.String("plot", "", "draw latency over time and TTFT/ITL histograms to this PNG file")
+	quiet := fs.Bool("quiet", false, "no progress bar")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+
+	cfg := bench.Config{Addr: *addr, Dataset: *dataset, Temperature: *temperature, Seed: *seed}
+	switch {
+	case set["concurrency"] && *concurrency < 1:
+		return usagef("--concurrency: must be >= 1")
+	case set["concurrency"] || !set["rate"]:
+		cfg.Concurrency = *concurrency
+	}
+	if set["rate"] {
+		if !(*rate > 0) {
+			return usagef("--rate: must be > 0 (or inf)")
+		}
+		cfg.Rate = bench.Rate(*rate)
+	}
+	if set["requests"] && *requests < 1 {
+		return usagef("--requests: must be >= 1")
+	}
+	if set["duration"] && *duration <= 0 {
+		return usagef("--duration: must be > 0")
+	}
+	if set["requests"] || !set["duration"] {
+		cfg.Requests = *requests
+	}
+	cfg.DurationS = duration.Seconds()
+	if math.IsInf(*rate, 1) && cfg.Requests == 0 && cfg.Concurrency == 0 {
+		return usagef("--rate inf with only --duration would never stop sending: give --requests or --concurrency")
+	}
+	out, err := bench.ParseLengthDist(*outputLen)
+	if err != nil {
+		return usagef("--output-len: %v", err)
+	}
+	cfg.OutputLen = out
+	if *dataset != "" && set["input-len"] {
+		return usagef("--input-len: not used with --dataset (the dataset holds the prompts)")
+	}
+	if *dataset == "" {
+		in, err := bench.ParseLengthDist(*inputLen)
+		if err != nil {
+			return usagef("--input-len: %v", err)
+		}
+		cfg.InputLen = &in
+	}
+	cfg.IgnoreEOS = *dataset == ""
+	if set["ignore-eos"] {
+		cfg.IgnoreEOS = *ignoreEOS
+	}
+	if !(*temperature >= 0) {
+		return usagef("--temperature: must be >= 0")
+	}
+	var slo *bench.SLO
+	if set["slo"] {
+		s, err := bench.ParseSLO(*sloFlag)
+		if err != nil {
+			return usagef("--slo: %v", err)
+		}
+		slo = &s
+	}
+	var prompts []bench.Prompt
+	if *dataset != "" {
+		f, err := os.Open(*dataset)
+		if err != nil {
+			return fmt.Errorf("--dataset: %w", err)
+		}
+		prompts, err = bench.ReadJSONL(f)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("--dataset %s: %w", *dataset, err)
+		}
+	}
+	// Open the outputs now, so a bad path fails before a long run.
+	// Until the report is written, they are removed again on the way out.
+	outputs := map[string]*os.File{}
+	written := false
+	defer func() {
+		for _, f := range outputs {
+			f.Close()
+			if !written {
+				os.Remove(f.Name())
+			}
+		}
+	}()
+	for _, o := range []struct{ flag, path string }{{"json", *jsonOut}, {"plot", *plotOut}} {
+		if o.path == "" {
+			continue
+		}
+		f, err := os.Create(o.path)
+		if err != nil {
+			return fmt.Errorf("--%s: %w", o.flag, err)
+		}
+		outputs[o.flag] = f
+	}
+
+	conn, client, err := dial(*addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ictx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	info, err := client.GetModelInfo(ictx, &pb.GetModelInfoRequest{})
+	cancel()
+	if err != nil {
+		return fmt.Errorf("cannot reach the coordinator at %s: %w", *addr, rpcError(err))
+	}
+	cfg.Model = info.Name
+	var src bench.Source
+	if prompts != nil {
+		for i, p := range prompts {
+			if p.TokenIDs == nil && !info.HasTokenizer {
+				return fmt.Errorf("--dataset %s: prompt %d is text, and the served model has no tokenizer", *dataset, i+1)
+			}
+		}
+		src = bench.Dataset{Prompts: prompts, Output: out, Seed: uint64(*seed)}
+	} else {
+		limit := bench.TokenLimit(int(info.VocabSize), info.EosTokenIds)
+		if limit <= len(info.EosTokenIds) {
+			return fmt.Errorf("the served model's vocabulary of %d has no ids for synthetic prompts", info.VocabSize)
+		}
+		src = bench.Synthetic{Input: *cfg.InputLen, Output: out, Limit: limit, Avoid: info.EosTokenIds, Seed: uint64(*seed)}
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	r := &benchRunner{client: client, src: src, cfg: cfg, temperature: float32(*temperature), t0: time.Now()}
+	var bar *progressBar
+	if !*quiet && isTerminal(os.Stderr) {
+		bar = startProgress(os.Stderr, r)
+	}
+	reqs := r.run(ctx)
+	elapsed := time.Since(r.t0)
+	bar.stop()
+	if ctx.Err() != nil {
+		fmt.Fprintf(os.Stderr, "interrupted after %.1fs: reporting what finished\n", elapsed.Seconds())
+	}
+	stop()
+
+	rep := bench.Summarize(cfg, reqs, elapsed, slo)
+	if err := rep.WriteText(os.Stdout); err != nil {
+		return err
+	}
+	if f := outputs["json"]; f != nil {
+		enc := json.NewEncoder(f)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(rep); err != nil {
+			return fmt.Errorf("--json: %w", err)
+		}
+	}
+	if f := outputs["plot"]; f != nil {
+		if err := bench.WritePNG(f, rep); err != nil {
+			return fmt.Errorf("--plot: %w", err)
+		}
+	}
+	for name, f := range outputs {
+		if err := f.Close(); err != nil {
+			return fmt.Errorf("--%s: %w", name, err)
+		}
+	}
+	written = true
+	return nil
+}
+
+// benchRunner sends the requests of one run.
+type benchRunner struct {
+	client      pb.GeneratorClient
+	src         bench.Source
+	cfg         bench.Config
+	temperature float32
+	t0          time.Time
+
+	sent, done, failed atomic.Int64 // for the progress bar
+
+	mu   sync.Mutex
+	reqs []bench.Request
+}
+
+// run sends requests until cfg.Requests were sent, cfg.DurationS passed or
+// ctx ends; it returns once every request sent has ended. Ending ctx (Ctrl-C)
+// also cancels the requests in flight, which are recorded as interrupted.
+func (r *benchRunner) run(ctx context.Context) []bench.Request {
+	limit := time.Duration(r.cfg.DurationS * float64(time.Second))
+	var wg sync.WaitGroup
+	if r.cfg.Rate == 0 {
+		// Closed loop: Concurrency senders, each sending its next request
+		// as soon as its last one ended.
+		var next atomic.Int64
+		for range r.cfg.Concurrency {
+			wg.Go(func() {
+				for ctx.Err() == nil && (limit == 0 || time.Since(r.t0) < limit) {
+					i := int(next.Add(1) - 1)
+					if r.cfg.Requests > 0 && i >= r.cfg.Requests {
+						return
+					}
+					r.one(ctx, i)
+				}
+			})
+		}
+		wg.Wait()
+		return r.reqs
+	}
+	// Open loop: request i arrives at the sum of i Poisson gaps from the
+	// start (request 0 at once) and is sent then, or when one of the
+	// Concurrency slots frees up if it is capped (vLLM's --max-concurrency).
+	gaps := bench.NewPoisson(float64(r.cfg.Rate), uint64(r.cfg.Seed))
+	var slots chan struct{}
+	if r.cfg.Concurrency > 0 {
+		slots = make(chan struct{}, r.cfg.Concurrency)
+	}
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	var at time.Duration
+loop:
+	for i := 0; r.cfg.Requests == 0 || i < r.cfg.Requests; i++ {
+		if i > 0 {
+			at += gaps.Next()
+		}
+		if limit > 0 && at >= limit {
+			break
+		}
+		if wait := time.Until(r.t0.Add(at)); wait > 0 {
+			timer.Reset(wait)
+			select {
+			case <-timer.C:
+			case <-ctx.Done():
+				break loop
+			}
+		}
+		if slots != nil {
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				break loop
+			}
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Go(func() {
+			r.one(ctx, i)
+			if slots != nil {
+				<-slots
+			}
+		})
+	}
+	wg.Wait()
+	return r.reqs
+}
+
+// one sends request i and records what came back. Failures are recorded by
+// gRPC status code and never stop the run.
+func (r *benchRunner) one(ctx context.Context, i int) {
+	p := r.src.Prompt(i)
+	req := &pb.GenerateRequest{Temperature: &r.temperature, MaxTokens: clamp32(p.MaxTokens), IgnoreEos: r.cfg.IgnoreEOS}
+	switch {
+	case p.TokenIDs != nil:
+		req.Input = &pb.GenerateRequest_TokenIds{TokenIds: &pb.TokenIds{Ids: p.TokenIDs}}
+	case p.Messages != nil:
+		msgs := make([]*pb.ChatMessage, len(p.Messages))
+		for j, m := range p.Messages {
+			msgs[j] = &pb.ChatMessage{Role: m.Role, Content: m.Content}
+		}
+		req.Input = &pb.GenerateRequest_Chat{Chat: &pb.ChatInput{Messages: msgs}}
+	default:
+		req.Input = &pb.GenerateRequest_Text{Text: p.Text}
+	}
+	r.sent.Add(1)
+	rec := bench.Request{Index: i, Start: time.Since(r.t0), PromptTokens: len(p.TokenIDs)}
+	r.finish(ctx, r.stream(ctx, req, &rec), &rec)
+}
+
+// stream runs the request's stream into rec; it returns the status code
+// name of a failure, or "" once the complete message arrived.
+func (r *benchRunner) stream(ctx context.Context, req *pb.GenerateRequest, rec *bench.Request) string {
+	stream, err := r.client.Generate(ctx, req)
+	if err != nil {
+		return status.Code(err).String()
+	}
+	streamed := 0
+	for {
+		resp, err := stream.Recv()
+		now := time.Since(r.t0)
+		rec.End = now
+		if errors.Is(err, io.EOF) {
+			return codes.Unknown.String() // the stream ended without a complete message
+		}
+		if err != nil {
+			return status.Code(err).String()
+		}
+		switch m := resp.Response.(type) {
+		case *pb.GenerateResponse_Chunk:
+			if n := len(m.Chunk.TokenIds); n > 0 {
+				rec.Chunks = append(rec.Chunks, bench.Chunk{At: now, Tokens: n})
+				streamed += n
+			}
+		case *pb.GenerateResponse_Error:
+			if m.Error.Code == "" {
+				return codes.Unknown.String()
+			}
+			return m.Error.Code
+		case *pb.GenerateResponse_Complete:
+			rec.OutputTokens = streamed
+			if u := m.Complete.Usage; u != nil {
+				rec.PromptTokens, rec.OutputTokens = int(u.PromptTokens), int(u.CompletionTokens)
+			}
+			return ""
+		}
+	}
+}
+
+func (r *benchRunner) finish(ctx context.Context, code string, rec *bench.Request) {
+	rec.Code = code
+	switch {
+	case code == "":
+		r.done.Add(1)
+	case ctx.Err() != nil:
+		rec.Interrupted = true
+	default:
+		r.failed.Add(1)
+	}
+	r.mu.Lock()
+	r.reqs = append(r.reqs, *rec)
+	r.mu.Unlock()
+}
+
+// isTerminal reports whether f is a character device (a terminal, when it
+// is stderr).
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// progressBar redraws one status line on a terminal every 200 ms until
+// stop.
+type progressBar struct {
+	w    io.Writer
+	r    *benchRunner
+	quit chan struct{}
+	wg   sync.WaitGroup
+}
+
+func startProgress(w io.Writer, r *benchRunner) *progressBar {
+	p := &progressBar{w: w, r: r, quit: make(chan struct{})}
+	p.wg.Go(func() {
+		t := time.NewTicker(200 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-p.quit:
+				fmt.Fprintf(p.w, "\r\033[K%s\n", p.line())
+				return
+			case <-t.C:
+				fmt.Fprintf(p.w, "\r\033[K%s", p.line())
+			}
+		}
+	})
+	return p
+}
+
+// stop draws the last line and waits for the drawing goroutine; a nil bar
+// does nothing.
+func (p *progressBar) stop() {
+	if p == nil {
+		return
+	}
+	close(p.quit)
+	p.wg.Wait()
+}
+
+func (p *progressBar) line() string {
+	cfg := p.r.cfg
+	el := time.Since(p.r.t0)
+	done, failed, sent := p.r.done.Load(), p.r.failed.Load(), p.r.sent.Load()
+	frac, total := 0.0, "?"
+	if cfg.Requests > 0 {
+		frac, total = float64(done+failed)/float64(cfg.Requests), fmt.Sprint(cfg.Requests)
+	}
+	if cfg.DurationS > 0 {
+		frac = max(frac, min(1, el.Seconds()/cfg.DurationS))
+	}
+	const width = 30
+	n := int(frac * width)
+	return fmt.Sprintf("[%s%s] %d/%s done, %d failed, %d in flight  %.1fs  %.2f req/s",
+		strings.Repeat("#", n), strings.Repeat(".", width-n), done, total, failed, sent-done-failed,
+		el.Seconds(), float64(done)/max(el.Seconds(), 1e-9))
+}
