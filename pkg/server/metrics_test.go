@@ -92,7 +92,9 @@ func TestMetrics(t *testing.T) {
 		mustGenerate(t, c.client, idsReq(prompt, gen))
 	}
 	after := scrape(t, maddr)
-	delta := func(name string, labels ...string) float64 { return sum(after, name, labels...) - sum(before, name, labels...) }
+	delta := func(name string, labels ...string) float64 {
+		return sum(after, name, labels...) - sum(before, name, labels...)
+	}
 	for _, x := range []struct {
 		name   string
 		labels []string
