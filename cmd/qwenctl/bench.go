@@ -170,7 +170,8 @@ func runBench(args []string) error {
 		if limit <= len(info.EosTokenIds) {
 			return fmt.Errorf("the served model's vocabulary of %d has no ids for synthetic prompts", info.VocabSize)
 		}
-		src = bench.Synthetic{Input: *cfg.InputLen, Output: out, Limit: limit, Avoid: info.EosTokenIds, Seed: uint64(*seed)}
+		src = bench.Synthetic{Input: *cfg.InputLen, Output: out, Limit: limit, Avoid: info.EosTokenIds, Seed: uint64(*seed),
+			MaxInput: int(info.MaxContext)}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -279,13 +280,29 @@ loop:
 			}
 		}
 		if slots != nil {
+			var deadline <-chan time.Time // a capped send still ends with --duration
+			if limit > 0 {
+				timer.Reset(max(time.Until(r.t0.Add(limit)), 0))
+				deadline = timer.C
+			}
 			select {
 			case slots <- struct{}{}:
+			case <-deadline:
+				break loop
 			case <-ctx.Done():
 				break loop
 			}
+			if !timer.Stop() && deadline != nil {
+				select { // drain a fire that raced the slot
+				case <-timer.C:
+				default:
+				}
+			}
 		}
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || (limit > 0 && time.Since(r.t0) >= limit) {
+			if slots != nil {
+				<-slots
+			}
 			break
 		}
 		wg.Go(func() {
@@ -303,7 +320,8 @@ loop:
 // gRPC status code and never stop the run.
 func (r *benchRunner) one(ctx context.Context, i int) {
 	p := r.src.Prompt(i)
-	req := &pb.GenerateRequest{Temperature: &r.temperature, MaxTokens: clamp32(p.MaxTokens), IgnoreEos: r.cfg.IgnoreEOS}
+	req := &pb.GenerateRequest{Temperature: &r.temperature, MaxTokens: clamp32(p.MaxTokens), IgnoreEos: r.cfg.IgnoreEOS,
+		RequestId: fmt.Sprintf("bench-%d-%d", r.t0.UnixNano(), i)} // findable in the coordinator's log
 	switch {
 	case p.TokenIDs != nil:
 		req.Input = &pb.GenerateRequest_TokenIds{TokenIds: &pb.TokenIds{Ids: p.TokenIDs}}
@@ -317,13 +335,15 @@ func (r *benchRunner) one(ctx context.Context, i int) {
 		req.Input = &pb.GenerateRequest_Text{Text: p.Text}
 	}
 	r.sent.Add(1)
-	rec := bench.Request{Index: i, Start: time.Since(r.t0), PromptTokens: len(p.TokenIDs)}
+	rec := bench.Request{Index: i, ID: req.RequestId, Start: time.Since(r.t0), PromptTokens: len(p.TokenIDs)}
 	r.finish(ctx, r.stream(ctx, req, &rec), &rec)
 }
 
 // stream runs the request's stream into rec; it returns the status code
 // name of a failure, or "" once the complete message arrived.
 func (r *benchRunner) stream(ctx context.Context, req *pb.GenerateRequest, rec *bench.Request) string {
+	ctx, cancel := context.WithCancel(ctx) // ends the stream however it returns
+	defer cancel()
 	stream, err := r.client.Generate(ctx, req)
 	if err != nil {
 		return status.Code(err).String()

@@ -52,12 +52,18 @@ type Synthetic struct {
 	// Avoid are ids never drawn (end-of-sequence and other special ids).
 	Avoid []int32
 	Seed  uint64
+	// MaxInput, when > 0, caps prompt lengths (the model's context: a
+	// longer prompt could only be refused, after allocating it).
+	MaxInput int
 }
 
 // Prompt makes the prompt of request i.
 func (s Synthetic) Prompt(i int) Prompt {
 	r := rngFor(s.Seed, i)
 	n := s.Input.Sample(r)
+	if s.MaxInput > 0 {
+		n = min(n, s.MaxInput)
+	}
 	ids := make([]int32, n)
 	for j := range ids {
 		id := int32(r.IntN(s.Limit))

@@ -164,6 +164,7 @@ type Goodput struct {
 // Record is one request in the report, in milliseconds and seconds.
 type Record struct {
 	Index        int       `json:"index"`
+	ID           string    `json:"request_id,omitempty"`
 	StartS       float64   `json:"start_s"`       // offset from the start of the run
 	TTFTMs       *float64  `json:"ttft_ms"`       // null when no token arrived
 	TPOTMs       *float64  `json:"tpot_ms"`       // null with fewer than 2 tokens
@@ -211,7 +212,7 @@ func Summarize(cfg Config, reqs []Request, duration time.Duration, slo *SLO) *Re
 	slices.SortFunc(sorted, func(a, b Request) int { return a.Index - b.Index })
 	for i := range sorted {
 		r := &sorted[i]
-		rec := Record{Index: r.Index, StartS: r.Start.Seconds(), E2EMs: ms(r.E2E()), PromptTokens: r.PromptTokens,
+		rec := Record{Index: r.Index, ID: r.ID, StartS: r.Start.Seconds(), E2EMs: ms(r.E2E()), PromptTokens: r.PromptTokens,
 			OutputTokens: r.OutputTokens, Error: r.Code, Interrupted: r.Interrupted}
 		if t, ok := r.TTFT(); ok {
 			rec.TTFTMs = ptr(ms(t))

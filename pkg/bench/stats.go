@@ -17,6 +17,7 @@ type Chunk struct {
 // the start of the benchmark.
 type Request struct {
 	Index int           // the order in which the request was made, from 0
+	ID    string        // the request_id sent (the server logs it)
 	Start time.Duration // when it was sent
 	End   time.Duration // when the complete message (or the failure) arrived
 	// Chunks are the chunks that carried tokens, in arrival order.

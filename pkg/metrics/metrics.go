@@ -122,7 +122,7 @@ type Worker struct {
 
 	Steps         prometheus.Counter
 	Tokens        prometheus.Counter
-	StepDuration  prometheus.Histogram // a step on this worker, its wait for its turn excluded
+	StepDuration  prometheus.Histogram // a step on this worker, request to answer
 	Forward       prometheus.Histogram // of it, the forward pass (collectives included)
 	AllReduce     prometheus.Histogram // one tensor-parallel all-reduce
 	StageTransfer prometheus.Histogram // sending hidden states to the next stage
@@ -140,7 +140,7 @@ func NewWorker(id string, state prometheus.Collector) *Worker {
 		Registry:      prometheus.NewRegistry(),
 		Steps:         prometheus.NewCounter(prometheus.CounterOpts{Name: Prefix + "worker_steps_total", Help: "Steps run.", ConstLabels: l}),
 		Tokens:        prometheus.NewCounter(prometheus.CounterOpts{Name: Prefix + "worker_tokens_total", Help: "Tokens computed.", ConstLabels: l}),
-		StepDuration:  h("worker_step_duration_seconds", "A step on this worker (its pipeline stage's latency)."),
+		StepDuration:  h("worker_step_duration_seconds", "A step on this worker (its pipeline stage), request to answer: waits for earlier steps and for the previous stage included."),
 		Forward:       h("worker_forward_seconds", "Of a step, the forward pass."),
 		AllReduce:     h("allreduce_duration_seconds", "One tensor-parallel all-reduce, this rank's part sent to every rank's received."),
 		StageTransfer: h("stage_transfer_duration_seconds", "Sending a step's hidden states to the next pipeline stage."),

@@ -227,6 +227,8 @@ type Batch struct {
 	Hidden []float32
 	// Comm connects a tensor-parallel shard to its group for this step.
 	Comm Comm
+	// NoStats leaves the model's counters (ExpertTokens) alone: a warm-up.
+	NoStats bool
 	// Trace, when not nil, is filled with intermediate values (tests and
 	// debugging; it costs host copies). Only the whole model traces.
 	Trace *Trace
@@ -314,7 +316,7 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 		if ly.mlp != nil {
 			f = m.mlpForward(ly.mlp, h)
 		} else {
-			f = m.moeForward(l, ly.moe, h, tr)
+			f = m.moeForward(l, ly.moe, h, tr, !batch.NoStats && m.sh.TPRank == 0)
 		}
 		b.Free(h)
 		if f, err = m.reduce(f, batch.Comm); err != nil {
@@ -485,7 +487,9 @@ func (m *Model) mlpForward(p *mlp, x kernels.Tensor) kernels.Tensor {
 	return out
 }
 
-func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace) kernels.Tensor {
+// moeForward runs an MoE block; count adds its routing to ExpertTokens (one
+// rank of a tensor-parallel group counts, as every rank routes the same).
+func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace, count bool) kernels.Tensor {
 	b, cfg := m.b, m.cfg
 	T, E, k := kernels.Rows(x), cfg.NumExperts, cfg.NumExpertsPerTok
 	rl := b.MatMul(x, e.router, nil)
@@ -509,7 +513,9 @@ func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace) kernels.T
 		if len(rows[ex]) == 0 {
 			continue
 		}
-		m.expertTokens[ex].Add(int64(len(rows[ex])))
+		if count {
+			m.expertTokens[ex].Add(int64(len(rows[ex])))
+		}
 		xe := b.Gather(x, rows[ex])
 		y := m.mlpForward(&e.experts[ex], xe)
 		b.Free(xe)

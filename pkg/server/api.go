@@ -258,6 +258,7 @@ func submitError(err error) error {
 
 // Generate streams one request.
 func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_GenerateServer) error {
+	arrived := time.Now()
 	if err := s.serving(); err != nil {
 		return err
 	}
@@ -271,7 +272,7 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 	}
 	ctx := out.Context()
 	g := newGenState(s.c, r, req)
-	rec := s.c.record(r)
+	rec := s.c.record(r, arrived)
 	finish, final := "abort", routing.Event{} // a client gone is an abort
 	defer func() { rec.done(finish, final) }()
 	for {

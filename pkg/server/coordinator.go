@@ -144,7 +144,10 @@ type Coordinator struct {
 	// suspect holds workers gossip reported dead, until their etcd key
 	// goes (lease expiry) or changes (a restart) or gossip sees them again:
 	// they are not planned meanwhile.
-	suspect   map[string]cluster.WorkerInfo
+	suspect map[string]cluster.WorkerInfo
+	// seen holds every worker registered now (zero time) or that left
+	// (when), for the worker_up metric.
+	seen      map[string]time.Time
 	planErr   string        // why the free workers make no replica
 	ready     chan struct{} // closed when the first replica is up
 	readyOnce sync.Once
@@ -210,7 +213,7 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 	}
 	c := &Coordinator{opts: opts, log: opts.Logger, cfg: cfg, router: routing.NewRouter(), started: time.Now(),
 		replicas: map[string]*replica{}, owner: map[string]*replica{}, failed: map[string]string{},
-		suspect: map[string]cluster.WorkerInfo{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
+		suspect: map[string]cluster.WorkerInfo{}, seen: map[string]time.Time{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
 	c.metrics = metrics.NewCoordinator(opts.ModelName, cfg.MaxContext(), newStateCollector(c, opts.ModelName))
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {
@@ -341,6 +344,12 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 	live := map[string]cluster.WorkerInfo{}
 	for _, w := range ws {
 		live[w.ID] = w
+		c.seen[w.ID] = time.Time{}
+	}
+	for id, at := range c.seen {
+		if _, ok := live[id]; !ok && at.IsZero() {
+			c.seen[id] = time.Now()
+		}
 	}
 	var gone []string
 	for key, r := range c.replicas {

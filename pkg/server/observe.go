@@ -22,8 +22,8 @@ type requestRecord struct {
 	tokens  int
 }
 
-func (c *Coordinator) record(r *routing.Request) *requestRecord {
-	return &requestRecord{m: c.metrics, log: c.log, r: r, arrived: time.Now()}
+func (c *Coordinator) record(r *routing.Request, arrived time.Time) *requestRecord {
+	return &requestRecord{m: c.metrics, log: c.log, r: r, arrived: arrived}
 }
 
 // sent notes n tokens sent to the client now: the first opens the time to
@@ -83,13 +83,18 @@ func (rr *requestRecord) done(finish string, ev routing.Event) {
 	rr.log.Info("request finished", attrs...)
 }
 
+// seenFor is how long a worker that left stays in worker_up (as 0).
+const seenFor = 15 * time.Minute
+
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // observeStep feeds a replica's step into the metrics.
 func (c *Coordinator) observeStep(s routing.StepInfo) {
 	m := c.metrics
 	m.StepDuration.Observe(s.Took.Seconds())
-	m.StepComm.Observe(s.Comm.Seconds())
+	if s.Comm > 0 { // a replica split across workers
+		m.StepComm.Observe(s.Comm.Seconds())
+	}
 	m.IterationTokens.Observe(float64(s.Tokens))
 	m.Preemptions.Add(float64(s.Preempted))
 }
@@ -142,12 +147,18 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	g(s.kvBlocks, float64(st.BlocksFree), "free")
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for _, w := range c.workers {
+	// Workers seen in the last seenFor stay listed (0) after they leave, so
+	// "down" is a value, not a vanished series.
+	for id, at := range c.seen {
 		up := 0.0
-		if r, ok := c.owner[w.ID]; ok && r.state == "ready" {
+		if r, ok := c.owner[id]; ok && r.state == "ready" && at.IsZero() {
 			up = 1
 		}
-		g(s.worker, up, w.ID)
+		if !at.IsZero() && time.Since(at) > seenFor {
+			delete(c.seen, id)
+			continue
+		}
+		g(s.worker, up, id)
 	}
 	g(s.placement, float64(c.placement.Version))
 	byState := map[string]int{"loading": 0, "ready": 0}

@@ -89,7 +89,7 @@ func (x *Executor) Warmup(numBlocks, blockSize, warmTokens int) error {
 	for i := range blocks {
 		blocks[i] = int32(i)
 	}
-	_, err := x.m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: toks, Blocks: blocks}}}, x.cache)
+	_, err := x.m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: toks, Blocks: blocks}}, NoStats: true}, x.cache)
 	return err
 }
 
