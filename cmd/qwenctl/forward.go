@@ -32,7 +32,7 @@ func addEngineFlags(fs interface {
 		threads:  fs.Int("threads", 0, "compute threads (0: one per CPU)"),
 		mmap:     fs.Bool("mmap", false, "use the weights through a memory map of the files instead of copies in memory"),
 		kernels:  fs.String("kernels", "", "CPU kernel set: generic, or a SIMD set (default: the best this CPU supports)"),
-		quantize: fs.String("quantize", "", "weight quantisation at load: q8 (int8, one scale per row), or none"),
+		quantize: fs.String("quantize", "", "quantisation at load: q8 (int8 weights, groups of 32), q8a (int8 weights and activations, VNNI), or none"),
 	}
 }
 
@@ -44,8 +44,8 @@ func (e engineFlags) load(dir string) (*model.Model, *cpu.Backend, error) {
 	if st, err := os.Stat(filepath.Join(dir, "config.json")); err != nil || st.IsDir() {
 		return nil, nil, fmt.Errorf("--model: %s has no config.json (want a HuggingFace model directory)", dir)
 	}
-	if *e.quantize != "" && *e.quantize != "q8" {
-		return nil, nil, usagef("--quantize: %q is not q8", *e.quantize)
+	if *e.quantize != "" && *e.quantize != "q8" && *e.quantize != "q8a" {
+		return nil, nil, usagef("--quantize: %q is not q8 or q8a", *e.quantize)
 	}
 	if *e.quantize != "" && *e.mmap {
 		return nil, nil, usagef("--quantize: quantised weights are copies; drop --mmap")

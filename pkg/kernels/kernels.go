@@ -97,6 +97,13 @@ type AttnBatch struct {
 	Scale     float32 // multiplies q·k (1/sqrt(HeadDim))
 }
 
+// PreciseWeights is implemented by backends that may quantise weights:
+// WeightPrecise stores a weight in its own dtype regardless (MoE routers,
+// whose top-k choice one rounding can flip).
+type PreciseWeights interface {
+	WeightPrecise(dt DType, shape []int, data []byte) (Tensor, error)
+}
+
 // Backend is the compute interface of the forward pass. Unless an op says
 // otherwise, arguments are F32 activations and the result is a new F32
 // activation; weights (w, table, bias, norm weights) may be of any DType.

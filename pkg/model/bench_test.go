@@ -128,8 +128,8 @@ func BenchmarkDecodeShapes(b *testing.B) {
 		preset string
 		layers int
 	}{{"qwen2-0.5b", 0}, {"qwen2-1.5b", 0}, {"qwen2-7b", 2}} {
-		for _, quant := range []string{"", "q8"} {
-			name := sh.preset + map[bool]string{true: "-2layers", false: ""}[sh.layers > 0] + map[bool]string{true: "-q8", false: "-bf16"}[quant != ""]
+		for _, quant := range []string{"", "q8", "q8a"} {
+			name := sh.preset + map[bool]string{true: "-2layers", false: ""}[sh.layers > 0] + "-" + map[string]string{"": "bf16", "q8": "q8", "q8a": "q8a"}[quant]
 			b.Run(name, func(b *testing.B) {
 				cfg, err := model.Preset(sh.preset)
 				if err != nil {

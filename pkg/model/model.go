@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"sync/atomic"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
@@ -84,7 +85,10 @@ func NewShard(cfg *Config, b kernels.Backend, src WeightSource, sh Shard) (*Mode
 			return nil
 		}
 		var t kernels.Tensor
-		t, err = ld.load(name, shapes[name], dim, sp)
+		// MoE routing weights stay exact: quantising them can flip an
+		// expert choice (llama.cpp keeps them unquantised too).
+		precise := strings.HasSuffix(name, "mlp.gate.weight") || strings.HasSuffix(name, "shared_expert_gate.weight")
+		t, err = ld.load(name, shapes[name], dim, sp, precise)
 		if t != nil {
 			m.bytes += int64(kernels.NumElements(t.Shape()) * t.DType().Size())
 		}

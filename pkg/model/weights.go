@@ -152,7 +152,7 @@ type SliceSource interface {
 
 // load reads tensor name, whose checkpoint shape must be shape: whole when
 // dim < 0, else the span sp of dimension dim (0 rows, 1 columns).
-func (ld *loader) load(name string, shape []int, dim int, sp span) (kernels.Tensor, error) {
+func (ld *loader) load(name string, shape []int, dim int, sp span, precise bool) (kernels.Tensor, error) {
 	dt, got, ok := ld.src.Lookup(name)
 	if !ok {
 		return nil, fmt.Errorf("%w: %q", ErrMissingTensor, name)
@@ -179,7 +179,11 @@ func (ld *loader) load(name string, shape []int, dim int, sp span) (kernels.Tens
 	if err != nil {
 		return nil, err
 	}
-	t, err := ld.b.Weight(dt, out, data)
+	weight := ld.b.Weight
+	if pw, ok := ld.b.(kernels.PreciseWeights); ok && precise {
+		weight = pw.WeightPrecise
+	}
+	t, err := weight(dt, out, data)
 	if err != nil {
 		return nil, fmt.Errorf("tensor %q: %w", name, err)
 	}

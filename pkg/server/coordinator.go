@@ -44,7 +44,7 @@ type CoordinatorOptions struct {
 	// NumBlocks, when > 0, fixes the KV pool size in blocks (tests).
 	NumBlocks int64
 	Scheduler routing.SchedulerConfig
-	// Quantize is passed to workers in their assignment ("" or "q8").
+	// Quantize is passed to workers in their assignment ("", "q8" or "q8a").
 	Quantize string
 	// TP and PP force the parallel layout of every replica; 0 lets the
 	// planner choose (pkg/placement).

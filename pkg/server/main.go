@@ -135,7 +135,7 @@ func CoordinatorMain(args []string) int {
 	batchTokens := fs.Int("max-batch-tokens", 512, "tokens computed per step (prefill chunks + decodes)")
 	maxRunning := fs.Int("max-running", 64, "sequences decoding together")
 	maxWaiting := fs.Int("max-waiting", 1024, "queued requests before RESOURCE_EXHAUSTED")
-	quantize := fs.String("quantize", "", "weight quantisation on the workers: q8 (int8, groups of 32), or none")
+	quantize := fs.String("quantize", "", "quantisation on the workers: q8 (int8 weights, groups of 32), q8a (int8 weights and activations, VNNI), or none")
 	leaderTTL := fs.Duration("leader-ttl", 5*time.Second, "leader session TTL: a standby takes over this long after the leader dies")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "text", "log lines as text or json (local workers too)")
@@ -165,8 +165,8 @@ func CoordinatorMain(args []string) int {
 		return fail("--kv-blocks: must be >= 0")
 	case *leaderTTL < time.Second:
 		return fail("--leader-ttl: must be >= 1s")
-	case *quantize != "" && *quantize != "q8":
-		return fail("--quantize: %q is not q8", *quantize)
+	case *quantize != "" && *quantize != "q8" && *quantize != "q8a":
+		return fail("--quantize: %q is not q8 or q8a", *quantize)
 	}
 	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {

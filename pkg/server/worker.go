@@ -154,8 +154,8 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	if a.Model == "" {
 		return status.Error(codes.InvalidArgument, "assignment.model: empty")
 	}
-	if a.Quantize != "" && a.Quantize != "q8" {
-		return status.Errorf(codes.InvalidArgument, "assignment.quantize: %q is not q8", a.Quantize)
+	if a.Quantize != "" && a.Quantize != "q8" && a.Quantize != "q8a" {
+		return status.Errorf(codes.InvalidArgument, "assignment.quantize: %q is not q8 or q8a", a.Quantize)
 	}
 	if a.TpSize < 0 || a.TpSize > 1 && len(a.TpPeers) != int(a.TpSize) {
 		return status.Errorf(codes.InvalidArgument, "assignment.tp_peers: %d addresses for tp_size %d", len(a.TpPeers), a.TpSize)

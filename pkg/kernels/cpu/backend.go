@@ -31,9 +31,11 @@ type Config struct {
 	// products, batch-invariant by construction. It copies each weight, so
 	// it is off for memory-mapped weights.
 	PackWeights bool
-	// Quantize "q8" stores 2-D weights as int8 with one scale per output
-	// row (weight-only quantisation: activations stay float32), packed;
-	// "" keeps the stored dtype.
+	// Quantize "q8" stores 2-D weights as int8 with one scale per 32 k of
+	// an output row (weight-only quantisation: activations stay float32),
+	// packed; "q8a" also quantises the activations (per 32 k, like
+	// llama.cpp's q8_0) and multiplies int8 by int8 with VNNI where the
+	// CPU has it (else it is "q8"); "" keeps the stored dtype.
 	Quantize string
 }
 
@@ -59,6 +61,7 @@ type Backend struct {
 	invariant bool
 	packW     bool
 	quant     bool
+	quantAct  bool // q8a with VNNI kernels
 }
 
 var _ kernels.Backend = (*Backend)(nil)
@@ -71,8 +74,8 @@ func New(cfg Config) (*Backend, error) {
 	if cfg.Threads == 0 {
 		cfg.Threads = runtime.GOMAXPROCS(0)
 	}
-	if cfg.Quantize != "" && cfg.Quantize != "q8" {
-		return nil, fmt.Errorf("cpu: quantisation %q not supported (q8)", cfg.Quantize)
+	if cfg.Quantize != "" && cfg.Quantize != "q8" && cfg.Quantize != "q8a" {
+		return nil, fmt.Errorf("cpu: quantisation %q not supported (q8, q8a)", cfg.Quantize)
 	}
 	k := genericKernels
 	if !cfg.Generic {
@@ -87,7 +90,8 @@ func New(cfg Config) (*Backend, error) {
 			return nil, fmt.Errorf("cpu: kernel set %q not supported here (have %v)", cfg.Kernels, Variants())
 		}
 	}
-	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant, packW: cfg.PackWeights || cfg.Quantize != "", quant: cfg.Quantize == "q8"}, nil
+	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant, packW: cfg.PackWeights || cfg.Quantize != "", quant: cfg.Quantize != "",
+		quantAct: cfg.Quantize == "q8a" && k.pgemvQ8V != nil}, nil
 }
 
 // Close stops the backend's threads. The backend must not be used afterwards.
@@ -106,6 +110,10 @@ type tensor struct {
 	f     []float32
 	h     []uint16
 	pk    *packed // a weight in panel layout (f and h are then nil)
+	// qa is an activation's int8 form for the VNNI kernels (q8v.go),
+	// made by its first product and reused by the next ones (q, k and v
+	// read the same activation); every op that changes f drops it.
+	qa *quantized
 }
 
 func (t *tensor) DType() kernels.DType { return t.dt }
@@ -136,6 +144,16 @@ func newF32(shape ...int) *tensor {
 
 // Weight wraps data without copying when it is suitably aligned.
 func (b *Backend) Weight(dt kernels.DType, shape []int, data []byte) (kernels.Tensor, error) {
+	return b.weight(dt, shape, data, b.quant)
+}
+
+// WeightPrecise implements kernels.PreciseWeights: the weight keeps its
+// dtype even when the backend quantises (packed all the same).
+func (b *Backend) WeightPrecise(dt kernels.DType, shape []int, data []byte) (kernels.Tensor, error) {
+	return b.weight(dt, shape, data, false)
+}
+
+func (b *Backend) weight(dt kernels.DType, shape []int, data []byte, quant bool) (kernels.Tensor, error) {
 	n := kernels.NumElements(shape)
 	if dt.Size() == 0 {
 		return nil, fmt.Errorf("cpu: unsupported dtype %v", dt)
@@ -159,7 +177,7 @@ func (b *Backend) Weight(dt kernels.DType, shape []int, data []byte) (kernels.Te
 		t.h = unsafe.Slice((*uint16)(p), n)
 	}
 	switch {
-	case b.quant && len(shape) == 2 && b.k.pgemvQ8 != nil:
+	case quant && len(shape) == 2 && b.k.pgemvQ8 != nil:
 		b.pack(t, true)
 	case b.packW && len(shape) == 2 && b.canPack(dt):
 		b.pack(t, false)
@@ -191,7 +209,7 @@ func (b *Backend) ToFloat32(t kernels.Tensor) []float32 {
 // Free drops the backend's reference; Go's collector reclaims the memory.
 func (b *Backend) Free(t kernels.Tensor) {
 	c := cast(t)
-	c.f, c.h, c.pk = nil, nil, nil
+	c.f, c.h, c.pk, c.qa = nil, nil, nil, nil
 }
 
 // widen writes len(dst) elements of a (any dtype), from flat offset off,

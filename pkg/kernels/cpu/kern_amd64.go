@@ -21,6 +21,15 @@ func gemm5x4AVX512(x *float32, ldx int, p *float32, ldp int, n int, c *float32, 
 func pgemv32Q8(x *float32, w *int8, s *float32, k int, y *float32)
 
 //go:noescape
+func pgemv32Q8V(u *uint8, xs *float32, w *int8, s *float32, ws *int32, kp int, y *float32)
+
+//go:noescape
+func pgemv32x2Q8V(u *uint8, xs *float32, w1, w2 *int8, s1, s2 *float32, ws1, ws2 *int32, kp int, y1, y2 *float32)
+
+//go:noescape
+func pgemm8x32Q8V(xt *uint8, xs *float32, w *int8, s *float32, ws *int32, kp int, c *float32)
+
+//go:noescape
 func pgemm14x32Q8(xp *float32, w *int8, s *float32, k int, c *float32)
 
 //go:noescape
@@ -137,6 +146,37 @@ func simdKernels() []kernelSet {
 	avx512.pgemmQ8 = func(xp []float32, w []int8, s []float32, k int, c []float32) {
 		_, _, _, _ = xp[14*k-1], w[32*k-1], s[32*((k+31)/32)-1], c[14*32-1]
 		pgemm14x32Q8(&xp[0], &w[0], &s[0], k, &c[0])
+	}
+	if cpu.X86.HasAVX512VNNI {
+		avx512.pgemvQ8V = func(u []uint8, xs []float32, w []int8, s []float32, ws []int32, kp int, y []float32) {
+			if kp == 0 {
+				clear(y[:packNR])
+				return
+			}
+			g := kp / q8Group
+			_, _, _, _, _, _ = u[kp-1], xs[g-1], w[packNR*kp-1], s[packNR*g-1], ws[packNR*g-1], y[packNR-1]
+			pgemv32Q8V(&u[0], &xs[0], &w[0], &s[0], &ws[0], kp, &y[0])
+		}
+		avx512.pgemv2Q8V = func(u []uint8, xs []float32, w1, w2 []int8, s1, s2 []float32, ws1, ws2 []int32, kp int, y1, y2 []float32) {
+			if kp == 0 {
+				clear(y1[:packNR])
+				clear(y2[:packNR])
+				return
+			}
+			g := kp / q8Group
+			_, _, _, _, _, _, _, _, _, _ = u[kp-1], xs[g-1], w1[packNR*kp-1], w2[packNR*kp-1], s1[packNR*g-1], s2[packNR*g-1],
+				ws1[packNR*g-1], ws2[packNR*g-1], y1[packNR-1], y2[packNR-1]
+			pgemv32x2Q8V(&u[0], &xs[0], &w1[0], &w2[0], &s1[0], &s2[0], &ws1[0], &ws2[0], kp, &y1[0], &y2[0])
+		}
+		avx512.pgemmQ8V = func(xt []uint8, xs []float32, w []int8, s []float32, ws []int32, kp int, c []float32) {
+			if kp == 0 {
+				clear(c[:q8vMR*packNR])
+				return
+			}
+			g := kp / q8Group
+			_, _, _, _, _, _ = xt[q8vMR*kp-1], xs[q8vMR*g-1], w[packNR*kp-1], s[packNR*g-1], ws[packNR*g-1], c[q8vMR*packNR-1]
+			pgemm8x32Q8V(&xt[0], &xs[0], &w[0], &s[0], &ws[0], kp, &c[0])
+		}
 	}
 	avx512.gemm1F32 = func(x []float32, w []float32, stride, n int, c []float32) {
 		gemm1Asm(gemm1x4F32AVX512, func(v float32) float32 { return v }, x, w, stride, n, c)

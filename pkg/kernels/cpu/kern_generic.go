@@ -36,6 +36,13 @@ type kernelSet struct {
 	// s[g·32+j]; a weight enters the chain as float32(q)·s.
 	pgemvQ8 func(x []float32, w []int8, s []float32, k int, y []float32)
 	pgemmQ8 func(xp []float32, w []int8, s []float32, k int, c []float32)
+	// pgemvQ8V / pgemmQ8V (optional, with pgemvQ8) are the int8 × int8
+	// kernels over the VNNI layout (q8v.go): one token, or a tile of
+	// q8vMR tokens; kp is k padded to whole groups.
+	pgemvQ8V func(u []uint8, xs []float32, w []int8, s []float32, ws []int32, kp int, y []float32)
+	pgemmQ8V func(xt []uint8, xs []float32, w []int8, s []float32, ws []int32, kp int, c []float32)
+	// pgemv2Q8V (optional) is pgemvQ8V on two panels at once.
+	pgemv2Q8V func(u []uint8, xs []float32, w1, w2 []int8, s1, s2 []float32, ws1, ws2 []int32, kp int, y1, y2 []float32)
 	// swiglu writes out[i] = silu(g[i])·u[i] for i < len(out).
 	swiglu func(g, u, out []float32)
 	// cvt* widen len(dst) elements of src into dst.

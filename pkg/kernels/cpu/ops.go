@@ -53,6 +53,7 @@ func (b *Backend) Add(dst, src kernels.Tensor) {
 	if len(d.f) != len(s.f) {
 		panic(fmt.Sprintf("cpu: Add %v += %v", d.shape, s.shape))
 	}
+	d.qa = nil
 	for i, v := range s.f {
 		d.f[i] += v
 	}
@@ -61,6 +62,7 @@ func (b *Backend) Add(dst, src kernels.Tensor) {
 // RoPE rotates each head of each row in place (rotate-half pairing).
 func (b *Backend) RoPE(x kernels.Tensor, headDim int, pos []int32, r *kernels.Rope) {
 	xt := f32(x)
+	xt.qa = nil
 	T, C := xt.rows(), xt.cols()
 	half := headDim / 2
 	if len(pos) != T || C%headDim != 0 || len(r.InvFreq) != half {
@@ -103,6 +105,7 @@ func (b *Backend) SwiGLU(gate, up kernels.Tensor) kernels.Tensor {
 // WriteKV copies row i of x into row slots[i] of cache.
 func (b *Backend) WriteKV(cache, x kernels.Tensor, slots []int32) {
 	c, xt := f32(cache), f32(x)
+	c.qa = nil
 	C := xt.cols()
 	if c.cols() != C || len(slots) != xt.rows() {
 		panic(fmt.Sprintf("cpu: WriteKV cache %v x %v with %d slots", c.shape, xt.shape, len(slots)))
@@ -310,6 +313,7 @@ func (b *Backend) Gather(x kernels.Tensor, rows []int32) kernels.Tensor {
 // ScatterAdd adds scale[i]·src[i] into dst[rows[i]].
 func (b *Backend) ScatterAdd(dst, src kernels.Tensor, rows []int32, scale []float32) {
 	d, s := f32(dst), f32(src)
+	d.qa = nil
 	C := s.cols()
 	if d.cols() != C || len(rows) != s.rows() || len(scale) != len(rows) {
 		panic(fmt.Sprintf("cpu: ScatterAdd dst %v src %v with %d rows", d.shape, s.shape, len(rows)))
@@ -326,6 +330,7 @@ func (b *Backend) ScatterAdd(dst, src kernels.Tensor, rows []int32, scale []floa
 // ScaleRows multiplies row i of x by s[i].
 func (b *Backend) ScaleRows(x kernels.Tensor, s []float32) {
 	xt := f32(x)
+	xt.qa = nil
 	C := xt.cols()
 	if len(s) != xt.rows() {
 		panic(fmt.Sprintf("cpu: ScaleRows x %v with %d scales", xt.shape, len(s)))

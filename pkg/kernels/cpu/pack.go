@@ -32,6 +32,11 @@ type packed struct {
 	// Panel p's scales are scale[p·G·32 : (p+1)·G·32], [G][32], G groups.
 	q     []int8
 	scale []float32
+	// vnni: q is in the VNNI layout (q8v.go) over kp = q8vPad(k) columns,
+	// and wsum[(p·G+g)·32+j] = Σ q over the group.
+	vnni bool
+	kp   int
+	wsum []int32
 }
 
 // Packs reports whether this backend stores 2-D weights packed.
@@ -40,10 +45,23 @@ func (b *Backend) Packs() bool { return b.packW && b.canPack(kernels.BF16) }
 // Quantizes reports whether this backend stores 2-D weights as int8.
 func (b *Backend) Quantizes() bool { return b.quant && b.k.pgemvQ8 != nil }
 
+// QuantizesActivations reports whether its int8 products quantise the
+// activations too (the VNNI kernels; see q8v.go).
+func (b *Backend) QuantizesActivations() bool { return b.Quantizes() && b.quantAct }
+
 // Panel p's slices of each storage.
 func (pk *packed) hp(p int) []uint16  { return pk.h[p*packNR*pk.k : (p+1)*packNR*pk.k] }
 func (pk *packed) fp(p int) []float32 { return pk.f[p*packNR*pk.k : (p+1)*packNR*pk.k] }
-func (pk *packed) qp(p int) []int8    { return pk.q[p*packNR*pk.k : (p+1)*packNR*pk.k] }
+func (pk *packed) qp(p int) []int8 {
+	if pk.vnni {
+		return pk.q[p*packNR*pk.kp : (p+1)*packNR*pk.kp]
+	}
+	return pk.q[p*packNR*pk.k : (p+1)*packNR*pk.k]
+}
+func (pk *packed) wsp(p int) []int32 {
+	G := q8Groups(pk.k)
+	return pk.wsum[p*G*packNR : (p+1)*G*packNR]
+}
 func (pk *packed) sp(p int) []float32 {
 	G := q8Groups(pk.k)
 	return pk.scale[p*G*packNR : (p+1)*G*packNR]
@@ -68,6 +86,10 @@ func (b *Backend) pack(t *tensor, quantize bool) {
 	P := (n + packNR - 1) / packNR
 	pk := &packed{n: n, k: k}
 	switch {
+	case quantize && b.quantAct:
+		pk.vnni, pk.kp = true, q8vPad(k)
+		pk.q, pk.scale = make([]int8, P*packNR*pk.kp), make([]float32, P*q8Groups(k)*packNR)
+		pk.wsum = make([]int32, P*q8Groups(k)*packNR)
 	case quantize:
 		pk.q, pk.scale = make([]int8, P*packNR*k), make([]float32, P*q8Groups(k)*packNR)
 	case t.dt == kernels.F32:
@@ -97,7 +119,13 @@ func (b *Backend) pack(t *tensor, quantize bool) {
 							continue
 						}
 						for i, v := range grp {
-							pk.q[base+(g*q8Group+i)*packNR+j] = int8(max(-127, min(127, roundEven(v/s))))
+							q := int8(max(-127, min(127, roundEven(v/s))))
+							if pk.vnni {
+								pk.q[p*packNR*pk.kp+q8vIndex(j, g*q8Group+i)] = q
+								pk.wsum[(p*G+g)*packNR+j] += int32(q)
+							} else {
+								pk.q[base+(g*q8Group+i)*packNR+j] = q
+							}
 						}
 					}
 				case pk.f != nil:
@@ -128,6 +156,9 @@ func (b *Backend) widenPacked(dst []float32, t *tensor, off int) {
 		switch {
 		case pk.q != nil:
 			G := q8Groups(pk.k)
+			if pk.vnni {
+				idx = (r/packNR)*packNR*pk.kp + q8vIndex(r%packNR, c)
+			}
 			dst[i] = float32(pk.q[idx]) * pk.scale[((r/packNR)*G+c/q8Group)*packNR+r%packNR]
 			continue
 		}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
@@ -11,10 +12,17 @@ import (
 )
 
 // TestQ8MatMul: int8 weights with per-row scales; every output is within
-// the quantisation bound Σ|x|·scale/2 (plus float rounding) of the exact
-// product, on ragged shapes through both kernels.
+// float rounding of the product with the dequantised weights, plus, where
+// the activations are quantised too (VNNI), their rounding bound
+// Σ_groups (max|x|/127/2)·Σ|w|; on ragged shapes through every kernel.
 func TestQ8MatMul(t *testing.T) {
-	b, err := cpu.New(cpu.Config{Threads: 2, Quantize: "q8"})
+	for _, mode := range []string{"q8", "q8a"} {
+		t.Run(mode, func(t *testing.T) { testQ8MatMul(t, mode) })
+	}
+}
+
+func testQ8MatMul(t *testing.T, mode string) {
+	b, err := cpu.New(cpu.Config{Threads: 2, Quantize: mode})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,7 +45,18 @@ func TestQ8MatMul(t *testing.T) {
 					y := b.ToFloat32(b.MatMul(b.FromFloat32([]int{T, K}, xv), w, nil))
 					for i := 0; i < T; i++ {
 						for j := 0; j < N; j++ {
-							var exact, ax, mw float64
+							var exact, ax, mw, aq float64
+							for g := 0; g < K; g += 32 {
+								var mx, sw float64
+								for k := g; k < min(K, g+32); k++ {
+									mx = math.Max(mx, math.Abs(float64(xv[i*K+k])))
+									sw += math.Abs(float64(wv[j*K+k]))
+								}
+								aq += mx / 127 / 2 * sw
+							}
+							if !b.QuantizesActivations() {
+								aq = 0
+							}
 							for k := 0; k < K; k++ {
 								// bf16 of the original is what was quantised;
 								// compare against the dequantised weights
@@ -47,7 +66,7 @@ func TestQ8MatMul(t *testing.T) {
 								ax += math.Abs(float64(xv[i*K+k]))
 								mw = math.Max(mw, math.Abs(float64(wv[j*K+k])))
 							}
-							if d := math.Abs(float64(y[i*N+j]) - exact); d > 1e-5*ax*mw+1e-6 {
+							if d := math.Abs(float64(y[i*N+j]) - exact); d > 1e-5*ax*mw+1e-6+aq*1.0001 {
 								t.Fatalf("[%d,%d] = %v, dequantised product %v", i, j, y[i*N+j], exact)
 							}
 						}
@@ -74,3 +93,35 @@ func TestQ8MatMul(t *testing.T) {
 }
 
 func bf16Round(v float32) float32 { return math.Float32frombits(math.Float32bits(v) &^ 0xffff) }
+
+// TestQ8AReuse: q8a keeps an activation's int8 form for the next product
+// of the same tensor, and an op that changes the tensor drops it.
+func TestQ8AReuse(t *testing.T) {
+	b, err := cpu.New(cpu.Config{Threads: 2, Quantize: "q8a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	r := rand.New(rand.NewPCG(9, 10))
+	const T, K, N = 3, 96, 64
+	w, err := b.Weight(kernels.BF16, []int{N, K}, bf16Bytes(randSlice(r, N*K)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	xv, dv := randSlice(r, T*K), randSlice(r, T*K)
+	x := b.FromFloat32([]int{T, K}, xv)
+	first := b.ToFloat32(b.MatMul(x, w, nil))
+	if again := b.ToFloat32(b.MatMul(x, w, nil)); !slices.Equal(first, again) {
+		t.Fatal("the same activation gave two products")
+	}
+	b.Add(x, b.FromFloat32([]int{T, K}, dv))
+	sum := make([]float32, T*K)
+	for i := range sum {
+		sum[i] = xv[i] + dv[i]
+	}
+	got := b.ToFloat32(b.MatMul(x, w, nil))
+	want := b.ToFloat32(b.MatMul(b.FromFloat32([]int{T, K}, sum), w, nil))
+	if !slices.Equal(got, want) {
+		t.Fatal("a product after Add used the activation's old int8 form")
+	}
+}
