@@ -31,7 +31,7 @@ func (e *explainer) explain(d decision) []string {
 	}
 	add("%s: %s params, %s of %s weights; KV cache %s per token, %d tokens per replica%s",
 		e.label, fmtParams(model.NumParams(cfg)), fmtBytes(whole.weights), dtypeName(cfg, opts),
-		fmtBytes(int64(cfg.NumHiddenLayers)*2*int64(cfg.NumKeyValueHeads*cfg.HeadDimension())*kvBytesPerElem),
+		fmtBytes(int64(cfg.NumHiddenLayers)*2*int64(cfg.NumKeyValueHeads*cfg.HeadDimension())*int64(opts.KVBytesPerValue)),
 		opts.KVCacheTokens, kvNote)
 	if e.minMem == maxMemory(e.pool) {
 		add("usable per worker: %s (%v × %s)", fmtBytes(e.usable), opts.Utilization, fmtBytes(e.minMem))

@@ -9,7 +9,8 @@ import (
 // maxTP bounds the degrees ValidTP reports.
 const maxTP = 64
 
-// kvBytesPerElem: the KV cache is bf16 whatever the weights are.
+// kvBytesPerElem: the KV cache is bf16 whatever the weights are, unless
+// Options.KVBytesPerValue says otherwise.
 const kvBytesPerElem = 2
 
 // actBytesPerElem: activations are float32 (model's arithmetic).
@@ -111,7 +112,7 @@ func newSizer(cfg *model.Config, opts Options, t int) *sizer {
 	for l := range s.layer {
 		s.layer[l] = layerParams(cfg, l, t) * bpp
 	}
-	s.kvToken = 2 * kvL * hd * kvBytesPerElem
+	s.kvToken = 2 * kvL * hd * int64(opts.KVBytesPerValue)
 	s.actBase = 4*H + (nhL+2*kvL)*hd
 	return s
 }

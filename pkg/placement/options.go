@@ -50,6 +50,9 @@ type Options struct {
 	// cfg.TorchDtype: 2 for bfloat16/float16 (and when absent), 4 for
 	// float32. Set 1 for an int8-quantized model.
 	WeightBytesPerParam int
+	// KVBytesPerValue is the stored size of one K or V value. 0 = 2 (bf16,
+	// as on GPUs); the CPU backend stores float32 (4).
+	KVBytesPerValue int
 }
 
 // Defaults of Options.
@@ -73,7 +76,7 @@ func (o *Options) Validate() error {
 		name string
 		v    int
 	}{{"TP", o.TP}, {"PP", o.PP}, {"KVCacheTokens", o.KVCacheTokens}, {"MaxBatchTokens", o.MaxBatchTokens},
-		{"MaxBatchSeqs", o.MaxBatchSeqs}, {"WeightBytesPerParam", o.WeightBytesPerParam}} {
+		{"MaxBatchSeqs", o.MaxBatchSeqs}, {"WeightBytesPerParam", o.WeightBytesPerParam}, {"KVBytesPerValue", o.KVBytesPerValue}} {
 		if f.v < 0 {
 			return invalidf("%s must be >= 0 (0 = default), got %d", f.name, f.v)
 		}
@@ -89,6 +92,9 @@ func (o *Options) Validate() error {
 	}
 	if o.Utilization == 0 {
 		o.Utilization = DefaultUtilization
+	}
+	if o.KVBytesPerValue == 0 {
+		o.KVBytesPerValue = kvBytesPerElem
 	}
 	return nil
 }

@@ -391,8 +391,12 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 		c.mu.Unlock()
 		return
 	}
-	plan, err := placement.New(c.cfg, free, placement.Options{Model: c.opts.ModelName, TP: c.opts.TP, PP: c.opts.PP,
-		KVCacheTokens: c.kvTokens(), MaxBatchTokens: c.opts.Scheduler.MaxBatchTokens})
+	opts := placement.Options{Model: c.opts.ModelName, TP: c.opts.TP, PP: c.opts.PP,
+		KVCacheTokens: c.kvTokens(), MaxBatchTokens: c.opts.Scheduler.MaxBatchTokens}
+	if free[0].Backend == "cpu" {
+		opts.KVBytesPerValue = 4 // the CPU backend's KV cache is float32
+	}
+	plan, err := placement.New(c.cfg, free, opts)
 	if err != nil {
 		if c.planErr != err.Error() {
 			c.log.Warn("free workers make no replica", "workers", len(free), "why", err)
