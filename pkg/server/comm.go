@@ -160,22 +160,57 @@ func PeerServerOptions() []grpc.ServerOption {
 
 // peers are the workers a sharded worker talks to.
 type peers struct {
-	rank  int
-	tp    []workerv1.WorkerClient // by rank; nil at rank
-	next  workerv1.WorkerClient   // nil on the last stage
-	conns []*grpc.ClientConn
+	rank   int
+	tp     []*peer // by rank; nil at rank
+	next   *peer   // nil on the last stage
+	conns  []*grpc.ClientConn
+	cancel context.CancelFunc // ends the streams
+}
+
+// peer is the one stream of messages to another worker: a message is a
+// frame on an open stream, not a call of its own.
+type peer struct {
+	client workerv1.WorkerClient
+	ctx    context.Context // the peers' lifetime
+	mu     sync.Mutex      // a stream's Send is not safe for concurrent use
+	stream workerv1.Worker_ExchangeClient
+}
+
+// send puts one message on the stream, opening it when there is none. A
+// stream that fails is closed (its status is the error) and the next send
+// opens another.
+func (p *peer) send(req *workerv1.ExchangeRequest) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stream == nil {
+		s, err := p.client.Exchange(p.ctx)
+		if err != nil {
+			return err
+		}
+		p.stream = s
+	}
+	if err := p.stream.Send(req); err != nil {
+		_, cerr := p.stream.CloseAndRecv() // Send reports io.EOF; this, why
+		p.stream = nil
+		if cerr != nil {
+			return cerr
+		}
+		return err
+	}
+	return nil
 }
 
 func dialPeers(a *workerv1.Assignment) (*peers, error) {
-	p := &peers{rank: int(a.TpRank), tp: make([]workerv1.WorkerClient, len(a.TpPeers))}
-	dial := func(addr string) (workerv1.WorkerClient, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &peers{rank: int(a.TpRank), tp: make([]*peer, len(a.TpPeers)), cancel: cancel}
+	dial := func(addr string) (*peer, error) {
 		c, err := grpc.NewClient(addr, append(PeerDialOptions(),
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))...)
 		if err != nil {
 			return nil, err
 		}
 		p.conns = append(p.conns, c)
-		return workerv1.NewWorkerClient(c), nil
+		return &peer{client: workerv1.NewWorkerClient(c), ctx: ctx}, nil
 	}
 	var err error
 	for r, addr := range a.TpPeers {
@@ -196,6 +231,7 @@ func dialPeers(a *workerv1.Assignment) (*peers, error) {
 }
 
 func (p *peers) close() {
+	p.cancel()
 	for _, c := range p.conns {
 		c.Close()
 	}
@@ -227,10 +263,9 @@ func (l *stepLink) observe(total *time.Duration, h func(*metrics.Worker) prometh
 	}
 }
 
-func (l *stepLink) send(c workerv1.WorkerClient, kind, index int32, data []byte) error {
-	_, err := c.Exchange(l.ctx, &workerv1.ExchangeRequest{Version: l.version, StepId: l.step, Kind: kind, Index: index,
+func (l *stepLink) send(to *peer, kind, index int32, data []byte) error {
+	return to.send(&workerv1.ExchangeRequest{Version: l.version, StepId: l.step, Kind: kind, Index: index,
 		FromRank: int32(l.p.rank), Data: data})
-	return err
 }
 
 func (l *stepLink) AllReduce(x []float32) error {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"os"
@@ -364,24 +365,34 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	return out, nil
 }
 
-// Exchange takes a message from another worker of the replica.
-func (w *WorkerService) Exchange(ctx context.Context, req *workerv1.ExchangeRequest) (*workerv1.ExchangeResponse, error) {
-	if req.Kind != kindAllReduce && req.Kind != kindHidden {
-		return nil, status.Errorf(codes.InvalidArgument, "kind: %d is not 0 (all-reduce) or 1 (hidden states)", req.Kind)
+// Exchange takes the messages another worker of the replica streams to
+// this one. Messages of another generation (a step of a replica this
+// worker no longer serves in) are dropped.
+func (w *WorkerService) Exchange(stream workerv1.Worker_ExchangeServer) error {
+	for {
+		req, err := stream.Recv()
+		if err == io.EOF {
+			return stream.SendAndClose(&workerv1.ExchangeResponse{})
+		}
+		if err != nil {
+			return err
+		}
+		if req.Kind != kindAllReduce && req.Kind != kindHidden {
+			return status.Errorf(codes.InvalidArgument, "kind: %d is not 0 (all-reduce) or 1 (hidden states)", req.Kind)
+		}
+		if len(req.Data)%4 != 0 {
+			return status.Errorf(codes.InvalidArgument, "data: %d bytes is not whole float32s", len(req.Data))
+		}
+		w.mu.Lock()
+		version := w.version
+		w.mu.Unlock()
+		if req.Version != version {
+			continue
+		}
+		if err := w.box.put(mailKey{req.Version, req.StepId, req.Kind, req.Index, req.FromRank}, req.Data); err != nil {
+			return status.Error(codes.AlreadyExists, err.Error())
+		}
 	}
-	if len(req.Data)%4 != 0 {
-		return nil, status.Errorf(codes.InvalidArgument, "data: %d bytes is not whole float32s", len(req.Data))
-	}
-	w.mu.Lock()
-	version := w.version
-	w.mu.Unlock()
-	if req.Version != version {
-		return nil, status.Errorf(codes.FailedPrecondition, "version: %d, this worker holds %d", req.Version, version)
-	}
-	if err := w.box.put(mailKey{req.Version, req.StepId, req.Kind, req.Index, req.FromRank}, req.Data); err != nil {
-		return nil, status.Error(codes.AlreadyExists, err.Error())
-	}
-	return &workerv1.ExchangeResponse{}, nil
 }
 
 // Release forgets finished sequences: a later Step for one must start at

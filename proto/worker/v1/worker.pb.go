@@ -1436,15 +1436,15 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\rHealthRequest\"<\n" +
 	"\x0eHealthResponse\x12\x14\n" +
 	"\x05ready\x18\x01 \x01(\bR\x05ready\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state2\xc6\x04\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state2\xc8\x04\n" +
 	"\x06Worker\x12K\n" +
 	"\x04Info\x12 .qwenfleet.worker.v1.InfoRequest\x1a!.qwenfleet.worker.v1.InfoResponse\x12M\n" +
 	"\x04Load\x12 .qwenfleet.worker.v1.LoadRequest\x1a!.qwenfleet.worker.v1.LoadProgress0\x01\x12Q\n" +
 	"\x06Warmup\x12\".qwenfleet.worker.v1.WarmupRequest\x1a#.qwenfleet.worker.v1.WarmupResponse\x12K\n" +
 	"\x04Step\x12 .qwenfleet.worker.v1.StepRequest\x1a!.qwenfleet.worker.v1.StepResponse\x12T\n" +
 	"\aRelease\x12#.qwenfleet.worker.v1.ReleaseRequest\x1a$.qwenfleet.worker.v1.ReleaseResponse\x12Q\n" +
-	"\x06Health\x12\".qwenfleet.worker.v1.HealthRequest\x1a#.qwenfleet.worker.v1.HealthResponse\x12W\n" +
-	"\bExchange\x12$.qwenfleet.worker.v1.ExchangeRequest\x1a%.qwenfleet.worker.v1.ExchangeResponseB9Z7github.com/qwenfleet/qwenfleet/proto/worker/v1;workerv1b\x06proto3"
+	"\x06Health\x12\".qwenfleet.worker.v1.HealthRequest\x1a#.qwenfleet.worker.v1.HealthResponse\x12Y\n" +
+	"\bExchange\x12$.qwenfleet.worker.v1.ExchangeRequest\x1a%.qwenfleet.worker.v1.ExchangeResponse(\x01B9Z7github.com/qwenfleet/qwenfleet/proto/worker/v1;workerv1b\x06proto3"
 
 var (
 	file_worker_v1_worker_proto_rawDescOnce sync.Once

@@ -51,7 +51,8 @@ type WorkerClient interface {
 	// a tensor-parallel rank's partial sum for an all-reduce, or a pipeline
 	// stage's hidden states for the next stage. Worker to worker; the
 	// coordinator is not on this path.
-	Exchange(ctx context.Context, in *ExchangeRequest, opts ...grpc.CallOption) (*ExchangeResponse, error)
+	// A worker keeps one stream open to each peer for its assignment.
+	Exchange(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ExchangeRequest, ExchangeResponse], error)
 }
 
 type workerClient struct {
@@ -131,15 +132,18 @@ func (c *workerClient) Health(ctx context.Context, in *HealthRequest, opts ...gr
 	return out, nil
 }
 
-func (c *workerClient) Exchange(ctx context.Context, in *ExchangeRequest, opts ...grpc.CallOption) (*ExchangeResponse, error) {
+func (c *workerClient) Exchange(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ExchangeRequest, ExchangeResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(ExchangeResponse)
-	err := c.cc.Invoke(ctx, Worker_Exchange_FullMethodName, in, out, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Worker_ServiceDesc.Streams[1], Worker_Exchange_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
-	return out, nil
+	x := &grpc.GenericClientStream[ExchangeRequest, ExchangeResponse]{ClientStream: stream}
+	return x, nil
 }
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Worker_ExchangeClient = grpc.ClientStreamingClient[ExchangeRequest, ExchangeResponse]
 
 // WorkerServer is the server API for Worker service.
 // All implementations must embed UnimplementedWorkerServer
@@ -160,7 +164,8 @@ type WorkerServer interface {
 	// a tensor-parallel rank's partial sum for an all-reduce, or a pipeline
 	// stage's hidden states for the next stage. Worker to worker; the
 	// coordinator is not on this path.
-	Exchange(context.Context, *ExchangeRequest) (*ExchangeResponse, error)
+	// A worker keeps one stream open to each peer for its assignment.
+	Exchange(grpc.ClientStreamingServer[ExchangeRequest, ExchangeResponse]) error
 	mustEmbedUnimplementedWorkerServer()
 }
 
@@ -189,8 +194,8 @@ func (UnimplementedWorkerServer) Release(context.Context, *ReleaseRequest) (*Rel
 func (UnimplementedWorkerServer) Health(context.Context, *HealthRequest) (*HealthResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Health not implemented")
 }
-func (UnimplementedWorkerServer) Exchange(context.Context, *ExchangeRequest) (*ExchangeResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method Exchange not implemented")
+func (UnimplementedWorkerServer) Exchange(grpc.ClientStreamingServer[ExchangeRequest, ExchangeResponse]) error {
+	return status.Error(codes.Unimplemented, "method Exchange not implemented")
 }
 func (UnimplementedWorkerServer) mustEmbedUnimplementedWorkerServer() {}
 func (UnimplementedWorkerServer) testEmbeddedByValue()                {}
@@ -314,23 +319,12 @@ func _Worker_Health_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
-func _Worker_Exchange_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(ExchangeRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(WorkerServer).Exchange(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: Worker_Exchange_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(WorkerServer).Exchange(ctx, req.(*ExchangeRequest))
-	}
-	return interceptor(ctx, in, info, handler)
+func _Worker_Exchange_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(WorkerServer).Exchange(&grpc.GenericServerStream[ExchangeRequest, ExchangeResponse]{ServerStream: stream})
 }
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Worker_ExchangeServer = grpc.ClientStreamingServer[ExchangeRequest, ExchangeResponse]
 
 // Worker_ServiceDesc is the grpc.ServiceDesc for Worker service.
 // It's only intended for direct use with grpc.RegisterService,
@@ -359,16 +353,17 @@ var Worker_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Health",
 			Handler:    _Worker_Health_Handler,
 		},
-		{
-			MethodName: "Exchange",
-			Handler:    _Worker_Exchange_Handler,
-		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "Load",
 			Handler:       _Worker_Load_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "Exchange",
+			Handler:       _Worker_Exchange_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "worker/v1/worker.proto",
