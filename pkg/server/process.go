@@ -122,7 +122,12 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
 	go gs.Serve(lis)
-	defer stopServer(gs)
+	defer func() {
+		// Peers stream to each other: end this worker's streams first, or
+		// every worker's graceful stop waits for the others'.
+		svc.closePeers()
+		stopServer(gs)
+	}()
 
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	store, err := cluster.Connect(cctx, o.EtcdEndpoints, o.Prefix)

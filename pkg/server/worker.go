@@ -90,6 +90,16 @@ func (w *WorkerService) setAssignments(f func(ctx context.Context, version int64
 	w.opts.Assignments = f
 }
 
+// closePeers ends the streams to the other workers of the replica.
+func (w *WorkerService) closePeers() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.peers != nil {
+		w.peers.close()
+		w.peers = nil
+	}
+}
+
 // Close frees the model and backend (after any running step).
 func (w *WorkerService) Close() {
 	w.life.Lock()
