@@ -20,7 +20,7 @@
 //     shared-expert gate whole;
 //   - KV heads [r·kv/t, (r+1)·kv/t), or when t > kv one head, ⌊r·kv/t⌋
 //     (each head replicated t/kv times: per-rank KV stops shrinking);
-//   - embedding / LM-head rows VocabRange(V, t, r) = [r·⌈V/t⌉,
+//   - embedding / LM-head rows model.VocabSlice(V, r, t) = [r·⌈V/t⌉,
 //     min(V, (r+1)·⌈V/t⌉)). A tied model's last stage, when it is not also
 //     the first, holds its own copy of its embedding rows as the LM head,
 //     as vLLM does.

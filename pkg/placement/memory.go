@@ -28,60 +28,29 @@ func ValidTP(cfg *model.Config) []int {
 	return out
 }
 
-// checkTP says why t is not a valid degree (nil when it is): t must divide
-// the query heads; t and the KV heads must divide one another (t > kv
-// replicates KV heads, vLLM's rule); t must divide every MLP width a rank
-// splits (intermediate_size when a dense layer exists; the expert and
-// shared-expert widths for MoE); and MoE needs t ≤ num_experts, as vLLM.
+// checkTP says why t is not a valid degree (nil when it is): the model's
+// own rule (model.CheckTP: t divides the query heads and every MLP width a
+// rank splits, t and the KV heads divide one another, every rank gets
+// vocabulary rows), stated plainly where t is simply too large, plus
+// vLLM's t ≤ num_experts for MoE.
 func checkTP(cfg *model.Config, t int) error {
-	nh, kv := cfg.NumAttentionHeads, cfg.NumKeyValueHeads
 	switch {
 	case t < 1:
 		return invalidf("tp=%d: must be >= 1", t)
-	case t > nh:
-		return invalidf("tp=%d exceeds the %d query heads", t, nh)
-	case nh%t != 0:
-		return invalidf("tp=%d does not divide the %d query heads", t, nh)
-	case kv%t != 0 && t%kv != 0:
-		return invalidf("tp=%d and the %d KV heads do not divide one another", t, kv)
+	case t > cfg.NumAttentionHeads:
+		return invalidf("tp=%d exceeds the %d query heads", t, cfg.NumAttentionHeads)
+	case cfg.IsMoE() && t > cfg.NumExperts:
+		return invalidf("tp=%d exceeds the %d experts", t, cfg.NumExperts)
 	}
-	if hasDenseLayer(cfg) && cfg.IntermediateSize%t != 0 {
-		return invalidf("tp=%d does not divide intermediate_size %d", t, cfg.IntermediateSize)
-	}
-	if cfg.IsMoE() {
-		if t > cfg.NumExperts {
-			return invalidf("tp=%d exceeds the %d experts", t, cfg.NumExperts)
-		}
-		if cfg.MoeIntermediateSize%t != 0 {
-			return invalidf("tp=%d does not divide moe_intermediate_size %d", t, cfg.MoeIntermediateSize)
-		}
-		if cfg.SharedExpertIntermediateSize%t != 0 {
-			return invalidf("tp=%d does not divide shared_expert_intermediate_size %d", t, cfg.SharedExpertIntermediateSize)
-		}
+	if err := model.CheckTP(cfg, t); err != nil {
+		return invalidf("%s", err)
 	}
 	return nil
-}
-
-func hasDenseLayer(cfg *model.Config) bool {
-	for l := 0; l < cfg.NumHiddenLayers; l++ {
-		if !cfg.IsMoELayer(l) {
-			return true
-		}
-	}
-	return false
 }
 
 // kvHeadsPerRank is kv/t, or 1 when t > kv (each rank holds one replicated
 // KV head).
 func kvHeadsPerRank(cfg *model.Config, t int) int { return max(cfg.NumKeyValueHeads/t, 1) }
-
-// VocabRange is the embedding / LM-head rows rank r of t owns:
-// [r·ceil(V/t), min(V, (r+1)·ceil(V/t))). The last slice may be shorter
-// (or empty when t does not fit V at all).
-func VocabRange(vocab, t, r int) (begin, end int) {
-	per := (vocab + t - 1) / t
-	return min(r*per, vocab), min((r+1)*per, vocab)
-}
 
 // sizer holds the per-rank arithmetic of one (model, tp) pair. All byte
 // counts are per rank; the largest rank is counted where slices differ

@@ -36,7 +36,7 @@ type Stage struct {
 	Index       int  `json:"index"`
 	LayersBegin int  `json:"layers_begin"`
 	LayersEnd   int  `json:"layers_end"`
-	Embed       bool `json:"embed"` // holds embed_tokens (vocab slice VocabRange)
+	Embed       bool `json:"embed"` // holds embed_tokens (vocab slice model.VocabSlice)
 	// Head: holds the final norm and the LM head (for a tied model on a
 	// stage without the embedding, its own copy of embed_tokens).
 	Head            bool   `json:"head"`

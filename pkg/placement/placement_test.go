@@ -150,7 +150,7 @@ func TestVocabRange(t *testing.T) {
 	for _, tc := range []struct{ v, t int }{{151936, 1}, {151936, 2}, {152064, 8}, {512, 3}, {151936, 64}, {10, 4}} {
 		next := 0
 		for r := 0; r < tc.t; r++ {
-			b, e := VocabRange(tc.v, tc.t, r)
+			b, e := model.VocabSlice(tc.v, r, tc.t)
 			if b != next || e < b || e-b > (tc.v+tc.t-1)/tc.t {
 				t.Fatalf("V=%d t=%d rank %d: [%d, %d) after %d", tc.v, tc.t, r, b, e, next)
 			}
@@ -160,7 +160,7 @@ func TestVocabRange(t *testing.T) {
 			t.Fatalf("V=%d t=%d: slices end at %d", tc.v, tc.t, next)
 		}
 	}
-	if b, e := VocabRange(512, 3, 2); b != 342 || e != 512 {
+	if b, e := model.VocabSlice(512, 2, 3); b != 342 || e != 512 {
 		t.Fatalf("V=512 t=3 rank 2: [%d, %d), want [342, 512)", b, e)
 	}
 }
