@@ -7,6 +7,23 @@
 // sums lose 128·Σw, become float32 and enter each output's chain with one
 // FMA by (weight scale × activation scale).
 
+// Group epilogue of one panel (one token): int32 sums A, B (rows 0-15,
+// 16-31) lose 128·Σw (at WS), become float32 and are added to F, G with one
+// FMA by weight scale (at S) × activation scale (Z5).
+#define EPI1(A, B, WS, S, F, G) \
+	VMOVDQU32 (WS), Z3; \
+	VMOVDQU32 64(WS), Z4; \
+	VPSLLD $7, Z3, Z3; \
+	VPSLLD $7, Z4, Z4; \
+	VPSUBD Z3, A, A; \
+	VPSUBD Z4, B, B; \
+	VCVTDQ2PS A, A; \
+	VCVTDQ2PS B, B; \
+	VMULPS (S), Z5, Z6; \
+	VMULPS 64(S), Z5, Z7; \
+	VFMADD231PS Z6, A, F; \
+	VFMADD231PS Z7, B, G
+
 // func pgemv32Q8V(u *uint8, xs *float32, w *int8, s *float32, ws *int32, kp int, y *float32)
 TEXT ·pgemv32Q8V(SB), NOSPLIT, $0-56
 	MOVQ u+0(FP), SI
@@ -33,19 +50,8 @@ pvVloop:
 	ADDQ $128, DI
 	DECQ R8
 	JNZ  pvVloop
-	VMOVDQU32 (R10), Z3
-	VMOVDQU32 64(R10), Z4
-	VPSLLD $7, Z3, Z3
-	VPSLLD $7, Z4, Z4
-	VPSUBD Z3, Z0, Z0
-	VPSUBD Z4, Z1, Z1
-	VCVTDQ2PS Z0, Z0
-	VCVTDQ2PS Z1, Z1
 	VBROADCASTSS (R9), Z5
-	VMULPS (BX), Z5, Z6
-	VMULPS 64(BX), Z5, Z7
-	VFMADD231PS Z6, Z0, Z8
-	VFMADD231PS Z7, Z1, Z9
+	EPI1(Z0, Z1, R10, BX, Z8, Z9)
 	ADDQ $4, R9
 	ADDQ $128, BX
 	ADDQ $128, R10
@@ -212,30 +218,8 @@ pv2Vloop:
 	DECQ R8
 	JNZ  pv2Vloop
 	VBROADCASTSS (R9), Z5
-	VMOVDQU32 (R10), Z3
-	VMOVDQU32 64(R10), Z4
-	VPSLLD $7, Z3, Z3
-	VPSLLD $7, Z4, Z4
-	VPSUBD Z3, Z0, Z0
-	VPSUBD Z4, Z1, Z1
-	VCVTDQ2PS Z0, Z0
-	VCVTDQ2PS Z1, Z1
-	VMULPS (BX), Z5, Z6
-	VMULPS 64(BX), Z5, Z7
-	VFMADD231PS Z6, Z0, Z8
-	VFMADD231PS Z7, Z1, Z9
-	VMOVDQU32 (R13), Z3
-	VMOVDQU32 64(R13), Z4
-	VPSLLD $7, Z3, Z3
-	VPSLLD $7, Z4, Z4
-	VPSUBD Z3, Z10, Z10
-	VPSUBD Z4, Z11, Z11
-	VCVTDQ2PS Z10, Z10
-	VCVTDQ2PS Z11, Z11
-	VMULPS (R12), Z5, Z6
-	VMULPS 64(R12), Z5, Z7
-	VFMADD231PS Z6, Z10, Z12
-	VFMADD231PS Z7, Z11, Z13
+	EPI1(Z0, Z1, R10, BX, Z8, Z9)
+	EPI1(Z10, Z11, R13, R12, Z12, Z13)
 	ADDQ $4, R9
 	ADDQ $128, BX
 	ADDQ $128, R12
