@@ -279,7 +279,7 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 	}
 	b, cfg := m.b, m.cfg
 	tr := batch.Trace
-	if m.sharded() {
+	if !m.Whole() {
 		tr = nil
 	}
 	if m.sh.TPSize > 1 && batch.Comm == nil {
@@ -361,7 +361,9 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 	return out, nil
 }
 
-func (m *Model) sharded() bool { return m.sh.TPSize > 1 || !m.g.first || !m.g.last }
+// Whole reports whether this is the whole model, not a shard of it (a
+// shard steps only together with its peers).
+func (m *Model) Whole() bool { return m.sh.TPSize == 1 && m.g.first && m.g.last }
 
 // embedTokens looks ids up in the (vocabulary slice of the) embedding;
 // with tensor parallelism, rows of ids outside the slice are zero and the

@@ -80,7 +80,7 @@ func (x *Executor) Warmup(numBlocks, blockSize, warmTokens int) error {
 	x.turnMu.Unlock()
 	x.cache = kvcache.NewStorage(x.m.Backend(), x.m.NumLayers(), numBlocks, blockSize, x.m.KVDim())
 	n := min(warmTokens, numBlocks*blockSize, x.m.Config().MaxContext())
-	if n <= 0 || x.m.Shard() != (model.Shard{LayersEnd: x.m.Config().NumHiddenLayers, TPSize: 1}) {
+	if n <= 0 || !x.m.Whole() {
 		// A shard cannot step alone: its first step warms it.
 		return nil
 	}
@@ -128,8 +128,7 @@ func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Li
 	defer x.doneTurn(b.ID) // failed or not, later steps may go
 	m := x.m
 	V := m.Config().VocabSize
-	sharded := !m.IsFirst() || !m.IsLast() || m.Shard().TPSize > 1
-	if sharded && link == nil {
+	if !m.Whole() && link == nil {
 		return nil, fmt.Errorf("%w: a sharded step needs a link to its peers", model.ErrBadBatch)
 	}
 	mb := &model.Batch{Seqs: make([]model.Seq, len(b.Seqs))}
