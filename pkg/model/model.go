@@ -33,9 +33,11 @@ type Model struct {
 	rope   kernels.Rope
 	bytes  int64 // weight bytes
 	closer func() error
-	// expertTokens counts, per expert, the token rows routed to it (summed
-	// over layers) since the model was built.
-	expertTokens []atomic.Int64
+	// expertTokens counts, per layer of the shard and expert, the token
+	// rows routed to it since the model was built.
+	expertTokens [][]atomic.Int64
+	experts      ExpertMap // with expert parallelism: the loaded placement
+	src          WeightSource
 }
 
 type layer struct {
@@ -50,7 +52,7 @@ type mlp struct{ gate, up, down kernels.Tensor }
 
 type moe struct {
 	router     kernels.Tensor // [E, H]
-	experts    []mlp
+	experts    []*mlp         // nil where another rank holds the expert
 	shared     *mlp           // nil when shared_expert_intermediate_size is 0
 	sharedGate kernels.Tensor // [1, H]
 }
@@ -90,7 +92,7 @@ func NewShard(cfg *Config, b kernels.Backend, src WeightSource, sh Shard) (*Mode
 		precise := strings.HasSuffix(name, "mlp.gate.weight") || strings.HasSuffix(name, "shared_expert_gate.weight")
 		t, err = ld.load(name, shapes[name], dim, sp, precise)
 		if t != nil {
-			m.bytes += int64(kernels.NumElements(t.Shape()) * t.DType().Size())
+			m.bytes += tensorBytes(t)
 		}
 		return t
 	}
@@ -121,10 +123,17 @@ func NewShard(cfg *Config, b kernels.Backend, src WeightSource, sh Shard) (*Mode
 			p := mlpOf(n("mlp.gate_proj.weight"), n("mlp.up_proj.weight"), n("mlp.down_proj.weight"), cfg.IntermediateSize)
 			ly.mlp = &p
 		} else {
-			e := &moe{router: whole(n("mlp.gate.weight"))}
-			for x := 0; x < cfg.NumExperts; x++ {
-				e.experts = append(e.experts, mlpOf(ExpertName(l, x, "gate_proj"), ExpertName(l, x, "up_proj"),
-					ExpertName(l, x, "down_proj"), cfg.MoeIntermediateSize))
+			e := &moe{router: whole(n("mlp.gate.weight")), experts: make([]*mlp, cfg.NumExperts)}
+			for x := range e.experts {
+				if sh.EPSize > 1 {
+					if err == nil && sh.Experts.Holds(l, x, sh.EPRank) {
+						e.experts[x], err = m.loadExpert(ld, shapes, l, x)
+					}
+					continue
+				}
+				p := mlpOf(ExpertName(l, x, "gate_proj"), ExpertName(l, x, "up_proj"),
+					ExpertName(l, x, "down_proj"), cfg.MoeIntermediateSize)
+				e.experts[x] = &p
 			}
 			if Is := cfg.SharedExpertIntermediateSize; Is > 0 {
 				p := mlpOf(n("mlp.shared_expert.gate_proj.weight"), n("mlp.shared_expert.up_proj.weight"),
@@ -152,9 +161,135 @@ func NewShard(cfg *Config, b kernels.Backend, src WeightSource, sh Shard) (*Mode
 	}
 	m.rope.InvFreq, m.rope.Scale = cfg.Rope()
 	if cfg.IsMoE() {
-		m.expertTokens = make([]atomic.Int64, cfg.NumExperts)
+		m.expertTokens = make([][]atomic.Int64, len(m.layers))
+		for i := range m.expertTokens {
+			m.expertTokens[i] = make([]atomic.Int64, cfg.NumExperts)
+		}
 	}
+	m.experts = sh.Experts
 	return m, nil
+}
+
+// loadExpert reads routed expert x of layer l whole (an expert-parallel
+// rank holds whole experts).
+func (m *Model) loadExpert(ld *loader, shapes map[string][]int, l, x int) (*mlp, error) {
+	var p mlp
+	for _, w := range []struct {
+		t    *kernels.Tensor
+		name string
+	}{{&p.gate, "gate_proj"}, {&p.up, "up_proj"}, {&p.down, "down_proj"}} {
+		name := ExpertName(l, x, w.name)
+		t, err := ld.load(name, shapes[name], -1, span{}, false)
+		if err != nil {
+			for _, u := range []kernels.Tensor{p.gate, p.up} {
+				if u != nil {
+					m.bytes -= tensorBytes(u)
+					m.b.Free(u)
+				}
+			}
+			return nil, err
+		}
+		*w.t = t
+		m.bytes += tensorBytes(t)
+	}
+	return &p, nil
+}
+
+func tensorBytes(t kernels.Tensor) int64 {
+	return int64(kernels.NumElements(t.Shape()) * t.DType().Size())
+}
+
+// ExpertLoad returns, per layer of the shard (from Shard().LayersBegin)
+// and expert, how many token rows this model routed to it so far. Only
+// the stage's rank 0 counts (every rank routes the same rows); nil for a
+// dense model.
+func (m *Model) ExpertLoad() [][]int64 {
+	if m.expertTokens == nil {
+		return nil
+	}
+	out := make([][]int64, len(m.expertTokens))
+	for l, row := range m.expertTokens {
+		out[l] = make([]int64, len(row))
+		for e := range row {
+			out[l][e] = row[e].Load()
+		}
+	}
+	return out
+}
+
+// LoadExperts reads, from src, the routed experts em places on this rank
+// that it does not hold yet (only their bytes), so that steps may use em.
+// Experts it no longer needs stay until DropExperts. Like Forward, it must
+// not run concurrently with another call on m.
+func (m *Model) LoadExperts(src WeightSource, em ExpertMap) error {
+	if m.sh.EPSize <= 1 {
+		return fmt.Errorf("%w: not an expert-parallel shard", ErrBadShard)
+	}
+	ld := &loader{src: src, b: m.b}
+	shapes := map[string][]int{}
+	for _, s := range Shapes(m.cfg) {
+		shapes[s.Name] = s.Shape
+	}
+	for i, ly := range m.layers {
+		if ly.moe == nil {
+			continue
+		}
+		l := m.sh.LayersBegin + i
+		for x, p := range ly.moe.experts {
+			if p == nil && em.Holds(l, x, m.sh.EPRank) {
+				p, err := m.loadExpert(ld, shapes, l, x)
+				if err != nil {
+					return err
+				}
+				ly.moe.experts[x] = p
+			}
+		}
+	}
+	return nil
+}
+
+// DropExperts frees the routed experts em does not place on this rank and
+// makes em the shard's placement. It returns how many it freed.
+func (m *Model) DropExperts(em ExpertMap) int {
+	if m.sh.EPSize <= 1 {
+		return 0
+	}
+	n := 0
+	for i, ly := range m.layers {
+		if ly.moe == nil {
+			continue
+		}
+		l := m.sh.LayersBegin + i
+		for x, p := range ly.moe.experts {
+			if p != nil && !em.Holds(l, x, m.sh.EPRank) {
+				for _, t := range []kernels.Tensor{p.gate, p.up, p.down} {
+					m.bytes -= tensorBytes(t)
+					m.b.Free(t)
+				}
+				ly.moe.experts[x] = nil
+				n++
+			}
+		}
+	}
+	m.experts = em
+	return n
+}
+
+// checkExperts says which expert em places on this rank that it does not
+// hold (loaded by LoadExperts first), or nil.
+func (m *Model) checkExperts(em ExpertMap) error {
+	for i, ly := range m.layers {
+		if ly.moe == nil {
+			continue
+		}
+		l := m.sh.LayersBegin + i
+		for x, p := range ly.moe.experts {
+			if p == nil && em.Holds(l, x, m.sh.EPRank) {
+				return fmt.Errorf("%w: the expert map places expert %d of layer %d on rank %d, which has not loaded it", ErrBadBatch, x, l, m.sh.EPRank)
+			}
+		}
+	}
+	return nil
 }
 
 // ExpertTokens returns, per expert, how many token rows this model routed
@@ -163,9 +298,11 @@ func (m *Model) ExpertTokens() []int64 {
 	if m.expertTokens == nil {
 		return nil
 	}
-	out := make([]int64, len(m.expertTokens))
-	for i := range m.expertTokens {
-		out[i] = m.expertTokens[i].Load()
+	out := make([]int64, m.cfg.NumExperts)
+	for _, row := range m.ExpertLoad() {
+		for e, n := range row {
+			out[e] += n
+		}
 	}
 	return out
 }
@@ -229,8 +366,12 @@ type Batch struct {
 	// Hidden is the input of a shard that is not the first pipeline stage:
 	// the previous stage's Output.Hidden, [T, H] over the batch's new tokens.
 	Hidden []float32
-	// Comm connects a tensor-parallel shard to its group for this step.
+	// Comm connects a tensor-parallel shard to its group for this step; an
+	// expert-parallel shard's is a StageComm.
 	Comm Comm
+	// Experts is the expert placement this step uses (nil: the shard's);
+	// the rank must hold every expert it places on it (LoadExperts).
+	Experts ExpertMap
 	// NoStats leaves the model's counters (ExpertTokens) alone: a warm-up.
 	NoStats bool
 	// Trace, when not nil, is filled with intermediate values (tests and
@@ -282,6 +423,20 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 	if !m.Whole() {
 		tr = nil
 	}
+	em := m.experts
+	if m.sh.EPSize > 1 {
+		if _, ok := batch.Comm.(StageComm); !ok {
+			return nil, fmt.Errorf("%w: an expert-parallel shard needs a StageComm", ErrBadBatch)
+		}
+		if batch.Experts != nil {
+			em = batch.Experts
+			if err := m.checkExperts(em); err != nil {
+				return nil, err
+			}
+		}
+	} else if batch.Experts != nil {
+		return nil, fmt.Errorf("%w: an expert map for a shard without expert parallelism", ErrBadBatch)
+	}
 	if m.sh.TPSize > 1 && batch.Comm == nil {
 		return nil, fmt.Errorf("%w: a tensor-parallel shard needs a Comm", ErrBadBatch)
 	}
@@ -317,13 +472,15 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 		b.Free(att)
 		h := b.RMSNorm(x, ly.postNorm, eps)
 		var f kernels.Tensor
+		var touched []bool // rows of f with a part of the sum (nil: all)
 		if ly.mlp != nil {
 			f = m.mlpForward(ly.mlp, h)
 		} else {
-			f = m.moeForward(l, ly.moe, h, tr, !batch.NoStats && m.sh.TPRank == 0)
+			rank, _ := m.sh.stage()
+			f, touched = m.moeForward(l, ly.moe, h, tr, em, !batch.NoStats && rank == 0)
 		}
 		b.Free(h)
-		if f, err = m.reduce(f, batch.Comm); err != nil {
+		if f, err = m.reduceStage(f, touched, batch.Comm); err != nil {
 			b.Free(x)
 			return nil, err
 		}
@@ -363,14 +520,17 @@ func (m *Model) Forward(batch *Batch, cache Cache) (*Output, error) {
 
 // Whole reports whether this is the whole model, not a shard of it (a
 // shard steps only together with its peers).
-func (m *Model) Whole() bool { return m.sh.TPSize == 1 && m.g.first && m.g.last }
+func (m *Model) Whole() bool {
+	_, n := m.sh.stage()
+	return n == 1 && m.g.first && m.g.last
+}
 
 // embedTokens looks ids up in the (vocabulary slice of the) embedding;
 // with tensor parallelism, rows of ids outside the slice are zero and the
 // group's lookups are all-reduced (one rank contributes each row, so the
 // sum is exact).
 func (m *Model) embedTokens(ids []int32, c Comm) (kernels.Tensor, error) {
-	if m.sh.TPSize == 1 {
+	if _, n := m.sh.stage(); n == 1 {
 		return m.b.Embed(m.embed, ids), nil
 	}
 	local := make([]int32, len(ids))
@@ -382,7 +542,7 @@ func (m *Model) embedTokens(ids []int32, c Comm) (kernels.Tensor, error) {
 	}
 	x := m.b.Embed(m.embed, local)
 	m.b.ScaleRows(x, keep)
-	return m.reduce(x, c)
+	return m.reduceStage(x, nil, c)
 }
 
 // reduce all-reduces a row-parallel partial sum across the tensor-parallel
@@ -396,6 +556,22 @@ func (m *Model) reduce(x kernels.Tensor, c Comm) (kernels.Tensor, error) {
 	m.b.Free(x)
 	if err := c.AllReduce(f); err != nil {
 		return nil, fmt.Errorf("all-reduce: %w", err)
+	}
+	return m.b.FromFloat32(shape, f), nil
+}
+
+// reduceStage all-reduces a partial sum sliced over the whole stage: the
+// tensor-parallel group, or an expert-parallel stage's ranks, where rows
+// not marked in touched (nil: all) are zero on this rank. x is consumed.
+func (m *Model) reduceStage(x kernels.Tensor, touched []bool, c Comm) (kernels.Tensor, error) {
+	if m.sh.EPSize <= 1 {
+		return m.reduce(x, c)
+	}
+	shape := x.Shape()
+	f := m.b.ToFloat32(x)
+	m.b.Free(x)
+	if err := stageAllReduce(c.(StageComm), m.sh.EPRank, m.sh.EPSize, f, shape[1], touched); err != nil {
+		return nil, fmt.Errorf("expert-parallel all-reduce: %w", err)
 	}
 	return m.b.FromFloat32(shape, f), nil
 }
@@ -493,9 +669,12 @@ func (m *Model) mlpForward(p *mlp, x kernels.Tensor) kernels.Tensor {
 	return out
 }
 
-// moeForward runs an MoE block; count adds its routing to ExpertTokens (one
-// rank of a tensor-parallel group counts, as every rank routes the same).
-func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace, count bool) kernels.Tensor {
+// moeForward runs an MoE block on this rank: every routed expert without
+// expert parallelism (sliced, like a dense MLP), else the experts em has
+// this rank compute. It returns the (partial) output and, with expert
+// parallelism, the rows it holds a part of. count adds the routing to the
+// expert statistics on the stage's rank 0 (every rank routes the same).
+func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace, em ExpertMap, count bool) (kernels.Tensor, []bool) {
 	b, cfg := m.b, m.cfg
 	T, E, k := kernels.Rows(x), cfg.NumExperts, cfg.NumExpertsPerTok
 	rl := b.MatMul(x, e.router, nil)
@@ -505,25 +684,43 @@ func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace, count boo
 	if tr != nil {
 		tr.RouterLogits[l], tr.Experts[l], tr.Weights[l] = logits, experts, weights
 	}
+	gl := m.sh.LayersBegin + l // the model's layer index
+	ep := m.sh.EPSize > 1
+	var touched []bool
+	if ep && e.shared == nil {
+		touched = make([]bool, T)
+	}
 	rows := make([][]int32, E)
 	scale := make([][]float32, E)
+	routed := make([]int64, E)
 	for t := 0; t < T; t++ {
 		for j := 0; j < k; j++ {
 			ex := experts[t*k+j]
+			routed[ex]++
+			if ep && em.Owner(gl, int(ex), t) != m.sh.EPRank {
+				continue
+			}
 			rows[ex] = append(rows[ex], int32(t))
 			scale[ex] = append(scale[ex], weights[t*k+j])
+			if touched != nil {
+				touched[t] = true
+			}
+		}
+	}
+	if count {
+		for ex, n := range routed {
+			if n > 0 {
+				m.expertTokens[l][ex].Add(n)
+			}
 		}
 	}
 	out := b.Zeros(T, cfg.HiddenSize)
-	for ex := range e.experts {
+	for ex, p := range e.experts {
 		if len(rows[ex]) == 0 {
 			continue
 		}
-		if count {
-			m.expertTokens[ex].Add(int64(len(rows[ex])))
-		}
 		xe := b.Gather(x, rows[ex])
-		y := m.mlpForward(&e.experts[ex], xe)
+		y := m.mlpForward(p, xe)
 		b.Free(xe)
 		b.ScatterAdd(out, y, rows[ex], scale[ex])
 		b.Free(y)
@@ -540,7 +737,7 @@ func (m *Model) moeForward(l int, e *moe, x kernels.Tensor, tr *Trace, count boo
 		b.Add(out, y)
 		b.Free(y)
 	}
-	return out
+	return out, touched
 }
 
 // Route picks each token's experts from router logits [T, E]: a float32

@@ -3,12 +3,16 @@ package model
 import (
 	"errors"
 	"fmt"
+	"math"
+	"slices"
 	"sync"
 )
 
 // Shard names the part of a model one worker holds (qwen2.md section 5):
 // a contiguous range of decoder layers (a pipeline stage) and, within it,
-// one rank of a tensor-parallel group.
+// one rank of the stage's group.
+//
+// Without expert parallelism the group is one tensor-parallel group:
 //
 //   - q/k/v, gate/up (and their biases) are column-parallel: rank r of t
 //     owns query heads [r·nh/t, (r+1)·nh/t), the matching KV heads (one
@@ -19,12 +23,39 @@ import (
 //     vocabulary rows [r·⌈V/t⌉, min(V, (r+1)·⌈V/t⌉)); a lookup writes zeros
 //     for ids it does not own and is all-reduced; the LM head yields logits
 //     for the rank's slice only (Output.VocabBegin), merged by the caller.
+//   - A Qwen2-MoE's routed experts are sliced like dense MLPs.
+//
+// With expert parallelism (EPSize > 1, qwen2_moe only) the stage has
+// EPSize ranks. Attention is sliced as above over groups of TPSize
+// consecutive ranks (TPSize divides EPSize; with TPSize 1 every rank runs
+// the whole attention), so after it every rank holds every token's hidden
+// state. Everything else is split over all EPSize ranks: each rank holds
+// whole routed experts (Experts says which, contiguous blocks by default),
+// the shared expert, dense MLPs and the vocabulary are sliced EPSize ways,
+// and their partial sums are added over the stage with StageComm.AllToAll
+// (a reduce-scatter to each row's home rank, then an all-gather).
 //
 // The first stage holds the embedding, the last the final norm and the LM
 // head (the embedding again when tied). The zero Shard is the whole model.
 type Shard struct {
 	LayersBegin, LayersEnd int // [begin, end) of decoder layers; 0, 0: all
 	TPRank, TPSize         int // TPSize 0 or 1: no tensor parallelism
+	// EPRank is the rank in the stage's expert-parallel group of EPSize (0
+	// or 1: none); TPRank must be EPRank % TPSize.
+	EPRank, EPSize int
+	// Experts is which rank holds and computes each routed expert (nil:
+	// contiguous blocks, rank r of G holding experts [r·E/G, (r+1)·E/G)).
+	Experts ExpertMap
+}
+
+// ExpertMap places the routed experts of an expert-parallel stage on its
+// ranks (pkg/expertparallel's Table is one). Layers are the model's.
+type ExpertMap interface {
+	// Holds says whether rank holds expert's weights in layer.
+	Holds(layer, expert, rank int) bool
+	// Owner is the rank that computes token row's use of expert in layer;
+	// it holds the expert.
+	Owner(layer, expert, row int) int
 }
 
 // Comm is what a tensor-parallel shard needs from the other ranks of its
@@ -32,8 +63,19 @@ type Shard struct {
 // every rank.
 type Comm interface {
 	// AllReduce replaces x by the element-wise sum of every rank's x, added
-	// in rank order, so that every rank holds the same bits.
+	// in rank order, so that every rank holds the same bits. With expert
+	// parallelism the sum is over the rank's attention (TP) group.
 	AllReduce(x []float32) error
+}
+
+// StageComm is the Comm of an expert-parallel shard: it also exchanges
+// with every rank of the stage.
+type StageComm interface {
+	Comm
+	// AllToAll sends send[j] to stage rank j and returns recv, recv[j]
+	// being what rank j sent to this one (recv[own] is send[own]). Parts
+	// may be empty and of any length.
+	AllToAll(send [][]float32) ([][]float32, error)
 }
 
 // ErrBadShard is wrapped by errors about a Shard that does not fit a config.
@@ -49,12 +91,33 @@ func (s Shard) Normalize(cfg *Config) (Shard, error) {
 	if s.TPSize == 0 {
 		s.TPSize = 1
 	}
+	if s.EPSize == 0 {
+		s.EPSize = 1
+	}
 	if s.LayersBegin < 0 || s.LayersEnd > L || s.LayersBegin >= s.LayersEnd {
 		return s, fmt.Errorf("%w: layers [%d, %d) outside the model's %d", ErrBadShard, s.LayersBegin, s.LayersEnd, L)
 	}
-	t := s.TPSize
+	t, ep := s.TPSize, s.EPSize
 	if s.TPRank < 0 || s.TPRank >= t {
 		return s, fmt.Errorf("%w: tp rank %d outside [0, %d)", ErrBadShard, s.TPRank, t)
+	}
+	if ep > 1 {
+		if s.EPRank < 0 || s.EPRank >= ep {
+			return s, fmt.Errorf("%w: ep rank %d outside [0, %d)", ErrBadShard, s.EPRank, ep)
+		}
+		if err := CheckEP(cfg, ep, t); err != nil {
+			return s, fmt.Errorf("%w: %v", ErrBadShard, err)
+		}
+		if s.TPRank != s.EPRank%t {
+			return s, fmt.Errorf("%w: ep rank %d has tp rank %d, not %d", ErrBadShard, s.EPRank, s.TPRank, s.EPRank%t)
+		}
+		if s.Experts == nil {
+			s.Experts = Contiguous{Experts: cfg.NumExperts, Ranks: ep}
+		}
+		return s, nil
+	}
+	if s.EPRank != 0 || s.Experts != nil {
+		return s, fmt.Errorf("%w: an expert rank or map without expert parallelism", ErrBadShard)
 	}
 	if t == 1 {
 		return s, nil
@@ -65,10 +128,57 @@ func (s Shard) Normalize(cfg *Config) (Shard, error) {
 	return s, nil
 }
 
+// stage is the shard's rank and size in its stage's group.
+func (s Shard) stage() (rank, size int) {
+	if s.EPSize > 1 {
+		return s.EPRank, s.EPSize
+	}
+	return s.TPRank, s.TPSize
+}
+
+// Contiguous is the default ExpertMap: rank r of Ranks holds experts
+// [r·E/Ranks, (r+1)·E/Ranks) of every layer.
+type Contiguous struct{ Experts, Ranks int }
+
+// Holds implements ExpertMap.
+func (c Contiguous) Holds(layer, expert, rank int) bool { return c.Owner(layer, expert, 0) == rank }
+
+// Owner implements ExpertMap.
+func (c Contiguous) Owner(layer, expert, row int) int {
+	// the r with r·E/G ≤ expert < (r+1)·E/G
+	return ((expert+1)*c.Ranks - 1) / c.Experts
+}
+
 // CheckTP says why cfg cannot be split over t tensor-parallel ranks, or nil
 // (qwen2.md 5.1-5.2: t divides the query heads, t and the KV heads divide
 // one another, t divides the MLP widths).
 func CheckTP(cfg *Config, t int) error {
+	if err := checkAttention(cfg, t); err != nil {
+		return err
+	}
+	return checkStage(cfg, t, "tp", true)
+}
+
+// CheckEP says why cfg cannot be split over an expert-parallel stage of ep
+// ranks whose attention is split over groups of tp, or nil.
+func CheckEP(cfg *Config, ep, tp int) error {
+	switch {
+	case !cfg.IsMoE():
+		return fmt.Errorf("ep=%d: a %s model has no experts", ep, cfg.ModelType)
+	case ep < 1:
+		return fmt.Errorf("ep=%d is not positive", ep)
+	case ep > cfg.NumExperts:
+		return fmt.Errorf("ep=%d exceeds the %d experts", ep, cfg.NumExperts)
+	case tp < 1 || ep%tp != 0:
+		return fmt.Errorf("ep=%d is not a multiple of tp=%d", ep, tp)
+	}
+	if err := checkAttention(cfg, tp); err != nil {
+		return err
+	}
+	return checkStage(cfg, ep, "ep", false)
+}
+
+func checkAttention(cfg *Config, t int) error {
 	nh, kv := cfg.NumAttentionHeads, cfg.NumKeyValueHeads
 	switch {
 	case t < 1:
@@ -77,20 +187,27 @@ func CheckTP(cfg *Config, t int) error {
 		return fmt.Errorf("tp=%d does not divide the %d query heads", t, nh)
 	case kv%t != 0 && t%kv != 0:
 		return fmt.Errorf("tp=%d and the %d KV heads do not divide one another", t, kv)
-	case (cfg.VocabSize+t-1)/t*(t-1) >= cfg.VocabSize:
-		return fmt.Errorf("tp=%d leaves a rank no rows of the %d-token vocabulary", t, cfg.VocabSize)
+	}
+	return nil
+}
+
+// checkStage checks the widths sliced over all n ranks of a stage: the
+// vocabulary, dense MLPs, the shared expert and, when routed, the experts.
+func checkStage(cfg *Config, n int, what string, routed bool) error {
+	if (cfg.VocabSize+n-1)/n*(n-1) >= cfg.VocabSize {
+		return fmt.Errorf("%s=%d leaves a rank no rows of the %d-token vocabulary", what, n, cfg.VocabSize)
 	}
 	for l := 0; l < cfg.NumHiddenLayers; l++ {
-		if !cfg.IsMoELayer(l) && cfg.IntermediateSize%t != 0 {
-			return fmt.Errorf("tp=%d does not divide intermediate_size %d", t, cfg.IntermediateSize)
+		if !cfg.IsMoELayer(l) && cfg.IntermediateSize%n != 0 {
+			return fmt.Errorf("%s=%d does not divide intermediate_size %d", what, n, cfg.IntermediateSize)
 		}
 	}
 	if cfg.IsMoE() {
-		if cfg.MoeIntermediateSize%t != 0 {
-			return fmt.Errorf("tp=%d does not divide moe_intermediate_size %d", t, cfg.MoeIntermediateSize)
+		if routed && cfg.MoeIntermediateSize%n != 0 {
+			return fmt.Errorf("%s=%d does not divide moe_intermediate_size %d", what, n, cfg.MoeIntermediateSize)
 		}
-		if cfg.SharedExpertIntermediateSize%t != 0 {
-			return fmt.Errorf("tp=%d does not divide shared_expert_intermediate_size %d", t, cfg.SharedExpertIntermediateSize)
+		if cfg.SharedExpertIntermediateSize%n != 0 {
+			return fmt.Errorf("%s=%d does not divide shared_expert_intermediate_size %d", what, n, cfg.SharedExpertIntermediateSize)
 		}
 	}
 	return nil
@@ -121,83 +238,189 @@ func (s Shard) geometry(cfg *Config) geometry {
 	g.q = span{r * g.heads * hd, (r + 1) * g.heads * hd}
 	kb := r * kv / t
 	g.kv = span{kb * hd, (kb + g.kvHeads) * hd}
-	g.vocab.begin, g.vocab.end = VocabSlice(cfg.VocabSize, r, t)
+	sr, sn := s.stage()
+	g.vocab.begin, g.vocab.end = VocabSlice(cfg.VocabSize, sr, sn)
 	return g
 }
 
-// rowsOf is rows [r·n/t, (r+1)·n/t) of an n-row dimension.
+// rowsOf is the stage rank's rows [r·n/g, (r+1)·n/g) of an n-row
+// dimension sliced over the stage's g ranks.
 func (s Shard) rowsOf(n int) span {
-	return span{s.TPRank * n / s.TPSize, (s.TPRank + 1) * n / s.TPSize}
+	r, g := s.stage()
+	return span{r * n / g, (r + 1) * n / g}
 }
 
-// LocalComms returns n Comms of one in-process group (rank i uses the i-th),
-// for tests and single-process tensor parallelism. They are reusable across
-// steps: every rank must call AllReduce the same number of times.
+// stageAllReduce adds x, [T, H] partial sums of the n ranks of an
+// expert-parallel stage, over the stage with two all-to-alls: each rank
+// sends the rows it holds a part of (touched; nil: all) to their home rank
+// (rows [h·T/n, (h+1)·T/n) are rank h's), the home adds the parts in rank
+// order, and sends its rows to every rank. Every rank ends with the same
+// bits. A part is [k, k row indices (as int32 bits), k·H values].
+func stageAllReduce(c StageComm, rank, n int, x []float32, H int, touched []bool) error {
+	T := len(x) / H
+	home := func(h int) (lo, hi int) { return h * T / n, (h + 1) * T / n }
+	send := make([][]float32, n)
+	for h := range send {
+		lo, hi := home(h)
+		var idx []int
+		for r := lo; r < hi; r++ {
+			if touched == nil || touched[r] {
+				idx = append(idx, r)
+			}
+		}
+		part := make([]float32, 1+len(idx)+len(idx)*H)
+		part[0] = math.Float32frombits(uint32(len(idx)))
+		for i, r := range idx {
+			part[1+i] = math.Float32frombits(uint32(r))
+			copy(part[1+len(idx)+i*H:], x[r*H:(r+1)*H])
+		}
+		send[h] = part
+	}
+	recv, err := c.AllToAll(send)
+	if err != nil {
+		return err
+	}
+	if len(recv) != n {
+		return fmt.Errorf("all-to-all returned %d parts for %d ranks", len(recv), n)
+	}
+	lo, hi := home(rank)
+	sum := make([]float32, (hi-lo)*H)
+	for from, part := range recv { // rank order
+		if len(part) < 1 {
+			return fmt.Errorf("rank %d sent an empty part", from)
+		}
+		k := int(math.Float32bits(part[0]))
+		if k > hi-lo || len(part) != 1+k+k*H {
+			return fmt.Errorf("rank %d sent %d values for %d rows of width %d", from, len(part), k, H)
+		}
+		for i := 0; i < k; i++ {
+			r := int(math.Float32bits(part[1+i]))
+			if r < lo || r >= hi {
+				return fmt.Errorf("rank %d sent row %d, outside [%d, %d)", from, r, lo, hi)
+			}
+			dst := sum[(r-lo)*H : (r-lo+1)*H]
+			for j, v := range part[1+k+i*H : 1+k+(i+1)*H] {
+				dst[j] += v
+			}
+		}
+	}
+	for h := range send {
+		send[h] = sum
+	}
+	if recv, err = c.AllToAll(send); err != nil {
+		return err
+	}
+	if len(recv) != n {
+		return fmt.Errorf("all-to-all returned %d parts for %d ranks", len(recv), n)
+	}
+	for h, part := range recv {
+		lo, hi := home(h)
+		if len(part) != (hi-lo)*H {
+			return fmt.Errorf("rank %d sent %d summed values for %d rows of width %d", h, len(part), hi-lo, H)
+		}
+		copy(x[lo*H:hi*H], part)
+	}
+	return nil
+}
+
+// LocalComms returns n Comms of one in-process tensor-parallel group (rank
+// i uses the i-th), for tests and single-process tensor parallelism. They
+// are reusable across steps: every rank must make the same calls.
 func LocalComms(n int) []Comm {
-	g := &localGroup{n: n, parts: make([][]float32, n)}
-	g.cond = sync.NewCond(&g.mu)
 	out := make([]Comm, n)
-	for i := range out {
-		out[i] = &localComm{g: g, rank: i}
+	for i, c := range LocalStageComms(n, n) {
+		out[i] = c
 	}
 	return out
 }
 
+// LocalStageComms returns the StageComms of an in-process expert-parallel
+// stage of n ranks whose AllReduce sums over groups of tp consecutive
+// ranks.
+func LocalStageComms(n, tp int) []StageComm {
+	g := &localGroup{n: n, box: make([][][]float32, n)}
+	for i := range g.box {
+		g.box[i] = make([][]float32, n)
+	}
+	g.cond = sync.NewCond(&g.mu)
+	out := make([]StageComm, n)
+	for i := range out {
+		out[i] = &localComm{g: g, rank: i, tp: tp}
+	}
+	return out
+}
+
+// localGroup is a barrier where every rank deposits one message for each
+// other rank per round.
 type localGroup struct {
-	mu     sync.Mutex
-	cond   *sync.Cond
-	n      int
-	parts  [][]float32
-	in     int // ranks that deposited this round
-	out    int // ranks that read this round
-	round  int
-	reader bool // the round is being read
-	bad    error
+	mu      sync.Mutex
+	cond    *sync.Cond
+	n       int
+	box     [][][]float32 // box[to][from]
+	in, out int           // ranks that deposited, and read, this round
+	round   int
+	reading bool // the round is being read
 }
 
-type localComm struct {
-	g    *localGroup
-	rank int
-}
-
-func (c *localComm) AllReduce(x []float32) error {
-	g := c.g
+func (g *localGroup) exchange(rank int, send [][]float32) [][]float32 {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	for g.reader { // the previous round is still being read
+	for g.reading { // the previous round is still being read
 		g.cond.Wait()
 	}
-	g.parts[c.rank] = append([]float32(nil), x...)
+	for to, p := range send {
+		g.box[to][rank] = slices.Clone(p)
+	}
 	g.in++
 	round := g.round
 	if g.in == g.n {
-		g.bad = nil
-		for i := 1; i < g.n; i++ {
-			if len(g.parts[i]) != len(g.parts[0]) {
-				g.bad = fmt.Errorf("model: all-reduce of %d and %d values", len(g.parts[0]), len(g.parts[i]))
-			}
-		}
-		g.reader = true
+		g.reading = true
 		g.cond.Broadcast()
 	}
-	for !g.reader || g.round != round {
+	for !g.reading || g.round != round {
 		g.cond.Wait()
 	}
-	err := g.bad
-	if err == nil {
-		clear(x)
-		for _, p := range g.parts {
-			for i, v := range p {
-				x[i] += v
-			}
-		}
-	}
+	recv := g.box[rank]
+	g.box[rank] = make([][]float32, g.n)
 	g.out++
 	if g.out == g.n {
-		clear(g.parts)
-		g.in, g.out, g.reader = 0, 0, false
+		g.in, g.out, g.reading = 0, 0, false
 		g.round++
 		g.cond.Broadcast()
 	}
-	return err
+	return recv
+}
+
+type localComm struct {
+	g        *localGroup
+	rank, tp int
+}
+
+func (c *localComm) AllToAll(send [][]float32) ([][]float32, error) {
+	if len(send) != c.g.n {
+		return nil, fmt.Errorf("model: all-to-all of %d parts among %d ranks", len(send), c.g.n)
+	}
+	return c.g.exchange(c.rank, send), nil
+}
+
+func (c *localComm) AllReduce(x []float32) error {
+	lo := c.rank - c.rank%c.tp
+	send := make([][]float32, c.g.n)
+	for r := lo; r < lo+c.tp; r++ {
+		send[r] = x
+	}
+	parts := c.g.exchange(c.rank, send)[lo : lo+c.tp]
+	for _, p := range parts {
+		if len(p) != len(x) {
+			return fmt.Errorf("model: all-reduce of %d and %d values", len(x), len(p))
+		}
+	}
+	for i := range x {
+		var sum float32
+		for _, p := range parts {
+			sum += p[i]
+		}
+		x[i] = sum
+	}
+	return nil
 }

@@ -13,14 +13,30 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
 )
 
-// group is a model split tp × pp in one process: stage s rank r is
-// models[s][r], on its own backend and cache, talking through LocalComms.
+// group is a model split tp × pp (or ep × pp, attention tp) in one
+// process: stage s rank r is models[s][r], on its own backend and cache,
+// talking through LocalComms (LocalStageComms).
 type group struct {
-	models [][]*model.Model
-	caches [][]*kvcache.Storage
-	comms  [][]model.Comm
-	vocab  int
+	models  [][]*model.Model
+	caches  [][]*kvcache.Storage
+	comms   [][]model.Comm
+	vocab   int
+	experts model.ExpertMap // Batch.Experts of every step (nil: the shards')
 }
+
+// layout is a split of a model: ep > 1 splits each stage's experts over ep
+// ranks, with attention over groups of tp.
+type layout struct{ tp, ep, pp int }
+
+func (l layout) String() string {
+	if l.ep > 1 {
+		return fmt.Sprintf("ep%d-tp%d-pp%d", l.ep, l.tp, l.pp)
+	}
+	return fmt.Sprintf("tp%d-pp%d", l.tp, l.pp)
+}
+
+// ranks is the number of ranks of a stage.
+func (l layout) ranks() int { return max(l.tp, l.ep) }
 
 func stageBounds(layers, pp int) [][2]int {
 	var out [][2]int
@@ -32,6 +48,14 @@ func stageBounds(layers, pp int) [][2]int {
 
 func newGroup(t *testing.T, c *refCase, tp, pp, blocks int) (*group, int64) {
 	t.Helper()
+	return newLayout(t, c, layout{tp: tp, ep: 1, pp: pp}, blocks, nil)
+}
+
+// newLayout builds group l of case c; em places the experts (nil: the
+// default).
+func newLayout(t *testing.T, c *refCase, l layout, blocks int, em model.ExpertMap) (*group, int64) {
+	t.Helper()
+	tp, pp := l.tp, l.pp
 	cfg, err := model.LoadConfig(c.dir + "/config.json")
 	if err != nil {
 		t.Fatal(err)
@@ -41,7 +65,7 @@ func newGroup(t *testing.T, c *refCase, tp, pp, blocks int) (*group, int64) {
 	for _, lr := range stageBounds(cfg.NumHiddenLayers, pp) {
 		var ms []*model.Model
 		var cs []*kvcache.Storage
-		for r := 0; r < tp; r++ {
+		for r := 0; r < l.ranks(); r++ {
 			b, err := cpu.New(cpu.Config{Threads: 1, BatchInvariant: true})
 			if err != nil {
 				t.Fatal(err)
@@ -52,6 +76,9 @@ func newGroup(t *testing.T, c *refCase, tp, pp, blocks int) (*group, int64) {
 				t.Fatal(err)
 			}
 			sh := model.Shard{LayersBegin: lr[0], LayersEnd: lr[1], TPRank: r, TPSize: tp}
+			if l.ep > 1 {
+				sh.TPRank, sh.EPRank, sh.EPSize, sh.Experts = r%tp, r, l.ep, em
+			}
 			m, err := model.NewShard(cfg, b, model.Checkpoint{Checkpoint: ck}, sh)
 			if err != nil {
 				t.Fatalf("shard %+v: %v", sh, err)
@@ -67,7 +94,14 @@ func newGroup(t *testing.T, c *refCase, tp, pp, blocks int) (*group, int64) {
 		}
 		g.models = append(g.models, ms)
 		g.caches = append(g.caches, cs)
-		g.comms = append(g.comms, model.LocalComms(tp))
+		comms := model.LocalComms(tp)
+		if l.ep > 1 {
+			comms = comms[:0]
+			for _, c := range model.LocalStageComms(l.ep, tp) {
+				comms = append(comms, c)
+			}
+		}
+		g.comms = append(g.comms, comms)
 	}
 	return g, read
 }
@@ -83,7 +117,7 @@ func (g *group) forward(seqs []model.Seq) ([][]float32, error) {
 		var wg sync.WaitGroup
 		for r, m := range ms {
 			wg.Go(func() {
-				outs[r], errs[r] = m.Forward(&model.Batch{Seqs: seqs, Hidden: hidden, Comm: g.comms[s][r]}, g.caches[s][r])
+				outs[r], errs[r] = m.Forward(&model.Batch{Seqs: seqs, Hidden: hidden, Comm: g.comms[s][r], Experts: g.experts}, g.caches[s][r])
 			})
 		}
 		wg.Wait()
@@ -136,52 +170,63 @@ func TestShardedLayouts(t *testing.T) {
 					continue
 				}
 				t.Run(fmt.Sprintf("%s/tp%d-pp%d", c.name, tp, pp), func(t *testing.T) {
-					prompt, want := c.json.PromptIDs, c.json.GreedyIDs
 					g, _ := newGroup(t, c, tp, pp, 64)
-					blocks := func(base int32) []int32 {
-						var b []int32
-						for i := int32(0); i < 16; i++ {
-							b = append(b, base+i)
-						}
-						return b
-					}
-					b1, b2 := blocks(0), blocks(16)
-					out, err := g.forward([]model.Seq{
-						{Tokens: prompt, Blocks: b1, AllLogits: true},
-						{Tokens: prompt[:len(prompt)-1], Blocks: b2},
-					})
-					if err != nil {
-						t.Fatal(err)
-					}
-					if d := maxDiff(out[0], c.tensor(t, "logits")); d > c.tol() {
-						t.Errorf("prompt logits differ from the reference by %g (tolerance %g)", d, c.tol())
-					}
-					// Sequence 2 catches up by one token, then both decode together.
-					out2, err := g.forward([]model.Seq{{Tokens: prompt[len(prompt)-1:], Pos: len(prompt) - 1, Blocks: b2}})
-					if err != nil {
-						t.Fatal(err)
-					}
-					last := out[0][(len(prompt)-1)*g.vocab:]
-					if d := maxDiff(last, out2[0]); d > c.tol() {
-						t.Errorf("chunked prompt's last logits differ by %g", d)
-					}
-					var got1, got2 []int32
-					n1, n2 := int32(model.Argmax(last)), int32(model.Argmax(out2[0]))
-					for step := 0; len(got1) < len(want); step++ {
-						got1, got2 = append(got1, n1), append(got2, n2)
-						pos := len(prompt) + step
-						o, err := g.forward([]model.Seq{{Tokens: []int32{n1}, Pos: pos, Blocks: b1}, {Tokens: []int32{n2}, Pos: pos, Blocks: b2}})
-						if err != nil {
-							t.Fatal(err)
-						}
-						n1, n2 = int32(model.Argmax(o[0])), int32(model.Argmax(o[1]))
-					}
-					if !slices.Equal(got1, want) || !slices.Equal(got2, want) {
-						t.Fatalf("greedy ids %v and %v, want %v", got1, got2, want)
-					}
+					checkGroup(t, c, g, nil)
 				})
 			}
 		}
+	}
+}
+
+// checkGroup checks g's prompt logits against the reference, a chunked
+// prompt, and greedy decoding of two batched sequences against the
+// reference ids. between, when set, runs before each decode step.
+func checkGroup(t *testing.T, c *refCase, g *group, between func(step int)) {
+	t.Helper()
+	prompt, want := c.json.PromptIDs, c.json.GreedyIDs
+	blocks := func(base int32) []int32 {
+		var b []int32
+		for i := int32(0); i < 16; i++ {
+			b = append(b, base+i)
+		}
+		return b
+	}
+	b1, b2 := blocks(0), blocks(16)
+	out, err := g.forward([]model.Seq{
+		{Tokens: prompt, Blocks: b1, AllLogits: true},
+		{Tokens: prompt[:len(prompt)-1], Blocks: b2},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := maxDiff(out[0], c.tensor(t, "logits")); d > c.tol() {
+		t.Errorf("prompt logits differ from the reference by %g (tolerance %g)", d, c.tol())
+	}
+	// Sequence 2 catches up by one token, then both decode together.
+	out2, err := g.forward([]model.Seq{{Tokens: prompt[len(prompt)-1:], Pos: len(prompt) - 1, Blocks: b2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := out[0][(len(prompt)-1)*g.vocab:]
+	if d := maxDiff(last, out2[0]); d > c.tol() {
+		t.Errorf("chunked prompt's last logits differ by %g", d)
+	}
+	var got1, got2 []int32
+	n1, n2 := int32(model.Argmax(last)), int32(model.Argmax(out2[0]))
+	for step := 0; len(got1) < len(want); step++ {
+		got1, got2 = append(got1, n1), append(got2, n2)
+		pos := len(prompt) + step
+		if between != nil {
+			between(step)
+		}
+		o, err := g.forward([]model.Seq{{Tokens: []int32{n1}, Pos: pos, Blocks: b1}, {Tokens: []int32{n2}, Pos: pos, Blocks: b2}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n1, n2 = int32(model.Argmax(o[0])), int32(model.Argmax(o[1]))
+	}
+	if !slices.Equal(got1, want) || !slices.Equal(got2, want) {
+		t.Fatalf("greedy ids %v and %v, want %v", got1, got2, want)
 	}
 }
 
