@@ -502,7 +502,7 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 	info.Placement = &pb.Placement{Version: p.Version, Model: p.Model}
 	for _, r := range p.Replicas {
 		pr := &pb.Placement_Replica{Index: int32(r.Index), Workers: r.Workers,
-			LayersBegin: int32(r.LayersBegin), LayersEnd: int32(r.LayersEnd), Tp: int32(r.TP), Pp: int32(r.PP)}
+			LayersBegin: int32(r.LayersBegin), LayersEnd: int32(r.LayersEnd), Tp: int32(r.TP), Pp: int32(r.PP), Ep: int32(max(r.EP, 1))}
 		for _, st := range r.Stages {
 			ps := &pb.Placement_Replica_Stage{Index: int32(st.Index), LayersBegin: int32(st.LayersBegin), LayersEnd: int32(st.LayersEnd)}
 			for _, rk := range st.Ranks {
@@ -525,6 +525,30 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 		info.Ready = true
 	}
 	return info, nil
+}
+
+// ExpertLoad reports (and, when asked, evens out) the expert load of the
+// expert-parallel replicas.
+func (s *GeneratorService) ExpertLoad(ctx context.Context, req *pb.ExpertLoadRequest) (*pb.ExpertLoadResponse, error) {
+	if err := s.serving(); err != nil {
+		return nil, err
+	}
+	c := s.c
+	if !c.cfg.IsMoE() {
+		return nil, status.Errorf(codes.FailedPrecondition, "the model (%s) has no experts", c.cfg.ModelType)
+	}
+	redundant := -1
+	if req.RedundantExperts != nil {
+		redundant = int(*req.RedundantExperts)
+		if redundant < 0 || redundant > c.cfg.NumExperts {
+			return nil, invalid("redundant_experts", "%d is outside [0, %d]", redundant, c.cfg.NumExperts)
+		}
+	}
+	reps, err := c.ExpertLoad(ctx, req.Rebalance, redundant)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "expert load: %v", err)
+	}
+	return &pb.ExpertLoadResponse{Replicas: reps}, nil
 }
 
 // HealthCheck runs a one-token greedy generation end to end.

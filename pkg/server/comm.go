@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -22,6 +23,7 @@ import (
 const (
 	kindAllReduce = 0
 	kindHidden    = 1
+	kindAllToAll  = 2
 )
 
 // mailKey names one message between the workers of a replica.
@@ -114,8 +116,11 @@ func (m *mailbox) take(ctx context.Context, k mailKey) ([]byte, error) {
 }
 
 func kindName(k int32) string {
-	if k == kindHidden {
+	switch k {
+	case kindHidden:
 		return "hidden states"
+	case kindAllToAll:
+		return "all-to-all"
 	}
 	return "all-reduce"
 }
@@ -160,8 +165,9 @@ func PeerServerOptions() []grpc.ServerOption {
 
 // peers are the workers a sharded worker talks to.
 type peers struct {
-	rank   int
-	tp     []*peer // by rank; nil at rank
+	rank   int     // in the stage
+	tp     []*peer // the stage's ranks; nil at rank
+	group  int     // all-reduces sum over ranks [rank-rank%group, +group) (the attention TP group)
 	next   *peer   // nil on the last stage
 	conns  []*grpc.ClientConn
 	cancel context.CancelFunc // ends the streams
@@ -202,7 +208,10 @@ func (p *peer) send(req *workerv1.ExchangeRequest) error {
 
 func dialPeers(a *workerv1.Assignment) (*peers, error) {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &peers{rank: int(a.TpRank), tp: make([]*peer, len(a.TpPeers)), cancel: cancel}
+	p := &peers{rank: int(a.TpRank), tp: make([]*peer, len(a.TpPeers)), group: len(a.TpPeers), cancel: cancel}
+	if a.EpSize > 1 {
+		p.rank, p.group = int(a.EpRank), int(max(a.TpSize, 1))
+	}
 	dial := func(addr string) (*peer, error) {
 		c, err := grpc.NewClient(addr, append(PeerDialOptions(),
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))...)
@@ -251,6 +260,8 @@ type stepLink struct {
 	// commTime is the time spent in all-reduces and sending hidden states;
 	// waitTime the time waiting for the previous stage.
 	commTime, waitTime time.Duration
+	a                  int32           // all-to-alls so far
+	sent               int64           // bytes sent to peers
 	m                  *metrics.Worker // nil: not observed
 }
 
@@ -264,6 +275,7 @@ func (l *stepLink) observe(total *time.Duration, h func(*metrics.Worker) prometh
 }
 
 func (l *stepLink) send(to *peer, kind, index int32, data []byte) error {
+	atomic.AddInt64(&l.sent, int64(len(data)))
 	return to.send(&workerv1.ExchangeRequest{Version: l.version, StepId: l.step, Kind: kind, Index: index,
 		FromRank: int32(l.p.rank), Data: data})
 }
@@ -277,19 +289,22 @@ func (l *stepLink) AllReduce(x []float32) error {
 	// will not send its part either.
 	ctx, cancel := context.WithCancelCause(l.ctx)
 	defer cancel(nil)
+	lo := l.p.rank - l.p.rank%l.p.group
+	group := l.p.tp[lo : lo+l.p.group]
 	var sends sync.WaitGroup
-	for r, c := range l.p.tp {
+	for i, c := range group {
 		if c != nil {
 			sends.Go(func() {
 				if err := l.send(c, kindAllReduce, idx, data); err != nil {
-					cancel(fmt.Errorf("sending to rank %d: %w", r, err))
+					cancel(fmt.Errorf("sending to rank %d: %w", lo+i, err))
 				}
 			})
 		}
 	}
-	parts := make([][]byte, len(l.p.tp))
+	parts := make([][]byte, len(group))
 	var first error
-	for r := range l.p.tp {
+	for i := range group {
+		r := lo + i
 		if r == l.p.rank {
 			continue
 		}
@@ -301,7 +316,7 @@ func (l *stepLink) AllReduce(x []float32) error {
 			first = fmt.Errorf("from rank %d: %w", r, err)
 			break
 		}
-		parts[r] = b
+		parts[i] = b
 	}
 	sends.Wait()
 	if cause := context.Cause(ctx); cause != nil && l.ctx.Err() == nil && !errors.Is(cause, context.Canceled) {
@@ -314,9 +329,9 @@ func (l *stepLink) AllReduce(x []float32) error {
 	// everywhere.
 	for i, own := range x {
 		var sum float32
-		for r, p := range parts {
+		for j, p := range parts {
 			v := own
-			if r != l.p.rank {
+			if lo+j != l.p.rank {
 				v = math.Float32frombits(binary.LittleEndian.Uint32(p[4*i:]))
 			}
 			sum += v
@@ -324,6 +339,54 @@ func (l *stepLink) AllReduce(x []float32) error {
 		x[i] = sum
 	}
 	return nil
+}
+
+// AllToAll sends part j to stage rank j and returns each rank's part for
+// this one.
+func (l *stepLink) AllToAll(send [][]float32) ([][]float32, error) {
+	defer l.observe(&l.commTime, func(m *metrics.Worker) prometheus.Histogram { return m.AllReduce }, time.Now())
+	if len(send) != len(l.p.tp) {
+		return nil, fmt.Errorf("all-to-all of %d parts among %d ranks", len(send), len(l.p.tp))
+	}
+	idx := l.a
+	l.a++
+	ctx, cancel := context.WithCancelCause(l.ctx)
+	defer cancel(nil)
+	var sends sync.WaitGroup
+	for r, c := range l.p.tp {
+		if c != nil {
+			sends.Go(func() {
+				if err := l.send(c, kindAllToAll, idx, f32Bytes(send[r])); err != nil {
+					cancel(fmt.Errorf("sending to rank %d: %w", r, err))
+				}
+			})
+		}
+	}
+	recv := make([][]float32, len(l.p.tp))
+	var first error
+	for r := range l.p.tp {
+		if r == l.p.rank {
+			recv[r] = send[r]
+			continue
+		}
+		b, err := l.box.take(ctx, mailKey{l.version, l.step, kindAllToAll, idx, int32(r)})
+		if err == nil {
+			recv[r] = make([]float32, len(b)/4)
+			err = decodeF32(b, recv[r])
+		}
+		if err != nil {
+			first = fmt.Errorf("from rank %d: %w", r, err)
+			break
+		}
+	}
+	sends.Wait()
+	if cause := context.Cause(ctx); cause != nil && l.ctx.Err() == nil && !errors.Is(cause, context.Canceled) {
+		return nil, cause
+	}
+	if first != nil {
+		return nil, first
+	}
+	return recv, nil
 }
 
 func (l *stepLink) RecvHidden() ([]float32, error) {

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
+	"github.com/qwenfleet/qwenfleet/pkg/expertparallel"
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/placement"
@@ -48,9 +49,17 @@ type CoordinatorOptions struct {
 	Quantize string
 	// TP and PP force the parallel layout of every replica; 0 lets the
 	// planner choose (pkg/placement).
-	TP, PP      int
-	StepTimeout time.Duration
-	Logger      *slog.Logger
+	TP, PP int
+	// EP forces the expert-parallel ranks of a MoE model's stages (0: the
+	// planner's choice, 1: none); RedundantExperts are the extra expert
+	// slots per rank and layer a rebalance may fill with replicas of hot
+	// experts.
+	EP, RedundantExperts int
+	// EPLBInterval, when > 0, re-places every expert-parallel replica's
+	// experts from their load that often.
+	EPLBInterval time.Duration
+	StepTimeout  time.Duration
+	Logger       *slog.Logger
 }
 
 // Placement is what the leader writes to etcd: the replicas, each a
@@ -68,13 +77,18 @@ type PlacementReplica struct {
 	Index int `json:"index"`
 	// Generation identifies this replica's layout: workers take it as their
 	// assignment version, and steps of another generation are refused.
-	Generation  int64            `json:"generation"`
-	TP          int              `json:"tp"`
-	PP          int              `json:"pp"`
-	Workers     []string         `json:"workers"` // every worker, stage by stage, rank by rank
-	LayersBegin int              `json:"layers_begin"`
-	LayersEnd   int              `json:"layers_end"`
-	Stages      []PlacementStage `json:"stages"`
+	Generation int64 `json:"generation"`
+	TP         int   `json:"tp"`
+	PP         int   `json:"pp"`
+	EP         int   `json:"ep,omitempty"`
+	// Experts is the expert placement (expertparallel.Table.Flat) of an
+	// expert-parallel replica, ExpertsVersion its version.
+	Experts        []int32          `json:"experts,omitempty"`
+	ExpertsVersion int64            `json:"experts_version,omitempty"`
+	Workers        []string         `json:"workers"` // every worker, stage by stage, rank by rank
+	LayersBegin    int              `json:"layers_begin"`
+	LayersEnd      int              `json:"layers_end"`
+	Stages         []PlacementStage `json:"stages"`
 }
 
 // PlacementStage is a pipeline stage of a replica.
@@ -105,6 +119,13 @@ func (p *Placement) Assignment(id string, gen int64) (*workerv1.Assignment, erro
 				a := &workerv1.Assignment{Version: gen, Model: p.Model, Replica: int32(r.Index), Stage: int32(si),
 					LayersBegin: int32(st.LayersBegin), LayersEnd: int32(st.LayersEnd), TpRank: int32(ri), TpSize: int32(len(st.Ranks)),
 					Quantize: p.Quantize, PpSize: int32(len(r.Stages))}
+				if r.EP > 1 {
+					if r.TP < 1 || r.EP%r.TP != 0 || len(st.Ranks) != r.EP {
+						return nil, fmt.Errorf("replica %d: stage %d has %d ranks for ep=%d tp=%d", r.Index, si, len(st.Ranks), r.EP, r.TP)
+					}
+					a.TpRank, a.TpSize, a.EpRank, a.EpSize = int32(ri%r.TP), int32(r.TP), int32(ri), int32(r.EP)
+					a.Experts, a.ExpertsVersion = r.Experts, r.ExpertsVersion
+				}
 				if len(st.Ranks) > 1 {
 					for _, x := range st.Ranks {
 						a.TpPeers = append(a.TpPeers, x.Addr)
@@ -159,14 +180,23 @@ type Coordinator struct {
 
 // replica is a group of workers serving one copy of the model.
 type replica struct {
-	key     string // "g<generation>"
-	gen     int64
-	tp, pp  int
-	stages  []placement.Stage
-	members []*member // stage by stage, rank by rank
-	engine  *routing.Engine
-	cancel  context.CancelFunc
-	state   string
+	key    string // "g<generation>"
+	gen    int64
+	tp, pp int
+	ep     int // expert-parallel ranks per stage (1: none)
+	stages []placement.Stage
+	exec   *replicaExecutor
+	// With expert parallelism: the expert placement in use, its version,
+	// and the cumulative expert counts when it was made (a rebalance uses
+	// the counts since).
+	table      *expertparallel.Table
+	expVersion int64
+	base       [][]int64
+	rebalMu    sync.Mutex // one rebalance at a time
+	members    []*member  // stage by stage, rank by rank
+	engine     *routing.Engine
+	cancel     context.CancelFunc
+	state      string
 }
 
 type member struct {
@@ -207,6 +237,18 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 		if err := model.CheckTP(cfg, opts.TP); err != nil {
 			return nil, fmt.Errorf("--tp: %v", err)
 		}
+	}
+	if opts.EP > 1 {
+		tp := opts.TP
+		if tp == 0 {
+			tp = 1 // the planner may choose more; this checks the rest
+		}
+		if err := model.CheckEP(cfg, opts.EP, tp); err != nil {
+			return nil, fmt.Errorf("--ep: %v", err)
+		}
+	}
+	if opts.RedundantExperts < 0 || opts.RedundantExperts > 0 && !cfg.IsMoE() {
+		return nil, fmt.Errorf("--redundant-experts: %d for a model with %d experts", opts.RedundantExperts, cfg.NumExperts)
 	}
 	if opts.PP > cfg.NumHiddenLayers || opts.PP < 0 {
 		return nil, fmt.Errorf("--pp: %d stages for %d layers", opts.PP, cfg.NumHiddenLayers)
@@ -258,6 +300,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	defer c.dropAll()
 	if c.opts.Gossip != nil {
 		go c.watchGossip(wctx)
+	}
+	if c.opts.EPLBInterval > 0 && c.cfg.IsMoE() {
+		go c.balanceExperts(wctx, c.opts.EPLBInterval)
 	}
 	updates := c.opts.Store.WatchWorkers(wctx)
 	for {
@@ -391,8 +436,11 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 		c.mu.Unlock()
 		return
 	}
-	opts := placement.Options{Model: c.opts.ModelName, TP: c.opts.TP, PP: c.opts.PP,
+	opts := placement.Options{Model: c.opts.ModelName, TP: c.opts.TP, PP: c.opts.PP, EP: c.opts.EP,
 		KVCacheTokens: c.kvTokens(), MaxBatchTokens: c.opts.Scheduler.MaxBatchTokens}
+	if c.opts.EP != 1 {
+		opts.RedundantExperts = c.opts.RedundantExperts
+	}
 	if free[0].Backend == "cpu" {
 		opts.KVBytesPerValue = 4 // the CPU backend's KV cache is float32
 	}
@@ -412,7 +460,15 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 	var start []*replica
 	for _, pr := range plan.Replicas {
 		gen := c.newGeneration()
-		r := &replica{key: fmt.Sprintf("g%d", gen), gen: gen, tp: plan.TP, pp: plan.PP, stages: pr.Stages, state: "loading"}
+		r := &replica{key: fmt.Sprintf("g%d", gen), gen: gen, tp: plan.TP, pp: plan.PP, ep: max(plan.EP, 1), stages: pr.Stages, state: "loading"}
+		if r.ep > 1 {
+			t, err := expertparallel.Contiguous(c.cfg.NumHiddenLayers, c.cfg.NumExperts, r.ep)
+			if err != nil { // the planner checked ep against the experts
+				c.log.Error("expert placement", "err", err)
+				continue
+			}
+			r.table, r.expVersion = t, 1
+		}
 		for si, st := range pr.Stages {
 			for ri, rk := range st.Ranks {
 				m := &member{info: byID[rk.Worker], stage: si, rank: ri}
@@ -436,7 +492,7 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 	}
 	c.mu.Unlock()
 	for _, r := range start {
-		c.log.Info("replica planned", "replica", r.key, "tp", r.tp, "pp", r.pp, "workers", r.workerIDs())
+		c.log.Info("replica planned", "replica", r.key, "tp", r.tp, "pp", r.pp, "ep", r.ep, "workers", r.workerIDs())
 		if c.opts.Gossip != nil {
 			for _, m := range r.members {
 				if m.info.GossipAddr != "" {
@@ -533,7 +589,8 @@ func (c *Coordinator) tryBringUp(ctx context.Context, r *replica) error {
 	}); err != nil {
 		return err
 	}
-	exec := &replicaExecutor{members: r.members, gen: r.gen, pp: r.pp, tp: r.tp}
+	exec := &replicaExecutor{members: r.members, gen: r.gen, pp: r.pp, ranks: len(r.members) / r.pp}
+	exec.expVersion = r.expVersion
 	eng := routing.NewEngine(exec, c.opts.Scheduler, int(blocks), c.opts.BlockSize)
 	eng.SetStepTimeout(c.opts.StepTimeout)
 	eng.SetDepth(r.pp) // one micro-batch in flight per stage
@@ -569,7 +626,7 @@ func (c *Coordinator) tryBringUp(ctx context.Context, r *replica) error {
 		eng.Close()
 		return errors.New("replica dropped while loading")
 	}
-	r.engine, r.cancel, r.state = eng, ecancel, "ready"
+	r.engine, r.cancel, r.state, r.exec = eng, ecancel, "ready", exec
 	// Added under c.mu: a drop of this replica (which removes it from
 	// c.replicas first) cannot run between the check above and this.
 	c.router.AddReplica(r.key, eng)
@@ -686,6 +743,11 @@ func (c *Coordinator) writePlacement(ctx context.Context) error {
 	p := Placement{Model: c.opts.ModelDir, Quantize: c.opts.Quantize}
 	for i, r := range rs {
 		pr := PlacementReplica{Index: i, Generation: r.gen, TP: r.tp, PP: r.pp, LayersEnd: c.cfg.NumHiddenLayers, Workers: r.workerIDs()}
+		if r.ep > 1 {
+			c.mu.Lock()
+			pr.EP, pr.Experts, pr.ExpertsVersion = r.ep, r.table.Flat(), r.expVersion
+			c.mu.Unlock()
+		}
 		for _, st := range r.stages {
 			ps := PlacementStage{Index: st.Index, LayersBegin: st.LayersBegin, LayersEnd: st.LayersEnd}
 			for _, rk := range st.Ranks {

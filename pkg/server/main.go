@@ -122,9 +122,12 @@ func CoordinatorMain(args []string) int {
 	listen := fs.String("listen", "127.0.0.1:50051", "public gRPC address")
 	modelDir := fs.String("model", "", "model directory in HuggingFace layout (default: a demo model made under --data-dir)")
 	dataDir := fs.String("data-dir", "", "embedded etcd data and the demo model (default: the user cache dir /qwenfleet)")
-	localWorkers := fs.Int("local-workers", 1, "worker processes to start on this machine (default: 1, or tp×pp when those are given)")
+	localWorkers := fs.Int("local-workers", 1, "worker processes to start on this machine (default: 1, or max(tp, ep)×pp when those are given)")
 	tp := fs.Int("tp", 0, "tensor-parallel degree of every replica (0: the planner's choice)")
 	pp := fs.Int("pp", 0, "pipeline-parallel stages of every replica (0: the planner's choice)")
+	ep := fs.Int("ep", 0, "expert-parallel ranks per stage of a MoE model (0: the planner's choice, 1: none); attention is split over --tp of them")
+	redundant := fs.Int("redundant-experts", 0, "extra expert slots per rank and layer that an expert rebalance fills with replicas of hot experts")
+	eplb := fs.Duration("eplb-interval", 0, "re-place the experts from their load this often (0: only when asked, qwenctl experts --rebalance)")
 	etcd := fs.String("etcd-endpoints", "", "external etcd endpoints, comma separated (default: embedded etcd)")
 	prefix := fs.String("prefix", "/qwenfleet/", "etcd key prefix")
 	id := fs.String("id", "", "coordinator id (default: from --listen)")
@@ -149,6 +152,12 @@ func CoordinatorMain(args []string) int {
 		return fail("--tp: %d is outside [0, 64]", *tp)
 	case *pp < 0 || *pp > 64:
 		return fail("--pp: %d is outside [0, 64]", *pp)
+	case *ep < 0 || *ep > 64:
+		return fail("--ep: %d is outside [0, 64]", *ep)
+	case *redundant < 0 || *redundant > 1024:
+		return fail("--redundant-experts: %d is outside [0, 1024]", *redundant)
+	case *eplb < 0:
+		return fail("--eplb-interval: must be >= 0")
 	case *localWorkers < 0 || *localWorkers > 64:
 		return fail("--local-workers: %d is outside [0, 64]", *localWorkers)
 	case *threads < 0 || *threads > cpu.MaxThreads:
@@ -183,8 +192,8 @@ func CoordinatorMain(args []string) int {
 	}
 	explicit := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { explicit[f.Name] = true })
-	if !explicit["local-workers"] && max(*tp, 1)*max(*pp, 1) > 1 {
-		*localWorkers = max(*tp, 1) * max(*pp, 1)
+	if n := max(*tp, *ep, 1) * max(*pp, 1); !explicit["local-workers"] && n > 1 {
+		*localWorkers = n
 	}
 	var wargs []string
 	switch {
@@ -199,6 +208,7 @@ func CoordinatorMain(args []string) int {
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
 		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen,
+		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
 		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
 	if err != nil && ctx.Err() == nil {
 		fmt.Fprintf(os.Stderr, "coordinator: %v\n", err)

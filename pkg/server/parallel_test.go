@@ -24,23 +24,7 @@ import (
 func TestParallelLayouts(t *testing.T) {
 	dir := refDir("dense-gqa-f32") // 4 query heads, 2 KV heads, 3 layers
 	ref := loadRef(t, dir)
-	prompts := testPrompts(6, ref.vocab)
-	want := make([][]int32, len(prompts))
-	b, err := cpu.New(cpu.Config{Threads: 1, BatchInvariant: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := model.Load(dir, b, model.LoadOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, p := range prompts {
-		if want[i], err = m.Greedy(p, 10+i, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
-	m.Close()
-	b.Close()
+	prompts, want := wholeGreedy(t, dir, 6, ref.vocab)
 	for _, l := range [][2]int{{2, 1}, {4, 1}, {1, 2}, {1, 3}, {2, 2}} {
 		tp, pp := l[0], l[1]
 		t.Run(fmt.Sprintf("tp%d-pp%d", tp, pp), func(t *testing.T) {
@@ -60,46 +44,78 @@ func TestParallelLayouts(t *testing.T) {
 					t.Fatalf("stage %d: %v", s, st)
 				}
 			}
-			req := idsReq(ref.PromptIDs, len(ref.GreedyIDs))
-			req.PromptLogprobs = true
-			r := mustGenerate(t, c.client, req)
-			if !slices.Equal(r.ids, ref.GreedyIDs) {
-				t.Fatalf("ids %v, want %v", r.ids, ref.GreedyIDs)
-			}
-			tol := 1e-4 * math.Max(1, ref.MaxAbsLogit)
-			worst := 0.0
-			for i := 1; i < len(ref.PromptIDs); i++ {
-				row := ref.logits[(i-1)*ref.vocab : i*ref.vocab]
-				d := math.Abs(float64(*r.plp[i].Logprob) - logSoftmaxAt(row, int(ref.PromptIDs[i])))
-				worst = math.Max(worst, d)
-			}
-			if worst > tol {
-				t.Fatalf("prompt logprobs differ from the reference by %g (tolerance %g)", worst, tol)
-			}
-			var wg sync.WaitGroup
-			errs := make([]error, len(prompts))
-			for i, p := range prompts {
-				wg.Go(func() {
-					ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-					defer cancel()
-					got, err := generate(ctx, c.client, idsReq(p, len(want[i])))
-					switch {
-					case err != nil:
-						errs[i] = err
-					case !slices.Equal(got.ids, want[i]):
-						errs[i] = fmt.Errorf("request %d: %v, want %v", i, got.ids, want[i])
-					}
-				})
-			}
-			wg.Wait()
-			for _, err := range errs {
-				if err != nil {
-					t.Fatal(err)
-				}
-			}
-			t.Logf("prompt logprobs within %.2g of the reference", worst)
+			checkServed(t, c, ref, prompts, want)
 		})
 	}
+}
+
+// wholeGreedy makes n test prompts and their greedy tokens (10, 11, ...)
+// from one process.
+func wholeGreedy(t *testing.T, dir string, n, vocab int) (prompts, want [][]int32) {
+	t.Helper()
+	prompts = testPrompts(n, vocab)
+	want = make([][]int32, len(prompts))
+	b, err := cpu.New(cpu.Config{Threads: 1, BatchInvariant: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	m, err := model.Load(dir, b, model.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for i, p := range prompts {
+		if want[i], err = m.Greedy(p, 10+i, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return prompts, want
+}
+
+// checkServed checks cluster c against the reference (greedy ids, prompt
+// logprobs within its tolerance) and concurrent requests of prompts
+// against want, the tokens of one process.
+func checkServed(t *testing.T, c *clusterT, ref *reference, prompts, want [][]int32) {
+	t.Helper()
+	req := idsReq(ref.PromptIDs, len(ref.GreedyIDs))
+	req.PromptLogprobs = true
+	r := mustGenerate(t, c.client, req)
+	if !slices.Equal(r.ids, ref.GreedyIDs) {
+		t.Fatalf("ids %v, want %v", r.ids, ref.GreedyIDs)
+	}
+	tol := 1e-4 * math.Max(1, ref.MaxAbsLogit)
+	worst := 0.0
+	for i := 1; i < len(ref.PromptIDs); i++ {
+		row := ref.logits[(i-1)*ref.vocab : i*ref.vocab]
+		d := math.Abs(float64(*r.plp[i].Logprob) - logSoftmaxAt(row, int(ref.PromptIDs[i])))
+		worst = math.Max(worst, d)
+	}
+	if worst > tol {
+		t.Fatalf("prompt logprobs differ from the reference by %g (tolerance %g)", worst, tol)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, len(prompts))
+	for i, p := range prompts {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			got, err := generate(ctx, c.client, idsReq(p, len(want[i])))
+			switch {
+			case err != nil:
+				errs[i] = err
+			case !slices.Equal(got.ids, want[i]):
+				errs[i] = fmt.Errorf("request %d: %v, want %v", i, got.ids, want[i])
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("prompt logprobs within %.2g of the reference", worst)
 }
 
 // TestParallelWorkerDeath: a worker of a tp=2 × pp=2 replica is killed

@@ -208,6 +208,9 @@ type CoordinatorProcessOptions struct {
 	ID            string
 	LocalWorkers  int
 	TP, PP        int // forced layout (0: the planner's)
+	// EP, RedundantExperts and EPLBInterval: see CoordinatorOptions.
+	EP, RedundantExperts int
+	EPLBInterval         time.Duration
 	// MetricsListen, when set, serves the coordinator's Prometheus
 	// /metrics there; local workers then serve theirs on loopback ports
 	// (registered in etcd, listed by GetServerInfo).
@@ -328,7 +331,8 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	}
 	coord, err := NewCoordinator(CoordinatorOptions{ID: o.ID, Addr: addr, ModelDir: o.ModelDir, Store: store, Gossip: gossip,
 		EtcdEndpoints: endpoints, LeaderTTL: o.LeaderTTL, BlockSize: o.BlockSize, KVCacheBytes: o.KVCacheBytes, NumBlocks: o.NumBlocks,
-		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log, TP: o.TP, PP: o.PP})
+		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log, TP: o.TP, PP: o.PP,
+		EP: o.EP, RedundantExperts: o.RedundantExperts, EPLBInterval: o.EPLBInterval})
 	if err != nil {
 		return err
 	}

@@ -18,10 +18,12 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/qwenfleet/qwenfleet/pkg/expertparallel"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
 	"github.com/qwenfleet/qwenfleet/pkg/shard"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
 )
@@ -65,7 +67,11 @@ type WorkerService struct {
 	assign    *workerv1.Assignment
 	peers     *peers // nil unless sharded
 	box       mailbox
-	metrics   *metrics.Worker
+	// With expert parallelism: placements a SetExperts loaded, by version,
+	// until a step uses a newer one; expVersion is the one in use.
+	tables     map[int64]*expertparallel.Table
+	expVersion int64
+	metrics    *metrics.Worker
 }
 
 // NewWorkerService makes an idle worker.
@@ -168,16 +174,39 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	if a.Quantize != "" && a.Quantize != "q8" && a.Quantize != "q8a" {
 		return status.Errorf(codes.InvalidArgument, "assignment.quantize: %q is not q8 or q8a", a.Quantize)
 	}
-	if a.TpSize < 0 || a.TpSize > 1 && len(a.TpPeers) != int(a.TpSize) {
-		return status.Errorf(codes.InvalidArgument, "assignment.tp_peers: %d addresses for tp_size %d", len(a.TpPeers), a.TpSize)
+	group := max(a.TpSize, a.EpSize)
+	if a.TpSize < 0 || a.EpSize < 0 || group > 1 && len(a.TpPeers) != int(group) {
+		return status.Errorf(codes.InvalidArgument, "assignment.tp_peers: %d addresses for a stage of %d ranks", len(a.TpPeers), group)
 	}
 	sh := model.Shard{LayersBegin: int(a.LayersBegin), LayersEnd: int(a.LayersEnd), TPRank: int(a.TpRank), TPSize: int(a.TpSize)}
+	var table *expertparallel.Table
+	if a.EpSize > 1 {
+		sh.EPRank, sh.EPSize = int(a.EpRank), int(a.EpSize)
+		if len(a.Experts) > 0 {
+			t, err := expertparallel.FromFlat(a.Experts)
+			if err == nil && t.Ranks != int(a.EpSize) {
+				err = fmt.Errorf("%d ranks for ep_size %d", t.Ranks, a.EpSize)
+			}
+			if err != nil {
+				return status.Errorf(codes.InvalidArgument, "assignment.experts: %v", err)
+			}
+			table, sh.Experts = t, t
+		}
+	}
 	dir := filepath.Clean(a.Model)
 	w.life.Lock()
 	defer w.life.Unlock()
 	w.mu.Lock()
-	if w.exec != nil && w.modelDir == dir && w.quantize == a.Quantize && w.exec.Model().Shard() == mustNormalize(w.exec.Model().Config(), sh) {
-		// Same slice: keep the weights, take the new peers.
+	if w.exec != nil && w.modelDir == dir && w.quantize == a.Quantize && sameSlice(w.exec.Model(), sh) {
+		// Same slice: keep the weights (take the assignment's experts),
+		// take the new peers.
+		if table != nil {
+			if err := w.switchExperts(dir, table); err != nil {
+				w.mu.Unlock()
+				return status.Errorf(codes.Internal, "experts: %v", err)
+			}
+		}
+		w.tables, w.expVersion = nil, a.ExpertsVersion
 		if err := w.setPeers(a); err != nil {
 			w.mu.Unlock()
 			return status.Errorf(codes.InvalidArgument, "assignment: %v", err)
@@ -225,6 +254,7 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 		return status.Errorf(codes.InvalidArgument, "assignment: %v", err)
 	}
 	w.backend, w.exec, w.modelDir, w.version, w.quantize = b, shard.NewExecutor(m), dir, a.Version, a.Quantize
+	w.tables, w.expVersion = nil, a.ExpertsVersion
 	w.setState("loaded")
 	p := w.progress("ready")
 	w.mu.Unlock()
@@ -239,7 +269,7 @@ func (w *WorkerService) setPeers(a *workerv1.Assignment) error {
 	}
 	w.assign = a
 	w.box.keepOnly(a.Version)
-	if a.TpSize <= 1 && a.NextStage == "" && a.Stage == 0 {
+	if a.TpSize <= 1 && a.EpSize <= 1 && a.NextStage == "" && a.Stage == 0 {
 		return nil
 	}
 	p, err := dialPeers(a)
@@ -250,9 +280,31 @@ func (w *WorkerService) setPeers(a *workerv1.Assignment) error {
 	return nil
 }
 
-func mustNormalize(cfg *model.Config, sh model.Shard) model.Shard {
-	n, _ := sh.Normalize(cfg)
-	return n
+// sameSlice says whether m holds the layers, heads and vocabulary of sh
+// (its experts aside).
+func sameSlice(m *model.Model, sh model.Shard) bool {
+	n, err := sh.Normalize(m.Config())
+	if err != nil {
+		return false
+	}
+	have := m.Shard()
+	n.Experts, have.Experts = nil, nil
+	return n == have
+}
+
+// switchExperts makes t the placement of the loaded expert-parallel model:
+// it reads the experts t adds and frees those it removes.
+func (w *WorkerService) switchExperts(dir string, t *expertparallel.Table) error {
+	ck, err := safetensors.Open(dir, safetensors.Options{})
+	if err != nil {
+		return err
+	}
+	defer ck.Close()
+	if err := w.exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t); err != nil {
+		return err
+	}
+	w.exec.DropExperts(t)
+	return nil
 }
 
 func (w *WorkerService) progress(stage string) *workerv1.LoadProgress {
@@ -311,6 +363,16 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	defer w.life.RUnlock()
 	w.mu.Lock()
 	exec, version, prs := w.exec, w.version, w.peers
+	var em model.ExpertMap
+	var newTable *expertparallel.Table
+	if v := req.ExpertsVersion; v != 0 && v != w.expVersion {
+		if newTable = w.tables[v]; newTable == nil {
+			cur := w.expVersion
+			w.mu.Unlock()
+			return nil, status.Errorf(codes.FailedPrecondition, "experts_version: %d is not loaded here (%d is)", v, cur)
+		}
+		em = newTable
+	}
 	w.mu.Unlock()
 	if exec == nil {
 		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
@@ -331,7 +393,24 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 		link = &stepLink{ctx: ctx, box: &w.box, p: prs, version: version, step: req.StepId, m: w.metrics}
 		sl = link
 	}
-	res, err := exec.StepLinked(ctx, b, sl)
+	res, err := exec.StepExperts(ctx, b, sl, em)
+	if err == nil && newTable != nil {
+		// Steps run in id order and later ones name this placement too:
+		// the old experts can go.
+		w.mu.Lock()
+		if req.ExpertsVersion > w.expVersion {
+			w.expVersion = req.ExpertsVersion
+			for v := range w.tables {
+				if v <= req.ExpertsVersion {
+					delete(w.tables, v)
+				}
+			}
+			n := exec.DropExperts(newTable)
+			w.opts.Logger.Info("expert placement switched", "experts_version", req.ExpertsVersion, "dropped", n,
+				"weight_bytes", exec.Model().WeightBytes())
+		}
+		w.mu.Unlock()
+	}
 	if err == nil {
 		w.metrics.Steps.Inc()
 		w.metrics.Tokens.Add(float64(tokens))
@@ -361,6 +440,7 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	if link != nil {
 		out.CommMs = float64(link.commTime.Microseconds()) / 1000
 		out.WaitMs = float64(link.waitTime.Microseconds()) / 1000
+		out.SentBytes = link.sent
 	}
 	for i, r := range res.Seqs {
 		pr := &workerv1.SeqResult{SeqId: req.Seqs[i].SeqId, Logsumexp: r.LogSumExp, Row: r.Row, PromptLogprobs: r.PromptLogprobs,
@@ -387,8 +467,8 @@ func (w *WorkerService) Exchange(stream workerv1.Worker_ExchangeServer) error {
 		if err != nil {
 			return err
 		}
-		if req.Kind != kindAllReduce && req.Kind != kindHidden {
-			return status.Errorf(codes.InvalidArgument, "kind: %d is not 0 (all-reduce) or 1 (hidden states)", req.Kind)
+		if req.Kind != kindAllReduce && req.Kind != kindHidden && req.Kind != kindAllToAll {
+			return status.Errorf(codes.InvalidArgument, "kind: %d is not 0 (all-reduce), 1 (hidden states) or 2 (all-to-all)", req.Kind)
 		}
 		if len(req.Data)%4 != 0 {
 			return status.Errorf(codes.InvalidArgument, "data: %d bytes is not whole float32s", len(req.Data))
@@ -403,6 +483,83 @@ func (w *WorkerService) Exchange(stream workerv1.Worker_ExchangeServer) error {
 			return status.Error(codes.AlreadyExists, err.Error())
 		}
 	}
+}
+
+// SetExperts loads a new expert placement next to the one in use; the
+// first step that names its version switches to it.
+func (w *WorkerService) SetExperts(ctx context.Context, req *workerv1.SetExpertsRequest) (*workerv1.SetExpertsResponse, error) {
+	w.life.RLock()
+	defer w.life.RUnlock()
+	w.mu.Lock()
+	exec, a, dir, cur := w.exec, w.assign, w.modelDir, w.expVersion
+	w.mu.Unlock()
+	switch {
+	case exec == nil || a == nil:
+		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
+	case a.EpSize <= 1:
+		return nil, status.Error(codes.FailedPrecondition, "this worker's assignment has no expert parallelism")
+	case req.AssignmentVersion != a.Version:
+		return nil, status.Errorf(codes.FailedPrecondition, "assignment_version: %d, this worker holds %d", req.AssignmentVersion, a.Version)
+	case req.ExpertsVersion <= cur:
+		return nil, status.Errorf(codes.InvalidArgument, "experts_version: %d is not newer than %d", req.ExpertsVersion, cur)
+	}
+	cfg := exec.Model().Config()
+	t, err := expertparallel.FromFlat(req.Experts)
+	if err == nil {
+		err = t.Validate(cfg.NumHiddenLayers, cfg.NumExperts)
+	}
+	if err == nil && t.Ranks != int(a.EpSize) {
+		err = fmt.Errorf("%d ranks for ep_size %d", t.Ranks, a.EpSize)
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "experts: %v", err)
+	}
+	t0 := time.Now()
+	before := exec.Model().WeightBytes()
+	ck, err := safetensors.Open(dir, safetensors.Options{})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "checkpoint: %v", err)
+	}
+	defer ck.Close()
+	if err := exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t); err != nil {
+		return nil, status.Errorf(codes.Internal, "load experts: %v", err)
+	}
+	w.mu.Lock()
+	if w.tables == nil {
+		w.tables = map[int64]*expertparallel.Table{}
+	}
+	w.tables[req.ExpertsVersion] = t
+	w.mu.Unlock()
+	after := exec.Model().WeightBytes()
+	per := int64(3 * cfg.HiddenSize * cfg.MoeIntermediateSize * dtypeBytes(cfg))
+	w.opts.Logger.Info("experts loaded", "experts_version", req.ExpertsVersion, "bytes", after-before, "ms", ms(time.Since(t0)))
+	return &workerv1.SetExpertsResponse{Loaded: int32((after - before) / max(per, 1)), WeightBytes: after,
+		LoadMs: float64(time.Since(t0).Microseconds()) / 1000}, nil
+}
+
+// dtypeBytes is the stored size of one of cfg's weights.
+func dtypeBytes(cfg *model.Config) int {
+	if cfg.TorchDtype == "float32" {
+		return 4
+	}
+	return 2
+}
+
+// ExpertLoad returns the routed-token counts of this worker's layers.
+func (w *WorkerService) ExpertLoad(ctx context.Context, _ *workerv1.ExpertLoadRequest) (*workerv1.ExpertLoadResponse, error) {
+	w.mu.Lock()
+	exec, cur := w.exec, w.expVersion
+	w.mu.Unlock()
+	if exec == nil {
+		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
+	}
+	m := exec.Model()
+	out := &workerv1.ExpertLoadResponse{LayersBegin: int32(m.Shard().LayersBegin), Layers: int32(m.NumLayers()),
+		Experts: int32(m.Config().NumExperts), ExpertsVersion: cur}
+	for _, row := range m.ExpertLoad() {
+		out.Counts = append(out.Counts, row...)
+	}
+	return out, nil
 }
 
 // Release forgets finished sequences: a later Step for one must start at
@@ -429,12 +586,44 @@ func (w *WorkerService) Health(ctx context.Context, _ *workerv1.HealthRequest) (
 // the step (same id), stages pass hidden states among themselves, and the
 // last stage's ranks answer; their vocabulary slices are merged here.
 type replicaExecutor struct {
-	members []*member // stage by stage, rank by rank
-	gen     int64
-	tp, pp  int
+	members   []*member // stage by stage, rank by rank
+	gen       int64
+	ranks, pp int // ranks per stage, stages
 	// comm is the total time workers reported in all-reduces and stage
-	// transfers (nanoseconds), over steps.
-	comm, steps atomic.Int64
+	// transfers (nanoseconds), over steps; sent the bytes they sent each
+	// other, tokens the tokens stepped.
+	comm, steps, sent, tokens atomic.Int64
+	maxID                     atomic.Uint64 // the highest step id sent
+
+	// Expert placement of steps: steps with ids above switchAfter use
+	// expVersion, earlier ones prevVersion (workers run steps in id order,
+	// so none sees the old placement after the new one).
+	expMu                   sync.Mutex
+	expVersion, prevVersion int64
+	switchAfter             uint64
+}
+
+// switchExperts has the steps after those already sent use version v.
+func (g *replicaExecutor) switchExperts(v int64) {
+	g.expMu.Lock()
+	defer g.expMu.Unlock()
+	g.prevVersion, g.expVersion = g.expVersion, v
+	g.switchAfter = g.maxID.Load()
+}
+
+func (g *replicaExecutor) expertsFor(id uint64) int64 {
+	g.expMu.Lock()
+	defer g.expMu.Unlock()
+	for {
+		m := g.maxID.Load()
+		if id <= m || g.maxID.CompareAndSwap(m, id) {
+			break
+		}
+	}
+	if id <= g.switchAfter && g.prevVersion != 0 {
+		return g.prevVersion
+	}
+	return g.expVersion
 }
 
 func (g *replicaExecutor) Release(ctx context.Context, ids []uint64) error {
@@ -451,6 +640,7 @@ func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*rout
 		// runs one step at a time anyway and must not wait for a step
 		// that never reached it.
 		req.StepId = b.ID
+		req.ExpertsVersion = g.expertsFor(b.ID)
 	}
 	for i, s := range b.Seqs {
 		req.Seqs[i] = &workerv1.SeqStep{SeqId: s.ID, Tokens: s.Tokens, Start: int32(s.Start), BlockTable: s.Blocks,
@@ -482,16 +672,20 @@ func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*rout
 			return nil, fmt.Errorf("worker %s: %w", g.members[i].info.ID, err)
 		}
 	}
-	last := resps[len(resps)-g.tp:]
+	last := resps[len(resps)-g.ranks:]
 	for _, r := range last {
 		if len(r.Results) != len(b.Seqs) {
 			return nil, fmt.Errorf("worker returned %d results for %d sequences", len(r.Results), len(b.Seqs))
 		}
 	}
 	var comm float64
+	var sent int64
 	for _, r := range resps {
 		comm = max(comm, r.CommMs)
+		sent += r.SentBytes
 	}
+	g.sent.Add(sent)
+	g.tokens.Add(int64(last[0].Tokens))
 	g.comm.Add(int64(comm * 1e6))
 	g.steps.Add(1)
 	out := &routing.StepResult{Seqs: make([]routing.SeqResult, len(b.Seqs)), Forward: time.Duration(last[0].ForwardMs * float64(time.Millisecond)),

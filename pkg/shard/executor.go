@@ -105,7 +105,7 @@ func (x *Executor) NumBlocks() int {
 
 // Link connects a sharded executor's step to the rest of its replica.
 type Link interface {
-	model.Comm // the tensor-parallel group
+	model.Comm // the tensor-parallel group (an expert-parallel stage's is a model.StageComm)
 	// RecvHidden returns the previous stage's hidden states for this step.
 	RecvHidden() ([]float32, error)
 	// SendHidden hands this stage's output to the next stage.
@@ -125,13 +125,19 @@ func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.Ste
 // pkg/server), so a missing id never stalls a live replica. A stage that is
 // not the last returns no per-sequence results.
 func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Link) (*routing.StepResult, error) {
+	return x.StepExperts(ctx, b, link, nil)
+}
+
+// StepExperts is StepLinked with the expert placement the step uses (nil:
+// the model's; see LoadExperts).
+func (x *Executor) StepExperts(ctx context.Context, b *routing.StepBatch, link Link, em model.ExpertMap) (*routing.StepResult, error) {
 	defer x.doneTurn(b.ID) // failed or not, later steps may go
 	m := x.m
 	V := m.Config().VocabSize
 	if !m.Whole() && link == nil {
 		return nil, fmt.Errorf("%w: a sharded step needs a link to its peers", model.ErrBadBatch)
 	}
-	mb := &model.Batch{Seqs: make([]model.Seq, len(b.Seqs))}
+	mb := &model.Batch{Seqs: make([]model.Seq, len(b.Seqs)), Experts: em}
 	if link != nil {
 		mb.Comm = link
 	}
@@ -199,8 +205,8 @@ func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Li
 		return res, nil
 	}
 	res.Seqs = make([]routing.SeqResult, len(b.Seqs))
-	part := m.Shard().TPSize > 1
 	vb, ve := out.VocabBegin, out.VocabEnd
+	part := vb != 0 || ve != V // a slice of the vocabulary
 	W := ve - vb
 	for i, s := range b.Seqs {
 		rows := out.Logits[i]
@@ -242,6 +248,22 @@ func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Li
 		}
 	}
 	return res, nil
+}
+
+// LoadExperts has an expert-parallel model read the experts em places on
+// it (between steps); see model.LoadExperts.
+func (x *Executor) LoadExperts(src model.WeightSource, em model.ExpertMap) error {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.m.LoadExperts(src, em)
+}
+
+// DropExperts frees the experts em does not place on this rank (between
+// steps) and makes em the model's; see model.DropExperts.
+func (x *Executor) DropExperts(em model.ExpertMap) int {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.m.DropExperts(em)
 }
 
 // waitTurn blocks until the steps numbered before id have run here or ctx

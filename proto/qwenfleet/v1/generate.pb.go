@@ -1891,6 +1891,107 @@ func (x *HealthCheckResponse) GetLatencyMs() float64 {
 	return 0
 }
 
+type ExpertLoadRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// rebalance re-places each replica's experts from the counts since its
+	// last placement (or since it started).
+	Rebalance bool `protobuf:"varint,1,opt,name=rebalance,proto3" json:"rebalance,omitempty"`
+	// redundant_experts: extra expert slots per rank and layer the new
+	// placement may fill with replicas of hot experts (default: the
+	// coordinator's --redundant-experts).
+	RedundantExperts *int32 `protobuf:"varint,2,opt,name=redundant_experts,json=redundantExperts,proto3,oneof" json:"redundant_experts,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ExpertLoadRequest) Reset() {
+	*x = ExpertLoadRequest{}
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertLoadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertLoadRequest) ProtoMessage() {}
+
+func (x *ExpertLoadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertLoadRequest.ProtoReflect.Descriptor instead.
+func (*ExpertLoadRequest) Descriptor() ([]byte, []int) {
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ExpertLoadRequest) GetRebalance() bool {
+	if x != nil {
+		return x.Rebalance
+	}
+	return false
+}
+
+func (x *ExpertLoadRequest) GetRedundantExperts() int32 {
+	if x != nil && x.RedundantExperts != nil {
+		return *x.RedundantExperts
+	}
+	return 0
+}
+
+type ExpertLoadResponse struct {
+	state         protoimpl.MessageState        `protogen:"open.v1"`
+	Replicas      []*ExpertLoadResponse_Replica `protobuf:"bytes,1,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertLoadResponse) Reset() {
+	*x = ExpertLoadResponse{}
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertLoadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertLoadResponse) ProtoMessage() {}
+
+func (x *ExpertLoadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertLoadResponse.ProtoReflect.Descriptor instead.
+func (*ExpertLoadResponse) Descriptor() ([]byte, []int) {
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ExpertLoadResponse) GetReplicas() []*ExpertLoadResponse_Replica {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
 type Placement_Replica struct {
 	state         protoimpl.MessageState     `protogen:"open.v1"`
 	Index         int32                      `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
@@ -1899,6 +2000,7 @@ type Placement_Replica struct {
 	LayersEnd     int32                      `protobuf:"varint,4,opt,name=layers_end,json=layersEnd,proto3" json:"layers_end,omitempty"`
 	Tp            int32                      `protobuf:"varint,5,opt,name=tp,proto3" json:"tp,omitempty"`
 	Pp            int32                      `protobuf:"varint,6,opt,name=pp,proto3" json:"pp,omitempty"`
+	Ep            int32                      `protobuf:"varint,8,opt,name=ep,proto3" json:"ep,omitempty"` // expert-parallel ranks per stage (1: none)
 	Stages        []*Placement_Replica_Stage `protobuf:"bytes,7,rep,name=stages,proto3" json:"stages,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1906,7 +2008,7 @@ type Placement_Replica struct {
 
 func (x *Placement_Replica) Reset() {
 	*x = Placement_Replica{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[25]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1918,7 +2020,7 @@ func (x *Placement_Replica) String() string {
 func (*Placement_Replica) ProtoMessage() {}
 
 func (x *Placement_Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[25]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1976,6 +2078,13 @@ func (x *Placement_Replica) GetPp() int32 {
 	return 0
 }
 
+func (x *Placement_Replica) GetEp() int32 {
+	if x != nil {
+		return x.Ep
+	}
+	return 0
+}
+
 func (x *Placement_Replica) GetStages() []*Placement_Replica_Stage {
 	if x != nil {
 		return x.Stages
@@ -1995,7 +2104,7 @@ type Placement_Replica_Stage struct {
 
 func (x *Placement_Replica_Stage) Reset() {
 	*x = Placement_Replica_Stage{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2007,7 +2116,7 @@ func (x *Placement_Replica_Stage) String() string {
 func (*Placement_Replica_Stage) ProtoMessage() {}
 
 func (x *Placement_Replica_Stage) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2049,6 +2158,116 @@ func (x *Placement_Replica_Stage) GetWorkers() []string {
 		return x.Workers
 	}
 	return nil
+}
+
+type ExpertLoadResponse_Replica struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Index          int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Ep             int32                  `protobuf:"varint,2,opt,name=ep,proto3" json:"ep,omitempty"`
+	Tokens         int64                  `protobuf:"varint,3,opt,name=tokens,proto3" json:"tokens,omitempty"`                                   // token rows routed in the window (all layers)
+	RankTokens     []float64              `protobuf:"fixed64,4,rep,packed,name=rank_tokens,json=rankTokens,proto3" json:"rank_tokens,omitempty"` // per rank, summed over layers
+	Imbalance      float64                `protobuf:"fixed64,5,opt,name=imbalance,proto3" json:"imbalance,omitempty"`                            // Σ_layers max_rank / Σ_layers mean_rank (1: even)
+	ExpertsVersion int64                  `protobuf:"varint,6,opt,name=experts_version,json=expertsVersion,proto3" json:"experts_version,omitempty"`
+	// After a rebalance: the new placement's imbalance on the same counts,
+	// and how many experts each rank read.
+	ImbalanceAfter float64 `protobuf:"fixed64,7,opt,name=imbalance_after,json=imbalanceAfter,proto3" json:"imbalance_after,omitempty"`
+	Loaded         []int32 `protobuf:"varint,8,rep,packed,name=loaded,proto3" json:"loaded,omitempty"`
+	Slots          int32   `protobuf:"varint,9,opt,name=slots,proto3" json:"slots,omitempty"` // experts per rank and layer
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ExpertLoadResponse_Replica) Reset() {
+	*x = ExpertLoadResponse_Replica{}
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertLoadResponse_Replica) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertLoadResponse_Replica) ProtoMessage() {}
+
+func (x *ExpertLoadResponse_Replica) ProtoReflect() protoreflect.Message {
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertLoadResponse_Replica.ProtoReflect.Descriptor instead.
+func (*ExpertLoadResponse_Replica) Descriptor() ([]byte, []int) {
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{26, 0}
+}
+
+func (x *ExpertLoadResponse_Replica) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse_Replica) GetEp() int32 {
+	if x != nil {
+		return x.Ep
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse_Replica) GetTokens() int64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse_Replica) GetRankTokens() []float64 {
+	if x != nil {
+		return x.RankTokens
+	}
+	return nil
+}
+
+func (x *ExpertLoadResponse_Replica) GetImbalance() float64 {
+	if x != nil {
+		return x.Imbalance
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse_Replica) GetExpertsVersion() int64 {
+	if x != nil {
+		return x.ExpertsVersion
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse_Replica) GetImbalanceAfter() float64 {
+	if x != nil {
+		return x.ImbalanceAfter
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse_Replica) GetLoaded() []int32 {
+	if x != nil {
+		return x.Loaded
+	}
+	return nil
+}
+
+func (x *ExpertLoadResponse_Replica) GetSlots() int32 {
+	if x != nil {
+		return x.Slots
+	}
+	return 0
 }
 
 var File_qwenfleet_v1_generate_proto protoreflect.FileDescriptor
@@ -2189,11 +2408,11 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\abackend\x18\x05 \x01(\tR\abackend\x12!\n" +
 	"\fmemory_bytes\x18\x06 \x01(\x03R\vmemoryBytes\x12\x12\n" +
 	"\x04host\x18\a \x01(\tR\x04host\x12'\n" +
-	"\x0fmetrics_address\x18\b \x01(\tR\x0emetricsAddress\"\xd0\x03\n" +
+	"\x0fmetrics_address\x18\b \x01(\tR\x0emetricsAddress\"\xe0\x03\n" +
 	"\tPlacement\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12;\n" +
-	"\breplicas\x18\x03 \x03(\v2\x1f.qwenfleet.v1.Placement.ReplicaR\breplicas\x1a\xd5\x02\n" +
+	"\breplicas\x18\x03 \x03(\v2\x1f.qwenfleet.v1.Placement.ReplicaR\breplicas\x1a\xe5\x02\n" +
 	"\aReplica\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x18\n" +
 	"\aworkers\x18\x02 \x03(\tR\aworkers\x12!\n" +
@@ -2201,7 +2420,8 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\n" +
 	"layers_end\x18\x04 \x01(\x05R\tlayersEnd\x12\x0e\n" +
 	"\x02tp\x18\x05 \x01(\x05R\x02tp\x12\x0e\n" +
-	"\x02pp\x18\x06 \x01(\x05R\x02pp\x12=\n" +
+	"\x02pp\x18\x06 \x01(\x05R\x02pp\x12\x0e\n" +
+	"\x02ep\x18\b \x01(\x05R\x02ep\x12=\n" +
 	"\x06stages\x18\a \x03(\v2%.qwenfleet.v1.Placement.Replica.StageR\x06stages\x1ay\n" +
 	"\x05Stage\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12!\n" +
@@ -2240,14 +2460,33 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\ahealthy\x18\x01 \x01(\bR\ahealthy\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1d\n" +
 	"\n" +
-	"latency_ms\x18\x03 \x01(\x01R\tlatencyMs2\xd4\x03\n" +
+	"latency_ms\x18\x03 \x01(\x01R\tlatencyMs\"y\n" +
+	"\x11ExpertLoadRequest\x12\x1c\n" +
+	"\trebalance\x18\x01 \x01(\bR\trebalance\x120\n" +
+	"\x11redundant_experts\x18\x02 \x01(\x05H\x00R\x10redundantExperts\x88\x01\x01B\x14\n" +
+	"\x12_redundant_experts\"\xe3\x02\n" +
+	"\x12ExpertLoadResponse\x12D\n" +
+	"\breplicas\x18\x01 \x03(\v2(.qwenfleet.v1.ExpertLoadResponse.ReplicaR\breplicas\x1a\x86\x02\n" +
+	"\aReplica\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x0e\n" +
+	"\x02ep\x18\x02 \x01(\x05R\x02ep\x12\x16\n" +
+	"\x06tokens\x18\x03 \x01(\x03R\x06tokens\x12\x1f\n" +
+	"\vrank_tokens\x18\x04 \x03(\x01R\n" +
+	"rankTokens\x12\x1c\n" +
+	"\timbalance\x18\x05 \x01(\x01R\timbalance\x12'\n" +
+	"\x0fexperts_version\x18\x06 \x01(\x03R\x0eexpertsVersion\x12'\n" +
+	"\x0fimbalance_after\x18\a \x01(\x01R\x0eimbalanceAfter\x12\x16\n" +
+	"\x06loaded\x18\b \x03(\x05R\x06loaded\x12\x14\n" +
+	"\x05slots\x18\t \x01(\x05R\x05slots2\xa5\x04\n" +
 	"\tGenerator\x12K\n" +
 	"\bGenerate\x12\x1d.qwenfleet.v1.GenerateRequest\x1a\x1e.qwenfleet.v1.GenerateResponse0\x01\x12@\n" +
 	"\x05Abort\x12\x1a.qwenfleet.v1.AbortRequest\x1a\x1b.qwenfleet.v1.AbortResponse\x12I\n" +
 	"\bTokenize\x12\x1d.qwenfleet.v1.TokenizeRequest\x1a\x1e.qwenfleet.v1.TokenizeResponse\x12J\n" +
 	"\fGetModelInfo\x12!.qwenfleet.v1.GetModelInfoRequest\x1a\x17.qwenfleet.v1.ModelInfo\x12M\n" +
 	"\rGetServerInfo\x12\".qwenfleet.v1.GetServerInfoRequest\x1a\x18.qwenfleet.v1.ServerInfo\x12R\n" +
-	"\vHealthCheck\x12 .qwenfleet.v1.HealthCheckRequest\x1a!.qwenfleet.v1.HealthCheckResponseB?Z=github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1;qwenfleetv1b\x06proto3"
+	"\vHealthCheck\x12 .qwenfleet.v1.HealthCheckRequest\x1a!.qwenfleet.v1.HealthCheckResponse\x12O\n" +
+	"\n" +
+	"ExpertLoad\x12\x1f.qwenfleet.v1.ExpertLoadRequest\x1a .qwenfleet.v1.ExpertLoadResponseB?Z=github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1;qwenfleetv1b\x06proto3"
 
 var (
 	file_qwenfleet_v1_generate_proto_rawDescOnce sync.Once
@@ -2261,35 +2500,38 @@ func file_qwenfleet_v1_generate_proto_rawDescGZIP() []byte {
 	return file_qwenfleet_v1_generate_proto_rawDescData
 }
 
-var file_qwenfleet_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_qwenfleet_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_qwenfleet_v1_generate_proto_goTypes = []any{
-	(*ChatMessage)(nil),             // 0: qwenfleet.v1.ChatMessage
-	(*ChatInput)(nil),               // 1: qwenfleet.v1.ChatInput
-	(*TokenIds)(nil),                // 2: qwenfleet.v1.TokenIds
-	(*GenerateRequest)(nil),         // 3: qwenfleet.v1.GenerateRequest
-	(*TopLogprob)(nil),              // 4: qwenfleet.v1.TopLogprob
-	(*TokenLogprob)(nil),            // 5: qwenfleet.v1.TokenLogprob
-	(*Usage)(nil),                   // 6: qwenfleet.v1.Usage
-	(*GenerateChunk)(nil),           // 7: qwenfleet.v1.GenerateChunk
-	(*PromptLogprob)(nil),           // 8: qwenfleet.v1.PromptLogprob
-	(*GenerateComplete)(nil),        // 9: qwenfleet.v1.GenerateComplete
-	(*GenerateError)(nil),           // 10: qwenfleet.v1.GenerateError
-	(*GenerateResponse)(nil),        // 11: qwenfleet.v1.GenerateResponse
-	(*AbortRequest)(nil),            // 12: qwenfleet.v1.AbortRequest
-	(*AbortResponse)(nil),           // 13: qwenfleet.v1.AbortResponse
-	(*TokenizeRequest)(nil),         // 14: qwenfleet.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),        // 15: qwenfleet.v1.TokenizeResponse
-	(*GetModelInfoRequest)(nil),     // 16: qwenfleet.v1.GetModelInfoRequest
-	(*ModelInfo)(nil),               // 17: qwenfleet.v1.ModelInfo
-	(*GetServerInfoRequest)(nil),    // 18: qwenfleet.v1.GetServerInfoRequest
-	(*WorkerStatus)(nil),            // 19: qwenfleet.v1.WorkerStatus
-	(*Placement)(nil),               // 20: qwenfleet.v1.Placement
-	(*SchedulerStats)(nil),          // 21: qwenfleet.v1.SchedulerStats
-	(*ServerInfo)(nil),              // 22: qwenfleet.v1.ServerInfo
-	(*HealthCheckRequest)(nil),      // 23: qwenfleet.v1.HealthCheckRequest
-	(*HealthCheckResponse)(nil),     // 24: qwenfleet.v1.HealthCheckResponse
-	(*Placement_Replica)(nil),       // 25: qwenfleet.v1.Placement.Replica
-	(*Placement_Replica_Stage)(nil), // 26: qwenfleet.v1.Placement.Replica.Stage
+	(*ChatMessage)(nil),                // 0: qwenfleet.v1.ChatMessage
+	(*ChatInput)(nil),                  // 1: qwenfleet.v1.ChatInput
+	(*TokenIds)(nil),                   // 2: qwenfleet.v1.TokenIds
+	(*GenerateRequest)(nil),            // 3: qwenfleet.v1.GenerateRequest
+	(*TopLogprob)(nil),                 // 4: qwenfleet.v1.TopLogprob
+	(*TokenLogprob)(nil),               // 5: qwenfleet.v1.TokenLogprob
+	(*Usage)(nil),                      // 6: qwenfleet.v1.Usage
+	(*GenerateChunk)(nil),              // 7: qwenfleet.v1.GenerateChunk
+	(*PromptLogprob)(nil),              // 8: qwenfleet.v1.PromptLogprob
+	(*GenerateComplete)(nil),           // 9: qwenfleet.v1.GenerateComplete
+	(*GenerateError)(nil),              // 10: qwenfleet.v1.GenerateError
+	(*GenerateResponse)(nil),           // 11: qwenfleet.v1.GenerateResponse
+	(*AbortRequest)(nil),               // 12: qwenfleet.v1.AbortRequest
+	(*AbortResponse)(nil),              // 13: qwenfleet.v1.AbortResponse
+	(*TokenizeRequest)(nil),            // 14: qwenfleet.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),           // 15: qwenfleet.v1.TokenizeResponse
+	(*GetModelInfoRequest)(nil),        // 16: qwenfleet.v1.GetModelInfoRequest
+	(*ModelInfo)(nil),                  // 17: qwenfleet.v1.ModelInfo
+	(*GetServerInfoRequest)(nil),       // 18: qwenfleet.v1.GetServerInfoRequest
+	(*WorkerStatus)(nil),               // 19: qwenfleet.v1.WorkerStatus
+	(*Placement)(nil),                  // 20: qwenfleet.v1.Placement
+	(*SchedulerStats)(nil),             // 21: qwenfleet.v1.SchedulerStats
+	(*ServerInfo)(nil),                 // 22: qwenfleet.v1.ServerInfo
+	(*HealthCheckRequest)(nil),         // 23: qwenfleet.v1.HealthCheckRequest
+	(*HealthCheckResponse)(nil),        // 24: qwenfleet.v1.HealthCheckResponse
+	(*ExpertLoadRequest)(nil),          // 25: qwenfleet.v1.ExpertLoadRequest
+	(*ExpertLoadResponse)(nil),         // 26: qwenfleet.v1.ExpertLoadResponse
+	(*Placement_Replica)(nil),          // 27: qwenfleet.v1.Placement.Replica
+	(*Placement_Replica_Stage)(nil),    // 28: qwenfleet.v1.Placement.Replica.Stage
+	(*ExpertLoadResponse_Replica)(nil), // 29: qwenfleet.v1.ExpertLoadResponse.Replica
 }
 var file_qwenfleet_v1_generate_proto_depIdxs = []int32{
 	0,  // 0: qwenfleet.v1.ChatInput.messages:type_name -> qwenfleet.v1.ChatMessage
@@ -2304,28 +2546,31 @@ var file_qwenfleet_v1_generate_proto_depIdxs = []int32{
 	9,  // 9: qwenfleet.v1.GenerateResponse.complete:type_name -> qwenfleet.v1.GenerateComplete
 	10, // 10: qwenfleet.v1.GenerateResponse.error:type_name -> qwenfleet.v1.GenerateError
 	1,  // 11: qwenfleet.v1.TokenizeRequest.chat:type_name -> qwenfleet.v1.ChatInput
-	25, // 12: qwenfleet.v1.Placement.replicas:type_name -> qwenfleet.v1.Placement.Replica
+	27, // 12: qwenfleet.v1.Placement.replicas:type_name -> qwenfleet.v1.Placement.Replica
 	19, // 13: qwenfleet.v1.ServerInfo.workers:type_name -> qwenfleet.v1.WorkerStatus
 	20, // 14: qwenfleet.v1.ServerInfo.placement:type_name -> qwenfleet.v1.Placement
 	21, // 15: qwenfleet.v1.ServerInfo.scheduler:type_name -> qwenfleet.v1.SchedulerStats
-	26, // 16: qwenfleet.v1.Placement.Replica.stages:type_name -> qwenfleet.v1.Placement.Replica.Stage
-	3,  // 17: qwenfleet.v1.Generator.Generate:input_type -> qwenfleet.v1.GenerateRequest
-	12, // 18: qwenfleet.v1.Generator.Abort:input_type -> qwenfleet.v1.AbortRequest
-	14, // 19: qwenfleet.v1.Generator.Tokenize:input_type -> qwenfleet.v1.TokenizeRequest
-	16, // 20: qwenfleet.v1.Generator.GetModelInfo:input_type -> qwenfleet.v1.GetModelInfoRequest
-	18, // 21: qwenfleet.v1.Generator.GetServerInfo:input_type -> qwenfleet.v1.GetServerInfoRequest
-	23, // 22: qwenfleet.v1.Generator.HealthCheck:input_type -> qwenfleet.v1.HealthCheckRequest
-	11, // 23: qwenfleet.v1.Generator.Generate:output_type -> qwenfleet.v1.GenerateResponse
-	13, // 24: qwenfleet.v1.Generator.Abort:output_type -> qwenfleet.v1.AbortResponse
-	15, // 25: qwenfleet.v1.Generator.Tokenize:output_type -> qwenfleet.v1.TokenizeResponse
-	17, // 26: qwenfleet.v1.Generator.GetModelInfo:output_type -> qwenfleet.v1.ModelInfo
-	22, // 27: qwenfleet.v1.Generator.GetServerInfo:output_type -> qwenfleet.v1.ServerInfo
-	24, // 28: qwenfleet.v1.Generator.HealthCheck:output_type -> qwenfleet.v1.HealthCheckResponse
-	23, // [23:29] is the sub-list for method output_type
-	17, // [17:23] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	29, // 16: qwenfleet.v1.ExpertLoadResponse.replicas:type_name -> qwenfleet.v1.ExpertLoadResponse.Replica
+	28, // 17: qwenfleet.v1.Placement.Replica.stages:type_name -> qwenfleet.v1.Placement.Replica.Stage
+	3,  // 18: qwenfleet.v1.Generator.Generate:input_type -> qwenfleet.v1.GenerateRequest
+	12, // 19: qwenfleet.v1.Generator.Abort:input_type -> qwenfleet.v1.AbortRequest
+	14, // 20: qwenfleet.v1.Generator.Tokenize:input_type -> qwenfleet.v1.TokenizeRequest
+	16, // 21: qwenfleet.v1.Generator.GetModelInfo:input_type -> qwenfleet.v1.GetModelInfoRequest
+	18, // 22: qwenfleet.v1.Generator.GetServerInfo:input_type -> qwenfleet.v1.GetServerInfoRequest
+	23, // 23: qwenfleet.v1.Generator.HealthCheck:input_type -> qwenfleet.v1.HealthCheckRequest
+	25, // 24: qwenfleet.v1.Generator.ExpertLoad:input_type -> qwenfleet.v1.ExpertLoadRequest
+	11, // 25: qwenfleet.v1.Generator.Generate:output_type -> qwenfleet.v1.GenerateResponse
+	13, // 26: qwenfleet.v1.Generator.Abort:output_type -> qwenfleet.v1.AbortResponse
+	15, // 27: qwenfleet.v1.Generator.Tokenize:output_type -> qwenfleet.v1.TokenizeResponse
+	17, // 28: qwenfleet.v1.Generator.GetModelInfo:output_type -> qwenfleet.v1.ModelInfo
+	22, // 29: qwenfleet.v1.Generator.GetServerInfo:output_type -> qwenfleet.v1.ServerInfo
+	24, // 30: qwenfleet.v1.Generator.HealthCheck:output_type -> qwenfleet.v1.HealthCheckResponse
+	26, // 31: qwenfleet.v1.Generator.ExpertLoad:output_type -> qwenfleet.v1.ExpertLoadResponse
+	25, // [25:32] is the sub-list for method output_type
+	18, // [18:25] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_qwenfleet_v1_generate_proto_init() }
@@ -2349,13 +2594,14 @@ func file_qwenfleet_v1_generate_proto_init() {
 		(*TokenizeRequest_Text)(nil),
 		(*TokenizeRequest_Chat)(nil),
 	}
+	file_qwenfleet_v1_generate_proto_msgTypes[25].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_qwenfleet_v1_generate_proto_rawDesc), len(file_qwenfleet_v1_generate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

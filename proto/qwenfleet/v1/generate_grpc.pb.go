@@ -29,6 +29,7 @@ const (
 	Generator_GetModelInfo_FullMethodName  = "/qwenfleet.v1.Generator/GetModelInfo"
 	Generator_GetServerInfo_FullMethodName = "/qwenfleet.v1.Generator/GetServerInfo"
 	Generator_HealthCheck_FullMethodName   = "/qwenfleet.v1.Generator/HealthCheck"
+	Generator_ExpertLoad_FullMethodName    = "/qwenfleet.v1.Generator/ExpertLoad"
 )
 
 // GeneratorClient is the client API for Generator service.
@@ -47,6 +48,10 @@ type GeneratorClient interface {
 	GetServerInfo(ctx context.Context, in *GetServerInfoRequest, opts ...grpc.CallOption) (*ServerInfo, error)
 	// HealthCheck runs a real one-token generation through the workers.
 	HealthCheck(ctx context.Context, in *HealthCheckRequest, opts ...grpc.CallOption) (*HealthCheckResponse, error)
+	// ExpertLoad reports how evenly the routed experts' tokens fall on the
+	// ranks of each expert-parallel replica and, when asked, re-places the
+	// experts from those counts (no restart; running requests go on).
+	ExpertLoad(ctx context.Context, in *ExpertLoadRequest, opts ...grpc.CallOption) (*ExpertLoadResponse, error)
 }
 
 type generatorClient struct {
@@ -126,6 +131,16 @@ func (c *generatorClient) HealthCheck(ctx context.Context, in *HealthCheckReques
 	return out, nil
 }
 
+func (c *generatorClient) ExpertLoad(ctx context.Context, in *ExpertLoadRequest, opts ...grpc.CallOption) (*ExpertLoadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExpertLoadResponse)
+	err := c.cc.Invoke(ctx, Generator_ExpertLoad_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // GeneratorServer is the server API for Generator service.
 // All implementations must embed UnimplementedGeneratorServer
 // for forward compatibility.
@@ -142,6 +157,10 @@ type GeneratorServer interface {
 	GetServerInfo(context.Context, *GetServerInfoRequest) (*ServerInfo, error)
 	// HealthCheck runs a real one-token generation through the workers.
 	HealthCheck(context.Context, *HealthCheckRequest) (*HealthCheckResponse, error)
+	// ExpertLoad reports how evenly the routed experts' tokens fall on the
+	// ranks of each expert-parallel replica and, when asked, re-places the
+	// experts from those counts (no restart; running requests go on).
+	ExpertLoad(context.Context, *ExpertLoadRequest) (*ExpertLoadResponse, error)
 	mustEmbedUnimplementedGeneratorServer()
 }
 
@@ -169,6 +188,9 @@ func (UnimplementedGeneratorServer) GetServerInfo(context.Context, *GetServerInf
 }
 func (UnimplementedGeneratorServer) HealthCheck(context.Context, *HealthCheckRequest) (*HealthCheckResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method HealthCheck not implemented")
+}
+func (UnimplementedGeneratorServer) ExpertLoad(context.Context, *ExpertLoadRequest) (*ExpertLoadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ExpertLoad not implemented")
 }
 func (UnimplementedGeneratorServer) mustEmbedUnimplementedGeneratorServer() {}
 func (UnimplementedGeneratorServer) testEmbeddedByValue()                   {}
@@ -292,6 +314,24 @@ func _Generator_HealthCheck_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Generator_ExpertLoad_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExpertLoadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(GeneratorServer).ExpertLoad(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Generator_ExpertLoad_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(GeneratorServer).ExpertLoad(ctx, req.(*ExpertLoadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Generator_ServiceDesc is the grpc.ServiceDesc for Generator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -318,6 +358,10 @@ var Generator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "HealthCheck",
 			Handler:    _Generator_HealthCheck_Handler,
+		},
+		{
+			MethodName: "ExpertLoad",
+			Handler:    _Generator_ExpertLoad_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -188,12 +188,18 @@ type Assignment struct {
 	TpRank      int32                  `protobuf:"varint,7,opt,name=tp_rank,json=tpRank,proto3" json:"tp_rank,omitempty"`
 	TpSize      int32                  `protobuf:"varint,8,opt,name=tp_size,json=tpSize,proto3" json:"tp_size,omitempty"`
 	// quantize: "" keeps the checkpoint's dtype; "q8" loads int8 weights.
-	Quantize      string   `protobuf:"bytes,9,opt,name=quantize,proto3" json:"quantize,omitempty"`
-	PpSize        int32    `protobuf:"varint,10,opt,name=pp_size,json=ppSize,proto3" json:"pp_size,omitempty"`
-	TpPeers       []string `protobuf:"bytes,11,rep,name=tp_peers,json=tpPeers,proto3" json:"tp_peers,omitempty"`       // addresses of this stage's ranks, by rank
-	NextStage     string   `protobuf:"bytes,12,opt,name=next_stage,json=nextStage,proto3" json:"next_stage,omitempty"` // address of the same rank in the next stage ("" when last)
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Quantize  string   `protobuf:"bytes,9,opt,name=quantize,proto3" json:"quantize,omitempty"`
+	PpSize    int32    `protobuf:"varint,10,opt,name=pp_size,json=ppSize,proto3" json:"pp_size,omitempty"`
+	TpPeers   []string `protobuf:"bytes,11,rep,name=tp_peers,json=tpPeers,proto3" json:"tp_peers,omitempty"`       // addresses of this stage's ranks, by rank (all ep_size of them with expert parallelism)
+	NextStage string   `protobuf:"bytes,12,opt,name=next_stage,json=nextStage,proto3" json:"next_stage,omitempty"` // address of the same rank in the next stage ("" when last)
+	// Expert parallelism (qwen2_moe): the stage has ep_size ranks, this is
+	// ep_rank; attention is split over groups of tp_size (tp_rank = ep_rank % tp_size).
+	EpSize         int32   `protobuf:"varint,13,opt,name=ep_size,json=epSize,proto3" json:"ep_size,omitempty"`
+	EpRank         int32   `protobuf:"varint,14,opt,name=ep_rank,json=epRank,proto3" json:"ep_rank,omitempty"`
+	Experts        []int32 `protobuf:"varint,15,rep,packed,name=experts,proto3" json:"experts,omitempty"`                              // the expert placement (expertparallel.Table.Flat); empty: contiguous
+	ExpertsVersion int64   `protobuf:"varint,16,opt,name=experts_version,json=expertsVersion,proto3" json:"experts_version,omitempty"` // its version (steps name it)
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Assignment) Reset() {
@@ -308,6 +314,34 @@ func (x *Assignment) GetNextStage() string {
 		return x.NextStage
 	}
 	return ""
+}
+
+func (x *Assignment) GetEpSize() int32 {
+	if x != nil {
+		return x.EpSize
+	}
+	return 0
+}
+
+func (x *Assignment) GetEpRank() int32 {
+	if x != nil {
+		return x.EpRank
+	}
+	return 0
+}
+
+func (x *Assignment) GetExperts() []int32 {
+	if x != nil {
+		return x.Experts
+	}
+	return nil
+}
+
+func (x *Assignment) GetExpertsVersion() int64 {
+	if x != nil {
+		return x.ExpertsVersion
+	}
+	return 0
 }
 
 type LoadRequest struct {
@@ -722,6 +756,7 @@ type StepRequest struct {
 	StepId            uint64     `protobuf:"varint,1,opt,name=step_id,json=stepId,proto3" json:"step_id,omitempty"`
 	AssignmentVersion int64      `protobuf:"varint,2,opt,name=assignment_version,json=assignmentVersion,proto3" json:"assignment_version,omitempty"`
 	Seqs              []*SeqStep `protobuf:"bytes,3,rep,name=seqs,proto3" json:"seqs,omitempty"`
+	ExpertsVersion    int64      `protobuf:"varint,4,opt,name=experts_version,json=expertsVersion,proto3" json:"experts_version,omitempty"` // expert placement to use (0: the assignment's)
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -775,6 +810,13 @@ func (x *StepRequest) GetSeqs() []*SeqStep {
 		return x.Seqs
 	}
 	return nil
+}
+
+func (x *StepRequest) GetExpertsVersion() int64 {
+	if x != nil {
+		return x.ExpertsVersion
+	}
+	return 0
 }
 
 type Candidate struct {
@@ -940,8 +982,9 @@ type StepResponse struct {
 	ForwardMs     float64                `protobuf:"fixed64,3,opt,name=forward_ms,json=forwardMs,proto3" json:"forward_ms,omitempty"`
 	TotalMs       float64                `protobuf:"fixed64,4,opt,name=total_ms,json=totalMs,proto3" json:"total_ms,omitempty"`
 	Tokens        int32                  `protobuf:"varint,5,opt,name=tokens,proto3" json:"tokens,omitempty"`
-	CommMs        float64                `protobuf:"fixed64,6,opt,name=comm_ms,json=commMs,proto3" json:"comm_ms,omitempty"` // all-reduces and sending hidden states
-	WaitMs        float64                `protobuf:"fixed64,7,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"` // waiting for the previous stage
+	CommMs        float64                `protobuf:"fixed64,6,opt,name=comm_ms,json=commMs,proto3" json:"comm_ms,omitempty"`         // all-reduces and sending hidden states
+	WaitMs        float64                `protobuf:"fixed64,7,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"`         // waiting for the previous stage
+	SentBytes     int64                  `protobuf:"varint,8,opt,name=sent_bytes,json=sentBytes,proto3" json:"sent_bytes,omitempty"` // bytes this worker sent to its peers in the step
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1025,11 +1068,18 @@ func (x *StepResponse) GetWaitMs() float64 {
 	return 0
 }
 
+func (x *StepResponse) GetSentBytes() int64 {
+	if x != nil {
+		return x.SentBytes
+	}
+	return 0
+}
+
 type ExchangeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Version       int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"` // the replica's generation
 	StepId        uint64                 `protobuf:"varint,2,opt,name=step_id,json=stepId,proto3" json:"step_id,omitempty"`
-	Kind          int32                  `protobuf:"varint,3,opt,name=kind,proto3" json:"kind,omitempty"`   // 0: all-reduce part, 1: hidden states for the next stage
+	Kind          int32                  `protobuf:"varint,3,opt,name=kind,proto3" json:"kind,omitempty"`   // 0: all-reduce part, 1: hidden states for the next stage, 2: all-to-all part
 	Index         int32                  `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"` // which all-reduce of the step
 	FromRank      int32                  `protobuf:"varint,5,opt,name=from_rank,json=fromRank,proto3" json:"from_rank,omitempty"`
 	Data          []byte                 `protobuf:"bytes,6,opt,name=data,proto3" json:"data,omitempty"` // little-endian float32
@@ -1313,6 +1363,238 @@ func (x *HealthResponse) GetState() string {
 	return ""
 }
 
+type SetExpertsRequest struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	AssignmentVersion int64                  `protobuf:"varint,1,opt,name=assignment_version,json=assignmentVersion,proto3" json:"assignment_version,omitempty"`
+	ExpertsVersion    int64                  `protobuf:"varint,2,opt,name=experts_version,json=expertsVersion,proto3" json:"experts_version,omitempty"` // greater than the worker's current one
+	Experts           []int32                `protobuf:"varint,3,rep,packed,name=experts,proto3" json:"experts,omitempty"`                              // expertparallel.Table.Flat
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *SetExpertsRequest) Reset() {
+	*x = SetExpertsRequest{}
+	mi := &file_worker_v1_worker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetExpertsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetExpertsRequest) ProtoMessage() {}
+
+func (x *SetExpertsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetExpertsRequest.ProtoReflect.Descriptor instead.
+func (*SetExpertsRequest) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *SetExpertsRequest) GetAssignmentVersion() int64 {
+	if x != nil {
+		return x.AssignmentVersion
+	}
+	return 0
+}
+
+func (x *SetExpertsRequest) GetExpertsVersion() int64 {
+	if x != nil {
+		return x.ExpertsVersion
+	}
+	return 0
+}
+
+func (x *SetExpertsRequest) GetExperts() []int32 {
+	if x != nil {
+		return x.Experts
+	}
+	return nil
+}
+
+type SetExpertsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Loaded        int32                  `protobuf:"varint,1,opt,name=loaded,proto3" json:"loaded,omitempty"`                              // experts read from the checkpoint
+	WeightBytes   int64                  `protobuf:"varint,2,opt,name=weight_bytes,json=weightBytes,proto3" json:"weight_bytes,omitempty"` // the worker's weights now (old experts included until the switch)
+	LoadMs        float64                `protobuf:"fixed64,3,opt,name=load_ms,json=loadMs,proto3" json:"load_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetExpertsResponse) Reset() {
+	*x = SetExpertsResponse{}
+	mi := &file_worker_v1_worker_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetExpertsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetExpertsResponse) ProtoMessage() {}
+
+func (x *SetExpertsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetExpertsResponse.ProtoReflect.Descriptor instead.
+func (*SetExpertsResponse) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *SetExpertsResponse) GetLoaded() int32 {
+	if x != nil {
+		return x.Loaded
+	}
+	return 0
+}
+
+func (x *SetExpertsResponse) GetWeightBytes() int64 {
+	if x != nil {
+		return x.WeightBytes
+	}
+	return 0
+}
+
+func (x *SetExpertsResponse) GetLoadMs() float64 {
+	if x != nil {
+		return x.LoadMs
+	}
+	return 0
+}
+
+type ExpertLoadRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertLoadRequest) Reset() {
+	*x = ExpertLoadRequest{}
+	mi := &file_worker_v1_worker_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertLoadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertLoadRequest) ProtoMessage() {}
+
+func (x *ExpertLoadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertLoadRequest.ProtoReflect.Descriptor instead.
+func (*ExpertLoadRequest) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{20}
+}
+
+type ExpertLoadResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	LayersBegin    int32                  `protobuf:"varint,1,opt,name=layers_begin,json=layersBegin,proto3" json:"layers_begin,omitempty"`
+	Layers         int32                  `protobuf:"varint,2,opt,name=layers,proto3" json:"layers,omitempty"`
+	Experts        int32                  `protobuf:"varint,3,opt,name=experts,proto3" json:"experts,omitempty"`
+	Counts         []int64                `protobuf:"varint,4,rep,packed,name=counts,proto3" json:"counts,omitempty"`                                // [layers][experts]; empty when this rank does not count
+	ExpertsVersion int64                  `protobuf:"varint,5,opt,name=experts_version,json=expertsVersion,proto3" json:"experts_version,omitempty"` // the placement in use
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ExpertLoadResponse) Reset() {
+	*x = ExpertLoadResponse{}
+	mi := &file_worker_v1_worker_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertLoadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertLoadResponse) ProtoMessage() {}
+
+func (x *ExpertLoadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertLoadResponse.ProtoReflect.Descriptor instead.
+func (*ExpertLoadResponse) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ExpertLoadResponse) GetLayersBegin() int32 {
+	if x != nil {
+		return x.LayersBegin
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse) GetLayers() int32 {
+	if x != nil {
+		return x.Layers
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse) GetExperts() int32 {
+	if x != nil {
+		return x.Experts
+	}
+	return 0
+}
+
+func (x *ExpertLoadResponse) GetCounts() []int64 {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
+func (x *ExpertLoadResponse) GetExpertsVersion() int64 {
+	if x != nil {
+		return x.ExpertsVersion
+	}
+	return 0
+}
+
 var File_worker_v1_worker_proto protoreflect.FileDescriptor
 
 const file_worker_v1_worker_proto_rawDesc = "" +
@@ -1330,7 +1612,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x12assignment_version\x18\b \x01(\x03R\x11assignmentVersion\x12\"\n" +
 	"\rnum_kv_blocks\x18\t \x01(\x03R\vnumKvBlocks\x12\"\n" +
 	"\rkv_block_size\x18\n" +
-	" \x01(\x05R\vkvBlockSize\"\xcf\x02\n" +
+	" \x01(\x05R\vkvBlockSize\"\xc4\x03\n" +
 	"\n" +
 	"Assignment\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
@@ -1347,7 +1629,11 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	" \x01(\x05R\x06ppSize\x12\x19\n" +
 	"\btp_peers\x18\v \x03(\tR\atpPeers\x12\x1d\n" +
 	"\n" +
-	"next_stage\x18\f \x01(\tR\tnextStage\"|\n" +
+	"next_stage\x18\f \x01(\tR\tnextStage\x12\x17\n" +
+	"\aep_size\x18\r \x01(\x05R\x06epSize\x12\x17\n" +
+	"\aep_rank\x18\x0e \x01(\x05R\x06epRank\x12\x18\n" +
+	"\aexperts\x18\x0f \x03(\x05R\aexperts\x12'\n" +
+	"\x0fexperts_version\x18\x10 \x01(\x03R\x0eexpertsVersion\"|\n" +
 	"\vLoadRequest\x12?\n" +
 	"\n" +
 	"assignment\x18\x01 \x01(\v2\x1f.qwenfleet.worker.v1.AssignmentR\n" +
@@ -1392,11 +1678,12 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x0ewant_logsumexp\x18\t \x01(\bR\rwantLogsumexp\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\n" +
-	" \x01(\tR\trequestId\"\x87\x01\n" +
+	" \x01(\tR\trequestId\"\xb0\x01\n" +
 	"\vStepRequest\x12\x17\n" +
 	"\astep_id\x18\x01 \x01(\x04R\x06stepId\x12-\n" +
 	"\x12assignment_version\x18\x02 \x01(\x03R\x11assignmentVersion\x120\n" +
-	"\x04seqs\x18\x03 \x03(\v2\x1c.qwenfleet.worker.v1.SeqStepR\x04seqs\"1\n" +
+	"\x04seqs\x18\x03 \x03(\v2\x1c.qwenfleet.worker.v1.SeqStepR\x04seqs\x12'\n" +
+	"\x0fexperts_version\x18\x04 \x01(\x03R\x0eexpertsVersion\"1\n" +
 	"\tCandidate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x14\n" +
 	"\x05logit\x18\x02 \x01(\x02R\x05logit\"\x98\x02\n" +
@@ -1412,7 +1699,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"prompt_lse\x18\x06 \x03(\x01R\tpromptLse\x12\x1f\n" +
 	"\vvocab_begin\x18\a \x01(\x05R\n" +
 	"vocabBegin\x12\x1b\n" +
-	"\tvocab_end\x18\b \x01(\x05R\bvocabEnd\"\xe5\x01\n" +
+	"\tvocab_end\x18\b \x01(\x05R\bvocabEnd\"\x84\x02\n" +
 	"\fStepResponse\x12\x17\n" +
 	"\astep_id\x18\x01 \x01(\x04R\x06stepId\x128\n" +
 	"\aresults\x18\x02 \x03(\v2\x1e.qwenfleet.worker.v1.SeqResultR\aresults\x12\x1d\n" +
@@ -1421,7 +1708,9 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\btotal_ms\x18\x04 \x01(\x01R\atotalMs\x12\x16\n" +
 	"\x06tokens\x18\x05 \x01(\x05R\x06tokens\x12\x17\n" +
 	"\acomm_ms\x18\x06 \x01(\x01R\x06commMs\x12\x17\n" +
-	"\await_ms\x18\a \x01(\x01R\x06waitMs\"\x9f\x01\n" +
+	"\await_ms\x18\a \x01(\x01R\x06waitMs\x12\x1d\n" +
+	"\n" +
+	"sent_bytes\x18\b \x01(\x03R\tsentBytes\"\x9f\x01\n" +
 	"\x0fExchangeRequest\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x17\n" +
 	"\astep_id\x18\x02 \x01(\x04R\x06stepId\x12\x12\n" +
@@ -1436,7 +1725,22 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\rHealthRequest\"<\n" +
 	"\x0eHealthResponse\x12\x14\n" +
 	"\x05ready\x18\x01 \x01(\bR\x05ready\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state2\xc8\x04\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\"\x85\x01\n" +
+	"\x11SetExpertsRequest\x12-\n" +
+	"\x12assignment_version\x18\x01 \x01(\x03R\x11assignmentVersion\x12'\n" +
+	"\x0fexperts_version\x18\x02 \x01(\x03R\x0eexpertsVersion\x12\x18\n" +
+	"\aexperts\x18\x03 \x03(\x05R\aexperts\"h\n" +
+	"\x12SetExpertsResponse\x12\x16\n" +
+	"\x06loaded\x18\x01 \x01(\x05R\x06loaded\x12!\n" +
+	"\fweight_bytes\x18\x02 \x01(\x03R\vweightBytes\x12\x17\n" +
+	"\aload_ms\x18\x03 \x01(\x01R\x06loadMs\"\x13\n" +
+	"\x11ExpertLoadRequest\"\xaa\x01\n" +
+	"\x12ExpertLoadResponse\x12!\n" +
+	"\flayers_begin\x18\x01 \x01(\x05R\vlayersBegin\x12\x16\n" +
+	"\x06layers\x18\x02 \x01(\x05R\x06layers\x12\x18\n" +
+	"\aexperts\x18\x03 \x01(\x05R\aexperts\x12\x16\n" +
+	"\x06counts\x18\x04 \x03(\x03R\x06counts\x12'\n" +
+	"\x0fexperts_version\x18\x05 \x01(\x03R\x0eexpertsVersion2\x86\x06\n" +
 	"\x06Worker\x12K\n" +
 	"\x04Info\x12 .qwenfleet.worker.v1.InfoRequest\x1a!.qwenfleet.worker.v1.InfoResponse\x12M\n" +
 	"\x04Load\x12 .qwenfleet.worker.v1.LoadRequest\x1a!.qwenfleet.worker.v1.LoadProgress0\x01\x12Q\n" +
@@ -1444,7 +1748,11 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x04Step\x12 .qwenfleet.worker.v1.StepRequest\x1a!.qwenfleet.worker.v1.StepResponse\x12T\n" +
 	"\aRelease\x12#.qwenfleet.worker.v1.ReleaseRequest\x1a$.qwenfleet.worker.v1.ReleaseResponse\x12Q\n" +
 	"\x06Health\x12\".qwenfleet.worker.v1.HealthRequest\x1a#.qwenfleet.worker.v1.HealthResponse\x12Y\n" +
-	"\bExchange\x12$.qwenfleet.worker.v1.ExchangeRequest\x1a%.qwenfleet.worker.v1.ExchangeResponse(\x01B9Z7github.com/qwenfleet/qwenfleet/proto/worker/v1;workerv1b\x06proto3"
+	"\bExchange\x12$.qwenfleet.worker.v1.ExchangeRequest\x1a%.qwenfleet.worker.v1.ExchangeResponse(\x01\x12]\n" +
+	"\n" +
+	"SetExperts\x12&.qwenfleet.worker.v1.SetExpertsRequest\x1a'.qwenfleet.worker.v1.SetExpertsResponse\x12]\n" +
+	"\n" +
+	"ExpertLoad\x12&.qwenfleet.worker.v1.ExpertLoadRequest\x1a'.qwenfleet.worker.v1.ExpertLoadResponseB9Z7github.com/qwenfleet/qwenfleet/proto/worker/v1;workerv1b\x06proto3"
 
 var (
 	file_worker_v1_worker_proto_rawDescOnce sync.Once
@@ -1458,26 +1766,30 @@ func file_worker_v1_worker_proto_rawDescGZIP() []byte {
 	return file_worker_v1_worker_proto_rawDescData
 }
 
-var file_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_worker_v1_worker_proto_goTypes = []any{
-	(*InfoRequest)(nil),      // 0: qwenfleet.worker.v1.InfoRequest
-	(*InfoResponse)(nil),     // 1: qwenfleet.worker.v1.InfoResponse
-	(*Assignment)(nil),       // 2: qwenfleet.worker.v1.Assignment
-	(*LoadRequest)(nil),      // 3: qwenfleet.worker.v1.LoadRequest
-	(*LoadProgress)(nil),     // 4: qwenfleet.worker.v1.LoadProgress
-	(*WarmupRequest)(nil),    // 5: qwenfleet.worker.v1.WarmupRequest
-	(*WarmupResponse)(nil),   // 6: qwenfleet.worker.v1.WarmupResponse
-	(*SeqStep)(nil),          // 7: qwenfleet.worker.v1.SeqStep
-	(*StepRequest)(nil),      // 8: qwenfleet.worker.v1.StepRequest
-	(*Candidate)(nil),        // 9: qwenfleet.worker.v1.Candidate
-	(*SeqResult)(nil),        // 10: qwenfleet.worker.v1.SeqResult
-	(*StepResponse)(nil),     // 11: qwenfleet.worker.v1.StepResponse
-	(*ExchangeRequest)(nil),  // 12: qwenfleet.worker.v1.ExchangeRequest
-	(*ExchangeResponse)(nil), // 13: qwenfleet.worker.v1.ExchangeResponse
-	(*ReleaseRequest)(nil),   // 14: qwenfleet.worker.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),  // 15: qwenfleet.worker.v1.ReleaseResponse
-	(*HealthRequest)(nil),    // 16: qwenfleet.worker.v1.HealthRequest
-	(*HealthResponse)(nil),   // 17: qwenfleet.worker.v1.HealthResponse
+	(*InfoRequest)(nil),        // 0: qwenfleet.worker.v1.InfoRequest
+	(*InfoResponse)(nil),       // 1: qwenfleet.worker.v1.InfoResponse
+	(*Assignment)(nil),         // 2: qwenfleet.worker.v1.Assignment
+	(*LoadRequest)(nil),        // 3: qwenfleet.worker.v1.LoadRequest
+	(*LoadProgress)(nil),       // 4: qwenfleet.worker.v1.LoadProgress
+	(*WarmupRequest)(nil),      // 5: qwenfleet.worker.v1.WarmupRequest
+	(*WarmupResponse)(nil),     // 6: qwenfleet.worker.v1.WarmupResponse
+	(*SeqStep)(nil),            // 7: qwenfleet.worker.v1.SeqStep
+	(*StepRequest)(nil),        // 8: qwenfleet.worker.v1.StepRequest
+	(*Candidate)(nil),          // 9: qwenfleet.worker.v1.Candidate
+	(*SeqResult)(nil),          // 10: qwenfleet.worker.v1.SeqResult
+	(*StepResponse)(nil),       // 11: qwenfleet.worker.v1.StepResponse
+	(*ExchangeRequest)(nil),    // 12: qwenfleet.worker.v1.ExchangeRequest
+	(*ExchangeResponse)(nil),   // 13: qwenfleet.worker.v1.ExchangeResponse
+	(*ReleaseRequest)(nil),     // 14: qwenfleet.worker.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),    // 15: qwenfleet.worker.v1.ReleaseResponse
+	(*HealthRequest)(nil),      // 16: qwenfleet.worker.v1.HealthRequest
+	(*HealthResponse)(nil),     // 17: qwenfleet.worker.v1.HealthResponse
+	(*SetExpertsRequest)(nil),  // 18: qwenfleet.worker.v1.SetExpertsRequest
+	(*SetExpertsResponse)(nil), // 19: qwenfleet.worker.v1.SetExpertsResponse
+	(*ExpertLoadRequest)(nil),  // 20: qwenfleet.worker.v1.ExpertLoadRequest
+	(*ExpertLoadResponse)(nil), // 21: qwenfleet.worker.v1.ExpertLoadResponse
 }
 var file_worker_v1_worker_proto_depIdxs = []int32{
 	2,  // 0: qwenfleet.worker.v1.LoadRequest.assignment:type_name -> qwenfleet.worker.v1.Assignment
@@ -1491,15 +1803,19 @@ var file_worker_v1_worker_proto_depIdxs = []int32{
 	14, // 8: qwenfleet.worker.v1.Worker.Release:input_type -> qwenfleet.worker.v1.ReleaseRequest
 	16, // 9: qwenfleet.worker.v1.Worker.Health:input_type -> qwenfleet.worker.v1.HealthRequest
 	12, // 10: qwenfleet.worker.v1.Worker.Exchange:input_type -> qwenfleet.worker.v1.ExchangeRequest
-	1,  // 11: qwenfleet.worker.v1.Worker.Info:output_type -> qwenfleet.worker.v1.InfoResponse
-	4,  // 12: qwenfleet.worker.v1.Worker.Load:output_type -> qwenfleet.worker.v1.LoadProgress
-	6,  // 13: qwenfleet.worker.v1.Worker.Warmup:output_type -> qwenfleet.worker.v1.WarmupResponse
-	11, // 14: qwenfleet.worker.v1.Worker.Step:output_type -> qwenfleet.worker.v1.StepResponse
-	15, // 15: qwenfleet.worker.v1.Worker.Release:output_type -> qwenfleet.worker.v1.ReleaseResponse
-	17, // 16: qwenfleet.worker.v1.Worker.Health:output_type -> qwenfleet.worker.v1.HealthResponse
-	13, // 17: qwenfleet.worker.v1.Worker.Exchange:output_type -> qwenfleet.worker.v1.ExchangeResponse
-	11, // [11:18] is the sub-list for method output_type
-	4,  // [4:11] is the sub-list for method input_type
+	18, // 11: qwenfleet.worker.v1.Worker.SetExperts:input_type -> qwenfleet.worker.v1.SetExpertsRequest
+	20, // 12: qwenfleet.worker.v1.Worker.ExpertLoad:input_type -> qwenfleet.worker.v1.ExpertLoadRequest
+	1,  // 13: qwenfleet.worker.v1.Worker.Info:output_type -> qwenfleet.worker.v1.InfoResponse
+	4,  // 14: qwenfleet.worker.v1.Worker.Load:output_type -> qwenfleet.worker.v1.LoadProgress
+	6,  // 15: qwenfleet.worker.v1.Worker.Warmup:output_type -> qwenfleet.worker.v1.WarmupResponse
+	11, // 16: qwenfleet.worker.v1.Worker.Step:output_type -> qwenfleet.worker.v1.StepResponse
+	15, // 17: qwenfleet.worker.v1.Worker.Release:output_type -> qwenfleet.worker.v1.ReleaseResponse
+	17, // 18: qwenfleet.worker.v1.Worker.Health:output_type -> qwenfleet.worker.v1.HealthResponse
+	13, // 19: qwenfleet.worker.v1.Worker.Exchange:output_type -> qwenfleet.worker.v1.ExchangeResponse
+	19, // 20: qwenfleet.worker.v1.Worker.SetExperts:output_type -> qwenfleet.worker.v1.SetExpertsResponse
+	21, // 21: qwenfleet.worker.v1.Worker.ExpertLoad:output_type -> qwenfleet.worker.v1.ExpertLoadResponse
+	13, // [13:22] is the sub-list for method output_type
+	4,  // [4:13] is the sub-list for method input_type
 	4,  // [4:4] is the sub-list for extension type_name
 	4,  // [4:4] is the sub-list for extension extendee
 	0,  // [0:4] is the sub-list for field type_name
@@ -1516,7 +1832,7 @@ func file_worker_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_worker_v1_worker_proto_rawDesc), len(file_worker_v1_worker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -23,13 +23,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Worker_Info_FullMethodName     = "/qwenfleet.worker.v1.Worker/Info"
-	Worker_Load_FullMethodName     = "/qwenfleet.worker.v1.Worker/Load"
-	Worker_Warmup_FullMethodName   = "/qwenfleet.worker.v1.Worker/Warmup"
-	Worker_Step_FullMethodName     = "/qwenfleet.worker.v1.Worker/Step"
-	Worker_Release_FullMethodName  = "/qwenfleet.worker.v1.Worker/Release"
-	Worker_Health_FullMethodName   = "/qwenfleet.worker.v1.Worker/Health"
-	Worker_Exchange_FullMethodName = "/qwenfleet.worker.v1.Worker/Exchange"
+	Worker_Info_FullMethodName       = "/qwenfleet.worker.v1.Worker/Info"
+	Worker_Load_FullMethodName       = "/qwenfleet.worker.v1.Worker/Load"
+	Worker_Warmup_FullMethodName     = "/qwenfleet.worker.v1.Worker/Warmup"
+	Worker_Step_FullMethodName       = "/qwenfleet.worker.v1.Worker/Step"
+	Worker_Release_FullMethodName    = "/qwenfleet.worker.v1.Worker/Release"
+	Worker_Health_FullMethodName     = "/qwenfleet.worker.v1.Worker/Health"
+	Worker_Exchange_FullMethodName   = "/qwenfleet.worker.v1.Worker/Exchange"
+	Worker_SetExperts_FullMethodName = "/qwenfleet.worker.v1.Worker/SetExperts"
+	Worker_ExpertLoad_FullMethodName = "/qwenfleet.worker.v1.Worker/ExpertLoad"
 )
 
 // WorkerClient is the client API for Worker service.
@@ -53,6 +55,13 @@ type WorkerClient interface {
 	// coordinator is not on this path.
 	// A worker keeps one stream open to each peer for its assignment.
 	Exchange(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ExchangeRequest, ExchangeResponse], error)
+	// SetExperts loads the routed experts a new expert placement gives this
+	// expert-parallel rank (keeping the old ones); the first step that names
+	// the new experts_version switches to it and frees what it no longer holds.
+	SetExperts(ctx context.Context, in *SetExpertsRequest, opts ...grpc.CallOption) (*SetExpertsResponse, error)
+	// ExpertLoad returns the tokens routed to each expert of this worker's
+	// layers since it loaded (counted by rank 0 of each stage).
+	ExpertLoad(ctx context.Context, in *ExpertLoadRequest, opts ...grpc.CallOption) (*ExpertLoadResponse, error)
 }
 
 type workerClient struct {
@@ -145,6 +154,26 @@ func (c *workerClient) Exchange(ctx context.Context, opts ...grpc.CallOption) (g
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Worker_ExchangeClient = grpc.ClientStreamingClient[ExchangeRequest, ExchangeResponse]
 
+func (c *workerClient) SetExperts(ctx context.Context, in *SetExpertsRequest, opts ...grpc.CallOption) (*SetExpertsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetExpertsResponse)
+	err := c.cc.Invoke(ctx, Worker_SetExperts_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *workerClient) ExpertLoad(ctx context.Context, in *ExpertLoadRequest, opts ...grpc.CallOption) (*ExpertLoadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExpertLoadResponse)
+	err := c.cc.Invoke(ctx, Worker_ExpertLoad_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // WorkerServer is the server API for Worker service.
 // All implementations must embed UnimplementedWorkerServer
 // for forward compatibility.
@@ -166,6 +195,13 @@ type WorkerServer interface {
 	// coordinator is not on this path.
 	// A worker keeps one stream open to each peer for its assignment.
 	Exchange(grpc.ClientStreamingServer[ExchangeRequest, ExchangeResponse]) error
+	// SetExperts loads the routed experts a new expert placement gives this
+	// expert-parallel rank (keeping the old ones); the first step that names
+	// the new experts_version switches to it and frees what it no longer holds.
+	SetExperts(context.Context, *SetExpertsRequest) (*SetExpertsResponse, error)
+	// ExpertLoad returns the tokens routed to each expert of this worker's
+	// layers since it loaded (counted by rank 0 of each stage).
+	ExpertLoad(context.Context, *ExpertLoadRequest) (*ExpertLoadResponse, error)
 	mustEmbedUnimplementedWorkerServer()
 }
 
@@ -196,6 +232,12 @@ func (UnimplementedWorkerServer) Health(context.Context, *HealthRequest) (*Healt
 }
 func (UnimplementedWorkerServer) Exchange(grpc.ClientStreamingServer[ExchangeRequest, ExchangeResponse]) error {
 	return status.Error(codes.Unimplemented, "method Exchange not implemented")
+}
+func (UnimplementedWorkerServer) SetExperts(context.Context, *SetExpertsRequest) (*SetExpertsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetExperts not implemented")
+}
+func (UnimplementedWorkerServer) ExpertLoad(context.Context, *ExpertLoadRequest) (*ExpertLoadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ExpertLoad not implemented")
 }
 func (UnimplementedWorkerServer) mustEmbedUnimplementedWorkerServer() {}
 func (UnimplementedWorkerServer) testEmbeddedByValue()                {}
@@ -326,6 +368,42 @@ func _Worker_Exchange_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Worker_ExchangeServer = grpc.ClientStreamingServer[ExchangeRequest, ExchangeResponse]
 
+func _Worker_SetExperts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetExpertsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(WorkerServer).SetExperts(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Worker_SetExperts_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(WorkerServer).SetExperts(ctx, req.(*SetExpertsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Worker_ExpertLoad_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExpertLoadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(WorkerServer).ExpertLoad(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Worker_ExpertLoad_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(WorkerServer).ExpertLoad(ctx, req.(*ExpertLoadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Worker_ServiceDesc is the grpc.ServiceDesc for Worker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -352,6 +430,14 @@ var Worker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Health",
 			Handler:    _Worker_Health_Handler,
+		},
+		{
+			MethodName: "SetExperts",
+			Handler:    _Worker_SetExperts_Handler,
+		},
+		{
+			MethodName: "ExpertLoad",
+			Handler:    _Worker_ExpertLoad_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
