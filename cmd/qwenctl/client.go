@@ -320,7 +320,11 @@ func runStatus(args []string) error {
 	if p := info.Placement; p != nil {
 		fmt.Printf("placement v%d of %s:\n", p.Version, p.Model)
 		for _, r := range p.Replicas {
-			fmt.Printf("  replica %d: tp=%d pp=%d, workers %s\n", r.Index, max(r.Tp, 1), max(r.Pp, 1), strings.Join(r.Workers, ","))
+			ep := ""
+			if r.Ep > 1 {
+				ep = fmt.Sprintf(" ep=%d", r.Ep)
+			}
+			fmt.Printf("  replica %d: tp=%d pp=%d%s, workers %s\n", r.Index, max(r.Tp, 1), max(r.Pp, 1), ep, strings.Join(r.Workers, ","))
 			for _, st := range r.Stages {
 				fmt.Printf("    stage %d: layers [%d, %d) on %s\n", st.Index, st.LayersBegin, st.LayersEnd, strings.Join(st.Workers, ","))
 			}

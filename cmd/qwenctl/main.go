@@ -39,6 +39,7 @@ var commands = []command{
 	{"status", "a cluster's workers, placement and health", runStatus},
 	{"bench", "load-test a cluster: throughput, TTFT, TPOT, ITL, latency (like vllm bench serve)", runBench},
 	{"plan", "plan replicas, pipeline stages and TP ranks for a model on N workers", runPlan},
+	{"experts", "expert load per rank of a MoE cluster's expert-parallel replicas; --rebalance re-places the experts", runExperts},
 }
 
 func usage(w io.Writer) {

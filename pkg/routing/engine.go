@@ -68,6 +68,8 @@ type StepResult struct {
 	// Comm is the time the step's workers spent in all-reduces and passing
 	// hidden states between stages (the slowest worker's).
 	Comm time.Duration
+	// SentBytes is what the step's workers sent each other.
+	SentBytes int64
 }
 
 // Executor runs steps: a worker group behind gRPC, or a model in-process.
@@ -228,6 +230,9 @@ type Stats struct {
 	Comm time.Duration
 	// StepTime is the total wall time of steps.
 	StepTime time.Duration
+	// SentBytes is the total the workers sent each other; StepTokens the
+	// tokens steps computed (prompt chunks and decodes).
+	SentBytes, StepTokens int64
 }
 
 // Engine runs the continuous-batching loop of one replica. Safe for
@@ -247,6 +252,8 @@ type Engine struct {
 	lastStep atomic.Int64
 	commNs   atomic.Int64
 	stepNs   atomic.Int64
+	sent     atomic.Int64
+	stepToks atomic.Int64
 	depth    int
 	nextID   uint64
 	// OnStepError, when set, is called (outside the lock) after a failed
@@ -407,7 +414,7 @@ func (e *Engine) Stats() Stats {
 	return Stats{Running: r, Waiting: w, BlocksTotal: bm.NumFree() + bm.NumUsed(), BlocksFree: bm.NumFree(),
 		BlockSize: bm.BlockSize(), Preemptions: e.sched.Preemptions(), Steps: e.steps.Load(), Tokens: e.tokens.Load(),
 		StepErrors: e.errs.Load(), LastStep: time.Duration(e.lastStep.Load()), Comm: time.Duration(e.commNs.Load()),
-		StepTime: time.Duration(e.stepNs.Load())}
+		StepTime: time.Duration(e.stepNs.Load()), SentBytes: e.sent.Load(), StepTokens: e.stepToks.Load()}
 }
 
 // Load is the number of sequences here (for routing).
@@ -535,6 +542,12 @@ func (e *Engine) Run(ctx context.Context) {
 		e.steps.Add(1)
 		e.commNs.Add(int64(d.res.Comm))
 		e.stepNs.Add(int64(d.took))
+		e.sent.Add(d.res.SentBytes)
+		toks := 0
+		for _, s := range d.batch.Seqs {
+			toks += len(s.Tokens)
+		}
+		e.stepToks.Add(int64(toks))
 		e.apply(d.plan, d.res)
 		ended := e.ended
 		e.ended = nil

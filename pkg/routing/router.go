@@ -188,6 +188,8 @@ func (r *Router) Stats() Stats {
 		s.StepErrors += x.StepErrors
 		s.Comm += x.Comm
 		s.StepTime += x.StepTime
+		s.SentBytes += x.SentBytes
+		s.StepTokens += x.StepTokens
 	}
 	s.Waiting += waiting
 	return s

@@ -515,7 +515,8 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 	st := c.router.Stats()
 	info.Scheduler = &pb.SchedulerStats{Running: int32(st.Running), Waiting: int32(st.Waiting), KvBlocksTotal: int32(st.BlocksTotal),
 		KvBlocksFree: int32(st.BlocksFree), KvBlockSize: int32(st.BlockSize), Preemptions: st.Preemptions, Steps: st.Steps, GeneratedTokens: st.Tokens,
-		StepSeconds: st.StepTime.Seconds(), CommSeconds: st.Comm.Seconds()}
+		StepSeconds: st.StepTime.Seconds(), CommSeconds: st.Comm.Seconds(),
+		ExchangeBytes: st.SentBytes, StepTokens: st.StepTokens}
 	switch {
 	case !info.Leader:
 		info.NotReadyReason = "standby coordinator (leader: " + info.LeaderAddress + ")"

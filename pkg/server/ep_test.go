@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -35,6 +36,95 @@ func TestExpertParallel(t *testing.T) {
 				}
 				checkServed(t, c, ref, prompts, want)
 			})
+		}
+	}
+}
+
+// skewedPrompts are prompts made of a few token ids, so that a few experts
+// of each layer take most of the routed tokens.
+func skewedPrompts(n, length int) [][]int32 {
+	hot := []int32{11, 12, 13}
+	out := make([][]int32, n)
+	for i := range out {
+		for j := 0; j < length; j++ {
+			out[i] = append(out[i], hot[(i+j)%len(hot)])
+		}
+	}
+	return out
+}
+
+func expertLoad(t *testing.T, c *clusterT, rebalance bool) *pb.ExpertLoadResponse_Replica {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	resp, err := c.client.ExpertLoad(ctx, &pb.ExpertLoadRequest{Rebalance: rebalance})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Replicas) != 1 {
+		t.Fatalf("%d expert-parallel replicas", len(resp.Replicas))
+	}
+	return resp.Replicas[0]
+}
+
+// TestExpertRebalance runs a skewed workload on an ep=4 replica of the
+// 64-expert model, re-places the experts from its load while requests are
+// running (one spare slot per rank for replicas of hot experts), and
+// checks that no output token changes and that the same workload then
+// falls more evenly on the ranks.
+func TestExpertRebalance(t *testing.T) {
+	dir := refDir("moe-64x8")
+	c := startCluster(t, dir, "--ep", "4", "--tp", "1", "--local-workers", "4", "--worker-threads", "1", "--redundant-experts", "1")
+	skewed := skewedPrompts(4, 120)
+	for _, p := range skewed {
+		mustGenerate(t, c.client, idsReq(p, 4))
+	}
+	before := expertLoad(t, c, false)
+	if before.Tokens == 0 || before.ExpertsVersion != 1 {
+		t.Fatalf("before: %v", before)
+	}
+	ps := testPrompts(4, 512)
+	alone := make([][]int32, len(ps))
+	for i, p := range ps {
+		alone[i] = mustGenerate(t, c.client, idsReq(p, 200)).ids
+	}
+	var moved *pb.ExpertLoadResponse_Replica
+	got := generateAround(t, c.client, ps, 200, func() {
+		if schedulerStats(t, c.client).Running < 2 {
+			t.Error("fewer than 2 requests running during the rebalance")
+		}
+		// The counts now include the unskewed requests too.
+		moved = expertLoad(t, c, true)
+	})
+	for i := range ps {
+		if !slices.Equal(got[i], alone[i]) {
+			t.Fatalf("request %d across the rebalance: %v, before it %v", i, got[i], alone[i])
+		}
+	}
+	if moved.ExpertsVersion != 2 || moved.Slots != 17 || moved.ImbalanceAfter >= moved.Imbalance {
+		t.Fatalf("rebalance: %v", moved)
+	}
+	var read int32
+	for _, n := range moved.Loaded {
+		read += n
+	}
+	if read == 0 {
+		t.Fatal("no worker read an expert")
+	}
+	// The same skewed workload on the new placement.
+	for _, p := range skewed {
+		mustGenerate(t, c.client, idsReq(p, 4))
+	}
+	after := expertLoad(t, c, false)
+	if after.ExpertsVersion != 2 || after.Tokens == 0 || after.Imbalance >= before.Imbalance {
+		t.Fatalf("skewed workload: imbalance %.3f before, %.3f after the rebalance", before.Imbalance, after.Imbalance)
+	}
+	t.Logf("skewed workload: imbalance (max/mean tokens per rank) %.3f before, %.3f after; rebalance predicted %.3f → %.3f; experts read %v",
+		before.Imbalance, after.Imbalance, moved.Imbalance, moved.ImbalanceAfter, moved.Loaded)
+	// Tokens still match after the old experts are gone.
+	for i, p := range ps[:2] {
+		if g := mustGenerate(t, c.client, idsReq(p, 200)).ids; !slices.Equal(g, alone[i]) {
+			t.Fatalf("request %d after the rebalance: %v, before %v", i, g, alone[i])
 		}
 	}
 }

@@ -590,9 +590,8 @@ type replicaExecutor struct {
 	gen       int64
 	ranks, pp int // ranks per stage, stages
 	// comm is the total time workers reported in all-reduces and stage
-	// transfers (nanoseconds), over steps; sent the bytes they sent each
-	// other, tokens the tokens stepped.
-	comm, steps, sent, tokens atomic.Int64
+	// transfers (nanoseconds), over steps.
+	comm, steps atomic.Int64
 	maxID                     atomic.Uint64 // the highest step id sent
 
 	// Expert placement of steps: steps with ids above switchAfter use
@@ -684,12 +683,10 @@ func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*rout
 		comm = max(comm, r.CommMs)
 		sent += r.SentBytes
 	}
-	g.sent.Add(sent)
-	g.tokens.Add(int64(last[0].Tokens))
 	g.comm.Add(int64(comm * 1e6))
 	g.steps.Add(1)
 	out := &routing.StepResult{Seqs: make([]routing.SeqResult, len(b.Seqs)), Forward: time.Duration(last[0].ForwardMs * float64(time.Millisecond)),
-		Comm: time.Duration(comm * float64(time.Millisecond))}
+		Comm: time.Duration(comm * float64(time.Millisecond)), SentBytes: sent}
 	parts := make([]routing.SeqResult, len(last))
 	for i, s := range b.Seqs {
 		for j, r := range last {

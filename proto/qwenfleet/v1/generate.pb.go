@@ -1565,8 +1565,12 @@ type SchedulerStats struct {
 	GeneratedTokens int64                  `protobuf:"varint,8,opt,name=generated_tokens,json=generatedTokens,proto3" json:"generated_tokens,omitempty"`
 	// Totals over steps: wall time of steps, and the part workers spent in
 	// all-reduces and passing hidden states between pipeline stages.
-	StepSeconds   float64 `protobuf:"fixed64,9,opt,name=step_seconds,json=stepSeconds,proto3" json:"step_seconds,omitempty"`
-	CommSeconds   float64 `protobuf:"fixed64,10,opt,name=comm_seconds,json=commSeconds,proto3" json:"comm_seconds,omitempty"`
+	StepSeconds float64 `protobuf:"fixed64,9,opt,name=step_seconds,json=stepSeconds,proto3" json:"step_seconds,omitempty"`
+	CommSeconds float64 `protobuf:"fixed64,10,opt,name=comm_seconds,json=commSeconds,proto3" json:"comm_seconds,omitempty"`
+	// Bytes the workers sent each other (all-reduce and all-to-all parts,
+	// hidden states) and the tokens the steps computed (prompt and decode).
+	ExchangeBytes int64 `protobuf:"varint,11,opt,name=exchange_bytes,json=exchangeBytes,proto3" json:"exchange_bytes,omitempty"`
+	StepTokens    int64 `protobuf:"varint,12,opt,name=step_tokens,json=stepTokens,proto3" json:"step_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1667,6 +1671,20 @@ func (x *SchedulerStats) GetStepSeconds() float64 {
 func (x *SchedulerStats) GetCommSeconds() float64 {
 	if x != nil {
 		return x.CommSeconds
+	}
+	return 0
+}
+
+func (x *SchedulerStats) GetExchangeBytes() int64 {
+	if x != nil {
+		return x.ExchangeBytes
+	}
+	return 0
+}
+
+func (x *SchedulerStats) GetStepTokens() int64 {
+	if x != nil {
+		return x.StepTokens
 	}
 	return 0
 }
@@ -2428,7 +2446,7 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\flayers_begin\x18\x02 \x01(\x05R\vlayersBegin\x12\x1d\n" +
 	"\n" +
 	"layers_end\x18\x03 \x01(\x05R\tlayersEnd\x12\x18\n" +
-	"\aworkers\x18\x04 \x03(\tR\aworkers\"\xdf\x02\n" +
+	"\aworkers\x18\x04 \x03(\tR\aworkers\"\xa7\x03\n" +
 	"\x0eSchedulerStats\x12\x18\n" +
 	"\arunning\x18\x01 \x01(\x05R\arunning\x12\x18\n" +
 	"\awaiting\x18\x02 \x01(\x05R\awaiting\x12&\n" +
@@ -2440,7 +2458,10 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\x10generated_tokens\x18\b \x01(\x03R\x0fgeneratedTokens\x12!\n" +
 	"\fstep_seconds\x18\t \x01(\x01R\vstepSeconds\x12!\n" +
 	"\fcomm_seconds\x18\n" +
-	" \x01(\x01R\vcommSeconds\"\xc3\x03\n" +
+	" \x01(\x01R\vcommSeconds\x12%\n" +
+	"\x0eexchange_bytes\x18\v \x01(\x03R\rexchangeBytes\x12\x1f\n" +
+	"\vstep_tokens\x18\f \x01(\x03R\n" +
+	"stepTokens\"\xc3\x03\n" +
 	"\n" +
 	"ServerInfo\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12%\n" +
