@@ -592,7 +592,7 @@ type replicaExecutor struct {
 	// comm is the total time workers reported in all-reduces and stage
 	// transfers (nanoseconds), over steps.
 	comm, steps atomic.Int64
-	maxID                     atomic.Uint64 // the highest step id sent
+	maxID       atomic.Uint64 // the highest step id sent
 
 	// Expert placement of steps: steps with ids above switchAfter use
 	// expVersion, earlier ones prevVersion (workers run steps in id order,
