@@ -570,7 +570,7 @@ func (m *Model) reduceStage(x kernels.Tensor, touched []bool, c Comm) (kernels.T
 	shape := x.Shape()
 	f := m.b.ToFloat32(x)
 	m.b.Free(x)
-	if err := stageAllReduce(c.(StageComm), m.sh.EPRank, m.sh.EPSize, f, shape[1], touched); err != nil {
+	if err := c.(StageComm).ReduceStage(f, shape[1], touched); err != nil {
 		return nil, fmt.Errorf("expert-parallel all-reduce: %w", err)
 	}
 	return m.b.FromFloat32(shape, f), nil

@@ -3,7 +3,6 @@ package model
 import (
 	"errors"
 	"fmt"
-	"math"
 	"slices"
 	"sync"
 )
@@ -32,8 +31,9 @@ import (
 // state. Everything else is split over all EPSize ranks: each rank holds
 // whole routed experts (Experts says which, contiguous blocks by default),
 // the shared expert, dense MLPs and the vocabulary are sliced EPSize ways,
-// and their partial sums are added over the stage with StageComm.AllToAll
-// (a reduce-scatter to each row's home rank, then an all-gather).
+// and their partial sums are added over the stage by StageComm.ReduceStage
+// (pkg/expertparallel: a reduce-scatter to each row's home rank, then an
+// all-gather, as two all-to-alls).
 //
 // The first stage holds the embedding, the last the final norm and the LM
 // head (the embedding again when tied). The zero Shard is the whole model.
@@ -68,13 +68,23 @@ type Comm interface {
 	AllReduce(x []float32) error
 }
 
-// StageComm is the Comm of an expert-parallel shard: it also exchanges
-// with every rank of the stage.
+// StageComm is the Comm of an expert-parallel shard: it also adds partial
+// sums over every rank of the stage (pkg/expertparallel's Stage is one).
 type StageComm interface {
 	Comm
+	// ReduceStage replaces x, [T, width] partial sums held by every rank
+	// of the stage, by their sum, the same bits on every rank. Rows not
+	// marked in touched (nil: all) are zero on this rank and need not
+	// travel from it.
+	ReduceStage(x []float32, width int, touched []bool) error
+}
+
+// Exchanger is an in-process transport of LocalExchangers: an all-reduce
+// over the rank's attention group and an all-to-all over the stage.
+type Exchanger interface {
+	Comm
 	// AllToAll sends send[j] to stage rank j and returns recv, recv[j]
-	// being what rank j sent to this one (recv[own] is send[own]). Parts
-	// may be empty and of any length.
+	// being what rank j sent to this one (recv[own] is send[own]).
 	AllToAll(send [][]float32) ([][]float32, error)
 }
 
@@ -250,100 +260,27 @@ func (s Shard) rowsOf(n int) span {
 	return span{r * n / g, (r + 1) * n / g}
 }
 
-// stageAllReduce adds x, [T, H] partial sums of the n ranks of an
-// expert-parallel stage, over the stage with two all-to-alls: each rank
-// sends the rows it holds a part of (touched; nil: all) to their home rank
-// (rows [h·T/n, (h+1)·T/n) are rank h's), the home adds the parts in rank
-// order, and sends its rows to every rank. Every rank ends with the same
-// bits. A part is [k, k row indices (as int32 bits), k·H values].
-func stageAllReduce(c StageComm, rank, n int, x []float32, H int, touched []bool) error {
-	T := len(x) / H
-	home := func(h int) (lo, hi int) { return h * T / n, (h + 1) * T / n }
-	send := make([][]float32, n)
-	for h := range send {
-		lo, hi := home(h)
-		var idx []int
-		for r := lo; r < hi; r++ {
-			if touched == nil || touched[r] {
-				idx = append(idx, r)
-			}
-		}
-		part := make([]float32, 1+len(idx)+len(idx)*H)
-		part[0] = math.Float32frombits(uint32(len(idx)))
-		for i, r := range idx {
-			part[1+i] = math.Float32frombits(uint32(r))
-			copy(part[1+len(idx)+i*H:], x[r*H:(r+1)*H])
-		}
-		send[h] = part
-	}
-	recv, err := c.AllToAll(send)
-	if err != nil {
-		return err
-	}
-	if len(recv) != n {
-		return fmt.Errorf("all-to-all returned %d parts for %d ranks", len(recv), n)
-	}
-	lo, hi := home(rank)
-	sum := make([]float32, (hi-lo)*H)
-	for from, part := range recv { // rank order
-		if len(part) < 1 {
-			return fmt.Errorf("rank %d sent an empty part", from)
-		}
-		k := int(math.Float32bits(part[0]))
-		if k > hi-lo || len(part) != 1+k+k*H {
-			return fmt.Errorf("rank %d sent %d values for %d rows of width %d", from, len(part), k, H)
-		}
-		for i := 0; i < k; i++ {
-			r := int(math.Float32bits(part[1+i]))
-			if r < lo || r >= hi {
-				return fmt.Errorf("rank %d sent row %d, outside [%d, %d)", from, r, lo, hi)
-			}
-			dst := sum[(r-lo)*H : (r-lo+1)*H]
-			for j, v := range part[1+k+i*H : 1+k+(i+1)*H] {
-				dst[j] += v
-			}
-		}
-	}
-	for h := range send {
-		send[h] = sum
-	}
-	if recv, err = c.AllToAll(send); err != nil {
-		return err
-	}
-	if len(recv) != n {
-		return fmt.Errorf("all-to-all returned %d parts for %d ranks", len(recv), n)
-	}
-	for h, part := range recv {
-		lo, hi := home(h)
-		if len(part) != (hi-lo)*H {
-			return fmt.Errorf("rank %d sent %d summed values for %d rows of width %d", h, len(part), hi-lo, H)
-		}
-		copy(x[lo*H:hi*H], part)
-	}
-	return nil
-}
-
 // LocalComms returns n Comms of one in-process tensor-parallel group (rank
 // i uses the i-th), for tests and single-process tensor parallelism. They
 // are reusable across steps: every rank must make the same calls.
 func LocalComms(n int) []Comm {
 	out := make([]Comm, n)
-	for i, c := range LocalStageComms(n, n) {
+	for i, c := range LocalExchangers(n, n) {
 		out[i] = c
 	}
 	return out
 }
 
-// LocalStageComms returns the StageComms of an in-process expert-parallel
-// stage of n ranks whose AllReduce sums over groups of tp consecutive
-// ranks.
-func LocalStageComms(n, tp int) []StageComm {
+// LocalExchangers returns the transports of an in-process stage of n ranks
+// whose AllReduce sums over groups of tp consecutive ranks (wrap them in
+// expertparallel.Stage for an expert-parallel shard).
+func LocalExchangers(n, tp int) []Exchanger {
 	g := &localGroup{n: n, box: make([][][]float32, n)}
 	for i := range g.box {
 		g.box[i] = make([][]float32, n)
 	}
 	g.cond = sync.NewCond(&g.mu)
-	out := make([]StageComm, n)
+	out := make([]Exchanger, n)
 	for i := range out {
 		out[i] = &localComm{g: g, rank: i, tp: tp}
 	}

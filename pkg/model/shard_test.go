@@ -7,6 +7,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/qwenfleet/qwenfleet/pkg/expertparallel"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/kvcache"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
@@ -97,8 +98,8 @@ func newLayout(t *testing.T, c *refCase, l layout, blocks int, em model.ExpertMa
 		comms := model.LocalComms(tp)
 		if l.ep > 1 {
 			comms = comms[:0]
-			for _, c := range model.LocalStageComms(l.ep, tp) {
-				comms = append(comms, c)
+			for r, x := range model.LocalExchangers(l.ep, tp) {
+				comms = append(comms, &expertparallel.Stage{Exchanger: x, Rank: r, Size: l.ep})
 			}
 		}
 		g.comms = append(g.comms, comms)

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/qwenfleet/qwenfleet/pkg/expertparallel"
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
 )
@@ -168,6 +169,7 @@ type peers struct {
 	rank   int     // in the stage
 	tp     []*peer // the stage's ranks; nil at rank
 	group  int     // all-reduces sum over ranks [rank-rank%group, +group) (the attention TP group)
+	ep     int     // expert-parallel ranks of the stage (0: none)
 	next   *peer   // nil on the last stage
 	conns  []*grpc.ClientConn
 	cancel context.CancelFunc // ends the streams
@@ -210,7 +212,7 @@ func dialPeers(a *workerv1.Assignment) (*peers, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &peers{rank: int(a.TpRank), tp: make([]*peer, len(a.TpPeers)), group: len(a.TpPeers), cancel: cancel}
 	if a.EpSize > 1 {
-		p.rank, p.group = int(a.EpRank), int(max(a.TpSize, 1))
+		p.rank, p.group, p.ep = int(a.EpRank), int(max(a.TpSize, 1)), int(a.EpSize)
 	}
 	dial := func(addr string) (*peer, error) {
 		c, err := grpc.NewClient(addr, append(PeerDialOptions(),
@@ -387,6 +389,17 @@ func (l *stepLink) AllToAll(send [][]float32) ([][]float32, error) {
 		return nil, first
 	}
 	return recv, nil
+}
+
+// stageLink is the link of an expert-parallel rank: its stage-wide sums
+// are expertparallel's combine over the link's all-to-all.
+type stageLink struct {
+	*stepLink
+	st *expertparallel.Stage
+}
+
+func (l *stageLink) ReduceStage(x []float32, width int, touched []bool) error {
+	return l.st.ReduceStage(x, width, touched)
 }
 
 func (l *stepLink) RecvHidden() ([]float32, error) {

@@ -392,6 +392,9 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	if prs != nil {
 		link = &stepLink{ctx: ctx, box: &w.box, p: prs, version: version, step: req.StepId, m: w.metrics}
 		sl = link
+		if prs.ep > 1 {
+			sl = &stageLink{stepLink: link, st: &expertparallel.Stage{Exchanger: link, Rank: prs.rank, Size: prs.ep}}
+		}
 	}
 	res, err := exec.StepExperts(ctx, b, sl, em)
 	if err == nil && newTable != nil {
