@@ -2,7 +2,8 @@
 // the ranks of an expert-parallel pipeline stage, measures how evenly the
 // routed tokens load those ranks, and moves and replicates experts to even
 // the load out, in the manner of DeepSeek's EPLB and vLLM's EPLB. It is
-// pure and deterministic: no I/O, no clock, no gRPC or etcd. The
+// pure and deterministic: no I/O, no clock, no gRPC or etcd (the combine
+// runs over an Exchanger the caller provides). The
 // coordinator owns the Table of each stage; a worker's model reads it
 // through pkg/model's ExpertMap interface (Holds, Owner), which *Table
 // satisfies without this package importing pkg/model.
@@ -64,7 +65,10 @@
 //     which add them (a reduce-scatter), and the summed rows are
 //     all-gathered, so every rank again holds the whole layer output for
 //     the next layer. The bytes are those of an all-reduce of the layer
-//     output, however many experts each token picks.
+//     output, however many experts each token picks. Stage.ReduceStage
+//     does this over an Exchanger (the workers' Exchange streams, or
+//     model.LocalExchangers in one process); rows a rank holds no part of
+//     do not travel from it.
 //
 // Every expert use is computed by exactly one rank, so all ranks of a
 // stage must use the same Table in a step. The block waits for its
