@@ -22,6 +22,8 @@ func runPlan(args []string) error {
 	backend := fs.String("backend", "cuda", "the workers' backend: cuda or cpu")
 	tp := fs.Int("tp", 0, "force the tensor-parallel degree (0: the planner chooses)")
 	pp := fs.Int("pp", 0, "force the pipeline-parallel degree (0: the planner chooses)")
+	ep := fs.Int("ep", 0, "force the expert-parallel ranks per stage of a MoE model (0: the planner chooses, 1: none)")
+	redundant := fs.Int("redundant-experts", 0, "extra expert slots per rank per MoE layer, for the expert load balancer (needs expert parallelism)")
 	kvTokens := fs.Int("kv-tokens", 0, "KV cache each replica must hold, in tokens (0: the model's max context)")
 	asJSON := fs.Bool("json", false, "print the plan as JSON")
 	if err := parse(fs, args); err != nil {
@@ -73,14 +75,17 @@ func runPlan(args []string) error {
 	for _, f := range []struct {
 		name string
 		v    int
-	}{{"tp", *tp}, {"pp", *pp}, {"kv-tokens", *kvTokens}} {
+	}{{"tp", *tp}, {"pp", *pp}, {"ep", *ep}, {"kv-tokens", *kvTokens}} {
 		if f.v < 0 {
 			return usagef("--%s: must be >= 0 (0: the planner chooses), got %d", f.name, f.v)
 		}
 	}
+	if *redundant < 0 {
+		return usagef("--redundant-experts: must be >= 0, got %d", *redundant)
+	}
 
 	plan, err := placement.New(cfg, spreadWorkers(*workers, *hosts, memBytes, *backend), placement.Options{
-		Model: label, TP: *tp, PP: *pp, KVCacheTokens: *kvTokens,
+		Model: label, TP: *tp, PP: *pp, EP: *ep, RedundantExperts: *redundant, KVCacheTokens: *kvTokens,
 	})
 	if err != nil {
 		return err

@@ -36,6 +36,26 @@ func TestPlan(t *testing.T) {
 		t.Fatalf("plan %+v", p)
 	}
 
+	// Expert parallelism: --ep and --redundant-experts reach the planner.
+	stdout, stderr, code = qwenctl(t, "plan", "--preset", "qwen2-57b-a14b", "--workers", "8", "--mem", "80GiB",
+		"--ep", "8", "--redundant-experts", "1", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	p = placement.Plan{}
+	if err := json.Unmarshal([]byte(stdout), &p); err != nil {
+		t.Fatalf("stdout %q: %v", stdout, err)
+	}
+	if p.EP != 8 || p.TP != 4 || len(p.Replicas) != 1 || len(p.Replicas[0].Stages[0].Ranks) != 8 ||
+		p.Replicas[0].Stages[0].Ranks[5].EPRank != 5 || p.Replicas[0].Stages[0].Ranks[5].TPRank != 1 ||
+		!strings.Contains(strings.Join(p.Explain, "\n"), "8 experts (+1 redundant) per rank per layer") {
+		t.Fatalf("plan %+v", p)
+	}
+	stdout, stderr, code = qwenctl(t, "plan", "--preset", "qwen2-57b-a14b", "--workers", "8", "--mem", "80GiB")
+	if code != 0 || !strings.HasPrefix(stdout, "qwen2-57b-a14b: ep=2 tp=2 x pp=1, 4 replicas") || !strings.Contains(stdout, "ep1/tp1:w1@host0") {
+		t.Fatalf("exit %d: %s%s", code, stdout, stderr)
+	}
+
 	dir := filepath.Join(t.TempDir(), "my-7b")
 	cfg, _ := model.Preset("qwen2-7b")
 	if err := os.Mkdir(dir, 0o755); err != nil {
@@ -65,6 +85,10 @@ func TestPlan(t *testing.T) {
 		{[]string{"--preset", "qwen2-7b", "--workers", "2", "--mem", "lots"}, 2, "--mem"},
 		{[]string{"--preset", "qwen2-7b", "--workers", "2", "--mem", "8GiB", "--hosts", "3"}, 2, "--hosts"},
 		{[]string{"--preset", "qwen2-7b", "--workers", "2", "--mem", "8GiB", "--tp", "-1"}, 2, "--tp"},
+		{[]string{"--preset", "qwen2-57b-a14b", "--workers", "4", "--mem", "80GiB", "--ep", "-2"}, 2, "--ep"},
+		{[]string{"--preset", "qwen2-57b-a14b", "--workers", "4", "--mem", "80GiB", "--redundant-experts", "-1"}, 2, "--redundant-experts"},
+		{[]string{"--preset", "qwen2-57b-a14b", "--workers", "4", "--mem", "80GiB", "--ep", "3", "--tp", "2"}, 1, "ep=3 is not a multiple of tp=2"},
+		{[]string{"--preset", "qwen2-7b", "--workers", "2", "--mem", "24GiB", "--redundant-experts", "2"}, 1, "2 redundant experts need a MoE model"},
 		{[]string{"--preset", "qwen2-7b", "--workers", "2", "--mem", "8GiB", "--backend", "tpu"}, 2, "--backend"},
 		{[]string{"--model", t.TempDir(), "--workers", "2", "--mem", "8GiB"}, 2, "config.json"},
 	} {

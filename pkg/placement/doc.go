@@ -9,7 +9,8 @@
 //
 // # Layout
 //
-// A replica is PP stages of TP ranks (g = TP·PP workers). Stage s holds the
+// A replica is PP stages of TP ranks (g = TP·PP workers; with expert
+// parallelism EP ranks, g = EP·PP, see below). Stage s holds the
 // contiguous layers [LayersBegin, LayersEnd); stage 0 holds the embedding,
 // the last stage the final norm and LM head. Within a stage, TP rank r
 // holds (qwen2.md section 5.1):
@@ -32,12 +33,39 @@
 //	replica 1  stage 0                        tp0 w4@host1  tp1 w5@host1
 //	           stage 1                        tp0 w6@host1  tp1 w7@host1
 //
+// # Expert parallelism
+//
+// A qwen2_moe stage may instead have G = EP > 1 ranks (Plan.EP; 1 means
+// none). Rank i of the stage has EPRank i and TPRank i % TP: attention is
+// split as above over groups of TP consecutive ranks (TP divides EP; TP=1:
+// every rank holds the whole attention), and everything else is split
+// over all G ranks:
+//
+//   - routed experts whole: ⌈E/G⌉ + Options.RedundantExperts per rank per
+//     MoE layer (contiguous blocks [r·E/G, (r+1)·E/G) by default; the
+//     redundant slots are for the expert load balancer to replicate hot
+//     experts into); router and shared-expert gate whole;
+//   - the shared expert, and dense layers' MLP, sliced G ways like TP;
+//   - embedding / LM head rows model.VocabSlice(V, i, G);
+//   - KV heads as for TP: per rank the cache of tp=TP.
+//
+// 57B-A14B (28 heads, 4 KV heads) on 8 ranks: ep=8 tp=4, 8 experts per
+// rank per layer, 13.57 GiB of weights per rank; ep=4 tp=4: 26.74 GiB;
+// ep=2 tp=2: 53.47 GiB, the same as tp=2 (the same slices, experts whole
+// instead of cut).
+//
 // # Valid degrees
 //
 // t is valid when it divides the query heads, t and the KV heads divide one
 // another, t divides intermediate_size (when any layer is dense) and, for
 // MoE, moe_intermediate_size and shared_expert_intermediate_size, and t ≤
 // num_experts. PP is 1…L; every stage gets at least one layer.
+//
+// EP > 1 is valid for a qwen2_moe model when TP is valid (above), EP is a
+// multiple of TP, EP ≤ num_experts, EP divides
+// shared_expert_intermediate_size and (when any layer is dense)
+// intermediate_size, every rank gets vocabulary rows, and ⌈E/EP⌉ +
+// RedundantExperts ≤ E.
 //
 // # Memory per rank
 //
@@ -47,11 +75,13 @@
 //
 //	weights = the rank's slices above × WeightBytesPerParam
 //	kv      = KVCacheTokens × 2 (K,V) × stage layers × kv heads per rank × head_dim × 2 (bf16)
-//	acts    = MaxBatchTokens × (4·H + (nh/t + 2·kv_rank)·hd + 2·F/t) × 4 (f32)
+//	acts    = MaxBatchTokens × (4·H + (nh/t + 2·kv_rank)·hd + 2·F/w) × 4 (f32)
 //	          + on the head stage MaxBatchSeqs × V × 4 (gathered logits)
 //
-// where F is the widest MLP intermediate of the stage (I, or for MoE
-// top-k × moe_intermediate_size + shared_expert_intermediate_size). The
+// where t is the attention TP degree, w the stage's ranks (t, or G with
+// expert parallelism: routed rows spread evenly over the ranks) and F the
+// widest MLP intermediate of the stage (I, or for MoE top-k ×
+// moe_intermediate_size + shared_expert_intermediate_size). The
 // activation term is an estimate of one step's float32 working set
 // (residual, normed input, attention and MLP outputs, q/k/v, gate/up), not
 // a measurement.
@@ -89,18 +119,30 @@
 // Qwen2-72B on 80 GiB GPUs: 8 or 16 on one or two hosts give tp=4 replicas
 // (phase 1); 8 hosts of one GPU give tp=1 × pp=4, two replicas (phase 2).
 //
-// When TP or PP is forced, the forced degree is kept or the plan fails,
-// and the other is chosen by the shortest-group rule: the smallest group
-// size g that fits, then the largest g giving the same number of replicas;
-// among layouts of that g the fewest TP groups spanning hosts, then the
-// larger tp.
+// For a qwen2_moe model with neither TP nor EP forced the stage shapes
+// are expert-parallel instead: a stage of g ranks is one worker holding
+// everything (g=1) or ep=g with attention at the largest valid tp
+// dividing g, for each g dividing num_experts (57B: ep=2 tp=2, ep=4 tp=4,
+// ep=8 tp=4, …). The same two phases pick among them, "TP" reading "the
+// stage's group": 57B on 8×80 GiB gives four ep=2 tp=2 replicas, on
+// 4×141 GiB four single-worker replicas. EP=1 plans as for a dense model
+// (experts tensor-sliced over the TP ranks), and so does a forced TP
+// without EP.
+//
+// When TP, PP or EP is forced, the forced degree is kept or the plan
+// fails, and the other is chosen by the shortest-group rule: the smallest
+// group size g that fits, then the largest g giving the same number of
+// replicas; among layouts of that g the fewest TP (or EP) groups spanning
+// hosts, then the wider stage. A forced EP without TP takes the largest
+// valid tp dividing it.
 //
 // # Assignment
 //
 // Workers are sorted by (Host, ID); workers without a Host share one
-// unnamed host. TP groups take t workers of one host, host by host; the hosts'
-// leftovers, in the same order, form groups across hosts (not in phase 1,
-// where they are Unused). A replica takes
+// unnamed host. Stage groups (TP groups, or EP groups of G) take t (G)
+// workers of one host, host by host; the hosts' leftovers, in the same
+// order, form groups across hosts (not in phase 1, where they are
+// Unused). A replica takes
 // PP consecutive groups (stage s = group s), so a pipeline crosses hosts
 // only where a host runs out. Workers left over are Unused.
 package placement

@@ -24,7 +24,7 @@ func (e *explainer) explain(d decision) []string {
 	var out []string
 	add := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
 
-	whole := e.sizer(1).stage(0, cfg.NumHiddenLayers, true, true)
+	whole := e.sizer(shape{1, 1}).stage(0, cfg.NumHiddenLayers, true, true)
 	kvNote := ""
 	if e.kvDefault {
 		kvNote = " (the model's context)"
@@ -65,7 +65,7 @@ func (e *explainer) explain(d decision) []string {
 		for _, m := range lo.stages {
 			counts = append(counts, strconv.Itoa(m.end-m.begin))
 		}
-		z := e.sizer(lo.t)
+		z := e.sizer(lo.shape())
 		var layers int64
 		for _, w := range z.layer {
 			layers += w
@@ -78,15 +78,22 @@ func (e *explainer) explain(d decision) []string {
 				fmtBytes(z.head-z.headShared))
 		}
 	}
-	if cfg.IsMoE() && lo.t > 1 {
+	switch {
+	case lo.ep > 1:
+		add("%s", e.expertLine(lo))
+	case cfg.IsMoE() && lo.t > 1:
 		add("MoE: every expert is split over the %d TP ranks (no expert parallelism)", lo.t)
 	}
+	if r := opts.RedundantExperts; r > 0 && lo.ep == 1 {
+		add("%d redundant expert %s unused: without expert parallelism every rank holds every expert (or a slice of each)", r, plural(r, "slot", "slots"))
+	}
 
-	if lo.t > 1 {
+	kind := groupKind(lo)
+	if lo.w() > 1 {
 		if best.crossing == 0 {
-			add("every TP group is inside one host")
+			add("every %s group is inside one host", kind)
 		} else {
-			add("%d TP %s hosts (not enough free workers on one host)", best.crossing, plural(best.crossing, "group spans", "groups span"))
+			add("%d %s %s hosts (not enough free workers on one host)", best.crossing, kind, plural(best.crossing, "group spans", "groups span"))
 		}
 	}
 	if lo.pp > 1 {
@@ -103,7 +110,7 @@ func (e *explainer) explain(d decision) []string {
 	line := fmt.Sprintf("%d %s %d of %d %s", len(best.a.replicas), plural(len(best.a.replicas), "replica uses", "replicas use"), used, len(e.pool), plural(len(e.pool), "worker", "workers"))
 	if left := len(best.a.unused); left > 0 {
 		if d.phase == phaseLocal && left >= g {
-			line += fmt.Sprintf("; %d left over (TP groups do not span hosts, and no host has %d more free workers)", left, g)
+			line += fmt.Sprintf("; %d left over (%s groups do not span hosts, and no host has %d more free workers)", left, kind, g)
 		} else {
 			line += fmt.Sprintf("; %d left over (a replica needs %d)", left, g)
 		}
@@ -116,6 +123,49 @@ func (e *explainer) explain(d decision) []string {
 	return out
 }
 
+// expertLine describes an expert-parallel stage: what one rank holds.
+func (e *explainer) expertLine(lo *layout) string {
+	cfg, ep, t := e.cfg, lo.ep, lo.t
+	experts := fmt.Sprintf("%d experts", cfg.NumExperts/ep)
+	if cfg.NumExperts%ep != 0 {
+		experts = fmt.Sprintf("up to %d experts", (cfg.NumExperts+ep-1)/ep)
+	}
+	if r := e.opts.RedundantExperts; r > 0 {
+		experts += fmt.Sprintf(" (+%d redundant)", r)
+	}
+	var attn string
+	switch {
+	case t == ep:
+		attn = fmt.Sprintf("attention tp=%d", t)
+	case t == 1:
+		attn = "attention whole on every rank (tp=1)"
+	default:
+		attn = fmt.Sprintf("attention tp=%d (%d groups of %d consecutive ranks)", t, ep/t, t)
+	}
+	shared := ""
+	if cfg.SharedExpertIntermediateSize > 0 {
+		shared = fmt.Sprintf(", shared expert sliced %d ways", ep)
+	}
+	dense := ""
+	for l := 0; l < cfg.NumHiddenLayers; l++ {
+		if !cfg.IsMoELayer(l) {
+			dense = fmt.Sprintf(", dense MLP layers sliced %d ways", ep)
+			break
+		}
+	}
+	return fmt.Sprintf("ep=%d: %s per rank per layer, %s%s%s, embedding and LM head vocabulary-sliced %d ways",
+		ep, experts, attn, shared, dense, ep)
+}
+
+// groupKind names a layout's stage groups: "EP" with expert parallelism,
+// else "TP".
+func groupKind(lo *layout) string {
+	if lo.ep > 1 {
+		return "EP"
+	}
+	return "TP"
+}
+
 // whyForced explains a choice under a forced degree: the shortest-group
 // rule.
 func (e *explainer) whyForced(d decision) []string {
@@ -123,11 +173,33 @@ func (e *explainer) whyForced(d decision) []string {
 	var out []string
 	add := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
 	g := lo.g()
+	chosenTP := "" // says how tp was chosen under a forced ep
+	if opts.EP > 1 && opts.TP == 0 {
+		chosenTP = fmt.Sprintf(", attention tp=%d (the largest valid tp dividing it)", lo.t)
+	}
 	switch {
+	case opts.EP > 1 && opts.PP > 0:
+		add("ep=%d x pp=%d as requested%s: %d workers per replica", opts.EP, opts.PP, chosenTP, g)
 	case opts.TP > 0 && opts.PP > 0:
 		add("%s as requested: %d workers per replica", lo.name(), g)
+	case opts.EP > 1:
+		req := fmt.Sprintf("ep=%d", opts.EP)
+		if opts.TP > 0 {
+			req = lo.shape().name()
+		}
+		add("%s as requested%s; pp=%d is the shortest pipeline that fits%s", req, chosenTP, g0/lo.w(), e.smaller(g0))
 	case opts.TP > 0:
 		add("tp=%d as requested; pp=%d is the shortest pipeline that fits%s", lo.t, g0/lo.t, e.smaller(g0))
+	case slices.ContainsFunc(e.shapes, func(sh shape) bool { return sh.ep > 1 }):
+		// pp forced on a MoE model: the stage shape is the planner's (tp=1
+		// or expert parallel).
+		name := ""
+		for _, sh := range e.shapes {
+			if sh.w() == g0/lo.pp {
+				name = sh.name()
+			}
+		}
+		add("pp=%d as requested; %s is the narrowest stage that fits%s", lo.pp, name, e.smaller(g0))
 	default:
 		add("pp=%d as requested; tp=%d is the smallest degree that fits%s", lo.pp, g0/lo.pp, e.smaller(g0))
 	}
@@ -141,14 +213,14 @@ func (e *explainer) whyForced(d decision) []string {
 		for _, a := range d.alts {
 			names = append(names, a.lo.name())
 			hostBetter = hostBetter || a.crossing > best.crossing
-			tpBetter = tpBetter || (a.crossing == best.crossing && a.lo.t < lo.t)
+			tpBetter = tpBetter || (a.crossing == best.crossing && a.lo.w() < lo.w())
 		}
 		var why []string
 		if hostBetter {
-			why = append(why, "its TP groups stay inside a host")
+			why = append(why, fmt.Sprintf("its %s groups stay inside a host", groupKind(lo)))
 		}
 		if tpBetter {
-			why = append(why, "a larger tp makes a shorter pipeline (less bubble)")
+			why = append(why, fmt.Sprintf("a larger %s makes a shorter pipeline (less bubble)", widthWord(lo)))
 		}
 		add("%s preferred to %s, which also fit%s", lo.name(), strings.Join(names, ", "), prefix(": ", strings.Join(why, "; ")))
 	}
@@ -162,13 +234,13 @@ func (e *explainer) whyLocal(d decision) []string {
 	var out []string
 	add := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
 
-	// The largest in-host degree below best's that does not fit.
+	// The widest in-host stage below best's that does not fit.
 	var miss *layout
-	for _, t := range e.tps {
-		if t >= lo.t {
+	for _, sh := range e.shapes {
+		if sh.w() >= lo.w() {
 			break
 		}
-		if l := e.layout(t, 1); l.peak > e.usable {
+		if l := e.layout(sh, 1); l.peak > e.usable {
 			miss = l
 		}
 	}
@@ -176,12 +248,12 @@ func (e *explainer) whyLocal(d decision) []string {
 	if miss != nil {
 		note = fmt.Sprintf(" (%s needs %s per rank)", miss.name(), fmtBytes(miss.peak))
 	}
-	if lo.t == 1 {
+	if lo.w() == 1 {
 		add("one worker holds the whole model (tp=1)%s; pipeline layouts not needed", note)
 	} else {
-		add("tp=%d inside one host fits%s; pipeline layouts not needed", lo.t, note)
+		add("%s inside one host fits%s; pipeline layouts not needed", lo.name(), note)
 	}
-	if len(d.alts) > 0 && lo.t > 1 { // tp=1 gives the most replicas: nothing to weigh
+	if len(d.alts) > 0 && lo.w() > 1 { // one worker gives the most replicas: nothing to weigh
 		var fewer, smaller []string
 		for _, a := range d.alts {
 			name := fmt.Sprintf("%s (%d %s)", a.lo.name(), a.replicas(), plural(a.replicas(), "replica", "replicas"))
@@ -196,7 +268,7 @@ func (e *explainer) whyLocal(d decision) []string {
 			why = append(why, "more replicas")
 		}
 		if len(smaller) > 0 {
-			why = append(why, "as many replicas with a larger tp, so more memory to spare per rank")
+			why = append(why, fmt.Sprintf("as many replicas with a larger %s, so more memory to spare per rank", widthWord(lo)))
 		}
 		add("%s (%d %s) preferred to %s, which also %s inside a host: %s", lo.name(), best.replicas(),
 			plural(best.replicas(), "replica", "replicas"), strings.Join(slices.Concat(fewer, smaller), ", "),
@@ -220,11 +292,11 @@ func (e *explainer) whyPipe(d decision) []string {
 	// fitting, and the smallest degree that would fit but needs more
 	// workers than a host has.
 	var closest *layout
-	for _, t := range e.tps {
-		if t > d.maxHost {
+	for _, sh := range e.shapes {
+		if sh.w() > d.maxHost {
 			break
 		}
-		if l := e.layout(t, 1); closest == nil || l.peak < closest.peak {
+		if l := e.layout(sh, 1); closest == nil || l.peak < closest.peak {
 			closest = l
 		}
 	}
@@ -232,9 +304,9 @@ func (e *explainer) whyPipe(d decision) []string {
 	if closest != nil {
 		why = append(why, fmt.Sprintf("%s needs %s per rank, %s usable", closest.name(), fmtBytes(closest.peak), fmtBytes(e.usable)))
 	}
-	for _, t := range e.tps {
-		if t > d.maxHost && t <= len(e.pool) && e.layout(t, 1).peak <= e.usable {
-			why = append(why, fmt.Sprintf("tp=%d would fit, but no host has %d workers", t, t))
+	for _, sh := range e.shapes {
+		if w := sh.w(); w > d.maxHost && w <= len(e.pool) && e.layout(sh, 1).peak <= e.usable {
+			why = append(why, fmt.Sprintf("%s would fit, but no host has %d workers", sh.name(), w))
 			break
 		}
 	}
@@ -245,7 +317,11 @@ func (e *explainer) whyPipe(d decision) []string {
 	case lo.pp > 1:
 		then = "pipeline stages, each pipeline inside one host"
 	}
-	add("no tensor-parallel group inside one host fits (%s); %s", strings.Join(why, "; "), then)
+	kind := "tensor-parallel"
+	if slices.ContainsFunc(e.shapes, func(sh shape) bool { return sh.ep > 1 }) {
+		kind = "single-worker or expert-parallel"
+	}
+	add("no %s group inside one host fits (%s); %s", kind, strings.Join(why, "; "), then)
 
 	// The deciding criterion against each alternative.
 	var spans, smallerG, shorter []choice
@@ -269,14 +345,24 @@ func (e *explainer) whyPipe(d decision) []string {
 			for _, a := range spans {
 				ns = append(ns, fmt.Sprintf("%s (%d %s)", a.lo.name(), a.replicas(), plural(a.replicas(), "replica", "replicas")))
 			}
-			add("%s also %s but %s TP groups across hosts", strings.Join(ns, ", "), plural(len(ns), "fits", "fit"), plural(len(ns), "splits its", "split their"))
+			kinds := "TP"
+			if slices.ContainsFunc(spans, func(a choice) bool { return a.lo.ep > 1 }) {
+				kinds = "EP"
+				if slices.ContainsFunc(spans, func(a choice) bool { return a.lo.ep == 1 }) {
+					kinds = "TP or EP"
+				}
+			}
+			add("%s also %s but %s %s groups across hosts", strings.Join(ns, ", "), plural(len(ns), "fits", "fit"), plural(len(ns), "splits its", "split their"), kinds)
 		}
 	} else {
-		add("every layout that fits splits a TP group across hosts (no host has enough workers)")
+		add("every layout that fits splits a %s group across hosts (no host has enough workers)", groupKind(lo))
 	}
 	inside := ""
 	if best.crossing == 0 && len(spans) > 0 {
 		inside = " keeping TP inside hosts"
+		if kind != "tensor-parallel" {
+			inside = " keeping TP and EP groups inside hosts"
+		}
 	}
 	if len(smallerG) > 0 {
 		g0 := lo.g()
@@ -291,14 +377,22 @@ func (e *explainer) whyPipe(d decision) []string {
 	if len(shorter) > 0 {
 		var reason []string
 		if slices.ContainsFunc(shorter, func(a choice) bool { return a.crossing > best.crossing }) {
-			reason = append(reason, "fewer TP groups span hosts")
+			reason = append(reason, fmt.Sprintf("fewer %s groups span hosts", groupKind(lo)))
 		}
 		if slices.ContainsFunc(shorter, func(a choice) bool { return a.crossing == best.crossing }) {
-			reason = append(reason, "a larger tp makes a shorter pipeline (less bubble)")
+			reason = append(reason, fmt.Sprintf("a larger %s makes a shorter pipeline (less bubble)", widthWord(lo)))
 		}
 		add("%s preferred to %s, which also %s: %s", lo.name(), names(shorter), plural(len(shorter), "fits", "fit"), strings.Join(reason, "; "))
 	}
 	return out
+}
+
+// widthWord names what sets a layout's stage width: "ep" or "tp".
+func widthWord(lo *layout) string {
+	if lo.ep > 1 {
+		return "ep"
+	}
+	return "tp"
 }
 
 func names(cs []choice) string {

@@ -8,16 +8,21 @@ import (
 
 // String renders the plan for people (qwenctl plan, golden files): the
 // layout, the stages with their per-rank memory, each replica's workers
-// as ID@host, the unused workers and the explanation.
+// as ID@host (with expert parallelism epE/tpT:ID@host), the unused
+// workers and the explanation.
 func (p *Plan) String() string {
 	var b strings.Builder
 	label := p.Model
 	if label == "" {
 		label = "model"
 	}
-	used := len(p.Replicas) * p.TP * p.PP
-	fmt.Fprintf(&b, "%s: tp=%d x pp=%d, %d %s on %d %s %s (%d unused)\n",
-		label, p.TP, p.PP, len(p.Replicas), plural(len(p.Replicas), "replica", "replicas"),
+	width, layout := p.TP, fmt.Sprintf("tp=%d", p.TP)
+	if p.EP > 1 {
+		width, layout = p.EP, fmt.Sprintf("ep=%d tp=%d", p.EP, p.TP)
+	}
+	used := len(p.Replicas) * width * p.PP
+	fmt.Fprintf(&b, "%s: %s x pp=%d, %d %s on %d %s %s (%d unused)\n",
+		label, layout, p.PP, len(p.Replicas), plural(len(p.Replicas), "replica", "replicas"),
 		used+len(p.Unused), backendName(p.Backend), plural(used+len(p.Unused), "worker", "workers"), len(p.Unused))
 	if len(p.Replicas) > 0 {
 		b.WriteString("stages (memory per rank, the same in every replica):\n")
@@ -49,7 +54,11 @@ func (p *Plan) String() string {
 		for _, s := range r.Stages {
 			var ranks []string
 			for _, rk := range s.Ranks {
-				ranks = append(ranks, rankName(rk))
+				if p.EP > 1 {
+					ranks = append(ranks, fmt.Sprintf("ep%d/tp%d:%s", rk.EPRank, rk.TPRank, rankName(rk)))
+				} else {
+					ranks = append(ranks, rankName(rk))
+				}
 			}
 			fmt.Fprintf(&b, "  stage %d  %s\n", s.Index, strings.Join(ranks, " "))
 		}

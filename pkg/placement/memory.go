@@ -52,13 +52,79 @@ func checkTP(cfg *model.Config, t int) error {
 // KV head).
 func kvHeadsPerRank(cfg *model.Config, t int) int { return max(cfg.NumKeyValueHeads/t, 1) }
 
-// sizer holds the per-rank arithmetic of one (model, tp) pair. All byte
-// counts are per rank; the largest rank is counted where slices differ
-// (the vocabulary's first slice).
+// shape is how one pipeline stage is split: attention over groups of t
+// ranks and, with expert parallelism (ep > 1, qwen2_moe only), everything
+// else over the stage's ep ranks. ep = 1: no expert parallelism, the stage
+// is one TP group of t ranks.
+type shape struct{ t, ep int }
+
+// w is the stage's width: its number of ranks.
+func (sh shape) w() int {
+	if sh.ep > 1 {
+		return sh.ep
+	}
+	return sh.t
+}
+
+func (sh shape) name() string {
+	if sh.ep > 1 {
+		return fmt.Sprintf("ep=%d tp=%d", sh.ep, sh.t)
+	}
+	return fmt.Sprintf("tp=%d", sh.t)
+}
+
+// checkEP says why a stage of ep ranks with attention tp=t cannot be
+// planned (nil when it can): the model's rule (model.CheckEP: ep a
+// multiple of t, t valid for the attention heads, ep at most the experts
+// and splitting the vocabulary, the shared expert and any dense MLP), and
+// the routed-expert slots per rank (⌈E/ep⌉ + redundant) must not exceed
+// the experts. ep = 1 (no expert parallelism) is always valid.
+func checkEP(cfg *model.Config, ep, t, redundant int) error {
+	switch {
+	case ep < 1:
+		return invalidf("ep=%d: must be >= 1", ep)
+	case ep == 1:
+		return nil
+	case !cfg.IsMoE():
+		return invalidf("ep=%d: expert parallelism needs a MoE model (qwen2_moe with experts), and this %s model has none", ep, cfg.ModelType)
+	}
+	if err := model.CheckEP(cfg, ep, t); err != nil {
+		return invalidf("%v", err)
+	}
+	if slots := expertSlots(cfg, ep, redundant); slots > cfg.NumExperts {
+		return invalidf("ep=%d with %d redundant experts gives %d expert slots per rank, more than the %d experts",
+			ep, redundant, slots, cfg.NumExperts)
+	}
+	return nil
+}
+
+// expertSlots is the routed experts one rank of an ep-rank stage holds per
+// MoE layer: ⌈E/ep⌉ (the largest rank's share) plus the redundant slots.
+func expertSlots(cfg *model.Config, ep, redundant int) int {
+	return (cfg.NumExperts+ep-1)/ep + redundant
+}
+
+// attentionTP is the tensor-parallel degree the planner gives the
+// attention of an ep-rank stage when only ep is chosen: the largest t
+// dividing ep that passes checkTP (1 always does).
+func attentionTP(cfg *model.Config, ep int) int {
+	for t := ep; t > 1; t-- {
+		if ep%t == 0 && model.CheckEP(cfg, ep, t) == nil {
+			return t
+		}
+	}
+	return 1
+}
+
+// sizer holds the per-rank arithmetic of one (model, shape) pair. All
+// byte counts are per rank; the largest rank is counted where slices
+// differ (the vocabulary's first slice, the ranks with ⌈E/ep⌉ experts).
 type sizer struct {
 	cfg  *model.Config
 	opts Options
-	t    int
+	t    int // attention TP degree
+	ep   int // expert-parallel ranks (1: none)
+	w    int // ranks of the stage: ep when ep > 1, else t
 
 	layer      []int64 // weight bytes of each layer
 	embed      int64   // embedding slice
@@ -68,43 +134,66 @@ type sizer struct {
 	actBase    int64   // activation bytes per batch token, without the FFN term
 }
 
+// newSizer is the arithmetic of plain tensor parallelism over t ranks.
 func newSizer(cfg *model.Config, opts Options, t int) *sizer {
+	return newShapeSizer(cfg, opts, shape{t: t, ep: 1})
+}
+
+func newShapeSizer(cfg *model.Config, opts Options, sh shape) *sizer {
 	H, hd := int64(cfg.HiddenSize), int64(cfg.HeadDimension())
+	t, w := sh.t, sh.w()
 	nhL, kvL := int64(cfg.NumAttentionHeads/t), int64(kvHeadsPerRank(cfg, t))
 	bpp := int64(opts.WeightBytesPerParam)
-	s := &sizer{cfg: cfg, opts: opts, t: t}
-	vocabRows := int64((cfg.VocabSize + t - 1) / t)
+	s := &sizer{cfg: cfg, opts: opts, t: t, ep: max(sh.ep, 1), w: w}
+	vocabRows := int64((cfg.VocabSize + w - 1) / w)
 	s.embed = vocabRows * H * bpp
 	s.headShared = H * bpp
 	s.head = s.headShared + vocabRows*H*bpp
 	s.layer = make([]int64, cfg.NumHiddenLayers)
 	for l := range s.layer {
-		s.layer[l] = layerParams(cfg, l, t) * bpp
+		s.layer[l] = layerParams(cfg, l, t, s.ep, opts.RedundantExperts) * bpp
 	}
 	s.kvToken = 2 * kvL * hd * int64(opts.KVBytesPerValue)
 	s.actBase = 4*H + (nhL+2*kvL)*hd
 	return s
 }
 
-// layerParams is the parameters rank-local in layer l at degree t:
-// q/k/v column-split with their biases, o row-split, k/v at one head when
-// replicated, the MLP (or every expert and the shared expert) split by t,
-// norms, router and shared-expert gate replicated.
-func layerParams(cfg *model.Config, l, t int) int64 {
+// layerParams is the parameters rank-local in layer l of a stage with
+// attention tp=t and ep expert-parallel ranks (1: none): q/k/v
+// column-split over t with their biases, o row-split, k/v at one head when
+// replicated; norms, router and shared-expert gate replicated. Without
+// expert parallelism the MLP (or every expert and the shared expert) is
+// split by t; with it a MoE layer holds ⌈E/ep⌉ + redundant whole experts
+// and 1/ep of the shared expert, a dense layer 1/ep of its MLP.
+func layerParams(cfg *model.Config, l, t, ep, redundant int) int64 {
 	H, hd := int64(cfg.HiddenSize), int64(cfg.HeadDimension())
 	q := int64(cfg.NumAttentionHeads/t) * hd
 	kv := int64(kvHeadsPerRank(cfg, t)) * hd
 	n := 2*H + // input and post-attention norms
 		q*H + q + 2*(kv*H+kv) + H*q // q, k, v with biases; o
-	if !cfg.IsMoELayer(l) {
-		return n + 3*H*int64(cfg.IntermediateSize/t)
+	mlp := t // the ranks the MLP widths are split over
+	if ep > 1 {
+		mlp = ep
 	}
-	E := int64(cfg.NumExperts)
-	n += E*H + E*3*H*int64(cfg.MoeIntermediateSize/t) // router, experts
+	if !cfg.IsMoELayer(l) {
+		return n + 3*H*int64(cfg.IntermediateSize/mlp)
+	}
+	n += int64(cfg.NumExperts)*H + routedParams(cfg, t, ep, redundant) // router, experts
 	if is := cfg.SharedExpertIntermediateSize; is > 0 {
-		n += 3*H*int64(is/t) + H // shared expert and its gate
+		n += 3*H*int64(is/mlp) + H // shared expert and its gate
 	}
 	return n
+}
+
+// routedParams is the routed-expert parameters one rank holds in a MoE
+// layer: ⌈E/ep⌉ + redundant whole experts with expert parallelism, else
+// every expert sliced t ways.
+func routedParams(cfg *model.Config, t, ep, redundant int) int64 {
+	H, Im := int64(cfg.HiddenSize), int64(cfg.MoeIntermediateSize)
+	if ep > 1 {
+		return int64(expertSlots(cfg, ep, redundant)) * 3 * H * Im
+	}
+	return int64(cfg.NumExperts) * 3 * H * (Im / int64(t))
 }
 
 // ffnWidth is the widest MLP intermediate a token of layer l produces
@@ -147,7 +236,7 @@ func (s *sizer) stage(b, e int, embed, head bool) stageMem {
 		}
 	}
 	m.kv = int64(s.opts.KVCacheTokens) * int64(e-b) * s.kvToken
-	m.acts = int64(s.opts.MaxBatchTokens) * (s.actBase + 2*width/int64(s.t)) * actBytesPerElem
+	m.acts = int64(s.opts.MaxBatchTokens) * (s.actBase + 2*width/int64(s.w)) * actBytesPerElem
 	if head {
 		m.acts += int64(s.opts.MaxBatchSeqs) * int64(s.cfg.VocabSize) * actBytesPerElem
 	}
@@ -222,17 +311,24 @@ func (s *sizer) balance(pp int) []int {
 // layout evaluates tp=t × pp: the balanced stages and the peak per-rank
 // memory.
 type layout struct {
-	t, pp  int
+	t, ep  int // attention TP degree; expert-parallel ranks (1: none)
+	pp     int
 	stages []stageMem
 	peak   int64 // largest stage total
 	peakAt int   // its stage index
 }
 
-func (l *layout) g() int { return l.t * l.pp }
+func (l *layout) shape() shape { return shape{l.t, l.ep} }
+
+// w is the ranks of one stage.
+func (l *layout) w() int { return l.shape().w() }
+
+// g is the workers of one replica.
+func (l *layout) g() int { return l.w() * l.pp }
 
 func (s *sizer) layout(pp int) *layout {
 	bounds := s.balance(pp)
-	lo := &layout{t: s.t, pp: pp}
+	lo := &layout{t: s.t, ep: s.ep, pp: pp}
 	for st := 0; st < pp; st++ {
 		m := s.stage(bounds[st], bounds[st+1], st == 0, st == pp-1)
 		lo.stages = append(lo.stages, m)
@@ -245,7 +341,7 @@ func (s *sizer) layout(pp int) *layout {
 
 func (l *layout) name() string {
 	if l.pp == 1 {
-		return fmt.Sprintf("tp=%d", l.t)
+		return l.shape().name()
 	}
-	return fmt.Sprintf("tp=%d x pp=%d", l.t, l.pp)
+	return fmt.Sprintf("%s x pp=%d", l.shape().name(), l.pp)
 }

@@ -30,6 +30,23 @@ type Options struct {
 	// planner choose. A forced degree that is invalid or does not fit is an
 	// error, never silently changed.
 	TP, PP int
+	// EP forces expert parallelism for a qwen2_moe model: each stage has EP
+	// ranks holding whole routed experts (⌈E/EP⌉ each), the shared expert,
+	// dense MLPs and the vocabulary sliced EP ways, and the attention split
+	// over groups of TP consecutive ranks (TP divides EP; TP 0 = the
+	// largest valid degree dividing EP). 1 = no expert parallelism (experts
+	// tensor-sliced over the TP ranks). 0 lets the planner choose: for a
+	// MoE model with TP also 0, a stage of g > 1 workers is EP=g. Like TP
+	// and PP, a forced EP that is invalid or does not fit is an error.
+	EP int
+	// RedundantExperts is the extra routed-expert slots every rank of an
+	// expert-parallel stage holds per MoE layer, for the expert load
+	// balancer to replicate hot experts into (pkg/expertparallel); they are
+	// counted in the rank's weights. 0 = none. Needs expert parallelism: it
+	// is an error when EP is forced to 1, TP is forced without EP, or the
+	// model has no experts; a plan without EP (one worker per replica)
+	// ignores it.
+	RedundantExperts int
 	// KVCacheTokens is the KV cache every replica must hold, in tokens
 	// (summed over its sequences). 0 = the model's max context
 	// (cfg.MaxContext()), like vLLM refusing to start when max_model_len
@@ -75,7 +92,7 @@ func (o *Options) Validate() error {
 	for _, f := range []struct {
 		name string
 		v    int
-	}{{"TP", o.TP}, {"PP", o.PP}, {"KVCacheTokens", o.KVCacheTokens}, {"MaxBatchTokens", o.MaxBatchTokens},
+	}{{"TP", o.TP}, {"PP", o.PP}, {"EP", o.EP}, {"RedundantExperts", o.RedundantExperts}, {"KVCacheTokens", o.KVCacheTokens}, {"MaxBatchTokens", o.MaxBatchTokens},
 		{"MaxBatchSeqs", o.MaxBatchSeqs}, {"WeightBytesPerParam", o.WeightBytesPerParam}, {"KVBytesPerValue", o.KVBytesPerValue}} {
 		if f.v < 0 {
 			return invalidf("%s must be >= 0 (0 = default), got %d", f.name, f.v)
@@ -122,7 +139,7 @@ func (o *Options) fillFromModel(cfg *model.Config) error {
 var (
 	// ErrNoWorkers: no worker was given.
 	ErrNoWorkers = errors.New("placement: no workers")
-	// ErrInvalid: a bad worker, option or forced TP/PP degree.
+	// ErrInvalid: a bad worker, option or forced TP/PP/EP degree.
 	ErrInvalid = errors.New("placement: invalid request")
 	// ErrNoFit: the model (with its KV cache) does not fit the workers.
 	ErrNoFit = errors.New("placement: model does not fit")

@@ -9,13 +9,18 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 )
 
-// Plan is the planner's decision: TP × PP groups of workers, each a replica
-// of the whole model, plus why.
+// Plan is the planner's decision: groups of PP stages of workers, each a
+// replica of the whole model, plus why. A stage has TP ranks, or with
+// expert parallelism (EP > 1) EP ranks whose attention is split over
+// groups of TP.
 type Plan struct {
-	Model    string    `json:"model,omitempty"`
-	Backend  string    `json:"backend"`
-	TP       int       `json:"tp"`
-	PP       int       `json:"pp"`
+	Model   string `json:"model,omitempty"`
+	Backend string `json:"backend"`
+	TP      int    `json:"tp"` // attention (and, without EP, MLP) tensor-parallel degree
+	PP      int    `json:"pp"`
+	// EP is the expert-parallel ranks of each stage; 1: no expert
+	// parallelism.
+	EP       int       `json:"ep"`
 	Replicas []Replica `json:"replicas"`
 	// Unused lists the workers no replica uses, sorted by (host, id).
 	Unused []string `json:"unused"`
@@ -23,15 +28,16 @@ type Plan struct {
 	Explain []string `json:"explain"`
 }
 
-// Replica is one copy of the model: PP stages of TP ranks each.
+// Replica is one copy of the model: PP stages of TP (or EP) ranks each.
 type Replica struct {
 	Index  int     `json:"index"`
 	Stages []Stage `json:"stages"`
 }
 
 // Stage is a contiguous layer range [LayersBegin, LayersEnd) served by TP
-// ranks. The byte counts are per rank (the largest rank where vocabulary
-// slices differ) and are the same in every replica.
+// ranks, or EP ranks with expert parallelism. The byte counts are per rank
+// (the largest rank where vocabulary or expert shares differ) and are the
+// same in every replica.
 type Stage struct {
 	Index       int  `json:"index"`
 	LayersBegin int  `json:"layers_begin"`
@@ -46,9 +52,11 @@ type Stage struct {
 	ActivationBytes int64  `json:"activation_bytes"`
 }
 
-// Rank is one worker's place in a stage's TP group.
+// Rank is one worker's place in a stage: its TP rank and, with expert
+// parallelism, its EP rank (its index in the stage; TPRank = EPRank % TP).
 type Rank struct {
 	TPRank int    `json:"tp_rank"`
+	EPRank int    `json:"ep_rank,omitempty"`
 	Worker string `json:"worker"`
 	Host   string `json:"host"`
 	Addr   string `json:"addr,omitempty"`
@@ -82,7 +90,7 @@ func New(cfg *model.Config, workers []Worker, opts Options) (*Plan, error) {
 		have = fmt.Sprintf("have %d %s workers", n, backendName(pool[0].Backend))
 	}
 	L := cfg.NumHiddenLayers
-	if opts.TP > 0 {
+	if opts.TP > 0 && opts.EP <= 1 { // with ep > 1, checkEP checks the attention's tp
 		if err := checkTP(cfg, opts.TP); err != nil {
 			return nil, err
 		}
@@ -90,11 +98,35 @@ func New(cfg *model.Config, workers []Worker, opts Options) (*Plan, error) {
 	if opts.PP > L {
 		return nil, invalidf("pp=%d exceeds the %d layers (every stage needs one)", opts.PP, L)
 	}
-	if opts.TP > 0 && opts.PP > 0 && opts.TP*opts.PP > n {
-		return nil, &planError{ErrNoFit, fmt.Sprintf("tp=%d x pp=%d needs %d workers, %s", opts.TP, opts.PP, opts.TP*opts.PP, have)}
+	if opts.EP > 1 {
+		t := opts.TP
+		if t == 0 {
+			t = attentionTP(cfg, opts.EP)
+		}
+		if err := checkEP(cfg, opts.EP, t, opts.RedundantExperts); err != nil {
+			return nil, err
+		}
 	}
-	if opts.TP > n {
-		return nil, &planError{ErrNoFit, fmt.Sprintf("tp=%d needs at least %d workers, %s", opts.TP, opts.TP, have)}
+	if r := opts.RedundantExperts; r > 0 {
+		switch {
+		case !cfg.IsMoE():
+			return nil, invalidf("%d redundant %s a MoE model, and this %s model has no experts", r, plural(r, "expert needs", "experts need"), cfg.ModelType)
+		case opts.EP == 1:
+			return nil, invalidf("%d redundant %s expert parallelism, but ep=1", r, plural(r, "expert needs", "experts need"))
+		case opts.EP == 0 && opts.TP > 0:
+			return nil, invalidf("%d redundant %s expert parallelism, but tp=%d is forced without ep (force ep too)", r, plural(r, "expert needs", "experts need"), opts.TP)
+		}
+	}
+	// The forced stage width: EP ranks with expert parallelism, else TP.
+	width, wname := opts.TP, fmt.Sprintf("tp=%d", opts.TP)
+	if opts.EP > 1 {
+		width, wname = opts.EP, fmt.Sprintf("ep=%d", opts.EP)
+	}
+	if width > 0 && opts.PP > 0 && width*opts.PP > n {
+		return nil, &planError{ErrNoFit, fmt.Sprintf("%s x pp=%d needs %d workers, %s", wname, opts.PP, width*opts.PP, have)}
+	}
+	if width > n {
+		return nil, &planError{ErrNoFit, fmt.Sprintf("%s needs at least %d workers, %s", wname, width, have)}
 	}
 	if opts.PP > n {
 		return nil, &planError{ErrNoFit, fmt.Sprintf("pp=%d needs at least %d workers, %s", opts.PP, opts.PP, have)}
@@ -102,15 +134,12 @@ func New(cfg *model.Config, workers []Worker, opts Options) (*Plan, error) {
 
 	minMem := slices.MinFunc(pool, func(a, b Worker) int { return cmp.Compare(a.MemoryBytes, b.MemoryBytes) }).MemoryBytes
 	usable := int64(opts.Utilization * float64(minMem))
-	s := &search{cfg: cfg, opts: opts, minMem: minMem, usable: usable, tps: ValidTP(cfg),
-		sizers: map[int]*sizer{}, layoutsOf: map[[2]int]*layout{}}
-	if opts.TP > 0 {
-		s.tps = []int{opts.TP} // checked above; may exceed ValidTP's bound
-	}
+	s := &search{cfg: cfg, opts: opts, minMem: minMem, usable: usable, shapes: stageShapes(cfg, opts),
+		sizers: map[shape]*sizer{}, layoutsOf: map[[3]int]*layout{}}
 
 	sorted := sortWorkers(pool)
 	var d decision
-	if opts.TP > 0 || opts.PP > 0 {
+	if opts.TP > 0 || opts.PP > 0 || opts.EP > 1 {
 		d, err = s.chooseForced(sorted, label, n)
 	} else {
 		d, err = s.chooseAuto(sorted, label, n)
@@ -120,14 +149,18 @@ func New(cfg *model.Config, workers []Worker, opts Options) (*Plan, error) {
 	}
 	best := d.best
 
-	p := &Plan{Model: opts.Model, Backend: pool[0].Backend, TP: best.lo.t, PP: best.lo.pp, Unused: []string{}}
+	p := &Plan{Model: opts.Model, Backend: pool[0].Backend, TP: best.lo.t, PP: best.lo.pp, EP: best.lo.ep, Unused: []string{}}
 	for r, groups := range best.a.replicas {
 		rep := Replica{Index: r}
 		for st, m := range best.lo.stages {
 			stage := Stage{Index: st, LayersBegin: m.begin, LayersEnd: m.end, Embed: m.embed, Head: m.head,
 				WeightBytes: m.weights, KVBytes: m.kv, ActivationBytes: m.acts}
-			for tr, w := range groups[st] {
-				stage.Ranks = append(stage.Ranks, Rank{TPRank: tr, Worker: w.ID, Host: w.Host, Addr: w.Addr})
+			for i, w := range groups[st] {
+				rk := Rank{TPRank: i % best.lo.t, Worker: w.ID, Host: w.Host, Addr: w.Addr}
+				if best.lo.ep > 1 {
+					rk.EPRank = i
+				}
+				stage.Ranks = append(stage.Ranks, rk)
 			}
 			rep.Stages = append(rep.Stages, stage)
 		}
@@ -145,7 +178,7 @@ func New(cfg *model.Config, workers []Worker, opts Options) (*Plan, error) {
 type choice struct {
 	lo       *layout
 	reps     int        // replicas
-	crossing int        // TP groups in use spanning hosts
+	crossing int        // stage groups (TP, or EP with expert parallelism) in use spanning hosts
 	a        assignment // the mapping; only filled in for the chosen layout
 }
 
@@ -171,15 +204,15 @@ type decision struct {
 	// pipe is, for phaseLocal, the layout phasePipe would have chosen
 	// (nil when none fits), to say what a pipeline would give.
 	pipe *choice
-	// maxHost (automatic choice) is the most workers one host has: the largest TP group
-	// that can form inside a host.
+	// maxHost (automatic choice) is the most workers one host has: the
+	// largest stage group that can form inside a host.
 	maxHost int
 }
 
-// chooseForced picks a layout when TP or PP is forced: the smallest group
-// size g that fits, then the largest g giving the same number of
-// replicas; among layouts of that g the fewest TP groups spanning hosts,
-// then the larger tp.
+// chooseForced picks a layout when TP, PP or EP is forced: the smallest
+// group size g that fits, then the largest g giving the same number of
+// replicas; among layouts of that g the fewest stage groups spanning
+// hosts, then the wider stage, then the larger tp.
 func (s *search) chooseForced(sorted []Worker, label string, n int) (decision, error) {
 	g0 := 0
 	for g := 1; g <= min(n, s.largestG()) && g0 == 0; g++ {
@@ -199,27 +232,28 @@ func (s *search) chooseForced(sorted []Worker, label string, n int) (decision, e
 	}
 	var cands []choice
 	for _, lo := range s.fitting(g) {
-		a := assign(sorted, lo.t, lo.pp, false)
+		a := assign(sorted, lo.w(), lo.pp, false)
 		cands = append(cands, choice{lo: lo, reps: len(a.replicas), crossing: a.crossingTP(), a: a})
 	}
 	slices.SortStableFunc(cands, func(x, y choice) int {
 		if c := cmp.Compare(x.crossing, y.crossing); c != 0 {
 			return c
 		}
-		return cmp.Compare(y.lo.t, x.lo.t)
+		return compareWider(x.lo, y.lo)
 	})
 	return decision{phase: phaseForced, best: cands[0], alts: cands[1:], g0: g0}, nil
 }
 
-// chooseAuto picks a layout when neither degree is forced: "TP inside a
-// host, PP across hosts", in two phases.
+// chooseAuto picks a layout when no degree is forced: "TP (or EP) inside
+// a host, PP across hosts", in two phases. A stage group is the t ranks of
+// a TP group, or the ep ranks of an expert-parallel stage.
 //
-//  1. Only pp=1 layouts whose TP groups form inside hosts (groups of t
+//  1. Only pp=1 layouts whose stage groups form inside hosts (groups of w
 //     workers of one host; workers that cannot join such a group are
-//     unused). If any fits: the most replicas, then the larger tp.
-//  2. Otherwise every layout: TP groups all inside hosts first, then the
-//     most replicas, then the largest group giving that many, then the
-//     fewest TP groups spanning hosts, then the larger tp.
+//     unused). If any fits: the most replicas, then the wider stage.
+//  2. Otherwise every layout: stage groups all inside hosts first, then
+//     the most replicas, then the largest group giving that many, then
+//     the fewest stage groups spanning hosts, then the wider stage.
 func (s *search) chooseAuto(sorted []Worker, label string, n int) (decision, error) {
 	sizes := hostSizes(sorted)
 	d := decision{maxHost: slices.Max(sizes)}
@@ -228,58 +262,67 @@ func (s *search) chooseAuto(sorted []Worker, label string, n int) (decision, err
 	switch {
 	case len(local) > 0:
 		d.phase, d.best, d.alts = phaseLocal, local[0], local[1:]
-		d.best.a = assign(sorted, d.best.lo.t, 1, true)
+		d.best.a = assign(sorted, d.best.lo.w(), 1, true)
 		if len(pipe) > 0 {
 			d.pipe = &pipe[0]
 		}
 	case len(pipe) > 0:
 		d.phase, d.best, d.alts = phasePipe, pipe[0], pipe[1:]
-		d.best.a = assign(sorted, d.best.lo.t, d.best.lo.pp, false)
+		d.best.a = assign(sorted, d.best.lo.w(), d.best.lo.pp, false)
 	default:
 		return decision{}, s.noFit(label, n)
 	}
 	return d, nil
 }
 
-// localCandidates lists the fitting pp=1 layouts whose TP groups form
-// inside hosts, best first (most replicas, then larger tp). sizes are the
-// workers per host.
+// localCandidates lists the fitting pp=1 layouts whose stage groups form
+// inside hosts, best first (most replicas, then the wider stage). sizes
+// are the workers per host.
 func (s *search) localCandidates(sizes []int) []choice {
 	var out []choice
-	for _, t := range s.tps {
-		if t > slices.Max(sizes) {
+	for _, sh := range s.shapes {
+		if sh.w() > slices.Max(sizes) {
 			break
 		}
-		if lo := s.layout(t, 1); lo.peak <= s.usable {
-			out = append(out, choice{lo: lo, reps: localGroups(sizes, t)})
+		if lo := s.layout(sh, 1); lo.peak <= s.usable {
+			out = append(out, choice{lo: lo, reps: localGroups(sizes, sh.w())})
 		}
 	}
 	slices.SortStableFunc(out, func(x, y choice) int {
 		if c := cmp.Compare(y.replicas(), x.replicas()); c != 0 {
 			return c
 		}
-		return cmp.Compare(y.lo.t, x.lo.t)
+		return compareWider(x.lo, y.lo)
 	})
 	return out
 }
 
+// compareWider orders the wider stage first, then the larger tp.
+func compareWider(x, y *layout) int {
+	if c := cmp.Compare(y.w(), x.w()); c != 0 {
+		return c
+	}
+	return cmp.Compare(y.t, x.t)
+}
+
 // pipeCandidates lists every fitting layout of up to n workers, best
-// first: TP groups all inside hosts, the most replicas, the largest group
-// giving that many, the fewest TP groups spanning hosts, the larger tp.
+// first: stage groups all inside hosts, the most replicas, the largest
+// group giving that many, the fewest stage groups spanning hosts, the
+// wider stage.
 //
-// It counts rather than assigns (assign gives the same numbers): the n/t
+// It counts rather than assigns (assign gives the same numbers): the n/w
 // groups are the host-local ones first, then groups of the hosts'
-// leftovers, each of which spans hosts (every host leaves fewer than t);
+// leftovers, each of which spans hosts (every host leaves fewer than w);
 // the n/g replicas take the first n/g·pp groups.
 func (s *search) pipeCandidates(sizes []int, n int) []choice {
 	var out []choice
-	local := map[int]int{} // localGroups by t
+	local := map[int]int{} // localGroups by stage width
 	for g := 1; g <= min(n, s.largestG()); g++ {
 		for _, lo := range s.fitting(g) {
-			l, ok := local[lo.t]
+			l, ok := local[lo.w()]
 			if !ok {
-				l = localGroups(sizes, lo.t)
-				local[lo.t] = l
+				l = localGroups(sizes, lo.w())
+				local[lo.w()] = l
 			}
 			reps := n / g
 			out = append(out, choice{lo: lo, reps: reps, crossing: max(0, reps*lo.pp-l)})
@@ -302,7 +345,7 @@ func comparePipe(x, y choice) int {
 	if c := cmp.Compare(x.crossing, y.crossing); c != 0 {
 		return c
 	}
-	return cmp.Compare(y.lo.t, x.lo.t)
+	return compareWider(x.lo, y.lo)
 }
 
 // hostSizes is the number of workers on each host, in host order
@@ -320,11 +363,11 @@ func hostSizes(sorted []Worker) []int {
 	return out
 }
 
-// localGroups is how many TP groups of t workers form inside hosts.
-func localGroups(sizes []int, t int) int {
+// localGroups is how many stage groups of w workers form inside hosts.
+func localGroups(sizes []int, w int) int {
 	n := 0
 	for _, k := range sizes {
-		n += k / t
+		n += k / w
 	}
 	return n
 }
@@ -384,50 +427,89 @@ func sortWorkers(ws []Worker) []Worker {
 }
 
 // search evaluates layouts against one usable-memory bound, caching the
-// per-tp arithmetic.
+// per-shape arithmetic.
 type search struct {
 	cfg    *model.Config
 	opts   Options
-	minMem int64 // the smallest worker's memory
-	usable int64 // Utilization × minMem: the bound on every rank
-	tps    []int // ValidTP(cfg)
+	minMem int64   // the smallest worker's memory
+	usable int64   // Utilization × minMem: the bound on every rank
+	shapes []shape // the stage shapes allowed, ascending width (stageShapes)
 	// Caches, only looked up, never iterated.
-	sizers    map[int]*sizer     // by tp
-	layoutsOf map[[2]int]*layout // by (tp, pp)
+	sizers    map[shape]*sizer
+	layoutsOf map[[3]int]*layout // by (tp, ep, pp)
 }
 
-func (s *search) sizer(t int) *sizer {
-	if z, ok := s.sizers[t]; ok {
-		return z
+// stageShapes lists the stage shapes the planner considers, ascending
+// width: the forced ones, or
+//
+//   - for a dense model, or EP=1, or TP forced without EP: tp=t for every
+//     valid t (ValidTP), no expert parallelism;
+//   - for a MoE model with neither forced: one rank holding everything
+//     (tp=1), and for each width g > 1 dividing the experts ep=g with
+//     attention at the largest valid tp dividing g (attentionTP), where
+//     checkEP allows it.
+func stageShapes(cfg *model.Config, opts Options) []shape {
+	switch {
+	case opts.EP > 1:
+		t := opts.TP
+		if t == 0 {
+			t = attentionTP(cfg, opts.EP)
+		}
+		return []shape{{t, opts.EP}} // checked by New
+	case opts.TP > 0:
+		return []shape{{opts.TP, 1}} // checked by New; may exceed ValidTP's bound
+	case opts.EP == 1 || !cfg.IsMoE():
+		var out []shape
+		for _, t := range ValidTP(cfg) {
+			out = append(out, shape{t, 1})
+		}
+		return out
 	}
-	z := newSizer(s.cfg, s.opts, t)
-	s.sizers[t] = z
-	return z
-}
-
-// layouts lists the valid layouts of group size g allowed by the forced
-// degrees, in ascending tp.
-func (s *search) layouts(g int) []*layout {
-	var out []*layout
-	for _, t := range s.tps {
-		if g%t != 0 || (s.opts.TP > 0 && t != s.opts.TP) {
+	out := []shape{{1, 1}}
+	for g := 2; g <= min(cfg.NumExperts, maxTP); g++ {
+		if cfg.NumExperts%g != 0 {
 			continue
 		}
-		pp := g / t
-		if pp > s.cfg.NumHiddenLayers || (s.opts.PP > 0 && pp != s.opts.PP) {
-			continue
+		if t := attentionTP(cfg, g); checkEP(cfg, g, t, opts.RedundantExperts) == nil {
+			out = append(out, shape{t, g})
 		}
-		out = append(out, s.layout(t, pp))
 	}
 	return out
 }
 
-// layout is tp=t × pp, cached.
-func (s *search) layout(t, pp int) *layout {
-	lo, ok := s.layoutsOf[[2]int{t, pp}]
+func (s *search) sizer(sh shape) *sizer {
+	if z, ok := s.sizers[sh]; ok {
+		return z
+	}
+	z := newShapeSizer(s.cfg, s.opts, sh)
+	s.sizers[sh] = z
+	return z
+}
+
+// layouts lists the valid layouts of group size g allowed by the forced
+// degrees, in ascending stage width.
+func (s *search) layouts(g int) []*layout {
+	var out []*layout
+	for _, sh := range s.shapes {
+		if g%sh.w() != 0 {
+			continue
+		}
+		pp := g / sh.w()
+		if pp > s.cfg.NumHiddenLayers || (s.opts.PP > 0 && pp != s.opts.PP) {
+			continue
+		}
+		out = append(out, s.layout(sh, pp))
+	}
+	return out
+}
+
+// layout is shape sh × pp, cached.
+func (s *search) layout(sh shape, pp int) *layout {
+	key := [3]int{sh.t, sh.ep, pp}
+	lo, ok := s.layoutsOf[key]
 	if !ok {
-		lo = s.sizer(t).layout(pp)
-		s.layoutsOf[[2]int{t, pp}] = lo
+		lo = s.sizer(sh).layout(pp)
+		s.layoutsOf[key] = lo
 	}
 	return lo
 }
@@ -444,14 +526,11 @@ func (s *search) fitting(g int) []*layout {
 
 // largestG is the largest group size any allowed layout has.
 func (s *search) largestG() int {
-	t, pp := s.tps[len(s.tps)-1], s.cfg.NumHiddenLayers
-	if s.opts.TP > 0 {
-		t = s.opts.TP
-	}
+	w, pp := s.shapes[len(s.shapes)-1].w(), s.cfg.NumHiddenLayers
 	if s.opts.PP > 0 {
 		pp = s.opts.PP
 	}
-	return t * pp
+	return w * pp
 }
 
 // noFit explains why no layout of up to n workers fits: the best one
@@ -466,7 +545,7 @@ func (s *search) noFit(label string, n int) error {
 			}
 		}
 	}
-	weights := s.sizer(1).stage(0, s.cfg.NumHiddenLayers, true, true).weights
+	weights := s.sizer(shape{1, 1}).stage(0, s.cfg.NumHiddenLayers, true, true).weights
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s needs %s of %s weights", label, fmtBytes(weights), dtypeName(s.cfg, s.opts))
 	minMem := s.minMem
@@ -505,17 +584,17 @@ func dtypeName(cfg *model.Config, opts Options) string {
 }
 
 // assignment maps a layout onto sorted workers: replicas[r][stage] is the
-// TP group of that stage, in TP-rank order.
+// group of that stage (TP, or EP with expert parallelism), in rank order.
 type assignment struct {
 	replicas [][][]Worker
 	unused   []Worker
 }
 
-// assign builds TP groups host by host (t workers of one host each), then,
-// unless local, groups the hosts' leftovers in order across hosts (with
-// local they are unused); a replica takes pp consecutive groups, so the
-// host-local groups are used first and a pipeline crosses hosts only
-// where a host runs out.
+// assign builds stage groups host by host (t workers of one host each:
+// the stage width, tp or ep), then, unless local, groups the hosts'
+// leftovers in order across hosts (with local they are unused); a replica
+// takes pp consecutive groups, so the host-local groups are used first
+// and a pipeline crosses hosts only where a host runs out.
 func assign(sorted []Worker, t, pp int, local bool) assignment {
 	var groups [][]Worker
 	var pool []Worker
@@ -548,7 +627,8 @@ func assign(sorted []Worker, t, pp int, local bool) assignment {
 	return a
 }
 
-// crossingTP counts the TP groups in use that span more than one host.
+// crossingTP counts the stage groups (TP, or EP) in use that span more
+// than one host.
 func (a assignment) crossingTP() int {
 	n := 0
 	for _, rep := range a.replicas {

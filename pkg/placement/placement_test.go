@@ -272,12 +272,16 @@ func planCases(t *testing.T) []planCase {
 		{"72b-mixed", preset(t, "qwen2-72b"), mixed, Options{PP: 2}},
 		{"7b-5x16-nohost", preset(t, "qwen2-7b"), nohost, Options{}},
 		{"0.5b-6x8-3hosts", preset(t, "qwen2-0.5b"), uniform(6, 3, 8*gib, "cpu"), Options{TP: 2, PP: 3}},
+		{"57b-8x80", preset(t, "qwen2-57b-a14b"), uniform(8, 1, 80*gib, "cuda"), Options{}},
+		{"57b-8x40-2hosts-ep2-pp2", preset(t, "qwen2-57b-a14b"), uniform(8, 2, 40*gib, "cuda"), Options{EP: 2, PP: 2}},
+		{"57b-20x24-3hosts-ep8", preset(t, "qwen2-57b-a14b"), uniform(20, 3, 24*gib, "cuda"), Options{EP: 8, RedundantExperts: 1}},
+		{"57b-7x40-4hosts", preset(t, "qwen2-57b-a14b"), uniform(7, 4, 40*gib, "cuda"), Options{}},
 	}
 }
 
 // TestPlanInvariants: every layer in exactly one stage per replica, every
-// worker used at most once (or listed unused), ranks in order, every rank
-// within the usable memory.
+// worker used at most once (or listed unused), ranks in order (TP or EP
+// ranks), every rank within the usable memory.
 func TestPlanInvariants(t *testing.T) {
 	for _, tc := range planCases(t) {
 		t.Run(tc.name, func(t *testing.T) {
@@ -309,16 +313,24 @@ func TestPlanInvariants(t *testing.T) {
 				}
 				next := 0
 				for si, s := range r.Stages {
-					if s.Index != si || s.LayersBegin != next || s.LayersEnd <= s.LayersBegin || len(s.Ranks) != p.TP {
+					width := p.TP
+					if p.EP > 1 {
+						width = p.EP
+					}
+					if s.Index != si || s.LayersBegin != next || s.LayersEnd <= s.LayersBegin || len(s.Ranks) != width {
 						t.Fatalf("replica %d stage %d: %+v", ri, si, s)
 					}
 					next = s.LayersEnd
 					if total := s.WeightBytes + s.KVBytes + s.ActivationBytes; float64(total) > 0.9*float64(minMem) {
 						t.Fatalf("stage %d needs %d bytes per rank, over 0.9 × %d", si, total, minMem)
 					}
-					for tr, rk := range s.Ranks {
-						if rk.TPRank != tr {
-							t.Fatalf("rank %d has TPRank %d", tr, rk.TPRank)
+					for i, rk := range s.Ranks {
+						wantEP := 0
+						if p.EP > 1 {
+							wantEP = i
+						}
+						if rk.TPRank != i%p.TP || rk.EPRank != wantEP {
+							t.Fatalf("rank %d has TPRank %d, EPRank %d (tp=%d ep=%d)", i, rk.TPRank, rk.EPRank, p.TP, p.EP)
 						}
 						use(rk.Worker)
 					}
@@ -333,8 +345,11 @@ func TestPlanInvariants(t *testing.T) {
 			if len(seen) != len(tc.workers) {
 				t.Fatalf("%d of %d workers accounted for", len(seen), len(tc.workers))
 			}
-			if tc.opts.TP > 0 && p.TP != tc.opts.TP || tc.opts.PP > 0 && p.PP != tc.opts.PP {
-				t.Fatalf("forced tp=%d pp=%d, got tp=%d pp=%d", tc.opts.TP, tc.opts.PP, p.TP, p.PP)
+			if tc.opts.TP > 0 && p.TP != tc.opts.TP || tc.opts.PP > 0 && p.PP != tc.opts.PP || tc.opts.EP > 0 && p.EP != tc.opts.EP {
+				t.Fatalf("forced tp=%d pp=%d ep=%d, got tp=%d pp=%d ep=%d", tc.opts.TP, tc.opts.PP, tc.opts.EP, p.TP, p.PP, p.EP)
+			}
+			if p.EP < 1 {
+				t.Fatalf("ep=%d", p.EP)
 			}
 		})
 	}

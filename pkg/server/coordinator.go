@@ -247,8 +247,11 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 			return nil, fmt.Errorf("--ep: %v", err)
 		}
 	}
-	if opts.RedundantExperts < 0 || opts.RedundantExperts > 0 && !cfg.IsMoE() {
-		return nil, fmt.Errorf("--redundant-experts: %d for a model with %d experts", opts.RedundantExperts, cfg.NumExperts)
+	switch r := opts.RedundantExperts; {
+	case r < 0 || r > 0 && !cfg.IsMoE():
+		return nil, fmt.Errorf("--redundant-experts: %d for a model with %d experts", r, cfg.NumExperts)
+	case r > 0 && (opts.EP == 1 || opts.EP == 0 && opts.TP > 0):
+		return nil, fmt.Errorf("--redundant-experts: %d needs expert parallelism (--ep > 1, or no --tp so the planner may choose it)", r)
 	}
 	if opts.PP > cfg.NumHiddenLayers || opts.PP < 0 {
 		return nil, fmt.Errorf("--pp: %d stages for %d layers", opts.PP, cfg.NumHiddenLayers)
