@@ -230,22 +230,14 @@ func (m *Model) LoadExperts(src WeightSource, em ExpertMap) error {
 	for _, s := range Shapes(m.cfg) {
 		shapes[s.Name] = s.Shape
 	}
-	for i, ly := range m.layers {
-		if ly.moe == nil {
-			continue
+	return m.eachExpert(func(l, x int, slot **mlp) error {
+		if *slot != nil || !em.Holds(l, x, m.sh.EPRank) {
+			return nil
 		}
-		l := m.sh.LayersBegin + i
-		for x, p := range ly.moe.experts {
-			if p == nil && em.Holds(l, x, m.sh.EPRank) {
-				p, err := m.loadExpert(ld, shapes, l, x)
-				if err != nil {
-					return err
-				}
-				ly.moe.experts[x] = p
-			}
-		}
-	}
-	return nil
+		p, err := m.loadExpert(ld, shapes, l, x)
+		*slot = p
+		return err
+	})
 }
 
 // DropExperts frees the routed experts em does not place on this rank and
@@ -255,22 +247,17 @@ func (m *Model) DropExperts(em ExpertMap) int {
 		return 0
 	}
 	n := 0
-	for i, ly := range m.layers {
-		if ly.moe == nil {
-			continue
-		}
-		l := m.sh.LayersBegin + i
-		for x, p := range ly.moe.experts {
-			if p != nil && !em.Holds(l, x, m.sh.EPRank) {
-				for _, t := range []kernels.Tensor{p.gate, p.up, p.down} {
-					m.bytes -= tensorBytes(t)
-					m.b.Free(t)
-				}
-				ly.moe.experts[x] = nil
-				n++
+	m.eachExpert(func(l, x int, slot **mlp) error {
+		if p := *slot; p != nil && !em.Holds(l, x, m.sh.EPRank) {
+			for _, t := range []kernels.Tensor{p.gate, p.up, p.down} {
+				m.bytes -= tensorBytes(t)
+				m.b.Free(t)
 			}
+			*slot = nil
+			n++
 		}
-	}
+		return nil
+	})
 	m.experts = em
 	return n
 }
@@ -278,14 +265,24 @@ func (m *Model) DropExperts(em ExpertMap) int {
 // checkExperts says which expert em places on this rank that it does not
 // hold (loaded by LoadExperts first), or nil.
 func (m *Model) checkExperts(em ExpertMap) error {
+	return m.eachExpert(func(l, x int, slot **mlp) error {
+		if *slot == nil && em.Holds(l, x, m.sh.EPRank) {
+			return fmt.Errorf("%w: the expert map places expert %d of layer %d on rank %d, which has not loaded it", ErrBadBatch, x, l, m.sh.EPRank)
+		}
+		return nil
+	})
+}
+
+// eachExpert calls f with every routed expert slot of the shard's MoE
+// layers (l is the model's layer index) until f fails.
+func (m *Model) eachExpert(f func(l, x int, slot **mlp) error) error {
 	for i, ly := range m.layers {
 		if ly.moe == nil {
 			continue
 		}
-		l := m.sh.LayersBegin + i
-		for x, p := range ly.moe.experts {
-			if p == nil && em.Holds(l, x, m.sh.EPRank) {
-				return fmt.Errorf("%w: the expert map places expert %d of layer %d on rank %d, which has not loaded it", ErrBadBatch, x, l, m.sh.EPRank)
+		for x := range ly.moe.experts {
+			if err := f(m.sh.LayersBegin+i, x, &ly.moe.experts[x]); err != nil {
+				return err
 			}
 		}
 	}

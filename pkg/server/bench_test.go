@@ -101,31 +101,7 @@ func BenchmarkParallelDecode(b *testing.B) {
 		for _, conc := range []int{1, 16} {
 			b.Run(fmt.Sprintf("tp=%d,pp=%d,streams=%d", tp, pp, conc), func(b *testing.B) {
 				before := schedStats(b, c)
-				var total int
-				var elapsed time.Duration
-				for it := 0; it < b.N; it++ {
-					t0 := time.Now()
-					var wg sync.WaitGroup
-					var mu sync.Mutex
-					for s := 0; s < conc; s++ {
-						wg.Go(func() {
-							p := make([]int32, 16)
-							for j := range p {
-								p[j] = int32((it*7919 + s*104729 + j*31) % 150000)
-							}
-							r, err := generate(context.Background(), c.client, idsReq(p, 32))
-							if err != nil {
-								b.Error(err)
-								return
-							}
-							mu.Lock()
-							total += len(r.ids)
-							mu.Unlock()
-						})
-					}
-					wg.Wait()
-					elapsed += time.Since(t0)
-				}
+				total, elapsed := decodeRounds(b, c, conc)
 				after := schedStats(b, c)
 				steps := float64(after.Steps - before.Steps)
 				b.ReportMetric(float64(total)/elapsed.Seconds(), "tok/s")
@@ -136,6 +112,35 @@ func BenchmarkParallelDecode(b *testing.B) {
 		}
 		c.coord.stop(syscall.SIGTERM)
 	}
+}
+
+// decodeRounds runs b.N rounds of conc concurrent greedy requests (16-token
+// prompts, 32 new tokens) and returns the tokens generated and the time.
+func decodeRounds(b *testing.B, c *clusterT, conc int) (total int, elapsed time.Duration) {
+	for it := 0; it < b.N; it++ {
+		t0 := time.Now()
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		for s := 0; s < conc; s++ {
+			wg.Go(func() {
+				p := make([]int32, 16)
+				for j := range p {
+					p[j] = int32((it*7919 + s*104729 + j*31) % 150000)
+				}
+				r, err := generate(context.Background(), c.client, idsReq(p, 32))
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				mu.Lock()
+				total += len(r.ids)
+				mu.Unlock()
+			})
+		}
+		wg.Wait()
+		elapsed += time.Since(t0)
+	}
+	return total, elapsed
 }
 
 func schedStats(b *testing.B, c *clusterT) *pb.SchedulerStats {
@@ -181,31 +186,7 @@ func BenchmarkExpertParallelDecode(b *testing.B) {
 		for _, conc := range []int{1, 16} {
 			b.Run(fmt.Sprintf("ep=%d,streams=%d", ep, conc), func(b *testing.B) {
 				before := schedStats(b, c)
-				var total int
-				var elapsed time.Duration
-				for it := 0; it < b.N; it++ {
-					t0 := time.Now()
-					var wg sync.WaitGroup
-					var mu sync.Mutex
-					for s := 0; s < conc; s++ {
-						wg.Go(func() {
-							p := make([]int32, 16)
-							for j := range p {
-								p[j] = int32((it*7919 + s*104729 + j*31) % 150000)
-							}
-							r, err := generate(context.Background(), c.client, idsReq(p, 32))
-							if err != nil {
-								b.Error(err)
-								return
-							}
-							mu.Lock()
-							total += len(r.ids)
-							mu.Unlock()
-						})
-					}
-					wg.Wait()
-					elapsed += time.Since(t0)
-				}
+				total, elapsed := decodeRounds(b, c, conc)
 				after := schedStats(b, c)
 				steps := float64(after.Steps - before.Steps)
 				b.ReportMetric(float64(total)/elapsed.Seconds(), "tok/s")
