@@ -108,8 +108,8 @@ func TestExpertReplacement(t *testing.T) {
 		switch step {
 		case 2:
 			for _, m := range g.models[0] {
-				if err := m.LoadExperts(src, next); err != nil {
-					t.Fatal(err)
+				if n, err := m.LoadExperts(src, next); err != nil || n == 0 {
+					t.Fatalf("loaded %d experts: %v", n, err)
 				}
 			}
 			g.experts = next

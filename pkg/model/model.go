@@ -31,7 +31,7 @@ type Model struct {
 	sh     Shard
 	g      geometry
 	rope   kernels.Rope
-	bytes  int64 // weight bytes
+	bytes  atomic.Int64 // weight bytes (read while experts load)
 	closer func() error
 	// expertTokens counts, per layer of the shard and expert, the token
 	// rows routed to it since the model was built.
@@ -92,7 +92,7 @@ func NewShard(cfg *Config, b kernels.Backend, src WeightSource, sh Shard) (*Mode
 		precise := strings.HasSuffix(name, "mlp.gate.weight") || strings.HasSuffix(name, "shared_expert_gate.weight")
 		t, err = ld.load(name, shapes[name], dim, sp, precise)
 		if t != nil {
-			m.bytes += tensorBytes(t)
+			m.bytes.Add(tensorBytes(t))
 		}
 		return t
 	}
@@ -183,14 +183,14 @@ func (m *Model) loadExpert(ld *loader, shapes map[string][]int, l, x int) (*mlp,
 		if err != nil {
 			for _, u := range []kernels.Tensor{p.gate, p.up} {
 				if u != nil {
-					m.bytes -= tensorBytes(u)
+					m.bytes.Add(-tensorBytes(u))
 					m.b.Free(u)
 				}
 			}
 			return nil, err
 		}
 		*w.t = t
-		m.bytes += tensorBytes(t)
+		m.bytes.Add(tensorBytes(t))
 	}
 	return &p, nil
 }
@@ -218,39 +218,58 @@ func (m *Model) ExpertLoad() [][]int64 {
 }
 
 // LoadExperts reads, from src, the routed experts em places on this rank
-// that it does not hold yet (only their bytes), so that steps may use em.
-// Experts it no longer needs stay until DropExperts. Like Forward, it must
-// not run concurrently with another call on m.
-func (m *Model) LoadExperts(src WeightSource, em ExpertMap) error {
+// that it does not hold yet (only their bytes), so that steps may use em,
+// and returns how many it read. Experts it no longer needs stay until
+// DropExperts. Like Forward, it must not run concurrently with another
+// call on m.
+func (m *Model) LoadExperts(src WeightSource, em ExpertMap) (int, error) {
 	if m.sh.EPSize <= 1 {
-		return fmt.Errorf("%w: not an expert-parallel shard", ErrBadShard)
+		return 0, fmt.Errorf("%w: not an expert-parallel shard", ErrBadShard)
 	}
+	n := 0
 	ld := &loader{src: src, b: m.b}
 	shapes := map[string][]int{}
 	for _, s := range Shapes(m.cfg) {
 		shapes[s.Name] = s.Shape
 	}
-	return m.eachExpert(func(l, x int, slot **mlp) error {
+	err := m.eachExpert(func(l, x int, slot **mlp) error {
 		if *slot != nil || !em.Holds(l, x, m.sh.EPRank) {
 			return nil
 		}
 		p, err := m.loadExpert(ld, shapes, l, x)
-		*slot = p
+		if err == nil {
+			*slot = p
+			n++
+		}
 		return err
 	})
+	return n, err
 }
 
-// DropExperts frees the routed experts em does not place on this rank and
-// makes em the shard's placement. It returns how many it freed.
-func (m *Model) DropExperts(em ExpertMap) int {
+// DropExperts makes em the shard's placement (nil: keeps the current one)
+// and frees the routed experts that neither it nor any of keep
+// (placements still to come) places on this rank. It returns how many it
+// freed.
+func (m *Model) DropExperts(em ExpertMap, keep ...ExpertMap) int {
 	if m.sh.EPSize <= 1 {
 		return 0
 	}
+	if em == nil {
+		em = m.experts
+	}
 	n := 0
+	held := func(l, x int) bool {
+		for _, k := range append([]ExpertMap{em}, keep...) {
+			if k.Holds(l, x, m.sh.EPRank) {
+				return true
+			}
+		}
+		return false
+	}
 	m.eachExpert(func(l, x int, slot **mlp) error {
-		if p := *slot; p != nil && !em.Holds(l, x, m.sh.EPRank) {
+		if p := *slot; p != nil && !held(l, x) {
 			for _, t := range []kernels.Tensor{p.gate, p.up, p.down} {
-				m.bytes -= tensorBytes(t)
+				m.bytes.Add(-tensorBytes(t))
 				m.b.Free(t)
 			}
 			*slot = nil
@@ -311,7 +330,7 @@ func (m *Model) Config() *Config { return m.cfg }
 func (m *Model) Backend() kernels.Backend { return m.b }
 
 // WeightBytes is the size of the loaded weights in their stored dtypes.
-func (m *Model) WeightBytes() int64 { return m.bytes }
+func (m *Model) WeightBytes() int64 { return m.bytes.Load() }
 
 // KVDim is the width of one layer's K (or V) row: the shard's KV heads ×
 // head dim.
@@ -320,6 +339,10 @@ func (m *Model) KVDim() int { return m.g.kvHeads * m.cfg.headDim() }
 // NumLayers is the number of decoder layers this shard holds (the layers
 // of its KV cache).
 func (m *Model) NumLayers() int { return len(m.layers) }
+
+// Experts is the expert placement of an expert-parallel shard (the one a
+// step without Batch.Experts uses), nil otherwise.
+func (m *Model) Experts() ExpertMap { return m.experts }
 
 // Shard is the part of the model this is.
 func (m *Model) Shard() Shard { return m.sh }

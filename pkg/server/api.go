@@ -546,7 +546,10 @@ func (s *GeneratorService) ExpertLoad(ctx context.Context, req *pb.ExpertLoadReq
 		}
 	}
 	reps, err := c.ExpertLoad(ctx, req.Rebalance, redundant)
-	if err != nil {
+	switch {
+	case errors.Is(err, errBadRequest):
+		return nil, invalid("redundant_experts", "%v", err)
+	case err != nil:
 		return nil, status.Errorf(codes.Unavailable, "expert load: %v", err)
 	}
 	return &pb.ExpertLoadResponse{Replicas: reps}, nil

@@ -128,3 +128,36 @@ func TestExpertRebalance(t *testing.T) {
 		}
 	}
 }
+
+// TestExpertRebalanceTwice re-places the experts of an ep=2 × pp=2
+// replica twice in a row while requests run (two micro-batches in flight,
+// the second placement loaded before every worker ran a step on the
+// first): no output token changes and the replica stays up.
+func TestExpertRebalanceTwice(t *testing.T) {
+	dir := refDir("moe-f32")
+	c := startCluster(t, dir, "--ep", "2", "--tp", "1", "--pp", "2", "--local-workers", "4", "--worker-threads", "1", "--redundant-experts", "1")
+	ps := testPrompts(4, 512)
+	alone := make([][]int32, len(ps))
+	for i, p := range ps {
+		alone[i] = mustGenerate(t, c.client, idsReq(p, 150)).ids
+	}
+	var first, second *pb.ExpertLoadResponse_Replica
+	got := generateAround(t, c.client, ps, 150, func() {
+		first = expertLoad(t, c, true)
+		second = expertLoad(t, c, true)
+	})
+	for i := range ps {
+		if !slices.Equal(got[i], alone[i]) {
+			t.Fatalf("request %d across two rebalances: %v, before them %v", i, got[i], alone[i])
+		}
+	}
+	if first.ExpertsVersion != 2 || second.ExpertsVersion != 3 {
+		t.Fatalf("versions %d, %d", first.ExpertsVersion, second.ExpertsVersion)
+	}
+	if now := expertLoad(t, c, false); now.ExpertsVersion != 3 { // a re-formed replica starts at 1
+		t.Fatalf("the replica was re-formed: experts version %d", now.ExpertsVersion)
+	}
+	if g := mustGenerate(t, c.client, idsReq(ps[0], 150)).ids; !slices.Equal(g, alone[0]) {
+		t.Fatalf("after the rebalances: %v, before %v", g, alone[0])
+	}
+}

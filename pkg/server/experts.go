@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
@@ -12,6 +13,9 @@ import (
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
 )
+
+// errBadRequest marks ExpertLoad errors about its arguments.
+var errBadRequest = errors.New("bad request")
 
 // expertCounts gathers the cumulative routed-token counts of every layer of
 // an expert-parallel replica from rank 0 of each stage (the rank that
@@ -71,6 +75,10 @@ func since(counts, base [][]int64) [][]int64 {
 func (c *Coordinator) ExpertLoad(ctx context.Context, rebalance bool, redundant int) ([]*pb.ExpertLoadResponse_Replica, error) {
 	if redundant < 0 {
 		redundant = c.opts.RedundantExperts
+	}
+	if redundant > c.opts.RedundantExperts {
+		return nil, fmt.Errorf("%w: %d redundant experts per rank exceed the %d the placement counted memory for (--redundant-experts)",
+			errBadRequest, redundant, c.opts.RedundantExperts)
 	}
 	c.mu.Lock()
 	var rs []*replica
@@ -135,7 +143,15 @@ func (c *Coordinator) replicaExperts(ctx context.Context, r *replica, rebalance 
 		loaded[i] = resp.Loaded
 		return nil
 	}); err != nil {
-		return nil, err // the old placement stays in use
+		// The old placement stays in use; the workers that loaded the new
+		// one free what only it needed.
+		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		forEach(r.members, func(m *member) error {
+			_, cerr := m.client.SetExperts(cctx, &workerv1.SetExpertsRequest{AssignmentVersion: r.gen, ExpertsVersion: v, Cancel: true})
+			return cerr
+		})
+		return nil, err
 	}
 	r.exec.switchExperts(v)
 	c.mu.Lock()

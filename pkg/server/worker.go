@@ -180,6 +180,7 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	}
 	sh := model.Shard{LayersBegin: int(a.LayersBegin), LayersEnd: int(a.LayersEnd), TPRank: int(a.TpRank), TPSize: int(a.TpSize)}
 	var table *expertparallel.Table
+	dir := filepath.Clean(a.Model)
 	if a.EpSize > 1 {
 		sh.EPRank, sh.EPSize = int(a.EpRank), int(a.EpSize)
 		if len(a.Experts) > 0 {
@@ -187,13 +188,17 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 			if err == nil && t.Ranks != int(a.EpSize) {
 				err = fmt.Errorf("%d ranks for ep_size %d", t.Ranks, a.EpSize)
 			}
+			if err == nil { // (a config that does not load fails the load below)
+				if cfg, cerr := model.LoadConfig(filepath.Join(dir, "config.json")); cerr == nil {
+					err = t.Validate(cfg.NumHiddenLayers, cfg.NumExperts)
+				}
+			}
 			if err != nil {
 				return status.Errorf(codes.InvalidArgument, "assignment.experts: %v", err)
 			}
 			table, sh.Experts = t, t
 		}
 	}
-	dir := filepath.Clean(a.Model)
 	w.life.Lock()
 	defer w.life.Unlock()
 	w.mu.Lock()
@@ -300,7 +305,7 @@ func (w *WorkerService) switchExperts(dir string, t *expertparallel.Table) error
 		return err
 	}
 	defer ck.Close()
-	if err := w.exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t); err != nil {
+	if _, err := w.exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t); err != nil {
 		return err
 	}
 	w.exec.DropExperts(t)
@@ -398,21 +403,7 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	}
 	res, err := exec.StepExperts(ctx, b, sl, em)
 	if err == nil && newTable != nil {
-		// Steps run in id order and later ones name this placement too:
-		// the old experts can go.
-		w.mu.Lock()
-		if req.ExpertsVersion > w.expVersion {
-			w.expVersion = req.ExpertsVersion
-			for v := range w.tables {
-				if v <= req.ExpertsVersion {
-					delete(w.tables, v)
-				}
-			}
-			n := exec.DropExperts(newTable)
-			w.opts.Logger.Info("expert placement switched", "experts_version", req.ExpertsVersion, "dropped", n,
-				"weight_bytes", exec.Model().WeightBytes())
-		}
-		w.mu.Unlock()
+		w.switchedTo(exec, req.ExpertsVersion, newTable)
 	}
 	if err == nil {
 		w.metrics.Steps.Inc()
@@ -488,6 +479,34 @@ func (w *WorkerService) Exchange(stream workerv1.Worker_ExchangeServer) error {
 	}
 }
 
+// switchedTo records that a step ran on expert placement v: steps run in
+// id order and later ones name v or a newer one, so the experts only older
+// placements held can go (those of placements loaded for later switches
+// stay). The experts are freed without w.mu held: a step in flight holds
+// the executor while it waits for messages that Exchange delivers under
+// w.mu.
+func (w *WorkerService) switchedTo(exec *shard.Executor, v int64, t *expertparallel.Table) {
+	w.mu.Lock()
+	if v <= w.expVersion {
+		w.mu.Unlock()
+		return
+	}
+	w.expVersion = v
+	var later []model.ExpertMap
+	for u, pt := range w.tables {
+		switch {
+		case u <= v:
+			delete(w.tables, u)
+		default:
+			later = append(later, pt)
+		}
+	}
+	w.mu.Unlock()
+	n := exec.DropExperts(t, later...)
+	w.opts.Logger.Info("expert placement switched", "experts_version", v, "dropped", n,
+		"weight_bytes", exec.Model().WeightBytes())
+}
+
 // SetExperts loads a new expert placement next to the one in use; the
 // first step that names its version switches to it.
 func (w *WorkerService) SetExperts(ctx context.Context, req *workerv1.SetExpertsRequest) (*workerv1.SetExpertsResponse, error) {
@@ -505,6 +524,17 @@ func (w *WorkerService) SetExperts(ctx context.Context, req *workerv1.SetExperts
 		return nil, status.Errorf(codes.FailedPrecondition, "assignment_version: %d, this worker holds %d", req.AssignmentVersion, a.Version)
 	case req.ExpertsVersion <= cur:
 		return nil, status.Errorf(codes.InvalidArgument, "experts_version: %d is not newer than %d", req.ExpertsVersion, cur)
+	case req.Cancel:
+		w.mu.Lock()
+		delete(w.tables, req.ExpertsVersion)
+		keep := []model.ExpertMap{}
+		for _, pt := range w.tables {
+			keep = append(keep, pt)
+		}
+		w.mu.Unlock()
+		n := exec.DropExperts(nil, keep...) // nil: the placement in use
+		w.opts.Logger.Info("expert placement cancelled", "experts_version", req.ExpertsVersion, "dropped", n)
+		return &workerv1.SetExpertsResponse{WeightBytes: exec.Model().WeightBytes()}, nil
 	}
 	cfg := exec.Model().Config()
 	t, err := expertparallel.FromFlat(req.Experts)
@@ -518,13 +548,13 @@ func (w *WorkerService) SetExperts(ctx context.Context, req *workerv1.SetExperts
 		return nil, status.Errorf(codes.InvalidArgument, "experts: %v", err)
 	}
 	t0 := time.Now()
-	before := exec.Model().WeightBytes()
 	ck, err := safetensors.Open(dir, safetensors.Options{})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "checkpoint: %v", err)
 	}
 	defer ck.Close()
-	if err := exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t); err != nil {
+	n, err := exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t)
+	if err != nil {
 		return nil, status.Errorf(codes.Internal, "load experts: %v", err)
 	}
 	w.mu.Lock()
@@ -533,19 +563,9 @@ func (w *WorkerService) SetExperts(ctx context.Context, req *workerv1.SetExperts
 	}
 	w.tables[req.ExpertsVersion] = t
 	w.mu.Unlock()
-	after := exec.Model().WeightBytes()
-	per := int64(3 * cfg.HiddenSize * cfg.MoeIntermediateSize * dtypeBytes(cfg))
-	w.opts.Logger.Info("experts loaded", "experts_version", req.ExpertsVersion, "bytes", after-before, "ms", ms(time.Since(t0)))
-	return &workerv1.SetExpertsResponse{Loaded: int32((after - before) / max(per, 1)), WeightBytes: after,
+	w.opts.Logger.Info("experts loaded", "experts_version", req.ExpertsVersion, "experts", n, "ms", ms(time.Since(t0)))
+	return &workerv1.SetExpertsResponse{Loaded: int32(n), WeightBytes: exec.Model().WeightBytes(),
 		LoadMs: float64(time.Since(t0).Microseconds()) / 1000}, nil
-}
-
-// dtypeBytes is the stored size of one of cfg's weights.
-func dtypeBytes(cfg *model.Config) int {
-	if cfg.TorchDtype == "float32" {
-		return 4
-	}
-	return 2
 }
 
 // ExpertLoad returns the routed-token counts of this worker's layers.
@@ -597,35 +617,41 @@ type replicaExecutor struct {
 	comm, steps atomic.Int64
 	maxID       atomic.Uint64 // the highest step id sent
 
-	// Expert placement of steps: steps with ids above switchAfter use
-	// expVersion, earlier ones prevVersion (workers run steps in id order,
-	// so none sees the old placement after the new one).
-	expMu                   sync.Mutex
-	expVersion, prevVersion int64
-	switchAfter             uint64
+	// Expert placement of steps: expVersion at first, then each switch's
+	// version for the steps numbered after it (workers run steps in id
+	// order, so none sees an older placement after a newer one).
+	expMu      sync.Mutex
+	expVersion int64
+	switches   []expertSwitch
+}
+
+type expertSwitch struct {
+	after   uint64 // steps with higher ids use version
+	version int64
 }
 
 // switchExperts has the steps after those already sent use version v.
 func (g *replicaExecutor) switchExperts(v int64) {
 	g.expMu.Lock()
 	defer g.expMu.Unlock()
-	g.prevVersion, g.expVersion = g.expVersion, v
-	g.switchAfter = g.maxID.Load()
+	g.switches = append(g.switches, expertSwitch{g.maxID.Load(), v})
+	if len(g.switches) > 16 { // steps that old are long done
+		g.expVersion = g.switches[0].version
+		g.switches = g.switches[1:]
+	}
 }
 
 func (g *replicaExecutor) expertsFor(id uint64) int64 {
 	g.expMu.Lock()
 	defer g.expMu.Unlock()
-	for {
-		m := g.maxID.Load()
-		if id <= m || g.maxID.CompareAndSwap(m, id) {
-			break
+	g.maxID.Store(max(g.maxID.Load(), id))
+	v := g.expVersion
+	for _, s := range g.switches {
+		if id > s.after {
+			v = s.version
 		}
 	}
-	if id <= g.switchAfter && g.prevVersion != 0 {
-		return g.prevVersion
-	}
-	return g.expVersion
+	return v
 }
 
 func (g *replicaExecutor) Release(ctx context.Context, ids []uint64) error {

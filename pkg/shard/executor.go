@@ -252,18 +252,19 @@ func (x *Executor) StepExperts(ctx context.Context, b *routing.StepBatch, link L
 
 // LoadExperts has an expert-parallel model read the experts em places on
 // it (between steps); see model.LoadExperts.
-func (x *Executor) LoadExperts(src model.WeightSource, em model.ExpertMap) error {
+func (x *Executor) LoadExperts(src model.WeightSource, em model.ExpertMap) (int, error) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	return x.m.LoadExperts(src, em)
 }
 
-// DropExperts frees the experts em does not place on this rank (between
-// steps) and makes em the model's; see model.DropExperts.
-func (x *Executor) DropExperts(em model.ExpertMap) int {
+// DropExperts makes em the model's placement and frees the experts
+// neither it nor keep places on this rank (between steps); see
+// model.DropExperts.
+func (x *Executor) DropExperts(em model.ExpertMap, keep ...model.ExpertMap) int {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	return x.m.DropExperts(em)
+	return x.m.DropExperts(em, keep...)
 }
 
 // waitTurn blocks until the steps numbered before id have run here or ctx

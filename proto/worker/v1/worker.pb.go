@@ -1368,8 +1368,11 @@ type SetExpertsRequest struct {
 	AssignmentVersion int64                  `protobuf:"varint,1,opt,name=assignment_version,json=assignmentVersion,proto3" json:"assignment_version,omitempty"`
 	ExpertsVersion    int64                  `protobuf:"varint,2,opt,name=experts_version,json=expertsVersion,proto3" json:"experts_version,omitempty"` // greater than the worker's current one
 	Experts           []int32                `protobuf:"varint,3,rep,packed,name=experts,proto3" json:"experts,omitempty"`                              // expertparallel.Table.Flat
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// cancel forgets experts_version (its switch will not come: another
+	// worker could not load it) and frees what only it needed.
+	Cancel        bool `protobuf:"varint,4,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SetExpertsRequest) Reset() {
@@ -1421,6 +1424,13 @@ func (x *SetExpertsRequest) GetExperts() []int32 {
 		return x.Experts
 	}
 	return nil
+}
+
+func (x *SetExpertsRequest) GetCancel() bool {
+	if x != nil {
+		return x.Cancel
+	}
+	return false
 }
 
 type SetExpertsResponse struct {
@@ -1725,11 +1735,12 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\rHealthRequest\"<\n" +
 	"\x0eHealthResponse\x12\x14\n" +
 	"\x05ready\x18\x01 \x01(\bR\x05ready\x12\x14\n" +
-	"\x05state\x18\x02 \x01(\tR\x05state\"\x85\x01\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\"\x9d\x01\n" +
 	"\x11SetExpertsRequest\x12-\n" +
 	"\x12assignment_version\x18\x01 \x01(\x03R\x11assignmentVersion\x12'\n" +
 	"\x0fexperts_version\x18\x02 \x01(\x03R\x0eexpertsVersion\x12\x18\n" +
-	"\aexperts\x18\x03 \x03(\x05R\aexperts\"h\n" +
+	"\aexperts\x18\x03 \x03(\x05R\aexperts\x12\x16\n" +
+	"\x06cancel\x18\x04 \x01(\bR\x06cancel\"h\n" +
 	"\x12SetExpertsResponse\x12\x16\n" +
 	"\x06loaded\x18\x01 \x01(\x05R\x06loaded\x12!\n" +
 	"\fweight_bytes\x18\x02 \x01(\x03R\vweightBytes\x12\x17\n" +

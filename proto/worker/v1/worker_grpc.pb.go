@@ -58,6 +58,7 @@ type WorkerClient interface {
 	// SetExperts loads the routed experts a new expert placement gives this
 	// expert-parallel rank (keeping the old ones); the first step that names
 	// the new experts_version switches to it and frees what it no longer holds.
+	// A cancel forgets a placement that will not be switched to.
 	SetExperts(ctx context.Context, in *SetExpertsRequest, opts ...grpc.CallOption) (*SetExpertsResponse, error)
 	// ExpertLoad returns the tokens routed to each expert of this worker's
 	// layers since it loaded (counted by rank 0 of each stage).
@@ -198,6 +199,7 @@ type WorkerServer interface {
 	// SetExperts loads the routed experts a new expert placement gives this
 	// expert-parallel rank (keeping the old ones); the first step that names
 	// the new experts_version switches to it and frees what it no longer holds.
+	// A cancel forgets a placement that will not be switched to.
 	SetExperts(context.Context, *SetExpertsRequest) (*SetExpertsResponse, error)
 	// ExpertLoad returns the tokens routed to each expert of this worker's
 	// layers since it loaded (counted by rank 0 of each stage).
