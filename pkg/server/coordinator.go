@@ -176,6 +176,9 @@ type Coordinator struct {
 	metrics   *metrics.Coordinator
 	pmu       sync.Mutex // serialises placement writes
 	lastGen   int64
+	// lastTable is the latest rebalanced expert placement: replicas formed
+	// later with the same expert-parallel width start from it.
+	lastTable *expertparallel.Table
 }
 
 // replica is a group of workers serving one copy of the model.
@@ -465,10 +468,15 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 		gen := c.newGeneration()
 		r := &replica{key: fmt.Sprintf("g%d", gen), gen: gen, tp: plan.TP, pp: plan.PP, ep: max(plan.EP, 1), stages: pr.Stages, state: "loading"}
 		if r.ep > 1 {
-			t, err := expertparallel.Contiguous(c.cfg.NumHiddenLayers, c.cfg.NumExperts, r.ep)
-			if err != nil { // the planner checked ep against the experts
-				c.log.Error("expert placement", "err", err)
-				continue
+			// The last rebalanced placement of this width, if any: a
+			// replica formed again keeps its balance.
+			t := c.lastTable
+			if t == nil || t.Ranks != r.ep {
+				var err error
+				if t, err = expertparallel.Contiguous(c.cfg.NumHiddenLayers, c.cfg.NumExperts, r.ep); err != nil {
+					c.log.Error("expert placement", "err", err) // the planner checked ep against the experts
+					continue
+				}
 			}
 			r.table, r.expVersion = t, 1
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -126,6 +127,29 @@ func TestExpertRebalance(t *testing.T) {
 		if g := mustGenerate(t, c.client, idsReq(p, 200)).ids; !slices.Equal(g, alone[i]) {
 			t.Fatalf("request %d after the rebalance: %v, before %v", i, g, alone[i])
 		}
+	}
+	// A worker dies: the replica formed again keeps the balanced placement
+	// (17 experts per rank and layer), and the tokens.
+	victim := readyWorkers(t, c.client)[3]
+	if err := syscall.Kill(int(victim.Pid), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		ws := readyWorkers(t, c.client)
+		if len(ws) == 4 && !slices.ContainsFunc(ws, func(w *pb.WorkerStatus) bool { return w.Pid == victim.Pid }) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica not formed again: %v", ws)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if g := mustGenerate(t, c.client, idsReq(ps[0], 200)).ids; !slices.Equal(g, alone[0]) {
+		t.Fatalf("after the replica was formed again: %v, before %v", g, alone[0])
+	}
+	if now := expertLoad(t, c, false); now.ExpertsVersion != 1 || now.Slots != 17 {
+		t.Fatalf("the replica formed again: experts version %d, %d per rank (want 1, 17)", now.ExpertsVersion, now.Slots)
 	}
 }
 

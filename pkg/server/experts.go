@@ -156,6 +156,7 @@ func (c *Coordinator) replicaExperts(ctx context.Context, r *replica, rebalance 
 	r.exec.switchExperts(v)
 	c.mu.Lock()
 	r.table, r.base, r.expVersion = next, counts, v
+	c.lastTable = next
 	c.mu.Unlock()
 	if err := c.writePlacement(ctx); err != nil {
 		c.log.Warn("placement not written after the expert rebalance", "err", err)
