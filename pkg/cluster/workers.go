@@ -31,6 +31,7 @@ type WorkerInfo struct {
 	GossipAddr  string    `json:"gossip_addr,omitempty"`
 	MetricsAddr string    `json:"metrics_addr,omitempty"` // Prometheus /metrics, when served
 	Backend     string    `json:"backend"`
+	DeviceName  string    `json:"device_name,omitempty"` // the GPU's name (cuda workers)
 	MemoryBytes int64     `json:"memory_bytes"`
 	Devices     int       `json:"devices"`
 	PID         int       `json:"pid"`

@@ -495,7 +495,7 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 			state = why
 		}
 		info.Workers = append(info.Workers, &pb.WorkerStatus{Id: w.ID, Address: w.Addr, Pid: int32(w.PID), State: state, MetricsAddress: w.MetricsAddr,
-			Backend: w.Backend, MemoryBytes: w.MemoryBytes, Host: w.Host})
+			Backend: w.Backend, MemoryBytes: w.MemoryBytes, Host: w.Host, DeviceName: w.DeviceName})
 	}
 	p := c.placement
 	c.mu.Unlock()

@@ -447,9 +447,7 @@ func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
 	if c.opts.EP != 1 {
 		opts.RedundantExperts = c.opts.RedundantExperts
 	}
-	if free[0].Backend == "cpu" {
-		opts.KVBytesPerValue = 4 // the CPU backend's KV cache is float32
-	}
+	opts.KVBytesPerValue = 4 // the CPU and CUDA backends keep the KV cache in float32
 	plan, err := placement.New(c.cfg, free, opts)
 	if err != nil {
 		if c.planErr != err.Error() {

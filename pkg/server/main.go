@@ -79,6 +79,7 @@ func WorkerMain(args []string) int {
 	id := fs.String("id", "", "worker id (default: host-pid)")
 	threads := fs.Int("threads", 0, "CPU threads (0: all)")
 	kernels := fs.String("kernels", "", "CPU kernel set: generic, avx2, avx512 (default: best)")
+	device := fs.String("device", "cpu", "compute device: cpu, or cuda:N (a binary built with -tags cuda; no CUDA driver: refuses to start)")
 	kv := fs.String("kv-cache", "512MiB", "KV pool size when the coordinator names none")
 	mem := fs.String("memory", "0", "memory reported in etcd for placement (0: the machine's RAM)")
 	gossipFast := fs.Bool("gossip-fast", true, "sub-second gossip failure detection (loopback/LAN)")
@@ -108,7 +109,7 @@ func WorkerMain(args []string) int {
 	ctx, cancel := signalContext()
 	defer cancel()
 	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
-		ID: *id, Threads: *threads, Kernels: *kernels, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast, CPUProfile: *cpuProfile, MetricsListen: *metricsListen, Logger: log})
+		ID: *id, Threads: *threads, Kernels: *kernels, Device: *device, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast, CPUProfile: *cpuProfile, MetricsListen: *metricsListen, Logger: log})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "worker: %v\n", err)
 		return 1

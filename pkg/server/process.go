@@ -46,6 +46,7 @@ type WorkerProcessOptions struct {
 	ID            string // default host-pid
 	Threads       int
 	Kernels       string
+	Device        string // "cpu" (default) or "cuda:N"
 	KVCacheBytes  int64
 	MemoryBytes   int64
 	LeaseTTL      time.Duration
@@ -77,6 +78,17 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	if o.LeaseTTL <= 0 {
 		o.LeaseTTL = 5 * time.Second
 	}
+	kind, ordinal, err := parseDevice(o.Device)
+	if err != nil {
+		return fmt.Errorf("--device: %v", err)
+	}
+	devName, devMem, err := probeDevice(kind, ordinal)
+	if err != nil { // a GPU worker without its GPU does not start
+		return fmt.Errorf("--device %s: %w", o.Device, err)
+	}
+	if o.MemoryBytes == 0 && kind == "cuda" {
+		o.MemoryBytes = devMem
+	}
 	if o.MemoryBytes == 0 { // report the machine's memory
 		var si syscall.Sysinfo_t
 		if syscall.Sysinfo(&si) == nil {
@@ -102,7 +114,7 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	if addr == "" {
 		addr = lis.Addr().String()
 	}
-	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, KVCacheBytes: o.KVCacheBytes,
+	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, Device: o.Device, KVCacheBytes: o.KVCacheBytes,
 		MemoryBytes: o.MemoryBytes, Logger: log})
 	defer svc.Close()
 	var metricsAddr string
@@ -156,7 +168,7 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		return fmt.Errorf("gossip: %w", err)
 	}
 	defer gossip.Close()
-	info := cluster.WorkerInfo{ID: o.ID, Addr: addr, GossipAddr: gossip.Addr(), MetricsAddr: metricsAddr, Backend: "cpu", MemoryBytes: o.MemoryBytes,
+	info := cluster.WorkerInfo{ID: o.ID, Addr: addr, GossipAddr: gossip.Addr(), MetricsAddr: metricsAddr, Backend: kind, DeviceName: devName, MemoryBytes: o.MemoryBytes,
 		Devices: 1, PID: os.Getpid(), Host: host, State: "idle", Started: time.Now()}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	reg, err := store.RegisterWorker(rctx, info, o.LeaseTTL)

@@ -33,6 +33,7 @@ type WorkerOptions struct {
 	ID           string
 	Threads      int    // CPU threads (0: all)
 	Kernels      string // CPU kernel set ("": best)
+	Device       string // "cpu" (default) or "cuda:N"
 	MemoryBytes  int64  // reported budget
 	KVCacheBytes int64  // default KV pool when Warmup names none
 	Mmap         bool
@@ -57,7 +58,7 @@ type WorkerService struct {
 	// only held briefly (Info and Health never wait for a load).
 	life      sync.RWMutex
 	mu        sync.Mutex
-	backend   *cpu.Backend
+	backend   gpuBackend // the kernels backend (CPU or GPU) of the loaded model
 	exec      *shard.Executor
 	modelDir  string
 	version   int64
@@ -143,7 +144,7 @@ func (w *WorkerService) setState(s string) {
 func (w *WorkerService) Info(ctx context.Context, _ *workerv1.InfoRequest) (*workerv1.InfoResponse, error) {
 	host, _ := os.Hostname()
 	w.mu.Lock()
-	r := &workerv1.InfoResponse{Id: w.opts.ID, Backend: "cpu", Threads: int32(w.opts.Threads), MemoryBytes: w.opts.MemoryBytes,
+	r := &workerv1.InfoResponse{Id: w.opts.ID, Backend: backendKind(w.opts.Device), Threads: int32(w.opts.Threads), MemoryBytes: w.opts.MemoryBytes,
 		Pid: int32(os.Getpid()), Host: host, Model: w.modelDir, AssignmentVersion: w.version, KvBlockSize: int32(w.blockSize)}
 	exec := w.exec
 	w.mu.Unlock()
@@ -236,7 +237,7 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	if a.Quantize != "" {
 		mmap = false // quantised weights are copies
 	}
-	b, err := cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true, PackWeights: !mmap, Quantize: a.Quantize})
+	b, err := w.newBackend(mmap, a.Quantize)
 	if err != nil {
 		fail()
 		return status.Errorf(codes.FailedPrecondition, "backend: %v", err)
@@ -264,6 +265,33 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	p := w.progress("ready")
 	w.mu.Unlock()
 	return stream.Send(p)
+}
+
+// backendKind is "cpu" or "cuda" for a --device value.
+func backendKind(device string) string {
+	if k, _, err := parseDevice(device); err == nil {
+		return k
+	}
+	return "cpu"
+}
+
+// newBackend makes the kernels backend of the worker's device.
+func (w *WorkerService) newBackend(mmap bool, quantize string) (gpuBackend, error) {
+	kind, ordinal, err := parseDevice(w.opts.Device)
+	if err != nil {
+		return nil, err
+	}
+	if kind == "cpu" {
+		return cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true, PackWeights: !mmap, Quantize: quantize})
+	}
+	if quantize != "" {
+		return nil, fmt.Errorf("quantize %q is for the CPU backend; this worker is %s", quantize, w.opts.Device)
+	}
+	if openCUDA == nil {
+		_, _, err := probeDevice(kind, ordinal)
+		return nil, err
+	}
+	return openCUDA(ordinal)
 }
 
 // setPeers connects to the assignment's peers; w.mu is held.

@@ -1403,6 +1403,7 @@ type WorkerStatus struct {
 	MemoryBytes    int64                  `protobuf:"varint,6,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
 	Host           string                 `protobuf:"bytes,7,opt,name=host,proto3" json:"host,omitempty"`
 	MetricsAddress string                 `protobuf:"bytes,8,opt,name=metrics_address,json=metricsAddress,proto3" json:"metrics_address,omitempty"` // the worker's Prometheus /metrics (host:port), when served
+	DeviceName     string                 `protobuf:"bytes,9,opt,name=device_name,json=deviceName,proto3" json:"device_name,omitempty"`             // the GPU's name (cuda workers)
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -1489,6 +1490,13 @@ func (x *WorkerStatus) GetHost() string {
 func (x *WorkerStatus) GetMetricsAddress() string {
 	if x != nil {
 		return x.MetricsAddress
+	}
+	return ""
+}
+
+func (x *WorkerStatus) GetDeviceName() string {
+	if x != nil {
+		return x.DeviceName
 	}
 	return ""
 }
@@ -2417,7 +2425,7 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\x05dtype\x18\v \x01(\tR\x05dtype\x12#\n" +
 	"\rhas_tokenizer\x18\f \x01(\bR\fhasTokenizer\x12\"\n" +
 	"\reos_token_ids\x18\r \x03(\x05R\veosTokenIds\"\x16\n" +
-	"\x14GetServerInfoRequest\"\xda\x01\n" +
+	"\x14GetServerInfoRequest\"\xfb\x01\n" +
 	"\fWorkerStatus\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x10\n" +
@@ -2426,7 +2434,9 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\abackend\x18\x05 \x01(\tR\abackend\x12!\n" +
 	"\fmemory_bytes\x18\x06 \x01(\x03R\vmemoryBytes\x12\x12\n" +
 	"\x04host\x18\a \x01(\tR\x04host\x12'\n" +
-	"\x0fmetrics_address\x18\b \x01(\tR\x0emetricsAddress\"\xe0\x03\n" +
+	"\x0fmetrics_address\x18\b \x01(\tR\x0emetricsAddress\x12\x1f\n" +
+	"\vdevice_name\x18\t \x01(\tR\n" +
+	"deviceName\"\xe0\x03\n" +
 	"\tPlacement\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12;\n" +
