@@ -9,6 +9,7 @@ import (
 	"unsafe"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
 )
 
 // Config selects the device.
@@ -372,30 +373,12 @@ func toFloat32(dt kernels.DType, raw []byte) []float32 {
 		case kernels.F32:
 			out[i] = math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:]))
 		case kernels.BF16:
-			out[i] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(raw[2*i:])) << 16)
+			out[i] = safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(raw[2*i:]))
 		case kernels.F16:
-			out[i] = f16ToF32(binary.LittleEndian.Uint16(raw[2*i:]))
+			out[i] = safetensors.F16ToFloat32(binary.LittleEndian.Uint16(raw[2*i:]))
 		}
 	}
 	return out
-}
-
-func f16ToF32(h uint16) float32 {
-	sign := uint32(h>>15) << 31
-	e, m := uint32(h>>10)&0x1f, uint32(h&0x3ff)
-	switch {
-	case e == 0 && m == 0:
-		return math.Float32frombits(sign)
-	case e == 0: // subnormal
-		v := float32(m) * float32(math.Pow(2, -24))
-		if sign != 0 {
-			v = -v
-		}
-		return v
-	case e == 31:
-		return math.Float32frombits(sign | 0xff<<23 | m<<13)
-	}
-	return math.Float32frombits(sign | (e+112)<<23 | m<<13)
 }
 
 func f32Bytes(v []float32) []byte {

@@ -2,7 +2,6 @@ package cuda
 
 import (
 	"errors"
-	"math"
 	"strings"
 	"testing"
 
@@ -37,25 +36,6 @@ func TestNoDriver(t *testing.T) {
 	}
 	if _, err := Probe(3); !errors.Is(err, ErrNoDriver) {
 		t.Fatalf("Probe without a driver: %v", err)
-	}
-}
-
-func TestF16ToF32(t *testing.T) {
-	for _, tc := range []struct {
-		h    uint16
-		want float32
-	}{
-		{0x3c00, 1}, {0xc000, -2}, {0x0001, float32(math.Pow(2, -24))}, {0x7bff, 65504}, {0x8000, float32(math.Copysign(0, -1))},
-	} {
-		if g := f16ToF32(tc.h); g != tc.want || math.Signbit(float64(g)) != math.Signbit(float64(tc.want)) {
-			t.Errorf("f16 %#04x = %v, want %v", tc.h, g, tc.want)
-		}
-	}
-	if g := f16ToF32(0x7c00); !math.IsInf(float64(g), 1) {
-		t.Errorf("f16 +inf = %v", g)
-	}
-	if g := f16ToF32(0x7e00); !math.IsNaN(float64(g)) {
-		t.Errorf("f16 NaN = %v", g)
 	}
 }
 
