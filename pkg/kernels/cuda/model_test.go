@@ -6,12 +6,15 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cuda"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
@@ -33,14 +36,20 @@ func gpu(t testing.TB) *cuda.Backend {
 // TestReferenceCases runs every HuggingFace reference case on GPU 0: the
 // prompt logits within 1e-2·max(1, max|logit|) (bf16 weights, float32
 // math) and the greedy ids identical.
-func TestReferenceCases(t *testing.T) {
-	b := gpu(t)
+func TestReferenceCases(t *testing.T) { referenceCases(t, gpu(t), nil) }
+
+// referenceCases checks the reference cases on b (only those named in
+// only, when not nil).
+func referenceCases(t *testing.T, b *cuda.Backend, only []string) {
 	dirs, _ := filepath.Glob(filepath.Join("..", "..", "..", "testdata", "qwen2-ref", "*", "reference.json"))
 	if len(dirs) == 0 {
 		t.Fatal("no reference cases")
 	}
 	for _, p := range dirs {
 		dir := filepath.Dir(p)
+		if only != nil && !slices.Contains(only, filepath.Base(dir)) {
+			continue
+		}
 		t.Run(filepath.Base(dir), func(t *testing.T) {
 			var ref struct {
 				PromptIDs   []int32 `json:"prompt_ids"`
@@ -169,4 +178,185 @@ func BenchmarkDecode(b *testing.B) {
 		})
 		m.Close()
 	}
+}
+
+// TestEmulatedDevice runs the whole backend — allocation, copies, argument
+// packing, launch shapes and the kernels — with no GPU: emu/fake_driver.cc
+// implements the driver and NVRTC calls the backend makes on the CPU
+// emulator, built by g++ as a libcuda.so.1 that a child test process loads
+// through QWENFLEET_CUDA_LIBS. The child runs the kernels conformance suite
+// and reference cases through the model.
+func TestEmulatedDevice(t *testing.T) {
+	if os.Getenv("QWENFLEET_EMU_CHILD") != "" {
+		b, err := cuda.New(cuda.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer b.Close()
+		if !strings.HasPrefix(b.Name(), "cuda/Emulated") {
+			t.Fatalf("backend %s is not the emulated device", b.Name())
+		}
+		t0 := time.Now()
+		compareWithCPU(t, b)
+		t.Logf("ops against the CPU backend: %v", time.Since(t0))
+		if os.Getenv("QWENFLEET_EMU_FULL") != "" { // about 5 minutes a case on 2 cores
+			t0 = time.Now()
+			referenceCases(t, b, []string{"moe-f32", "dense-tied-bf16"})
+			t.Logf("reference cases: %v", time.Since(t0))
+		}
+		return
+	}
+	if testing.Short() {
+		t.Skip("-short")
+	}
+	gxx, err := exec.LookPath("g++")
+	if err != nil {
+		t.Skip("no g++")
+	}
+	dir := t.TempDir()
+	lib := filepath.Join(dir, "libcuda.so.1")
+	out, err := exec.Command(gxx, "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", "emu/fake_driver.cc", "-o", lib).CombinedOutput()
+	if err != nil {
+		t.Fatalf("g++: %v\n%s", err, out)
+	}
+	if err := os.Symlink(lib, filepath.Join(dir, "libnvrtc.so.13")); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run", "^TestEmulatedDevice$", "-test.v", "-test.timeout", "10m")
+	cmd.Env = append(os.Environ(), "QWENFLEET_EMU_CHILD=1", cuda.LibPathEnv+"="+dir)
+	out, err = cmd.CombinedOutput()
+	t.Logf("child:\n%s", lastLines(string(out), 40))
+	if err != nil {
+		t.Fatalf("emulated device: %v", err)
+	}
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// compareWithCPU runs one small case of every op on b and on the CPU
+// backend and compares them (relative 1e-4 of the values' scale).
+func compareWithCPU(t *testing.T, b *cuda.Backend) {
+	c, err := cpu.New(cpu.Config{Threads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rng := uint64(1)
+	rnd := func(n int) []float32 {
+		v := make([]float32, n)
+		for i := range v {
+			rng = rng*6364136223846793005 + 1442695040888963407
+			v[i] = float32(int64(rng>>33)%2000-1000) / 1000
+		}
+		return v
+	}
+	bf16 := func(v []float32) []byte {
+		out := make([]byte, 2*len(v))
+		for i, x := range v {
+			h := safetensors.Float32ToBF16(x)
+			out[2*i], out[2*i+1] = byte(h), byte(h>>8)
+		}
+		return out
+	}
+	f32 := func(v []float32) []byte {
+		out := make([]byte, 4*len(v))
+		for i, x := range v {
+			u := math.Float32bits(x)
+			out[4*i], out[4*i+1], out[4*i+2], out[4*i+3] = byte(u), byte(u>>8), byte(u>>16), byte(u>>24)
+		}
+		return out
+	}
+	both := func(f func(be kernels.Backend) kernels.Tensor) ([]float32, []float32) {
+		return b.ToFloat32(f(b)), c.ToFloat32(f(c))
+	}
+	cmp := func(what string, got, want []float32) {
+		t.Helper()
+		if len(got) != len(want) {
+			t.Fatalf("%s: %d values, the CPU %d", what, len(got), len(want))
+		}
+		scale := 0.0
+		for _, v := range want {
+			scale = math.Max(scale, math.Abs(float64(v)))
+		}
+		for i := range got {
+			if d := math.Abs(float64(got[i] - want[i])); d > 1e-4*math.Max(1, scale) || math.IsNaN(float64(got[i])) {
+				t.Fatalf("%s[%d] = %v, the CPU %v", what, i, got[i], want[i])
+			}
+		}
+	}
+	weight := func(be kernels.Backend, dt kernels.DType, raw []byte, shape ...int) kernels.Tensor {
+		w, err := be.Weight(dt, shape, raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return w
+	}
+	// MatMul: decode rows (GEMV) and a prefill chunk (GEMM), bf16 and f32
+	// weights, with a bias.
+	for _, T := range []int{3, 13} {
+		for _, dt := range []kernels.DType{kernels.BF16, kernels.F32} {
+			xv, wv, bv := rnd(T*37), rnd(5*37), rnd(5)
+			raw := f32(wv)
+			if dt == kernels.BF16 {
+				raw = bf16(wv)
+			}
+			got, want := both(func(be kernels.Backend) kernels.Tensor {
+				return be.MatMul(be.FromFloat32([]int{T, 37}, xv), weight(be, dt, raw, 5, 37), weight(be, kernels.F32, f32(bv), 5))
+			})
+			cmp(fmt.Sprintf("MatMul T=%d %v", T, dt), got, want)
+		}
+	}
+	table := rnd(11 * 16)
+	ids := []int32{3, 0, 10, 3}
+	got, want := both(func(be kernels.Backend) kernels.Tensor {
+		return be.Embed(weight(be, kernels.BF16, bf16(table), 11, 16), ids)
+	})
+	cmp("Embed", got, want)
+	xv, nv := rnd(4*16), rnd(16)
+	got, want = both(func(be kernels.Backend) kernels.Tensor {
+		return be.RMSNorm(be.FromFloat32([]int{4, 16}, xv), weight(be, kernels.BF16, bf16(nv), 16), 1e-6)
+	})
+	cmp("RMSNorm", got, want)
+	got, want = both(func(be kernels.Backend) kernels.Tensor {
+		x := be.FromFloat32([]int{4, 16}, xv)
+		be.RoPE(x, 8, []int32{0, 5, 6, 100}, &kernels.Rope{InvFreq: []float32{1, 0.1, 0.01, 0.001}, Scale: 1.1})
+		return x
+	})
+	cmp("RoPE", got, want)
+	addend := rnd(64)
+	got, want = both(func(be kernels.Backend) kernels.Tensor {
+		x := be.FromFloat32([]int{4, 16}, xv)
+		be.Add(x, be.FromFloat32([]int{4, 16}, addend))
+		return be.SwiGLU(x, be.FromFloat32([]int{4, 16}, xv))
+	})
+	cmp("Add+SwiGLU", got, want)
+	// Attention over a paged cache: two sequences, GQA 4 heads / 2 KV
+	// heads of 8, blocks of 4, written by WriteKV.
+	kv := rnd(9 * 16)
+	q := rnd(4 * 32)
+	got, want = both(func(be kernels.Backend) kernels.Tensor {
+		kc, vc := be.Zeros(40, 16), be.Zeros(40, 16)
+		slots := []int32{20, 21, 22, 23, 8, 9, 10, 11, 12}
+		be.WriteKV(kc, be.FromFloat32([]int{9, 16}, kv), slots)
+		be.WriteKV(vc, be.FromFloat32([]int{9, 16}, kv[len(kv)-9*16:]), slots)
+		ab := &kernels.AttnBatch{Heads: 4, KVHeads: 2, HeadDim: 8, BlockSize: 4, Scale: 0.35, Seqs: []kernels.AttnSeq{
+			{Row: 0, N: 2, Start: 2, Blocks: []int32{5}},    // positions 2, 3 of keys 0..3 (slots 20..23)
+			{Row: 2, N: 2, Start: 3, Blocks: []int32{2, 3}}, // positions 3, 4 (slots 8..12)
+		}}
+		return be.Attention(be.FromFloat32([]int{4, 32}, q), kc, vc, ab)
+	})
+	cmp("WriteKV+Attention", got, want)
+	got, want = both(func(be kernels.Backend) kernels.Tensor {
+		x := be.FromFloat32([]int{4, 16}, xv)
+		g := be.Gather(x, []int32{3, 1, 3})
+		be.ScaleRows(g, []float32{0.5, 2, -1})
+		be.ScatterAdd(x, g, []int32{0, 0, 2}, []float32{1, 0.25, 3})
+		return x
+	})
+	cmp("Gather+ScaleRows+ScatterAdd", got, want)
+	got, want = both(func(be kernels.Backend) kernels.Tensor { return weight(be, kernels.BF16, bf16(table), 11, 16) })
+	cmp("bf16 weight round trip", got, want)
 }
