@@ -134,17 +134,7 @@ func TestExpertRebalance(t *testing.T) {
 	if err := syscall.Kill(int(victim.Pid), syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		ws := readyWorkers(t, c.client)
-		if len(ws) == 4 && !slices.ContainsFunc(ws, func(w *pb.WorkerStatus) bool { return w.Pid == victim.Pid }) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica not formed again: %v", ws)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	waitFormedAgain(t, c, 4, victim.Pid)
 	if g := mustGenerate(t, c.client, idsReq(ps[0], 200)).ids; !slices.Equal(g, alone[0]) {
 		t.Fatalf("after the replica was formed again: %v, before %v", g, alone[0])
 	}

@@ -148,11 +148,18 @@ func TestParallelWorkerDeath(t *testing.T) {
 			t.Fatalf("request %d after the worker died: %v, alone %v", i, got[i], alone[i])
 		}
 	}
+	waitFormedAgain(t, c, 4, victim.Pid)
+}
+
+// waitFormedAgain waits until n workers are ready again, none of them the
+// process pid (a killed worker's replacement has another).
+func waitFormedAgain(t *testing.T, c *clusterT, n int, pid int32) {
+	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		ws := readyWorkers(t, c.client)
-		if len(ws) == 4 && !slices.ContainsFunc(ws, func(w *pb.WorkerStatus) bool { return w.Pid == victim.Pid }) {
-			break
+		if len(ws) == n && !slices.ContainsFunc(ws, func(w *pb.WorkerStatus) bool { return w.Pid == pid }) {
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("replica not formed again: %v", ws)
