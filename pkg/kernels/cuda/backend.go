@@ -86,7 +86,21 @@ type Backend struct {
 	fns  map[string]uintptr
 	mu   sync.Mutex // the free lists
 	free map[uint64][]uint64
+	pc   paramCache
 }
+
+// paramCache keeps the small read-only arrays uploaded last (positions,
+// KV slots, attention tables, RoPE frequencies): every layer of a step
+// passes the same ones, and a copy from pageable host memory waits for the
+// device to go idle, so each layer would otherwise stall the pipeline
+// several times.
+type paramCache struct {
+	keys [][]byte
+	ts   []*tensor
+	next int
+}
+
+const paramSlots = 32
 
 // New opens device cfg.Device, compiles the kernels for it with NVRTC and
 // loads them.
@@ -251,6 +265,37 @@ func (b *Backend) upload(dt kernels.DType, shape []int, data []byte) *tensor {
 	}
 	return t
 }
+
+// param returns raw (int32 or float32 values) on the device, from the
+// cache when the same values were uploaded recently. The tensor belongs to
+// the cache: callers do not free it.
+func (b *Backend) param(raw []byte) *tensor {
+	if b.pc.ts == nil {
+		b.pc.keys, b.pc.ts = make([][]byte, paramSlots), make([]*tensor, paramSlots)
+	}
+	for i, k := range b.pc.keys {
+		if k != nil && len(k) == len(raw) && string(k) == string(raw) {
+			return b.pc.ts[i]
+		}
+	}
+	i := b.pc.next
+	b.pc.next = (i + 1) % paramSlots
+	if old := b.pc.ts[i]; old != nil {
+		b.Free(old) // later kernels on the stream run after the ones reading it
+	}
+	t := b.upload(kernels.F32, []int{max(len(raw)/4, 1)}, raw)
+	b.pc.keys[i], b.pc.ts[i] = append([]byte(nil), raw...), t
+	return t
+}
+
+func (b *Backend) paramI32(v []int32) *tensor {
+	if len(v) == 0 {
+		return b.param(nil)
+	}
+	return b.param(unsafe.Slice((*byte)(unsafe.Pointer(&v[0])), 4*len(v)))
+}
+
+func (b *Backend) paramF32(v []float32) *tensor { return b.param(f32Bytes(v)) }
 
 func (b *Backend) uploadI32(v []int32) *tensor {
 	if len(v) == 0 {

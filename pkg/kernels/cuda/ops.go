@@ -125,9 +125,7 @@ func (b *Backend) RoPE(x kernels.Tensor, headDim int, pos []int32, r *kernels.Ro
 		return
 	}
 	b.enter()
-	pt, ft := b.uploadI32(pos), b.uploadF32(r.InvFreq)
-	defer b.Free(pt)
-	defer b.Free(ft)
+	pt, ft := b.paramI32(pos), b.paramF32(r.InvFreq)
 	g, bl := flat(T * C / 2)
 	b.launch("qf_rope", g, bl, xt, pt, ft, T, C, headDim, r.Scale)
 }
@@ -163,8 +161,7 @@ func (b *Backend) WriteKV(cache, x kernels.Tensor, slots []int32) {
 		return
 	}
 	b.enter()
-	st := b.uploadI32(slots)
-	defer b.Free(st)
+	st := b.paramI32(slots)
 	g, bl := flat(len(slots) * C)
 	b.launch("qf_write_kv", g, bl, c, xt, st, len(slots), C)
 }
@@ -227,13 +224,8 @@ func (b *Backend) Attention(q, kc, vc kernels.Tensor, ab *kernels.AttnBatch) ker
 	if T == 0 {
 		return out
 	}
-	bufs := []*tensor{b.uploadI32(meta.rowSeq), b.uploadI32(meta.seqRow), b.uploadI32(meta.seqStart),
-		b.uploadI32(meta.seqBoff), b.uploadI32(meta.blocks)}
-	defer func() {
-		for _, t := range bufs {
-			b.Free(t)
-		}
-	}()
+	bufs := []*tensor{b.paramI32(meta.rowSeq), b.paramI32(meta.seqRow), b.paramI32(meta.seqStart),
+		b.paramI32(meta.seqBoff), b.paramI32(meta.blocks)}
 	for r0 := 0; r0 < T; r0 += 65535 { // grid.x limit: rows in chunks
 		r1 := min(T, r0+65535)
 		rs := &tensor{ptr: bufs[0].ptr + uint64(4*r0), shape: []int{r1 - r0}, dt: kernels.F32}
