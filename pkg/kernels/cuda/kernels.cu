@@ -125,7 +125,7 @@ __device__ inline void qf_k_gemv_store(float (&acc)[TT], float* y, int N, float 
 
 // Weight row wr (K bf16) times TT rows of x (row stride K).
 template <int TT>
-__device__ inline void qf_k_gemv_bf16_tile(const float* __restrict__ x, const unsigned short* __restrict__ wr, int K,
+__device__ inline void qf_k_gemv_tile(const float* __restrict__ x, const unsigned short* __restrict__ wr, int K,
                                            bool vec, float* y, int N, float b, float (*red)[32]) {
 	float acc[TT];
 	QF_K_UNROLL
@@ -190,7 +190,7 @@ __device__ inline void qf_k_gemv_bf16_tile(const float* __restrict__ x, const un
 }
 
 template <int TT>
-__device__ inline void qf_k_gemv_f32_tile(const float* __restrict__ x, const float* __restrict__ wr, int K, bool vec,
+__device__ inline void qf_k_gemv_tile(const float* __restrict__ x, const float* __restrict__ wr, int K, bool vec,
                                           float* y, int N, float b, float (*red)[32]) {
 	float acc[TT];
 	QF_K_UNROLL
@@ -233,52 +233,44 @@ __device__ inline void qf_k_gemv_f32_tile(const float* __restrict__ x, const flo
 	qf_k_gemv_store<TT>(acc, y, N, b, red);
 }
 
-extern "C" __global__ void qf_gemv_bf16(const float* __restrict__ x, const unsigned short* __restrict__ w,
-                                        const float* __restrict__ bias, float* __restrict__ y, int T, int N, int K) {
-	__shared__ float red[8][32];
-	const bool vec = (K & 7) == 0 && ((((unsigned long long)x) | ((unsigned long long)w)) & 15ull) == 0;
+// qf_k_gemv is the block loop of both GEMV kernels: output columns n by
+// blockIdx.x, rows in tiles of up to 8 (qf_k_gemv_tile overloads pick the
+// bf16 or float weight loads).
+template <class W>
+__device__ inline void qf_k_gemv(const float* __restrict__ x, const W* __restrict__ w, const float* __restrict__ bias,
+                                 float* __restrict__ y, int T, int N, int K, bool vec, float (*red)[32]) {
 	for (int n = (int)blockIdx.x; n < N; n += (int)gridDim.x) {
-		const unsigned short* wr = w + (long long)n * K;
+		const W* wr = w + (long long)n * K;
 		const float b = bias ? bias[n] : 0.0f;
 		for (int t0 = 0; t0 < T; t0 += 8) {
 			const float* xt = x + (long long)t0 * K;
 			float* yt = y + (long long)t0 * N + n;
 			switch (T - t0) {
-			case 1: qf_k_gemv_bf16_tile<1>(xt, wr, K, vec, yt, N, b, red); break;
-			case 2: qf_k_gemv_bf16_tile<2>(xt, wr, K, vec, yt, N, b, red); break;
-			case 3: qf_k_gemv_bf16_tile<3>(xt, wr, K, vec, yt, N, b, red); break;
-			case 4: qf_k_gemv_bf16_tile<4>(xt, wr, K, vec, yt, N, b, red); break;
-			case 5: qf_k_gemv_bf16_tile<5>(xt, wr, K, vec, yt, N, b, red); break;
-			case 6: qf_k_gemv_bf16_tile<6>(xt, wr, K, vec, yt, N, b, red); break;
-			case 7: qf_k_gemv_bf16_tile<7>(xt, wr, K, vec, yt, N, b, red); break;
-			default: qf_k_gemv_bf16_tile<8>(xt, wr, K, vec, yt, N, b, red); break;
+			case 1: qf_k_gemv_tile<1>(xt, wr, K, vec, yt, N, b, red); break;
+			case 2: qf_k_gemv_tile<2>(xt, wr, K, vec, yt, N, b, red); break;
+			case 3: qf_k_gemv_tile<3>(xt, wr, K, vec, yt, N, b, red); break;
+			case 4: qf_k_gemv_tile<4>(xt, wr, K, vec, yt, N, b, red); break;
+			case 5: qf_k_gemv_tile<5>(xt, wr, K, vec, yt, N, b, red); break;
+			case 6: qf_k_gemv_tile<6>(xt, wr, K, vec, yt, N, b, red); break;
+			case 7: qf_k_gemv_tile<7>(xt, wr, K, vec, yt, N, b, red); break;
+			default: qf_k_gemv_tile<8>(xt, wr, K, vec, yt, N, b, red); break;
 			}
 		}
 	}
+}
+
+extern "C" __global__ void qf_gemv_bf16(const float* __restrict__ x, const unsigned short* __restrict__ w,
+                                        const float* __restrict__ bias, float* __restrict__ y, int T, int N, int K) {
+	__shared__ float red[8][32];
+	const bool vec = (K & 7) == 0 && ((((unsigned long long)x) | ((unsigned long long)w)) & 15ull) == 0;
+	qf_k_gemv(x, w, bias, y, T, N, K, vec, red);
 }
 
 extern "C" __global__ void qf_gemv_f32(const float* __restrict__ x, const float* __restrict__ w,
                                        const float* __restrict__ bias, float* __restrict__ y, int T, int N, int K) {
 	__shared__ float red[8][32];
 	const bool vec = (K & 3) == 0 && ((((unsigned long long)x) | ((unsigned long long)w)) & 15ull) == 0;
-	for (int n = (int)blockIdx.x; n < N; n += (int)gridDim.x) {
-		const float* wr = w + (long long)n * K;
-		const float b = bias ? bias[n] : 0.0f;
-		for (int t0 = 0; t0 < T; t0 += 8) {
-			const float* xt = x + (long long)t0 * K;
-			float* yt = y + (long long)t0 * N + n;
-			switch (T - t0) {
-			case 1: qf_k_gemv_f32_tile<1>(xt, wr, K, vec, yt, N, b, red); break;
-			case 2: qf_k_gemv_f32_tile<2>(xt, wr, K, vec, yt, N, b, red); break;
-			case 3: qf_k_gemv_f32_tile<3>(xt, wr, K, vec, yt, N, b, red); break;
-			case 4: qf_k_gemv_f32_tile<4>(xt, wr, K, vec, yt, N, b, red); break;
-			case 5: qf_k_gemv_f32_tile<5>(xt, wr, K, vec, yt, N, b, red); break;
-			case 6: qf_k_gemv_f32_tile<6>(xt, wr, K, vec, yt, N, b, red); break;
-			case 7: qf_k_gemv_f32_tile<7>(xt, wr, K, vec, yt, N, b, red); break;
-			default: qf_k_gemv_f32_tile<8>(xt, wr, K, vec, yt, N, b, red); break;
-			}
-		}
-	}
+	qf_k_gemv(x, w, bias, y, T, N, K, vec, red);
 }
 
 // ---- elementwise ----
