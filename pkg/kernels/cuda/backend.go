@@ -152,15 +152,7 @@ func (b *Backend) Threads() int { return b.info.MultiProcessors }
 // Close releases the device context (the process's tensors go with it).
 func (b *Backend) Close() {
 	b.enter()
-	b.d.ctxSynchronize()
-	b.mu.Lock()
-	for _, l := range b.free {
-		for _, p := range l {
-			b.d.memFree(p)
-		}
-	}
-	b.free = map[uint64][]uint64{}
-	b.mu.Unlock()
+	b.trim()
 	b.d.primaryCtxRelease(b.dev)
 }
 

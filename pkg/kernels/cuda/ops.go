@@ -18,6 +18,16 @@ func f32t(t kernels.Tensor, op string) *tensor {
 	return d
 }
 
+// checkIndices panics (a programming error, as in the CPU backend) when an
+// index of v is outside [0, n): a kernel would read or write out of bounds.
+func checkIndices(what string, v []int32, n int) {
+	for _, i := range v {
+		if i < 0 || int(i) >= n {
+			panic(fmt.Sprintf("cuda: %s %d outside [0, %d)", what, i, n))
+		}
+	}
+}
+
 // view is rows [r0, r1) of a float32 matrix, sharing its memory.
 func (t *tensor) view(r0, r1 int) *tensor {
 	cols := kernels.Cols(t)
@@ -28,11 +38,7 @@ func (t *tensor) view(r0, r1 int) *tensor {
 func (b *Backend) Embed(table kernels.Tensor, ids []int32) kernels.Tensor {
 	tb := dev(table)
 	V, H := kernels.Rows(tb), kernels.Cols(tb)
-	for _, id := range ids {
-		if id < 0 || int(id) >= V {
-			panic(fmt.Sprintf("cuda: Embed id %d outside [0, %d)", id, V))
-		}
-	}
+	checkIndices("Embed id", ids, V)
 	b.enter()
 	out := b.alloc(kernels.F32, len(ids), H)
 	if len(ids) == 0 {
@@ -152,11 +158,7 @@ func (b *Backend) WriteKV(cache, x kernels.Tensor, slots []int32) {
 	if kernels.Cols(c) != C || len(slots) != kernels.Rows(xt) {
 		panic(fmt.Sprintf("cuda: WriteKV cache %v x %v with %d slots", c.shape, xt.shape, len(slots)))
 	}
-	for _, s := range slots {
-		if s < 0 || int(s) >= kernels.Rows(c) {
-			panic(fmt.Sprintf("cuda: WriteKV slot %d outside the cache's %d", s, kernels.Rows(c)))
-		}
-	}
+	checkIndices("WriteKV slot", slots, kernels.Rows(c))
 	if len(slots) == 0 {
 		return
 	}
@@ -258,11 +260,7 @@ func (b *Backend) shiftRows(t *tensor, seqRow []int32, r0 int) *tensor {
 func (b *Backend) Gather(x kernels.Tensor, rows []int32) kernels.Tensor {
 	xt := f32t(x, "Gather")
 	R, H := kernels.Rows(xt), kernels.Cols(xt)
-	for _, r := range rows {
-		if r < 0 || int(r) >= R {
-			panic(fmt.Sprintf("cuda: Gather row %d of %d", r, R))
-		}
-	}
+	checkIndices("Gather row", rows, R)
 	b.enter()
 	y := b.alloc(kernels.F32, len(rows), H)
 	if len(rows) == 0 || H == 0 {
@@ -282,11 +280,7 @@ func (b *Backend) ScatterAdd(dst, src kernels.Tensor, rows []int32, scale []floa
 	if kernels.Cols(s) != H || kernels.Rows(s) != len(rows) || len(scale) != len(rows) {
 		panic(fmt.Sprintf("cuda: ScatterAdd %v into %v with %d rows, %d scales", s.shape, d.shape, len(rows), len(scale)))
 	}
-	for _, r := range rows {
-		if r < 0 || int(r) >= R {
-			panic(fmt.Sprintf("cuda: ScatterAdd row %d of %d", r, R))
-		}
-	}
+	checkIndices("ScatterAdd row", rows, R)
 	if len(rows) == 0 || H == 0 {
 		return
 	}
