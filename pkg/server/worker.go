@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -640,17 +639,15 @@ type replicaExecutor struct {
 	members   []*member // stage by stage, rank by rank
 	gen       int64
 	ranks, pp int // ranks per stage, stages
-	// comm is the total time workers reported in all-reduces and stage
-	// transfers (nanoseconds), over steps.
-	comm, steps atomic.Int64
-	maxID       atomic.Uint64 // the highest step id sent
 
 	// Expert placement of steps: expVersion at first, then each switch's
 	// version for the steps numbered after it (workers run steps in id
-	// order, so none sees an older placement after a newer one).
+	// order, so none sees an older placement after a newer one). maxID is
+	// the highest step id sent.
 	expMu      sync.Mutex
 	expVersion int64
 	switches   []expertSwitch
+	maxID      uint64
 }
 
 type expertSwitch struct {
@@ -662,7 +659,7 @@ type expertSwitch struct {
 func (g *replicaExecutor) switchExperts(v int64) {
 	g.expMu.Lock()
 	defer g.expMu.Unlock()
-	g.switches = append(g.switches, expertSwitch{g.maxID.Load(), v})
+	g.switches = append(g.switches, expertSwitch{g.maxID, v})
 	if len(g.switches) > 16 { // steps that old are long done
 		g.expVersion = g.switches[0].version
 		g.switches = g.switches[1:]
@@ -672,7 +669,7 @@ func (g *replicaExecutor) switchExperts(v int64) {
 func (g *replicaExecutor) expertsFor(id uint64) int64 {
 	g.expMu.Lock()
 	defer g.expMu.Unlock()
-	g.maxID.Store(max(g.maxID.Load(), id))
+	g.maxID = max(g.maxID, id)
 	v := g.expVersion
 	for _, s := range g.switches {
 		if id > s.after {
@@ -740,8 +737,6 @@ func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*rout
 		comm = max(comm, r.CommMs)
 		sent += r.SentBytes
 	}
-	g.comm.Add(int64(comm * 1e6))
-	g.steps.Add(1)
 	out := &routing.StepResult{Seqs: make([]routing.SeqResult, len(b.Seqs)), Forward: time.Duration(last[0].ForwardMs * float64(time.Millisecond)),
 		Comm: time.Duration(comm * float64(time.Millisecond)), SentBytes: sent}
 	parts := make([]routing.SeqResult, len(last))
