@@ -100,18 +100,24 @@ func BenchmarkParallelDecode(b *testing.B) {
 			"--worker-threads", fmt.Sprint(max(cpus/n, 1)))
 		for _, conc := range []int{1, 16} {
 			b.Run(fmt.Sprintf("tp=%d,pp=%d,streams=%d", tp, pp, conc), func(b *testing.B) {
-				before := schedStats(b, c)
+				before := schedulerStats(b, c.client)
 				total, elapsed := decodeRounds(b, c, conc)
-				after := schedStats(b, c)
-				steps := float64(after.Steps - before.Steps)
-				b.ReportMetric(float64(total)/elapsed.Seconds(), "tok/s")
-				b.ReportMetric(1000*(after.StepSeconds-before.StepSeconds)/steps, "ms/step")
-				b.ReportMetric(1000*(after.CommSeconds-before.CommSeconds)/steps, "ms-comm/step")
+				after := schedulerStats(b, c.client)
+				reportSteps(b, before, after, total, elapsed)
 				b.ReportMetric(0, "ns/op")
 			})
 		}
 		c.coord.stop(syscall.SIGTERM)
 	}
+}
+
+// reportSteps reports tokens/s and, per step between the scheduler stats
+// before and after, the step and communication times.
+func reportSteps(b *testing.B, before, after *pb.SchedulerStats, total int, elapsed time.Duration) {
+	steps := float64(after.Steps - before.Steps)
+	b.ReportMetric(float64(total)/elapsed.Seconds(), "tok/s")
+	b.ReportMetric(1000*(after.StepSeconds-before.StepSeconds)/steps, "ms/step")
+	b.ReportMetric(1000*(after.CommSeconds-before.CommSeconds)/steps, "ms-comm/step")
 }
 
 // decodeRounds runs b.N rounds of conc concurrent greedy requests (16-token
@@ -141,14 +147,6 @@ func decodeRounds(b *testing.B, c *clusterT, conc int) (total int, elapsed time.
 		elapsed += time.Since(t0)
 	}
 	return total, elapsed
-}
-
-func schedStats(b *testing.B, c *clusterT) *pb.SchedulerStats {
-	info, err := c.client.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return info.Scheduler
 }
 
 // benchModel makes (once, under the temp dir) the benchmarks' random bf16
@@ -185,13 +183,10 @@ func BenchmarkExpertParallelDecode(b *testing.B) {
 			"--worker-threads", fmt.Sprint(max(cpus/ep, 1)))
 		for _, conc := range []int{1, 16} {
 			b.Run(fmt.Sprintf("ep=%d,streams=%d", ep, conc), func(b *testing.B) {
-				before := schedStats(b, c)
+				before := schedulerStats(b, c.client)
 				total, elapsed := decodeRounds(b, c, conc)
-				after := schedStats(b, c)
-				steps := float64(after.Steps - before.Steps)
-				b.ReportMetric(float64(total)/elapsed.Seconds(), "tok/s")
-				b.ReportMetric(1000*(after.StepSeconds-before.StepSeconds)/steps, "ms/step")
-				b.ReportMetric(1000*(after.CommSeconds-before.CommSeconds)/steps, "ms-comm/step")
+				after := schedulerStats(b, c.client)
+				reportSteps(b, before, after, total, elapsed)
 				b.ReportMetric(float64(after.ExchangeBytes-before.ExchangeBytes)/float64(after.StepTokens-before.StepTokens), "B/token")
 				b.ReportMetric(0, "ns/op")
 			})

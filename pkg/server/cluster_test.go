@@ -408,13 +408,21 @@ func TestConcurrentStreamsAndSeeds(t *testing.T) {
 	}
 }
 
-func schedulerStats(t *testing.T, client pb.GeneratorClient) *pb.SchedulerStats {
+// serverInfo is the coordinator's GetServerInfo (the test fails without it).
+func serverInfo(t testing.TB, client pb.GeneratorClient) *pb.ServerInfo {
 	t.Helper()
-	info, err := client.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	info, err := client.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return info.Scheduler
+	return info
+}
+
+func schedulerStats(t testing.TB, client pb.GeneratorClient) *pb.SchedulerStats {
+	t.Helper()
+	return serverInfo(t, client).Scheduler
 }
 
 // TestDisconnectFreesBlocksAndPreemption: a client that goes away (and one
@@ -849,10 +857,7 @@ func generateAround(t *testing.T, client pb.GeneratorClient, ps [][]int32, n int
 
 func readyWorkers(t testing.TB, client pb.GeneratorClient) []*pb.WorkerStatus {
 	t.Helper()
-	info, err := client.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	info := serverInfo(t, client)
 	var out []*pb.WorkerStatus
 	for _, w := range info.Workers {
 		if w.State == "ready" {

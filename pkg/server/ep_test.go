@@ -25,12 +25,7 @@ func TestExpertParallel(t *testing.T) {
 			ep, tp := l[0], l[1]
 			t.Run(fmt.Sprintf("%s/ep%d-tp%d", name, ep, tp), func(t *testing.T) {
 				c := startCluster(t, dir, "--ep", fmt.Sprint(ep), "--tp", fmt.Sprint(tp), "--local-workers", fmt.Sprint(ep), "--worker-threads", "1")
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				info, err := c.client.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
-				cancel()
-				if err != nil {
-					t.Fatal(err)
-				}
+				info := serverInfo(t, c.client)
 				reps := info.Placement.GetReplicas()
 				if len(reps) != 1 || reps[0].Ep != int32(ep) || reps[0].Tp != int32(tp) || len(reps[0].Workers) != ep {
 					t.Fatalf("placement %v", info.Placement)

@@ -29,12 +29,7 @@ func TestParallelLayouts(t *testing.T) {
 		tp, pp := l[0], l[1]
 		t.Run(fmt.Sprintf("tp%d-pp%d", tp, pp), func(t *testing.T) {
 			c := startCluster(t, dir, "--tp", fmt.Sprint(tp), "--pp", fmt.Sprint(pp), "--local-workers", fmt.Sprint(tp*pp), "--worker-threads", "1")
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			info, err := c.client.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
+			info := serverInfo(t, c.client)
 			reps := info.Placement.GetReplicas()
 			if len(reps) != 1 || reps[0].Tp != int32(tp) || reps[0].Pp != int32(pp) || len(reps[0].Stages) != pp || len(reps[0].Workers) != tp*pp {
 				t.Fatalf("placement %v", info.Placement)
