@@ -170,3 +170,24 @@ func TestExpertRebalanceTwice(t *testing.T) {
 		t.Fatalf("after the rebalances: %v, before %v", g, alone[0])
 	}
 }
+
+// TestExpertBalancerInterval: with --eplb-interval the coordinator
+// re-places the experts of a replica that routed tokens, by itself.
+func TestExpertBalancerInterval(t *testing.T) {
+	c := startCluster(t, refDir("moe-64x8"), "--ep", "2", "--tp", "1", "--local-workers", "2", "--worker-threads", "1",
+		"--redundant-experts", "1", "--eplb-interval", "500ms")
+	time.Sleep(time.Second) // idle intervals: nothing routed, nothing moves
+	if v := expertLoad(t, c, false).ExpertsVersion; v != 1 {
+		t.Fatalf("an idle replica was re-placed: experts version %d", v)
+	}
+	for _, p := range skewedPrompts(2, 60) {
+		mustGenerate(t, c.client, idsReq(p, 4))
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for expertLoad(t, c, false).ExpertsVersion < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the balancer did not re-place the experts")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

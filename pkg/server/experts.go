@@ -80,18 +80,13 @@ func (c *Coordinator) ExpertLoad(ctx context.Context, rebalance bool, redundant 
 		return nil, fmt.Errorf("%w: %d redundant experts per rank exceed the %d the placement counted memory for (--redundant-experts)",
 			errBadRequest, redundant, c.opts.RedundantExperts)
 	}
-	c.mu.Lock()
-	var rs []*replica
-	for _, r := range c.replicas {
-		if r.ep > 1 && r.state == "ready" && r.exec != nil {
-			rs = append(rs, r)
-		}
+	mode := reportOnly
+	if rebalance {
+		mode = rebalanceAlways
 	}
-	c.mu.Unlock()
-	sort.Slice(rs, func(i, j int) bool { return rs[i].gen < rs[j].gen })
 	var out []*pb.ExpertLoadResponse_Replica
-	for i, r := range rs {
-		rep, err := c.replicaExperts(ctx, r, rebalance, redundant)
+	for i, r := range c.epReplicas() {
+		rep, err := c.replicaExperts(ctx, r, mode, redundant)
 		if err != nil {
 			return out, fmt.Errorf("replica %s: %w", r.key, err)
 		}
@@ -101,7 +96,30 @@ func (c *Coordinator) ExpertLoad(ctx context.Context, rebalance bool, redundant 
 	return out, nil
 }
 
-func (c *Coordinator) replicaExperts(ctx context.Context, r *replica, rebalance bool, redundant int) (*pb.ExpertLoadResponse_Replica, error) {
+// epReplicas are the ready expert-parallel replicas, oldest first.
+func (c *Coordinator) epReplicas() []*replica {
+	c.mu.Lock()
+	var rs []*replica
+	for _, r := range c.replicas {
+		if r.ep > 1 && r.state == "ready" && r.exec != nil {
+			rs = append(rs, r)
+		}
+	}
+	c.mu.Unlock()
+	sort.Slice(rs, func(i, j int) bool { return rs[i].gen < rs[j].gen })
+	return rs
+}
+
+// rebalanceMode says whether replicaExperts re-places the experts.
+type rebalanceMode int
+
+const (
+	reportOnly        rebalanceMode = iota
+	rebalanceAlways                 // asked for
+	rebalanceIfRouted               // the periodic balancer: only with tokens since the last placement
+)
+
+func (c *Coordinator) replicaExperts(ctx context.Context, r *replica, mode rebalanceMode, redundant int) (*pb.ExpertLoadResponse_Replica, error) {
 	r.rebalMu.Lock()
 	defer r.rebalMu.Unlock()
 	counts, err := c.expertCounts(ctx, r)
@@ -122,7 +140,7 @@ func (c *Coordinator) replicaExperts(ctx context.Context, r *replica, rebalance 
 			rep.Tokens += n
 		}
 	}
-	if !rebalance {
+	if mode == reportOnly || mode == rebalanceIfRouted && rep.Tokens == 0 {
 		return rep, nil
 	}
 	E := c.cfg.NumExperts
@@ -180,18 +198,9 @@ func (c *Coordinator) balanceExperts(ctx context.Context, every time.Duration) {
 			return
 		case <-t.C:
 		}
-		reps, err := c.ExpertLoad(ctx, false, -1)
-		if err != nil {
-			c.log.Warn("expert load", "err", err)
-			continue
-		}
-		busy := false
-		for _, r := range reps {
-			busy = busy || r.Tokens > 0
-		}
-		if busy {
-			if _, err := c.ExpertLoad(ctx, true, -1); err != nil {
-				c.log.Warn("expert rebalance", "err", err)
+		for _, r := range c.epReplicas() {
+			if _, err := c.replicaExperts(ctx, r, rebalanceIfRouted, c.opts.RedundantExperts); err != nil {
+				c.log.Warn("expert rebalance", "replica", r.key, "err", err)
 			}
 		}
 	}
