@@ -76,10 +76,7 @@ func NewShard(cfg *Config, b kernels.Backend, src WeightSource, sh Shard) (*Mode
 	g := sh.geometry(cfg)
 	ld := &loader{src: src, b: b}
 	m := &Model{cfg: cfg, b: b, sh: sh, g: g}
-	shapes := map[string][]int{}
-	for _, s := range Shapes(cfg) {
-		shapes[s.Name] = s.Shape
-	}
+	shapes := shapeMap(cfg)
 	// get loads a tensor whole (dim < 0) or the span sp of its rows (dim 0)
 	// or columns (dim 1).
 	get := func(name string, dim int, sp span) kernels.Tensor {
@@ -195,6 +192,15 @@ func (m *Model) loadExpert(ld *loader, shapes map[string][]int, l, x int) (*mlp,
 	return &p, nil
 }
 
+// shapeMap is Shapes(cfg) by tensor name.
+func shapeMap(cfg *Config) map[string][]int {
+	out := map[string][]int{}
+	for _, s := range Shapes(cfg) {
+		out[s.Name] = s.Shape
+	}
+	return out
+}
+
 func tensorBytes(t kernels.Tensor) int64 {
 	return int64(kernels.NumElements(t.Shape()) * t.DType().Size())
 }
@@ -228,10 +234,7 @@ func (m *Model) LoadExperts(src WeightSource, em ExpertMap) (int, error) {
 	}
 	n := 0
 	ld := &loader{src: src, b: m.b}
-	shapes := map[string][]int{}
-	for _, s := range Shapes(m.cfg) {
-		shapes[s.Name] = s.Shape
-	}
+	shapes := shapeMap(m.cfg)
 	err := m.eachExpert(func(l, x int, slot **mlp) error {
 		if *slot != nil || !em.Holds(l, x, m.sh.EPRank) {
 			return nil

@@ -327,12 +327,7 @@ func sameSlice(m *model.Model, sh model.Shard) bool {
 // switchExperts makes t the placement of the loaded expert-parallel model:
 // it reads the experts t adds and frees those it removes.
 func (w *WorkerService) switchExperts(dir string, t *expertparallel.Table) error {
-	ck, err := safetensors.Open(dir, safetensors.Options{})
-	if err != nil {
-		return err
-	}
-	defer ck.Close()
-	if _, err := w.exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t); err != nil {
+	if _, err := loadExperts(w.exec, dir, t); err != nil {
 		return err
 	}
 	w.exec.DropExperts(t)
@@ -506,6 +501,17 @@ func (w *WorkerService) Exchange(stream workerv1.Worker_ExchangeServer) error {
 	}
 }
 
+// loadExperts has exec read, from the checkpoint in dir, the experts t
+// places on it that it does not hold; it returns how many.
+func loadExperts(exec *shard.Executor, dir string, t *expertparallel.Table) (int, error) {
+	ck, err := safetensors.Open(dir, safetensors.Options{})
+	if err != nil {
+		return 0, err
+	}
+	defer ck.Close()
+	return exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t)
+}
+
 // switchedTo records that a step ran on expert placement v: steps run in
 // id order and later ones name v or a newer one, so the experts only older
 // placements held can go (those of placements loaded for later switches
@@ -575,12 +581,7 @@ func (w *WorkerService) SetExperts(ctx context.Context, req *workerv1.SetExperts
 		return nil, status.Errorf(codes.InvalidArgument, "experts: %v", err)
 	}
 	t0 := time.Now()
-	ck, err := safetensors.Open(dir, safetensors.Options{})
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "checkpoint: %v", err)
-	}
-	defer ck.Close()
-	n, err := exec.LoadExperts(model.Checkpoint{Checkpoint: ck}, t)
+	n, err := loadExperts(exec, dir, t)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "load experts: %v", err)
 	}
