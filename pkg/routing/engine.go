@@ -12,69 +12,12 @@ import (
 
 	"github.com/qwenfleet/qwenfleet/pkg/kvcache"
 	"github.com/qwenfleet/qwenfleet/pkg/sampling"
+	"github.com/qwenfleet/qwenfleet/pkg/steps"
 )
-
-// StepSeq is one sequence's part of an executed step.
-type StepSeq struct {
-	ID     uint64
-	Tokens []int32
-	Start  int
-	Blocks []int32
-	Sample bool // outputs wanted for the last token
-	TopN   int  // candidates wanted (≥ 1 when Sample)
-	// FullRow asks for the whole logits row of the last token.
-	FullRow bool
-	// WantLogSumExp asks for the row's log-normalizer (logprobs).
-	WantLogSumExp bool
-	// PromptTargets, when not nil, has one entry per token: the id whose
-	// logprob is wanted at that position, or -1.
-	PromptTargets []int32
-	// RequestID is the client's id of the request (for workers' logs).
-	RequestID string
-}
-
-// StepBatch is what an Executor runs.
-type StepBatch struct {
-	ID   uint64
-	Seqs []StepSeq
-}
-
-// Candidate is a token and its raw logit.
-type Candidate struct {
-	ID    int32
-	Logit float32
-}
-
-// SeqResult is one sequence's output of a step (only for Sample items,
-// except PromptLogprobs).
-type SeqResult struct {
-	Candidates     []Candidate // descending by logit, ties by id
-	LogSumExp      float64     // of the whole row
-	Row            []float32   // when FullRow
-	PromptLogprobs []float32   // one per PromptTargets entry (NaN where -1)
-	// A part of a result (one tensor-parallel rank's vocabulary slice
-	// [VocabBegin, VocabEnd); both zero for a whole one) has the slice's
-	// candidates, LogSumExp and Row; PromptLogprobs then hold each target's
-	// raw logit where the slice owns it (NaN elsewhere) and PromptLSE each
-	// prompt row's logsumexp over the slice. shard.Merge joins the parts.
-	PromptLSE            []float64
-	VocabBegin, VocabEnd int
-}
-
-// StepResult is the output of a step, in the batch's order.
-type StepResult struct {
-	Seqs    []SeqResult
-	Forward time.Duration
-	// Comm is the time the step's workers spent in all-reduces and passing
-	// hidden states between stages (the slowest worker's).
-	Comm time.Duration
-	// SentBytes is what the step's workers sent each other.
-	SentBytes int64
-}
 
 // Executor runs steps: a worker group behind gRPC, or a model in-process.
 type Executor interface {
-	Step(ctx context.Context, b *StepBatch) (*StepResult, error)
+	Step(ctx context.Context, b *steps.Batch) (*steps.Result, error)
 }
 
 // Releaser is an Executor that keeps per-sequence state: the engine tells
@@ -428,7 +371,7 @@ func (e *Engine) Load() int {
 // SetDepth sets how many steps may be in flight at once (default 1). A
 // pipeline of n stages keeps every stage busy with n micro-batches: the
 // running sequences are split into n groups that step in turn. Steps are
-// numbered (StepBatch.ID) in the order they are issued.
+// numbered (steps.Batch.ID) in the order they are issued.
 func (e *Engine) SetDepth(n int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -446,8 +389,8 @@ type StepInfo struct {
 // stepDone is a finished step.
 type stepDone struct {
 	plan  *Plan
-	batch *StepBatch
-	res   *StepResult
+	batch *steps.Batch
+	res   *steps.Result
 	err   error
 	took  time.Duration
 }
@@ -571,11 +514,11 @@ func (e *Engine) Run(ctx context.Context) {
 	}
 }
 
-func (e *Engine) batch(p *Plan) *StepBatch {
-	b := &StepBatch{Seqs: make([]StepSeq, len(p.Items))}
+func (e *Engine) batch(p *Plan) *steps.Batch {
+	b := &steps.Batch{Seqs: make([]steps.Seq, len(p.Items))}
 	for i, it := range p.Items {
 		st := it.Seq.Payload.(*reqState)
-		s := StepSeq{ID: uint64(it.Seq.ID), Tokens: it.Tokens, Start: it.Start, Blocks: it.Blocks, Sample: it.Sample, RequestID: st.req.ID}
+		s := steps.Seq{ID: uint64(it.Seq.ID), Tokens: it.Tokens, Start: it.Start, Blocks: it.Blocks, Sample: it.Sample, RequestID: st.req.ID}
 		if st.scheduled.IsZero() {
 			st.scheduled = time.Now()
 		}
@@ -605,7 +548,7 @@ func (st *reqState) plainGreedy(q *Seq) bool {
 	return st.req.Sampling.Greedy() && !st.req.Sampling.Penalized() && (q.Generated() >= st.req.MinTokens || len(st.stop) == 0)
 }
 
-func (e *Engine) apply(p *Plan, res *StepResult) {
+func (e *Engine) apply(p *Plan, res *steps.Result) {
 	e.sched.Advance(p)
 	for i, it := range p.Items {
 		q := it.Seq
@@ -645,7 +588,7 @@ func (e *Engine) apply(p *Plan, res *StepResult) {
 }
 
 // choose picks the next token from a step's output.
-func (st *reqState) choose(q *Seq, r *SeqResult) (int32, *TokenLogprob, error) {
+func (st *reqState) choose(q *Seq, r *steps.SeqResult) (int32, *TokenLogprob, error) {
 	var tok int32
 	var raw float32
 	if len(r.Row) > 0 {

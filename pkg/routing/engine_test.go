@@ -15,6 +15,7 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/sampling"
 	"github.com/qwenfleet/qwenfleet/pkg/shard"
+	"github.com/qwenfleet/qwenfleet/pkg/steps"
 )
 
 func root() string {
@@ -219,7 +220,7 @@ func TestEngineStopsAtStopIDAfterMinTokens(t *testing.T) {
 // failing always fails its steps.
 type failing struct{ n int }
 
-func (f *failing) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
+func (f *failing) Step(ctx context.Context, b *steps.Batch) (*steps.Result, error) {
 	f.n++
 	return nil, fmt.Errorf("worker gone (%d)", f.n)
 }
@@ -311,7 +312,7 @@ type overlapExec struct {
 	problem error
 }
 
-func (o *overlapExec) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
+func (o *overlapExec) Step(ctx context.Context, b *steps.Batch) (*steps.Result, error) {
 	o.mu.Lock()
 	for _, s := range b.Seqs {
 		if o.busy[s.ID] && o.problem == nil {

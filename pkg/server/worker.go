@@ -21,9 +21,9 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
-	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
 	"github.com/qwenfleet/qwenfleet/pkg/shard"
+	"github.com/qwenfleet/qwenfleet/pkg/steps"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
 )
 
@@ -407,10 +407,10 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	if req.AssignmentVersion != 0 && req.AssignmentVersion != version {
 		return nil, status.Errorf(codes.FailedPrecondition, "assignment_version: %d, this worker holds %d", req.AssignmentVersion, version)
 	}
-	b := &routing.StepBatch{ID: req.StepId, Seqs: make([]routing.StepSeq, len(req.Seqs))}
+	b := &steps.Batch{ID: req.StepId, Seqs: make([]steps.Seq, len(req.Seqs))}
 	tokens := 0
 	for i, s := range req.Seqs {
-		b.Seqs[i] = routing.StepSeq{ID: s.SeqId, Tokens: s.Tokens, Start: int(s.Start), Blocks: s.BlockTable,
+		b.Seqs[i] = steps.Seq{ID: s.SeqId, Tokens: s.Tokens, Start: int(s.Start), Blocks: s.BlockTable,
 			Sample: s.Sample, TopN: int(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogSumExp: s.WantLogsumexp}
 		tokens += len(s.Tokens)
 	}
@@ -687,7 +687,7 @@ func (g *replicaExecutor) Release(ctx context.Context, ids []uint64) error {
 	})
 }
 
-func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
+func (g *replicaExecutor) Step(ctx context.Context, b *steps.Batch) (*steps.Result, error) {
 	req := &workerv1.StepRequest{AssignmentVersion: g.gen, Seqs: make([]*workerv1.SeqStep, len(b.Seqs))}
 	if len(g.members) > 1 {
 		// Workers run numbered steps strictly in order; a lone worker
@@ -738,9 +738,9 @@ func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*rout
 		comm = max(comm, r.CommMs)
 		sent += r.SentBytes
 	}
-	out := &routing.StepResult{Seqs: make([]routing.SeqResult, len(b.Seqs)), Forward: time.Duration(last[0].ForwardMs * float64(time.Millisecond)),
+	out := &steps.Result{Seqs: make([]steps.SeqResult, len(b.Seqs)), Forward: time.Duration(last[0].ForwardMs * float64(time.Millisecond)),
 		Comm: time.Duration(comm * float64(time.Millisecond)), SentBytes: sent}
-	parts := make([]routing.SeqResult, len(last))
+	parts := make([]steps.SeqResult, len(last))
 	for i, s := range b.Seqs {
 		for j, r := range last {
 			parts[j] = seqResult(r.Results[i])
@@ -753,11 +753,11 @@ func (g *replicaExecutor) Step(ctx context.Context, b *routing.StepBatch) (*rout
 	return out, nil
 }
 
-func seqResult(r *workerv1.SeqResult) routing.SeqResult {
-	sr := routing.SeqResult{LogSumExp: r.Logsumexp, Row: r.Row, PromptLogprobs: r.PromptLogprobs, PromptLSE: r.PromptLse,
-		VocabBegin: int(r.VocabBegin), VocabEnd: int(r.VocabEnd), Candidates: make([]routing.Candidate, len(r.Candidates))}
+func seqResult(r *workerv1.SeqResult) steps.SeqResult {
+	sr := steps.SeqResult{LogSumExp: r.Logsumexp, Row: r.Row, PromptLogprobs: r.PromptLogprobs, PromptLSE: r.PromptLse,
+		VocabBegin: int(r.VocabBegin), VocabEnd: int(r.VocabEnd), Candidates: make([]steps.Candidate, len(r.Candidates))}
 	for j, c := range r.Candidates {
-		sr.Candidates[j] = routing.Candidate{ID: c.Id, Logit: c.Logit}
+		sr.Candidates[j] = steps.Candidate{ID: c.Id, Logit: c.Logit}
 	}
 	return sr
 }

@@ -9,8 +9,8 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
-	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/shard"
+	"github.com/qwenfleet/qwenfleet/pkg/steps"
 )
 
 // BenchmarkDecodeStep: one decode step of B sequences on the qwen2-0.5b
@@ -40,21 +40,21 @@ func BenchmarkDecodeStep(b *testing.B) {
 		}
 		for _, B := range []int{1, 8, 32} {
 			b.Run(fmt.Sprintf("%s/seqs=%d", mode, B), func(b *testing.B) {
-				seqs := make([]routing.StepSeq, B)
+				seqs := make([]steps.Seq, B)
 				for i := range seqs {
-					seqs[i] = routing.StepSeq{ID: uint64(i), Tokens: []int32{int32(100 + i)}, Start: 64, Blocks: []int32{int32(8 * i), int32(8*i + 1), int32(8*i + 2), int32(8*i + 3), int32(8*i + 4)}, Sample: true, TopN: 1}
+					seqs[i] = steps.Seq{ID: uint64(i), Tokens: []int32{int32(100 + i)}, Start: 64, Blocks: []int32{int32(8 * i), int32(8*i + 1), int32(8*i + 2), int32(8*i + 3), int32(8*i + 4)}, Sample: true, TopN: 1}
 				}
-				pre := make([]routing.StepSeq, B) // fill the first 64 positions
+				pre := make([]steps.Seq, B) // fill the first 64 positions
 				for i := range pre {
 					pre[i] = seqs[i]
 					pre[i].Tokens, pre[i].Start, pre[i].Sample = make([]int32, 64), 0, false
 				}
-				if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: pre}); err != nil {
+				if _, err := x.Step(context.Background(), &steps.Batch{Seqs: pre}); err != nil {
 					b.Fatal(err)
 				}
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
-					if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: seqs}); err != nil {
+					if _, err := x.Step(context.Background(), &steps.Batch{Seqs: seqs}); err != nil {
 						b.Fatal(err)
 					}
 				}

@@ -10,8 +10,8 @@ import (
 
 	"github.com/qwenfleet/qwenfleet/pkg/kvcache"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
-	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/sampling"
+	"github.com/qwenfleet/qwenfleet/pkg/steps"
 )
 
 // MaxTopN bounds the candidates a step may ask for.
@@ -113,7 +113,7 @@ type Link interface {
 }
 
 // Step runs one batch on a whole model (no Link needed).
-func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.StepResult, error) {
+func (x *Executor) Step(ctx context.Context, b *steps.Batch) (*steps.Result, error) {
 	return x.StepLinked(ctx, b, nil)
 }
 
@@ -124,13 +124,13 @@ func (x *Executor) Step(ctx context.Context, b *routing.StepBatch) (*routing.Ste
 // coordinator gives up on a sharded replica whose step failed (see
 // pkg/server), so a missing id never stalls a live replica. A stage that is
 // not the last returns no per-sequence results.
-func (x *Executor) StepLinked(ctx context.Context, b *routing.StepBatch, link Link) (*routing.StepResult, error) {
+func (x *Executor) StepLinked(ctx context.Context, b *steps.Batch, link Link) (*steps.Result, error) {
 	return x.StepExperts(ctx, b, link, nil)
 }
 
 // StepExperts is StepLinked with the expert placement the step uses (nil:
 // the model's; see LoadExperts).
-func (x *Executor) StepExperts(ctx context.Context, b *routing.StepBatch, link Link, em model.ExpertMap) (*routing.StepResult, error) {
+func (x *Executor) StepExperts(ctx context.Context, b *steps.Batch, link Link, em model.ExpertMap) (*steps.Result, error) {
 	defer x.doneTurn(b.ID) // failed or not, later steps may go
 	m := x.m
 	V := m.Config().VocabSize
@@ -197,14 +197,14 @@ func (x *Executor) StepExperts(ctx context.Context, b *routing.StepBatch, link L
 	if err != nil {
 		return nil, err
 	}
-	res := &routing.StepResult{Forward: fwd}
+	res := &steps.Result{Forward: fwd}
 	if !m.IsLast() {
 		if err := link.SendHidden(out.Hidden); err != nil {
 			return nil, fmt.Errorf("hidden states to the next stage: %w", err)
 		}
 		return res, nil
 	}
-	res.Seqs = make([]routing.SeqResult, len(b.Seqs))
+	res.Seqs = make([]steps.SeqResult, len(b.Seqs))
 	vb, ve := out.VocabBegin, out.VocabEnd
 	part := vb != 0 || ve != V // a slice of the vocabulary
 	W := ve - vb
@@ -241,7 +241,7 @@ func (x *Executor) StepExperts(ctx context.Context, b *routing.StepBatch, link L
 			r.LogSumExp = sampling.LogSumExp(last)
 		}
 		for _, c := range sampling.TopN(last, s.TopN, r.LogSumExp) {
-			r.Candidates = append(r.Candidates, routing.Candidate{ID: c.ID + int32(vb), Logit: c.Logit})
+			r.Candidates = append(r.Candidates, steps.Candidate{ID: c.ID + int32(vb), Logit: c.Logit})
 		}
 		if s.FullRow {
 			r.Row = last

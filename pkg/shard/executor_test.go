@@ -11,9 +11,9 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
-	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/sampling"
 	"github.com/qwenfleet/qwenfleet/pkg/shard"
+	"github.com/qwenfleet/qwenfleet/pkg/steps"
 )
 
 func newExec(t *testing.T) *shard.Executor {
@@ -39,9 +39,9 @@ func newExec(t *testing.T) *shard.Executor {
 	return x
 }
 
-func step(t *testing.T, x *shard.Executor, seqs ...routing.StepSeq) *routing.StepResult {
+func step(t *testing.T, x *shard.Executor, seqs ...steps.Seq) *steps.Result {
 	t.Helper()
-	r, err := x.Step(context.Background(), &routing.StepBatch{Seqs: seqs})
+	r, err := x.Step(context.Background(), &steps.Batch{Seqs: seqs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,17 +56,17 @@ func TestStepIsBatchInvariant(t *testing.T) {
 	prompts := [][]int32{{100, 200, 300, 400, 500}, {7, 8, 9}, {1000, 2000, 3000, 4000, 5000, 6000, 7000}}
 	tables := [][]int32{{0}, {1}, {2}}
 	// Prefill all three together, the first one in two chunks.
-	step(t, x, routing.StepSeq{ID: 1, Tokens: prompts[0][:2], Blocks: tables[0]})
+	step(t, x, steps.Seq{ID: 1, Tokens: prompts[0][:2], Blocks: tables[0]})
 	step(t, x,
-		routing.StepSeq{ID: 1, Tokens: prompts[0][2:], Start: 2, Blocks: tables[0]},
-		routing.StepSeq{ID: 2, Tokens: prompts[1], Blocks: tables[1]},
-		routing.StepSeq{ID: 3, Tokens: prompts[2], Blocks: tables[2]})
-	dec := func(i int) routing.StepSeq {
-		return routing.StepSeq{ID: uint64(i + 1), Tokens: []int32{42}, Start: len(prompts[i]), Blocks: tables[i], Sample: true, TopN: 1, FullRow: true}
+		steps.Seq{ID: 1, Tokens: prompts[0][2:], Start: 2, Blocks: tables[0]},
+		steps.Seq{ID: 2, Tokens: prompts[1], Blocks: tables[1]},
+		steps.Seq{ID: 3, Tokens: prompts[2], Blocks: tables[2]})
+	dec := func(i int) steps.Seq {
+		return steps.Seq{ID: uint64(i + 1), Tokens: []int32{42}, Start: len(prompts[i]), Blocks: tables[i], Sample: true, TopN: 1, FullRow: true}
 	}
 	batched := step(t, x, dec(0), dec(1), dec(2))
 	// The first one again, alone, from a fresh one-chunk prefill in other blocks.
-	step(t, x, routing.StepSeq{ID: 9, Tokens: prompts[0], Blocks: []int32{5}})
+	step(t, x, steps.Seq{ID: 9, Tokens: prompts[0], Blocks: []int32{5}})
 	s := dec(0)
 	s.ID, s.Blocks = 9, []int32{5}
 	alone := step(t, x, s)
@@ -88,11 +88,11 @@ func TestStepIsBatchInvariant(t *testing.T) {
 func TestStepPromptLogprobsAndErrors(t *testing.T) {
 	x := newExec(t)
 	p := []int32{11, 22, 33, 44}
-	r := step(t, x, routing.StepSeq{ID: 1, Tokens: p, Blocks: []int32{0}, Sample: true, TopN: 3, WantLogSumExp: true,
+	r := step(t, x, steps.Seq{ID: 1, Tokens: p, Blocks: []int32{0}, Sample: true, TopN: 3, WantLogSumExp: true,
 		PromptTargets: []int32{22, 33, 44, -1}})
 	lp := r.Seqs[0].PromptLogprobs
 	// Position 1's row, computed as a sampled row of a two-token prompt.
-	row := step(t, x, routing.StepSeq{ID: 2, Tokens: p[:2], Blocks: []int32{1}, Sample: true, TopN: 1, FullRow: true}).Seqs[0].Row
+	row := step(t, x, steps.Seq{ID: 2, Tokens: p[:2], Blocks: []int32{1}, Sample: true, TopN: 1, FullRow: true}).Seqs[0].Row
 	if want := float64(row[33]) - sampling.LogSumExp(row); math.Abs(float64(lp[1])-want) > 1e-4 {
 		t.Fatalf("prompt logprob %v, want %v", lp[1], want)
 	}
@@ -111,7 +111,7 @@ func TestStepPromptLogprobsAndErrors(t *testing.T) {
 	if lse := sampling.LogSumExp(nil); !math.IsInf(lse, -1) {
 		t.Fatal(lse)
 	}
-	bad := []routing.StepSeq{
+	bad := []steps.Seq{
 		{ID: 1, Tokens: []int32{1}, Blocks: []int32{0}, Sample: true, TopN: 0},
 		{ID: 1, Tokens: []int32{1}, Blocks: []int32{0}, Sample: true, TopN: 5000},
 		{ID: 1, Tokens: []int32{1, 2}, Blocks: []int32{0}, PromptTargets: []int32{1}},
@@ -122,15 +122,15 @@ func TestStepPromptLogprobsAndErrors(t *testing.T) {
 	}
 	// A sequence whose KV is not here (never computed, or released) must
 	// start at 0.
-	if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: []routing.StepSeq{{ID: 77, Tokens: []int32{1}, Start: 3, Blocks: []int32{2}}}}); !errors.Is(err, shard.ErrMissingKV) {
+	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 77, Tokens: []int32{1}, Start: 3, Blocks: []int32{2}}}}); !errors.Is(err, shard.ErrMissingKV) {
 		t.Fatalf("unknown sequence at position 3: %v", err)
 	}
 	x.Release([]uint64{1})
-	if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: []routing.StepSeq{{ID: 1, Tokens: []int32{1}, Start: 4, Blocks: []int32{0}}}}); !errors.Is(err, shard.ErrMissingKV) {
+	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 1, Tokens: []int32{1}, Start: 4, Blocks: []int32{0}}}}); !errors.Is(err, shard.ErrMissingKV) {
 		t.Fatalf("released sequence: %v", err)
 	}
 	for i, s := range bad {
-		if _, err := x.Step(context.Background(), &routing.StepBatch{Seqs: []routing.StepSeq{s}}); !errors.Is(err, model.ErrBadBatch) {
+		if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{s}}); !errors.Is(err, model.ErrBadBatch) {
 			t.Errorf("bad step %d: %v", i, err)
 		}
 	}
@@ -170,14 +170,14 @@ func TestStepsRunInIDOrder(t *testing.T) {
 		}
 		xs = append(xs, x)
 	}
-	batch := func(id uint64) *routing.StepBatch {
-		return &routing.StepBatch{ID: id, Seqs: []routing.StepSeq{{ID: id, Tokens: []int32{int32(id), 7, 9}, Blocks: []int32{int32(id)},
+	batch := func(id uint64) *steps.Batch {
+		return &steps.Batch{ID: id, Seqs: []steps.Seq{{ID: id, Tokens: []int32{int32(id), 7, 9}, Blocks: []int32{int32(id)},
 			Sample: true, TopN: 3}}}
 	}
 	type out struct {
 		rank int
 		id   uint64
-		res  *routing.StepResult
+		res  *steps.Result
 		err  error
 	}
 	results := make(chan out, 6)
@@ -191,7 +191,7 @@ func TestStepsRunInIDOrder(t *testing.T) {
 			time.Sleep(20 * time.Millisecond) // arrive in this order
 		}
 	}
-	got := map[uint64][]*routing.StepResult{}
+	got := map[uint64][]*steps.Result{}
 	for range 6 {
 		select {
 		case o := <-results:
@@ -218,7 +218,7 @@ func TestStepsRunInIDOrder(t *testing.T) {
 	}
 	for id, rs := range got {
 		a, b := rs[0].Seqs[0], rs[1].Seqs[0]
-		m, err := shard.Merge([]routing.SeqResult{a, b}, 3, false)
+		m, err := shard.Merge([]steps.SeqResult{a, b}, 3, false)
 		if err != nil {
 			t.Fatalf("step %d: %v", id, err)
 		}

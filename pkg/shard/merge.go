@@ -6,21 +6,21 @@ import (
 	"math"
 	"slices"
 
-	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/steps"
 )
 
 // Merge joins the answers of a tensor-parallel last stage's ranks for one
-// sequence (each over its vocabulary slice; see routing.SeqResult) into
+// sequence (each over its vocabulary slice; see steps.SeqResult) into
 // the answer one process would give: the topN best candidates of all
 // slices, the logsumexp of the whole row, prompt logprobs against it, and
 // the whole row when the slices carry theirs. A single whole result is
 // returned as it is.
-func Merge(parts []routing.SeqResult, topN int, wantLSE bool) (routing.SeqResult, error) {
+func Merge(parts []steps.SeqResult, topN int, wantLSE bool) (steps.SeqResult, error) {
 	if len(parts) == 1 && parts[0].VocabEnd == 0 {
 		return parts[0], nil
 	}
-	slices.SortFunc(parts, func(a, b routing.SeqResult) int { return cmp.Compare(a.VocabBegin, b.VocabBegin) })
-	var out routing.SeqResult
+	slices.SortFunc(parts, func(a, b steps.SeqResult) int { return cmp.Compare(a.VocabBegin, b.VocabBegin) })
+	var out steps.SeqResult
 	lses := make([]float64, len(parts))
 	end := 0
 	for i, p := range parts {
@@ -38,7 +38,7 @@ func Merge(parts []routing.SeqResult, topN int, wantLSE bool) (routing.SeqResult
 	if wantLSE {
 		out.LogSumExp = lse
 	}
-	slices.SortFunc(out.Candidates, func(a, b routing.Candidate) int {
+	slices.SortFunc(out.Candidates, func(a, b steps.Candidate) int {
 		if c := cmp.Compare(b.Logit, a.Logit); c != 0 {
 			return c
 		}

@@ -7,9 +7,9 @@ import (
 	"testing"
 
 	"github.com/qwenfleet/qwenfleet/pkg/model"
-	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/sampling"
 	"github.com/qwenfleet/qwenfleet/pkg/shard"
+	"github.com/qwenfleet/qwenfleet/pkg/steps"
 )
 
 // TestMergeEqualsWhole: rows split into vocabulary slices, answered per
@@ -25,10 +25,10 @@ func TestMergeEqualsWhole(t *testing.T) {
 	logits[V-1] = logits[V-2] // a tie across the last two ids
 	targets := []int32{-1, 5, V - 1}
 	for _, tp := range []int{1, 2, 3, 4} {
-		var parts []routing.SeqResult
+		var parts []steps.SeqResult
 		for r := tp - 1; r >= 0; r-- { // out of order: Merge sorts
 			vb, ve := model.VocabSlice(V, r, tp)
-			p := routing.SeqResult{VocabBegin: vb, VocabEnd: ve}
+			p := steps.SeqResult{VocabBegin: vb, VocabEnd: ve}
 			for j, tg := range targets {
 				row := logits[j*V+vb : j*V+ve]
 				p.PromptLSE = append(p.PromptLSE, sampling.LogSumExp(row))
@@ -42,7 +42,7 @@ func TestMergeEqualsWhole(t *testing.T) {
 			p.LogSumExp = sampling.LogSumExp(last)
 			p.Row = last
 			for _, c := range sampling.TopN(last, topN, 0) {
-				p.Candidates = append(p.Candidates, routing.Candidate{ID: c.ID + int32(vb), Logit: c.Logit})
+				p.Candidates = append(p.Candidates, steps.Candidate{ID: c.ID + int32(vb), Logit: c.Logit})
 			}
 			parts = append(parts, p)
 		}
@@ -55,9 +55,9 @@ func TestMergeEqualsWhole(t *testing.T) {
 		if math.Abs(got.LogSumExp-lse) > 1e-9 {
 			t.Errorf("tp=%d: logsumexp %v, want %v", tp, got.LogSumExp, lse)
 		}
-		var want []routing.Candidate
+		var want []steps.Candidate
 		for _, c := range sampling.TopN(last, topN, 0) {
-			want = append(want, routing.Candidate{ID: c.ID, Logit: c.Logit})
+			want = append(want, steps.Candidate{ID: c.ID, Logit: c.Logit})
 		}
 		if !slices.Equal(got.Candidates, want) {
 			t.Errorf("tp=%d: candidates %v, want %v", tp, got.Candidates, want)
@@ -80,7 +80,7 @@ func TestMergeEqualsWhole(t *testing.T) {
 		}
 	}
 	// Slices that do not tile the vocabulary are an error.
-	if _, err := shard.Merge([]routing.SeqResult{{VocabBegin: 0, VocabEnd: 10}, {VocabBegin: 11, VocabEnd: 20}}, 1, false); err == nil {
+	if _, err := shard.Merge([]steps.SeqResult{{VocabBegin: 0, VocabEnd: 10}, {VocabBegin: 11, VocabEnd: 20}}, 1, false); err == nil {
 		t.Fatal("a gap between slices was merged")
 	}
 }
