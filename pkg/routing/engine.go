@@ -330,17 +330,6 @@ func (e *Engine) Close() []*Seq {
 	return seqs
 }
 
-// Fail ends every request here with err.
-func (e *Engine) Fail(err error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	for _, q := range e.sched.Drain() {
-		st := q.Payload.(*reqState)
-		delete(e.byID, st.req.ID)
-		st.stream.finish(Event{Finish: "error", Err: err, MatchedStop: -1, Preemptions: q.Preemptions})
-	}
-}
-
 func (e *Engine) poke() {
 	select {
 	case e.wake <- struct{}{}:
