@@ -79,13 +79,6 @@ const (
 	DefaultUtilization    = 0.9
 )
 
-// DefaultOptions returns Options with every model-independent default
-// filled in (KVCacheTokens and WeightBytesPerParam stay 0: they default
-// from the model config).
-func DefaultOptions() Options {
-	return Options{MaxBatchTokens: DefaultMaxBatchTokens, MaxBatchSeqs: DefaultMaxBatchSeqs, Utilization: DefaultUtilization}
-}
-
 // Validate fills in the model-independent defaults and rejects values no
 // model could use. New calls it on a copy.
 func (o *Options) Validate() error {
