@@ -152,9 +152,6 @@ func (e *EmbeddedEtcd) Endpoints() []string {
 	return append([]string(nil), e.endpoints...)
 }
 
-// Err returns a channel that reports fatal server errors.
-func (e *EmbeddedEtcd) Err() <-chan error { return e.etcd.Err() }
-
 // Close stops the server. It is safe to call more than once.
 func (e *EmbeddedEtcd) Close() error {
 	e.closeOnce.Do(func() {

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"sort"
 	"strconv"
 	"sync"
 	"time"
@@ -60,17 +59,8 @@ type MemberEvent struct {
 // Gossip is a running memberlist node.
 type Gossip struct {
 	ml   *memberlist.Memberlist
-	name string
 	addr string
-
-	// members mirrors memberlist's live set, maintained from its (locked)
-	// event callbacks, because the *Node values memberlist.Members returns
-	// are mutated concurrently.
-	memMu   sync.RWMutex
-	members map[string]MemberEvent
-
-	metaMu sync.RWMutex
-	meta   []byte
+	meta []byte // set before the node starts, never changed
 
 	evMu     sync.Mutex
 	events   chan MemberEvent
@@ -87,9 +77,8 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 		return nil, fmt.Errorf("cluster: gossip meta is %d bytes, max %d", len(cfg.Meta), MaxGossipMeta)
 	}
 	g := &Gossip{
-		meta:    append([]byte(nil), cfg.Meta...),
-		events:  make(chan MemberEvent, gossipEventBuffer),
-		members: make(map[string]MemberEvent),
+		meta:   append([]byte(nil), cfg.Meta...),
+		events: make(chan MemberEvent, gossipEventBuffer),
 	}
 	var mc *memberlist.Config
 	if cfg.Fast {
@@ -123,7 +112,6 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 	}
 	g.ml = ml
 	local := ml.LocalNode()
-	g.name = local.Name
 	g.addr = net.JoinHostPort(local.Addr.String(), strconv.Itoa(int(local.Port)))
 	if len(cfg.Seeds) > 0 {
 		if err := g.Join(cfg.Seeds); err != nil {
@@ -147,23 +135,6 @@ func defaultNodeName() string {
 // Addr returns the host:port this node is bound to and advertises.
 func (g *Gossip) Addr() string { return g.addr }
 
-// Name returns this node's name.
-func (g *Gossip) Name() string { return g.name }
-
-// Members returns the live members (including suspect ones and this node),
-// sorted by name.
-func (g *Gossip) Members() []MemberEvent {
-	g.memMu.RLock()
-	out := make([]MemberEvent, 0, len(g.members))
-	for _, m := range g.members {
-		m.Meta = append([]byte(nil), m.Meta...)
-		out = append(out, m)
-	}
-	g.memMu.RUnlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out
-}
-
 // Events returns join, update, leave and failure events. The channel is
 // buffered; when the consumer falls behind the oldest events are dropped, so
 // memberlist is never blocked. It is closed by Close.
@@ -183,17 +154,6 @@ func (g *Gossip) Join(seeds []string) error {
 		return fmt.Errorf("cluster: gossip join %v: %w", seeds, err)
 	}
 	return nil
-}
-
-// SetMeta replaces this node's metadata (at most 512 bytes) and broadcasts it.
-func (g *Gossip) SetMeta(meta []byte) error {
-	if len(meta) > MaxGossipMeta {
-		return fmt.Errorf("cluster: gossip meta is %d bytes, max %d", len(meta), MaxGossipMeta)
-	}
-	g.metaMu.Lock()
-	g.meta = append([]byte(nil), meta...)
-	g.metaMu.Unlock()
-	return g.ml.UpdateNode(time.Second)
 }
 
 // Close broadcasts a leave (waiting at most 500ms) and shuts the node down.
@@ -227,19 +187,6 @@ func nodeEvent(n *memberlist.Node, alive bool) MemberEvent {
 	}
 }
 
-// observe records ev in the member set and emits it.
-func (g *Gossip) observe(ev MemberEvent) {
-	g.memMu.Lock()
-	if ev.Alive {
-		g.members[ev.Name] = ev
-	} else {
-		delete(g.members, ev.Name)
-	}
-	g.memMu.Unlock()
-	ev.Meta = append([]byte(nil), ev.Meta...)
-	g.emit(ev)
-}
-
 // emit delivers ev without ever blocking, dropping the oldest event if the
 // buffer is full.
 func (g *Gossip) emit(ev MemberEvent) {
@@ -263,15 +210,13 @@ func (g *Gossip) emit(ev MemberEvent) {
 
 type gossipEvents Gossip
 
-func (e *gossipEvents) NotifyJoin(n *memberlist.Node)   { (*Gossip)(e).observe(nodeEvent(n, true)) }
-func (e *gossipEvents) NotifyLeave(n *memberlist.Node)  { (*Gossip)(e).observe(nodeEvent(n, false)) }
-func (e *gossipEvents) NotifyUpdate(n *memberlist.Node) { (*Gossip)(e).observe(nodeEvent(n, true)) }
+func (e *gossipEvents) NotifyJoin(n *memberlist.Node)   { (*Gossip)(e).emit(nodeEvent(n, true)) }
+func (e *gossipEvents) NotifyLeave(n *memberlist.Node)  { (*Gossip)(e).emit(nodeEvent(n, false)) }
+func (e *gossipEvents) NotifyUpdate(n *memberlist.Node) { (*Gossip)(e).emit(nodeEvent(n, true)) }
 
 type gossipDelegate Gossip
 
 func (d *gossipDelegate) NodeMeta(limit int) []byte {
-	d.metaMu.RLock()
-	defer d.metaMu.RUnlock()
 	if len(d.meta) > limit {
 		return nil
 	}

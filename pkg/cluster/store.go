@@ -84,9 +84,6 @@ func (s *Store) Close() error {
 // Client returns the underlying etcd client.
 func (s *Store) Client() *clientv3.Client { return s.client }
 
-// Prefix returns the key prefix (always ending in "/").
-func (s *Store) Prefix() string { return s.prefix }
-
 func (s *Store) workersPrefix() string      { return s.prefix + "workers/" }
 func (s *Store) workerKey(id string) string { return s.workersPrefix() + id }
 func (s *Store) placementKey() string       { return s.prefix + "placement" }

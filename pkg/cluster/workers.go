@@ -16,13 +16,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// Worker states commonly stored in WorkerInfo.State.
-const (
-	WorkerStarting = "starting"
-	WorkerReady    = "ready"
-	WorkerDraining = "draining"
-)
-
 // WorkerInfo describes a registered worker; it is stored as JSON under
 // <prefix>workers/<ID>.
 type WorkerInfo struct {
@@ -133,16 +126,6 @@ func (r *Registration) Update(ctx context.Context, w WorkerInfo) error {
 	r.info = w
 	return nil
 }
-
-// Info returns the last WorkerInfo written by RegisterWorker or Update.
-func (r *Registration) Info() WorkerInfo {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.info
-}
-
-// LeaseID returns the etcd lease the worker key is attached to.
-func (r *Registration) LeaseID() clientv3.LeaseID { return r.lease }
 
 // Close stops the keep-alive and revokes the lease, deleting the worker key.
 // It is idempotent; later calls return the first call's result.

@@ -1,0 +1,638 @@
+package control
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/qwenfleet/qwenfleet/pkg/cluster/schema"
+	"github.com/qwenfleet/qwenfleet/pkg/expertparallel"
+	"github.com/qwenfleet/qwenfleet/pkg/model"
+	"github.com/qwenfleet/qwenfleet/pkg/placement"
+)
+
+// Config is what the control plane plans with.
+type Config struct {
+	// Model is the served model's config (required).
+	Model *model.Config
+	// ModelName labels plans and messages; ModelDir is what workers load
+	// (written in the placement).
+	ModelName, ModelDir string
+	// Quantize is passed to workers in the placement ("", "q8" or "q8a").
+	Quantize string
+	// TP, PP and EP force the layout of every replica (0: the planner's
+	// choice; EP 1: no expert parallelism). RedundantExperts are the spare
+	// expert slots per rank a rebalance may fill.
+	TP, PP, EP, RedundantExperts int
+	// KVCacheTokens is the KV cache a replica is planned to hold (0: the
+	// model's context); MaxBatchTokens the tokens of one step;
+	// KVBytesPerValue the size of a cached value (the CPU and CUDA backends
+	// keep float32: 4).
+	KVCacheTokens, MaxBatchTokens, KVBytesPerValue int
+	// RetryBackoff is how long a worker that failed (a load, a step, a
+	// health check) stays out of plans; it doubles on each failure in a row
+	// up to MaxRetryBackoff, and starts again once the worker serves.
+	// Defaults 1 s and 30 s.
+	RetryBackoff, MaxRetryBackoff time.Duration
+	// EPLBInterval, when > 0, re-places the experts of every
+	// expert-parallel replica that routed tokens since, that often.
+	EPLBInterval time.Duration
+}
+
+// Validate fills in defaults and rejects what cannot be planned.
+func (c *Config) Validate() error {
+	switch {
+	case c.Model == nil:
+		return errors.New("control: no model config")
+	case c.TP < 0 || c.PP < 0 || c.EP < 0 || c.RedundantExperts < 0:
+		return fmt.Errorf("control: negative layout tp=%d pp=%d ep=%d redundant=%d", c.TP, c.PP, c.EP, c.RedundantExperts)
+	case c.RetryBackoff < 0 || c.MaxRetryBackoff < 0 || c.EPLBInterval < 0:
+		return errors.New("control: negative durations")
+	}
+	if c.RetryBackoff == 0 {
+		c.RetryBackoff = time.Second
+	}
+	if c.MaxRetryBackoff == 0 {
+		c.MaxRetryBackoff = 30 * time.Second
+	}
+	c.MaxRetryBackoff = max(c.MaxRetryBackoff, c.RetryBackoff)
+	return nil
+}
+
+// State of a replica.
+type State string
+
+const (
+	Placing  State = "placing"  // waiting for its placement write
+	Loading  State = "loading"  // its workers load their slices
+	Warming  State = "warming"  // KV pools sized, first step
+	Ready    State = "ready"    // serving
+	Draining State = "draining" // serving what it has, taking nothing new
+)
+
+type replica struct {
+	gen        int64
+	tp, pp, ep int
+	stages     []placement.Stage
+	members    []Member
+	state      State
+	waitSeq    int64           // Placing: the placement write it waits for
+	loaded     map[string]bool // Loading: workers done
+	blocks     int64
+	checking   bool // a health check is out
+	drainUntil time.Time
+	// Expert parallelism: the table in use, its version, the counts when
+	// it was made (a rebalance uses those since), and queued operations.
+	table      *expertparallel.Table
+	expVersion int64
+	base       [][]int64
+	expOps     []*expertOp // [0] is in progress when expBusy
+	expBusy    bool
+}
+
+func (r *replica) workers() []string {
+	ids := make([]string, len(r.members))
+	for i, m := range r.members {
+		ids[i] = m.Worker.ID
+	}
+	return ids
+}
+
+type retry struct {
+	until time.Time
+	delay time.Duration
+}
+
+// Machine is the control plane's state. Not safe for concurrent use: one
+// loop owns it.
+type Machine struct {
+	cfg      Config
+	now      time.Time
+	leader   bool
+	fence    int64
+	lastGen  int64
+	workers  map[string]Worker
+	suspect  map[string]Worker // gossip says dead; this process is not planned
+	backoff  map[string]retry
+	draining map[string]bool
+	why      map[string]string // worker → why it serves in no replica
+	owner    map[string]*replica
+	replicas map[int64]*replica
+	planErr  string
+	dirty    bool  // the placement changed in this step: write it at its end
+	seq      int64 // last placement write asked for
+	written  int64 // last placement write stored
+	rewrite  time.Time
+	// lastTable is the latest rebalanced expert table: replicas formed
+	// later with its width start from it.
+	lastTable *expertparallel.Table
+	nextEPLB  time.Time
+	requests  map[int64]*expertRequest
+	out       []Action
+}
+
+// New makes a follower with no workers.
+func New(cfg Config) (*Machine, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &Machine{cfg: cfg, workers: map[string]Worker{}, suspect: map[string]Worker{}, backoff: map[string]retry{},
+		draining: map[string]bool{}, why: map[string]string{}, owner: map[string]*replica{}, replicas: map[int64]*replica{},
+		requests: map[int64]*expertRequest{}}, nil
+}
+
+// Step applies ev at time now and returns what to do, in order.
+func (m *Machine) Step(now time.Time, ev Event) []Action {
+	if now.After(m.now) {
+		m.now = now
+	}
+	m.out = nil
+	switch e := ev.(type) {
+	case Workers:
+		m.onWorkers(e.List)
+	case WorkerUp:
+		m.up(e.Worker)
+		m.reconcile()
+	case WorkerGone:
+		m.gone(e.ID)
+		m.reconcile()
+	case GossipSuspect:
+		m.onSuspect(e.ID)
+	case GossipAlive:
+		if _, ok := m.suspect[e.ID]; ok {
+			delete(m.suspect, e.ID)
+			delete(m.why, e.ID)
+			m.reconcile()
+		}
+	case PlacementWritten:
+		m.onWritten(e.Seq)
+	case PlacementWriteFailed:
+		m.onWriteFailed(e)
+	case Loaded:
+		m.onLoaded(e)
+	case LoadFailed:
+		if r := m.replicas[e.Gen]; r != nil && r.state == Loading {
+			m.fail(e.Worker, "load failed: "+e.Err)
+			m.drop(r, fmt.Sprintf("worker %s did not load: %s", e.Worker, e.Err))
+			m.reconcile()
+		}
+	case WarmedUp:
+		m.onWarmedUp(e)
+	case WarmupFailed:
+		if r := m.replicas[e.Gen]; r != nil && r.state == Warming {
+			for _, id := range r.workers() {
+				m.fail(id, "warm-up failed: "+e.Err)
+			}
+			m.drop(r, "warm-up failed: "+e.Err)
+			m.reconcile()
+		}
+	case StepFailed:
+		m.onStepFailed(e)
+	case HealthChecked:
+		if r := m.replicas[e.Gen]; r != nil && r.checking {
+			r.checking = false
+			if e.Unhealthy != "" {
+				m.fail(e.Unhealthy, "failed its health check")
+				m.drop(r, "step failed and worker "+e.Unhealthy+" failed its health check")
+				m.reconcile()
+			}
+		}
+	case LeadershipGained:
+		m.leader, m.fence = true, e.Fence
+		m.lastGen = max(m.lastGen, e.LastGeneration)
+		m.nextEPLB = m.now.Add(m.cfg.EPLBInterval)
+		m.reconcile()
+	case LeadershipLost:
+		m.depose("leadership lost")
+	case DrainRequested:
+		m.onDrain(e)
+	case ReplicaIdle:
+		if r := m.replicas[e.Gen]; r != nil && r.state == Draining {
+			m.release(r, "drained")
+			m.reconcile()
+		}
+	case RebalanceRequested:
+		m.onRebalance(e)
+	case ExpertCounts:
+		m.onExpertCounts(e)
+	case ExpertsLoaded:
+		m.onExpertsLoaded(e)
+	case Tick:
+		m.onTick()
+	default:
+		panic(fmt.Sprintf("control: unknown event %T", ev))
+	}
+	if m.dirty && m.leader {
+		m.writePlacement()
+	}
+	m.dirty = false
+	out := m.out
+	m.out = nil
+	return out
+}
+
+func (m *Machine) emit(a Action) { m.out = append(m.out, a) }
+
+func (m *Machine) note(format string, args ...any) { m.emit(Note{fmt.Sprintf(format, args...)}) }
+
+// onWorkers diffs the registered set against what the machine knows, then
+// plans once.
+func (m *Machine) onWorkers(list []Worker) {
+	now := map[string]bool{}
+	for _, w := range list {
+		now[w.ID] = true
+	}
+	for _, id := range sortedKeys(m.workers) {
+		if !now[id] {
+			m.gone(id)
+		}
+	}
+	for _, w := range list {
+		m.up(w)
+	}
+	m.reconcile()
+}
+
+func (m *Machine) up(w Worker) {
+	old, known := m.workers[w.ID]
+	m.workers[w.ID] = w
+	if !known || old.sameProcess(w) {
+		return
+	}
+	// A new process under the same id: what the old one held is gone.
+	delete(m.suspect, w.ID)
+	delete(m.backoff, w.ID)
+	delete(m.draining, w.ID)
+	delete(m.why, w.ID)
+	if r := m.owner[w.ID]; r != nil {
+		m.drop(r, fmt.Sprintf("worker %s restarted (pid %d)", w.ID, w.PID))
+	}
+}
+
+func (m *Machine) gone(id string) {
+	if _, ok := m.workers[id]; !ok {
+		return
+	}
+	delete(m.workers, id)
+	delete(m.suspect, id)
+	delete(m.backoff, id)
+	delete(m.draining, id)
+	delete(m.why, id)
+	if r := m.owner[id]; r != nil {
+		m.drop(r, "worker "+id+" left etcd")
+	}
+}
+
+func (m *Machine) onSuspect(id string) {
+	w, ok := m.workers[id]
+	if !ok {
+		return
+	}
+	m.suspect[id] = w
+	m.why[id] = "gossip reports it dead"
+	if r := m.owner[id]; r != nil {
+		m.drop(r, "gossip reports worker "+id+" dead")
+		m.reconcile()
+	}
+}
+
+// fail keeps a worker out of plans for its backoff.
+func (m *Machine) fail(id, why string) {
+	if _, ok := m.workers[id]; !ok {
+		return
+	}
+	b := m.backoff[id]
+	b.delay = min(max(2*b.delay, m.cfg.RetryBackoff), m.cfg.MaxRetryBackoff)
+	b.until = m.now.Add(b.delay)
+	m.backoff[id] = b
+	m.why[id] = fmt.Sprintf("failed (%s); retried after %s", why, b.delay)
+}
+
+// drop removes a replica and frees its workers (to be planned again by the
+// caller's reconcile).
+func (m *Machine) drop(r *replica, why string) {
+	if m.replicas[r.gen] != r {
+		return
+	}
+	delete(m.replicas, r.gen)
+	for _, id := range r.workers() {
+		if m.owner[id] == r {
+			delete(m.owner, id)
+		}
+	}
+	m.emit(Drop{Gen: r.gen, Why: why})
+	for _, op := range r.expOps {
+		m.finishOp(r, op, nil, "replica "+Key(r.gen)+" dropped: "+why)
+	}
+	r.expOps = nil
+	for _, id := range r.workers() {
+		if m.draining[id] {
+			m.emit(Drained{Worker: id})
+		}
+	}
+	m.dirty = true
+}
+
+// release drops a draining replica.
+func (m *Machine) release(r *replica, why string) { m.drop(r, why) }
+
+// depose ends the term: every replica goes, and no write follows.
+func (m *Machine) depose(why string) {
+	if !m.leader {
+		return
+	}
+	m.leader = false
+	m.fence = 0
+	for _, gen := range sortedKeys(m.replicas) {
+		m.drop(m.replicas[gen], why)
+	}
+	m.note("follower: %s", why)
+}
+
+// reconcile plans replicas on the free workers.
+func (m *Machine) reconcile() {
+	if !m.leader {
+		return
+	}
+	var free []placement.Worker
+	byID := map[string]Worker{}
+	for _, id := range sortedKeys(m.workers) {
+		w := m.workers[id]
+		if m.owner[id] != nil || m.draining[id] {
+			continue
+		}
+		if _, dead := m.suspect[id]; dead {
+			continue
+		}
+		if b, ok := m.backoff[id]; ok && m.now.Before(b.until) {
+			continue
+		}
+		byID[id] = w
+		mem := w.MemoryBytes
+		if mem <= 0 {
+			mem = 1 << 50 // unknown: do not let memory decide
+		}
+		free = append(free, placement.Worker{ID: w.ID, Host: w.Host, Addr: w.Addr, MemoryBytes: mem, Backend: w.Backend})
+	}
+	if len(free) == 0 {
+		m.planErr = ""
+		return
+	}
+	opts := placement.Options{Model: m.cfg.ModelName, TP: m.cfg.TP, PP: m.cfg.PP, EP: m.cfg.EP,
+		KVCacheTokens: m.cfg.KVCacheTokens, MaxBatchTokens: m.cfg.MaxBatchTokens, KVBytesPerValue: m.cfg.KVBytesPerValue}
+	if m.cfg.EP != 1 {
+		opts.RedundantExperts = m.cfg.RedundantExperts
+	}
+	plan, err := placement.New(m.cfg.Model, free, opts)
+	if err != nil {
+		if m.planErr != err.Error() {
+			m.note("no replica from %d free workers: %v", len(free), err)
+		}
+		m.planErr = err.Error()
+		for _, w := range free {
+			m.why[w.ID] = "waiting: " + err.Error()
+		}
+		return
+	}
+	m.planErr = ""
+	var made []*replica
+	for _, pr := range plan.Replicas {
+		m.lastGen++
+		r := &replica{gen: m.lastGen, tp: plan.TP, pp: plan.PP, ep: max(plan.EP, 1), stages: pr.Stages, state: Placing}
+		if r.ep > 1 {
+			t := m.lastTable
+			if t == nil || t.Ranks != r.ep {
+				if t, err = expertparallel.Contiguous(m.cfg.Model.NumHiddenLayers, m.cfg.Model.NumExperts, r.ep); err != nil {
+					m.note("no expert table for ep=%d: %v", r.ep, err) // the planner checked ep against the experts
+					continue
+				}
+			}
+			r.table, r.expVersion = t, 1
+		}
+		for si, st := range pr.Stages {
+			for ri, rk := range st.Ranks {
+				r.members = append(r.members, Member{Worker: byID[rk.Worker], Stage: si, Rank: ri})
+				m.owner[rk.Worker] = r
+				delete(m.why, rk.Worker)
+			}
+		}
+		m.replicas[r.gen] = r
+		made = append(made, r)
+		m.emit(Connect{Gen: r.gen, TP: r.tp, PP: r.pp, EP: r.ep, Members: r.members})
+		for _, mb := range r.members {
+			if mb.Worker.GossipAddr != "" {
+				m.emit(GossipJoin{Worker: mb.Worker.ID, Addr: mb.Worker.GossipAddr})
+			}
+		}
+	}
+	for _, id := range plan.Unused {
+		m.why[id] = fmt.Sprintf("spare: the plan (tp=%d pp=%d) has no use for it", plan.TP, plan.PP)
+	}
+	if len(made) > 0 {
+		m.dirty = true
+	}
+}
+
+// Doc is the placement document of the replicas now (loading or serving).
+func (m *Machine) Doc() schema.Placement {
+	p := schema.Placement{Model: m.cfg.ModelDir, Quantize: m.cfg.Quantize, LastGeneration: m.lastGen}
+	for i, gen := range sortedKeys(m.replicas) {
+		r := m.replicas[gen]
+		pr := schema.Replica{Index: i, Generation: r.gen, TP: r.tp, PP: r.pp, LayersEnd: m.cfg.Model.NumHiddenLayers, Workers: r.workers()}
+		if r.ep > 1 {
+			pr.EP, pr.Experts, pr.ExpertsVersion = r.ep, r.table.Flat(), r.expVersion
+		}
+		for _, st := range r.stages {
+			ps := schema.Stage{Index: st.Index, LayersBegin: st.LayersBegin, LayersEnd: st.LayersEnd}
+			for _, rk := range st.Ranks {
+				ps.Ranks = append(ps.Ranks, schema.Rank{Worker: rk.Worker, Addr: rk.Addr})
+			}
+			pr.Stages = append(pr.Stages, ps)
+		}
+		p.Replicas = append(p.Replicas, pr)
+	}
+	return p
+}
+
+// writePlacement asks for the placement to be written (once per step, at
+// its end); replicas placed in the step wait for this write.
+func (m *Machine) writePlacement() {
+	m.seq++
+	for _, r := range m.replicas {
+		if r.state == Placing && r.waitSeq == 0 {
+			r.waitSeq = m.seq
+		}
+	}
+	m.emit(WritePlacement{Seq: m.seq, Fence: m.fence, Doc: m.Doc()})
+}
+
+func (m *Machine) onWritten(seq int64) {
+	if seq <= m.written || seq > m.seq {
+		return
+	}
+	m.written = seq
+	if seq == m.seq {
+		m.rewrite = time.Time{}
+	}
+	for _, gen := range sortedKeys(m.replicas) {
+		r := m.replicas[gen]
+		if r.state != Placing || r.waitSeq > seq {
+			continue
+		}
+		r.state, r.loaded = Loading, map[string]bool{}
+		for _, id := range r.workers() {
+			m.emit(Load{Gen: r.gen, Worker: id})
+		}
+	}
+}
+
+func (m *Machine) onWriteFailed(e PlacementWriteFailed) {
+	if !m.leader || e.Seq <= m.written {
+		return
+	}
+	if e.Fenced {
+		m.depose("placement write fenced off: another coordinator leads")
+		return
+	}
+	for _, gen := range sortedKeys(m.replicas) {
+		if r := m.replicas[gen]; r.state == Placing && r.waitSeq <= e.Seq {
+			m.drop(r, "placement not written: "+e.Err)
+		}
+	}
+	// What is stored is stale: write again after a backoff (a drop above
+	// already asked for a newer write).
+	if e.Seq == m.seq {
+		m.rewrite = m.now.Add(m.cfg.RetryBackoff)
+	}
+	m.reconcile()
+}
+
+func (m *Machine) onLoaded(e Loaded) {
+	r := m.replicas[e.Gen]
+	if r == nil || r.state != Loading || m.owner[e.Worker] != r {
+		return
+	}
+	r.loaded[e.Worker] = true
+	if len(r.loaded) == len(r.members) {
+		r.state = Warming
+		m.emit(Warmup{Gen: r.gen})
+	}
+}
+
+func (m *Machine) onWarmedUp(e WarmedUp) {
+	r := m.replicas[e.Gen]
+	if r == nil || r.state != Warming {
+		return
+	}
+	r.state, r.blocks = Ready, e.Blocks
+	for _, id := range r.workers() {
+		delete(m.backoff, id)
+	}
+	m.emit(Serve{Gen: r.gen, Blocks: e.Blocks, ExpertsVersion: r.expVersion})
+	for _, id := range r.workers() {
+		if m.draining[id] { // asked while it loaded
+			m.startDrain(r, 0)
+			break
+		}
+	}
+}
+
+func (m *Machine) onStepFailed(e StepFailed) {
+	r := m.replicas[e.Gen]
+	if r == nil || (r.state != Ready && r.state != Draining) {
+		return
+	}
+	switch {
+	case e.Refused:
+		for _, id := range r.workers() {
+			m.fail(id, "refused a step")
+		}
+		m.drop(r, "step refused: "+e.Err)
+		m.reconcile()
+	case len(r.members) > 1:
+		// Its workers may now disagree on which steps ran (they run steps
+		// strictly in id order, and this one may have reached some only):
+		// form the replica again.
+		for _, id := range r.workers() {
+			m.fail(id, "a step failed")
+		}
+		m.drop(r, "step failed in a split replica: "+e.Err)
+		m.reconcile()
+	case !r.checking:
+		r.checking = true
+		m.emit(CheckHealth{Gen: r.gen})
+	}
+}
+
+func (m *Machine) onDrain(e DrainRequested) {
+	if _, ok := m.workers[e.Worker]; !ok {
+		m.note("drain %s: no such worker registered", e.Worker)
+		return
+	}
+	if m.draining[e.Worker] {
+		return
+	}
+	m.draining[e.Worker] = true
+	m.why[e.Worker] = "draining"
+	r := m.owner[e.Worker]
+	switch {
+	case r == nil:
+		m.emit(Drained{Worker: e.Worker})
+	case r.state == Ready:
+		m.startDrain(r, e.Timeout)
+	case r.state == Draining:
+	default: // not serving yet: nothing to finish
+		m.drop(r, "worker "+e.Worker+" drains")
+		m.reconcile()
+	}
+}
+
+func (m *Machine) startDrain(r *replica, timeout time.Duration) {
+	r.state = Draining
+	r.drainUntil = m.now.Add(timeout)
+	m.emit(StopAdmitting{Gen: r.gen})
+}
+
+func (m *Machine) onTick() {
+	if !m.leader {
+		return
+	}
+	plan := false
+	for _, id := range sortedKeys(m.backoff) {
+		if b := m.backoff[id]; !b.until.IsZero() && !m.now.Before(b.until) {
+			b.until = time.Time{} // due: plan it again (the delay is kept for the next failure)
+			m.backoff[id] = b
+			plan = true
+		}
+	}
+	for _, gen := range sortedKeys(m.replicas) {
+		if r := m.replicas[gen]; r.state == Draining && !m.now.Before(r.drainUntil) {
+			m.release(r, "drain timed out: its requests move")
+			plan = true
+		}
+	}
+	if !m.rewrite.IsZero() && !m.now.Before(m.rewrite) {
+		m.rewrite = time.Time{}
+		m.dirty = true
+	}
+	if m.cfg.EPLBInterval > 0 && !m.now.Before(m.nextEPLB) {
+		m.nextEPLB = m.now.Add(m.cfg.EPLBInterval)
+		m.balanceExperts()
+	}
+	if plan {
+		m.reconcile()
+	}
+}
+
+// Leader reports whether the machine leads.
+func (m *Machine) Leader() bool { return m.leader }
+
+func sortedKeys[K int64 | string, V any](mp map[K]V) []K {
+	ks := make([]K, 0, len(mp))
+	for k := range mp {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}
