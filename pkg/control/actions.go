@@ -202,8 +202,12 @@ func (a GatherExperts) String() string { return "gather-experts " + Key(a.Gen) }
 func (a LoadExperts) String() string {
 	return fmt.Sprintf("load-experts %s v=%d slots=%d", Key(a.Gen), a.Version, a.Slots)
 }
-func (a CancelExperts) String() string { return fmt.Sprintf("cancel-experts %s v=%d", Key(a.Gen), a.Version) }
-func (a SwitchExperts) String() string { return fmt.Sprintf("switch-experts %s v=%d", Key(a.Gen), a.Version) }
+func (a CancelExperts) String() string {
+	return fmt.Sprintf("cancel-experts %s v=%d", Key(a.Gen), a.Version)
+}
+func (a SwitchExperts) String() string {
+	return fmt.Sprintf("switch-experts %s v=%d", Key(a.Gen), a.Version)
+}
 func (a ExpertReport) String() string {
 	if a.Err != "" {
 		return fmt.Sprintf("expert-report req=%d error (bad request: %v): %s", a.Req, a.BadRequest, a.Err)
