@@ -6,7 +6,8 @@
 // runs over an Exchanger the caller provides). The
 // coordinator owns the Table of each stage; a worker's model reads it
 // through pkg/model's ExpertMap interface (Holds, Owner), which *Table
-// satisfies without this package importing pkg/model.
+// satisfies. The contiguous layout is pkg/model's (model.Contiguous, what
+// a shard uses without a table); Contiguous writes it out as a Table.
 //
 //	table, _ := expertparallel.Contiguous(L, E, G)      // the first layout
 //	stats := expertparallel.NewStats(L, E)

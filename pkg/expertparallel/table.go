@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+
+	"github.com/qwenfleet/qwenfleet/pkg/model"
 )
 
 var (
@@ -31,10 +33,13 @@ type Table struct {
 	Owners [][][]int
 }
 
-// Contiguous is the default layout: in every layer rank r holds experts
-// [r·E/G, (r+1)·E/G) (integer division), one copy each. When G divides E
-// every rank holds E/G experts; otherwise the blocks differ by at most one
-// (E=10, G=4: 2, 3, 2, 3).
+var _ model.ExpertMap = (*Table)(nil)
+
+// Contiguous is the default layout as a Table: model.Contiguous, the
+// placement a shard uses when given none. In every layer rank r holds
+// experts [r·E/G, (r+1)·E/G) (integer division), one copy each. When G
+// divides E every rank holds E/G experts; otherwise the blocks differ by
+// at most one (E=10, G=4: 2, 3, 2, 3).
 func Contiguous(layers, experts, ranks int) (*Table, error) {
 	switch {
 	case ranks < 1:
@@ -51,13 +56,12 @@ func Contiguous(layers, experts, ranks int) (*Table, error) {
 	return t, nil
 }
 
-// contiguousLayer is one layer of Contiguous.
+// contiguousLayer is one layer of Contiguous (experts >= ranks >= 1).
 func contiguousLayer(experts, ranks int) [][]int {
+	c := model.Contiguous{Experts: experts, Ranks: ranks}
 	owners := make([][]int, experts)
-	for r := range ranks {
-		for e := r * experts / ranks; e < (r+1)*experts/ranks; e++ {
-			owners[e] = []int{r}
-		}
+	for e := range owners {
+		owners[e] = []int{c.Owner(0, e, 0)}
 	}
 	return owners
 }

@@ -147,7 +147,8 @@ func (s Shard) stage() (rank, size int) {
 }
 
 // Contiguous is the default ExpertMap: rank r of Ranks holds experts
-// [r·E/Ranks, (r+1)·E/Ranks) of every layer.
+// [r·E/Ranks, (r+1)·E/Ranks) of every layer. It is the one formula of this
+// layout: pkg/expertparallel's Contiguous writes it out as a Table.
 type Contiguous struct{ Experts, Ranks int }
 
 // Holds implements ExpertMap.
