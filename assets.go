@@ -1,4 +1,5 @@
-// Package qwenfleet holds the data files compiled into the binaries.
+// Package qwenfleet holds the data files compiled into the binaries. The
+// files live under assets/ (testdata/ holds only test data).
 package qwenfleet
 
 import (
@@ -9,9 +10,9 @@ import (
 
 // QwenTokenizerJSON is the Qwen byte-level BPE tokenizer.json as published
 // for Qwen2.5 (the same vocabulary and merges as Qwen2, with 22 added tokens
-// where Qwen2 has 3; see testdata/tokenizer/SOURCE.md).
+// where Qwen2 has 3; see assets/tokenizer/SOURCE.md).
 //
-//go:embed testdata/tokenizer/tokenizer.json
+//go:embed assets/tokenizer/tokenizer.json
 var QwenTokenizerJSON []byte
 
 // Qwen2SpecialTokens are Qwen2's added tokens: <|endoftext|>, <|im_start|>

@@ -216,7 +216,7 @@ func TestBadInputOneLine(t *testing.T) {
 	}
 }
 
-const tokenizerFile = "../../testdata/tokenizer/tokenizer.json"
+const tokenizerFile = "../../assets/tokenizer/tokenizer.json"
 
 // TestTokenizeJSONL drives `qwenctl tokenize --jsonl` like the acceptance
 // script: every reference line, ids in order.

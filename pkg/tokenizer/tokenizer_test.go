@@ -16,7 +16,7 @@ import (
 	"golang.org/x/text/unicode/norm"
 )
 
-const tokenizerPath = "../../testdata/tokenizer/tokenizer.json"
+const tokenizerPath = "../../assets/tokenizer/tokenizer.json"
 
 var (
 	loadOnce sync.Once
@@ -25,7 +25,7 @@ var (
 	loadErr  error
 )
 
-// tokenizers returns the Qwen2.5 file of testdata (22 added tokens) and the
+// tokenizers returns the Qwen2.5 file of assets/tokenizer (22 added tokens) and the
 // Qwen2 variant with its 3; both must give the reference ids.
 func tokenizers(t testing.TB) map[string]*Tokenizer {
 	t.Helper()
