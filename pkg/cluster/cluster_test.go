@@ -207,11 +207,19 @@ func TestPlacementVersionsAndWatch(t *testing.T) {
 		}
 	}
 
-	v, err := s.PutPlacement(ctx, []byte(`{"gen":1}`))
+	lead, err := s.Campaign(ctx, "me", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lead.Resign(context.Background())
+	if _, err := s.PutPlacement(ctx, []byte(`{"gen":0}`), Fence{}); !errors.Is(err, ErrFenced) {
+		t.Fatalf("PutPlacement with no fence: err = %v, want ErrFenced", err)
+	}
+	v, err := s.PutPlacement(ctx, []byte(`{"gen":1}`), lead.Fence())
 	if err != nil || v != 1 {
 		t.Fatalf("first PutPlacement = %d, %v; want 1", v, err)
 	}
-	v, err = s.PutPlacement(ctx, []byte(`{"gen":2}`))
+	v, err = s.PutPlacement(ctx, []byte(`{"gen":2}`), lead.Fence())
 	if err != nil || v != 2 {
 		t.Fatalf("second PutPlacement = %d, %v; want 2", v, err)
 	}
@@ -223,12 +231,9 @@ func TestPlacementVersionsAndWatch(t *testing.T) {
 		t.Fatalf("GetPlacement = %q v%d, %v", val, ver, err)
 	}
 
-	// Conditional put only succeeds against the current version.
-	if _, ok, err := s.PutPlacementIf(ctx, []byte(`{"gen":"stale"}`), 1); err != nil || ok {
-		t.Fatalf("PutPlacementIf stale = %v, %v; want refused", ok, err)
-	}
-	if v, ok, err := s.PutPlacementIf(ctx, []byte(`{"gen":3}`), 2); err != nil || !ok || v != 3 {
-		t.Fatalf("PutPlacementIf = %d, %v, %v; want 3, true", v, ok, err)
+	v, err = s.PutPlacement(ctx, []byte(`{"gen":3}`), lead.Fence())
+	if err != nil || v != 3 {
+		t.Fatalf("third PutPlacement = %d, %v; want 3", v, err)
 	}
 	next(`{"gen":3}`, 3)
 
@@ -251,6 +256,58 @@ func TestPlacementVersionsAndWatch(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("watch channel not closed after ctx cancel")
+	}
+}
+
+// TestDeposedLeaderWriteFenced deposes a leader (its session's lease is
+// revoked, as when it expires while the process is stopped), lets a standby
+// take over and write, and then has the deposed leader write late, as a
+// drop it deferred would: the write is refused and the new leader's
+// placement stays.
+func TestDeposedLeaderWriteFenced(t *testing.T) {
+	e := startEtcd(t)
+	s1, s2 := connect(t, e), connect(t, e)
+	ctx := testCtx(t, 20*time.Second)
+	old, err := s1.Campaign(ctx, "old", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s1.PutPlacement(ctx, []byte(`{"by":"old"}`), old.Fence()); err != nil {
+		t.Fatal(err)
+	}
+	won := make(chan *Leadership, 1)
+	go func() {
+		l, err := s2.Campaign(ctx, "new", 5*time.Second)
+		if err != nil {
+			t.Errorf("standby campaign: %v", err)
+		}
+		won <- l
+	}()
+	if _, err := old.session.Client().Revoke(ctx, old.session.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	var lead *Leadership
+	select {
+	case lead = <-won:
+	case <-ctx.Done():
+		t.Fatal("the standby did not take over")
+	}
+	if lead == nil {
+		t.FailNow()
+	}
+	defer lead.Resign(context.Background())
+	if old.Fence() == lead.Fence() {
+		t.Fatalf("two terms share the fence %+v", old.Fence())
+	}
+	if _, err := s2.PutPlacement(ctx, []byte(`{"by":"new"}`), lead.Fence()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s1.PutPlacement(ctx, []byte(`{"by":"old, late"}`), old.Fence()); !errors.Is(err, ErrFenced) {
+		t.Fatalf("deposed leader's write: err = %v, want ErrFenced", err)
+	}
+	val, ver, err := s1.GetPlacement(ctx)
+	if err != nil || string(val) != `{"by":"new"}` || ver != 2 {
+		t.Fatalf("placement = %q v%d, %v; want the new leader's, version 2", val, ver, err)
 	}
 }
 

@@ -66,6 +66,17 @@ func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (
 	return &Leadership{session: sess, election: el, value: value}, nil
 }
 
+// Fence names a leadership for conditional writes: the election key the
+// leader holds and the revision it was created at. It stays the same for
+// the whole term, and no later term has it.
+type Fence struct {
+	Key string
+	Rev int64
+}
+
+// Fence is this leadership's fence (see Store.PutPlacement).
+func (l *Leadership) Fence() Fence { return Fence{Key: l.election.Key(), Rev: l.election.Rev()} }
+
 // Value returns the value this candidate campaigned with.
 func (l *Leadership) Value() string { return l.value }
 

@@ -20,16 +20,31 @@ type PlacementUpdate struct {
 	Version int64
 }
 
+// ErrFenced is returned by PutPlacement when the writer no longer holds
+// the leadership its fence names: another coordinator leads (or nobody),
+// and the write was not made.
+var ErrFenced = errors.New("cluster: not the leader: placement write fenced off")
+
 // PutPlacement stores value (an opaque JSON document) at <prefix>placement
-// and returns its new version: 1 for the first write, then 2, 3, ...
-func (s *Store) PutPlacement(ctx context.Context, value []byte) (version int64, err error) {
+// and returns its new version (1 for the first write, then 2, 3, ...), in
+// one transaction conditioned on fence: the writer's election key still
+// exists with the create revision it won with. A deposed leader's write
+// (its session expired, a standby took over) fails with ErrFenced and
+// changes nothing, however late it arrives.
+func (s *Store) PutPlacement(ctx context.Context, value []byte, fence Fence) (version int64, err error) {
+	if fence.Key == "" || fence.Rev == 0 {
+		return 0, fmt.Errorf("%w: no leadership to write under", ErrFenced)
+	}
 	key := s.placementKey()
-	resp, err := s.client.Txn(ctx).Then(
-		clientv3.OpPut(key, string(value)),
-		clientv3.OpGet(key),
-	).Commit()
+	resp, err := s.client.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(fence.Key), "=", fence.Rev)).
+		Then(clientv3.OpPut(key, string(value)), clientv3.OpGet(key)).
+		Commit()
 	if err != nil {
 		return 0, fmt.Errorf("cluster: put placement: %w", err)
+	}
+	if !resp.Succeeded {
+		return 0, ErrFenced
 	}
 	if len(resp.Responses) < 2 {
 		return 0, errors.New("cluster: put placement: short transaction response")
@@ -39,26 +54,6 @@ func (s *Store) PutPlacement(ctx context.Context, value []byte) (version int64, 
 		return 0, errors.New("cluster: put placement: value vanished")
 	}
 	return kvs[0].Version, nil
-}
-
-// PutPlacementIf stores value only if the current version equals expect
-// (0 meaning "no placement stored yet"). It returns the new version and
-// whether the write happened.
-func (s *Store) PutPlacementIf(ctx context.Context, value []byte, expect int64) (version int64, ok bool, err error) {
-	key := s.placementKey()
-	resp, err := s.client.Txn(ctx).
-		If(clientv3.Compare(clientv3.Version(key), "=", expect)).
-		Then(clientv3.OpPut(key, string(value)), clientv3.OpGet(key)).
-		Else(clientv3.OpGet(key)).
-		Commit()
-	if err != nil {
-		return 0, false, fmt.Errorf("cluster: put placement: %w", err)
-	}
-	last := resp.Responses[len(resp.Responses)-1].GetResponseRange().GetKvs()
-	if len(last) > 0 {
-		version = last[0].Version
-	}
-	return version, resp.Succeeded, nil
 }
 
 // GetPlacement returns the stored placement and its version, or

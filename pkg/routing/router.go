@@ -17,11 +17,12 @@ var ErrNoReplica = errors.New("routing: no replica is ready")
 type Router struct {
 	mu       sync.Mutex
 	replicas map[string]*Engine
-	orphans  []*Seq // requests of lost replicas waiting for one
+	cordoned map[string]bool // take no new request (draining)
+	orphans  []*Seq          // requests of lost replicas waiting for one
 }
 
 // NewRouter makes an empty router.
-func NewRouter() *Router { return &Router{replicas: map[string]*Engine{}} }
+func NewRouter() *Router { return &Router{replicas: map[string]*Engine{}, cordoned: map[string]bool{}} }
 
 // AddReplica makes an engine available (replacing, and draining, one of
 // the same name); waiting requests move to it.
@@ -29,6 +30,7 @@ func (r *Router) AddReplica(name string, e *Engine) {
 	r.mu.Lock()
 	old := r.replicas[name]
 	r.replicas[name] = e
+	delete(r.cordoned, name)
 	seqs := r.orphans
 	r.orphans = nil
 	r.mu.Unlock()
@@ -38,12 +40,23 @@ func (r *Router) AddReplica(name string, e *Engine) {
 	r.place(seqs)
 }
 
+// Cordon has the router send a replica no new request (nor requests moved
+// from lost replicas); it keeps running those it has until RemoveReplica.
+func (r *Router) Cordon(name string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.replicas[name]; ok {
+		r.cordoned[name] = true
+	}
+}
+
 // RemoveReplica closes a replica's engine; its requests move to the least
 // loaded other replica (recomputed there), or wait for the next one added.
 func (r *Router) RemoveReplica(name string) {
 	r.mu.Lock()
 	e, ok := r.replicas[name]
 	delete(r.replicas, name)
+	delete(r.cordoned, name)
 	r.mu.Unlock()
 	if ok {
 		r.place(e.Close())
@@ -87,6 +100,9 @@ func (r *Router) pickLocked() *Engine {
 	var best *Engine
 	bestLoad := 0
 	for _, n := range r.namesLocked() {
+		if r.cordoned[n] {
+			continue
+		}
 		e := r.replicas[n]
 		if l := e.Load(); best == nil || l < bestLoad {
 			best, bestLoad = e, l

@@ -489,10 +489,8 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 	c.mu.Lock()
 	for _, w := range ws {
 		state := w.State
-		if r, ok := c.owner[w.ID]; ok && info.Leader {
-			state = r.state
-		} else if why, ok := c.failed[w.ID]; ok && info.Leader {
-			state = why
+		if st, ok := c.status.Workers[w.ID]; ok && info.Leader {
+			state = st
 		}
 		info.Workers = append(info.Workers, &pb.WorkerStatus{Id: w.ID, Address: w.Addr, Pid: int32(w.PID), State: state, MetricsAddress: w.MetricsAddr,
 			Backend: w.Backend, MemoryBytes: w.MemoryBytes, Host: w.Host, DeviceName: w.DeviceName})

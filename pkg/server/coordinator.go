@@ -2,14 +2,12 @@ package server
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"sort"
 	"sync"
 	"time"
 
@@ -19,10 +17,10 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
-	"github.com/qwenfleet/qwenfleet/pkg/expertparallel"
+	"github.com/qwenfleet/qwenfleet/pkg/cluster/schema"
+	"github.com/qwenfleet/qwenfleet/pkg/control"
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
-	"github.com/qwenfleet/qwenfleet/pkg/placement"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/tokenizer"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
@@ -62,91 +60,19 @@ type CoordinatorOptions struct {
 	Logger       *slog.Logger
 }
 
-// Placement is what the leader writes to etcd: the replicas, each a
-// pipeline of stages of tensor-parallel ranks. Workers read their own
-// assignment from it (by the replica's generation).
-type Placement struct {
-	Version  int64              `json:"version"`
-	Model    string             `json:"model"`
-	Quantize string             `json:"quantize,omitempty"`
-	Replicas []PlacementReplica `json:"replicas"`
-}
+// tickEvery is how often the control loop tells the machine the time
+// (backoffs, drain timeouts, the expert balancer) and looks for idle
+// draining replicas.
+const tickEvery = 250 * time.Millisecond
 
-// PlacementReplica is one replica of a placement.
-type PlacementReplica struct {
-	Index int `json:"index"`
-	// Generation identifies this replica's layout: workers take it as their
-	// assignment version, and steps of another generation are refused.
-	Generation int64 `json:"generation"`
-	TP         int   `json:"tp"`
-	PP         int   `json:"pp"`
-	EP         int   `json:"ep,omitempty"`
-	// Experts is the expert placement (expertparallel.Table.Flat) of an
-	// expert-parallel replica, ExpertsVersion its version.
-	Experts        []int32          `json:"experts,omitempty"`
-	ExpertsVersion int64            `json:"experts_version,omitempty"`
-	Workers        []string         `json:"workers"` // every worker, stage by stage, rank by rank
-	LayersBegin    int              `json:"layers_begin"`
-	LayersEnd      int              `json:"layers_end"`
-	Stages         []PlacementStage `json:"stages"`
-}
+// etcdTimeout bounds every etcd call of the coordinator.
+const etcdTimeout = 5 * time.Second
 
-// PlacementStage is a pipeline stage of a replica.
-type PlacementStage struct {
-	Index       int             `json:"index"`
-	LayersBegin int             `json:"layers_begin"`
-	LayersEnd   int             `json:"layers_end"`
-	Ranks       []PlacementRank `json:"ranks"` // by tensor-parallel rank
-}
-
-// PlacementRank is one worker of a stage.
-type PlacementRank struct {
-	Worker string `json:"worker"`
-	Addr   string `json:"addr"`
-}
-
-// Assignment finds worker id's assignment in the replica of generation gen.
-func (p *Placement) Assignment(id string, gen int64) (*workerv1.Assignment, error) {
-	for _, r := range p.Replicas {
-		if r.Generation != gen {
-			continue
-		}
-		for si, st := range r.Stages {
-			for ri, rk := range st.Ranks {
-				if rk.Worker != id {
-					continue
-				}
-				a := &workerv1.Assignment{Version: gen, Model: p.Model, Replica: int32(r.Index), Stage: int32(si),
-					LayersBegin: int32(st.LayersBegin), LayersEnd: int32(st.LayersEnd), TpRank: int32(ri), TpSize: int32(len(st.Ranks)),
-					Quantize: p.Quantize, PpSize: int32(len(r.Stages))}
-				if r.EP > 1 {
-					if r.TP < 1 || r.EP%r.TP != 0 || len(st.Ranks) != r.EP {
-						return nil, fmt.Errorf("replica %d: stage %d has %d ranks for ep=%d tp=%d", r.Index, si, len(st.Ranks), r.EP, r.TP)
-					}
-					a.TpRank, a.TpSize, a.EpRank, a.EpSize = int32(ri%r.TP), int32(r.TP), int32(ri), int32(r.EP)
-					a.Experts, a.ExpertsVersion = r.Experts, r.ExpertsVersion
-				}
-				if len(st.Ranks) > 1 {
-					for _, x := range st.Ranks {
-						a.TpPeers = append(a.TpPeers, x.Addr)
-					}
-				}
-				if si+1 < len(r.Stages) {
-					next := r.Stages[si+1].Ranks
-					if len(next) != len(st.Ranks) {
-						return nil, fmt.Errorf("replica %d: stage %d has %d ranks, stage %d has %d", r.Index, si, len(st.Ranks), si+1, len(next))
-					}
-					a.NextStage = next[ri].Addr
-				}
-				return a, nil
-			}
-		}
-		return nil, fmt.Errorf("worker %s is not in replica %d (generation %d)", id, r.Index, gen)
-	}
-	return nil, fmt.Errorf("placement version %d has no replica of generation %d", p.Version, gen)
-}
-
-// Coordinator owns the router and the cluster's lifecycle.
+// Coordinator owns the router and carries out the control plane's
+// decisions (pkg/control): one loop feeds the machine events (the etcd
+// worker watch, gossip, the results of what it asked for, requests, a
+// ticker) and carries out the actions it returns. It decides nothing
+// itself.
 type Coordinator struct {
 	opts    CoordinatorOptions
 	log     *slog.Logger
@@ -154,56 +80,43 @@ type Coordinator struct {
 	tok     *tokenizer.Tokenizer // nil when the model has none
 	router  *routing.Router
 	started time.Time
+	metrics *metrics.Coordinator
 
-	mu        sync.Mutex
-	leader    bool
-	workers   []cluster.WorkerInfo
-	replicas  map[string]*replica // by key
-	owner     map[string]*replica // worker id → the replica it serves in
-	placement Placement
-	failed    map[string]string // worker id → why it is not serving
-	// suspect holds workers gossip reported dead, until their etcd key
-	// goes (lease expiry) or changes (a restart) or gossip sees them again:
-	// they are not planned meanwhile.
-	suspect map[string]cluster.WorkerInfo
-	// seen holds every worker registered now (zero time) or that left
-	// (when), for the worker_up metric.
-	seen      map[string]time.Time
-	planErr   string        // why the free workers make no replica
 	ready     chan struct{} // closed when the first replica is up
 	readyOnce sync.Once
-	retry     chan struct{} // asks Run to reconcile again
-	metrics   *metrics.Coordinator
-	pmu       sync.Mutex // serialises placement writes
-	lastGen   int64
-	// lastTable is the latest rebalanced expert placement: replicas formed
-	// later with the same expert-parallel width start from it.
-	lastTable *expertparallel.Table
+	events    chan control.Event // results and requests for the loop
+	loopCtx   context.Context    // the loop's (done when it ends)
+
+	mu        sync.Mutex // guards what status RPCs and metrics read:
+	leader    bool
+	status    control.Status
+	placement schema.Placement // the last one written, with its version
+	seen      map[string]time.Time
+	reqs      map[int64]chan control.ExpertReport
+	nextReq   int64
+
+	// Owned by the loop goroutine.
+	machine *control.Machine
+	rt      map[int64]*replicaRT
+	writer  *placementWriter
 }
 
-// replica is a group of workers serving one copy of the model.
-type replica struct {
-	key    string // "g<generation>"
-	gen    int64
-	tp, pp int
-	ep     int // expert-parallel ranks per stage (1: none)
-	stages []placement.Stage
-	exec   *replicaExecutor
-	// With expert parallelism: the expert placement in use, its version,
-	// and the cumulative expert counts when it was made (a rebalance uses
-	// the counts since).
-	table      *expertparallel.Table
-	expVersion int64
-	base       [][]int64
-	rebalMu    sync.Mutex // one rebalance at a time
-	members    []*member  // stage by stage, rank by rank
-	engine     *routing.Engine
-	cancel     context.CancelFunc
-	state      string
+// replicaRT is what the adapter holds for a replica the machine made: its
+// connections, and once it serves, its executor and engine.
+type replicaRT struct {
+	gen     int64
+	tp, pp  int
+	ep      int
+	members []*member // stage by stage, rank by rank
+	ctx     context.Context
+	cancel  context.CancelFunc // on drop: its loads, warm-up, engine
+	exec    *replicaExecutor
+	engine  *routing.Engine
+	drain   bool
 }
 
 type member struct {
-	info        cluster.WorkerInfo
+	id, addr    string
 	stage, rank int
 	conn        *grpc.ClientConn
 	client      workerv1.WorkerClient
@@ -260,8 +173,8 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 		return nil, fmt.Errorf("--pp: %d stages for %d layers", opts.PP, cfg.NumHiddenLayers)
 	}
 	c := &Coordinator{opts: opts, log: opts.Logger, cfg: cfg, router: routing.NewRouter(), started: time.Now(),
-		replicas: map[string]*replica{}, owner: map[string]*replica{}, failed: map[string]string{},
-		suspect: map[string]cluster.WorkerInfo{}, seen: map[string]time.Time{}, ready: make(chan struct{}), retry: make(chan struct{}, 1)}
+		ready: make(chan struct{}), events: make(chan control.Event, 256), seen: map[string]time.Time{},
+		reqs: map[int64]chan control.ExpertReport{}, rt: map[int64]*replicaRT{}}
 	c.metrics = metrics.NewCoordinator(opts.ModelName, cfg.MaxContext(), newStateCollector(c, opts.ModelName))
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {
@@ -269,6 +182,21 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 		}
 	}
 	return c, nil
+}
+
+// controlConfig is the machine's view of the options.
+func (c *Coordinator) controlConfig() control.Config {
+	cc := control.Config{Model: c.cfg, ModelName: c.opts.ModelName, ModelDir: c.opts.ModelDir, Quantize: c.opts.Quantize,
+		TP: c.opts.TP, PP: c.opts.PP, EP: c.opts.EP, RedundantExperts: c.opts.RedundantExperts,
+		MaxBatchTokens: c.opts.Scheduler.MaxBatchTokens, KVBytesPerValue: 4, // the CPU and CUDA backends keep the KV cache in float32
+		EPLBInterval: c.opts.EPLBInterval}
+	if !c.cfg.IsMoE() {
+		cc.EPLBInterval = 0
+	}
+	if c.opts.NumBlocks > 0 {
+		cc.KVCacheTokens = int(c.opts.NumBlocks) * c.opts.BlockSize
+	}
+	return cc
 }
 
 // Metrics are the coordinator's Prometheus instruments.
@@ -287,30 +215,55 @@ func (c *Coordinator) IsLeader() bool {
 	return c.leader
 }
 
-// Run campaigns for leadership and, once leader, manages the workers until
-// ctx ends or leadership is lost (then it returns an error: the process
-// should exit and restart as a standby).
+// Run campaigns for leadership and, once leader, runs the control loop
+// until ctx ends (nil) or leadership is lost (an error: the process should
+// exit and restart as a standby).
 func (c *Coordinator) Run(ctx context.Context) error {
 	c.log.Info("campaigning for leadership", "id", c.opts.ID)
 	lead, err := c.opts.Store.Campaign(ctx, c.opts.Addr, c.opts.LeaderTTL)
 	if err != nil {
 		return err
 	}
-	defer lead.Resign(context.Background())
-	c.mu.Lock()
-	c.leader = true
-	c.mu.Unlock()
-	c.log.Info("leader", "id", c.opts.ID, "addr", c.opts.Addr)
+	defer func() {
+		rctx, cancel := context.WithTimeout(context.Background(), etcdTimeout)
+		defer cancel()
+		lead.Resign(rctx)
+	}()
+	m, err := control.New(c.controlConfig())
+	if err != nil {
+		return err
+	}
+	lastGen, err := c.storedGeneration(ctx)
+	if err != nil {
+		return err
+	}
+	c.machine = m
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	defer c.dropAll()
-	if c.opts.Gossip != nil {
-		go c.watchGossip(wctx)
-	}
-	if c.opts.EPLBInterval > 0 && c.cfg.IsMoE() {
-		go c.balanceExperts(wctx, c.opts.EPLBInterval)
-	}
+	c.mu.Lock()
+	c.loopCtx = wctx
+	c.mu.Unlock()
+	c.log.Info("leader", "id", c.opts.ID, "addr", c.opts.Addr, "fence", lead.Fence().Rev, "last_generation", lastGen)
+	c.writer = newPlacementWriter(c.opts.Store, lead.Fence().Key, c.log, func(p schema.Placement) {
+		c.mu.Lock()
+		c.placement = p
+		c.mu.Unlock()
+	}, c.send)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	wg.Go(func() { c.writer.run(wctx) })
+	// Whatever ends the loop ends the term: the machine drops every
+	// replica (their requests wait, or move with the next leader).
+	defer c.step(control.LeadershipLost{})
+	c.step(control.LeadershipGained{Fence: lead.Fence().Rev, LastGeneration: lastGen})
 	updates := c.opts.Store.WatchWorkers(wctx)
+	var gossip <-chan cluster.MemberEvent
+	if c.opts.Gossip != nil {
+		gossip = c.opts.Gossip.Events()
+	}
+	tick := time.NewTicker(tickEvery)
+	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -324,334 +277,217 @@ func (c *Coordinator) Run(ctx context.Context) error {
 				}
 				return errors.New("worker watch ended")
 			}
-			c.reconcile(wctx, ws)
-		case <-c.retry:
-			c.mu.Lock()
-			ws := c.workers
-			c.mu.Unlock()
-			c.reconcile(wctx, ws)
-		}
-	}
-}
-
-// retryBackoff is how long a worker dropped for a reason other than
-// leaving etcd (gossip, a failed step, a failed load) waits before it is
-// tried again.
-const retryBackoff = time.Second
-
-// scheduleRetry reconciles again after retryBackoff: a worker dropped while
-// its etcd key stays is brought up again if it still answers.
-func (c *Coordinator) scheduleRetry() {
-	time.AfterFunc(retryBackoff, func() {
-		select {
-		case c.retry <- struct{}{}:
-		default:
-		}
-	})
-}
-
-func (c *Coordinator) watchGossip(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case ev := <-c.opts.Gossip.Events():
-			if !ev.Alive {
-				c.log.Warn("gossip: member gone", "name", ev.Name)
-				c.mu.Lock()
-				for _, w := range c.workers {
-					if w.ID == ev.Name {
-						c.suspect[w.ID] = w
-						c.failed[w.ID] = "gossip reports it dead"
-					}
-				}
-				c.mu.Unlock()
-				c.dropWorker(ev.Name, "gossip reports worker "+ev.Name+" dead")
+			c.observeWorkers(ws)
+			c.step(control.Workers{List: controlWorkers(ws)})
+		case ev := <-gossip:
+			if ev.Alive {
+				c.step(control.GossipAlive{ID: ev.Name})
 			} else {
-				c.mu.Lock()
-				delete(c.suspect, ev.Name)
-				c.mu.Unlock()
-				c.scheduleRetry() // back (or new): reconcile brings it up
+				c.log.Warn("gossip: member gone", "name", ev.Name)
+				c.step(control.GossipSuspect{ID: ev.Name})
 			}
-		}
-	}
-}
-
-// newGeneration returns a replica generation, unique and increasing.
-func (c *Coordinator) newGeneration() int64 {
-	g := time.Now().UnixNano()
-	if g <= c.lastGen {
-		g = c.lastGen + 1
-	}
-	c.lastGen = g
-	return g
-}
-
-// reconcile drops replicas that lost a worker and plans replicas on the
-// workers that serve in none.
-func (c *Coordinator) reconcile(ctx context.Context, ws []cluster.WorkerInfo) {
-	c.mu.Lock()
-	c.workers = ws
-	live := map[string]cluster.WorkerInfo{}
-	for _, w := range ws {
-		live[w.ID] = w
-		c.seen[w.ID] = time.Time{}
-	}
-	for id, at := range c.seen {
-		if _, ok := live[id]; !ok && at.IsZero() {
-			c.seen[id] = time.Now()
-		}
-	}
-	var gone []string
-	for key, r := range c.replicas {
-		for _, m := range r.members {
-			if w, ok := live[m.info.ID]; !ok || w.Addr != m.info.Addr || w.PID != m.info.PID {
-				gone = append(gone, key)
-				break
-			}
-		}
-	}
-	c.mu.Unlock()
-	for _, key := range gone {
-		c.drop(key, "a worker left etcd")
-	}
-	c.mu.Lock()
-	var free []placement.Worker
-	byID := map[string]cluster.WorkerInfo{}
-	for id, sw := range c.suspect {
-		if w, ok := live[id]; !ok || w.Addr != sw.Addr || w.PID != sw.PID {
-			delete(c.suspect, id) // gone, or back as a new process
-		}
-	}
-	for _, w := range ws {
-		if _, busy := c.owner[w.ID]; busy {
-			continue
-		}
-		if _, dead := c.suspect[w.ID]; dead {
-			continue
-		}
-		byID[w.ID] = w
-		mem := w.MemoryBytes
-		if mem <= 0 {
-			mem = 1 << 50 // unknown: do not let memory decide
-		}
-		free = append(free, placement.Worker{ID: w.ID, Host: w.Host, Addr: w.Addr, MemoryBytes: mem, Backend: w.Backend})
-	}
-	if len(free) == 0 {
-		c.planErr = ""
-		c.mu.Unlock()
-		return
-	}
-	opts := placement.Options{Model: c.opts.ModelName, TP: c.opts.TP, PP: c.opts.PP, EP: c.opts.EP,
-		KVCacheTokens: c.kvTokens(), MaxBatchTokens: c.opts.Scheduler.MaxBatchTokens}
-	if c.opts.EP != 1 {
-		opts.RedundantExperts = c.opts.RedundantExperts
-	}
-	opts.KVBytesPerValue = 4 // the CPU and CUDA backends keep the KV cache in float32
-	plan, err := placement.New(c.cfg, free, opts)
-	if err != nil {
-		if c.planErr != err.Error() {
-			c.log.Warn("free workers make no replica", "workers", len(free), "why", err)
-		}
-		c.planErr = err.Error()
-		for _, w := range free {
-			c.failed[w.ID] = "waiting: " + err.Error()
-		}
-		c.mu.Unlock()
-		return
-	}
-	c.planErr = ""
-	var start []*replica
-	for _, pr := range plan.Replicas {
-		gen := c.newGeneration()
-		r := &replica{key: fmt.Sprintf("g%d", gen), gen: gen, tp: plan.TP, pp: plan.PP, ep: max(plan.EP, 1), stages: pr.Stages, state: "loading"}
-		if r.ep > 1 {
-			// The last rebalanced placement of this width, if any: a
-			// replica formed again keeps its balance.
-			t := c.lastTable
-			if t == nil || t.Ranks != r.ep {
-				var err error
-				if t, err = expertparallel.Contiguous(c.cfg.NumHiddenLayers, c.cfg.NumExperts, r.ep); err != nil {
-					c.log.Error("expert placement", "err", err) // the planner checked ep against the experts
-					continue
+		case ev := <-c.events:
+			c.step(ev)
+		case <-tick.C:
+			for gen, rt := range c.rt {
+				if rt.drain && rt.engine != nil && rt.engine.Load() == 0 {
+					c.step(control.ReplicaIdle{Gen: gen})
 				}
 			}
-			r.table, r.expVersion = t, 1
+			c.step(control.Tick{})
 		}
-		for si, st := range pr.Stages {
-			for ri, rk := range st.Ranks {
-				m := &member{info: byID[rk.Worker], stage: si, rank: ri}
-				// Connections are made before the replica is published, so a
-				// drop always finds (and closes) them; NewClient only fails
-				// on a malformed address, and then the first call fails.
-				if conn, err := grpc.NewClient(m.info.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-					grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20))); err == nil {
-					m.conn, m.client = conn, workerv1.NewWorkerClient(conn)
-				}
-				r.members = append(r.members, m)
-				c.owner[rk.Worker] = r
-				delete(c.failed, rk.Worker)
-			}
-		}
-		c.replicas[r.key] = r
-		start = append(start, r)
-	}
-	for _, id := range plan.Unused {
-		c.failed[id] = "spare: the plan (" + fmt.Sprintf("tp=%d pp=%d", plan.TP, plan.PP) + ") has no use for it"
-	}
-	c.mu.Unlock()
-	for _, r := range start {
-		c.log.Info("replica planned", "replica", r.key, "tp", r.tp, "pp", r.pp, "ep", r.ep, "workers", r.workerIDs())
-		if c.opts.Gossip != nil {
-			for _, m := range r.members {
-				if m.info.GossipAddr != "" {
-					if err := c.opts.Gossip.Join([]string{m.info.GossipAddr}); err != nil {
-						c.log.Warn("gossip join", "worker", m.info.ID, "err", err)
-					}
-				}
-			}
-		}
-		go c.bringUp(ctx, r)
 	}
 }
 
-// kvTokens is the KV cache a replica is planned to hold.
-func (c *Coordinator) kvTokens() int {
-	if c.opts.NumBlocks > 0 {
-		return int(c.opts.NumBlocks) * c.opts.BlockSize
-	}
-	return 0 // the model's context
-}
-
-func (r *replica) workerIDs() []string {
-	ids := make([]string, len(r.members))
-	for i, m := range r.members {
-		ids[i] = m.info.ID
-	}
-	return ids
-}
-
-// bringUp loads and warms a replica's workers and starts its engine; on
-// failure the replica is dropped (its workers are planned again after a
-// backoff).
-func (c *Coordinator) bringUp(ctx context.Context, r *replica) {
-	err := c.tryBringUp(ctx, r)
-	if err != nil && ctx.Err() == nil {
-		c.log.Error("replica not usable", "replica", r.key, "workers", r.workerIDs(), "err", err)
-		c.drop(r.key, "bring-up failed: "+err.Error())
-		c.mu.Lock()
-		for _, m := range r.members {
-			c.failed[m.info.ID] = "failed: " + err.Error()
-		}
-		c.mu.Unlock()
-	}
-}
-
-func (c *Coordinator) tryBringUp(ctx context.Context, r *replica) error {
-	for _, m := range r.members {
-		if m.client == nil {
-			return fmt.Errorf("worker %s: bad address %q", m.info.ID, m.info.Addr)
-		}
-	}
-	if err := c.writePlacement(ctx); err != nil {
-		return fmt.Errorf("placement: %w", err)
-	}
-	lctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+// storedGeneration is the highest replica generation in the stored
+// placement (0 when there is none): a new term starts above it.
+func (c *Coordinator) storedGeneration(ctx context.Context) (int64, error) {
+	gctx, cancel := context.WithTimeout(ctx, etcdTimeout)
 	defer cancel()
-	if err := forEach(r.members, func(m *member) error { return c.load(lctx, r, m) }); err != nil {
-		return err
+	raw, ver, err := c.opts.Store.GetPlacement(gctx)
+	if errors.Is(err, cluster.ErrNoPlacement) {
+		return 0, nil
 	}
-	sharded := len(r.members) > 1
-	warm := func(m *member, blocks int64) (*workerv1.WarmupResponse, error) {
-		wctx, wcancel := context.WithTimeout(ctx, 5*time.Minute)
-		defer wcancel()
-		req := &workerv1.WarmupRequest{BlockSize: int32(c.opts.BlockSize), NumBlocks: blocks, KvCacheBytes: c.opts.KVCacheBytes}
-		if !sharded { // a shard cannot step alone: its first real step warms it
-			req.MaxBatchTokens = int32(min(c.opts.Scheduler.MaxBatchTokens, 64))
-		}
-		wr, err := m.client.Warmup(wctx, req)
-		if err != nil {
-			return nil, fmt.Errorf("warmup %s: %w", m.info.ID, err)
-		}
-		return wr, nil
+	if err != nil {
+		return 0, err
 	}
-	// Every worker of a replica must hold the same number of blocks (the
-	// coordinator's block tables index all of them): size each from its
-	// budget, then shrink the larger pools to the smallest.
-	pools := make([]*workerv1.WarmupResponse, len(r.members))
-	if err := forEachIndex(r.members, func(i int, m *member) (err error) {
-		pools[i], err = warm(m, c.opts.NumBlocks)
-		return err
-	}); err != nil {
-		return err
+	p, err := schema.Decode(raw, ver)
+	if err != nil {
+		c.log.Warn("stored placement unreadable; generations start from the clock", "err", err)
+		return time.Now().UnixNano(), nil
 	}
-	blocks, warmMs := pools[0].NumBlocks, 0.0
-	for _, p := range pools {
-		blocks = min(blocks, p.NumBlocks)
-		warmMs = max(warmMs, p.WarmupMs)
+	last := p.LastGeneration
+	for _, r := range p.Replicas {
+		last = max(last, r.Generation)
 	}
-	if err := forEachIndex(r.members, func(i int, m *member) (err error) {
-		if pools[i].NumBlocks != blocks {
-			_, err = warm(m, blocks)
-		}
-		return err
-	}); err != nil {
-		return err
+	return last, nil
+}
+
+func controlWorkers(ws []cluster.WorkerInfo) []control.Worker {
+	out := make([]control.Worker, len(ws))
+	for i, w := range ws {
+		out[i] = control.Worker{ID: w.ID, Addr: w.Addr, GossipAddr: w.GossipAddr, Host: w.Host, Backend: w.Backend, PID: w.PID, MemoryBytes: w.MemoryBytes}
 	}
-	exec := &replicaExecutor{members: r.members, gen: r.gen, pp: r.pp, ranks: len(r.members) / r.pp}
-	exec.expVersion = r.expVersion
-	eng := routing.NewEngine(exec, c.opts.Scheduler, int(blocks), c.opts.BlockSize)
-	eng.SetStepTimeout(c.opts.StepTimeout)
-	eng.SetDepth(r.pp) // one micro-batch in flight per stage
-	eng.OnStep = c.observeStep
-	ectx, ecancel := context.WithCancel(ctx)
-	eng.OnStepError = func(err error) {
-		c.log.Warn("step failed", "replica", r.key, "err", err)
-		if status.Code(err) == codes.FailedPrecondition { // another assignment, or lost its KV pool
-			go c.drop(r.key, "step refused: "+status.Convert(err).Message())
+	return out
+}
+
+// send hands an event to the loop (from any goroutine); it gives up when
+// the loop has ended.
+func (c *Coordinator) send(ev control.Event) {
+	select {
+	case c.events <- ev:
+	case <-c.loopCtx.Done():
+	}
+}
+
+// step feeds the machine one event and carries out its actions.
+func (c *Coordinator) step(ev control.Event) {
+	for _, a := range c.machine.Step(time.Now(), ev) {
+		c.carryOut(a)
+	}
+	st := c.machine.Status()
+	c.mu.Lock()
+	c.status, c.leader = st, st.Leader
+	c.mu.Unlock()
+}
+
+func (c *Coordinator) carryOut(a control.Action) {
+	switch a := a.(type) {
+	case control.Connect:
+		c.connect(a)
+	case control.WritePlacement:
+		c.writer.submit(a)
+	case control.Load:
+		rt, m := c.member(a.Gen, a.Worker)
+		if m == nil {
 			return
 		}
-		if len(r.members) > 1 {
-			// Its workers may now disagree on which steps ran (they run
-			// steps strictly in id order, and this one may have reached
-			// some of them only): form the replica again.
-			go c.drop(r.key, "step failed in a sharded replica: "+err.Error())
-			return
-		}
-		hctx, hc := context.WithTimeout(ectx, 2*time.Second)
-		defer hc()
-		for _, m := range r.members {
-			if h, herr := m.client.Health(hctx, &workerv1.HealthRequest{}); herr != nil || !h.Ready {
-				go c.drop(r.key, "step failed and worker "+m.info.ID+" failed its health check")
+		go func() {
+			if err := c.load(rt.ctx, rt, m); err != nil {
+				c.send(control.LoadFailed{Gen: a.Gen, Worker: a.Worker, Err: err.Error()})
 				return
 			}
+			c.send(control.Loaded{Gen: a.Gen, Worker: a.Worker})
+		}()
+	case control.Warmup:
+		if rt := c.rt[a.Gen]; rt != nil {
+			go func() {
+				blocks, err := c.warmup(rt)
+				if err != nil {
+					c.send(control.WarmupFailed{Gen: a.Gen, Err: err.Error()})
+					return
+				}
+				c.send(control.WarmedUp{Gen: a.Gen, Blocks: blocks})
+			}()
+		}
+	case control.Serve:
+		c.serve(a)
+	case control.Drop:
+		c.drop(a)
+	case control.GossipJoin:
+		if g := c.opts.Gossip; g != nil {
+			go func() {
+				if err := g.Join([]string{a.Addr}); err != nil {
+					c.log.Warn("gossip join", "worker", a.Worker, "err", err)
+				}
+			}()
+		}
+	case control.CheckHealth:
+		if rt := c.rt[a.Gen]; rt != nil {
+			go func() { c.send(control.HealthChecked{Gen: a.Gen, Unhealthy: c.unhealthy(rt)}) }()
+		}
+	case control.StopAdmitting:
+		if rt := c.rt[a.Gen]; rt != nil {
+			rt.drain = true
+			c.router.Cordon(control.Key(a.Gen))
+			c.log.Info("replica draining: no new requests", "replica", control.Key(a.Gen))
+		}
+	case control.Drained:
+		c.log.Info("worker drained", "worker", a.Worker)
+	case control.GatherExperts:
+		if rt := c.rt[a.Gen]; rt != nil {
+			go func() {
+				counts, err := c.expertCounts(rt)
+				ev := control.ExpertCounts{Gen: a.Gen, Counts: counts}
+				if err != nil {
+					ev.Err = err.Error()
+				}
+				c.send(ev)
+			}()
+		}
+	case control.LoadExperts:
+		if rt := c.rt[a.Gen]; rt != nil {
+			go func() { c.send(c.loadExperts(rt, a)) }()
+		}
+	case control.CancelExperts:
+		if rt := c.rt[a.Gen]; rt != nil {
+			go c.cancelExperts(rt, a.Version)
+		}
+	case control.SwitchExperts:
+		if rt := c.rt[a.Gen]; rt != nil && rt.exec != nil {
+			rt.exec.switchExperts(a.Version)
+		}
+	case control.ExpertReport:
+		c.mu.Lock()
+		ch := c.reqs[a.Req]
+		delete(c.reqs, a.Req)
+		c.mu.Unlock()
+		if ch != nil {
+			ch <- a
+		}
+	case control.Note:
+		c.log.Info(a.Msg)
+	default:
+		c.log.Error("unknown control action", "action", fmt.Sprintf("%T", a))
+	}
+}
+
+func (c *Coordinator) member(gen int64, id string) (*replicaRT, *member) {
+	rt := c.rt[gen]
+	if rt == nil {
+		return nil, nil
+	}
+	for _, m := range rt.members {
+		if m.id == id {
+			return rt, m
 		}
 	}
-	go eng.Run(ectx)
-	c.mu.Lock()
-	if c.replicas[r.key] != r || ctx.Err() != nil {
-		c.mu.Unlock()
-		ecancel()
-		eng.Close()
-		return errors.New("replica dropped while loading")
+	return nil, nil
+}
+
+// connect makes the clients of a new replica's workers. Connections are
+// made before anything is sent, so a drop always finds (and closes) them;
+// NewClient only fails on a malformed address, and then the load fails.
+func (c *Coordinator) connect(a control.Connect) {
+	ctx, cancel := context.WithCancel(c.loopCtx)
+	rt := &replicaRT{gen: a.Gen, tp: a.TP, pp: a.PP, ep: a.EP, ctx: ctx, cancel: cancel}
+	for _, mb := range a.Members {
+		m := &member{id: mb.Worker.ID, addr: mb.Worker.Addr, stage: mb.Stage, rank: mb.Rank}
+		if conn, err := grpc.NewClient(m.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20))); err == nil {
+			m.conn, m.client = conn, workerv1.NewWorkerClient(conn)
+		}
+		rt.members = append(rt.members, m)
 	}
-	r.engine, r.cancel, r.state, r.exec = eng, ecancel, "ready", exec
-	// Added under c.mu: a drop of this replica (which removes it from
-	// c.replicas first) cannot run between the check above and this.
-	c.router.AddReplica(r.key, eng)
-	c.mu.Unlock()
-	c.log.Info("replica ready", "replica", r.key, "tp", r.tp, "pp", r.pp, "workers", r.workerIDs(),
-		"kv_blocks", blocks, "block_size", c.opts.BlockSize, "warmup_ms", warmMs)
-	c.readyOnce.Do(func() { close(c.ready) })
-	return nil
+	c.rt[a.Gen] = rt
+	ids := make([]string, len(rt.members))
+	for i, m := range rt.members {
+		ids[i] = m.id
+	}
+	c.log.Info("replica planned", "replica", control.Key(a.Gen), "tp", a.TP, "pp", a.PP, "ep", a.EP, "workers", ids)
 }
 
 // load has worker m load its slice; it reads its assignment from the
 // placement in etcd.
-func (c *Coordinator) load(ctx context.Context, r *replica, m *member) error {
-	ls, err := m.client.Load(ctx, &workerv1.LoadRequest{Version: r.gen})
+func (c *Coordinator) load(ctx context.Context, rt *replicaRT, m *member) error {
+	if m.client == nil {
+		return fmt.Errorf("worker %s: bad address %q", m.id, m.addr)
+	}
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	ls, err := m.client.Load(lctx, &workerv1.LoadRequest{Version: rt.gen})
 	if err != nil {
-		return fmt.Errorf("load %s: %w", m.info.ID, err)
+		return fmt.Errorf("load %s: %w", m.id, err)
 	}
 	for {
 		p, err := ls.Recv()
@@ -659,18 +495,116 @@ func (c *Coordinator) load(ctx context.Context, r *replica, m *member) error {
 			return nil
 		}
 		if err != nil {
-			return fmt.Errorf("load %s: %w", m.info.ID, err)
+			return fmt.Errorf("load %s: %w", m.id, err)
 		}
-		c.log.Info("worker loading", "worker", m.info.ID, "stage", p.Stage, "bytes", p.BytesLoaded)
+		c.log.Info("worker loading", "worker", m.id, "stage", p.Stage, "bytes", p.BytesLoaded)
 	}
 }
 
-func forEach(ms []*member, f func(*member) error) error {
-	return forEachIndex(ms, func(_ int, m *member) error { return f(m) })
+// warmup sizes every worker's KV pool and returns the blocks each holds:
+// every worker of a replica must hold the same number (the coordinator's
+// block tables index all of them), so each is sized from its budget, then
+// the larger pools are shrunk to the smallest.
+func (c *Coordinator) warmup(rt *replicaRT) (int64, error) {
+	sharded := len(rt.members) > 1
+	warm := func(m *member, blocks int64) (*workerv1.WarmupResponse, error) {
+		wctx, cancel := context.WithTimeout(rt.ctx, 5*time.Minute)
+		defer cancel()
+		req := &workerv1.WarmupRequest{BlockSize: int32(c.opts.BlockSize), NumBlocks: blocks, KvCacheBytes: c.opts.KVCacheBytes}
+		if !sharded { // a shard cannot step alone: its first real step warms it
+			req.MaxBatchTokens = int32(min(c.opts.Scheduler.MaxBatchTokens, 64))
+		}
+		wr, err := m.client.Warmup(wctx, req)
+		if err != nil {
+			return nil, fmt.Errorf("warmup %s: %w", m.id, err)
+		}
+		return wr, nil
+	}
+	pools := make([]*workerv1.WarmupResponse, len(rt.members))
+	if err := forEachIndex(rt.members, func(i int, m *member) (err error) {
+		pools[i], err = warm(m, c.opts.NumBlocks)
+		return err
+	}); err != nil {
+		return 0, err
+	}
+	blocks := pools[0].NumBlocks
+	for _, p := range pools {
+		blocks = min(blocks, p.NumBlocks)
+	}
+	return blocks, forEachIndex(rt.members, func(i int, m *member) (err error) {
+		if pools[i].NumBlocks != blocks {
+			_, err = warm(m, blocks)
+		}
+		return err
+	})
 }
 
-// forEachIndex runs f on every member concurrently and returns the first
-// error.
+// serve starts a warmed replica's engine and routes requests to it.
+func (c *Coordinator) serve(a control.Serve) {
+	rt := c.rt[a.Gen]
+	if rt == nil {
+		return
+	}
+	key := control.Key(a.Gen)
+	exec := &replicaExecutor{members: rt.members, gen: rt.gen, pp: rt.pp, ranks: len(rt.members) / rt.pp, expVersion: a.ExpertsVersion}
+	eng := routing.NewEngine(exec, c.opts.Scheduler, int(a.Blocks), c.opts.BlockSize)
+	eng.SetStepTimeout(c.opts.StepTimeout)
+	eng.SetDepth(rt.pp) // one micro-batch in flight per stage
+	eng.OnStep = c.observeStep
+	eng.OnStepError = func(err error) {
+		c.log.Warn("step failed", "replica", key, "err", err)
+		// Refused: another assignment, or its KV pool is gone.
+		ev := control.StepFailed{Gen: a.Gen, Refused: status.Code(err) == codes.FailedPrecondition, Err: err.Error()}
+		go c.send(ev) // not from the engine's goroutine: the loop may be closing this engine
+	}
+	rt.exec, rt.engine = exec, eng
+	go eng.Run(rt.ctx)
+	c.router.AddReplica(key, eng)
+	ids := make([]string, len(rt.members))
+	for i, m := range rt.members {
+		ids[i] = m.id
+	}
+	c.log.Info("replica ready", "replica", key, "tp", rt.tp, "pp", rt.pp, "ep", rt.ep, "workers", ids,
+		"kv_blocks", a.Blocks, "block_size", c.opts.BlockSize)
+	c.readyOnce.Do(func() { close(c.ready) })
+}
+
+// drop removes a replica: its requests move to the other replicas (or
+// wait for one), what runs for it is cancelled, its connections closed.
+func (c *Coordinator) drop(a control.Drop) {
+	rt := c.rt[a.Gen]
+	delete(c.rt, a.Gen)
+	c.log.Warn("replica removed", "replica", control.Key(a.Gen), "why", a.Why)
+	c.router.RemoveReplica(control.Key(a.Gen))
+	if rt == nil {
+		return
+	}
+	rt.cancel()
+	for _, m := range rt.members {
+		if m.conn != nil {
+			m.conn.Close()
+		}
+	}
+}
+
+// unhealthy asks every worker of a replica for its health and names the
+// first that is not ready ("" when all are).
+func (c *Coordinator) unhealthy(rt *replicaRT) string {
+	hctx, cancel := context.WithTimeout(rt.ctx, 2*time.Second)
+	defer cancel()
+	for _, m := range rt.members {
+		if m.client == nil {
+			return m.id
+		}
+		if h, err := m.client.Health(hctx, &workerv1.HealthRequest{}); err != nil || !h.Ready {
+			return m.id
+		}
+	}
+	return ""
+}
+
+// forEachIndex runs f on every member concurrently and returns the errors
+// joined.
 func forEachIndex(ms []*member, f func(int, *member) error) error {
 	errs := make([]error, len(ms))
 	var wg sync.WaitGroup
@@ -681,102 +615,84 @@ func forEachIndex(ms []*member, f func(int, *member) error) error {
 	return errors.Join(errs...)
 }
 
-// dropWorker drops the replica worker id serves in.
-func (c *Coordinator) dropWorker(id, why string) {
+func forEach(ms []*member, f func(*member) error) error {
+	return forEachIndex(ms, func(_ int, m *member) error { return f(m) })
+}
+
+// observeWorkers keeps, for the worker_up metric, every worker registered
+// now (zero time) or that left (when).
+func (c *Coordinator) observeWorkers(ws []cluster.WorkerInfo) {
 	c.mu.Lock()
-	r := c.owner[id]
-	c.mu.Unlock()
-	if r != nil {
-		c.drop(r.key, why)
+	defer c.mu.Unlock()
+	live := map[string]bool{}
+	for _, w := range ws {
+		live[w.ID] = true
+		c.seen[w.ID] = time.Time{}
+	}
+	for id, at := range c.seen {
+		if !live[id] && at.IsZero() {
+			c.seen[id] = time.Now()
+		}
 	}
 }
 
-// drop removes a replica; its requests move to other replicas and its
-// workers are planned again.
-func (c *Coordinator) drop(key, why string) {
-	c.mu.Lock()
-	r, ok := c.replicas[key]
-	delete(c.replicas, key)
-	if ok {
-		for _, m := range r.members {
-			if c.owner[m.info.ID] == r {
-				delete(c.owner, m.info.ID)
-			}
-		}
-	}
-	c.mu.Unlock()
-	if !ok {
-		return
-	}
-	c.log.Warn("replica removed", "replica", key, "workers", r.workerIDs(), "why", why)
-	c.router.RemoveReplica(key)
-	if r.cancel != nil {
-		r.cancel()
-	}
-	for _, m := range r.members {
-		if m.conn != nil {
-			m.conn.Close()
-		}
-	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		c.writePlacement(ctx)
-	}()
-	c.scheduleRetry() // its workers still registered? then they are planned again
+// placementWriter writes the placements the machine asks for, in order,
+// one at a time, each conditioned on the leadership's fence; when several
+// wait, only the latest is written (it supersedes the others). It answers
+// every write it makes with PlacementWritten or PlacementWriteFailed.
+type placementWriter struct {
+	store     *cluster.Store
+	fenceKey  string
+	log       *slog.Logger
+	onWritten func(schema.Placement)
+	answer    func(control.Event)
+
+	mu   sync.Mutex
+	next *control.WritePlacement
+	wake chan struct{}
 }
 
-func (c *Coordinator) dropAll() {
-	c.mu.Lock()
-	keys := make([]string, 0, len(c.replicas))
-	for k := range c.replicas {
-		keys = append(keys, k)
-	}
-	c.mu.Unlock()
-	for _, k := range keys {
-		c.drop(k, "coordinator stopping")
+func newPlacementWriter(s *cluster.Store, fenceKey string, log *slog.Logger, onWritten func(schema.Placement), answer func(control.Event)) *placementWriter {
+	return &placementWriter{store: s, fenceKey: fenceKey, log: log, onWritten: onWritten, answer: answer, wake: make(chan struct{}, 1)}
+}
+
+func (w *placementWriter) submit(a control.WritePlacement) {
+	w.mu.Lock()
+	w.next = &a
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default:
 	}
 }
 
-// writePlacement stores the current replicas (loading or ready) in etcd.
-func (c *Coordinator) writePlacement(ctx context.Context) error {
-	c.pmu.Lock()
-	defer c.pmu.Unlock()
-	c.mu.Lock()
-	rs := make([]*replica, 0, len(c.replicas))
-	for _, r := range c.replicas {
-		rs = append(rs, r)
-	}
-	c.mu.Unlock()
-	sort.Slice(rs, func(i, j int) bool { return rs[i].gen < rs[j].gen })
-	p := Placement{Model: c.opts.ModelDir, Quantize: c.opts.Quantize}
-	for i, r := range rs {
-		pr := PlacementReplica{Index: i, Generation: r.gen, TP: r.tp, PP: r.pp, LayersEnd: c.cfg.NumHiddenLayers, Workers: r.workerIDs()}
-		if r.ep > 1 {
-			c.mu.Lock()
-			pr.EP, pr.Experts, pr.ExpertsVersion = r.ep, r.table.Flat(), r.expVersion
-			c.mu.Unlock()
+func (w *placementWriter) run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-w.wake:
 		}
-		for _, st := range r.stages {
-			ps := PlacementStage{Index: st.Index, LayersBegin: st.LayersBegin, LayersEnd: st.LayersEnd}
-			for _, rk := range st.Ranks {
-				ps.Ranks = append(ps.Ranks, PlacementRank{Worker: rk.Worker, Addr: rk.Addr})
-			}
-			pr.Stages = append(pr.Stages, ps)
+		w.mu.Lock()
+		a := w.next
+		w.next = nil
+		w.mu.Unlock()
+		if a != nil {
+			w.answer(w.write(ctx, *a))
 		}
-		p.Replicas = append(p.Replicas, pr)
 	}
-	raw, _ := json.Marshal(p)
-	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+}
+
+func (w *placementWriter) write(ctx context.Context, a control.WritePlacement) control.Event {
+	wctx, cancel := context.WithTimeout(ctx, etcdTimeout)
 	defer cancel()
-	v, err := c.opts.Store.PutPlacement(pctx, raw)
+	v, err := w.store.PutPlacement(wctx, a.Doc.Encode(), cluster.Fence{Key: w.fenceKey, Rev: a.Fence})
 	if err != nil {
-		c.log.Warn("placement not written", "err", err)
-		return err
+		w.log.Warn("placement not written", "seq", a.Seq, "err", err)
+		return control.PlacementWriteFailed{Seq: a.Seq, Fenced: errors.Is(err, cluster.ErrFenced), Err: err.Error()}
 	}
-	p.Version = v
-	c.mu.Lock()
-	c.placement = p
-	c.mu.Unlock()
-	return nil
+	doc := a.Doc
+	doc.Version = v
+	w.onWritten(doc)
+	return control.PlacementWritten{Seq: a.Seq}
 }

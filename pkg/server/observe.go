@@ -6,6 +6,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/qwenfleet/qwenfleet/pkg/control"
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 )
@@ -151,7 +152,7 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	// "down" is a value, not a vanished series.
 	for id, at := range c.seen {
 		up := 0.0
-		if r, ok := c.owner[id]; ok && r.state == "ready" && at.IsZero() {
+		if st := c.status.Workers[id]; at.IsZero() && (st == string(control.Ready) || st == string(control.Draining)) {
 			up = 1
 		}
 		if !at.IsZero() && time.Since(at) > seenFor {
@@ -162,8 +163,13 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	g(s.placement, float64(c.placement.Version))
 	byState := map[string]int{"loading": 0, "ready": 0}
-	for _, r := range c.replicas {
-		byState[r.state]++
+	for _, r := range c.status.Replicas {
+		switch r.State {
+		case control.Ready, control.Draining:
+			byState["ready"]++
+		default:
+			byState["loading"]++
+		}
 	}
 	for _, k := range []string{"loading", "ready"} {
 		g(s.replicas, float64(byState[k]), k)

@@ -103,12 +103,12 @@ func (g *replicaExecutor) Step(ctx context.Context, b *steps.Batch) (*steps.Resu
 	wg.Wait()
 	for i, err := range errs {
 		if err != nil && status.Code(err) != codes.Canceled {
-			return nil, fmt.Errorf("worker %s: %w", g.members[i].info.ID, err)
+			return nil, fmt.Errorf("worker %s: %w", g.members[i].id, err)
 		}
 	}
 	for i, err := range errs {
 		if err != nil {
-			return nil, fmt.Errorf("worker %s: %w", g.members[i].info.ID, err)
+			return nil, fmt.Errorf("worker %s: %w", g.members[i].id, err)
 		}
 	}
 	last := resps[len(resps)-g.ranks:]
