@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
 	"strings"
@@ -28,6 +27,7 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/supervise"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
 )
@@ -373,13 +373,24 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer stop()
-	for i := 0; i < o.LocalWorkers; i++ {
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			superviseWorker(rctx, log, i, append([]string{"--etcd-endpoints", strings.Join(endpoints, ","),
-				"--id", fmt.Sprintf("local-%d-w%d", os.Getpid(), i), "--prefix", o.Prefix}, o.WorkerArgs...))
-		}(i)
+	if o.LocalWorkers > 0 {
+		// Local workers are this binary in worker mode, each kept running
+		// (restarted with backoff, stopped with ctx) by pkg/supervise.
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("local workers: %w", err)
+		}
+		for i := 0; i < o.LocalWorkers; i++ {
+			cfg := supervise.Config{
+				Name:       fmt.Sprintf("local worker %d", i),
+				Executable: exe,
+				Args: append([]string{"--etcd-endpoints", strings.Join(endpoints, ","),
+					"--id", fmt.Sprintf("local-%d-w%d", os.Getpid(), i), "--prefix", o.Prefix}, o.WorkerArgs...),
+				Env:        append(os.Environ(), RoleEnv+"=worker"),
+				MinBackoff: time.Second, MaxBackoff: 30 * time.Second, StopGrace: 5 * time.Second,
+			}
+			wg.Go(func() { supervise.Run(rctx, cfg, log) })
+		}
 	}
 	go func() {
 		select {
@@ -394,49 +405,4 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		}
 	}()
 	return coord.Run(rctx)
-}
-
-// superviseWorker runs a local worker process (this binary in worker mode)
-// and restarts it when it exits, until ctx ends.
-func superviseWorker(ctx context.Context, log *slog.Logger, i int, args []string) {
-	exe, err := os.Executable()
-	if err != nil {
-		log.Error("local worker: no executable", "err", err)
-		return
-	}
-	for backoff := time.Second; ctx.Err() == nil; backoff = min(2*backoff, 30*time.Second) {
-		cmd := exec.Command(exe, args...)
-		cmd.Env = append(os.Environ(), RoleEnv+"=worker")
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-		t0 := time.Now()
-		if err := cmd.Start(); err != nil {
-			log.Error("local worker did not start", "worker", i, "err", err)
-		} else {
-			log.Info("local worker started", "worker", i, "pid", cmd.Process.Pid)
-			done := make(chan error, 1)
-			go func() { done <- cmd.Wait() }()
-			select {
-			case err := <-done:
-				log.Warn("local worker exited", "worker", i, "err", err)
-			case <-ctx.Done():
-				cmd.Process.Signal(syscall.SIGTERM)
-				select {
-				case <-done:
-				case <-time.After(5 * time.Second):
-					cmd.Process.Kill()
-					<-done
-				}
-				return
-			}
-		}
-		if time.Since(t0) > time.Minute {
-			backoff = time.Second
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-	}
 }
