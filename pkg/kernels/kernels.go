@@ -1,39 +1,18 @@
 package kernels
 
-import "fmt"
+import "github.com/qwenfleet/qwenfleet/pkg/safetensors"
 
-// DType is the element type of a tensor.
-type DType uint8
+// DType is the element type of a tensor: the checkpoint's, one enum for
+// the file format and the kernels (Size, String; the widening conversions
+// are safetensors' too).
+type DType = safetensors.DType
 
 // The element types a checkpoint may hold. Activations are always F32.
 const (
-	F32 DType = iota + 1
-	F16
-	BF16
+	F32  = safetensors.F32
+	F16  = safetensors.F16
+	BF16 = safetensors.BF16
 )
-
-// Size is the number of bytes of one element.
-func (d DType) Size() int {
-	switch d {
-	case F32:
-		return 4
-	case F16, BF16:
-		return 2
-	}
-	return 0
-}
-
-func (d DType) String() string {
-	switch d {
-	case F32:
-		return "F32"
-	case F16:
-		return "F16"
-	case BF16:
-		return "BF16"
-	}
-	return fmt.Sprintf("DType(%d)", uint8(d))
-}
 
 // Tensor is a dense row-major array owned by a Backend. Only the backend that
 // made a tensor may be given it.

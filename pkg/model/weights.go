@@ -32,19 +32,7 @@ func (c Checkpoint) Lookup(name string) (kernels.DType, []int, bool) {
 	if !ok {
 		return 0, nil, false
 	}
-	return fromSafetensors(info.DType), info.Shape, true
-}
-
-func fromSafetensors(d safetensors.DType) kernels.DType {
-	switch d {
-	case safetensors.F32:
-		return kernels.F32
-	case safetensors.F16:
-		return kernels.F16
-	case safetensors.BF16:
-		return kernels.BF16
-	}
-	return 0
+	return info.DType, info.Shape, true
 }
 
 // Names of the checkpoint tensors (qwen2.md section 3.2).

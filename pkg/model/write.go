@@ -83,7 +83,7 @@ func WriteCheckpoint(dir string, cfg *Config, src *RandomWeights, opts WriteOpti
 			shards = append(shards, nil)
 			size = 0
 		}
-		shards[len(shards)-1] = append(shards[len(shards)-1], safetensors.Header{Name: t.Name, DType: toSafetensors(dt), Shape: shape})
+		shards[len(shards)-1] = append(shards[len(shards)-1], safetensors.Header{Name: t.Name, DType: dt, Shape: shape})
 		size += n
 		total += n
 	}
@@ -140,14 +140,4 @@ func writeJSON(path string, v any) error {
 		return err
 	}
 	return os.WriteFile(path, append(data, '\n'), 0o644)
-}
-
-func toSafetensors(d kernels.DType) safetensors.DType {
-	switch d {
-	case kernels.F32:
-		return safetensors.F32
-	case kernels.F16:
-		return safetensors.F16
-	}
-	return safetensors.BF16
 }

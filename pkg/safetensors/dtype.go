@@ -7,7 +7,8 @@ import (
 )
 
 // DType is the element type of a tensor. Only the floating-point types used
-// by LLM checkpoints are supported.
+// by LLM checkpoints are supported. It is the one dtype enum of the module:
+// pkg/kernels.DType is an alias of it.
 type DType uint8
 
 // Supported element types. The zero DType is invalid.

@@ -1,6 +1,9 @@
 package cpu
 
-import "golang.org/x/sys/cpu"
+import (
+	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
+	"golang.org/x/sys/cpu"
+)
 
 //go:noescape
 func dot4BF16AVX2(x *float32, w *uint16, stride, n int, out *[4]float32)
@@ -101,10 +104,10 @@ func simdKernels() []kernelSet {
 	avx512.name, avx512.gemm, avx512.gemmRows = "avx512", gemm5x4Asm, 5
 	avx512.dot4BF16 = dot4BF16Asm512
 	avx512.gemm1BF16 = func(x []float32, w []uint16, stride, n int, c []float32) {
-		gemm1Asm(gemm1x4BF16AVX512, bf16, x, w, stride, n, c)
+		gemm1Asm(gemm1x4BF16AVX512, safetensors.BF16ToFloat32, x, w, stride, n, c)
 	}
 	avx512.gemm1F16 = func(x []float32, w []uint16, stride, n int, c []float32) {
-		gemm1Asm(gemm1x4F16AVX512, f16, x, w, stride, n, c)
+		gemm1Asm(gemm1x4F16AVX512, safetensors.F16ToFloat32, x, w, stride, n, c)
 	}
 	avx512.pgemvBF16 = func(x []float32, w []uint16, k int, y []float32) {
 		_, _, _ = x[k-1], w[32*k-1], y[31]
@@ -188,15 +191,15 @@ func simdKernels() []kernelSet {
 // multiple of the kernel's width) in assembly and the tail in Go.
 
 func dot4BF16Asm(x []float32, w []uint16, stride int, out *[4]float32) {
-	dot4Asm(dot4BF16AVX2, 8, bf16, x, w, stride, out)
+	dot4Asm(dot4BF16AVX2, 8, safetensors.BF16ToFloat32, x, w, stride, out)
 }
 
 func dot4BF16Asm512(x []float32, w []uint16, stride int, out *[4]float32) {
-	dot4Asm(dot4BF16AVX512, 16, bf16, x, w, stride, out)
+	dot4Asm(dot4BF16AVX512, 16, safetensors.BF16ToFloat32, x, w, stride, out)
 }
 
 func dot4F16Asm(x []float32, w []uint16, stride int, out *[4]float32) {
-	dot4Asm(dot4F16AVX2, 8, f16, x, w, stride, out)
+	dot4Asm(dot4F16AVX2, 8, safetensors.F16ToFloat32, x, w, stride, out)
 }
 
 func dot4F32Asm(x []float32, w []float32, stride int, out *[4]float32) {
@@ -276,7 +279,7 @@ func cvtBF16Asm(dst []float32, src []uint16) {
 		cvtBF16AVX2(&dst[0], &src[0], n8)
 	}
 	for i := n8; i < n; i++ {
-		dst[i] = bf16(src[i])
+		dst[i] = safetensors.BF16ToFloat32(src[i])
 	}
 }
 
@@ -288,7 +291,7 @@ func cvtF16Asm(dst []float32, src []uint16) {
 		cvtF16AVX2(&dst[0], &src[0], n8)
 	}
 	for i := n8; i < n; i++ {
-		dst[i] = f16(src[i])
+		dst[i] = safetensors.F16ToFloat32(src[i])
 	}
 }
 

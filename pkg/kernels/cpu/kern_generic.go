@@ -1,6 +1,6 @@
 package cpu
 
-import "math"
+import "github.com/qwenfleet/qwenfleet/pkg/safetensors"
 
 // kernelSet is one implementation of the inner loops. Every function handles
 // any length; SIMD sets run the bulk in assembly and the tail in Go.
@@ -70,17 +70,15 @@ func swigluGo(g, u, out []float32) {
 	}
 }
 
-func bf16(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
-
 func dot4BF16Go(x []float32, w []uint16, stride int, out *[4]float32) {
 	n := len(x)
 	w0, w1, w2, w3 := w[:n], w[stride:stride+n], w[2*stride:2*stride+n], w[3*stride:3*stride+n]
 	var s0, s1, s2, s3 float32
 	for k, xv := range x {
-		s0 += xv * bf16(w0[k])
-		s1 += xv * bf16(w1[k])
-		s2 += xv * bf16(w2[k])
-		s3 += xv * bf16(w3[k])
+		s0 += xv * safetensors.BF16ToFloat32(w0[k])
+		s1 += xv * safetensors.BF16ToFloat32(w1[k])
+		s2 += xv * safetensors.BF16ToFloat32(w2[k])
+		s3 += xv * safetensors.BF16ToFloat32(w3[k])
 	}
 	*out = [4]float32{s0, s1, s2, s3}
 }
@@ -90,10 +88,10 @@ func dot4F16Go(x []float32, w []uint16, stride int, out *[4]float32) {
 	w0, w1, w2, w3 := w[:n], w[stride:stride+n], w[2*stride:2*stride+n], w[3*stride:3*stride+n]
 	var s0, s1, s2, s3 float32
 	for k, xv := range x {
-		s0 += xv * f16(w0[k])
-		s1 += xv * f16(w1[k])
-		s2 += xv * f16(w2[k])
-		s3 += xv * f16(w3[k])
+		s0 += xv * safetensors.F16ToFloat32(w0[k])
+		s1 += xv * safetensors.F16ToFloat32(w1[k])
+		s2 += xv * safetensors.F16ToFloat32(w2[k])
+		s3 += xv * safetensors.F16ToFloat32(w3[k])
 	}
 	*out = [4]float32{s0, s1, s2, s3}
 }
@@ -124,34 +122,13 @@ func gemm3x4Go(x []float32, ldx int, p []float32, ldp int, n int, c []float32, l
 func cvtBF16Go(dst []float32, src []uint16) {
 	src = src[:len(dst)]
 	for i, h := range src {
-		dst[i] = bf16(h)
+		dst[i] = safetensors.BF16ToFloat32(h)
 	}
 }
 
 func cvtF16Go(dst []float32, src []uint16) {
 	src = src[:len(dst)]
 	for i, h := range src {
-		dst[i] = f16(h)
+		dst[i] = safetensors.F16ToFloat32(h)
 	}
-}
-
-// f16 widens an IEEE half-precision number exactly.
-func f16(h uint16) float32 {
-	sign := uint32(h&0x8000) << 16
-	exp := uint32(h>>10) & 0x1f
-	mant := uint32(h & 0x3ff)
-	switch {
-	case exp == 0x1f: // inf, nan
-		return math.Float32frombits(sign | 0x7f800000 | mant<<13)
-	case exp != 0:
-		return math.Float32frombits(sign | (exp+112)<<23 | mant<<13)
-	case mant == 0:
-		return math.Float32frombits(sign)
-	}
-	// subnormal: mant · 2^-24
-	v := float32(mant) * (1.0 / (1 << 24))
-	if sign != 0 {
-		v = -v
-	}
-	return v
 }

@@ -4,6 +4,7 @@ import (
 	"math"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
+	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
 )
 
 // Packed weights. With Config.PackWeights and a kernel set that has packed
@@ -166,9 +167,9 @@ func (b *Backend) widenPacked(dst []float32, t *tensor, off int) {
 		case kernels.F32:
 			dst[i] = pk.f[idx]
 		case kernels.BF16:
-			dst[i] = bf16(pk.h[idx])
+			dst[i] = safetensors.BF16ToFloat32(pk.h[idx])
 		default:
-			dst[i] = f16(pk.h[idx])
+			dst[i] = safetensors.F16ToFloat32(pk.h[idx])
 		}
 	}
 }

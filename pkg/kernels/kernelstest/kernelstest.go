@@ -60,6 +60,10 @@ func randWeight(t *testing.T, b kernels.Backend, rng *rand.Rand, dt kernels.DTyp
 	return w, vals
 }
 
+// f16ref is the value of the IEEE half h, computed from its definition in
+// float64. It is deliberately not safetensors.F16ToFloat32 (the decoder of
+// the CPU kernels' Go paths and of the CUDA backend's readback): the suite
+// checks the backends against an independent definition.
 func f16ref(h uint16) float64 {
 	sign := 1.0
 	if h&0x8000 != 0 {
