@@ -23,6 +23,14 @@ func root() string {
 	return filepath.Join(filepath.Dir(f), "..", "..")
 }
 
+// wholeModel steps an in-process executor of a whole model (no link, the
+// model's expert placement): a routing.Executor.
+type wholeModel struct{ x *shard.Executor }
+
+func (w wholeModel) Step(ctx context.Context, b *steps.Batch) (*steps.Result, error) {
+	return w.x.Step(ctx, b, nil, nil)
+}
+
 // newEngine runs an engine over an in-process executor of a reference model.
 func newEngine(t *testing.T, blocks, blockSize int, cfg routing.SchedulerConfig) (*routing.Engine, *model.Model) {
 	t.Helper()
@@ -38,7 +46,7 @@ func newEngine(t *testing.T, blocks, blockSize int, cfg routing.SchedulerConfig)
 	if err := x.Warmup(blocks, blockSize, 8); err != nil {
 		t.Fatal(err)
 	}
-	e := routing.NewEngine(x, cfg, blocks, blockSize)
+	e := routing.NewEngine(wholeModel{x}, cfg, blocks, blockSize)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { e.Run(ctx); close(done) }()
@@ -360,7 +368,7 @@ func TestEngineDepth(t *testing.T) {
 	for i, p := range ps {
 		want[i], _ = m.Greedy(p, 12, nil)
 	}
-	ox := &overlapExec{x: x, busy: map[uint64]bool{}, ids: map[uint64]bool{}}
+	ox := &overlapExec{x: wholeModel{x}, busy: map[uint64]bool{}, ids: map[uint64]bool{}}
 	e := routing.NewEngine(ox, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 16, MaxWaiting: 64}, 256, 16)
 	e.SetDepth(2)
 	ctx, cancel := context.WithCancel(context.Background())

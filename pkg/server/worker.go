@@ -423,7 +423,7 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 			sl = &stageLink{stepLink: link, st: &expertparallel.Stage{Exchanger: link, Rank: prs.rank, Size: prs.ep}}
 		}
 	}
-	res, err := exec.StepExperts(ctx, b, sl, em)
+	res, err := exec.Step(ctx, b, sl, em)
 	if err == nil && newTable != nil {
 		w.switchedTo(exec, req.ExpertsVersion, newTable)
 	}

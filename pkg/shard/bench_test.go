@@ -49,12 +49,12 @@ func BenchmarkDecodeStep(b *testing.B) {
 					pre[i] = seqs[i]
 					pre[i].Tokens, pre[i].Start, pre[i].Sample = make([]int32, 64), 0, false
 				}
-				if _, err := x.Step(context.Background(), &steps.Batch{Seqs: pre}); err != nil {
+				if _, err := x.Step(context.Background(), &steps.Batch{Seqs: pre}, nil, nil); err != nil {
 					b.Fatal(err)
 				}
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
-					if _, err := x.Step(context.Background(), &steps.Batch{Seqs: seqs}); err != nil {
+					if _, err := x.Step(context.Background(), &steps.Batch{Seqs: seqs}, nil, nil); err != nil {
 						b.Fatal(err)
 					}
 				}

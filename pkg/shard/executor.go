@@ -112,25 +112,16 @@ type Link interface {
 	SendHidden(h []float32) error
 }
 
-// Step runs one batch on a whole model (no Link needed).
-func (x *Executor) Step(ctx context.Context, b *steps.Batch) (*steps.Result, error) {
-	return x.StepLinked(ctx, b, nil)
-}
-
-// StepLinked runs one batch. Errors about the batch wrap model.ErrBadBatch.
-// Steps with ids (b.ID > 0) run strictly in id order: a step waits for
-// every lower id to have run or failed here (or for ctx to end), so the
-// ranks of a tensor-parallel group never run different steps at once. The
-// coordinator gives up on a sharded replica whose step failed (see
-// pkg/server), so a missing id never stalls a live replica. A stage that is
-// not the last returns no per-sequence results.
-func (x *Executor) StepLinked(ctx context.Context, b *steps.Batch, link Link) (*steps.Result, error) {
-	return x.StepExperts(ctx, b, link, nil)
-}
-
-// StepExperts is StepLinked with the expert placement the step uses (nil:
-// the model's; see LoadExperts).
-func (x *Executor) StepExperts(ctx context.Context, b *steps.Batch, link Link, em model.ExpertMap) (*steps.Result, error) {
+// Step runs one batch. link connects a shard to the rest of its replica
+// (nil for a whole model, which needs none); em is the expert placement
+// the step uses (nil: the model's; see LoadExperts). Errors about the
+// batch wrap model.ErrBadBatch. Steps with ids (b.ID > 0) run strictly in
+// id order: a step waits for every lower id to have run or failed here (or
+// for ctx to end), so the ranks of a tensor-parallel group never run
+// different steps at once. The coordinator gives up on a sharded replica
+// whose step failed (see pkg/server), so a missing id never stalls a live
+// replica. A stage that is not the last returns no per-sequence results.
+func (x *Executor) Step(ctx context.Context, b *steps.Batch, link Link, em model.ExpertMap) (*steps.Result, error) {
 	defer x.doneTurn(b.ID) // failed or not, later steps may go
 	m := x.m
 	V := m.Config().VocabSize

@@ -41,7 +41,7 @@ func newExec(t *testing.T) *shard.Executor {
 
 func step(t *testing.T, x *shard.Executor, seqs ...steps.Seq) *steps.Result {
 	t.Helper()
-	r, err := x.Step(context.Background(), &steps.Batch{Seqs: seqs})
+	r, err := x.Step(context.Background(), &steps.Batch{Seqs: seqs}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,15 +122,15 @@ func TestStepPromptLogprobsAndErrors(t *testing.T) {
 	}
 	// A sequence whose KV is not here (never computed, or released) must
 	// start at 0.
-	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 77, Tokens: []int32{1}, Start: 3, Blocks: []int32{2}}}}); !errors.Is(err, shard.ErrMissingKV) {
+	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 77, Tokens: []int32{1}, Start: 3, Blocks: []int32{2}}}}, nil, nil); !errors.Is(err, shard.ErrMissingKV) {
 		t.Fatalf("unknown sequence at position 3: %v", err)
 	}
 	x.Release([]uint64{1})
-	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 1, Tokens: []int32{1}, Start: 4, Blocks: []int32{0}}}}); !errors.Is(err, shard.ErrMissingKV) {
+	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 1, Tokens: []int32{1}, Start: 4, Blocks: []int32{0}}}}, nil, nil); !errors.Is(err, shard.ErrMissingKV) {
 		t.Fatalf("released sequence: %v", err)
 	}
 	for i, s := range bad {
-		if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{s}}); !errors.Is(err, model.ErrBadBatch) {
+		if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{s}}, nil, nil); !errors.Is(err, model.ErrBadBatch) {
 			t.Errorf("bad step %d: %v", i, err)
 		}
 	}
@@ -185,7 +185,7 @@ func TestStepsRunInIDOrder(t *testing.T) {
 	for r, order := range orders {
 		for _, id := range order {
 			go func() {
-				res, err := xs[r].StepLinked(context.Background(), batch(id), commLink{comms[r]})
+				res, err := xs[r].Step(context.Background(), batch(id), commLink{comms[r]}, nil)
 				results <- out{r, id, res, err}
 			}()
 			time.Sleep(20 * time.Millisecond) // arrive in this order
@@ -232,7 +232,7 @@ func TestStepsRunInIDOrder(t *testing.T) {
 	// Step 5 without step 4: it waits, and fails when its context ends.
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	if _, err := xs[0].StepLinked(ctx, batch(5), commLink{comms[0]}); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := xs[0].Step(ctx, batch(5), commLink{comms[0]}, nil); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("a step past a missing one: %v", err)
 	}
 }
