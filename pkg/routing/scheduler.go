@@ -11,9 +11,27 @@ import (
 // ErrQueueFull is returned by Add when the waiting queue is at its limit.
 var ErrQueueFull = errors.New("routing: queue full")
 
-// ErrTooLong is wrapped by Add errors for sequences that cannot fit the KV
-// pool even alone.
+// ErrTooLong is matched (errors.Is) by the *TooLongError of Add for a
+// sequence that cannot fit the KV pool even alone.
 var ErrTooLong = errors.New("routing: sequence does not fit the KV cache")
+
+// TooLongError is Add's error for a sequence whose length limit (prompt and
+// output) cannot fit the KV pool even alone. Add is the one place a
+// request's length is checked against the KV cache (for Submit and for
+// sequences moved by Adopt alike); the API layer turns this error into one
+// on the request's prompt or max_tokens.
+type TooLongError struct {
+	Prompt   int // the sequence's prompt tokens
+	MaxLen   int // its length limit: prompt + output tokens
+	Capacity int // the tokens the whole pool holds
+}
+
+func (e *TooLongError) Error() string {
+	return fmt.Sprintf("%v: %d tokens (%d of them prompt), the pool holds %d", ErrTooLong, e.MaxLen, e.Prompt, e.Capacity)
+}
+
+// Is makes errors.Is(err, ErrTooLong) hold.
+func (e *TooLongError) Is(target error) bool { return target == ErrTooLong }
 
 // SchedulerConfig bounds one step and the queue.
 type SchedulerConfig struct {
@@ -91,22 +109,15 @@ func (s *Scheduler) Len() (running, waiting int) { return len(s.running), len(s.
 // Preemptions counts preemptions since the start.
 func (s *Scheduler) Preemptions() int64 { return s.preempt }
 
-// Fits reports whether a sequence of maxLen tokens fits the pool alone.
-func (s *Scheduler) Fits(maxLen int) error {
-	total := s.bm.NumFree() + s.bm.NumUsed()
-	if need := s.bm.BlocksFor(maxLen); need > total {
-		return fmt.Errorf("%w: %d tokens need %d KV blocks of %d, the pool has %d", ErrTooLong, maxLen, need, s.bm.BlockSize(), total)
-	}
-	return nil
-}
-
-// Add queues a sequence (Computed must be 0 and Tokens non-empty).
+// Add queues a sequence (Computed must be 0 and Tokens non-empty). A
+// sequence whose MaxLen cannot fit the pool alone is refused with a
+// *TooLongError.
 func (s *Scheduler) Add(q *Seq) error {
 	if len(q.Tokens) == 0 || q.NumPrompt <= 0 || q.MaxLen < len(q.Tokens) {
 		return fmt.Errorf("routing: bad sequence (tokens %d, prompt %d, max %d)", len(q.Tokens), q.NumPrompt, q.MaxLen)
 	}
-	if err := s.Fits(q.MaxLen); err != nil {
-		return err
+	if total := s.bm.NumFree() + s.bm.NumUsed(); s.bm.BlocksFor(q.MaxLen) > total {
+		return &TooLongError{Prompt: q.NumPrompt, MaxLen: q.MaxLen, Capacity: total * s.bm.BlockSize()}
 	}
 	if len(s.waiting) >= s.cfg.MaxWaiting {
 		return fmt.Errorf("%w: %d requests waiting", ErrQueueFull, len(s.waiting))

@@ -85,7 +85,9 @@ func TestSchedulerPreemptsNewestAndRecomputes(t *testing.T) {
 
 func TestSchedulerRefusesWhatCannotFit(t *testing.T) {
 	s := NewScheduler(SchedulerConfig{MaxBatchTokens: 8, MaxRunning: 1, MaxWaiting: 1}, kvcache.NewBlockManager(2, 4))
-	if err := s.Add(seq(1, 4, 9)); !errors.Is(err, ErrTooLong) {
+	err := s.Add(seq(1, 4, 9))
+	var tl *TooLongError
+	if !errors.Is(err, ErrTooLong) || !errors.As(err, &tl) || *tl != (TooLongError{Prompt: 4, MaxLen: 9, Capacity: 8}) {
 		t.Fatalf("9 tokens in 8 slots: %v", err)
 	}
 	if err := s.Add(seq(2, 4, 8)); err != nil {

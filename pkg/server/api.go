@@ -162,12 +162,12 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 	room := ctxLen - len(ids)
 	r := &routing.Request{ID: req.RequestId, Prompt: ids, Sampling: p, MaxTokens: min(room, DefaultMaxTokens), Logprobs: -1,
 		PromptLogprobs: req.PromptLogprobs}
-	capTok := c.router.Capacity() // 0 without a replica: Submit says so
-	if capTok > 0 {
-		if len(ids) >= capTok {
-			return nil, invalid("prompt", "%d tokens do not fit the KV cache of %d tokens", len(ids), capTok)
-		}
-		r.MaxTokens = min(r.MaxTokens, capTok-len(ids)) // the default; an explicit one is checked below
+	// The default max_tokens fits every replica's KV cache (Capacity is 0
+	// without a replica). Whether the request fits the KV cache is checked
+	// once, by the scheduler when Submit queues it (submitError names the
+	// field).
+	if capTok := c.router.Capacity(); capTok > len(ids) {
+		r.MaxTokens = min(r.MaxTokens, capTok-len(ids))
 	}
 	if req.MaxTokens != nil {
 		n := int(*req.MaxTokens)
@@ -216,9 +216,6 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 		}
 		r.Logprobs = n
 	}
-	if capTok > 0 && len(ids)+r.MaxTokens > capTok {
-		return nil, invalid("max_tokens", "%d + %d prompt tokens do not fit the KV cache of %d tokens (ask for fewer tokens)", r.MaxTokens, len(ids), capTok)
-	}
 	if r.ID == "" {
 		r.ID = fmt.Sprintf("req-%d-%d", time.Now().UnixNano(), requestIDs.Add(1))
 	}
@@ -243,13 +240,16 @@ func (c *Coordinator) eosIDs() []int32 {
 }
 
 func submitError(err error) error {
+	var long *routing.TooLongError
 	switch {
+	case errors.As(err, &long) && long.Prompt >= long.Capacity:
+		return invalid("prompt", "%d tokens do not fit the KV cache of %d tokens", long.Prompt, long.Capacity)
+	case errors.As(err, &long):
+		return invalid("max_tokens", "%d + %d prompt tokens do not fit the KV cache of %d tokens (ask for fewer tokens)", long.MaxLen-long.Prompt, long.Prompt, long.Capacity)
 	case errors.Is(err, routing.ErrQueueFull):
 		return status.Error(codes.ResourceExhausted, err.Error())
 	case errors.Is(err, routing.ErrDuplicate):
 		return status.Errorf(codes.AlreadyExists, "request_id: %v", err)
-	case errors.Is(err, routing.ErrTooLong):
-		return status.Errorf(codes.InvalidArgument, "max_tokens: %v", err)
 	case errors.Is(err, routing.ErrNoReplica), errors.Is(err, routing.ErrClosed):
 		return status.Error(codes.Unavailable, err.Error())
 	}

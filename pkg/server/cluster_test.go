@@ -518,10 +518,15 @@ func TestDisconnectFreesBlocksAndPreemption(t *testing.T) {
 		t.Fatalf("blocks leaked: %v", s)
 	}
 	t.Logf("%d preemptions", s.Preemptions)
-	// A request longer than the whole pool is refused up front.
+	// A request longer than the whole pool is refused up front, naming
+	// max_tokens, or the prompt when the prompt alone does not fit.
 	_, err = generate(context.Background(), c.client, idsReq([]int32{1, 2}, 50))
-	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "max_tokens") {
+	if status.Code(err) != codes.InvalidArgument || !strings.HasPrefix(status.Convert(err).Message(), "max_tokens: 50 + 2 prompt tokens") {
 		t.Fatalf("request beyond the pool: %v", err)
+	}
+	_, err = generate(context.Background(), c.client, idsReq(make([]int32, 40), 1))
+	if status.Code(err) != codes.InvalidArgument || !strings.HasPrefix(status.Convert(err).Message(), "prompt: 40 tokens") {
+		t.Fatalf("prompt beyond the pool: %v", err)
 	}
 }
 
