@@ -316,7 +316,11 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 }
 
 // genState turns engine events into chunks: detokenizes, matches stop
-// strings (holding back text that could start one), counts usage.
+// strings (holding back text that could start one), counts usage. Stops on
+// a token are the engine's alone (request puts stop_token_ids and, unless
+// ignore_eos, eosIDs in routing.Request.StopIDs; the engine suppresses them
+// before min_tokens and ends the sequence on one); genState decides only
+// stop strings, which need the detokenized text.
 type genState struct {
 	c        *Coordinator
 	r        *routing.Request
