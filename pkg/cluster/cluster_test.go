@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"testing"
@@ -183,7 +184,7 @@ func TestWorkerLeaseExpires(t *testing.T) {
 	t.Logf("worker key expired %s after its keep-alive stopped", time.Since(start).Round(10*time.Millisecond))
 }
 
-func TestPlacementVersionsAndWatch(t *testing.T) {
+func TestPlacementVersions(t *testing.T) {
 	e := startEtcd(t)
 	s := connect(t, e)
 	ctx := testCtx(t, 15*time.Second)
@@ -191,22 +192,6 @@ func TestPlacementVersionsAndWatch(t *testing.T) {
 	if _, _, err := s.GetPlacement(ctx); !errors.Is(err, ErrNoPlacement) {
 		t.Fatalf("GetPlacement on empty store: err = %v, want ErrNoPlacement", err)
 	}
-	watch := s.WatchPlacement(ctx)
-	next := func(wantValue string, wantVersion int64) {
-		t.Helper()
-		select {
-		case u, ok := <-watch:
-			if !ok {
-				t.Fatal("watch closed")
-			}
-			if string(u.Value) != wantValue || u.Version != wantVersion {
-				t.Fatalf("watch sent %q v%d, want %q v%d", u.Value, u.Version, wantValue, wantVersion)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("no placement update (want v%d)", wantVersion)
-		}
-	}
-
 	lead, err := s.Campaign(ctx, "me", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -215,47 +200,16 @@ func TestPlacementVersionsAndWatch(t *testing.T) {
 	if _, err := s.PutPlacement(ctx, []byte(`{"gen":0}`), Fence{}); !errors.Is(err, ErrFenced) {
 		t.Fatalf("PutPlacement with no fence: err = %v, want ErrFenced", err)
 	}
-	v, err := s.PutPlacement(ctx, []byte(`{"gen":1}`), lead.Fence())
-	if err != nil || v != 1 {
-		t.Fatalf("first PutPlacement = %d, %v; want 1", v, err)
-	}
-	v, err = s.PutPlacement(ctx, []byte(`{"gen":2}`), lead.Fence())
-	if err != nil || v != 2 {
-		t.Fatalf("second PutPlacement = %d, %v; want 2", v, err)
-	}
-	next(`{"gen":1}`, 1)
-	next(`{"gen":2}`, 2)
-
-	val, ver, err := s.GetPlacement(ctx)
-	if err != nil || ver != 2 || string(val) != `{"gen":2}` {
-		t.Fatalf("GetPlacement = %q v%d, %v", val, ver, err)
-	}
-
-	v, err = s.PutPlacement(ctx, []byte(`{"gen":3}`), lead.Fence())
-	if err != nil || v != 3 {
-		t.Fatalf("third PutPlacement = %d, %v; want 3", v, err)
-	}
-	next(`{"gen":3}`, 3)
-
-	// A fresh watcher gets the current value first.
-	ctx2, cancel2 := context.WithCancel(ctx)
-	w2 := s.WatchPlacement(ctx2)
-	select {
-	case u := <-w2:
-		if u.Version != 3 || string(u.Value) != `{"gen":3}` {
-			t.Fatalf("new watcher first update = %q v%d", u.Value, u.Version)
+	for i := int64(1); i <= 3; i++ {
+		val := fmt.Sprintf(`{"gen":%d}`, i)
+		v, err := s.PutPlacement(ctx, []byte(val), lead.Fence())
+		if err != nil || v != i {
+			t.Fatalf("PutPlacement %d = %d, %v; want version %d", i, v, err, i)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("new watcher got nothing")
-	}
-	cancel2()
-	select {
-	case _, ok := <-w2:
-		for ok {
-			_, ok = <-w2
+		got, ver, err := s.GetPlacement(ctx)
+		if err != nil || ver != i || string(got) != val {
+			t.Fatalf("GetPlacement = %q v%d, %v; want %s v%d", got, ver, err, val, i)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("watch channel not closed after ctx cancel")
 	}
 }
 

@@ -77,9 +77,6 @@ type Fence struct {
 // Fence is this leadership's fence (see Store.PutPlacement).
 func (l *Leadership) Fence() Fence { return Fence{Key: l.election.Key(), Rev: l.election.Rev()} }
 
-// Value returns the value this candidate campaigned with.
-func (l *Leadership) Value() string { return l.value }
-
 // Lost returns a channel closed when the session ends (lease expired, etcd
 // unreachable for longer than the TTL, Store closed, or Resign called).
 func (l *Leadership) Lost() <-chan struct{} { return l.session.Done() }

@@ -5,20 +5,11 @@ import (
 	"errors"
 	"fmt"
 
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // ErrNoPlacement is returned by GetPlacement when no placement is stored.
 var ErrNoPlacement = errors.New("cluster: no placement stored")
-
-// PlacementUpdate is one placement value seen by WatchPlacement. Version is
-// the etcd key version (1, 2, 3, ...); a deletion is reported with Version 0
-// and a nil Value.
-type PlacementUpdate struct {
-	Value   []byte
-	Version int64
-}
 
 // ErrFenced is returned by PutPlacement when the writer no longer holds
 // the leadership its fence names: another coordinator leads (or nobody),
@@ -67,62 +58,4 @@ func (s *Store) GetPlacement(ctx context.Context) (value []byte, version int64, 
 		return nil, 0, ErrNoPlacement
 	}
 	return resp.Kvs[0].Value, resp.Kvs[0].Version, nil
-}
-
-// DeletePlacement removes the stored placement (a later PutPlacement starts
-// again at version 1).
-func (s *Store) DeletePlacement(ctx context.Context) error {
-	if _, err := s.client.Delete(ctx, s.placementKey()); err != nil {
-		return fmt.Errorf("cluster: delete placement: %w", err)
-	}
-	return nil
-}
-
-// WatchPlacement sends the current placement first (if any) and then every
-// change, until ctx ends; the channel is then closed. A broken watch is
-// re-established, and the current value re-sent if it changed meanwhile.
-func (s *Store) WatchPlacement(ctx context.Context) <-chan PlacementUpdate {
-	out := make(chan PlacementUpdate, 16)
-	go func() {
-		defer close(out)
-		var lastMod int64 = -1 // ModRevision of the last value sent; 0 = absent
-		send := func(u PlacementUpdate, mod int64) bool {
-			if mod == lastMod {
-				return true
-			}
-			lastMod = mod
-			select {
-			case out <- u:
-				return true
-			case <-ctx.Done():
-				return false
-			}
-		}
-		first := true
-		s.watch(ctx, s.placementKey(), false, func(resp *clientv3.GetResponse) bool {
-			defer func() { first = false }()
-			switch {
-			case len(resp.Kvs) > 0:
-				kv := resp.Kvs[0]
-				return send(PlacementUpdate{Value: kv.Value, Version: kv.Version}, kv.ModRevision)
-			case first: // absent from the start: nothing to say
-				lastMod = 0
-				return true
-			default:
-				return send(PlacementUpdate{}, 0)
-			}
-		}, func(evs []*clientv3.Event) bool {
-			for _, ev := range evs {
-				u, mod := PlacementUpdate{}, int64(0)
-				if ev.Type == mvccpb.PUT {
-					u, mod = PlacementUpdate{Value: ev.Kv.Value, Version: ev.Kv.Version}, ev.Kv.ModRevision
-				}
-				if !send(u, mod) {
-					return false
-				}
-			}
-			return true
-		})
-	}()
-	return out
 }
