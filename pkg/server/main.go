@@ -81,7 +81,7 @@ func WorkerMain(args []string) int {
 	kernels := fs.String("kernels", "", "CPU kernel set: generic, avx2, avx512 (default: best)")
 	device := fs.String("device", "cpu", "compute device: cpu, or cuda:N (a binary built with -tags cuda; no CUDA driver: refuses to start)")
 	kv := fs.String("kv-cache", "512MiB", "KV pool size when the coordinator names none")
-	mem := fs.String("memory", "0", "memory reported in etcd for placement (0: the machine's RAM)")
+	mem := fs.String("memory", "0", "memory reported in etcd for placement (0: the machine's RAM on Linux, unknown elsewhere)")
 	gossipFast := fs.Bool("gossip-fast", true, "sub-second gossip failure detection (loopback/LAN)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "text", "log lines as text or json")

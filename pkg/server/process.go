@@ -12,7 +12,6 @@ import (
 	"runtime/pprof"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -89,11 +88,8 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	if o.MemoryBytes == 0 && kind == "cuda" {
 		o.MemoryBytes = devMem
 	}
-	if o.MemoryBytes == 0 { // report the machine's memory
-		var si syscall.Sysinfo_t
-		if syscall.Sysinfo(&si) == nil {
-			o.MemoryBytes = int64(si.Totalram) * int64(si.Unit)
-		}
+	if o.MemoryBytes == 0 { // report the machine's memory (0: unknown, off Linux)
+		o.MemoryBytes = machineMemory()
 	}
 	if o.CPUProfile != "" {
 		pf, err := os.Create(o.CPUProfile)
