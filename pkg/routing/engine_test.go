@@ -59,21 +59,33 @@ func greedy(id string, prompt []int32, n int) *routing.Request {
 		Sampling: sampling.Params{TopP: 1, RepetitionPenalty: 1}}
 }
 
-func collect(t *testing.T, s *routing.Stream) ([]int32, routing.Event) {
-	t.Helper()
+// receive reads s to its end (60 s at most) and returns the ids and the
+// last event. Safe to call from any goroutine.
+func receive(s *routing.Stream) ([]int32, routing.Event, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	var ids []int32
 	for {
 		ev, err := s.Recv(ctx)
 		if err != nil {
-			t.Fatalf("recv: %v", err)
+			return ids, ev, fmt.Errorf("recv: %w", err)
 		}
 		ids = append(ids, ev.Tokens...)
 		if ev.Done {
-			return ids, ev
+			return ids, ev, nil
 		}
 	}
+}
+
+// collect is receive for the test's goroutine: it fails the test on an
+// error (t.Fatal must not be called from other goroutines).
+func collect(t *testing.T, s *routing.Stream) ([]int32, routing.Event) {
+	t.Helper()
+	ids, ev, err := receive(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids, ev
 }
 
 func prompts(n int) [][]int32 {
@@ -100,7 +112,11 @@ func run(t *testing.T, e *routing.Engine, ps [][]int32, lens func(int) int) [][]
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ids, ev := collect(t, s)
+			ids, ev, err := receive(s)
+			if err != nil {
+				t.Errorf("request %d: %v", i, err)
+				return
+			}
 			if ev.Finish != "length" || len(ids) != lens(i) {
 				t.Errorf("request %d: %s after %d tokens", i, ev.Finish, len(ids))
 			}
@@ -108,6 +124,9 @@ func run(t *testing.T, e *routing.Engine, ps [][]int32, lens func(int) int) [][]
 		}()
 	}
 	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
 	return out
 }
 
