@@ -8,6 +8,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 func startEtcd(t *testing.T) *EmbeddedEtcd {
@@ -164,10 +166,23 @@ func TestWorkerLeaseExpires(t *testing.T) {
 	if err != nil {
 		t.Fatalf("RegisterWorker: %v", err)
 	}
-	// Survives well past its TTL while kept alive.
-	time.Sleep(2500 * time.Millisecond)
-	if ws, err := s.ListWorkers(ctx); err != nil || len(ws) != 1 {
-		t.Fatalf("kept-alive worker missing: %v %+v", err, ws)
+	registered := time.Now() // the lease was granted before
+	// Survives past its TTL while kept alive: the key stays until the lease
+	// has lived longer than the TTL etcd granted (which etcd may have
+	// raised to its minimum), and the lease is still live then.
+	lease, err := s.client.TimeToLive(ctx, r.lease)
+	if err != nil || lease.GrantedTTL <= 0 {
+		t.Fatalf("TimeToLive: %v %+v", err, lease)
+	}
+	ttl := time.Duration(lease.GrantedTTL) * time.Second
+	waitFor(t, ttl+5*time.Second, fmt.Sprintf("the kept-alive worker to outlive its %v lease", ttl), func() bool {
+		if ws, err := s.ListWorkers(ctx); err != nil || len(ws) != 1 {
+			t.Fatalf("kept-alive worker missing %v after it registered: %v %+v", time.Since(registered), err, ws)
+		}
+		return time.Since(registered) > ttl+500*time.Millisecond
+	})
+	if lease, err := s.client.TimeToLive(ctx, r.lease); err != nil || lease.TTL <= 0 {
+		t.Fatalf("lease after %v: %v %+v", time.Since(registered), err, lease)
 	}
 	// Simulate the worker dying: its connection goes away without a revoke.
 	start := time.Now()
@@ -265,6 +280,24 @@ func TestDeposedLeaderWriteFenced(t *testing.T) {
 	}
 }
 
+// waitCandidates waits until the election's queue holds the candidates
+// want, in order (the leader first).
+func waitCandidates(t *testing.T, ctx context.Context, s *Store, want ...string) {
+	t.Helper()
+	waitFor(t, 5*time.Second, fmt.Sprintf("candidates %q", want), func() bool {
+		resp, err := s.client.Get(ctx, s.electionPrefix()+"/", clientv3.WithPrefix(),
+			clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
+		if err != nil {
+			t.Fatalf("listing the candidates: %v", err)
+		}
+		var got []string
+		for _, kv := range resp.Kvs {
+			got = append(got, string(kv.Value))
+		}
+		return slices.Equal(got, want)
+	})
+}
+
 func TestLeaderElectionFailover(t *testing.T) {
 	e := startEtcd(t)
 	observer := connect(t, e)
@@ -292,10 +325,16 @@ func TestLeaderElectionFailover(t *testing.T) {
 		l, err := s2.Campaign(ctx, "coord-2:8080", 2*time.Second)
 		second <- result{l, err}
 	}()
+	// Once its key is queued behind the leader's, the second candidate
+	// must wait.
+	waitCandidates(t, ctx, observer, "coord-1:8080", "coord-2:8080")
 	select {
 	case r := <-second:
 		t.Fatalf("second candidate did not block: %+v", r)
-	case <-time.After(700 * time.Millisecond):
+	default:
+	}
+	if got, err := observer.Leader(ctx); err != nil || got != "coord-1:8080" {
+		t.Fatalf("Leader with a second candidate queued = %q, %v", got, err)
 	}
 
 	// The leader dies: its connection goes away without resigning.
@@ -327,7 +366,7 @@ func TestLeaderElectionFailover(t *testing.T) {
 		l, err := observer.Campaign(ctx, "coord-3:8080", 2*time.Second)
 		third <- result{l, err}
 	}()
-	time.Sleep(200 * time.Millisecond)
+	waitCandidates(t, ctx, observer, "coord-2:8080", "coord-3:8080") // it is queued
 	start = time.Now()
 	if err := l2.Resign(ctx); err != nil {
 		t.Fatalf("Resign: %v", err)

@@ -326,17 +326,20 @@ func TestRouterMovesRequests(t *testing.T) {
 	}
 }
 
-// overlapExec wraps an executor: each step is delayed so that steps
-// overlap, and it checks that no sequence is in two steps at once and that
-// step ids are issued in order.
+// overlapExec wraps an executor: the first step is held until a second
+// one is in flight, so that steps overlap, and it checks that no sequence
+// is in two steps at once and that step ids are issued in order.
 type overlapExec struct {
-	x       routing.Executor
-	mu      sync.Mutex
-	busy    map[uint64]bool
-	ids     map[uint64]bool
-	maxOut  int
-	out     int
-	problem error
+	x         routing.Executor
+	mu        sync.Mutex
+	busy      map[uint64]bool
+	ids       map[uint64]bool
+	maxOut    int
+	out       int
+	problem   error
+	first     bool          // the first step has been issued
+	overlap   chan struct{} // closed when two steps are in flight
+	overlapOK sync.Once
 }
 
 func (o *overlapExec) Step(ctx context.Context, b *steps.Batch) (*steps.Result, error) {
@@ -353,8 +356,24 @@ func (o *overlapExec) Step(ctx context.Context, b *steps.Batch) (*steps.Result, 
 	o.ids[b.ID] = true
 	o.out++
 	o.maxOut = max(o.maxOut, o.out)
+	hold := !o.first
+	o.first = true
+	if o.out >= 2 {
+		o.overlapOK.Do(func() { close(o.overlap) })
+	}
 	o.mu.Unlock()
-	time.Sleep(2 * time.Millisecond)
+	if hold {
+		select {
+		case <-o.overlap:
+		case <-ctx.Done():
+		case <-time.After(30 * time.Second):
+			o.mu.Lock()
+			if o.problem == nil {
+				o.problem = fmt.Errorf("no second step was issued while step %d was in flight", b.ID)
+			}
+			o.mu.Unlock()
+		}
+	}
 	res, err := o.x.Step(ctx, b)
 	o.mu.Lock()
 	for _, s := range b.Seqs {
@@ -387,7 +406,7 @@ func TestEngineDepth(t *testing.T) {
 	for i, p := range ps {
 		want[i], _ = m.Greedy(p, 12, nil)
 	}
-	ox := &overlapExec{x: wholeModel{x}, busy: map[uint64]bool{}, ids: map[uint64]bool{}}
+	ox := &overlapExec{x: wholeModel{x}, busy: map[uint64]bool{}, ids: map[uint64]bool{}, overlap: make(chan struct{})}
 	e := routing.NewEngine(ox, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 16, MaxWaiting: 64}, 256, 16)
 	e.SetDepth(2)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -59,6 +59,24 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// waitFor polls cond every 50ms until it returns nil, and fails the test
+// after d with what it waited for and cond's last error (what is still
+// missing).
+func waitFor(t testing.TB, d time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s: %v", d, what, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func repoRoot() string {
 	_, f, _, _ := runtime.Caller(0)
 	return filepath.Join(filepath.Dir(f), "..", "..")
@@ -532,17 +550,12 @@ func TestDisconnectFreesBlocksAndPreemption(t *testing.T) {
 
 func waitFreed(t *testing.T, client pb.GeneratorClient) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		s := schedulerStats(t, client)
-		if s.KvBlocksFree == s.KvBlocksTotal && s.Running == 0 && s.Waiting == 0 {
-			return
+	waitFor(t, 5*time.Second, "every KV block free and no request left", func() error {
+		if s := schedulerStats(t, client); s.KvBlocksFree != s.KvBlocksTotal || s.Running != 0 || s.Waiting != 0 {
+			return fmt.Errorf("scheduler %v", s)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("blocks not freed: %v", s)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 // TestBadRequests: every bad field is INVALID_ARGUMENT naming it; an
@@ -609,9 +622,12 @@ func TestBadRequests(t *testing.T) {
 	if _, err := c.client.Generate(ctx, idsReq([]int32{1, 2, 3}, 30000)); err != nil {
 		t.Fatal(err)
 	}
-	for s := schedulerStats(t, c.client); s.Waiting != 1; s = schedulerStats(t, c.client) {
-		time.Sleep(10 * time.Millisecond) // the second one queues
-	}
+	waitFor(t, 10*time.Second, "the second request to queue", func() error {
+		if s := schedulerStats(t, c.client); s.Waiting != 1 {
+			return fmt.Errorf("scheduler %v", s)
+		}
+		return nil
+	})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		qctx, qcancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -652,20 +668,15 @@ func TestLeaderFailover(t *testing.T) {
 	waitReady(t, ca, a, 60*time.Second)
 	b, cb := coord()
 	// b answers as a standby.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		info, err := cb.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})
-		if err == nil {
-			if info.Leader || info.Ready {
-				t.Fatalf("second coordinator leads: %v", info)
-			}
-			break
+	waitFor(t, 30*time.Second, "the second coordinator to answer", func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		info, err := cb.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+		if err == nil && (info.Leader || info.Ready) {
+			t.Fatalf("second coordinator leads: %v", info)
 		}
-		if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return err
+	})
 	if _, err := generate(context.Background(), cb, idsReq(ref.PromptIDs, 2)); status.Code(err) != codes.Unavailable {
 		t.Fatalf("standby Generate: %v", err)
 	}
@@ -760,13 +771,12 @@ func TestDemoClusterTextChatHealth(t *testing.T) {
 // the killed worker is restarted and becomes a replica again.
 func TestWorkerDeathLosesNoRequest(t *testing.T) {
 	c := startCluster(t, refDir("dense-tied-bf16"), "--local-workers", "2", "--worker-threads", "1")
-	deadline := time.Now().Add(60 * time.Second)
-	for len(readyWorkers(t, c.client)) < 2 {
-		if time.Now().After(deadline) {
-			t.Fatal("second replica never ready")
+	waitFor(t, 60*time.Second, "two ready workers", func() error {
+		if ws := readyWorkers(t, c.client); len(ws) < 2 {
+			return fmt.Errorf("ready: %v", ws)
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
 	ps := testPrompts(8, 512)
 	alone := make([][]int32, len(ps))
 	for i, p := range ps {
@@ -788,17 +798,7 @@ func TestWorkerDeathLosesNoRequest(t *testing.T) {
 		}
 	}
 	// The supervisor restarts the worker; it becomes a replica again.
-	deadline = time.Now().Add(60 * time.Second)
-	for {
-		ws := readyWorkers(t, c.client)
-		if len(ws) == 2 && ws[0].Pid != victim.Pid && ws[1].Pid != victim.Pid {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("killed worker not back: %v", ws)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	waitFormedAgain(t, c, 2, victim.Pid)
 }
 
 // generateAround streams a greedy request of n tokens for each prompt,

@@ -150,15 +150,11 @@ func TestParallelWorkerDeath(t *testing.T) {
 // process pid (a killed worker's replacement has another).
 func waitFormedAgain(t *testing.T, c *clusterT, n int, pid int32) {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	waitFor(t, 60*time.Second, fmt.Sprintf("%d ready workers again, none of them the killed %d", n, pid), func() error {
 		ws := readyWorkers(t, c.client)
-		if len(ws) == n && !slices.ContainsFunc(ws, func(w *pb.WorkerStatus) bool { return w.Pid == pid }) {
-			return
+		if len(ws) != n || slices.ContainsFunc(ws, func(w *pb.WorkerStatus) bool { return w.Pid == pid }) {
+			return fmt.Errorf("ready: %v", ws)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica not formed again: %v", ws)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 }

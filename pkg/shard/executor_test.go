@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -142,6 +143,30 @@ type commLink struct{ model.Comm }
 func (commLink) RecvHidden() ([]float32, error) { return nil, errors.New("no previous stage") }
 func (commLink) SendHidden([]float32) error     { return errors.New("no next stage") }
 
+// arrivalCtx calls arrived when a step starts to wait on it (Done): the
+// step is waiting for its turn.
+type arrivalCtx struct {
+	context.Context
+	arrived func()
+}
+
+func (c arrivalCtx) Done() <-chan struct{} {
+	c.arrived()
+	return c.Context.Done()
+}
+
+// arrivalLink calls arrived when a step reaches its first all-reduce: it
+// is running.
+type arrivalLink struct {
+	commLink
+	arrived func()
+}
+
+func (l arrivalLink) AllReduce(x []float32) error {
+	l.arrived()
+	return l.commLink.AllReduce(x)
+}
+
 // TestStepsRunInIDOrder: two tensor-parallel ranks receive numbered steps
 // in opposite orders; each runs them in id order, so their all-reduces
 // pair up and every step completes with the same answer on both. A step
@@ -184,11 +209,24 @@ func TestStepsRunInIDOrder(t *testing.T) {
 	orders := [][]uint64{{1, 2, 3}, {3, 2, 1}}
 	for r, order := range orders {
 		for _, id := range order {
+			// The next step is sent only once this one has arrived: it
+			// waits for its turn (watching its context) or runs (it reached
+			// its first all-reduce, where it waits for the other rank).
+			arrived := make(chan struct{})
+			var once sync.Once
+			signal := func() { once.Do(func() { close(arrived) }) }
+			ctx := arrivalCtx{context.Background(), signal}
 			go func() {
-				res, err := xs[r].Step(context.Background(), batch(id), commLink{comms[r]}, nil)
+				res, err := xs[r].Step(ctx, batch(id), arrivalLink{commLink{comms[r]}, signal}, nil)
 				results <- out{r, id, res, err}
 			}()
-			time.Sleep(20 * time.Millisecond) // arrive in this order
+			select {
+			case <-arrived:
+			case o := <-results:
+				t.Fatalf("rank %d step %d returned before the other steps were sent: %v", o.rank, o.id, o.err)
+			case <-time.After(60 * time.Second):
+				t.Fatalf("rank %d step %d neither waits for its turn nor runs", r, id)
+			}
 		}
 	}
 	got := map[uint64][]*steps.Result{}
