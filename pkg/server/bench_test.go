@@ -22,6 +22,7 @@ import (
 //
 //	go test ./pkg/server -run '^$' -bench ServingDecode -benchtime 1x
 func BenchmarkServingDecode(b *testing.B) {
+	needE2E(b)
 	dir := benchModel(b)
 	c := startCluster(b, dir)
 	const promptLen, newTokens = 16, 64
@@ -91,6 +92,7 @@ func BenchmarkServingDecode(b *testing.B) {
 //
 //	go test ./pkg/server -run '^$' -bench ParallelDecode -benchtime 1x
 func BenchmarkParallelDecode(b *testing.B) {
+	needE2E(b)
 	dir := benchModel(b)
 	cpus := runtime.NumCPU()
 	for _, l := range [][2]int{{1, 1}, {2, 1}, {1, 2}} {
@@ -173,6 +175,7 @@ func benchModel(b *testing.B) string {
 //
 //	go test ./pkg/server -run '^$' -bench ExpertParallelDecode -benchtime 1x
 func BenchmarkExpertParallelDecode(b *testing.B) {
+	needE2E(b)
 	dir, err := server.EnsurePresetModel(filepath.Join(os.TempDir(), "qwenfleet-bench", "tiny-moe"), "tiny-moe")
 	if err != nil {
 		b.Fatal(err)

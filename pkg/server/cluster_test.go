@@ -1,13 +1,24 @@
-package server_test
-
 // End-to-end tests: real coordinator and worker processes (the binaries of
 // cmd/coordinator and cmd/worker, built once by TestMain), real gRPC on
 // 127.0.0.1, embedded etcd (inside the coordinator, or inside the test for
 // the failover test).
+//
+// Every test or benchmark that starts a coordinator or worker process
+// calls needE2E first (start calls it too, for one that forgets): such
+// tests are skipped under -short and when QWENFLEET_SKIP_E2E is set to
+// anything but "", and TestMain then builds no binaries. So
+//
+//	go test -short ./pkg/server
+//	QWENFLEET_SKIP_E2E=1 go test ./pkg/server
+//
+// both run only the in-process tests (a few seconds), and a plain
+// go test runs everything.
+package server_test
 
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"math"
@@ -35,10 +46,33 @@ import (
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
+// binDir holds the binaries TestMain built ("" when e2eSkipped).
 var binDir string
 
+// e2eSkipped says why the tests that start processes are skipped, or ""
+// when they run (see the package comment).
+func e2eSkipped() string {
+	switch {
+	case testing.Short():
+		return "-short"
+	case os.Getenv("QWENFLEET_SKIP_E2E") != "":
+		return "QWENFLEET_SKIP_E2E is set"
+	}
+	return ""
+}
+
+// needE2E skips t, a test or benchmark that starts coordinator or worker
+// processes, under -short or QWENFLEET_SKIP_E2E.
+func needE2E(t testing.TB) {
+	t.Helper()
+	if why := e2eSkipped(); why != "" {
+		t.Skip("starts processes: skipped (" + why + ")")
+	}
+}
+
 func TestMain(m *testing.M) {
-	if os.Getenv("QWENFLEET_SKIP_E2E") != "" {
+	flag.Parse() // testing.Short needs the flags
+	if e2eSkipped() != "" {
 		os.Exit(m.Run())
 	}
 	dir, err := os.MkdirTemp("", "qwenfleet-e2e-bin")
@@ -104,6 +138,7 @@ type proc struct {
 
 func start(t testing.TB, bin string, args ...string) *proc {
 	t.Helper()
+	needE2E(t) // every test that gets here should have called it first
 	logf, err := os.CreateTemp(t.TempDir(), filepath.Base(bin)+"-*.log")
 	if err != nil {
 		t.Fatal(err)
@@ -293,6 +328,7 @@ func loadRef(t *testing.T, dir string) *reference {
 // TestGenerateMatchesReference: greedy ids and prompt logprobs of every
 // reference case through a real cluster.
 func TestGenerateMatchesReference(t *testing.T) {
+	needE2E(t)
 	dirs, _ := filepath.Glob(refDir("*"))
 	for _, dir := range dirs {
 		if _, err := os.Stat(filepath.Join(dir, "reference.json")); err != nil {
@@ -353,6 +389,7 @@ func testPrompts(n, vocab int) [][]int32 {
 // and output lengths each produce exactly what they produce alone, and
 // seeded sampling is reproducible (alone and under load).
 func TestConcurrentStreamsAndSeeds(t *testing.T) {
+	needE2E(t)
 	c := startCluster(t, refDir("dense-tied-bf16"))
 	ps := testPrompts(32, 512)
 	n := func(i int) int { return 4 + (i*13)%40 }
@@ -447,6 +484,7 @@ func schedulerStats(t testing.TB, client pb.GeneratorClient) *pb.SchedulerStats 
 // that calls Abort) frees its KV blocks at once; a pool too small for the
 // load preempts and still completes every request with the right tokens.
 func TestDisconnectFreesBlocksAndPreemption(t *testing.T) {
+	needE2E(t)
 	// 10 blocks of 4 tokens: 40 slots.
 	c := startCluster(t, refDir("dense-gqa-f32"), "--kv-blocks", "10", "--block-size", "4", "--max-batch-tokens", "32")
 	s := schedulerStats(t, c.client)
@@ -561,6 +599,7 @@ func waitFreed(t *testing.T, client pb.GeneratorClient) {
 // TestBadRequests: every bad field is INVALID_ARGUMENT naming it; an
 // unknown model NOT_FOUND; a full queue RESOURCE_EXHAUSTED, quickly.
 func TestBadRequests(t *testing.T) {
+	needE2E(t)
 	c := startCluster(t, refDir("dense-gqa-f32"), "--max-running", "1", "--max-waiting", "1")
 	ok := func() *pb.GenerateRequest { return idsReq([]int32{1, 2, 3}, 4) }
 	cases := []struct {
@@ -648,6 +687,7 @@ func TestBadRequests(t *testing.T) {
 // independent worker process; the standby refuses to serve until the
 // leader is killed, then takes over and serves the same tokens.
 func TestLeaderFailover(t *testing.T) {
+	needE2E(t)
 	e, err := cluster.StartEmbeddedEtcd(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -699,6 +739,7 @@ func TestLeaderFailover(t *testing.T) {
 // under --data-dir, one local worker), text and chat input, stop strings,
 // logprobs, Tokenize, model info, HealthCheck, grpc.health.v1.
 func TestDemoClusterTextChatHealth(t *testing.T) {
+	needE2E(t)
 	c := startCluster(t, "")
 	ctx := context.Background()
 	mi, err := c.client.GetModelInfo(ctx, &pb.GetModelInfoRequest{})
@@ -770,6 +811,7 @@ func TestDemoClusterTextChatHealth(t *testing.T) {
 // finish on the other replica with the tokens they would have produced;
 // the killed worker is restarted and becomes a replica again.
 func TestWorkerDeathLosesNoRequest(t *testing.T) {
+	needE2E(t)
 	c := startCluster(t, refDir("dense-tied-bf16"), "--local-workers", "2", "--worker-threads", "1")
 	waitFor(t, 60*time.Second, "two ready workers", func() error {
 		if ws := readyWorkers(t, c.client); len(ws) < 2 {
@@ -875,6 +917,7 @@ func readyWorkers(t testing.TB, client pb.GeneratorClient) []*pb.WorkerStatus {
 // TestQuantizedCluster: --quantize q8 reaches the workers through their
 // assignment; prompt logprobs stay near the bf16 ones.
 func TestQuantizedCluster(t *testing.T) {
+	needE2E(t)
 	dir := refDir("dense-gqa-f32")
 	ref := loadRef(t, dir)
 	c := startCluster(t, dir, "--quantize", "q8")

@@ -15,9 +15,7 @@ import (
 // -tags cuda build says "no CUDA driver"; both exit non-zero at once and
 // never serve on the CPU instead.
 func TestGPUWorkerWithoutGPU(t *testing.T) {
-	if binDir == "" {
-		t.Skip("QWENFLEET_SKIP_E2E")
-	}
+	needE2E(t)
 	if _, err := os.Stat("/dev/nvidia0"); err == nil {
 		t.Skip("this machine has a GPU")
 	}

@@ -17,6 +17,7 @@ import (
 // and checks the reference's greedy ids and prompt logprobs and
 // concurrent requests against one process.
 func TestExpertParallel(t *testing.T) {
+	needE2E(t)
 	for _, name := range []string{"moe-f32", "moe-64x8"} {
 		dir := refDir(name)
 		ref := loadRef(t, dir)
@@ -69,6 +70,7 @@ func expertLoad(t *testing.T, c *clusterT, rebalance bool) *pb.ExpertLoadRespons
 // checks that no output token changes and that the same workload then
 // falls more evenly on the ranks.
 func TestExpertRebalance(t *testing.T) {
+	needE2E(t)
 	dir := refDir("moe-64x8")
 	c := startCluster(t, dir, "--ep", "4", "--tp", "1", "--local-workers", "4", "--worker-threads", "1", "--redundant-experts", "1")
 	skewed := skewedPrompts(4, 120)
@@ -143,6 +145,7 @@ func TestExpertRebalance(t *testing.T) {
 // the second placement loaded before every worker ran a step on the
 // first): no output token changes and the replica stays up.
 func TestExpertRebalanceTwice(t *testing.T) {
+	needE2E(t)
 	dir := refDir("moe-f32")
 	c := startCluster(t, dir, "--ep", "2", "--tp", "1", "--pp", "2", "--local-workers", "4", "--worker-threads", "1", "--redundant-experts", "1")
 	ps := testPrompts(4, 512)
@@ -174,6 +177,7 @@ func TestExpertRebalanceTwice(t *testing.T) {
 // TestExpertBalancerInterval: with --eplb-interval the coordinator
 // re-places the experts of a replica that routed tokens, by itself.
 func TestExpertBalancerInterval(t *testing.T) {
+	needE2E(t)
 	const interval = 500 * time.Millisecond
 	c := startCluster(t, refDir("moe-64x8"), "--ep", "2", "--tp", "1", "--local-workers", "2", "--worker-threads", "1",
 		"--redundant-experts", "1", "--eplb-interval", interval.String())

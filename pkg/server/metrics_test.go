@@ -70,6 +70,7 @@ func sum(m map[string]float64, name string, labels ...string) float64 {
 // exactly what the requests did, the gauges describe the cluster, and each
 // worker counts the all-reduces of the steps it ran.
 func TestMetrics(t *testing.T) {
+	needE2E(t)
 	maddr := freeAddr(t)
 	c := startCluster(t, refDir("dense-gqa-f32"), "--tp", "2", "--local-workers", "2", "--worker-threads", "1", "--metrics-listen", maddr)
 	info, err := c.client.GetServerInfo(context.Background(), &pb.GetServerInfoRequest{})

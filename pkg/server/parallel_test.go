@@ -22,6 +22,7 @@ import (
 // lengths (several micro-batches in flight through the pipeline) giving
 // the tokens one process gives.
 func TestParallelLayouts(t *testing.T) {
+	needE2E(t)
 	dir := refDir("dense-gqa-f32") // 4 query heads, 2 KV heads, 3 layers
 	ref := loadRef(t, dir)
 	prompts, want := wholeGreedy(t, dir, 6, ref.vocab)
@@ -118,6 +119,7 @@ func checkServed(t *testing.T, c *clusterT, ref *reference, prompts, want [][]in
 // restarted, the replica is formed again and every request completes with
 // the tokens it produces undisturbed.
 func TestParallelWorkerDeath(t *testing.T) {
+	needE2E(t)
 	c := startCluster(t, refDir("dense-gqa-f32"), "--tp", "2", "--pp", "2", "--local-workers", "4", "--worker-threads", "1")
 	ps := testPrompts(4, 512)
 	alone := make([][]int32, len(ps))
