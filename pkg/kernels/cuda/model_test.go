@@ -16,6 +16,7 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cuda"
+	"github.com/qwenfleet/qwenfleet/pkg/kernels/kernelstest"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
 )
@@ -180,12 +181,32 @@ func BenchmarkDecode(b *testing.B) {
 	}
 }
 
+// emuSlowOps are the ops of the kernels conformance suite that
+// TestEmulatedDevice leaves out unless QWENFLEET_EMU_FULL is set: on the
+// emulator (a thread per CUDA thread) MatMul's 1848 shapes take about 8
+// minutes and Attention's long sequences about 20 on 2 cores, the other
+// ops under a second together. compareWithCPU runs both ops on the
+// emulated device at small shapes (GEMV and GEMM, bf16 and f32 weights;
+// paged GQA attention).
+const emuSlowOps = "MatMul|Attention"
+
 // TestEmulatedDevice runs the whole backend — allocation, copies, argument
 // packing, launch shapes and the kernels — with no GPU: emu/fake_driver.cc
 // implements the driver and NVRTC calls the backend makes on the CPU
 // emulator, built by g++ as a libcuda.so.1 that a child test process loads
-// through QWENFLEET_CUDA_LIBS. The child runs the kernels conformance suite
-// and reference cases through the model.
+// through QWENFLEET_CUDA_LIBS. The child checks every op against the CPU
+// backend at small shapes (compareWithCPU) and runs the kernels conformance
+// suite (pkg/kernels/kernelstest, subtest "conformance") without its
+// MatMul and Attention ops (emuSlowOps): a few seconds in all.
+//
+// With QWENFLEET_EMU_FULL=1 the child runs the whole conformance suite
+// and two reference cases through the model (moe-f32, dense-tied-bf16)
+// besides: about 30 minutes for the suite and 5 a case on 2 cores, so give
+// go test a -timeout of 60m or more (the child's own is 90m):
+//
+//	QWENFLEET_EMU_FULL=1 go test -timeout 90m -run '^TestEmulatedDevice$' ./pkg/kernels/cuda
+//
+// Skipped under -short and where there is no g++.
 func TestEmulatedDevice(t *testing.T) {
 	if os.Getenv("QWENFLEET_EMU_CHILD") != "" {
 		b, err := cuda.New(cuda.Config{})
@@ -199,6 +220,12 @@ func TestEmulatedDevice(t *testing.T) {
 		t0 := time.Now()
 		compareWithCPU(t, b)
 		t.Logf("ops against the CPU backend: %v", time.Since(t0))
+		t0 = time.Now()
+		t.Run("conformance", func(t *testing.T) { kernelstest.Run(t, b) }) // the parent's -test.skip leaves out emuSlowOps
+		t.Logf("conformance suite: %v", time.Since(t0))
+		if os.Getenv("QWENFLEET_EMU_FULL") == "" {
+			t.Logf("conformance suite without %s (QWENFLEET_EMU_FULL=1 runs them)", emuSlowOps)
+		}
 		if os.Getenv("QWENFLEET_EMU_FULL") != "" { // about 5 minutes a case on 2 cores
 			t0 = time.Now()
 			referenceCases(t, b, []string{"moe-f32", "dense-tied-bf16"})
@@ -222,7 +249,12 @@ func TestEmulatedDevice(t *testing.T) {
 	if err := os.Symlink(lib, filepath.Join(dir, "libnvrtc.so.13")); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(os.Args[0], "-test.run", "^TestEmulatedDevice$", "-test.v", "-test.timeout", "10m")
+	args := []string{"-test.run", "^TestEmulatedDevice$", "-test.v", "-test.timeout", "10m",
+		"-test.skip", "^TestEmulatedDevice$/^conformance$/^(" + emuSlowOps + ")$"}
+	if os.Getenv("QWENFLEET_EMU_FULL") != "" {
+		args = []string{"-test.run", "^TestEmulatedDevice$", "-test.v", "-test.timeout", "90m"}
+	}
+	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "QWENFLEET_EMU_CHILD=1", cuda.LibPathEnv+"="+dir)
 	out, err = cmd.CombinedOutput()
 	t.Logf("child:\n%s", lastLines(string(out), 40))
