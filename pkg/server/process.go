@@ -110,8 +110,19 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	if addr == "" {
 		addr = lis.Addr().String()
 	}
+	// The service reports its state changes from the start (before the
+	// server serves): into states, which a writer started once the worker
+	// is registered carries to etcd, and "ready" to the health service.
+	hs := health.NewServer()
+	states := newStateWriter()
 	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, Device: o.Device, KVCacheBytes: o.KVCacheBytes,
-		MemoryBytes: o.MemoryBytes, Logger: log})
+		MemoryBytes: o.MemoryBytes, Logger: log,
+		OnState: func(state, _ string) {
+			states.set(state)
+			if state == "ready" {
+				hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+			}
+		}})
 	defer svc.Close()
 	var metricsAddr string
 	if o.MetricsListen != "" {
@@ -126,7 +137,6 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	gs := grpc.NewServer(append(PeerServerOptions(), grpc.MaxRecvMsgSize(256<<20), grpc.MaxSendMsgSize(256<<20),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}))...)
 	workerv1.RegisterWorkerServer(gs, svc)
-	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
 	go gs.Serve(lis)
@@ -173,20 +183,18 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		return err
 	}
 	defer reg.Close()
-	var umu sync.Mutex
-	svc.opts.OnState = func(state, model string) {
-		go func() {
-			umu.Lock()
-			defer umu.Unlock()
-			info.State = state
-			uctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			reg.Update(uctx, info)
-		}()
-		if state == "ready" {
-			hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-		}
-	}
+	// One goroutine owns the registration's updates; it ends, and is
+	// waited for, before the registration is closed.
+	sctx, stopStates := context.WithCancel(ctx)
+	statesDone := make(chan struct{})
+	go func() {
+		defer close(statesDone)
+		states.run(sctx, reg, info, log)
+	}()
+	defer func() {
+		stopStates()
+		<-statesDone
+	}()
 	log.Info("worker registered", "id", o.ID, "addr", addr, "gossip", gossip.Addr())
 	select {
 	case <-ctx.Done():
