@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -155,15 +154,11 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	}
 	defer store.Close()
 	svc.setAssignments(func(ctx context.Context, version int64) (*workerv1.Assignment, error) {
-		raw, _, err := store.GetPlacement(ctx)
+		raw, ver, err := store.GetPlacement(ctx)
 		if err != nil {
 			return nil, err
 		}
-		var p Placement
-		if err := json.Unmarshal(raw, &p); err != nil {
-			return nil, fmt.Errorf("placement: %w", err)
-		}
-		return p.Assignment(o.ID, version)
+		return assignmentOf(raw, ver, o.ID, version)
 	})
 	gbind := o.GossipBind
 	if gbind == "" {
