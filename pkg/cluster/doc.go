@@ -15,8 +15,12 @@
 //
 //	<prefix>workers/<id>      JSON WorkerInfo, attached to the worker's lease;
 //	                          removed on Registration.Close or lease expiry.
-//	<prefix>placement         opaque JSON placement document; its etcd key
-//	                          Version (1, 2, 3, ...) is the placement version.
+//	<prefix>placement         the placement document (pkg/cluster/schema); its
+//	                          etcd key Version (1, 2, 3, ...) is the placement
+//	                          version. Written only by PutPlacement, in a
+//	                          transaction conditioned on the writer's election
+//	                          key (Leadership.Fence): a deposed leader's write
+//	                          fails with ErrFenced.
 //	<prefix>leader/<lease>    election keys (go.etcd.io/etcd/client/v3/concurrency);
 //	                          the oldest key's value is the current leader.
 package cluster

@@ -1,11 +1,21 @@
-// Package server holds the gRPC services of the cluster, thin adapters
-// around the pure packages: the coordinator's public Generator service
-// (proto/qwenfleet/v1) over routing's Router, and the worker's internal
-// Worker service (proto/worker/v1) over shard's Executor. It also holds the
-// processes' lifecycles: a worker registering in etcd and joining gossip, a
-// coordinator campaigning for leadership, watching workers, planning the
-// free ones into replicas (pkg/placement), writing the placement to etcd,
-// having each worker load its assignment from it and warming them up.
+// Package server holds the adapters around the pure packages:
+//
+//   - the coordinator's control loop (coordinator.go, experts.go): it feeds
+//     pkg/control's state machine the etcd worker watch, gossip, ticks,
+//     requests and the results of what it asked for, and carries out the
+//     actions it returns (dial and close a replica's workers, write the
+//     placement fenced on the election key, load, warm up, serve, drop,
+//     check health, move experts). It decides nothing itself: which workers
+//     form which replica, when to drop, what to write are the machine's;
+//   - the coordinator's client of one replica's workers (replica_client.go);
+//   - the gRPC services, proto ↔ domain and status codes: the public
+//     Generator (proto/qwenfleet/v1, api.go) over routing's Router, and the
+//     internal Worker service (proto/worker/v1, worker.go) over shard's
+//     Executor;
+//   - the processes' lifecycles (process.go): a worker registering in etcd
+//     (its state written by one writer, statewriter.go) and joining gossip; a
+//     coordinator with embedded or external etcd and its local workers
+//     (pkg/supervise).
 //
 // Workers of a split replica talk to each other directly (the Exchange
 // RPC: tensor-parallel all-reduces, hidden states from stage to stage, and
