@@ -81,9 +81,6 @@ func (s *Store) Close() error {
 	return s.closeErr
 }
 
-// Client returns the underlying etcd client.
-func (s *Store) Client() *clientv3.Client { return s.client }
-
 func (s *Store) workersPrefix() string      { return s.prefix + "workers/" }
 func (s *Store) workerKey(id string) string { return s.workersPrefix() + id }
 func (s *Store) placementKey() string       { return s.prefix + "placement" }
