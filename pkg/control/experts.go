@@ -86,23 +86,18 @@ func (m *Machine) balanceExperts() {
 	}
 }
 
-// queueOp runs operations on a replica one at a time.
+// queueOp runs operations on a replica one at a time: the first in the
+// queue is the one in progress.
 func (m *Machine) queueOp(r *replica, op *expertOp) {
 	r.expOps = append(r.expOps, op)
-	m.nextOp(r)
-}
-
-func (m *Machine) nextOp(r *replica) {
-	if r.expBusy || len(r.expOps) == 0 {
-		return
+	if len(r.expOps) == 1 {
+		m.emit(GatherExperts{Gen: r.gen})
 	}
-	r.expBusy = true
-	m.emit(GatherExperts{Gen: r.gen})
 }
 
 func (m *Machine) currentOp(gen int64) (*replica, *expertOp) {
 	r := m.replicas[gen]
-	if r == nil || !r.expBusy || len(r.expOps) == 0 {
+	if r == nil || len(r.expOps) == 0 {
 		return nil, nil
 	}
 	return r, r.expOps[0]
@@ -197,9 +192,10 @@ func (m *Machine) onExpertsLoaded(e ExpertsLoaded) {
 func (m *Machine) endOp(r *replica, rep *ExpertReplica, err string) {
 	op := r.expOps[0]
 	r.expOps = r.expOps[1:]
-	r.expBusy = false
 	m.finishOp(r, op, rep, err)
-	m.nextOp(r)
+	if len(r.expOps) > 0 {
+		m.emit(GatherExperts{Gen: r.gen})
+	}
 }
 
 // finishOp files an operation's outcome with its request, and answers the

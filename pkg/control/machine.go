@@ -87,8 +87,7 @@ type replica struct {
 	table      *expertparallel.Table
 	expVersion int64
 	base       [][]int64
-	expOps     []*expertOp // [0] is in progress when expBusy
-	expBusy    bool
+	expOps     []*expertOp // [0] is in progress
 }
 
 func (r *replica) workers() []string {
@@ -209,7 +208,7 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.onDrain(e)
 	case ReplicaIdle:
 		if r := m.replicas[e.Gen]; r != nil && r.state == Draining {
-			m.release(r, "drained")
+			m.drop(r, "drained")
 			m.reconcile()
 		}
 	case RebalanceRequested:
@@ -333,9 +332,6 @@ func (m *Machine) drop(r *replica, why string) {
 	}
 	m.dirty = true
 }
-
-// release drops a draining replica.
-func (m *Machine) release(r *replica, why string) { m.drop(r, why) }
 
 // depose ends the term: every replica goes, and no write follows.
 func (m *Machine) depose(why string) {
@@ -608,7 +604,7 @@ func (m *Machine) onTick() {
 	}
 	for _, gen := range sortedKeys(m.replicas) {
 		if r := m.replicas[gen]; r.state == Draining && !m.now.Before(r.drainUntil) {
-			m.release(r, "drain timed out: its requests move")
+			m.drop(r, "drain timed out: its requests move")
 			plan = true
 		}
 	}
