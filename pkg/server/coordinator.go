@@ -115,6 +115,14 @@ type replicaRT struct {
 	drain   bool
 }
 
+func (rt *replicaRT) workerIDs() []string {
+	ids := make([]string, len(rt.members))
+	for i, m := range rt.members {
+		ids[i] = m.id
+	}
+	return ids
+}
+
 type member struct {
 	id, addr    string
 	stage, rank int
@@ -470,11 +478,7 @@ func (c *Coordinator) connect(a control.Connect) {
 		rt.members = append(rt.members, m)
 	}
 	c.rt[a.Gen] = rt
-	ids := make([]string, len(rt.members))
-	for i, m := range rt.members {
-		ids[i] = m.id
-	}
-	c.log.Info("replica planned", "replica", control.Key(a.Gen), "tp", a.TP, "pp", a.PP, "ep", a.EP, "workers", ids)
+	c.log.Info("replica planned", "replica", control.Key(a.Gen), "tp", a.TP, "pp", a.PP, "ep", a.EP, "workers", rt.workerIDs())
 }
 
 // load has worker m load its slice; it reads its assignment from the
@@ -560,11 +564,7 @@ func (c *Coordinator) serve(a control.Serve) {
 	rt.exec, rt.engine = exec, eng
 	go eng.Run(rt.ctx)
 	c.router.AddReplica(key, eng)
-	ids := make([]string, len(rt.members))
-	for i, m := range rt.members {
-		ids[i] = m.id
-	}
-	c.log.Info("replica ready", "replica", key, "tp", rt.tp, "pp", rt.pp, "ep", rt.ep, "workers", ids,
+	c.log.Info("replica ready", "replica", key, "tp", rt.tp, "pp", rt.pp, "ep", rt.ep, "workers", rt.workerIDs(),
 		"kv_blocks", a.Blocks, "block_size", c.opts.BlockSize)
 	c.readyOnce.Do(func() { close(c.ready) })
 }
