@@ -80,8 +80,20 @@ type CheckHealth struct{ Gen int64 }
 // running those it has). Answer, when it holds none: ReplicaIdle.
 type StopAdmitting struct{ Gen int64 }
 
-// Drained says a draining worker serves nothing any more.
+// Drained says a draining worker serves nothing any more: it may leave.
 type Drained struct{ Worker string }
+
+// DrainAnswer answers a DrainRequested with Req: the drain started (Gen is
+// the replica that drains, 0 when the worker served in none; Workers are
+// its workers), or it was refused (Err; NotFound when no such worker is
+// registered).
+type DrainAnswer struct {
+	Req      int64
+	Gen      int64
+	Workers  []string
+	Err      string
+	NotFound bool
+}
 
 // GatherExperts reads replica Gen's expert counts. Answer: ExpertCounts.
 type GatherExperts struct{ Gen int64 }
@@ -144,6 +156,7 @@ func (GossipJoin) action()     {}
 func (CheckHealth) action()    {}
 func (StopAdmitting) action()  {}
 func (Drained) action()        {}
+func (DrainAnswer) action()    {}
 func (GatherExperts) action()  {}
 func (LoadExperts) action()    {}
 func (CancelExperts) action()  {}
@@ -198,6 +211,19 @@ func (a GossipJoin) String() string    { return fmt.Sprintf("gossip-join %s %s",
 func (a CheckHealth) String() string   { return "check-health " + Key(a.Gen) }
 func (a StopAdmitting) String() string { return "stop-admitting " + Key(a.Gen) }
 func (a Drained) String() string       { return "drained " + a.Worker }
+func (a DrainAnswer) String() string {
+	if a.Err != "" {
+		return fmt.Sprintf("drain-answer req=%d refused: %s", a.Req, a.Err)
+	}
+	return fmt.Sprintf("drain-answer req=%d replica=%s workers=%s", a.Req, keyOrNone(a.Gen), strings.Join(a.Workers, ","))
+}
+
+func keyOrNone(gen int64) string {
+	if gen == 0 {
+		return "none"
+	}
+	return Key(gen)
+}
 func (a GatherExperts) String() string { return "gather-experts " + Key(a.Gen) }
 func (a LoadExperts) String() string {
 	return fmt.Sprintf("load-experts %s v=%d slots=%d", Key(a.Gen), a.Version, a.Slots)

@@ -14,6 +14,11 @@ type Worker struct {
 	Backend     string // "cpu" or "cuda"
 	PID         int
 	MemoryBytes int64 // 0: unknown (memory does not limit the plan)
+	// Draining is the worker asking to be drained (its state in etcd is
+	// "draining": it got a SIGTERM); DrainTimeout is how long its
+	// replica's requests may take to finish (0: Config.DrainTimeout).
+	Draining     bool
+	DrainTimeout time.Duration
 }
 
 // sameProcess says whether w and o are the same process of a worker: a
@@ -106,10 +111,15 @@ type LeadershipGained struct {
 type LeadershipLost struct{}
 
 // DrainRequested asks to take a worker out: its replica takes no new
-// requests, and is released when idle or after Timeout.
+// requests, and is released when idle or after Timeout (0:
+// Config.DrainTimeout). Unless Force, a drain that would leave no replica
+// serving is refused. With Req > 0 the machine answers with a DrainAnswer
+// of the same Req.
 type DrainRequested struct {
 	Worker  string
 	Timeout time.Duration
+	Force   bool
+	Req     int64
 }
 
 // ReplicaIdle says replica Gen holds no request (running or waiting).

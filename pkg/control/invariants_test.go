@@ -143,7 +143,7 @@ func runRandom(t *testing.T, tp, pp int, seed uint64, steps int) {
 				apply(HealthChecked{Gen: rp.Gen, Unhealthy: u})
 			}
 		case r < 770:
-			apply(DrainRequested{Worker: id, Timeout: time.Duration(rng.IntN(5)) * time.Second})
+			apply(DrainRequested{Worker: id, Timeout: time.Duration(rng.IntN(5)) * time.Second, Force: rng.IntN(2) == 0, Req: int64(rng.IntN(2))})
 		case r < 800:
 			if rp, ok := pick(); ok {
 				apply(ReplicaIdle{Gen: rp.Gen})

@@ -38,6 +38,9 @@ type Config struct {
 	// EPLBInterval, when > 0, re-places the experts of every
 	// expert-parallel replica that routed tokens since, that often.
 	EPLBInterval time.Duration
+	// DrainTimeout is how long a draining replica's requests may take to
+	// finish when the drain names no timeout (default 30 s).
+	DrainTimeout time.Duration
 }
 
 // Validate fills in defaults and rejects what cannot be planned.
@@ -47,7 +50,7 @@ func (c *Config) Validate() error {
 		return errors.New("control: no model config")
 	case c.TP < 0 || c.PP < 0 || c.EP < 0 || c.RedundantExperts < 0:
 		return fmt.Errorf("control: negative layout tp=%d pp=%d ep=%d redundant=%d", c.TP, c.PP, c.EP, c.RedundantExperts)
-	case c.RetryBackoff < 0 || c.MaxRetryBackoff < 0 || c.EPLBInterval < 0:
+	case c.RetryBackoff < 0 || c.MaxRetryBackoff < 0 || c.EPLBInterval < 0 || c.DrainTimeout < 0:
 		return errors.New("control: negative durations")
 	}
 	if c.RetryBackoff == 0 {
@@ -57,6 +60,9 @@ func (c *Config) Validate() error {
 		c.MaxRetryBackoff = 30 * time.Second
 	}
 	c.MaxRetryBackoff = max(c.MaxRetryBackoff, c.RetryBackoff)
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = 30 * time.Second
+	}
 	return nil
 }
 
@@ -256,6 +262,13 @@ func (m *Machine) onWorkers(list []Worker) {
 func (m *Machine) up(w Worker) {
 	old, known := m.workers[w.ID]
 	m.workers[w.ID] = w
+	defer func() {
+		// A worker that asks to be drained is going away: nothing to
+		// refuse.
+		if w.Draining && !m.draining[w.ID] {
+			m.onDrain(DrainRequested{Worker: w.ID, Timeout: w.DrainTimeout, Force: true})
+		}
+	}()
 	if !known || old.sameProcess(w) {
 		return
 	}
@@ -562,26 +575,63 @@ func (m *Machine) onStepFailed(e StepFailed) {
 }
 
 func (m *Machine) onDrain(e DrainRequested) {
+	answer := func(a DrainAnswer) {
+		if e.Req > 0 {
+			a.Req = e.Req
+			m.emit(a)
+		}
+	}
 	if _, ok := m.workers[e.Worker]; !ok {
 		m.note("drain %s: no such worker registered", e.Worker)
+		answer(DrainAnswer{NotFound: true, Err: "no worker " + e.Worker + " is registered"})
 		return
 	}
+	r := m.owner[e.Worker]
 	if m.draining[e.Worker] {
+		if r != nil {
+			answer(DrainAnswer{Gen: r.gen, Workers: r.workers()})
+		} else {
+			answer(DrainAnswer{})
+		}
+		return
+	}
+	if r != nil && r.state == Ready && !e.Force && m.serving(r) == 0 {
+		answer(DrainAnswer{Err: fmt.Sprintf("worker %s serves in %s, the only replica serving requests: draining it would leave none "+
+			"(new requests would wait for another); force it to drain anyway", e.Worker, Key(r.gen))})
 		return
 	}
 	m.draining[e.Worker] = true
 	m.why[e.Worker] = "draining"
-	r := m.owner[e.Worker]
+	timeout := e.Timeout
+	if timeout <= 0 {
+		timeout = m.cfg.DrainTimeout
+	}
 	switch {
 	case r == nil:
+		answer(DrainAnswer{})
 		m.emit(Drained{Worker: e.Worker})
 	case r.state == Ready:
-		m.startDrain(r, e.Timeout)
+		answer(DrainAnswer{Gen: r.gen, Workers: r.workers()})
+		m.startDrain(r, timeout)
 	case r.state == Draining:
+		answer(DrainAnswer{Gen: r.gen, Workers: r.workers()})
 	default: // not serving yet: nothing to finish
+		answer(DrainAnswer{Gen: r.gen, Workers: r.workers()})
 		m.drop(r, "worker "+e.Worker+" drains")
 		m.reconcile()
 	}
+}
+
+// serving counts the ready replicas other than r (those that take new
+// requests).
+func (m *Machine) serving(r *replica) int {
+	n := 0
+	for _, o := range m.replicas {
+		if o != r && o.state == Ready {
+			n++
+		}
+	}
+	return n
 }
 
 func (m *Machine) startDrain(r *replica, timeout time.Duration) {

@@ -38,7 +38,8 @@ import (
 //	warm-failed gen= [err=]
 //	step-failed gen= [refused] [err=]
 //	health gen= [unhealthy=]         HealthChecked
-//	drain worker= [timeout=]         DrainRequested
+//	drain worker= [timeout=] [force] [req=]   DrainRequested
+//	worker-drains id= [timeout=]     WorkerUp of the remembered worker asking to be drained
 //	idle gen=                        ReplicaIdle
 //	rebalance req= [rebalance] [redundant=]   RebalanceRequested
 //	counts gen= [base=] [hot=E:N,...] [err=]  ExpertCounts: every expert of every layer base, hot ones N
@@ -311,7 +312,16 @@ func (d *driver) run(line, where string) []string {
 	case "health":
 		evs = append(evs, HealthChecked{Gen: gen, Unhealthy: a.str("unhealthy", "")})
 	case "drain":
-		evs = append(evs, DrainRequested{Worker: a.str("worker", ""), Timeout: a.dur(d, where, "timeout", time.Minute)})
+		evs = append(evs, DrainRequested{Worker: a.str("worker", ""), Timeout: a.dur(d, where, "timeout", time.Minute),
+			Force: a.has("force"), Req: a.int(d, where, "req", 0)})
+	case "worker-drains":
+		w, ok := d.known[a.str("id", "")]
+		if !ok {
+			d.fatalf(where, "worker-drains of an unknown worker")
+		}
+		w.Draining, w.DrainTimeout = true, a.dur(d, where, "timeout", 0)
+		d.known[w.ID] = w
+		evs = append(evs, WorkerUp{Worker: w})
 	case "idle":
 		evs = append(evs, ReplicaIdle{Gen: gen})
 	case "rebalance":
