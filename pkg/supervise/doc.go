@@ -4,13 +4,17 @@
 //
 // The model:
 //
-//   - Run starts the child and waits for it. When the child exits, for any
-//     reason and with any status, Run waits a backoff and starts it again.
+//   - Run starts the child and waits for it. A child that exits with status
+//     0 on its own has finished its work (a worker drained by its
+//     coordinator): Run returns without starting another. When the child
+//     exits otherwise (a non-zero status, a signal), Run waits a backoff and
+//     starts it again.
 //     The backoff starts at Config.MinBackoff and doubles after each exit up
 //     to Config.MaxBackoff; a child that ran for Config.ResetAfter or longer
 //     was healthy, and the next wait is MinBackoff again. A child that
 //     cannot be started at all (no such executable) is retried the same way.
-//   - When the context ends, Run sends the running child SIGTERM, gives it
+//   - When the context ends, Run sends the running child Config.StopSignal
+//     (default SIGTERM), gives it
 //     Config.StopGrace to exit, then sends SIGKILL. Run returns only once
 //     the child has been waited for: it leaves no process and no goroutine
 //     behind.

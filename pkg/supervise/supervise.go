@@ -35,7 +35,10 @@ type Config struct {
 	// ResetAfter: a child that ran at least this long counts as healthy and
 	// the next wait is MinBackoff again (default 1 minute).
 	ResetAfter time.Duration
-	// StopGrace is how long the child has to exit after SIGTERM before it
+	// StopSignal asks the child to stop when the context ends (default
+	// SIGTERM).
+	StopSignal syscall.Signal
+	// StopGrace is how long the child has to exit after StopSignal before it
 	// gets SIGKILL (default 5s).
 	StopGrace time.Duration
 	// OnStart, when set, is called from Run with the pid of each child it
@@ -60,6 +63,9 @@ func (c *Config) defaults() {
 	if c.StopGrace <= 0 {
 		c.StopGrace = 5 * time.Second
 	}
+	if c.StopSignal == 0 {
+		c.StopSignal = syscall.SIGTERM
+	}
 	if c.Stdout == nil {
 		c.Stdout = os.Stderr
 	}
@@ -68,9 +74,9 @@ func (c *Config) defaults() {
 	}
 }
 
-// Run runs the child, restarting it when it exits, until ctx ends; then it
-// stops the child (SIGTERM, SIGKILL after StopGrace) and returns nil once
-// the child has exited. It returns an error at once only for a Config it
+// Run runs the child, restarting it when it fails, until ctx ends or the
+// child exits 0 on its own; when ctx ends it stops the child (StopSignal,
+// SIGKILL after StopGrace) and returns nil once the child has exited. It returns an error at once only for a Config it
 // cannot use. log may be nil.
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.Executable == "" {
@@ -83,8 +89,12 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	log = log.With("child", cfg.Name)
 	backoff := cfg.MinBackoff
 	for ctx.Err() == nil {
-		ran, stopped := runOnce(ctx, &cfg, log)
+		ran, stopped, err := runOnce(ctx, &cfg, log)
 		if stopped {
+			return nil
+		}
+		if err == nil && ran > 0 {
+			log.Info("child finished (exit status 0): not restarted")
 			return nil
 		}
 		if ran >= cfg.ResetAfter {
@@ -104,7 +114,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 // runOnce starts the child and waits until it exits (ran: how long it ran)
 // or ctx ends (stopped: it was stopped and has exited).
-func runOnce(ctx context.Context, cfg *Config, log *slog.Logger) (ran time.Duration, stopped bool) {
+func runOnce(ctx context.Context, cfg *Config, log *slog.Logger) (ran time.Duration, stopped bool, err error) {
 	cmd := exec.Command(cfg.Executable, cfg.Args...)
 	cmd.Env = cfg.Env
 	cmd.Stdout, cmd.Stderr = cfg.Stdout, cfg.Stderr
@@ -112,7 +122,7 @@ func runOnce(ctx context.Context, cfg *Config, log *slog.Logger) (ran time.Durat
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
 		log.Error("child did not start", "err", err)
-		return 0, false
+		return 0, false, err
 	}
 	pid := cmd.Process.Pid
 	log.Info("child started", "pid", pid)
@@ -121,29 +131,28 @@ func runOnce(ctx context.Context, cfg *Config, log *slog.Logger) (ran time.Durat
 	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
-	var err error
 	select {
 	case err = <-done:
 		log.Warn("child exited", "pid", pid, "err", err, "ran", time.Since(t0).Round(time.Millisecond))
 	case <-ctx.Done():
 		stopped = true
-		err = stop(cmd, done, cfg.StopGrace, log)
+		err = stop(cmd, done, cfg.StopSignal, cfg.StopGrace, log)
 	}
 	if cfg.OnExit != nil {
 		cfg.OnExit(pid, err)
 	}
-	return time.Since(t0), stopped
+	return time.Since(t0), stopped, err
 }
 
-// stop ends a running child: SIGTERM, then SIGKILL after grace (at once
-// where SIGTERM cannot be sent). It returns Wait's error.
-func stop(cmd *exec.Cmd, done <-chan error, grace time.Duration, log *slog.Logger) error {
+// stop ends a running child: sig, then SIGKILL after grace (at once where
+// sig cannot be sent). It returns Wait's error.
+func stop(cmd *exec.Cmd, done <-chan error, sig syscall.Signal, grace time.Duration, log *slog.Logger) error {
 	pid := cmd.Process.Pid
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := cmd.Process.Signal(sig); err != nil {
 		if errors.Is(err, os.ErrProcessDone) {
 			return <-done
 		}
-		log.Warn("child: SIGTERM failed; killing it", "pid", pid, "err", err)
+		log.Warn("child: stop signal failed; killing it", "pid", pid, "signal", sig, "err", err)
 		cmd.Process.Kill()
 		return <-done
 	}
@@ -154,7 +163,7 @@ func stop(cmd *exec.Cmd, done <-chan error, grace time.Duration, log *slog.Logge
 		log.Info("child stopped", "pid", pid)
 		return err
 	case <-t.C:
-		log.Warn("child did not exit after SIGTERM; killing it", "pid", pid, "grace", grace)
+		log.Warn("child did not exit after its stop signal; killing it", "pid", pid, "signal", sig, "grace", grace)
 		cmd.Process.Kill()
 		return <-done
 	}

@@ -22,6 +22,8 @@ import (
 //	exit:   exits with status 3 at once
 //	serve:  prints "ready", waits for SIGTERM, prints "sigterm", exits 0
 //	ignore: ignores SIGTERM, prints "ready", runs until killed
+//	done:   exits with status 0 at once
+//	int:    prints "ready", waits for SIGINT, prints "sigint", exits 0
 const childEnv = "SUPERVISE_TEST_CHILD"
 
 func TestMain(m *testing.M) {
@@ -36,6 +38,15 @@ func TestMain(m *testing.M) {
 		fmt.Println("ready")
 		<-term
 		fmt.Println("sigterm")
+		os.Exit(0)
+	case "done":
+		os.Exit(0)
+	case "int":
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGINT)
+		fmt.Println("ready")
+		<-sig
+		fmt.Println("sigint")
 		os.Exit(0)
 	case "ignore":
 		signal.Ignore(syscall.SIGTERM)
@@ -232,6 +243,42 @@ func TestStopSendsSIGTERM(t *testing.T) {
 		t.Fatalf("event after stop: %+v", e)
 	default:
 	}
+}
+
+// A child that exits 0 on its own is done: it is not started again, and
+// Run returns.
+func TestExitZeroIsNotRestarted(t *testing.T) {
+	h := start(t, "done", false, nil)
+	e := h.event()
+	if x := h.event(); !e.start || x.start || x.pid != e.pid || x.err != nil {
+		t.Fatalf("events %+v, %+v: want child %d's start and exit 0", e, x, e.pid)
+	}
+	select {
+	case err := <-h.ret:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(deadline):
+		t.Fatal("Run did not return after the child exited 0")
+	}
+	select {
+	case e := <-h.events:
+		t.Fatalf("event after the child finished: %+v", e)
+	default:
+	}
+}
+
+// StopSignal replaces SIGTERM.
+func TestStopSignal(t *testing.T) {
+	h := start(t, "int", true, func(c *Config) { c.StopSignal = syscall.SIGINT })
+	e := h.event()
+	h.line("ready")
+	h.cancel()
+	h.line("sigint")
+	if x := h.event(); x.start || x.pid != e.pid || x.err != nil {
+		t.Fatalf("after cancel: %+v, want child %d's exit with status 0", x, e.pid)
+	}
+	h.stop(e.pid)
 }
 
 // A child that ignores SIGTERM is killed after StopGrace.
