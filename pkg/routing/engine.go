@@ -176,14 +176,19 @@ type Stats struct {
 	// SentBytes is the total the workers sent each other; StepTokens the
 	// tokens steps computed (prompt chunks and decodes).
 	SentBytes, StepTokens int64
+	// StepTimeout is how long a typical step (of the median token count
+	// of the recent successful steps) may take now before it is given up:
+	// see StepTimeout (the type). A Router's Stats has the largest of its
+	// replicas'.
+	StepTimeout time.Duration
 }
 
 // Engine runs the continuous-batching loop of one replica. Safe for
 // concurrent use.
 type Engine struct {
 	exec     Executor
-	timeout  time.Duration
 	mu       sync.Mutex
+	timer    stepTimer // guarded by mu
 	sched    *Scheduler
 	byID     map[string]*Seq
 	ended    []uint64 // sequences to release on the executor
@@ -210,16 +215,47 @@ type Engine struct {
 
 // NewEngine makes an engine over a pool of numBlocks KV blocks.
 func NewEngine(exec Executor, cfg SchedulerConfig, numBlocks, blockSize int) *Engine {
-	return &Engine{exec: exec, timeout: 120 * time.Second,
+	return &Engine{exec: exec, timer: stepTimer{cfg: DefaultStepTimeout()},
 		sched: NewScheduler(cfg, kvcache.NewBlockManager(numBlocks, blockSize)),
 		byID:  map[string]*Seq{}, wake: make(chan struct{}, 1)}
 }
 
-// SetStepTimeout bounds each executor call (default 120 s).
-func (e *Engine) SetStepTimeout(d time.Duration) { e.timeout = d }
+// SetStepTimeouts sets how each executor call's timeout derives from the
+// replica's recent steps (see StepTimeout); zero fields take the defaults
+// of DefaultStepTimeout. The window of recent steps is kept.
+func (e *Engine) SetStepTimeouts(t StepTimeout) {
+	d := DefaultStepTimeout()
+	if t.Min > 0 {
+		d.Min = t.Min
+	}
+	if t.Factor > 0 {
+		d.Factor = t.Factor
+	}
+	if t.Initial > 0 {
+		d.Initial = t.Initial
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.timer.cfg = d
+}
 
-// Submit queues a request and returns its stream.
-func (e *Engine) Submit(r *Request) (*Stream, error) {
+// SetStepTimeout gives every executor call the fixed timeout d, whatever
+// the recent steps took (d ≤ 0: the adaptive defaults, as
+// SetStepTimeouts(StepTimeout{})). Transitional: use SetStepTimeouts.
+func (e *Engine) SetStepTimeout(d time.Duration) {
+	if d <= 0 {
+		e.SetStepTimeouts(StepTimeout{})
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.timer.cfg = StepTimeout{Min: d, Initial: d} // Factor 0: always Min
+}
+
+// newSeq makes the sequence of a request, with its request-side state and
+// a fresh stream, ready for Engine.adopt (now, or later from the Router's
+// queue of requests waiting for a replica).
+func newSeq(r *Request) *Seq {
 	st := &reqState{req: r, stream: newStream(), sampler: sampling.New(r.Sampling), stop: map[int32]bool{}}
 	for _, id := range r.StopIDs {
 		st.stop[id] = true
@@ -230,12 +266,17 @@ func (e *Engine) Submit(r *Request) (*Stream, error) {
 			st.plp[i] = float32(math.NaN())
 		}
 	}
-	q := &Seq{ID: kvcache.SeqID(seqIDs.Add(1)), Tokens: slices.Clone(r.Prompt), NumPrompt: len(r.Prompt),
+	return &Seq{ID: kvcache.SeqID(seqIDs.Add(1)), Tokens: slices.Clone(r.Prompt), NumPrompt: len(r.Prompt),
 		MaxLen: len(r.Prompt) + r.MaxTokens, Payload: st}
+}
+
+// Submit queues a request and returns its stream.
+func (e *Engine) Submit(r *Request) (*Stream, error) {
+	q := newSeq(r)
 	if err := e.adopt(q); err != nil {
 		return nil, err
 	}
-	return st.stream, nil
+	return q.Payload.(*reqState).stream, nil
 }
 
 func (e *Engine) adopt(q *Seq) error {
@@ -346,7 +387,8 @@ func (e *Engine) Stats() Stats {
 	return Stats{Running: r, Waiting: w, BlocksTotal: bm.NumFree() + bm.NumUsed(), BlocksFree: bm.NumFree(),
 		BlockSize: bm.BlockSize(), Preemptions: e.sched.Preemptions(), Steps: e.steps.Load(), Tokens: e.tokens.Load(),
 		StepErrors: e.errs.Load(), LastStep: time.Duration(e.lastStep.Load()), Comm: time.Duration(e.commNs.Load()),
-		StepTime: time.Duration(e.stepNs.Load()), SentBytes: e.sent.Load(), StepTokens: e.stepToks.Load()}
+		StepTime: time.Duration(e.stepNs.Load()), SentBytes: e.sent.Load(), StepTokens: e.stepToks.Load(),
+		StepTimeout: e.timer.typical()}
 }
 
 // Load is the number of sequences here (for routing).
@@ -413,9 +455,10 @@ func (e *Engine) Run(ctx context.Context) {
 			e.nextID++
 			batch := e.batch(plan)
 			batch.ID = e.nextID
+			timeout := e.timer.timeout(batchTokens(batch))
 			inflight++
 			go func() {
-				sctx, cancel := context.WithTimeout(ctx, e.timeout)
+				sctx, cancel := context.WithTimeout(ctx, timeout)
 				defer cancel()
 				t0 := time.Now()
 				res, err := e.exec.Step(sctx, batch)
@@ -475,21 +518,15 @@ func (e *Engine) Run(ctx context.Context) {
 		e.commNs.Add(int64(d.res.Comm))
 		e.stepNs.Add(int64(d.took))
 		e.sent.Add(d.res.SentBytes)
-		toks := 0
-		for _, s := range d.batch.Seqs {
-			toks += len(s.Tokens)
-		}
+		toks := batchTokens(d.batch)
 		e.stepToks.Add(int64(toks))
+		e.timer.record(d.took, toks)
 		e.apply(d.plan, d.res)
 		ended := e.ended
 		e.ended = nil
 		e.mu.Unlock()
 		if e.OnStep != nil {
-			info := StepInfo{Took: d.took, Comm: d.res.Comm, Seqs: len(d.batch.Seqs), Preempted: len(d.plan.Preempted)}
-			for _, s := range d.batch.Seqs {
-				info.Tokens += len(s.Tokens)
-			}
-			e.OnStep(info)
+			e.OnStep(StepInfo{Took: d.took, Comm: d.res.Comm, Seqs: len(d.batch.Seqs), Tokens: toks, Preempted: len(d.plan.Preempted)})
 		}
 		if r, ok := e.exec.(Releaser); ok && len(ended) > 0 {
 			// Best effort, and not in the way of the next step (a worker
@@ -501,6 +538,15 @@ func (e *Engine) Run(ctx context.Context) {
 			}()
 		}
 	}
+}
+
+// batchTokens is the number of tokens a step computes.
+func batchTokens(b *steps.Batch) int {
+	n := 0
+	for _, s := range b.Seqs {
+		n += len(s.Tokens)
+	}
+	return n
 }
 
 func (e *Engine) batch(p *Plan) *steps.Batch {

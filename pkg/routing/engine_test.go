@@ -2,6 +2,7 @@ package routing_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"runtime"
@@ -434,5 +435,143 @@ func TestEngineDepth(t *testing.T) {
 	}
 	if ox.maxOut != 2 {
 		t.Fatalf("at most %d steps were in flight, want 2", ox.maxOut)
+	}
+}
+
+// instant answers every step at once: token 7 for every sampled sequence.
+// With hang set, a step waits for its context to end instead.
+type instant struct {
+	mu   sync.Mutex
+	hang bool
+}
+
+func (x *instant) setHang(h bool) {
+	x.mu.Lock()
+	x.hang = h
+	x.mu.Unlock()
+}
+
+func (x *instant) Step(ctx context.Context, b *steps.Batch) (*steps.Result, error) {
+	x.mu.Lock()
+	hang := x.hang
+	x.mu.Unlock()
+	if hang {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	res := &steps.Result{Seqs: make([]steps.SeqResult, len(b.Seqs))}
+	for i, s := range b.Seqs {
+		if s.Sample {
+			res.Seqs[i].Candidates = []steps.Candidate{{ID: 7}}
+		}
+	}
+	return res, nil
+}
+
+// startEngine runs an engine over x until the test ends.
+func startEngine(t *testing.T, x routing.Executor) *routing.Engine {
+	e := routing.NewEngine(x, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 8, MaxWaiting: 8}, 64, 4)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { e.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return e
+}
+
+// TestEngineStepTimeoutAdapts: before MinStepHistory steps a step may take
+// Initial; after fast steps it may take only Min, so a hung step is given
+// up in Min, not Initial, and the request survives it.
+func TestEngineStepTimeoutAdapts(t *testing.T) {
+	x := &instant{}
+	e := routing.NewEngine(x, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 8, MaxWaiting: 8}, 64, 4)
+	if got, want := e.Stats().StepTimeout, routing.DefaultStepTimeout().Initial; got != want {
+		t.Fatalf("new engine's step timeout %v, want %v", got, want)
+	}
+	const minimum = 50 * time.Millisecond
+	e.SetStepTimeouts(routing.StepTimeout{Min: minimum, Initial: 30 * time.Second}) // Factor: the default
+	if got := e.Stats().StepTimeout; got != 30*time.Second {
+		t.Fatalf("before any step: step timeout %v, want Initial 30s", got)
+	}
+	failed := make(chan error, 8)
+	e.OnStepError = func(err error) {
+		x.setHang(false) // the worker is back
+		failed <- err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { e.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	s, err := e.Submit(greedy("warm", []int32{1, 2, 3}, 8)) // 8 fast steps
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ev := collect(t, s); ev.Finish != "length" {
+		t.Fatalf("warm-up request: %+v", ev)
+	}
+	if got := e.Stats().StepTimeout; got < minimum || got >= time.Second { // Min, unless the machine is very slow
+		t.Fatalf("after fast steps: step timeout %v, want about Min %v", got, minimum)
+	}
+	x.setHang(true)
+	t0 := time.Now()
+	s, err = e.Submit(greedy("hung", []int32{1, 2, 3}, 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-failed:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("hung step failed with %v, want a deadline", err)
+		}
+		if took := time.Since(t0); took < minimum || took > 10*time.Second {
+			t.Fatalf("hung step given up after %v, want about %v", took, minimum)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a hung step was not given up")
+	}
+	if ids, ev := collect(t, s); ev.Finish != "length" || len(ids) != 4 {
+		t.Fatalf("request of the hung step: %v %+v", ids, ev)
+	}
+}
+
+// TestEngineFixedStepTimeout: SetStepTimeout(d) bounds every step by d,
+// before any history too.
+func TestEngineFixedStepTimeout(t *testing.T) {
+	x := &instant{hang: true}
+	e := routing.NewEngine(x, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 8, MaxWaiting: 8}, 64, 4)
+	e.SetStepTimeout(30 * time.Millisecond)
+	if got := e.Stats().StepTimeout; got != 30*time.Millisecond {
+		t.Fatalf("step timeout %v, want 30ms", got)
+	}
+	failed := make(chan error, 8)
+	e.OnStepError = func(err error) {
+		x.setHang(false)
+		failed <- err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { e.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	s, err := e.Submit(greedy("x", []int32{1, 2, 3}, 4)) // 4 steps after the failed one
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-failed:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("hung step failed with %v, want a deadline", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a hung step was not given up")
+	}
+	if _, ev := collect(t, s); ev.Finish != "length" {
+		t.Fatalf("after the timeout: %+v", ev)
+	}
+	if got := e.Stats().StepTimeout; got != 30*time.Millisecond {
+		t.Fatalf("after steps: step timeout %v, want 30ms (fixed)", got)
+	}
+	e.SetStepTimeouts(routing.StepTimeout{}) // the defaults: adaptive again
+	if got, want := e.Stats().StepTimeout, routing.DefaultStepTimeout().Min; got != want {
+		t.Fatalf("defaults after fast steps: step timeout %v, want Min %v", got, want)
 	}
 }

@@ -5,34 +5,168 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"time"
 )
 
-// ErrNoReplica is returned when no replica can take a request.
+// ErrNoReplica is matched (errors.Is) by the final error of a request that
+// waited the queue timeout with no replica able to take it.
 var ErrNoReplica = errors.New("routing: no replica is ready")
 
+// Defaults of SetQueueTimeout.
+const (
+	DefaultQueueTimeout = 60 * time.Second
+	DefaultMaxOrphans   = 1024
+)
+
 // Router spreads requests over the replicas' engines (least loaded first)
-// and moves a lost replica's requests to the others, or keeps them until a
-// replica comes. Request ids are unique across replicas while running.
-// Safe for concurrent use. Lock order: Router, then Engine.
+// and moves a lost replica's requests to the others. A request no replica
+// can take (there is none, or every one is cordoned) waits in the router,
+// an orphan, until a replica is added or the queue timeout passes (see
+// SetQueueTimeout). Request ids are unique across replicas and orphans
+// while running. Safe for concurrent use. Lock order: Router, then Engine.
 type Router struct {
 	mu       sync.Mutex
 	replicas map[string]*Engine
 	cordoned map[string]bool // take no new request (draining)
-	orphans  []*Seq          // requests of lost replicas waiting for one
+	orphans  []orphan        // requests waiting for a replica, oldest first
+	// The queue timeout, the cap on orphans Submit makes, and why no
+	// replica serves (may be nil): see SetQueueTimeout.
+	queueTimeout time.Duration
+	maxOrphans   int
+	why          func() string
+	expiry       *time.Timer // runs expire at the earliest orphan's deadline
+}
+
+// orphan is a request waiting for a replica since a time.
+type orphan struct {
+	q     *Seq
+	since time.Time
 }
 
 // NewRouter makes an empty router.
-func NewRouter() *Router { return &Router{replicas: map[string]*Engine{}, cordoned: map[string]bool{}} }
+func NewRouter() *Router {
+	return &Router{replicas: map[string]*Engine{}, cordoned: map[string]bool{},
+		queueTimeout: DefaultQueueTimeout, maxOrphans: DefaultMaxOrphans}
+}
+
+// SetQueueTimeout sets how long a request may wait with no replica able
+// to take it, d (0: DefaultQueueTimeout), and how many such requests
+// Submit keeps waiting, maxOrphans (0: DefaultMaxOrphans; beyond it Submit
+// returns ErrQueueFull; requests of a removed replica are kept beyond it).
+// why, when not nil, gives the control plane's reason that no replica
+// serves (e.g. "all replicas down"); it is called, without the router's
+// lock, for the message of a request that timed out. A request's wait
+// starts each time it becomes an orphan; when it has waited d, it ends
+// with finish reason "error" and an error that matches ErrNoReplica, says
+// how long it waited and why().
+func (r *Router) SetQueueTimeout(d time.Duration, maxOrphans int, why func() string) {
+	if d <= 0 {
+		d = DefaultQueueTimeout
+	}
+	if maxOrphans <= 0 {
+		maxOrphans = DefaultMaxOrphans
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.queueTimeout, r.maxOrphans, r.why = d, maxOrphans, why
+	r.armLocked(time.Now())
+}
+
+// orphanLocked adds sequences to the orphans, waiting from now; r.mu is
+// held.
+func (r *Router) orphanLocked(seqs ...*Seq) {
+	now := time.Now()
+	for _, q := range seqs {
+		r.orphans = append(r.orphans, orphan{q: q, since: now})
+	}
+	r.armLocked(now)
+}
+
+// armLocked sets the timer to the earliest orphan's deadline (stops it
+// when there is none); r.mu is held.
+func (r *Router) armLocked(now time.Time) {
+	if len(r.orphans) == 0 {
+		if r.expiry != nil {
+			r.expiry.Stop()
+		}
+		return
+	}
+	first := r.orphans[0].since
+	for _, o := range r.orphans[1:] {
+		if o.since.Before(first) {
+			first = o.since
+		}
+	}
+	wait := max(first.Add(r.queueTimeout).Sub(now), 0)
+	if r.expiry == nil {
+		r.expiry = time.AfterFunc(wait, r.expire)
+	} else {
+		r.expiry.Reset(wait)
+	}
+}
+
+// expire ends the orphans that have waited the queue timeout.
+func (r *Router) expire() {
+	r.mu.Lock()
+	now := time.Now()
+	var late []orphan
+	kept := r.orphans[:0]
+	for _, o := range r.orphans {
+		if now.Sub(o.since) >= r.queueTimeout {
+			late = append(late, o)
+		} else {
+			kept = append(kept, o)
+		}
+	}
+	clear(r.orphans[len(kept):])
+	r.orphans = kept
+	r.armLocked(now)
+	why := r.why
+	r.mu.Unlock()
+	if len(late) == 0 {
+		return
+	}
+	reason := ""
+	if why != nil {
+		reason = why()
+	}
+	for _, o := range late {
+		err := fmt.Errorf("%w: waited %v for a replica", ErrNoReplica, roundWait(now.Sub(o.since)))
+		if reason != "" {
+			err = fmt.Errorf("%w: %s", err, reason)
+		}
+		finishOrphan(o.q, Event{Finish: "error", Err: err, MatchedStop: -1})
+	}
+}
+
+// roundWait rounds a wait for a message (1m0s, not 1m0.000183s).
+func roundWait(d time.Duration) time.Duration {
+	if d >= 10*time.Second {
+		return d.Round(time.Second)
+	}
+	return d.Round(time.Millisecond)
+}
+
+// finishOrphan sends the final event of a request that is in no engine.
+func finishOrphan(q *Seq, ev Event) {
+	st := q.Payload.(*reqState)
+	ev.PromptLogprobs, ev.Preemptions, ev.Scheduled = st.plp, q.Preemptions, st.scheduled
+	st.stream.finish(ev)
+}
 
 // AddReplica makes an engine available (replacing, and draining, one of
-// the same name); waiting requests move to it.
+// the same name; lifting a cordon of the name); orphans move to it.
 func (r *Router) AddReplica(name string, e *Engine) {
 	r.mu.Lock()
 	old := r.replicas[name]
 	r.replicas[name] = e
 	delete(r.cordoned, name)
-	seqs := r.orphans
+	seqs := make([]*Seq, len(r.orphans))
+	for i, o := range r.orphans {
+		seqs[i] = o.q
+	}
 	r.orphans = nil
+	r.armLocked(time.Now())
 	r.mu.Unlock()
 	if old != nil && old != e {
 		seqs = append(old.Close(), seqs...)
@@ -51,7 +185,7 @@ func (r *Router) Cordon(name string) {
 }
 
 // RemoveReplica closes a replica's engine; its requests move to the least
-// loaded other replica (recomputed there), or wait for the next one added.
+// loaded other replica (recomputed there), or become orphans.
 func (r *Router) RemoveReplica(name string) {
 	r.mu.Lock()
 	e, ok := r.replicas[name]
@@ -71,7 +205,7 @@ func (r *Router) place(seqs []*Seq) {
 		r.mu.Lock()
 		e := r.pickLocked()
 		if e == nil {
-			r.orphans = append(r.orphans, seqs...)
+			r.orphanLocked(seqs...)
 			r.mu.Unlock()
 			return
 		}
@@ -126,7 +260,11 @@ func (r *Router) Capacity() int {
 	return c
 }
 
-// Submit sends a request to the least loaded replica.
+// Submit sends a request to the least loaded replica. When no replica can
+// take it (there is none, or every one is cordoned) the request waits as
+// an orphan (see SetQueueTimeout), or is refused with ErrQueueFull when
+// too many wait; its stream works as that of a request queued in an
+// engine.
 func (r *Router) Submit(req *Request) (*Stream, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -135,16 +273,23 @@ func (r *Router) Submit(req *Request) (*Stream, error) {
 			return nil, fmt.Errorf("%w: %q", ErrDuplicate, req.ID)
 		}
 	}
-	for _, q := range r.orphans {
-		if q.Payload.(*reqState).req.ID == req.ID {
+	for _, o := range r.orphans {
+		if o.q.Payload.(*reqState).req.ID == req.ID {
 			return nil, fmt.Errorf("%w: %q", ErrDuplicate, req.ID)
 		}
 	}
-	e := r.pickLocked()
-	if e == nil {
-		return nil, ErrNoReplica
+	if e := r.pickLocked(); e != nil {
+		return e.Submit(req)
 	}
-	return e.Submit(req)
+	if len(r.orphans) >= r.maxOrphans {
+		return nil, fmt.Errorf("%w: %d requests wait for a replica", ErrQueueFull, len(r.orphans))
+	}
+	q := newSeq(req)
+	if err := checkSeq(q); err != nil {
+		return nil, err
+	}
+	r.orphanLocked(q)
+	return q.Payload.(*reqState).stream, nil
 }
 
 // Abort ends a request by id wherever it runs.
@@ -159,11 +304,12 @@ func (r *Router) AbortStream(s *Stream) bool {
 
 func (r *Router) abort(match func(*reqState) bool, inEngine func(*Engine) bool) bool {
 	r.mu.Lock()
-	for i, q := range r.orphans {
-		if st := q.Payload.(*reqState); match(st) {
+	for i, o := range r.orphans {
+		if match(o.q.Payload.(*reqState)) {
 			r.orphans = append(r.orphans[:i], r.orphans[i+1:]...)
+			r.armLocked(time.Now())
 			r.mu.Unlock()
-			st.stream.finish(Event{Finish: "abort", MatchedStop: -1, PromptLogprobs: st.plp, Preemptions: q.Preemptions})
+			finishOrphan(o.q, Event{Finish: "abort", MatchedStop: -1})
 			return true
 		}
 	}
@@ -206,6 +352,7 @@ func (r *Router) Stats() Stats {
 		s.StepTime += x.StepTime
 		s.SentBytes += x.SentBytes
 		s.StepTokens += x.StepTokens
+		s.StepTimeout = max(s.StepTimeout, x.StepTimeout)
 	}
 	s.Waiting += waiting
 	return s

@@ -113,8 +113,8 @@ func (s *Scheduler) Preemptions() int64 { return s.preempt }
 // sequence whose MaxLen cannot fit the pool alone is refused with a
 // *TooLongError.
 func (s *Scheduler) Add(q *Seq) error {
-	if len(q.Tokens) == 0 || q.NumPrompt <= 0 || q.MaxLen < len(q.Tokens) {
-		return fmt.Errorf("routing: bad sequence (tokens %d, prompt %d, max %d)", len(q.Tokens), q.NumPrompt, q.MaxLen)
+	if err := checkSeq(q); err != nil {
+		return err
 	}
 	if total := s.bm.NumFree() + s.bm.NumUsed(); s.bm.BlocksFor(q.MaxLen) > total {
 		return &TooLongError{Prompt: q.NumPrompt, MaxLen: q.MaxLen, Capacity: total * s.bm.BlockSize()}
@@ -124,6 +124,14 @@ func (s *Scheduler) Add(q *Seq) error {
 	}
 	q.Computed, q.running = 0, false
 	s.waiting = append(s.waiting, q)
+	return nil
+}
+
+// checkSeq refuses a sequence no scheduler could take, whatever its pool.
+func checkSeq(q *Seq) error {
+	if len(q.Tokens) == 0 || q.NumPrompt <= 0 || q.MaxLen < len(q.Tokens) {
+		return fmt.Errorf("routing: bad sequence (tokens %d, prompt %d, max %d)", len(q.Tokens), q.NumPrompt, q.MaxLen)
+	}
 	return nil
 }
 
