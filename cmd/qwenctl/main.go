@@ -7,6 +7,7 @@
 //	qwenctl detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special] [--json]
 //	qwenctl generate --addr HOST:PORT (--prompt TEXT | --chat TEXT | --ids 1,2,3) [--max-tokens N] [--temperature T] [--json] ...
 //	qwenctl status --addr HOST:PORT [--json] [--wait 60s]
+//	qwenctl drain  [--addr HOST:PORT] [--timeout D] [--force] [--no-wait] WORKER_ID
 //	qwenctl bench  --addr HOST:PORT [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
 //	qwenctl plan (--model DIR | --preset NAME) --workers N --mem 80GiB [--hosts H] [--backend cuda|cpu] [--tp N] [--pp M] [--kv-tokens N] [--json]
 //
@@ -37,6 +38,7 @@ var commands = []command{
 	{"detokenize", "token ids to text", runDetokenize},
 	{"generate", "stream a completion from a cluster", runGenerate},
 	{"status", "a cluster's workers, placement and health", runStatus},
+	{"drain", "take a worker out gracefully: its requests finish or move, then it leaves", runDrain},
 	{"bench", "load-test a cluster: throughput, TTFT, TPOT, ITL, latency (like vllm bench serve)", runBench},
 	{"plan", "plan replicas, pipeline stages and TP ranks for a model on N workers", runPlan},
 	{"experts", "expert load per rank of a MoE cluster's expert-parallel replicas; --rebalance re-places the experts", runExperts},

@@ -31,6 +31,10 @@ type WorkerInfo struct {
 	Host        string    `json:"host"`
 	State       string    `json:"state"`
 	Started     time.Time `json:"started"`
+	// DrainTimeoutSeconds is how long the worker's replica may take to
+	// finish its requests when the worker asks to be drained (state
+	// "draining"); 0: the coordinator's default.
+	DrainTimeoutSeconds float64 `json:"drain_timeout_s,omitempty"`
 }
 
 // Registration is a worker entry kept alive by its own etcd lease.

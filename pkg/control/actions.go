@@ -89,6 +89,7 @@ type Drained struct{ Worker string }
 // registered).
 type DrainAnswer struct {
 	Req      int64
+	Worker   string
 	Gen      int64
 	Workers  []string
 	Err      string

@@ -577,7 +577,7 @@ func (m *Machine) onStepFailed(e StepFailed) {
 func (m *Machine) onDrain(e DrainRequested) {
 	answer := func(a DrainAnswer) {
 		if e.Req > 0 {
-			a.Req = e.Req
+			a.Req, a.Worker = e.Req, e.Worker
 			m.emit(a)
 		}
 	}

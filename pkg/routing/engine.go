@@ -241,7 +241,8 @@ func (e *Engine) SetStepTimeouts(t StepTimeout) {
 
 // SetStepTimeout gives every executor call the fixed timeout d, whatever
 // the recent steps took (d ≤ 0: the adaptive defaults, as
-// SetStepTimeouts(StepTimeout{})). Transitional: use SetStepTimeouts.
+// SetStepTimeouts(StepTimeout{})), for tests and callers that know their
+// steps.
 func (e *Engine) SetStepTimeout(d time.Duration) {
 	if d <= 0 {
 		e.SetStepTimeouts(StepTimeout{})

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/qwenfleet/qwenfleet/pkg/control"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/sampling"
@@ -52,7 +53,12 @@ func invalid(field, format string, args ...any) error {
 func (s *GeneratorService) serving() error {
 	c := s.c
 	if !c.IsLeader() {
-		leader, _ := c.opts.Store.Leader(context.Background())
+		ctx, cancel := context.WithTimeout(context.Background(), etcdTimeout)
+		defer cancel()
+		leader, err := c.opts.Store.Leader(ctx)
+		if err != nil {
+			return status.Errorf(codes.Unavailable, "this coordinator is a standby and cannot tell the leader: %v", err)
+		}
 		return status.Errorf(codes.Unavailable, "this coordinator is a standby; the leader is at %q", leader)
 	}
 	return nil
@@ -305,8 +311,18 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 			final = ev
 			if ev.Err != nil && g.finish == "" {
 				finish = "error"
+				code := codes.Internal
+				if errors.Is(ev.Err, routing.ErrNoReplica) {
+					// It waited --queue-timeout for a replica. Before any
+					// token, the call's status says so (clients retry
+					// UNAVAILABLE); after some, the stream's error does.
+					code = codes.Unavailable
+					if rec.tokens == 0 {
+						return status.Error(code, ev.Err.Error())
+					}
+				}
 				return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Error{Error: &pb.GenerateError{
-					Code: codes.Internal.String(), Message: ev.Err.Error()}}})
+					Code: code.String(), Message: ev.Err.Error()}}})
 			}
 			c := g.complete(ev)
 			finish = c.FinishReason
@@ -585,4 +601,42 @@ func (s *GeneratorService) HealthCheck(ctx context.Context, _ *pb.HealthCheckReq
 			return &pb.HealthCheckResponse{Healthy: true, Message: "generated one token", LatencyMs: ms}, nil
 		}
 	}
+}
+
+// DefaultDrainTimeout is a Drain's timeout when the request names none.
+const DefaultDrainTimeout = 120 * time.Second
+
+// Drain takes a worker out gracefully (pkg/control decides; see
+// control.DrainRequested).
+func (s *GeneratorService) Drain(ctx context.Context, req *pb.DrainRequest) (*pb.DrainResponse, error) {
+	if err := s.serving(); err != nil {
+		return nil, err
+	}
+	if req.WorkerId == "" {
+		return nil, invalid("worker_id", "empty")
+	}
+	timeout := DefaultDrainTimeout
+	if req.TimeoutSeconds != nil {
+		t := *req.TimeoutSeconds
+		if math.IsNaN(t) || t <= 0 || t > 7*24*3600 {
+			return nil, invalid("timeout_seconds", "%v is outside (0, 604800]", t)
+		}
+		timeout = time.Duration(t * float64(time.Second))
+	}
+	a, err := s.c.Drain(ctx, req.WorkerId, timeout, req.Force)
+	switch {
+	case err != nil:
+		return nil, status.Errorf(codes.Unavailable, "drain: %v", err)
+	case a.NotFound:
+		return nil, status.Errorf(codes.NotFound, "worker_id: %s", a.Err)
+	case a.Err != "":
+		return nil, status.Errorf(codes.FailedPrecondition, "drain refused: %s", a.Err)
+	}
+	out := &pb.DrainResponse{State: "draining", ReplicaWorkers: a.Workers}
+	if a.Gen != 0 {
+		out.Replica = control.Key(a.Gen)
+	} else {
+		out.State = "drained"
+	}
+	return out, nil
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/qwenfleet/qwenfleet/pkg/expertparallel"
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
@@ -143,25 +144,63 @@ func decodeF32(b []byte, into []float32) error {
 	return nil
 }
 
-// Flow-control windows and buffers for worker-to-worker traffic: a
-// prefill chunk's hidden states are megabytes, and gRPC's default 64 KiB
-// windows would stall every such message on window updates.
-const (
-	peerWindow = 16 << 20
-	peerBuffer = 256 << 10
-)
-
-// PeerDialOptions are the dial options for a worker's peers.
-func PeerDialOptions() []grpc.DialOption {
-	return []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithInitialWindowSize(peerWindow), grpc.WithInitialConnWindowSize(peerWindow),
-		grpc.WithWriteBufferSize(peerBuffer), grpc.WithReadBufferSize(peerBuffer)}
+// PeerConfig tunes the connections between the workers of a replica.
+type PeerConfig struct {
+	// Window is the flow-control window of a peer stream and connection
+	// (default 16 MiB): a prefill chunk's hidden states are megabytes, and
+	// gRPC's default 64 KiB would stall every such message on window
+	// updates. gRPC ignores windows under 64 KiB. A send that outgrows the
+	// window waits for the peer to read: that is how a hung peer blocks
+	// its senders, and why every send is bounded by its step's deadline.
+	Window int32
+	// KeepaliveTime is how often a peer connection with nothing to read is
+	// pinged, and KeepaliveTimeout how long a ping may go unanswered before
+	// the connection is closed (defaults 5 s and 2 s). The worker's server
+	// permits pings that often (PeerServerOptions).
+	KeepaliveTime, KeepaliveTimeout time.Duration
 }
 
-// PeerServerOptions are the matching server options of a worker.
-func PeerServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.InitialWindowSize(peerWindow), grpc.InitialConnWindowSize(peerWindow),
-		grpc.WriteBufferSize(peerBuffer), grpc.ReadBufferSize(peerBuffer)}
+// Defaults of PeerConfig.
+const (
+	defaultPeerWindow    = 16 << 20
+	minPeerWindow        = 64 << 10
+	peerBuffer           = 256 << 10
+	defaultPeerKeepalive = 5 * time.Second
+	defaultPeerKATimeout = 2 * time.Second
+)
+
+func (c PeerConfig) withDefaults() PeerConfig {
+	if c.Window <= 0 {
+		c.Window = defaultPeerWindow
+	}
+	c.Window = max(c.Window, minPeerWindow)
+	if c.KeepaliveTime <= 0 {
+		c.KeepaliveTime = defaultPeerKeepalive
+	}
+	if c.KeepaliveTimeout <= 0 {
+		c.KeepaliveTimeout = defaultPeerKATimeout
+	}
+	return c
+}
+
+// PeerDialOptions are the dial options for a worker's peers.
+func PeerDialOptions(c PeerConfig) []grpc.DialOption {
+	c = c.withDefaults()
+	return []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(c.Window), grpc.WithInitialConnWindowSize(c.Window),
+		grpc.WithWriteBufferSize(peerBuffer), grpc.WithReadBufferSize(peerBuffer),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: c.KeepaliveTime, Timeout: c.KeepaliveTimeout, PermitWithoutStream: true})}
+}
+
+// PeerServerOptions are the matching server options of a worker: the same
+// windows, keepalive pings of its own to its clients (peers and the
+// coordinator), and an enforcement policy that permits the peers' pings.
+func PeerServerOptions(c PeerConfig) []grpc.ServerOption {
+	c = c.withDefaults()
+	return []grpc.ServerOption{grpc.InitialWindowSize(c.Window), grpc.InitialConnWindowSize(c.Window),
+		grpc.WriteBufferSize(peerBuffer), grpc.ReadBufferSize(peerBuffer),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: c.KeepaliveTime, Timeout: c.KeepaliveTimeout}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: c.KeepaliveTime / 2, PermitWithoutStream: true})}
 }
 
 // peers are the workers a sharded worker talks to.
@@ -180,48 +219,64 @@ type peers struct {
 type peer struct {
 	client workerv1.WorkerClient
 	ctx    context.Context // the peers' lifetime
-	mu     sync.Mutex      // a stream's Send is not safe for concurrent use
+	turn   chan struct{}   // held by the one sender (a stream's Send is not safe for concurrent use)
 	stream workerv1.Worker_ExchangeClient
+	end    context.CancelFunc // cancels stream
 }
 
-// send puts one message on the stream, opening it when there is none. A
-// stream that fails is closed (its status is the error) and the next send
-// opens another.
-func (p *peer) send(req *workerv1.ExchangeRequest) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+// send puts one message on the stream, opening it when there is none. It
+// returns by the time ctx ends, whatever the peer does: waiting for its
+// turn, and a Send blocked because the peer stopped reading (its window
+// is full), end with ctx; the stream is then cancelled. A stream that
+// fails or is cancelled is dropped, and the next send opens another.
+func (p *peer) send(ctx context.Context, req *workerv1.ExchangeRequest) error {
+	select {
+	case p.turn <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("waiting to send: %w", context.Cause(ctx))
+	}
+	defer func() { <-p.turn }()
 	if p.stream == nil {
-		s, err := p.client.Exchange(p.ctx)
+		sctx, end := context.WithCancel(p.ctx)
+		s, err := p.client.Exchange(sctx)
 		if err != nil {
+			end()
 			return err
 		}
-		p.stream = s
+		p.stream, p.end = s, end
 	}
-	if err := p.stream.Send(req); err != nil {
-		_, cerr := p.stream.CloseAndRecv() // Send reports io.EOF; this, why
-		p.stream = nil
+	stop := context.AfterFunc(ctx, p.end)
+	err := p.stream.Send(req)
+	if err != nil {
+		_, cerr := p.stream.CloseAndRecv() // Send reports io.EOF; this, why (bounded by ctx too)
 		if cerr != nil {
-			return cerr
+			err = cerr
 		}
-		return err
 	}
-	return nil
+	if !stop() { // ctx ended: the stream was cancelled, maybe under the send
+		err = fmt.Errorf("sending: %w", context.Cause(ctx))
+	}
+	if err != nil {
+		p.end()
+		p.stream, p.end = nil, nil
+	}
+	return err
 }
 
-func dialPeers(a *workerv1.Assignment) (*peers, error) {
+func dialPeers(a *workerv1.Assignment, cfg PeerConfig) (*peers, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &peers{rank: int(a.TpRank), tp: make([]*peer, len(a.TpPeers)), group: len(a.TpPeers), cancel: cancel}
 	if a.EpSize > 1 {
 		p.rank, p.group, p.ep = int(a.EpRank), int(max(a.TpSize, 1)), int(a.EpSize)
 	}
 	dial := func(addr string) (*peer, error) {
-		c, err := grpc.NewClient(addr, append(PeerDialOptions(),
+		c, err := grpc.NewClient(addr, append(PeerDialOptions(cfg),
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20)))...)
 		if err != nil {
 			return nil, err
 		}
 		p.conns = append(p.conns, c)
-		return &peer{client: workerv1.NewWorkerClient(c), ctx: ctx}, nil
+		return &peer{client: workerv1.NewWorkerClient(c), ctx: ctx, turn: make(chan struct{}, 1)}, nil
 	}
 	var err error
 	for r, addr := range a.TpPeers {
@@ -276,9 +331,9 @@ func (l *stepLink) observe(total *time.Duration, h func(*metrics.Worker) prometh
 	}
 }
 
-func (l *stepLink) send(to *peer, kind, index int32, data []byte) error {
+func (l *stepLink) send(ctx context.Context, to *peer, kind, index int32, data []byte) error {
 	atomic.AddInt64(&l.sent, int64(len(data)))
-	return to.send(&workerv1.ExchangeRequest{Version: l.version, StepId: l.step, Kind: kind, Index: index,
+	return to.send(ctx, &workerv1.ExchangeRequest{Version: l.version, StepId: l.step, Kind: kind, Index: index,
 		FromRank: int32(l.p.rank), Data: data})
 }
 
@@ -297,7 +352,7 @@ func (l *stepLink) AllReduce(x []float32) error {
 	for i, c := range group {
 		if c != nil {
 			sends.Go(func() {
-				if err := l.send(c, kindAllReduce, idx, data); err != nil {
+				if err := l.send(ctx, c, kindAllReduce, idx, data); err != nil {
 					cancel(fmt.Errorf("sending to rank %d: %w", lo+i, err))
 				}
 			})
@@ -316,6 +371,7 @@ func (l *stepLink) AllReduce(x []float32) error {
 		}
 		if err != nil {
 			first = fmt.Errorf("from rank %d: %w", r, err)
+			cancel(first) // the sends end too
 			break
 		}
 		parts[i] = b
@@ -358,7 +414,7 @@ func (l *stepLink) AllToAll(send [][]float32) ([][]float32, error) {
 	for r, c := range l.p.tp {
 		if c != nil {
 			sends.Go(func() {
-				if err := l.send(c, kindAllToAll, idx, f32Bytes(send[r])); err != nil {
+				if err := l.send(ctx, c, kindAllToAll, idx, f32Bytes(send[r])); err != nil {
 					cancel(fmt.Errorf("sending to rank %d: %w", r, err))
 				}
 			})
@@ -378,6 +434,7 @@ func (l *stepLink) AllToAll(send [][]float32) ([][]float32, error) {
 		}
 		if err != nil {
 			first = fmt.Errorf("from rank %d: %w", r, err)
+			cancel(first) // the sends end too
 			break
 		}
 	}
@@ -414,5 +471,5 @@ func (l *stepLink) RecvHidden() ([]float32, error) {
 
 func (l *stepLink) SendHidden(h []float32) error {
 	defer l.observe(&l.commTime, func(m *metrics.Worker) prometheus.Histogram { return m.StageTransfer }, time.Now())
-	return l.send(l.p.next, kindHidden, 0, f32Bytes(h))
+	return l.send(l.ctx, l.p.next, kindHidden, 0, f32Bytes(h))
 }

@@ -24,7 +24,7 @@ func linkedGroup(t testing.TB, n int) ([]*WorkerService, []*peers) {
 			t.Fatal(err)
 		}
 		s := NewWorkerService(WorkerOptions{})
-		gs := grpc.NewServer(append(PeerServerOptions(), grpc.MaxRecvMsgSize(256<<20))...)
+		gs := grpc.NewServer(append(PeerServerOptions(PeerConfig{}), grpc.MaxRecvMsgSize(256<<20))...)
 		workerv1.RegisterWorkerServer(gs, s)
 		go gs.Serve(lis)
 		t.Cleanup(gs.Stop)
@@ -33,7 +33,7 @@ func linkedGroup(t testing.TB, n int) ([]*WorkerService, []*peers) {
 	}
 	var ps []*peers
 	for r := range n {
-		p, err := dialPeers(&workerv1.Assignment{TpRank: int32(r), TpSize: int32(n), TpPeers: addrs})
+		p, err := dialPeers(&workerv1.Assignment{TpRank: int32(r), TpSize: int32(n), TpPeers: addrs}, PeerConfig{})
 		if err != nil {
 			t.Fatal(err)
 		}

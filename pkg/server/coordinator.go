@@ -56,7 +56,15 @@ type CoordinatorOptions struct {
 	// EPLBInterval, when > 0, re-places every expert-parallel replica's
 	// experts from their load that often.
 	EPLBInterval time.Duration
-	StepTimeout  time.Duration
+	// StepTimeout bounds each step of a replica: max(Min, Factor × its
+	// median step), scaled by the step's tokens (routing.StepTimeout).
+	StepTimeout routing.StepTimeout
+	// QueueTimeout is how long a request may wait with no replica able to
+	// serve it before it ends UNAVAILABLE (default 60 s).
+	QueueTimeout time.Duration
+	// DrainTimeout is how long a drained replica's requests may take to
+	// finish when the drain names no timeout (default 30 s).
+	DrainTimeout time.Duration
 	Logger       *slog.Logger
 }
 
@@ -92,7 +100,8 @@ type Coordinator struct {
 	status    control.Status
 	placement schema.Placement // the last one written, with its version
 	seen      map[string]time.Time
-	reqs      map[int64]chan control.ExpertReport
+	reqs      map[int64]chan control.Action // answers awaited by ask
+	addrs     map[string]string             // registered workers' addresses
 	nextReq   int64
 
 	// Owned by the loop goroutine.
@@ -142,9 +151,6 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 	if opts.Scheduler.MaxBatchTokens == 0 {
 		opts.Scheduler = routing.DefaultSchedulerConfig()
 	}
-	if opts.StepTimeout <= 0 {
-		opts.StepTimeout = 60 * time.Second
-	}
 	dir, err := filepath.Abs(opts.ModelDir)
 	if err != nil {
 		return nil, err
@@ -182,7 +188,8 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 	}
 	c := &Coordinator{opts: opts, log: opts.Logger, cfg: cfg, router: routing.NewRouter(), started: time.Now(),
 		ready: make(chan struct{}), events: make(chan control.Event, 256), seen: map[string]time.Time{},
-		reqs: map[int64]chan control.ExpertReport{}, rt: map[int64]*replicaRT{}}
+		reqs: map[int64]chan control.Action{}, addrs: map[string]string{}, rt: map[int64]*replicaRT{}}
+	c.router.SetQueueTimeout(opts.QueueTimeout, opts.Scheduler.MaxWaiting, c.whyNoReplica)
 	c.metrics = metrics.NewCoordinator(opts.ModelName, cfg.MaxContext(), newStateCollector(c, opts.ModelName))
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {
@@ -197,7 +204,7 @@ func (c *Coordinator) controlConfig() control.Config {
 	cc := control.Config{Model: c.cfg, ModelName: c.opts.ModelName, ModelDir: c.opts.ModelDir, Quantize: c.opts.Quantize,
 		TP: c.opts.TP, PP: c.opts.PP, EP: c.opts.EP, RedundantExperts: c.opts.RedundantExperts,
 		MaxBatchTokens: c.opts.Scheduler.MaxBatchTokens, KVBytesPerValue: 4, // the CPU and CUDA backends keep the KV cache in float32
-		EPLBInterval: c.opts.EPLBInterval}
+		EPLBInterval: c.opts.EPLBInterval, DrainTimeout: c.opts.DrainTimeout}
 	if !c.cfg.IsMoE() {
 		cc.EPLBInterval = 0
 	}
@@ -205,6 +212,33 @@ func (c *Coordinator) controlConfig() control.Config {
 		cc.KVCacheTokens = int(c.opts.NumBlocks) * c.opts.BlockSize
 	}
 	return cc
+}
+
+// whyNoReplica says why no replica serves (for requests that waited too
+// long for one).
+func (c *Coordinator) whyNoReplica() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	st := c.status
+	switch {
+	case !c.leader:
+		return "this coordinator no longer leads"
+	case len(st.Workers) == 0:
+		return "no worker is registered"
+	case st.PlanError != "":
+		return "no worker fits: " + st.PlanError
+	}
+	states := map[control.State]int{}
+	for _, r := range st.Replicas {
+		states[r.State]++
+	}
+	switch {
+	case len(st.Replicas) == 0:
+		return fmt.Sprintf("all replicas down (%d workers registered, none in a replica)", len(st.Workers))
+	case states[control.Ready] == 0 && states[control.Draining] > 0:
+		return fmt.Sprintf("every replica drains (%d)", states[control.Draining])
+	}
+	return fmt.Sprintf("all replicas down; %d forming again", len(st.Replicas)-states[control.Ready]-states[control.Draining])
 }
 
 // Metrics are the coordinator's Prometheus instruments.
@@ -334,7 +368,8 @@ func (c *Coordinator) storedGeneration(ctx context.Context) (int64, error) {
 func controlWorkers(ws []cluster.WorkerInfo) []control.Worker {
 	out := make([]control.Worker, len(ws))
 	for i, w := range ws {
-		out[i] = control.Worker{ID: w.ID, Addr: w.Addr, GossipAddr: w.GossipAddr, Host: w.Host, Backend: w.Backend, PID: w.PID, MemoryBytes: w.MemoryBytes}
+		out[i] = control.Worker{ID: w.ID, Addr: w.Addr, GossipAddr: w.GossipAddr, Host: w.Host, Backend: w.Backend, PID: w.PID, MemoryBytes: w.MemoryBytes,
+			Draining: w.State == "draining", DrainTimeout: time.Duration(w.DrainTimeoutSeconds * float64(time.Second))}
 	}
 	return out
 }
@@ -411,7 +446,11 @@ func (c *Coordinator) carryOut(a control.Action) {
 			c.log.Info("replica draining: no new requests", "replica", control.Key(a.Gen))
 		}
 	case control.Drained:
-		c.log.Info("worker drained", "worker", a.Worker)
+		c.log.Info("worker drained: it leaves", "worker", a.Worker)
+		go c.callWorker(a.Worker, "leave", func(ctx context.Context, w workerv1.WorkerClient) error {
+			_, err := w.Leave(ctx, &workerv1.LeaveRequest{})
+			return err
+		})
 	case control.GatherExperts:
 		if rt := c.rt[a.Gen]; rt != nil {
 			go func() {
@@ -436,17 +475,102 @@ func (c *Coordinator) carryOut(a control.Action) {
 			rt.exec.switchExperts(a.Version)
 		}
 	case control.ExpertReport:
-		c.mu.Lock()
-		ch := c.reqs[a.Req]
-		delete(c.reqs, a.Req)
-		c.mu.Unlock()
-		if ch != nil {
-			ch <- a
+		c.answer(a.Req, a)
+	case control.DrainAnswer:
+		c.answer(a.Req, a)
+		if a.Err == "" {
+			// The worker shows the drain in etcd too (a no-op when it
+			// asked for it).
+			go c.callWorker(a.Worker, "drain", func(ctx context.Context, w workerv1.WorkerClient) error {
+				_, err := w.Drain(ctx, &workerv1.DrainRequest{})
+				return err
+			})
 		}
 	case control.Note:
 		c.log.Info(a.Msg)
 	default:
 		c.log.Error("unknown control action", "action", fmt.Sprintf("%T", a))
+	}
+}
+
+// ask feeds the loop the event mk makes with a fresh request number and
+// waits for the action that answers it.
+func (c *Coordinator) ask(ctx context.Context, mk func(req int64) control.Event) (control.Action, error) {
+	c.mu.Lock()
+	loop, leader := c.loopCtx, c.leader
+	c.nextReq++
+	req := c.nextReq
+	ch := make(chan control.Action, 1)
+	c.reqs[req] = ch
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.reqs, req)
+		c.mu.Unlock()
+	}()
+	if !leader || loop == nil {
+		return nil, errors.New("not the leader")
+	}
+	select {
+	case c.events <- mk(req):
+	case <-loop.Done():
+		return nil, errors.New("not the leader")
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	select {
+	case a := <-ch:
+		return a, nil
+	case <-loop.Done():
+		return nil, errors.New("not the leader")
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// answer hands an answering action to the ask waiting for it.
+func (c *Coordinator) answer(req int64, a control.Action) {
+	c.mu.Lock()
+	ch := c.reqs[req]
+	delete(c.reqs, req)
+	c.mu.Unlock()
+	if ch != nil {
+		ch <- a
+	}
+}
+
+// Drain starts draining a worker (control.DrainRequested) and returns the
+// replica that drains (nil when the worker served in none).
+func (c *Coordinator) Drain(ctx context.Context, worker string, timeout time.Duration, force bool) (control.DrainAnswer, error) {
+	a, err := c.ask(ctx, func(req int64) control.Event {
+		return control.DrainRequested{Worker: worker, Timeout: timeout, Force: force, Req: req}
+	})
+	if err != nil {
+		return control.DrainAnswer{}, err
+	}
+	return a.(control.DrainAnswer), nil
+}
+
+// callWorker makes one call to a registered worker, by id, on a connection
+// of its own (the worker may serve in no replica), and logs a failure.
+func (c *Coordinator) callWorker(id, what string, call func(context.Context, workerv1.WorkerClient) error) {
+	c.mu.Lock()
+	addr := c.addrs[id]
+	c.mu.Unlock()
+	if addr == "" {
+		c.log.Warn("worker call: no address", "worker", id, "call", what)
+		return
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		c.log.Warn("worker call", "worker", id, "call", what, "err", err)
+		return
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(c.loopCtx, etcdTimeout)
+	defer cancel()
+	if err := call(ctx, workerv1.NewWorkerClient(conn)); err != nil {
+		c.log.Warn("worker call", "worker", id, "call", what, "err", err)
 	}
 }
 
@@ -552,7 +676,7 @@ func (c *Coordinator) serve(a control.Serve) {
 	key := control.Key(a.Gen)
 	exec := &replicaExecutor{members: rt.members, gen: rt.gen, pp: rt.pp, ranks: len(rt.members) / rt.pp, expVersion: a.ExpertsVersion}
 	eng := routing.NewEngine(exec, c.opts.Scheduler, int(a.Blocks), c.opts.BlockSize)
-	eng.SetStepTimeout(c.opts.StepTimeout)
+	eng.SetStepTimeouts(c.opts.StepTimeout)
 	eng.SetDepth(rt.pp) // one micro-batch in flight per stage
 	eng.OnStep = c.observeStep
 	eng.OnStepError = func(err error) {
@@ -625,9 +749,11 @@ func (c *Coordinator) observeWorkers(ws []cluster.WorkerInfo) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	live := map[string]bool{}
+	clear(c.addrs)
 	for _, w := range ws {
 		live[w.ID] = true
 		c.seen[w.ID] = time.Time{}
+		c.addrs[w.ID] = w.Addr
 	}
 	for id, at := range c.seen {
 		if !live[id] && at.IsZero() {

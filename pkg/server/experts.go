@@ -97,36 +97,13 @@ func (c *Coordinator) cancelExperts(rt *replicaRT, v int64) {
 // see control.RebalanceRequested). Running requests go on; no worker
 // restarts. redundant < 0 takes --redundant-experts.
 func (c *Coordinator) ExpertLoad(ctx context.Context, rebalance bool, redundant int) ([]*pb.ExpertLoadResponse_Replica, error) {
-	c.mu.Lock()
-	loop, leader := c.loopCtx, c.leader
-	c.nextReq++
-	req := c.nextReq
-	ch := make(chan control.ExpertReport, 1)
-	c.reqs[req] = ch
-	c.mu.Unlock()
-	defer func() {
-		c.mu.Lock()
-		delete(c.reqs, req)
-		c.mu.Unlock()
-	}()
-	if !leader || loop == nil {
-		return nil, errors.New("not the leader")
+	a, err := c.ask(ctx, func(req int64) control.Event {
+		return control.RebalanceRequested{Req: req, Rebalance: rebalance, Redundant: redundant}
+	})
+	if err != nil {
+		return nil, err
 	}
-	select {
-	case c.events <- control.RebalanceRequested{Req: req, Rebalance: rebalance, Redundant: redundant}:
-	case <-loop.Done():
-		return nil, errors.New("not the leader")
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	var rep control.ExpertReport
-	select {
-	case rep = <-ch:
-	case <-loop.Done():
-		return nil, errors.New("not the leader")
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	rep := a.(control.ExpertReport)
 	if rep.BadRequest {
 		return nil, fmt.Errorf("%w: %s", errBadRequest, rep.Err)
 	}

@@ -51,6 +51,33 @@ func signalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 }
 
+// workerSignals: the first SIGTERM drains the worker (drain is closed);
+// SIGINT, or a second SIGTERM, stops it at once (ctx ends).
+func workerSignals() (ctx context.Context, drain <-chan struct{}, stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	d := make(chan struct{})
+	go func() {
+		drained := false
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case s := <-sigs:
+				if s == syscall.SIGTERM && !drained {
+					drained = true
+					close(d)
+					continue
+				}
+				cancel()
+				return
+			}
+		}
+	}()
+	return ctx, d, func() { signal.Stop(sigs); cancel() }
+}
+
 func parseFlags(fs *flag.FlagSet, args []string) int {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
@@ -87,10 +114,19 @@ func WorkerMain(args []string) int {
 	format := fs.String("log-format", "text", "log lines as text or json")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 0.0.0.0:9091; empty: off)")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file until exit")
+	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long the worker's replica may take to finish its requests before they move to other replicas")
+	peerWindow := fs.String("peer-window", "16MiB", "flow-control window of the streams to the replica's other workers (at least 64KiB)")
 	if rc := parseFlags(fs, args); rc >= 0 {
 		return rc
 	}
 	fail := func(format string, a ...any) int { fmt.Fprintf(os.Stderr, "worker: "+format+"\n", a...); return 2 }
+	if *drainTimeout <= 0 {
+		return fail("--drain-timeout: must be > 0")
+	}
+	window, err := units.ParseBytes(*peerWindow)
+	if err != nil || window < 64<<10 || window > 1<<30 {
+		return fail("--peer-window: %q is not a size in [64KiB, 1GiB]", *peerWindow)
+	}
 	if *threads < 0 || *threads > cpu.MaxThreads {
 		return fail("--threads: %d is outside [0, %d]", *threads, cpu.MaxThreads)
 	}
@@ -106,10 +142,12 @@ func WorkerMain(args []string) int {
 	if err != nil {
 		return fail("%v", err)
 	}
-	ctx, cancel := signalContext()
+	ctx, drain, cancel := workerSignals()
 	defer cancel()
 	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
-		ID: *id, Threads: *threads, Kernels: *kernels, Device: *device, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast, CPUProfile: *cpuProfile, MetricsListen: *metricsListen, Logger: log})
+		ID: *id, Threads: *threads, Kernels: *kernels, Device: *device, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast,
+		CPUProfile: *cpuProfile, MetricsListen: *metricsListen, Logger: log, Drain: drain, DrainTimeout: *drainTimeout,
+		Peer: PeerConfig{Window: int32(window)}})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "worker: %v\n", err)
 		return 1
@@ -144,6 +182,10 @@ func CoordinatorMain(args []string) int {
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "text", "log lines as text or json (local workers too)")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9090; empty: off); local workers then serve theirs too")
+	stepTimeout := fs.Duration("step-timeout", 5*time.Second, "least time a replica's step may take before its workers count as hung")
+	stepFactor := fs.Float64("step-timeout-factor", 10, "a step may take this many times the replica's median step (scaled by its tokens), if more than --step-timeout")
+	queueTimeout := fs.Duration("queue-timeout", 60*time.Second, "how long a request may wait with no replica able to serve it before it ends UNAVAILABLE")
+	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "how long a drained replica's requests may take to finish (when the drain names no timeout) before they move")
 	if rc := parseFlags(fs, args); rc >= 0 {
 		return rc
 	}
@@ -177,6 +219,14 @@ func CoordinatorMain(args []string) int {
 		return fail("--leader-ttl: must be >= 1s")
 	case *quantize != "" && *quantize != "q8" && *quantize != "q8a":
 		return fail("--quantize: %q is not q8 or q8a", *quantize)
+	case *stepTimeout < 100*time.Millisecond:
+		return fail("--step-timeout: must be >= 100ms")
+	case !(*stepFactor >= 1 && *stepFactor <= 1000):
+		return fail("--step-timeout-factor: %v is outside [1, 1000]", *stepFactor)
+	case *queueTimeout <= 0:
+		return fail("--queue-timeout: must be > 0")
+	case *drainTimeout <= 0:
+		return fail("--drain-timeout: must be > 0")
 	}
 	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {
@@ -210,6 +260,7 @@ func CoordinatorMain(args []string) int {
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
 		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen,
 		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
+		StepTimeout: routing.StepTimeout{Min: *stepTimeout, Factor: *stepFactor}, QueueTimeout: *queueTimeout, DrainTimeout: *drainTimeout,
 		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
 	if err != nil && ctx.Err() == nil {
 		fmt.Fprintf(os.Stderr, "coordinator: %v\n", err)

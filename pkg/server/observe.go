@@ -105,6 +105,7 @@ func (c *Coordinator) observeStep(s routing.StepInfo) {
 type stateCollector struct {
 	c                                           *Coordinator
 	running, waiting, kvUsage, kvBlocks, worker *prometheus.Desc
+	draining, stepTimeout                       *prometheus.Desc
 	placement, replicas                         *prometheus.Desc
 }
 
@@ -114,18 +115,20 @@ func newStateCollector(c *Coordinator, model string) *stateCollector {
 		return prometheus.NewDesc(metrics.Prefix+name, help, labels, l)
 	}
 	return &stateCollector{c: c,
-		running:   d("num_requests_running", "Requests in a replica's running set."),
-		waiting:   d("num_requests_waiting", "Requests queued (in replicas, or waiting for one)."),
-		kvUsage:   d("kv_cache_usage_perc", "Fraction of the KV cache blocks in use (1 = full), over all replicas."),
-		kvBlocks:  d("kv_cache_blocks", "KV cache blocks over all replicas, by state (used, free).", "state"),
-		worker:    d("worker_up", "1 for a worker serving in a ready replica, 0 for one registered but not serving.", "worker"),
-		placement: d("placement_version", "Version of the placement in etcd (0: none written)."),
-		replicas:  d("replicas", "Replicas, by state (loading, ready).", "state"),
+		running:     d("num_requests_running", "Requests in a replica's running set."),
+		waiting:     d("num_requests_waiting", "Requests queued (in replicas, or waiting for one)."),
+		kvUsage:     d("kv_cache_usage_perc", "Fraction of the KV cache blocks in use (1 = full), over all replicas."),
+		kvBlocks:    d("kv_cache_blocks", "KV cache blocks over all replicas, by state (used, free).", "state"),
+		worker:      d("worker_up", "1 for a worker serving in a ready replica, 0 for one registered but not serving.", "worker"),
+		draining:    d("worker_draining", "1 for a registered worker being drained (its replica finishes its requests, then it leaves), else 0.", "worker"),
+		stepTimeout: d("step_timeout_seconds", "The longest timeout a replica gives a typical step now (max(--step-timeout, factor × its median step))."),
+		placement:   d("placement_version", "Version of the placement in etcd (0: none written)."),
+		replicas:    d("replicas", "Replicas, by state (loading, ready).", "state"),
 	}
 }
 
 func (s *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{s.running, s.waiting, s.kvUsage, s.kvBlocks, s.worker, s.placement, s.replicas} {
+	for _, d := range []*prometheus.Desc{s.running, s.waiting, s.kvUsage, s.kvBlocks, s.worker, s.draining, s.stepTimeout, s.placement, s.replicas} {
 		ch <- d
 	}
 }
@@ -146,6 +149,7 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	g(s.kvUsage, usage)
 	g(s.kvBlocks, float64(used), "used")
 	g(s.kvBlocks, float64(st.BlocksFree), "free")
+	g(s.stepTimeout, st.StepTimeout.Seconds())
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	// Workers seen in the last seenFor stay listed (0) after they leave, so
@@ -160,6 +164,13 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		g(s.worker, up, id)
+		if at.IsZero() {
+			drain := 0.0
+			if c.status.Workers[id] == string(control.Draining) {
+				drain = 1
+			}
+			g(s.draining, drain, id)
+		}
 	}
 	g(s.placement, float64(c.placement.Version))
 	byState := map[string]int{"loading": 0, "ready": 0}

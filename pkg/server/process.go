@@ -11,12 +11,13 @@ import (
 	"runtime/pprof"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
 	"github.com/qwenfleet/qwenfleet"
@@ -50,14 +51,21 @@ type WorkerProcessOptions struct {
 	LeaseTTL      time.Duration
 	GossipBind    string // default: the listen host
 	GossipFast    bool
-	CPUProfile    string // file to write a CPU profile to, until exit
+	Peer          PeerConfig
+	// Drain, closed, drains the worker (SIGTERM); DrainTimeout is how long
+	// its replica's requests may take to finish then (default 30 s).
+	Drain        <-chan struct{}
+	DrainTimeout time.Duration
+	CPUProfile   string // file to write a CPU profile to, until exit
 	// MetricsListen, when set, serves Prometheus /metrics there (port 0
 	// picks one; the address is registered in etcd).
 	MetricsListen string
 	Logger        *slog.Logger
 }
 
-// RunWorker serves the worker API, registered in etcd, until ctx ends.
+// RunWorker serves the worker API, registered in etcd, until ctx ends (nil)
+// or it is drained (o.Drain, or the coordinator's drain: nil once it left
+// etcd); see workerLife.
 func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	log := o.Logger
 	if log == nil {
@@ -75,6 +83,9 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	}
 	if o.LeaseTTL <= 0 {
 		o.LeaseTTL = 5 * time.Second
+	}
+	if o.DrainTimeout <= 0 {
+		o.DrainTimeout = 30 * time.Second
 	}
 	kind, ordinal, err := parseDevice(o.Device)
 	if err != nil {
@@ -114,10 +125,14 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	// is registered carries to etcd, and "ready" to the health service.
 	hs := health.NewServer()
 	states := newStateWriter()
+	life := newWorkerLife()
 	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, Device: o.Device, KVCacheBytes: o.KVCacheBytes,
-		MemoryBytes: o.MemoryBytes, Logger: log,
+		MemoryBytes: o.MemoryBytes, Peer: o.Peer, Logger: log,
+		OnDrain: func() { poke(life.drain) }, OnLeave: func() { poke(life.leave) },
 		OnState: func(state, _ string) {
-			states.set(state)
+			if !life.draining.Load() { // etcd keeps showing the drain
+				states.set(state)
+			}
 			if state == "ready" {
 				hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 			}
@@ -133,8 +148,7 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		metricsAddr = a
 		log.Info("metrics", "addr", "http://"+a+"/metrics")
 	}
-	gs := grpc.NewServer(append(PeerServerOptions(), grpc.MaxRecvMsgSize(256<<20), grpc.MaxSendMsgSize(256<<20),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}))...)
+	gs := grpc.NewServer(append(PeerServerOptions(o.Peer), grpc.MaxRecvMsgSize(256<<20), grpc.MaxSendMsgSize(256<<20))...)
 	workerv1.RegisterWorkerServer(gs, svc)
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
@@ -170,32 +184,134 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	}
 	defer gossip.Close()
 	info := cluster.WorkerInfo{ID: o.ID, Addr: addr, GossipAddr: gossip.Addr(), MetricsAddr: metricsAddr, Backend: kind, DeviceName: devName, MemoryBytes: o.MemoryBytes,
-		Devices: 1, PID: os.Getpid(), Host: host, State: "idle", Started: time.Now()}
+		Devices: 1, PID: os.Getpid(), Host: host, State: "idle", Started: time.Now(), DrainTimeoutSeconds: o.DrainTimeout.Seconds()}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	reg, err := store.RegisterWorker(rctx, info, o.LeaseTTL)
 	cancel()
 	if err != nil {
 		return err
 	}
-	defer reg.Close()
-	// One goroutine owns the registration's updates; it ends, and is
-	// waited for, before the registration is closed.
-	sctx, stopStates := context.WithCancel(ctx)
-	statesDone := make(chan struct{})
-	go func() {
-		defer close(statesDone)
-		states.run(sctx, reg, info, log)
-	}()
-	defer func() {
+	log.Info("worker registered", "id", o.ID, "addr", addr, "gossip", gossip.Addr())
+	return life.run(ctx, o, log, store, reg, info, states, svc)
+}
+
+// workerLife is a registered worker's life after it started: it keeps the
+// etcd registration (registering again with a fresh state when it is lost:
+// a worker partitioned away or stopped past its lease comes back as a new
+// member), and drains when asked: its state in etcd becomes "draining",
+// the coordinator drains its replica and calls Leave; then it leaves etcd
+// and the process exits 0. A drain that no coordinator completes in
+// DrainTimeout + drainGrace ends the same way.
+type workerLife struct {
+	draining atomic.Bool
+	drain    chan struct{} // the Drain RPC
+	leave    chan struct{} // the Leave RPC
+}
+
+// drainGrace is what a draining worker waits beyond its drain timeout for
+// the coordinator to release it (the coordinator's drain ends at the
+// timeout; releasing the replica takes a moment more).
+const drainGrace = 15 * time.Second
+
+func newWorkerLife() *workerLife {
+	return &workerLife{drain: make(chan struct{}, 1), leave: make(chan struct{}, 1)}
+}
+
+func poke(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.Logger, store *cluster.Store, reg *cluster.Registration,
+	info cluster.WorkerInfo, states *stateWriter, svc *WorkerService) error {
+	sigDrain := o.Drain
+	var deadline <-chan time.Time
+	startDrain := func(why string) {
+		if l.draining.Swap(true) {
+			return
+		}
+		sigDrain = nil
+		states.set("draining")
+		deadline = time.After(o.DrainTimeout + drainGrace)
+		log.Info("draining: the coordinator finishes or moves this worker's requests, then releases it", "why", why, "timeout", o.DrainTimeout)
+	}
+	for {
+		// One goroutine owns the registration's updates; it ends, and is
+		// waited for, before the registration is closed.
+		sctx, stopStates := context.WithCancel(ctx)
+		statesDone := make(chan struct{})
+		go func() {
+			defer close(statesDone)
+			states.run(sctx, reg, info, log)
+		}()
+		leave := func(why string) error {
+			stopStates()
+			<-statesDone
+			log.Info("leaving etcd", "why", why)
+			return reg.Close()
+		}
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				stopStates()
+				<-statesDone
+				reg.Close()
+				return nil
+			case <-sigDrain:
+				startDrain("signal")
+			case <-l.drain:
+				startDrain("asked by the coordinator")
+			case <-l.leave:
+				if err := leave("drained"); err != nil {
+					log.Warn("leaving etcd", "err", err)
+				}
+				return nil
+			case <-deadline:
+				leave(fmt.Sprintf("no coordinator released this worker within %s of its drain", o.DrainTimeout+drainGrace))
+				return nil
+			case <-reg.Lost():
+				break wait
+			}
+		}
 		stopStates()
 		<-statesDone
-	}()
-	log.Info("worker registered", "id", o.ID, "addr", addr, "gossip", gossip.Addr())
-	select {
-	case <-ctx.Done():
-		return nil
-	case <-reg.Lost():
-		return errors.New("etcd registration lost")
+		reg.Close()
+		if l.draining.Load() {
+			log.Warn("etcd registration lost while draining: leaving")
+			return nil
+		}
+		log.Warn("etcd registration lost (the lease expired: cut off from etcd, or stopped); registering again with a fresh state")
+		svc.reset()
+		info.State = "idle"
+		states.set("idle")
+		var err error
+		if reg, err = registerAgain(ctx, store, info, o.LeaseTTL, log); err != nil {
+			return nil // ctx ended
+		}
+		log.Info("worker registered again", "id", o.ID)
+	}
+}
+
+// registerAgain registers info until it succeeds or ctx ends.
+func registerAgain(ctx context.Context, store *cluster.Store, info cluster.WorkerInfo, ttl time.Duration, log *slog.Logger) (*cluster.Registration, error) {
+	backoff := 250 * time.Millisecond
+	for {
+		rctx, cancel := context.WithTimeout(ctx, etcdTimeout)
+		reg, err := store.RegisterWorker(rctx, info, ttl)
+		cancel()
+		if err == nil {
+			return reg, nil
+		}
+		log.Warn("registering in etcd", "err", err, "retry", backoff)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
 	}
 }
 
@@ -235,7 +351,10 @@ type CoordinatorProcessOptions struct {
 	Scheduler    routing.SchedulerConfig
 	Quantize     string
 	GossipFast   bool
-	Logger       *slog.Logger
+	// StepTimeout, QueueTimeout, DrainTimeout: see CoordinatorOptions.
+	StepTimeout                routing.StepTimeout
+	QueueTimeout, DrainTimeout time.Duration
+	Logger                     *slog.Logger
 	// OnReady is called once a replica can serve, with the public address.
 	OnReady func(addr string)
 }
@@ -343,7 +462,8 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	coord, err := NewCoordinator(CoordinatorOptions{ID: o.ID, Addr: addr, ModelDir: o.ModelDir, Store: store, Gossip: gossip,
 		EtcdEndpoints: endpoints, LeaderTTL: o.LeaderTTL, BlockSize: o.BlockSize, KVCacheBytes: o.KVCacheBytes, NumBlocks: o.NumBlocks,
 		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log, TP: o.TP, PP: o.PP,
-		EP: o.EP, RedundantExperts: o.RedundantExperts, EPLBInterval: o.EPLBInterval})
+		EP: o.EP, RedundantExperts: o.RedundantExperts, EPLBInterval: o.EPLBInterval,
+		StepTimeout: o.StepTimeout, QueueTimeout: o.QueueTimeout, DrainTimeout: o.DrainTimeout})
 	if err != nil {
 		return err
 	}
@@ -387,6 +507,10 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 					"--id", fmt.Sprintf("local-%d-w%d", os.Getpid(), i), "--prefix", o.Prefix}, o.WorkerArgs...),
 				Env:        append(os.Environ(), RoleEnv+"=worker"),
 				MinBackoff: time.Second, MaxBackoff: 30 * time.Second, StopGrace: 5 * time.Second,
+				// The cluster stops: no drain (a worker drains on SIGTERM).
+				// A worker drained by the coordinator exits 0 and is not
+				// started again.
+				StopSignal: syscall.SIGINT,
 			}
 			wg.Go(func() { supervise.Run(rctx, cfg, log) })
 		}

@@ -36,10 +36,15 @@ type WorkerOptions struct {
 	MemoryBytes  int64  // reported budget
 	KVCacheBytes int64  // default KV pool when Warmup names none
 	Mmap         bool
+	Peer         PeerConfig // connections to the replica's other workers
 	Logger       *slog.Logger
 	// OnState is called when the worker's state changes (idle, loading,
 	// ready, failed).
 	OnState func(state, model string)
+	// OnDrain is called by the Drain RPC (the coordinator asks the worker
+	// to show it drains), OnLeave by Leave (it is drained: leave etcd and
+	// exit). Both must not block.
+	OnDrain, OnLeave func()
 	// Assignments reads this worker's assignment of a replica generation
 	// from the placement (in etcd); Load uses it when the request carries
 	// only the version.
@@ -113,6 +118,20 @@ func (w *WorkerService) Close() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.unload()
+}
+
+// reset forgets everything the worker holds (model, KV pool, assignment,
+// peers, messages) and makes it idle: a worker that lost its registration
+// comes back as a new member with a fresh state.
+func (w *WorkerService) reset() {
+	w.life.Lock()
+	defer w.life.Unlock()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.unload()
+	w.blockSize, w.quantize, w.tables, w.expVersion = 0, "", nil, 0
+	w.box.keepOnly(0)
+	w.setState("idle")
 }
 
 // unload frees the model; w.life and w.mu are held.
@@ -304,7 +323,7 @@ func (w *WorkerService) setPeers(a *workerv1.Assignment) error {
 	if a.TpSize <= 1 && a.EpSize <= 1 && a.NextStage == "" && a.Stage == 0 {
 		return nil
 	}
-	p, err := dialPeers(a)
+	p, err := dialPeers(a, w.opts.Peer)
 	if err != nil {
 		return err
 	}
@@ -624,6 +643,25 @@ func (w *WorkerService) Release(ctx context.Context, req *workerv1.ReleaseReques
 	}
 	exec.Release(req.SeqIds)
 	return &workerv1.ReleaseResponse{}, nil
+}
+
+// Drain has the worker show, in etcd, that it drains (its coordinator then
+// drains the replica it serves in).
+func (w *WorkerService) Drain(ctx context.Context, _ *workerv1.DrainRequest) (*workerv1.DrainResponse, error) {
+	if w.opts.OnDrain == nil {
+		return nil, status.Error(codes.Unimplemented, "this worker cannot drain (it has no etcd registration)")
+	}
+	w.opts.OnDrain()
+	return &workerv1.DrainResponse{}, nil
+}
+
+// Leave ends a drained worker: after answering, it leaves etcd and exits.
+func (w *WorkerService) Leave(ctx context.Context, _ *workerv1.LeaveRequest) (*workerv1.LeaveResponse, error) {
+	if w.opts.OnLeave == nil {
+		return nil, status.Error(codes.Unimplemented, "this worker cannot leave (it has no etcd registration)")
+	}
+	w.opts.OnLeave()
+	return &workerv1.LeaveResponse{}, nil
 }
 
 // Health reports whether the worker can run steps.

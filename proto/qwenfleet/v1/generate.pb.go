@@ -2018,6 +2018,133 @@ func (x *ExpertLoadResponse) GetReplicas() []*ExpertLoadResponse_Replica {
 	return nil
 }
 
+type DrainRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	WorkerId string                 `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
+	// timeout_seconds: how long the replica's running requests may take to
+	// finish before they move (default 120).
+	TimeoutSeconds *float64 `protobuf:"fixed64,2,opt,name=timeout_seconds,json=timeoutSeconds,proto3,oneof" json:"timeout_seconds,omitempty"`
+	// force drains the last replica serving requests too (new requests then
+	// wait for another replica, up to the coordinator's --queue-timeout).
+	Force         bool `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *DrainRequest) GetWorkerId() string {
+	if x != nil {
+		return x.WorkerId
+	}
+	return ""
+}
+
+func (x *DrainRequest) GetTimeoutSeconds() float64 {
+	if x != nil && x.TimeoutSeconds != nil {
+		return *x.TimeoutSeconds
+	}
+	return 0
+}
+
+func (x *DrainRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type DrainResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// replica is the replica the worker serves in ("" when none); its other
+	// workers return to the pool once it is released.
+	Replica        string   `protobuf:"bytes,1,opt,name=replica,proto3" json:"replica,omitempty"`
+	ReplicaWorkers []string `protobuf:"bytes,2,rep,name=replica_workers,json=replicaWorkers,proto3" json:"replica_workers,omitempty"`
+	// state: "draining", or "drained" when the worker served in no replica.
+	State         string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *DrainResponse) GetReplica() string {
+	if x != nil {
+		return x.Replica
+	}
+	return ""
+}
+
+func (x *DrainResponse) GetReplicaWorkers() []string {
+	if x != nil {
+		return x.ReplicaWorkers
+	}
+	return nil
+}
+
+func (x *DrainResponse) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
 type Placement_Replica struct {
 	state         protoimpl.MessageState     `protogen:"open.v1"`
 	Index         int32                      `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
@@ -2034,7 +2161,7 @@ type Placement_Replica struct {
 
 func (x *Placement_Replica) Reset() {
 	*x = Placement_Replica{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2046,7 +2173,7 @@ func (x *Placement_Replica) String() string {
 func (*Placement_Replica) ProtoMessage() {}
 
 func (x *Placement_Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2130,7 +2257,7 @@ type Placement_Replica_Stage struct {
 
 func (x *Placement_Replica_Stage) Reset() {
 	*x = Placement_Replica_Stage{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2142,7 +2269,7 @@ func (x *Placement_Replica_Stage) String() string {
 func (*Placement_Replica_Stage) ProtoMessage() {}
 
 func (x *Placement_Replica_Stage) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2205,7 +2332,7 @@ type ExpertLoadResponse_Replica struct {
 
 func (x *ExpertLoadResponse_Replica) Reset() {
 	*x = ExpertLoadResponse_Replica{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2217,7 +2344,7 @@ func (x *ExpertLoadResponse_Replica) String() string {
 func (*ExpertLoadResponse_Replica) ProtoMessage() {}
 
 func (x *ExpertLoadResponse_Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2508,7 +2635,16 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\x0fexperts_version\x18\x06 \x01(\x03R\x0eexpertsVersion\x12'\n" +
 	"\x0fimbalance_after\x18\a \x01(\x01R\x0eimbalanceAfter\x12\x16\n" +
 	"\x06loaded\x18\b \x03(\x05R\x06loaded\x12\x14\n" +
-	"\x05slots\x18\t \x01(\x05R\x05slots2\xa5\x04\n" +
+	"\x05slots\x18\t \x01(\x05R\x05slots\"\x83\x01\n" +
+	"\fDrainRequest\x12\x1b\n" +
+	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12,\n" +
+	"\x0ftimeout_seconds\x18\x02 \x01(\x01H\x00R\x0etimeoutSeconds\x88\x01\x01\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05forceB\x12\n" +
+	"\x10_timeout_seconds\"h\n" +
+	"\rDrainResponse\x12\x18\n" +
+	"\areplica\x18\x01 \x01(\tR\areplica\x12'\n" +
+	"\x0freplica_workers\x18\x02 \x03(\tR\x0ereplicaWorkers\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state2\xe7\x04\n" +
 	"\tGenerator\x12K\n" +
 	"\bGenerate\x12\x1d.qwenfleet.v1.GenerateRequest\x1a\x1e.qwenfleet.v1.GenerateResponse0\x01\x12@\n" +
 	"\x05Abort\x12\x1a.qwenfleet.v1.AbortRequest\x1a\x1b.qwenfleet.v1.AbortResponse\x12I\n" +
@@ -2517,7 +2653,8 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\rGetServerInfo\x12\".qwenfleet.v1.GetServerInfoRequest\x1a\x18.qwenfleet.v1.ServerInfo\x12R\n" +
 	"\vHealthCheck\x12 .qwenfleet.v1.HealthCheckRequest\x1a!.qwenfleet.v1.HealthCheckResponse\x12O\n" +
 	"\n" +
-	"ExpertLoad\x12\x1f.qwenfleet.v1.ExpertLoadRequest\x1a .qwenfleet.v1.ExpertLoadResponseB?Z=github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1;qwenfleetv1b\x06proto3"
+	"ExpertLoad\x12\x1f.qwenfleet.v1.ExpertLoadRequest\x1a .qwenfleet.v1.ExpertLoadResponse\x12@\n" +
+	"\x05Drain\x12\x1a.qwenfleet.v1.DrainRequest\x1a\x1b.qwenfleet.v1.DrainResponseB?Z=github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1;qwenfleetv1b\x06proto3"
 
 var (
 	file_qwenfleet_v1_generate_proto_rawDescOnce sync.Once
@@ -2531,7 +2668,7 @@ func file_qwenfleet_v1_generate_proto_rawDescGZIP() []byte {
 	return file_qwenfleet_v1_generate_proto_rawDescData
 }
 
-var file_qwenfleet_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_qwenfleet_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_qwenfleet_v1_generate_proto_goTypes = []any{
 	(*ChatMessage)(nil),                // 0: qwenfleet.v1.ChatMessage
 	(*ChatInput)(nil),                  // 1: qwenfleet.v1.ChatInput
@@ -2560,9 +2697,11 @@ var file_qwenfleet_v1_generate_proto_goTypes = []any{
 	(*HealthCheckResponse)(nil),        // 24: qwenfleet.v1.HealthCheckResponse
 	(*ExpertLoadRequest)(nil),          // 25: qwenfleet.v1.ExpertLoadRequest
 	(*ExpertLoadResponse)(nil),         // 26: qwenfleet.v1.ExpertLoadResponse
-	(*Placement_Replica)(nil),          // 27: qwenfleet.v1.Placement.Replica
-	(*Placement_Replica_Stage)(nil),    // 28: qwenfleet.v1.Placement.Replica.Stage
-	(*ExpertLoadResponse_Replica)(nil), // 29: qwenfleet.v1.ExpertLoadResponse.Replica
+	(*DrainRequest)(nil),               // 27: qwenfleet.v1.DrainRequest
+	(*DrainResponse)(nil),              // 28: qwenfleet.v1.DrainResponse
+	(*Placement_Replica)(nil),          // 29: qwenfleet.v1.Placement.Replica
+	(*Placement_Replica_Stage)(nil),    // 30: qwenfleet.v1.Placement.Replica.Stage
+	(*ExpertLoadResponse_Replica)(nil), // 31: qwenfleet.v1.ExpertLoadResponse.Replica
 }
 var file_qwenfleet_v1_generate_proto_depIdxs = []int32{
 	0,  // 0: qwenfleet.v1.ChatInput.messages:type_name -> qwenfleet.v1.ChatMessage
@@ -2577,12 +2716,12 @@ var file_qwenfleet_v1_generate_proto_depIdxs = []int32{
 	9,  // 9: qwenfleet.v1.GenerateResponse.complete:type_name -> qwenfleet.v1.GenerateComplete
 	10, // 10: qwenfleet.v1.GenerateResponse.error:type_name -> qwenfleet.v1.GenerateError
 	1,  // 11: qwenfleet.v1.TokenizeRequest.chat:type_name -> qwenfleet.v1.ChatInput
-	27, // 12: qwenfleet.v1.Placement.replicas:type_name -> qwenfleet.v1.Placement.Replica
+	29, // 12: qwenfleet.v1.Placement.replicas:type_name -> qwenfleet.v1.Placement.Replica
 	19, // 13: qwenfleet.v1.ServerInfo.workers:type_name -> qwenfleet.v1.WorkerStatus
 	20, // 14: qwenfleet.v1.ServerInfo.placement:type_name -> qwenfleet.v1.Placement
 	21, // 15: qwenfleet.v1.ServerInfo.scheduler:type_name -> qwenfleet.v1.SchedulerStats
-	29, // 16: qwenfleet.v1.ExpertLoadResponse.replicas:type_name -> qwenfleet.v1.ExpertLoadResponse.Replica
-	28, // 17: qwenfleet.v1.Placement.Replica.stages:type_name -> qwenfleet.v1.Placement.Replica.Stage
+	31, // 16: qwenfleet.v1.ExpertLoadResponse.replicas:type_name -> qwenfleet.v1.ExpertLoadResponse.Replica
+	30, // 17: qwenfleet.v1.Placement.Replica.stages:type_name -> qwenfleet.v1.Placement.Replica.Stage
 	3,  // 18: qwenfleet.v1.Generator.Generate:input_type -> qwenfleet.v1.GenerateRequest
 	12, // 19: qwenfleet.v1.Generator.Abort:input_type -> qwenfleet.v1.AbortRequest
 	14, // 20: qwenfleet.v1.Generator.Tokenize:input_type -> qwenfleet.v1.TokenizeRequest
@@ -2590,15 +2729,17 @@ var file_qwenfleet_v1_generate_proto_depIdxs = []int32{
 	18, // 22: qwenfleet.v1.Generator.GetServerInfo:input_type -> qwenfleet.v1.GetServerInfoRequest
 	23, // 23: qwenfleet.v1.Generator.HealthCheck:input_type -> qwenfleet.v1.HealthCheckRequest
 	25, // 24: qwenfleet.v1.Generator.ExpertLoad:input_type -> qwenfleet.v1.ExpertLoadRequest
-	11, // 25: qwenfleet.v1.Generator.Generate:output_type -> qwenfleet.v1.GenerateResponse
-	13, // 26: qwenfleet.v1.Generator.Abort:output_type -> qwenfleet.v1.AbortResponse
-	15, // 27: qwenfleet.v1.Generator.Tokenize:output_type -> qwenfleet.v1.TokenizeResponse
-	17, // 28: qwenfleet.v1.Generator.GetModelInfo:output_type -> qwenfleet.v1.ModelInfo
-	22, // 29: qwenfleet.v1.Generator.GetServerInfo:output_type -> qwenfleet.v1.ServerInfo
-	24, // 30: qwenfleet.v1.Generator.HealthCheck:output_type -> qwenfleet.v1.HealthCheckResponse
-	26, // 31: qwenfleet.v1.Generator.ExpertLoad:output_type -> qwenfleet.v1.ExpertLoadResponse
-	25, // [25:32] is the sub-list for method output_type
-	18, // [18:25] is the sub-list for method input_type
+	27, // 25: qwenfleet.v1.Generator.Drain:input_type -> qwenfleet.v1.DrainRequest
+	11, // 26: qwenfleet.v1.Generator.Generate:output_type -> qwenfleet.v1.GenerateResponse
+	13, // 27: qwenfleet.v1.Generator.Abort:output_type -> qwenfleet.v1.AbortResponse
+	15, // 28: qwenfleet.v1.Generator.Tokenize:output_type -> qwenfleet.v1.TokenizeResponse
+	17, // 29: qwenfleet.v1.Generator.GetModelInfo:output_type -> qwenfleet.v1.ModelInfo
+	22, // 30: qwenfleet.v1.Generator.GetServerInfo:output_type -> qwenfleet.v1.ServerInfo
+	24, // 31: qwenfleet.v1.Generator.HealthCheck:output_type -> qwenfleet.v1.HealthCheckResponse
+	26, // 32: qwenfleet.v1.Generator.ExpertLoad:output_type -> qwenfleet.v1.ExpertLoadResponse
+	28, // 33: qwenfleet.v1.Generator.Drain:output_type -> qwenfleet.v1.DrainResponse
+	26, // [26:34] is the sub-list for method output_type
+	18, // [18:26] is the sub-list for method input_type
 	18, // [18:18] is the sub-list for extension type_name
 	18, // [18:18] is the sub-list for extension extendee
 	0,  // [0:18] is the sub-list for field type_name
@@ -2626,13 +2767,14 @@ func file_qwenfleet_v1_generate_proto_init() {
 		(*TokenizeRequest_Chat)(nil),
 	}
 	file_qwenfleet_v1_generate_proto_msgTypes[25].OneofWrappers = []any{}
+	file_qwenfleet_v1_generate_proto_msgTypes[27].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_qwenfleet_v1_generate_proto_rawDesc), len(file_qwenfleet_v1_generate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   30,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	Generator_GetServerInfo_FullMethodName = "/qwenfleet.v1.Generator/GetServerInfo"
 	Generator_HealthCheck_FullMethodName   = "/qwenfleet.v1.Generator/HealthCheck"
 	Generator_ExpertLoad_FullMethodName    = "/qwenfleet.v1.Generator/ExpertLoad"
+	Generator_Drain_FullMethodName         = "/qwenfleet.v1.Generator/Drain"
 )
 
 // GeneratorClient is the client API for Generator service.
@@ -52,6 +53,12 @@ type GeneratorClient interface {
 	// ranks of each expert-parallel replica and, when asked, re-places the
 	// experts from those counts (no restart; running requests go on).
 	ExpertLoad(ctx context.Context, in *ExpertLoadRequest, opts ...grpc.CallOption) (*ExpertLoadResponse, error)
+	// Drain takes a worker out gracefully: its replica takes no new request,
+	// its running requests finish (or, after the timeout, move to other
+	// replicas and are recomputed there), then the replica is released and
+	// the worker leaves etcd and exits 0. It answers once the drain has
+	// started; GetServerInfo shows the worker "draining" until it is gone.
+	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
 }
 
 type generatorClient struct {
@@ -141,6 +148,16 @@ func (c *generatorClient) ExpertLoad(ctx context.Context, in *ExpertLoadRequest,
 	return out, nil
 }
 
+func (c *generatorClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainResponse)
+	err := c.cc.Invoke(ctx, Generator_Drain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // GeneratorServer is the server API for Generator service.
 // All implementations must embed UnimplementedGeneratorServer
 // for forward compatibility.
@@ -161,6 +178,12 @@ type GeneratorServer interface {
 	// ranks of each expert-parallel replica and, when asked, re-places the
 	// experts from those counts (no restart; running requests go on).
 	ExpertLoad(context.Context, *ExpertLoadRequest) (*ExpertLoadResponse, error)
+	// Drain takes a worker out gracefully: its replica takes no new request,
+	// its running requests finish (or, after the timeout, move to other
+	// replicas and are recomputed there), then the replica is released and
+	// the worker leaves etcd and exits 0. It answers once the drain has
+	// started; GetServerInfo shows the worker "draining" until it is gone.
+	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
 	mustEmbedUnimplementedGeneratorServer()
 }
 
@@ -191,6 +214,9 @@ func (UnimplementedGeneratorServer) HealthCheck(context.Context, *HealthCheckReq
 }
 func (UnimplementedGeneratorServer) ExpertLoad(context.Context, *ExpertLoadRequest) (*ExpertLoadResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ExpertLoad not implemented")
+}
+func (UnimplementedGeneratorServer) Drain(context.Context, *DrainRequest) (*DrainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Drain not implemented")
 }
 func (UnimplementedGeneratorServer) mustEmbedUnimplementedGeneratorServer() {}
 func (UnimplementedGeneratorServer) testEmbeddedByValue()                   {}
@@ -332,6 +358,24 @@ func _Generator_ExpertLoad_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Generator_Drain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(GeneratorServer).Drain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Generator_Drain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(GeneratorServer).Drain(ctx, req.(*DrainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Generator_ServiceDesc is the grpc.ServiceDesc for Generator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -362,6 +406,10 @@ var Generator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ExpertLoad",
 			Handler:    _Generator_ExpertLoad_Handler,
+		},
+		{
+			MethodName: "Drain",
+			Handler:    _Generator_Drain_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

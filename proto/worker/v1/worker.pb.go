@@ -1605,6 +1605,150 @@ func (x *ExpertLoadResponse) GetExpertsVersion() int64 {
 	return 0
 }
 
+type DrainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_worker_v1_worker_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{22}
+}
+
+type DrainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_worker_v1_worker_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{23}
+}
+
+type LeaveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaveRequest) Reset() {
+	*x = LeaveRequest{}
+	mi := &file_worker_v1_worker_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaveRequest) ProtoMessage() {}
+
+func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaveRequest.ProtoReflect.Descriptor instead.
+func (*LeaveRequest) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{24}
+}
+
+type LeaveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaveResponse) Reset() {
+	*x = LeaveResponse{}
+	mi := &file_worker_v1_worker_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaveResponse) ProtoMessage() {}
+
+func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaveResponse.ProtoReflect.Descriptor instead.
+func (*LeaveResponse) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{25}
+}
+
 var File_worker_v1_worker_proto protoreflect.FileDescriptor
 
 const file_worker_v1_worker_proto_rawDesc = "" +
@@ -1751,7 +1895,11 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x06layers\x18\x02 \x01(\x05R\x06layers\x12\x18\n" +
 	"\aexperts\x18\x03 \x01(\x05R\aexperts\x12\x16\n" +
 	"\x06counts\x18\x04 \x03(\x03R\x06counts\x12'\n" +
-	"\x0fexperts_version\x18\x05 \x01(\x03R\x0eexpertsVersion2\x86\x06\n" +
+	"\x0fexperts_version\x18\x05 \x01(\x03R\x0eexpertsVersion\"\x0e\n" +
+	"\fDrainRequest\"\x0f\n" +
+	"\rDrainResponse\"\x0e\n" +
+	"\fLeaveRequest\"\x0f\n" +
+	"\rLeaveResponse2\xa6\a\n" +
 	"\x06Worker\x12K\n" +
 	"\x04Info\x12 .qwenfleet.worker.v1.InfoRequest\x1a!.qwenfleet.worker.v1.InfoResponse\x12M\n" +
 	"\x04Load\x12 .qwenfleet.worker.v1.LoadRequest\x1a!.qwenfleet.worker.v1.LoadProgress0\x01\x12Q\n" +
@@ -1763,7 +1911,9 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\n" +
 	"SetExperts\x12&.qwenfleet.worker.v1.SetExpertsRequest\x1a'.qwenfleet.worker.v1.SetExpertsResponse\x12]\n" +
 	"\n" +
-	"ExpertLoad\x12&.qwenfleet.worker.v1.ExpertLoadRequest\x1a'.qwenfleet.worker.v1.ExpertLoadResponseB9Z7github.com/qwenfleet/qwenfleet/proto/worker/v1;workerv1b\x06proto3"
+	"ExpertLoad\x12&.qwenfleet.worker.v1.ExpertLoadRequest\x1a'.qwenfleet.worker.v1.ExpertLoadResponse\x12N\n" +
+	"\x05Drain\x12!.qwenfleet.worker.v1.DrainRequest\x1a\".qwenfleet.worker.v1.DrainResponse\x12N\n" +
+	"\x05Leave\x12!.qwenfleet.worker.v1.LeaveRequest\x1a\".qwenfleet.worker.v1.LeaveResponseB9Z7github.com/qwenfleet/qwenfleet/proto/worker/v1;workerv1b\x06proto3"
 
 var (
 	file_worker_v1_worker_proto_rawDescOnce sync.Once
@@ -1777,7 +1927,7 @@ func file_worker_v1_worker_proto_rawDescGZIP() []byte {
 	return file_worker_v1_worker_proto_rawDescData
 }
 
-var file_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_worker_v1_worker_proto_goTypes = []any{
 	(*InfoRequest)(nil),        // 0: qwenfleet.worker.v1.InfoRequest
 	(*InfoResponse)(nil),       // 1: qwenfleet.worker.v1.InfoResponse
@@ -1801,6 +1951,10 @@ var file_worker_v1_worker_proto_goTypes = []any{
 	(*SetExpertsResponse)(nil), // 19: qwenfleet.worker.v1.SetExpertsResponse
 	(*ExpertLoadRequest)(nil),  // 20: qwenfleet.worker.v1.ExpertLoadRequest
 	(*ExpertLoadResponse)(nil), // 21: qwenfleet.worker.v1.ExpertLoadResponse
+	(*DrainRequest)(nil),       // 22: qwenfleet.worker.v1.DrainRequest
+	(*DrainResponse)(nil),      // 23: qwenfleet.worker.v1.DrainResponse
+	(*LeaveRequest)(nil),       // 24: qwenfleet.worker.v1.LeaveRequest
+	(*LeaveResponse)(nil),      // 25: qwenfleet.worker.v1.LeaveResponse
 }
 var file_worker_v1_worker_proto_depIdxs = []int32{
 	2,  // 0: qwenfleet.worker.v1.LoadRequest.assignment:type_name -> qwenfleet.worker.v1.Assignment
@@ -1816,17 +1970,21 @@ var file_worker_v1_worker_proto_depIdxs = []int32{
 	12, // 10: qwenfleet.worker.v1.Worker.Exchange:input_type -> qwenfleet.worker.v1.ExchangeRequest
 	18, // 11: qwenfleet.worker.v1.Worker.SetExperts:input_type -> qwenfleet.worker.v1.SetExpertsRequest
 	20, // 12: qwenfleet.worker.v1.Worker.ExpertLoad:input_type -> qwenfleet.worker.v1.ExpertLoadRequest
-	1,  // 13: qwenfleet.worker.v1.Worker.Info:output_type -> qwenfleet.worker.v1.InfoResponse
-	4,  // 14: qwenfleet.worker.v1.Worker.Load:output_type -> qwenfleet.worker.v1.LoadProgress
-	6,  // 15: qwenfleet.worker.v1.Worker.Warmup:output_type -> qwenfleet.worker.v1.WarmupResponse
-	11, // 16: qwenfleet.worker.v1.Worker.Step:output_type -> qwenfleet.worker.v1.StepResponse
-	15, // 17: qwenfleet.worker.v1.Worker.Release:output_type -> qwenfleet.worker.v1.ReleaseResponse
-	17, // 18: qwenfleet.worker.v1.Worker.Health:output_type -> qwenfleet.worker.v1.HealthResponse
-	13, // 19: qwenfleet.worker.v1.Worker.Exchange:output_type -> qwenfleet.worker.v1.ExchangeResponse
-	19, // 20: qwenfleet.worker.v1.Worker.SetExperts:output_type -> qwenfleet.worker.v1.SetExpertsResponse
-	21, // 21: qwenfleet.worker.v1.Worker.ExpertLoad:output_type -> qwenfleet.worker.v1.ExpertLoadResponse
-	13, // [13:22] is the sub-list for method output_type
-	4,  // [4:13] is the sub-list for method input_type
+	22, // 13: qwenfleet.worker.v1.Worker.Drain:input_type -> qwenfleet.worker.v1.DrainRequest
+	24, // 14: qwenfleet.worker.v1.Worker.Leave:input_type -> qwenfleet.worker.v1.LeaveRequest
+	1,  // 15: qwenfleet.worker.v1.Worker.Info:output_type -> qwenfleet.worker.v1.InfoResponse
+	4,  // 16: qwenfleet.worker.v1.Worker.Load:output_type -> qwenfleet.worker.v1.LoadProgress
+	6,  // 17: qwenfleet.worker.v1.Worker.Warmup:output_type -> qwenfleet.worker.v1.WarmupResponse
+	11, // 18: qwenfleet.worker.v1.Worker.Step:output_type -> qwenfleet.worker.v1.StepResponse
+	15, // 19: qwenfleet.worker.v1.Worker.Release:output_type -> qwenfleet.worker.v1.ReleaseResponse
+	17, // 20: qwenfleet.worker.v1.Worker.Health:output_type -> qwenfleet.worker.v1.HealthResponse
+	13, // 21: qwenfleet.worker.v1.Worker.Exchange:output_type -> qwenfleet.worker.v1.ExchangeResponse
+	19, // 22: qwenfleet.worker.v1.Worker.SetExperts:output_type -> qwenfleet.worker.v1.SetExpertsResponse
+	21, // 23: qwenfleet.worker.v1.Worker.ExpertLoad:output_type -> qwenfleet.worker.v1.ExpertLoadResponse
+	23, // 24: qwenfleet.worker.v1.Worker.Drain:output_type -> qwenfleet.worker.v1.DrainResponse
+	25, // 25: qwenfleet.worker.v1.Worker.Leave:output_type -> qwenfleet.worker.v1.LeaveResponse
+	15, // [15:26] is the sub-list for method output_type
+	4,  // [4:15] is the sub-list for method input_type
 	4,  // [4:4] is the sub-list for extension type_name
 	4,  // [4:4] is the sub-list for extension extendee
 	0,  // [0:4] is the sub-list for field type_name
@@ -1843,7 +2001,7 @@ func file_worker_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_worker_v1_worker_proto_rawDesc), len(file_worker_v1_worker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

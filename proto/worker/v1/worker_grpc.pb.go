@@ -32,6 +32,8 @@ const (
 	Worker_Exchange_FullMethodName   = "/qwenfleet.worker.v1.Worker/Exchange"
 	Worker_SetExperts_FullMethodName = "/qwenfleet.worker.v1.Worker/SetExperts"
 	Worker_ExpertLoad_FullMethodName = "/qwenfleet.worker.v1.Worker/ExpertLoad"
+	Worker_Drain_FullMethodName      = "/qwenfleet.worker.v1.Worker/Drain"
+	Worker_Leave_FullMethodName      = "/qwenfleet.worker.v1.Worker/Leave"
 )
 
 // WorkerClient is the client API for Worker service.
@@ -63,6 +65,12 @@ type WorkerClient interface {
 	// ExpertLoad returns the tokens routed to each expert of this worker's
 	// layers since it loaded (counted by rank 0 of each stage).
 	ExpertLoad(ctx context.Context, in *ExpertLoadRequest, opts ...grpc.CallOption) (*ExpertLoadResponse, error)
+	// Drain marks the worker draining in etcd (what a SIGTERM does): the
+	// coordinator then drains the replica it serves in. It answers at once.
+	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
+	// Leave ends a drained worker: it answers, leaves etcd (its key is
+	// deleted) and exits 0.
+	Leave(ctx context.Context, in *LeaveRequest, opts ...grpc.CallOption) (*LeaveResponse, error)
 }
 
 type workerClient struct {
@@ -175,6 +183,26 @@ func (c *workerClient) ExpertLoad(ctx context.Context, in *ExpertLoadRequest, op
 	return out, nil
 }
 
+func (c *workerClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainResponse)
+	err := c.cc.Invoke(ctx, Worker_Drain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *workerClient) Leave(ctx context.Context, in *LeaveRequest, opts ...grpc.CallOption) (*LeaveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LeaveResponse)
+	err := c.cc.Invoke(ctx, Worker_Leave_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // WorkerServer is the server API for Worker service.
 // All implementations must embed UnimplementedWorkerServer
 // for forward compatibility.
@@ -204,6 +232,12 @@ type WorkerServer interface {
 	// ExpertLoad returns the tokens routed to each expert of this worker's
 	// layers since it loaded (counted by rank 0 of each stage).
 	ExpertLoad(context.Context, *ExpertLoadRequest) (*ExpertLoadResponse, error)
+	// Drain marks the worker draining in etcd (what a SIGTERM does): the
+	// coordinator then drains the replica it serves in. It answers at once.
+	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
+	// Leave ends a drained worker: it answers, leaves etcd (its key is
+	// deleted) and exits 0.
+	Leave(context.Context, *LeaveRequest) (*LeaveResponse, error)
 	mustEmbedUnimplementedWorkerServer()
 }
 
@@ -240,6 +274,12 @@ func (UnimplementedWorkerServer) SetExperts(context.Context, *SetExpertsRequest)
 }
 func (UnimplementedWorkerServer) ExpertLoad(context.Context, *ExpertLoadRequest) (*ExpertLoadResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ExpertLoad not implemented")
+}
+func (UnimplementedWorkerServer) Drain(context.Context, *DrainRequest) (*DrainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Drain not implemented")
+}
+func (UnimplementedWorkerServer) Leave(context.Context, *LeaveRequest) (*LeaveResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Leave not implemented")
 }
 func (UnimplementedWorkerServer) mustEmbedUnimplementedWorkerServer() {}
 func (UnimplementedWorkerServer) testEmbeddedByValue()                {}
@@ -406,6 +446,42 @@ func _Worker_ExpertLoad_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Worker_Drain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(WorkerServer).Drain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Worker_Drain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(WorkerServer).Drain(ctx, req.(*DrainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Worker_Leave_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LeaveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(WorkerServer).Leave(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Worker_Leave_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(WorkerServer).Leave(ctx, req.(*LeaveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Worker_ServiceDesc is the grpc.ServiceDesc for Worker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -440,6 +516,14 @@ var Worker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ExpertLoad",
 			Handler:    _Worker_ExpertLoad_Handler,
+		},
+		{
+			MethodName: "Drain",
+			Handler:    _Worker_Drain_Handler,
+		},
+		{
+			MethodName: "Leave",
+			Handler:    _Worker_Leave_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
