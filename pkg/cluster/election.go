@@ -35,7 +35,7 @@ type Leadership struct {
 // <= 0): if the leader process dies, its session expires after ttl and a
 // standby that is campaigning takes over.
 func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (*Leadership, error) {
-	sess, err := concurrency.NewSession(s.client, concurrency.WithTTL(int(ttlSeconds(ttl, DefaultLeaderTTL))))
+	sess, err := concurrency.NewSession(s.client, concurrency.WithTTL(int(ttlSeconds(ttl, DefaultLeaderTTL))), concurrency.WithContext(ctx))
 	if err != nil {
 		return nil, fmt.Errorf("cluster: election session: %w", err)
 	}

@@ -288,6 +288,7 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 			s.c.router.AbortStream(stream)
 			return status.FromContextError(err).Err()
 		}
+		stopped := g.finish != "" // by a stop string, before this event
 		chunk, done := g.add(ev)
 		if done && !ev.Done {
 			// A stop string matched: end the request and wait for its
@@ -309,7 +310,7 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 		}
 		if done || ev.Done {
 			final = ev
-			if ev.Err != nil && g.finish == "" {
+			if ev.Err != nil && !stopped {
 				finish = "error"
 				code := codes.Internal
 				if errors.Is(ev.Err, routing.ErrNoReplica) {

@@ -138,12 +138,24 @@ type proc struct {
 
 func start(t testing.TB, bin string, args ...string) *proc {
 	t.Helper()
+	return startCmd(t, exec.Command(filepath.Join(binDir, bin), args...))
+}
+
+// startCmd starts cmd (a project binary, maybe wrapped) as a proc: its
+// output goes to a log shown when the test fails.
+func startCmd(t testing.TB, cmd *exec.Cmd) *proc {
+	t.Helper()
 	needE2E(t) // every test that gets here should have called it first
-	logf, err := os.CreateTemp(t.TempDir(), filepath.Base(bin)+"-*.log")
+	bin := filepath.Base(cmd.Args[0])
+	for _, a := range cmd.Args {
+		if strings.HasPrefix(a, binDir) {
+			bin = filepath.Base(a)
+		}
+	}
+	logf, err := os.CreateTemp(t.TempDir(), bin+"-*.log")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(filepath.Join(binDir, bin), args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -153,7 +165,7 @@ func start(t testing.TB, bin string, args ...string) *proc {
 	go func() { cmd.Wait(); close(p.done) }()
 	t.Cleanup(func() {
 		p.stop(syscall.SIGTERM)
-		if t.Failed() {
+		if t.Failed() || os.Getenv("QWENFLEET_TEST_LOGS") != "" {
 			raw, _ := os.ReadFile(logf.Name())
 			t.Logf("%s log:\n%s", bin, tail(string(raw), 3000))
 		}

@@ -2,10 +2,12 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 
@@ -111,5 +113,85 @@ func BenchmarkAllReduce(b *testing.B) {
 			}
 			wg.Wait()
 		})
+	}
+}
+
+// hungWorker is a peer that takes Exchange streams and never reads them:
+// a stopped process, as its senders see it once the flow-control window
+// is full.
+type hungWorker struct {
+	workerv1.UnimplementedWorkerServer
+	release chan struct{}
+}
+
+func (h *hungWorker) Exchange(s workerv1.Worker_ExchangeServer) error {
+	select {
+	case <-h.release:
+	case <-s.Context().Done():
+	}
+	return nil
+}
+
+// TestSendsEndWithTheStep: sends to a peer that stopped reading, of
+// messages past the flow-control window, end with the step's context (the
+// stream is reset), so a step never outlives its deadline and never holds
+// the worker's lifecycle lock past it. Without the bound the second send
+// blocks until the peer reads, that is forever.
+func TestSendsEndWithTheStep(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := PeerConfig{Window: 64 << 10}
+	h := &hungWorker{release: make(chan struct{})}
+	gs := grpc.NewServer(append(PeerServerOptions(cfg), grpc.MaxRecvMsgSize(256<<20))...)
+	workerv1.RegisterWorkerServer(gs, h)
+	go gs.Serve(lis)
+	defer gs.Stop()
+	defer close(h.release)
+	p, err := dialPeers(&workerv1.Assignment{TpRank: 0, TpSize: 2, TpPeers: []string{"127.0.0.1:1", lis.Addr().String()}}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.close()
+	var box mailbox
+	x := make([]float32, 512*64) // a 512-token chunk of 64-wide rows: 128 KiB
+	for step := uint64(1); step <= 3; step++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		l := &stepLink{ctx: ctx, box: &box, p: p, step: step}
+		done := make(chan error, 1)
+		t0 := time.Now()
+		go func() {
+			var err error
+			for range 4 { // a step's all-reduces, until one fails
+				if err = l.AllReduce(x); err != nil {
+					break
+				}
+			}
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err == nil || !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("step %d: %v, want the step's deadline", step, err)
+			}
+			if d := time.Since(t0); d > 3*time.Second {
+				t.Fatalf("step %d ended %v after it started, past its 300ms deadline", step, d)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("step %d: an all-reduce to a peer that does not read is still blocked 10s after the step's 300ms deadline", step)
+		}
+		cancel()
+	}
+	// Sends taking their turn wait no longer than their context either.
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	for range 3 {
+		if err := p.tp[1].send(ctx, &workerv1.ExchangeRequest{Data: f32Bytes(x)}); err == nil {
+			continue
+		}
+	}
+	if ctx.Err() == nil {
+		t.Fatalf("three sends of 128 KiB to a peer that does not read all succeeded")
 	}
 }

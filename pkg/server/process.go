@@ -168,6 +168,8 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	}
 	defer store.Close()
 	svc.setAssignments(func(ctx context.Context, version int64) (*workerv1.Assignment, error) {
+		ctx, cancel := context.WithTimeout(ctx, etcdTimeout)
+		defer cancel()
 		raw, ver, err := store.GetPlacement(ctx)
 		if err != nil {
 			return nil, err
