@@ -41,10 +41,18 @@ type GossipConfig struct {
 	// Meta is opaque node metadata gossiped to all members (at most 512
 	// bytes).
 	Meta []byte
-	// Fast selects aggressive timings (200ms probes, 50ms gossip) that detect
-	// a dead peer in under a second; meant for tests and small loopback
-	// clusters. Otherwise memberlist's LAN defaults are used.
+	// Fast selects aggressive timings (200ms probes, 100ms probe timeout,
+	// 50ms gossip, suspicion multiplier 2) that detect a dead peer in under
+	// a second on a LAN or loopback. Otherwise memberlist's LAN defaults
+	// are used (1s probes, 500ms timeout, multiplier 4: several seconds).
 	Fast bool
+	// ProbeInterval, ProbeTimeout and SuspicionMult, when > 0, replace the
+	// timings above: a member is probed every ProbeInterval, a probe fails
+	// after ProbeTimeout (then indirect probes through other members), and
+	// a suspect is declared dead after SuspicionMult × max(1, log10(N)) ×
+	// ProbeInterval unless it refutes.
+	ProbeInterval, ProbeTimeout time.Duration
+	SuspicionMult               int
 }
 
 // MemberEvent describes a member, or a change to one: Alive is false when the
@@ -90,6 +98,18 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 		mc.PushPullInterval = 5 * time.Second
 	} else {
 		mc = memberlist.DefaultLANConfig()
+	}
+	if cfg.ProbeInterval > 0 {
+		mc.ProbeInterval = cfg.ProbeInterval
+	}
+	if cfg.ProbeTimeout > 0 {
+		mc.ProbeTimeout = cfg.ProbeTimeout
+	}
+	if cfg.SuspicionMult > 0 {
+		mc.SuspicionMult = cfg.SuspicionMult
+	}
+	if mc.ProbeTimeout > mc.ProbeInterval {
+		return nil, fmt.Errorf("cluster: gossip probe timeout %v is longer than the probe interval %v", mc.ProbeTimeout, mc.ProbeInterval)
 	}
 	if cfg.Name == "" {
 		cfg.Name = defaultNodeName()

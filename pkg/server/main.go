@@ -186,6 +186,9 @@ func CoordinatorMain(args []string) int {
 	stepFactor := fs.Float64("step-timeout-factor", 10, "a step may take this many times the replica's median step (scaled by its tokens), if more than --step-timeout")
 	queueTimeout := fs.Duration("queue-timeout", 60*time.Second, "how long a request may wait with no replica able to serve it before it ends UNAVAILABLE")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "how long a drained replica's requests may take to finish (when the drain names no timeout) before they move")
+	probeInterval := fs.Duration("gossip-probe-interval", 200*time.Millisecond, "how often gossip probes each worker (failure detection)")
+	probeTimeout := fs.Duration("gossip-probe-timeout", 100*time.Millisecond, "a gossip probe unanswered this long fails (then indirect probes)")
+	suspicion := fs.Int("gossip-suspicion-mult", 2, "a suspected worker is dead after this × max(1, log10(members)) × the probe interval")
 	if rc := parseFlags(fs, args); rc >= 0 {
 		return rc
 	}
@@ -227,6 +230,12 @@ func CoordinatorMain(args []string) int {
 		return fail("--queue-timeout: must be > 0")
 	case *drainTimeout <= 0:
 		return fail("--drain-timeout: must be > 0")
+	case *probeInterval < 10*time.Millisecond:
+		return fail("--gossip-probe-interval: must be >= 10ms")
+	case *probeTimeout <= 0 || *probeTimeout > *probeInterval:
+		return fail("--gossip-probe-timeout: %v is not in (0, --gossip-probe-interval]", *probeTimeout)
+	case *suspicion < 1 || *suspicion > 100:
+		return fail("--gossip-suspicion-mult: %d is outside [1, 100]", *suspicion)
 	}
 	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {
@@ -261,6 +270,7 @@ func CoordinatorMain(args []string) int {
 		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen,
 		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
 		StepTimeout: routing.StepTimeout{Min: *stepTimeout, Factor: *stepFactor}, QueueTimeout: *queueTimeout, DrainTimeout: *drainTimeout,
+		GossipProbeInterval: *probeInterval, GossipProbeTimeout: *probeTimeout, GossipSuspicionMult: *suspicion,
 		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
 	if err != nil && ctx.Err() == nil {
 		fmt.Fprintf(os.Stderr, "coordinator: %v\n", err)

@@ -353,6 +353,9 @@ type CoordinatorProcessOptions struct {
 	Scheduler    routing.SchedulerConfig
 	Quantize     string
 	GossipFast   bool
+	// Gossip timings of the coordinator's memberlist node (0: GossipFast's).
+	GossipProbeInterval, GossipProbeTimeout time.Duration
+	GossipSuspicionMult                     int
 	// StepTimeout, QueueTimeout, DrainTimeout: see CoordinatorOptions.
 	StepTimeout                routing.StepTimeout
 	QueueTimeout, DrainTimeout time.Duration
@@ -453,7 +456,8 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	}
 	defer store.Close()
 	host, _, _ := net.SplitHostPort(addr)
-	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: "coordinator-" + addr, BindAddr: host, Fast: o.GossipFast})
+	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: "coordinator-" + addr, BindAddr: host, Fast: o.GossipFast,
+		ProbeInterval: o.GossipProbeInterval, ProbeTimeout: o.GossipProbeTimeout, SuspicionMult: o.GossipSuspicionMult})
 	if err != nil {
 		return fmt.Errorf("gossip: %w", err)
 	}
