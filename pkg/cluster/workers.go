@@ -30,7 +30,7 @@ type WorkerInfo struct {
 	PID         int       `json:"pid"`
 	Host        string    `json:"host"`
 	State       string    `json:"state"`
-	Started     time.Time `json:"started"`
+	Started     time.Time `json:"started"` // when this registration was made (a new one after a lost lease)
 	// DrainTimeoutSeconds is how long the worker's replica may take to
 	// finish its requests when the worker asks to be drained (state
 	// "draining"); 0: the coordinator's default.

@@ -14,6 +14,10 @@ type Worker struct {
 	Backend     string // "cpu" or "cuda"
 	PID         int
 	MemoryBytes int64 // 0: unknown (memory does not limit the plan)
+	// Registered is when this registration was made: a worker that
+	// registers again (its lease was lost, or it was paused) is a new
+	// member with a fresh state, as a new process is.
+	Registered time.Time
 	// Draining is the worker asking to be drained (its state in etcd is
 	// "draining": it got a SIGTERM); DrainTimeout is how long its
 	// replica's requests may take to finish (0: Config.DrainTimeout).
@@ -21,9 +25,12 @@ type Worker struct {
 	DrainTimeout time.Duration
 }
 
-// sameProcess says whether w and o are the same process of a worker: a
-// worker that comes back with another pid or address is a new one.
-func (w Worker) sameProcess(o Worker) bool { return w.Addr == o.Addr && w.PID == o.PID }
+// sameProcess says whether w and o are the same registration of the same
+// process of a worker: a worker that comes back with another pid or
+// address, or registers again, is a new one.
+func (w Worker) sameProcess(o Worker) bool {
+	return w.Addr == o.Addr && w.PID == o.PID && w.Registered.Equal(o.Registered)
+}
 
 // Event is an input of Machine.Step.
 type Event interface{ event() }

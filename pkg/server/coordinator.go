@@ -369,7 +369,7 @@ func controlWorkers(ws []cluster.WorkerInfo) []control.Worker {
 	out := make([]control.Worker, len(ws))
 	for i, w := range ws {
 		out[i] = control.Worker{ID: w.ID, Addr: w.Addr, GossipAddr: w.GossipAddr, Host: w.Host, Backend: w.Backend, PID: w.PID, MemoryBytes: w.MemoryBytes,
-			Draining: w.State == "draining", DrainTimeout: time.Duration(w.DrainTimeoutSeconds * float64(time.Second))}
+			Draining: w.State == "draining", DrainTimeout: time.Duration(w.DrainTimeoutSeconds * float64(time.Second)), Registered: w.Started}
 	}
 	return out
 }

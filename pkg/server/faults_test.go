@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -267,6 +268,13 @@ func testHungMember(t *testing.T, layout []string, victimOf func([][]string) str
 	if got := mustGenerate(t, b.client, idsReq(ps[0], 24)).ids; !slices.Equal(got, want[0]) {
 		t.Fatalf("after SIGCONT: %v, want %v", got, want[0])
 	}
+	waitFor(t, 30*time.Second, victim+" registered again with a fresh state", func() error {
+		raw, _ := os.ReadFile(b.workers[victim].log.Name())
+		if !strings.Contains(string(raw), "registering again with a fresh state") {
+			return fmt.Errorf("not in its log")
+		}
+		return nil
+	})
 }
 
 // A worker cut off by the network (its namespace's link down: packets

@@ -198,9 +198,9 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 }
 
 // workerLife is a registered worker's life after it started: it keeps the
-// etcd registration (registering again with a fresh state when it is lost:
-// a worker partitioned away or stopped past its lease comes back as a new
-// member), and drains when asked: its state in etcd becomes "draining",
+// etcd registration (registering again with a fresh state when it is lost,
+// or when the process did not run for pauseLimit: a worker partitioned
+// away or stopped comes back as a new member), and drains when asked: its state in etcd becomes "draining",
 // the coordinator drains its replica and calls Leave; then it leaves etcd
 // and the process exits 0. A drain that no coordinator completes in
 // DrainTimeout + drainGrace ends the same way.
@@ -209,6 +209,11 @@ type workerLife struct {
 	drain    chan struct{} // the Drain RPC
 	leave    chan struct{} // the Leave RPC
 }
+
+// pauseLimit is how long a worker process may go without running before
+// it takes itself for found dead (gossip declares a silent member dead in
+// under a second) and registers again with a fresh state.
+const pauseLimit = 2 * time.Second
 
 // drainGrace is what a draining worker waits beyond its drain timeout for
 // the coordinator to release it (the coordinator's drain ends at the
@@ -239,6 +244,9 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 		deadline = time.After(o.DrainTimeout + drainGrace)
 		log.Info("draining: the coordinator finishes or moves this worker's requests, then releases it", "why", why, "timeout", o.DrainTimeout)
 	}
+	tick := time.NewTicker(pauseLimit / 8)
+	defer tick.Stop()
+	last := time.Now()
 	for {
 		// One goroutine owns the registration's updates; it ends, and is
 		// waited for, before the registration is closed.
@@ -275,7 +283,18 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 				leave(fmt.Sprintf("no coordinator released this worker within %s of its drain", o.DrainTimeout+drainGrace))
 				return nil
 			case <-reg.Lost():
+				log.Warn("etcd registration lost (the lease expired: cut off from etcd, or stopped); registering again with a fresh state")
 				break wait
+			case now := <-tick.C:
+				// A process stopped (SIGSTOP) or starved this long has
+				// been found dead by gossip and its replica re-formed:
+				// it comes back as a new member, not as its old self.
+				paused := now.Sub(last)
+				last = now
+				if paused > pauseLimit && !l.draining.Load() {
+					log.Warn("this process did not run for a while (stopped, or starved): registering again with a fresh state", "paused", paused.Round(time.Millisecond))
+					break wait
+				}
 			}
 		}
 		stopStates()
@@ -285,15 +304,15 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 			log.Warn("etcd registration lost while draining: leaving")
 			return nil
 		}
-		log.Warn("etcd registration lost (the lease expired: cut off from etcd, or stopped); registering again with a fresh state")
 		svc.reset()
-		info.State = "idle"
+		info.State, info.Started = "idle", time.Now()
 		states.set("idle")
 		var err error
 		if reg, err = registerAgain(ctx, store, info, o.LeaseTTL, log); err != nil {
 			return nil // ctx ended
 		}
 		log.Info("worker registered again", "id", o.ID)
+		last = time.Now()
 	}
 }
 
