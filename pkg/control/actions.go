@@ -3,6 +3,7 @@ package control
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster/schema"
 )
@@ -90,6 +91,7 @@ type Drained struct{ Worker string }
 type DrainAnswer struct {
 	Req      int64
 	Worker   string
+	Timeout  time.Duration // the drain's
 	Gen      int64
 	Workers  []string
 	Err      string

@@ -606,6 +606,12 @@ func (m *Machine) onDrain(e DrainRequested) {
 	if timeout <= 0 {
 		timeout = m.cfg.DrainTimeout
 	}
+	answer = func(a DrainAnswer) {
+		if e.Req > 0 {
+			a.Req, a.Worker, a.Timeout = e.Req, e.Worker, timeout
+			m.emit(a)
+		}
+	}
 	switch {
 	case r == nil:
 		answer(DrainAnswer{})

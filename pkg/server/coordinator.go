@@ -482,7 +482,7 @@ func (c *Coordinator) carryOut(a control.Action) {
 			// The worker shows the drain in etcd too (a no-op when it
 			// asked for it).
 			go c.callWorker(a.Worker, "drain", func(ctx context.Context, w workerv1.WorkerClient) error {
-				_, err := w.Drain(ctx, &workerv1.DrainRequest{})
+				_, err := w.Drain(ctx, &workerv1.DrainRequest{TimeoutSeconds: a.Timeout.Seconds()})
 				return err
 			})
 		}

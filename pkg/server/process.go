@@ -128,7 +128,7 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	life := newWorkerLife()
 	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, Device: o.Device, KVCacheBytes: o.KVCacheBytes,
 		MemoryBytes: o.MemoryBytes, Peer: o.Peer, Logger: log,
-		OnDrain: func() { poke(life.drain) }, OnLeave: func() { poke(life.leave) },
+		OnDrain: life.askDrain, OnLeave: func() { poke(life.leave) },
 		OnState: func(state, _ string) {
 			if !life.draining.Load() { // etcd keeps showing the drain
 				states.set(state)
@@ -206,8 +206,17 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 // DrainTimeout + drainGrace ends the same way.
 type workerLife struct {
 	draining atomic.Bool
-	drain    chan struct{} // the Drain RPC
-	leave    chan struct{} // the Leave RPC
+	drain    chan time.Duration // the Drain RPC, with the drain's timeout
+	leave    chan struct{}      // the Leave RPC
+}
+
+// askDrain is the Drain RPC: drain, with the coordinator's timeout (0: the
+// worker's own).
+func (l *workerLife) askDrain(timeout time.Duration) {
+	select {
+	case l.drain <- timeout:
+	default: // one is pending already
+	}
 }
 
 // pauseLimit is how long a worker process may go without running before
@@ -221,7 +230,7 @@ const pauseLimit = 2 * time.Second
 const drainGrace = 15 * time.Second
 
 func newWorkerLife() *workerLife {
-	return &workerLife{drain: make(chan struct{}, 1), leave: make(chan struct{}, 1)}
+	return &workerLife{drain: make(chan time.Duration, 1), leave: make(chan struct{}, 1)}
 }
 
 func poke(ch chan struct{}) {
@@ -235,14 +244,17 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 	info cluster.WorkerInfo, states *stateWriter, svc *WorkerService) error {
 	sigDrain := o.Drain
 	var deadline <-chan time.Time
-	startDrain := func(why string) {
+	startDrain := func(why string, timeout time.Duration) {
+		if timeout <= 0 {
+			timeout = o.DrainTimeout
+		}
 		if l.draining.Swap(true) {
 			return
 		}
 		sigDrain = nil
 		states.set("draining")
-		deadline = time.After(o.DrainTimeout + drainGrace)
-		log.Info("draining: the coordinator finishes or moves this worker's requests, then releases it", "why", why, "timeout", o.DrainTimeout)
+		deadline = time.After(timeout + drainGrace)
+		log.Info("draining: the coordinator finishes or moves this worker's requests, then releases it", "why", why, "timeout", timeout)
 	}
 	tick := time.NewTicker(pauseLimit / 8)
 	defer tick.Stop()
@@ -271,16 +283,16 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 				reg.Close()
 				return nil
 			case <-sigDrain:
-				startDrain("signal")
-			case <-l.drain:
-				startDrain("asked by the coordinator")
+				startDrain("signal", 0)
+			case timeout := <-l.drain:
+				startDrain("asked by the coordinator", timeout)
 			case <-l.leave:
 				if err := leave("drained"); err != nil {
 					log.Warn("leaving etcd", "err", err)
 				}
 				return nil
 			case <-deadline:
-				leave(fmt.Sprintf("no coordinator released this worker within %s of its drain", o.DrainTimeout+drainGrace))
+				leave("no coordinator released this worker within its drain's timeout")
 				return nil
 			case <-reg.Lost():
 				log.Warn("etcd registration lost (the lease expired: cut off from etcd, or stopped); registering again with a fresh state")

@@ -44,7 +44,8 @@ type WorkerOptions struct {
 	// OnDrain is called by the Drain RPC (the coordinator asks the worker
 	// to show it drains), OnLeave by Leave (it is drained: leave etcd and
 	// exit). Both must not block.
-	OnDrain, OnLeave func()
+	OnDrain func(timeout time.Duration)
+	OnLeave func()
 	// Assignments reads this worker's assignment of a replica generation
 	// from the placement (in etcd); Load uses it when the request carries
 	// only the version.
@@ -647,11 +648,15 @@ func (w *WorkerService) Release(ctx context.Context, req *workerv1.ReleaseReques
 
 // Drain has the worker show, in etcd, that it drains (its coordinator then
 // drains the replica it serves in).
-func (w *WorkerService) Drain(ctx context.Context, _ *workerv1.DrainRequest) (*workerv1.DrainResponse, error) {
+func (w *WorkerService) Drain(ctx context.Context, req *workerv1.DrainRequest) (*workerv1.DrainResponse, error) {
 	if w.opts.OnDrain == nil {
 		return nil, status.Error(codes.Unimplemented, "this worker cannot drain (it has no etcd registration)")
 	}
-	w.opts.OnDrain()
+	t := req.TimeoutSeconds
+	if math.IsNaN(t) || t < 0 || t > 7*24*3600 {
+		return nil, status.Errorf(codes.InvalidArgument, "timeout_seconds: %v is outside [0, 604800]", t)
+	}
+	w.opts.OnDrain(time.Duration(t * float64(time.Second)))
 	return &workerv1.DrainResponse{}, nil
 }
 

@@ -1606,9 +1606,13 @@ func (x *ExpertLoadResponse) GetExpertsVersion() int64 {
 }
 
 type DrainRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// timeout_seconds is the drain's timeout: the worker leaves on its own
+	// if no coordinator releases it within this (plus a grace) (0: its
+	// --drain-timeout).
+	TimeoutSeconds float64 `protobuf:"fixed64,1,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *DrainRequest) Reset() {
@@ -1639,6 +1643,13 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
 	return file_worker_v1_worker_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *DrainRequest) GetTimeoutSeconds() float64 {
+	if x != nil {
+		return x.TimeoutSeconds
+	}
+	return 0
 }
 
 type DrainResponse struct {
@@ -1895,8 +1906,9 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x06layers\x18\x02 \x01(\x05R\x06layers\x12\x18\n" +
 	"\aexperts\x18\x03 \x01(\x05R\aexperts\x12\x16\n" +
 	"\x06counts\x18\x04 \x03(\x03R\x06counts\x12'\n" +
-	"\x0fexperts_version\x18\x05 \x01(\x03R\x0eexpertsVersion\"\x0e\n" +
-	"\fDrainRequest\"\x0f\n" +
+	"\x0fexperts_version\x18\x05 \x01(\x03R\x0eexpertsVersion\"7\n" +
+	"\fDrainRequest\x12'\n" +
+	"\x0ftimeout_seconds\x18\x01 \x01(\x01R\x0etimeoutSeconds\"\x0f\n" +
 	"\rDrainResponse\"\x0e\n" +
 	"\fLeaveRequest\"\x0f\n" +
 	"\rLeaveResponse2\xa6\a\n" +
