@@ -334,14 +334,20 @@ func TestPartitionedTensorParallelPeer(t *testing.T) {
 // --queue-timeout.
 func TestDrainUnderLoad(t *testing.T) {
 	needE2E(t)
-	b := startBare(t, refDir("dense-gqa-f32"), "--tp", "1", "--queue-timeout", "3s")
+	metricsAddr := freeAddr(t)
+	b := startBare(t, refDir("dense-gqa-f32"), "--tp", "1", "--queue-timeout", "3s", "--metrics-listen", metricsAddr)
 	b.worker(t, "w0")
 	b.worker(t, "w1")
 	waitWorkers(t, b.client, 2)
 	ps := testPrompts(8, 512)
-	want := greedyAlone(t, b.client, ps, 300)
+	want := greedyAlone(t, b.client, ps, 600)
+	store, err := cluster.Connect(context.Background(), strings.Split(b.etcd, ","), "/qwenfleet/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
 	var t0 time.Time
-	faultLoad(t, b.client, ps, want, 300, func() time.Time {
+	faultLoad(t, b.client, ps, want, 600, func() time.Time {
 		time.Sleep(200 * time.Millisecond)
 		t0 = time.Now()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -349,9 +355,32 @@ func TestDrainUnderLoad(t *testing.T) {
 		resp, err := b.client.Drain(ctx, &pb.DrainRequest{WorkerId: "w1", TimeoutSeconds: ptr(120.0)})
 		if err != nil {
 			t.Errorf("drain w1: %v", err)
+			return t0
 		} else if resp.State != "draining" || resp.Replica == "" {
 			t.Errorf("drain w1: %v", resp)
 		}
+		// The drain shows in status, in etcd and in the metrics while
+		// the replica finishes its requests.
+		for _, w := range serverInfo(t, b.client).Workers {
+			if w.Id == "w1" && w.State != "draining" {
+				t.Errorf("status: w1 is %q while it drains", w.State)
+			}
+		}
+		if v := sum(scrape(t, metricsAddr), "qwenfleet:worker_draining", `worker="w1"`); v != 1 {
+			t.Errorf("qwenfleet:worker_draining{worker=\"w1\"} = %v while it drains", v)
+		}
+		waitFor(t, 2*time.Second, "w1 draining in etcd", func() error {
+			ws, err := store.ListWorkers(ctx)
+			if err != nil {
+				return err
+			}
+			for _, w := range ws {
+				if w.ID == "w1" && w.State != "draining" {
+					return fmt.Errorf("its state is %q", w.State)
+				}
+			}
+			return nil
+		})
 		return t0
 	})
 	exitsZero(t, b.workers["w1"], "w1")
@@ -366,7 +395,7 @@ func TestDrainUnderLoad(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err := b.client.Drain(ctx, &pb.DrainRequest{WorkerId: "w0"})
+	_, err = b.client.Drain(ctx, &pb.DrainRequest{WorkerId: "w0"})
 	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "only replica") {
 		t.Fatalf("drain of the last replica without force: %v, want FailedPrecondition naming the only replica", err)
 	}
