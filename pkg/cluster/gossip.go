@@ -99,6 +99,10 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 	} else {
 		mc = memberlist.DefaultLANConfig()
 	}
+	// A member that comes back at a new address (a worker restarted
+	// under the same name) replaces its dead entry after a second rather
+	// than never (memberlist's default).
+	mc.DeadNodeReclaimTime = time.Second
 	if cfg.ProbeInterval > 0 {
 		mc.ProbeInterval = cfg.ProbeInterval
 	}

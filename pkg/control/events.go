@@ -46,11 +46,14 @@ type WorkerUp struct{ Worker Worker }
 // WorkerGone is a worker whose etcd key went (its lease expired or it left).
 type WorkerGone struct{ ID string }
 
-// GossipSuspect is gossip reporting a worker dead.
-type GossipSuspect struct{ ID string }
+// GossipSuspect is gossip reporting a worker dead (and the adapter's
+// direct check confirming it). Addr is the gossip address the report is
+// about: a report about another address than the registered one is about
+// an earlier process of the worker, and changes nothing.
+type GossipSuspect struct{ ID, Addr string }
 
-// GossipAlive is gossip seeing a worker (again).
-type GossipAlive struct{ ID string }
+// GossipAlive is gossip seeing a worker (again) at Addr.
+type GossipAlive struct{ ID, Addr string }
 
 // PlacementWritten says the placement writes up to Seq are stored.
 type PlacementWritten struct{ Seq int64 }

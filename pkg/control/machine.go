@@ -133,6 +133,7 @@ type Machine struct {
 	// later with its width start from it.
 	lastTable *expertparallel.Table
 	nextEPLB  time.Time
+	rejoinAt  time.Time // when suspects are probed again
 	requests  map[int64]*expertRequest
 	out       []Action
 }
@@ -163,9 +164,11 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.gone(e.ID)
 		m.reconcile()
 	case GossipSuspect:
-		m.onSuspect(e.ID)
+		if m.aboutRegistered(e.ID, e.Addr) {
+			m.onSuspect(e.ID)
+		}
 	case GossipAlive:
-		if _, ok := m.suspect[e.ID]; ok {
+		if _, ok := m.suspect[e.ID]; ok && m.aboutRegistered(e.ID, e.Addr) {
 			delete(m.suspect, e.ID)
 			delete(m.why, e.ID)
 			m.reconcile()
@@ -294,6 +297,17 @@ func (m *Machine) gone(id string) {
 	if r := m.owner[id]; r != nil {
 		m.drop(r, "worker "+id+" left etcd")
 	}
+}
+
+// aboutRegistered says whether a gossip report about worker id at addr is
+// about its registered process (not an earlier one under the same id).
+func (m *Machine) aboutRegistered(id, addr string) bool {
+	w, ok := m.workers[id]
+	if ok && addr != "" && w.GossipAddr != "" && addr != w.GossipAddr {
+		m.note("gossip about %s at %s ignored: it is registered at %s now", id, addr, w.GossipAddr)
+		return false
+	}
+	return ok
 }
 
 func (m *Machine) onSuspect(id string) {
@@ -664,6 +678,18 @@ func (m *Machine) onTick() {
 			plan = true
 		}
 	}
+	// Gossip does not probe a member it declared dead again: while a
+	// suspect stays registered (cut off, or stopped, for less than its
+	// lease), have gossip try it now and then, so that it comes back
+	// (GossipAlive) once it answers.
+	if len(m.suspect) > 0 && !m.now.Before(m.rejoinAt) {
+		m.rejoinAt = m.now.Add(rejoinEvery)
+		for _, id := range sortedKeys(m.suspect) {
+			if w := m.suspect[id]; w.GossipAddr != "" {
+				m.emit(GossipJoin{Worker: id, Addr: w.GossipAddr})
+			}
+		}
+	}
 	if !m.rewrite.IsZero() && !m.now.Before(m.rewrite) {
 		m.rewrite = time.Time{}
 		m.dirty = true
@@ -676,6 +702,9 @@ func (m *Machine) onTick() {
 		m.reconcile()
 	}
 }
+
+// rejoinEvery is how often gossip is asked to probe the suspects again.
+const rejoinEvery = 2 * time.Second
 
 // Leader reports whether the machine leads.
 func (m *Machine) Leader() bool { return m.leader }

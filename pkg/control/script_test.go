@@ -29,7 +29,7 @@ import (
 //	restart id= pid=                 WorkerUp of the remembered worker with a new pid
 //	worker-gone id=                  WorkerGone (and forgotten)
 //	etcd-list                        Workers with every remembered worker
-//	suspect id= / alive id=          GossipSuspect / GossipAlive
+//	suspect id= [addr=] / alive id= [addr=]   GossipSuspect / GossipAlive
 //	written seq=                     PlacementWritten
 //	write-failed seq= [fenced] [err=]
 //	loaded gen= [worker=]            Loaded (every member when no worker)
@@ -286,9 +286,9 @@ func (d *driver) run(line, where string) []string {
 		}
 		evs = append(evs, Workers{List: ws})
 	case "suspect":
-		evs = append(evs, GossipSuspect{ID: a.str("id", "")})
+		evs = append(evs, GossipSuspect{ID: a.str("id", ""), Addr: a.str("addr", "")})
 	case "alive":
-		evs = append(evs, GossipAlive{ID: a.str("id", "")})
+		evs = append(evs, GossipAlive{ID: a.str("id", ""), Addr: a.str("addr", "")})
 	case "written":
 		evs = append(evs, PlacementWritten{Seq: a.int(d, where, "seq", 0)})
 	case "write-failed":

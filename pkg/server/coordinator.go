@@ -323,10 +323,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 			c.step(control.Workers{List: controlWorkers(ws)})
 		case ev := <-gossip:
 			if ev.Alive {
-				c.step(control.GossipAlive{ID: ev.Name})
+				c.step(control.GossipAlive{ID: ev.Name, Addr: ev.Addr})
 			} else {
-				c.log.Warn("gossip: member gone", "name", ev.Name)
-				c.step(control.GossipSuspect{ID: ev.Name})
+				go c.confirmGone(ev)
 			}
 		case ev := <-c.events:
 			c.step(ev)
@@ -339,6 +338,39 @@ func (c *Coordinator) Run(ctx context.Context) error {
 			c.step(control.Tick{})
 		}
 	}
+}
+
+// confirmTimeout bounds the direct check of a worker gossip reports gone.
+const confirmTimeout = 500 * time.Millisecond
+
+// confirmGone checks a gossip report of a dead worker by asking the worker
+// itself: one that answers its health check at once is not dead (gossip
+// can be wrong for a moment, e.g. a member just back from a partition
+// spreads its stale view that the others are dead), and is not suspected.
+// One that does not answer (stopped, cut off, gone) is.
+func (c *Coordinator) confirmGone(ev cluster.MemberEvent) {
+	c.mu.Lock()
+	addr := c.addrs[ev.Name]
+	c.mu.Unlock()
+	if addr != "" {
+		if conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials())); err == nil {
+			ctx, cancel := context.WithTimeout(c.loopCtx, confirmTimeout)
+			_, err = workerv1.NewWorkerClient(conn).Health(ctx, &workerv1.HealthRequest{})
+			cancel()
+			conn.Close()
+			if err == nil {
+				c.log.Info("gossip reports a worker gone, but it answers: not suspected", "worker", ev.Name, "gossip_addr", ev.Addr)
+				if g := c.opts.Gossip; g != nil { // and have gossip see it again
+					if err := g.Join([]string{ev.Addr}); err != nil {
+						c.log.Warn("gossip join", "worker", ev.Name, "err", err)
+					}
+				}
+				return
+			}
+		}
+	}
+	c.log.Warn("gossip: member gone", "name", ev.Name, "gossip_addr", ev.Addr)
+	c.send(control.GossipSuspect{ID: ev.Name, Addr: ev.Addr})
 }
 
 // storedGeneration is the highest replica generation in the stored

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -78,6 +79,10 @@ type WorkerService struct {
 	tables     map[int64]*expertparallel.Table
 	expVersion int64
 	metrics    *metrics.Worker
+	// health is the state for Health, read without w.mu: a health check
+	// (the coordinator confirming a gossip report) answers at once even
+	// while a load holds w.mu.
+	health atomic.Pointer[string]
 }
 
 // NewWorkerService makes an idle worker.
@@ -154,6 +159,7 @@ func (w *WorkerService) unload() {
 
 func (w *WorkerService) setState(s string) {
 	w.state = s
+	w.health.Store(&s)
 	if w.opts.OnState != nil {
 		w.opts.OnState(s, w.modelDir)
 	}
@@ -669,11 +675,13 @@ func (w *WorkerService) Leave(ctx context.Context, _ *workerv1.LeaveRequest) (*w
 	return &workerv1.LeaveResponse{}, nil
 }
 
-// Health reports whether the worker can run steps.
+// Health reports whether the worker can run steps; it takes no lock.
 func (w *WorkerService) Health(ctx context.Context, _ *workerv1.HealthRequest) (*workerv1.HealthResponse, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return &workerv1.HealthResponse{Ready: w.state == "ready", State: w.state}, nil
+	state := "idle"
+	if p := w.health.Load(); p != nil {
+		state = *p
+	}
+	return &workerv1.HealthResponse{Ready: state == "ready", State: state}, nil
 }
 
 // workerCollector reads a worker's state at scrape time: its KV pool, its
