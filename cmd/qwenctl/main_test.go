@@ -198,6 +198,11 @@ func TestBadInputOneLine(t *testing.T) {
 		{[]string{"demo", "--tokens", "9223372036854775806"}, "--tokens"},
 		{[]string{"forward", "--model", model, "--ids", "1,2", "--generate", "9223372036854775807"}, "--generate"},
 		{[]string{"forward", "--model", model, "--ids", "1", "--generate", "1", "--threads", "50000000"}, "50000000"},
+		{[]string{"drain"}, "WORKER_ID"},
+		{[]string{"drain", "w1", "w2"}, "one WORKER_ID"},
+		{[]string{"drain", "w1", "--timeout", "0s"}, "--timeout"},
+		{[]string{"drain", "--bogus", "w1"}, "bogus"},
+		{[]string{"drain", "--addr", "127.0.0.1:1", "w1"}, "Unavailable"},
 	}
 	for _, tc := range cases {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
