@@ -167,11 +167,11 @@ func (r *Router) AddReplica(name string, e *Engine) {
 	}
 	r.orphans = nil
 	r.armLocked(time.Now())
-	r.mu.Unlock()
 	if old != nil && old != e {
 		seqs = append(old.Close(), seqs...)
 	}
-	r.place(seqs)
+	r.placeLocked(seqs)
+	r.mu.Unlock()
 }
 
 // Cordon has the router send a replica no new request (nor requests moved
@@ -188,29 +188,35 @@ func (r *Router) Cordon(name string) {
 // loaded other replica (recomputed there), or become orphans.
 func (r *Router) RemoveReplica(name string) {
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	e, ok := r.replicas[name]
 	delete(r.replicas, name)
 	delete(r.cordoned, name)
-	r.mu.Unlock()
 	if ok {
-		r.place(e.Close())
+		r.placeLocked(e.Close())
 	}
 }
 
-// place hands sequences to the least loaded replica, or keeps them as
-// orphans when there is none (decided under the lock, so AddReplica cannot
-// miss them).
-func (r *Router) place(seqs []*Seq) {
+// placeLocked hands sequences to the least loaded replica, or keeps them
+// as orphans when there is none; r.mu is held throughout, so a sequence
+// moving between replicas is always findable (Abort) and AddReplica cannot
+// miss an orphan.
+func (r *Router) placeLocked(seqs []*Seq) {
 	for len(seqs) > 0 {
-		r.mu.Lock()
 		e := r.pickLocked()
 		if e == nil {
 			r.orphanLocked(seqs...)
-			r.mu.Unlock()
 			return
 		}
-		r.mu.Unlock()
-		seqs = e.Adopt(seqs) // those refused because e closed meanwhile
+		left := e.Adopt(seqs) // those refused because e is closed
+		if len(left) == len(seqs) {
+			// Only the router closes engines, removing them in the same
+			// critical section, so this does not happen; were it to, the
+			// sequences wait rather than the loop spin.
+			r.orphanLocked(left...)
+			return
+		}
+		seqs = left
 	}
 }
 
@@ -313,12 +319,10 @@ func (r *Router) abort(match func(*reqState) bool, inEngine func(*Engine) bool) 
 			return true
 		}
 	}
-	es := make([]*Engine, 0, len(r.replicas))
+	// Under r.mu: no request moves between replicas while they are looked
+	// through.
+	defer r.mu.Unlock()
 	for _, e := range r.replicas {
-		es = append(es, e)
-	}
-	r.mu.Unlock()
-	for _, e := range es {
 		if inEngine(e) {
 			return true
 		}
