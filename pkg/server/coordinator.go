@@ -349,25 +349,18 @@ const confirmTimeout = 500 * time.Millisecond
 // spreads its stale view that the others are dead), and is not suspected.
 // One that does not answer (stopped, cut off, gone) is.
 func (c *Coordinator) confirmGone(ev cluster.MemberEvent) {
-	c.mu.Lock()
-	addr := c.addrs[ev.Name]
-	c.mu.Unlock()
-	if addr != "" {
-		if conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials())); err == nil {
-			ctx, cancel := context.WithTimeout(c.loopCtx, confirmTimeout)
-			_, err = workerv1.NewWorkerClient(conn).Health(ctx, &workerv1.HealthRequest{})
-			cancel()
-			conn.Close()
-			if err == nil {
-				c.log.Info("gossip reports a worker gone, but it answers: not suspected", "worker", ev.Name, "gossip_addr", ev.Addr)
-				if g := c.opts.Gossip; g != nil { // and have gossip see it again
-					if err := g.Join([]string{ev.Addr}); err != nil {
-						c.log.Warn("gossip join", "worker", ev.Name, "err", err)
-					}
-				}
-				return
+	err := c.callWorker(ev.Name, confirmTimeout, func(ctx context.Context, w workerv1.WorkerClient) error {
+		_, err := w.Health(ctx, &workerv1.HealthRequest{})
+		return err
+	})
+	if err == nil {
+		c.log.Info("gossip reports a worker gone, but it answers: not suspected", "worker", ev.Name, "gossip_addr", ev.Addr)
+		if g := c.opts.Gossip; g != nil { // and have gossip see it again
+			if err := g.Join([]string{ev.Addr}); err != nil {
+				c.log.Warn("gossip join", "worker", ev.Name, "err", err)
 			}
 		}
+		return
 	}
 	c.log.Warn("gossip: member gone", "name", ev.Name, "gossip_addr", ev.Addr)
 	c.send(control.GossipSuspect{ID: ev.Name, Addr: ev.Addr})
@@ -479,7 +472,7 @@ func (c *Coordinator) carryOut(a control.Action) {
 		}
 	case control.Drained:
 		c.log.Info("worker drained: it leaves", "worker", a.Worker)
-		go c.callWorker(a.Worker, "leave", func(ctx context.Context, w workerv1.WorkerClient) error {
+		c.tellWorker(a.Worker, "leave", func(ctx context.Context, w workerv1.WorkerClient) error {
 			_, err := w.Leave(ctx, &workerv1.LeaveRequest{})
 			return err
 		})
@@ -513,7 +506,7 @@ func (c *Coordinator) carryOut(a control.Action) {
 		if a.Err == "" {
 			// The worker shows the drain in etcd too (a no-op when it
 			// asked for it).
-			go c.callWorker(a.Worker, "drain", func(ctx context.Context, w workerv1.WorkerClient) error {
+			c.tellWorker(a.Worker, "drain", func(ctx context.Context, w workerv1.WorkerClient) error {
 				_, err := w.Drain(ctx, &workerv1.DrainRequest{TimeoutSeconds: a.Timeout.Seconds()})
 				return err
 			})
@@ -583,27 +576,33 @@ func (c *Coordinator) Drain(ctx context.Context, worker string, timeout time.Dur
 	return a.(control.DrainAnswer), nil
 }
 
-// callWorker makes one call to a registered worker, by id, on a connection
-// of its own (the worker may serve in no replica), and logs a failure.
-func (c *Coordinator) callWorker(id, what string, call func(context.Context, workerv1.WorkerClient) error) {
+// callWorker makes one call to a registered worker, by id, on a
+// connection of its own (the worker may serve in no replica), bounded by
+// timeout.
+func (c *Coordinator) callWorker(id string, timeout time.Duration, call func(context.Context, workerv1.WorkerClient) error) error {
 	c.mu.Lock()
 	addr := c.addrs[id]
 	c.mu.Unlock()
 	if addr == "" {
-		c.log.Warn("worker call: no address", "worker", id, "call", what)
-		return
+		return fmt.Errorf("worker %s: no address registered", id)
 	}
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		c.log.Warn("worker call", "worker", id, "call", what, "err", err)
-		return
+		return fmt.Errorf("worker %s: %w", id, err)
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(c.loopCtx, etcdTimeout)
+	ctx, cancel := context.WithTimeout(c.loopCtx, timeout)
 	defer cancel()
-	if err := call(ctx, workerv1.NewWorkerClient(conn)); err != nil {
-		c.log.Warn("worker call", "worker", id, "call", what, "err", err)
-	}
+	return call(ctx, workerv1.NewWorkerClient(conn))
+}
+
+// tellWorker is callWorker in the background, its failure logged.
+func (c *Coordinator) tellWorker(id, what string, call func(context.Context, workerv1.WorkerClient) error) {
+	go func() {
+		if err := c.callWorker(id, etcdTimeout, call); err != nil {
+			c.log.Warn("worker call", "worker", id, "call", what, "err", err)
+		}
+	}()
 }
 
 func (c *Coordinator) member(gen int64, id string) (*replicaRT, *member) {
