@@ -68,7 +68,6 @@ type WorkerService struct {
 	exec      *shard.Executor
 	modelDir  string
 	version   int64
-	state     string
 	blockSize int
 	quantize  string
 	assign    *workerv1.Assignment
@@ -79,10 +78,11 @@ type WorkerService struct {
 	tables     map[int64]*expertparallel.Table
 	expVersion int64
 	metrics    *metrics.Worker
-	// health is the state for Health, read without w.mu: a health check
-	// (the coordinator confirming a gossip report) answers at once even
-	// while a load holds w.mu.
-	health atomic.Pointer[string]
+	// state (idle, loading, loaded, ready, failed) is written under w.mu
+	// (setState) and read without it: a health check (the coordinator
+	// confirming a gossip report) answers at once even while a load
+	// holds w.mu.
+	state atomic.Pointer[string]
 }
 
 // NewWorkerService makes an idle worker.
@@ -93,7 +93,9 @@ func NewWorkerService(opts WorkerOptions) *WorkerService {
 	if opts.KVCacheBytes <= 0 {
 		opts.KVCacheBytes = 512 << 20
 	}
-	w := &WorkerService{opts: opts, state: "idle"}
+	w := &WorkerService{opts: opts}
+	idle := "idle"
+	w.state.Store(&idle)
 	w.metrics = metrics.NewWorker(opts.ID, newWorkerCollector(w))
 	return w
 }
@@ -158,8 +160,7 @@ func (w *WorkerService) unload() {
 }
 
 func (w *WorkerService) setState(s string) {
-	w.state = s
-	w.health.Store(&s)
+	w.state.Store(&s)
 	if w.opts.OnState != nil {
 		w.opts.OnState(s, w.modelDir)
 	}
@@ -677,10 +678,7 @@ func (w *WorkerService) Leave(ctx context.Context, _ *workerv1.LeaveRequest) (*w
 
 // Health reports whether the worker can run steps; it takes no lock.
 func (w *WorkerService) Health(ctx context.Context, _ *workerv1.HealthRequest) (*workerv1.HealthResponse, error) {
-	state := "idle"
-	if p := w.health.Load(); p != nil {
-		state = *p
-	}
+	state := *w.state.Load()
 	return &workerv1.HealthResponse{Ready: state == "ready", State: state}, nil
 }
 
@@ -711,7 +709,7 @@ func (c *workerCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *workerCollector) Collect(ch chan<- prometheus.Metric) {
 	w := c.w
 	w.mu.Lock()
-	exec, a, state, dir := w.exec, w.assign, w.state, w.modelDir
+	exec, a, state, dir := w.exec, w.assign, *w.state.Load(), w.modelDir
 	w.mu.Unlock()
 	if exec == nil {
 		ch <- prometheus.MustNewConstMetric(c.info, prometheus.GaugeValue, 1, "", "", "", "", "", state)
