@@ -268,19 +268,20 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 			defer close(statesDone)
 			states.run(sctx, reg, info, log)
 		}()
-		leave := func(why string) error {
+		closeReg := func() error {
 			stopStates()
 			<-statesDone
-			log.Info("leaving etcd", "why", why)
 			return reg.Close()
+		}
+		leave := func(why string) error {
+			log.Info("leaving etcd", "why", why)
+			return closeReg()
 		}
 	wait:
 		for {
 			select {
 			case <-ctx.Done():
-				stopStates()
-				<-statesDone
-				reg.Close()
+				closeReg()
 				return nil
 			case <-sigDrain:
 				startDrain("signal", 0)
@@ -309,16 +310,13 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 				}
 			}
 		}
-		stopStates()
-		<-statesDone
-		reg.Close()
+		closeReg()
 		if l.draining.Load() {
 			log.Warn("etcd registration lost while draining: leaving")
 			return nil
 		}
-		svc.reset()
+		svc.reset() // its state, idle, reaches states through OnState
 		info.State, info.Started = "idle", time.Now()
-		states.set("idle")
 		var err error
 		if reg, err = registerAgain(ctx, store, info, o.LeaseTTL, log); err != nil {
 			return nil // ctx ended
