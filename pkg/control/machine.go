@@ -589,9 +589,13 @@ func (m *Machine) onStepFailed(e StepFailed) {
 }
 
 func (m *Machine) onDrain(e DrainRequested) {
+	timeout := e.Timeout
+	if timeout <= 0 {
+		timeout = m.cfg.DrainTimeout
+	}
 	answer := func(a DrainAnswer) {
 		if e.Req > 0 {
-			a.Req, a.Worker = e.Req, e.Worker
+			a.Req, a.Worker, a.Timeout = e.Req, e.Worker, timeout
 			m.emit(a)
 		}
 	}
@@ -601,12 +605,12 @@ func (m *Machine) onDrain(e DrainRequested) {
 		return
 	}
 	r := m.owner[e.Worker]
+	var started DrainAnswer // the replica that drains, if any
+	if r != nil {
+		started.Gen, started.Workers = r.gen, r.workers()
+	}
 	if m.draining[e.Worker] {
-		if r != nil {
-			answer(DrainAnswer{Gen: r.gen, Workers: r.workers()})
-		} else {
-			answer(DrainAnswer{})
-		}
+		answer(started)
 		return
 	}
 	if r != nil && r.state == Ready && !e.Force && m.serving(r) == 0 {
@@ -616,27 +620,14 @@ func (m *Machine) onDrain(e DrainRequested) {
 	}
 	m.draining[e.Worker] = true
 	m.why[e.Worker] = "draining"
-	timeout := e.Timeout
-	if timeout <= 0 {
-		timeout = m.cfg.DrainTimeout
-	}
-	answer = func(a DrainAnswer) {
-		if e.Req > 0 {
-			a.Req, a.Worker, a.Timeout = e.Req, e.Worker, timeout
-			m.emit(a)
-		}
-	}
+	answer(started)
 	switch {
 	case r == nil:
-		answer(DrainAnswer{})
 		m.emit(Drained{Worker: e.Worker})
 	case r.state == Ready:
-		answer(DrainAnswer{Gen: r.gen, Workers: r.workers()})
 		m.startDrain(r, timeout)
 	case r.state == Draining:
-		answer(DrainAnswer{Gen: r.gen, Workers: r.workers()})
 	default: // not serving yet: nothing to finish
-		answer(DrainAnswer{Gen: r.gen, Workers: r.workers()})
 		m.drop(r, "worker "+e.Worker+" drains")
 		m.reconcile()
 	}
