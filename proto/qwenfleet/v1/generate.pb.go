@@ -206,8 +206,14 @@ type GenerateRequest struct {
 	Logprobs *int32 `protobuf:"varint,24,opt,name=logprobs,proto3,oneof" json:"logprobs,omitempty"`
 	// prompt_logprobs asks for the log-probability of every prompt token given the ones before it.
 	PromptLogprobs bool `protobuf:"varint,25,opt,name=prompt_logprobs,json=promptLogprobs,proto3" json:"prompt_logprobs,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// resume continues request_id after its stream broke (a coordinator died,
+	// the network failed): the server recomputes the KV of the prompt and the
+	// tokens already received and goes on from there, so a greedy or seeded
+	// request ends with the tokens an undisturbed run gives. The request's
+	// other fields must be those it was first sent with. pkg/client sets it.
+	Resume        *Resume `protobuf:"bytes,26,opt,name=resume,proto3" json:"resume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -400,6 +406,13 @@ func (x *GenerateRequest) GetPromptLogprobs() bool {
 	return false
 }
 
+func (x *GenerateRequest) GetResume() *Resume {
+	if x != nil {
+		return x.Resume
+	}
+	return nil
+}
+
 type isGenerateRequest_Input interface {
 	isGenerateRequest_Input()
 }
@@ -422,6 +435,63 @@ func (*GenerateRequest_Chat) isGenerateRequest_Input() {}
 
 func (*GenerateRequest_TokenIds) isGenerateRequest_Input() {}
 
+// Resume is what a client received of a request before its stream broke.
+type Resume struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// token_ids are the generated tokens received, in order (not the prompt).
+	TokenIds []int32 `protobuf:"varint,1,rep,packed,name=token_ids,json=tokenIds,proto3" json:"token_ids,omitempty"`
+	// text_bytes is how many bytes of text were received (text held back to
+	// match stop strings, or an incomplete UTF-8 character, may not have
+	// been sent); absent: all the text of token_ids.
+	TextBytes     *int64 `protobuf:"varint,2,opt,name=text_bytes,json=textBytes,proto3,oneof" json:"text_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Resume) Reset() {
+	*x = Resume{}
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Resume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Resume) ProtoMessage() {}
+
+func (x *Resume) ProtoReflect() protoreflect.Message {
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Resume.ProtoReflect.Descriptor instead.
+func (*Resume) Descriptor() ([]byte, []int) {
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Resume) GetTokenIds() []int32 {
+	if x != nil {
+		return x.TokenIds
+	}
+	return nil
+}
+
+func (x *Resume) GetTextBytes() int64 {
+	if x != nil && x.TextBytes != nil {
+		return *x.TextBytes
+	}
+	return 0
+}
+
 type TopLogprob struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TokenId       int32                  `protobuf:"varint,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
@@ -433,7 +503,7 @@ type TopLogprob struct {
 
 func (x *TopLogprob) Reset() {
 	*x = TopLogprob{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[4]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -445,7 +515,7 @@ func (x *TopLogprob) String() string {
 func (*TopLogprob) ProtoMessage() {}
 
 func (x *TopLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[4]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -458,7 +528,7 @@ func (x *TopLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
 func (*TopLogprob) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{4}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TopLogprob) GetTokenId() int32 {
@@ -493,7 +563,7 @@ type TokenLogprob struct {
 
 func (x *TokenLogprob) Reset() {
 	*x = TokenLogprob{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[5]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -505,7 +575,7 @@ func (x *TokenLogprob) String() string {
 func (*TokenLogprob) ProtoMessage() {}
 
 func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[5]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -518,7 +588,7 @@ func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
 func (*TokenLogprob) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{5}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *TokenLogprob) GetTokenId() int32 {
@@ -553,7 +623,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[6]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -565,7 +635,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[6]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -578,7 +648,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{6}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Usage) GetPromptTokens() int32 {
@@ -614,7 +684,7 @@ type GenerateChunk struct {
 
 func (x *GenerateChunk) Reset() {
 	*x = GenerateChunk{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[7]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -626,7 +696,7 @@ func (x *GenerateChunk) String() string {
 func (*GenerateChunk) ProtoMessage() {}
 
 func (x *GenerateChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[7]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -639,7 +709,7 @@ func (x *GenerateChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateChunk.ProtoReflect.Descriptor instead.
 func (*GenerateChunk) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{7}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GenerateChunk) GetText() string {
@@ -682,7 +752,7 @@ type PromptLogprob struct {
 
 func (x *PromptLogprob) Reset() {
 	*x = PromptLogprob{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[8]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -694,7 +764,7 @@ func (x *PromptLogprob) String() string {
 func (*PromptLogprob) ProtoMessage() {}
 
 func (x *PromptLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[8]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -707,7 +777,7 @@ func (x *PromptLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PromptLogprob.ProtoReflect.Descriptor instead.
 func (*PromptLogprob) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{8}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PromptLogprob) GetLogprob() float32 {
@@ -738,7 +808,7 @@ type GenerateComplete struct {
 
 func (x *GenerateComplete) Reset() {
 	*x = GenerateComplete{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[9]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -750,7 +820,7 @@ func (x *GenerateComplete) String() string {
 func (*GenerateComplete) ProtoMessage() {}
 
 func (x *GenerateComplete) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[9]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -763,7 +833,7 @@ func (x *GenerateComplete) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateComplete.ProtoReflect.Descriptor instead.
 func (*GenerateComplete) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{9}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GenerateComplete) GetFinishReason() string {
@@ -811,7 +881,7 @@ type GenerateError struct {
 
 func (x *GenerateError) Reset() {
 	*x = GenerateError{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[10]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -823,7 +893,7 @@ func (x *GenerateError) String() string {
 func (*GenerateError) ProtoMessage() {}
 
 func (x *GenerateError) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[10]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -836,7 +906,7 @@ func (x *GenerateError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateError.ProtoReflect.Descriptor instead.
 func (*GenerateError) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{10}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GenerateError) GetCode() string {
@@ -868,7 +938,7 @@ type GenerateResponse struct {
 
 func (x *GenerateResponse) Reset() {
 	*x = GenerateResponse{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[11]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -880,7 +950,7 @@ func (x *GenerateResponse) String() string {
 func (*GenerateResponse) ProtoMessage() {}
 
 func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[11]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -893,7 +963,7 @@ func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateResponse.ProtoReflect.Descriptor instead.
 func (*GenerateResponse) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{11}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GenerateResponse) GetRequestId() string {
@@ -968,7 +1038,7 @@ type AbortRequest struct {
 
 func (x *AbortRequest) Reset() {
 	*x = AbortRequest{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[12]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -980,7 +1050,7 @@ func (x *AbortRequest) String() string {
 func (*AbortRequest) ProtoMessage() {}
 
 func (x *AbortRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[12]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -993,7 +1063,7 @@ func (x *AbortRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortRequest.ProtoReflect.Descriptor instead.
 func (*AbortRequest) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{12}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AbortRequest) GetRequestId() string {
@@ -1012,7 +1082,7 @@ type AbortResponse struct {
 
 func (x *AbortResponse) Reset() {
 	*x = AbortResponse{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[13]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1024,7 +1094,7 @@ func (x *AbortResponse) String() string {
 func (*AbortResponse) ProtoMessage() {}
 
 func (x *AbortResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[13]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1037,7 +1107,7 @@ func (x *AbortResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortResponse.ProtoReflect.Descriptor instead.
 func (*AbortResponse) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{13}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AbortResponse) GetFound() bool {
@@ -1060,7 +1130,7 @@ type TokenizeRequest struct {
 
 func (x *TokenizeRequest) Reset() {
 	*x = TokenizeRequest{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[14]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1072,7 +1142,7 @@ func (x *TokenizeRequest) String() string {
 func (*TokenizeRequest) ProtoMessage() {}
 
 func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[14]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1085,7 +1155,7 @@ func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeRequest.ProtoReflect.Descriptor instead.
 func (*TokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{14}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TokenizeRequest) GetInput() isTokenizeRequest_Input {
@@ -1139,7 +1209,7 @@ type TokenizeResponse struct {
 
 func (x *TokenizeResponse) Reset() {
 	*x = TokenizeResponse{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[15]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1221,7 @@ func (x *TokenizeResponse) String() string {
 func (*TokenizeResponse) ProtoMessage() {}
 
 func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[15]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1234,7 @@ func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
 func (*TokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{15}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *TokenizeResponse) GetIds() []int32 {
@@ -1189,7 +1259,7 @@ type GetModelInfoRequest struct {
 
 func (x *GetModelInfoRequest) Reset() {
 	*x = GetModelInfoRequest{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[16]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1201,7 +1271,7 @@ func (x *GetModelInfoRequest) String() string {
 func (*GetModelInfoRequest) ProtoMessage() {}
 
 func (x *GetModelInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[16]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1214,7 +1284,7 @@ func (x *GetModelInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetModelInfoRequest) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{16}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{17}
 }
 
 type ModelInfo struct {
@@ -1238,7 +1308,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[17]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1320,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[17]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1333,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{17}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ModelInfo) GetName() string {
@@ -1365,7 +1435,7 @@ type GetServerInfoRequest struct {
 
 func (x *GetServerInfoRequest) Reset() {
 	*x = GetServerInfoRequest{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[18]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1377,7 +1447,7 @@ func (x *GetServerInfoRequest) String() string {
 func (*GetServerInfoRequest) ProtoMessage() {}
 
 func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[18]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1390,7 +1460,7 @@ func (x *GetServerInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServerInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetServerInfoRequest) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{18}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{19}
 }
 
 type WorkerStatus struct {
@@ -1410,7 +1480,7 @@ type WorkerStatus struct {
 
 func (x *WorkerStatus) Reset() {
 	*x = WorkerStatus{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[19]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1422,7 +1492,7 @@ func (x *WorkerStatus) String() string {
 func (*WorkerStatus) ProtoMessage() {}
 
 func (x *WorkerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[19]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1435,7 +1505,7 @@ func (x *WorkerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkerStatus.ProtoReflect.Descriptor instead.
 func (*WorkerStatus) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{19}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *WorkerStatus) GetId() string {
@@ -1512,7 +1582,7 @@ type Placement struct {
 
 func (x *Placement) Reset() {
 	*x = Placement{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[20]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1524,7 +1594,7 @@ func (x *Placement) String() string {
 func (*Placement) ProtoMessage() {}
 
 func (x *Placement) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[20]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1537,7 +1607,7 @@ func (x *Placement) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Placement.ProtoReflect.Descriptor instead.
 func (*Placement) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{20}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Placement) GetVersion() int64 {
@@ -1585,7 +1655,7 @@ type SchedulerStats struct {
 
 func (x *SchedulerStats) Reset() {
 	*x = SchedulerStats{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[21]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1597,7 +1667,7 @@ func (x *SchedulerStats) String() string {
 func (*SchedulerStats) ProtoMessage() {}
 
 func (x *SchedulerStats) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[21]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1610,7 +1680,7 @@ func (x *SchedulerStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SchedulerStats.ProtoReflect.Descriptor instead.
 func (*SchedulerStats) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{21}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SchedulerStats) GetRunning() int32 {
@@ -1716,7 +1786,7 @@ type ServerInfo struct {
 
 func (x *ServerInfo) Reset() {
 	*x = ServerInfo{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[22]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1798,7 @@ func (x *ServerInfo) String() string {
 func (*ServerInfo) ProtoMessage() {}
 
 func (x *ServerInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[22]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1811,7 @@ func (x *ServerInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServerInfo.ProtoReflect.Descriptor instead.
 func (*ServerInfo) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{22}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ServerInfo) GetVersion() string {
@@ -1829,7 +1899,7 @@ type HealthCheckRequest struct {
 
 func (x *HealthCheckRequest) Reset() {
 	*x = HealthCheckRequest{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[23]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1841,7 +1911,7 @@ func (x *HealthCheckRequest) String() string {
 func (*HealthCheckRequest) ProtoMessage() {}
 
 func (x *HealthCheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[23]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1854,7 +1924,7 @@ func (x *HealthCheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthCheckRequest.ProtoReflect.Descriptor instead.
 func (*HealthCheckRequest) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{23}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{24}
 }
 
 type HealthCheckResponse struct {
@@ -1868,7 +1938,7 @@ type HealthCheckResponse struct {
 
 func (x *HealthCheckResponse) Reset() {
 	*x = HealthCheckResponse{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[24]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1880,7 +1950,7 @@ func (x *HealthCheckResponse) String() string {
 func (*HealthCheckResponse) ProtoMessage() {}
 
 func (x *HealthCheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[24]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1893,7 +1963,7 @@ func (x *HealthCheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthCheckResponse.ProtoReflect.Descriptor instead.
 func (*HealthCheckResponse) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{24}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *HealthCheckResponse) GetHealthy() bool {
@@ -1932,7 +2002,7 @@ type ExpertLoadRequest struct {
 
 func (x *ExpertLoadRequest) Reset() {
 	*x = ExpertLoadRequest{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[25]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1944,7 +2014,7 @@ func (x *ExpertLoadRequest) String() string {
 func (*ExpertLoadRequest) ProtoMessage() {}
 
 func (x *ExpertLoadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[25]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1957,7 +2027,7 @@ func (x *ExpertLoadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertLoadRequest.ProtoReflect.Descriptor instead.
 func (*ExpertLoadRequest) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{25}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ExpertLoadRequest) GetRebalance() bool {
@@ -1983,7 +2053,7 @@ type ExpertLoadResponse struct {
 
 func (x *ExpertLoadResponse) Reset() {
 	*x = ExpertLoadResponse{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1995,7 +2065,7 @@ func (x *ExpertLoadResponse) String() string {
 func (*ExpertLoadResponse) ProtoMessage() {}
 
 func (x *ExpertLoadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[26]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2008,7 +2078,7 @@ func (x *ExpertLoadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertLoadResponse.ProtoReflect.Descriptor instead.
 func (*ExpertLoadResponse) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{26}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ExpertLoadResponse) GetReplicas() []*ExpertLoadResponse_Replica {
@@ -2033,7 +2103,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2045,7 +2115,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[27]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2058,7 +2128,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{27}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DrainRequest) GetWorkerId() string {
@@ -2096,7 +2166,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2108,7 +2178,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[28]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2121,7 +2191,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{28}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DrainResponse) GetReplica() string {
@@ -2161,7 +2231,7 @@ type Placement_Replica struct {
 
 func (x *Placement_Replica) Reset() {
 	*x = Placement_Replica{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2173,7 +2243,7 @@ func (x *Placement_Replica) String() string {
 func (*Placement_Replica) ProtoMessage() {}
 
 func (x *Placement_Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[29]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2186,7 +2256,7 @@ func (x *Placement_Replica) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Placement_Replica.ProtoReflect.Descriptor instead.
 func (*Placement_Replica) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{20, 0}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{21, 0}
 }
 
 func (x *Placement_Replica) GetIndex() int32 {
@@ -2257,7 +2327,7 @@ type Placement_Replica_Stage struct {
 
 func (x *Placement_Replica_Stage) Reset() {
 	*x = Placement_Replica_Stage{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[30]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2269,7 +2339,7 @@ func (x *Placement_Replica_Stage) String() string {
 func (*Placement_Replica_Stage) ProtoMessage() {}
 
 func (x *Placement_Replica_Stage) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[30]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2282,7 +2352,7 @@ func (x *Placement_Replica_Stage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Placement_Replica_Stage.ProtoReflect.Descriptor instead.
 func (*Placement_Replica_Stage) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{20, 0, 0}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{21, 0, 0}
 }
 
 func (x *Placement_Replica_Stage) GetIndex() int32 {
@@ -2332,7 +2402,7 @@ type ExpertLoadResponse_Replica struct {
 
 func (x *ExpertLoadResponse_Replica) Reset() {
 	*x = ExpertLoadResponse_Replica{}
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[31]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2344,7 +2414,7 @@ func (x *ExpertLoadResponse_Replica) String() string {
 func (*ExpertLoadResponse_Replica) ProtoMessage() {}
 
 func (x *ExpertLoadResponse_Replica) ProtoReflect() protoreflect.Message {
-	mi := &file_qwenfleet_v1_generate_proto_msgTypes[31]
+	mi := &file_qwenfleet_v1_generate_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2357,7 +2427,7 @@ func (x *ExpertLoadResponse_Replica) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertLoadResponse_Replica.ProtoReflect.Descriptor instead.
 func (*ExpertLoadResponse_Replica) Descriptor() ([]byte, []int) {
-	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{26, 0}
+	return file_qwenfleet_v1_generate_proto_rawDescGZIP(), []int{27, 0}
 }
 
 func (x *ExpertLoadResponse_Replica) GetIndex() int32 {
@@ -2436,7 +2506,7 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\x15add_generation_prompt\x18\x02 \x01(\bH\x00R\x13addGenerationPrompt\x88\x01\x01B\x18\n" +
 	"\x16_add_generation_prompt\"\x1c\n" +
 	"\bTokenIds\x12\x10\n" +
-	"\x03ids\x18\x01 \x03(\x05R\x03ids\"\xcb\a\n" +
+	"\x03ids\x18\x01 \x03(\x05R\x03ids\"\xf9\a\n" +
 	"\x0fGenerateRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x14\n" +
@@ -2464,7 +2534,8 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"ignore_eos\x18\x16 \x01(\bR\tignoreEos\x123\n" +
 	"\x13skip_special_tokens\x18\x17 \x01(\bH\vR\x11skipSpecialTokens\x88\x01\x01\x12\x1f\n" +
 	"\blogprobs\x18\x18 \x01(\x05H\fR\blogprobs\x88\x01\x01\x12'\n" +
-	"\x0fprompt_logprobs\x18\x19 \x01(\bR\x0epromptLogprobsB\a\n" +
+	"\x0fprompt_logprobs\x18\x19 \x01(\bR\x0epromptLogprobs\x12,\n" +
+	"\x06resume\x18\x1a \x01(\v2\x14.qwenfleet.v1.ResumeR\x06resumeB\a\n" +
 	"\x05inputB\x0e\n" +
 	"\f_temperatureB\b\n" +
 	"\x06_top_pB\b\n" +
@@ -2477,7 +2548,12 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\v_max_tokensB\r\n" +
 	"\v_min_tokensB\x16\n" +
 	"\x14_skip_special_tokensB\v\n" +
-	"\t_logprobs\"W\n" +
+	"\t_logprobs\"X\n" +
+	"\x06Resume\x12\x1b\n" +
+	"\ttoken_ids\x18\x01 \x03(\x05R\btokenIds\x12\"\n" +
+	"\n" +
+	"text_bytes\x18\x02 \x01(\x03H\x00R\ttextBytes\x88\x01\x01B\r\n" +
+	"\v_text_bytes\"W\n" +
 	"\n" +
 	"TopLogprob\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\x05R\atokenId\x12\x18\n" +
@@ -2668,81 +2744,83 @@ func file_qwenfleet_v1_generate_proto_rawDescGZIP() []byte {
 	return file_qwenfleet_v1_generate_proto_rawDescData
 }
 
-var file_qwenfleet_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_qwenfleet_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_qwenfleet_v1_generate_proto_goTypes = []any{
 	(*ChatMessage)(nil),                // 0: qwenfleet.v1.ChatMessage
 	(*ChatInput)(nil),                  // 1: qwenfleet.v1.ChatInput
 	(*TokenIds)(nil),                   // 2: qwenfleet.v1.TokenIds
 	(*GenerateRequest)(nil),            // 3: qwenfleet.v1.GenerateRequest
-	(*TopLogprob)(nil),                 // 4: qwenfleet.v1.TopLogprob
-	(*TokenLogprob)(nil),               // 5: qwenfleet.v1.TokenLogprob
-	(*Usage)(nil),                      // 6: qwenfleet.v1.Usage
-	(*GenerateChunk)(nil),              // 7: qwenfleet.v1.GenerateChunk
-	(*PromptLogprob)(nil),              // 8: qwenfleet.v1.PromptLogprob
-	(*GenerateComplete)(nil),           // 9: qwenfleet.v1.GenerateComplete
-	(*GenerateError)(nil),              // 10: qwenfleet.v1.GenerateError
-	(*GenerateResponse)(nil),           // 11: qwenfleet.v1.GenerateResponse
-	(*AbortRequest)(nil),               // 12: qwenfleet.v1.AbortRequest
-	(*AbortResponse)(nil),              // 13: qwenfleet.v1.AbortResponse
-	(*TokenizeRequest)(nil),            // 14: qwenfleet.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),           // 15: qwenfleet.v1.TokenizeResponse
-	(*GetModelInfoRequest)(nil),        // 16: qwenfleet.v1.GetModelInfoRequest
-	(*ModelInfo)(nil),                  // 17: qwenfleet.v1.ModelInfo
-	(*GetServerInfoRequest)(nil),       // 18: qwenfleet.v1.GetServerInfoRequest
-	(*WorkerStatus)(nil),               // 19: qwenfleet.v1.WorkerStatus
-	(*Placement)(nil),                  // 20: qwenfleet.v1.Placement
-	(*SchedulerStats)(nil),             // 21: qwenfleet.v1.SchedulerStats
-	(*ServerInfo)(nil),                 // 22: qwenfleet.v1.ServerInfo
-	(*HealthCheckRequest)(nil),         // 23: qwenfleet.v1.HealthCheckRequest
-	(*HealthCheckResponse)(nil),        // 24: qwenfleet.v1.HealthCheckResponse
-	(*ExpertLoadRequest)(nil),          // 25: qwenfleet.v1.ExpertLoadRequest
-	(*ExpertLoadResponse)(nil),         // 26: qwenfleet.v1.ExpertLoadResponse
-	(*DrainRequest)(nil),               // 27: qwenfleet.v1.DrainRequest
-	(*DrainResponse)(nil),              // 28: qwenfleet.v1.DrainResponse
-	(*Placement_Replica)(nil),          // 29: qwenfleet.v1.Placement.Replica
-	(*Placement_Replica_Stage)(nil),    // 30: qwenfleet.v1.Placement.Replica.Stage
-	(*ExpertLoadResponse_Replica)(nil), // 31: qwenfleet.v1.ExpertLoadResponse.Replica
+	(*Resume)(nil),                     // 4: qwenfleet.v1.Resume
+	(*TopLogprob)(nil),                 // 5: qwenfleet.v1.TopLogprob
+	(*TokenLogprob)(nil),               // 6: qwenfleet.v1.TokenLogprob
+	(*Usage)(nil),                      // 7: qwenfleet.v1.Usage
+	(*GenerateChunk)(nil),              // 8: qwenfleet.v1.GenerateChunk
+	(*PromptLogprob)(nil),              // 9: qwenfleet.v1.PromptLogprob
+	(*GenerateComplete)(nil),           // 10: qwenfleet.v1.GenerateComplete
+	(*GenerateError)(nil),              // 11: qwenfleet.v1.GenerateError
+	(*GenerateResponse)(nil),           // 12: qwenfleet.v1.GenerateResponse
+	(*AbortRequest)(nil),               // 13: qwenfleet.v1.AbortRequest
+	(*AbortResponse)(nil),              // 14: qwenfleet.v1.AbortResponse
+	(*TokenizeRequest)(nil),            // 15: qwenfleet.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),           // 16: qwenfleet.v1.TokenizeResponse
+	(*GetModelInfoRequest)(nil),        // 17: qwenfleet.v1.GetModelInfoRequest
+	(*ModelInfo)(nil),                  // 18: qwenfleet.v1.ModelInfo
+	(*GetServerInfoRequest)(nil),       // 19: qwenfleet.v1.GetServerInfoRequest
+	(*WorkerStatus)(nil),               // 20: qwenfleet.v1.WorkerStatus
+	(*Placement)(nil),                  // 21: qwenfleet.v1.Placement
+	(*SchedulerStats)(nil),             // 22: qwenfleet.v1.SchedulerStats
+	(*ServerInfo)(nil),                 // 23: qwenfleet.v1.ServerInfo
+	(*HealthCheckRequest)(nil),         // 24: qwenfleet.v1.HealthCheckRequest
+	(*HealthCheckResponse)(nil),        // 25: qwenfleet.v1.HealthCheckResponse
+	(*ExpertLoadRequest)(nil),          // 26: qwenfleet.v1.ExpertLoadRequest
+	(*ExpertLoadResponse)(nil),         // 27: qwenfleet.v1.ExpertLoadResponse
+	(*DrainRequest)(nil),               // 28: qwenfleet.v1.DrainRequest
+	(*DrainResponse)(nil),              // 29: qwenfleet.v1.DrainResponse
+	(*Placement_Replica)(nil),          // 30: qwenfleet.v1.Placement.Replica
+	(*Placement_Replica_Stage)(nil),    // 31: qwenfleet.v1.Placement.Replica.Stage
+	(*ExpertLoadResponse_Replica)(nil), // 32: qwenfleet.v1.ExpertLoadResponse.Replica
 }
 var file_qwenfleet_v1_generate_proto_depIdxs = []int32{
 	0,  // 0: qwenfleet.v1.ChatInput.messages:type_name -> qwenfleet.v1.ChatMessage
 	1,  // 1: qwenfleet.v1.GenerateRequest.chat:type_name -> qwenfleet.v1.ChatInput
 	2,  // 2: qwenfleet.v1.GenerateRequest.token_ids:type_name -> qwenfleet.v1.TokenIds
-	4,  // 3: qwenfleet.v1.TokenLogprob.top:type_name -> qwenfleet.v1.TopLogprob
-	5,  // 4: qwenfleet.v1.GenerateChunk.logprobs:type_name -> qwenfleet.v1.TokenLogprob
-	6,  // 5: qwenfleet.v1.GenerateChunk.usage:type_name -> qwenfleet.v1.Usage
-	6,  // 6: qwenfleet.v1.GenerateComplete.usage:type_name -> qwenfleet.v1.Usage
-	8,  // 7: qwenfleet.v1.GenerateComplete.prompt_logprobs:type_name -> qwenfleet.v1.PromptLogprob
-	7,  // 8: qwenfleet.v1.GenerateResponse.chunk:type_name -> qwenfleet.v1.GenerateChunk
-	9,  // 9: qwenfleet.v1.GenerateResponse.complete:type_name -> qwenfleet.v1.GenerateComplete
-	10, // 10: qwenfleet.v1.GenerateResponse.error:type_name -> qwenfleet.v1.GenerateError
-	1,  // 11: qwenfleet.v1.TokenizeRequest.chat:type_name -> qwenfleet.v1.ChatInput
-	29, // 12: qwenfleet.v1.Placement.replicas:type_name -> qwenfleet.v1.Placement.Replica
-	19, // 13: qwenfleet.v1.ServerInfo.workers:type_name -> qwenfleet.v1.WorkerStatus
-	20, // 14: qwenfleet.v1.ServerInfo.placement:type_name -> qwenfleet.v1.Placement
-	21, // 15: qwenfleet.v1.ServerInfo.scheduler:type_name -> qwenfleet.v1.SchedulerStats
-	31, // 16: qwenfleet.v1.ExpertLoadResponse.replicas:type_name -> qwenfleet.v1.ExpertLoadResponse.Replica
-	30, // 17: qwenfleet.v1.Placement.Replica.stages:type_name -> qwenfleet.v1.Placement.Replica.Stage
-	3,  // 18: qwenfleet.v1.Generator.Generate:input_type -> qwenfleet.v1.GenerateRequest
-	12, // 19: qwenfleet.v1.Generator.Abort:input_type -> qwenfleet.v1.AbortRequest
-	14, // 20: qwenfleet.v1.Generator.Tokenize:input_type -> qwenfleet.v1.TokenizeRequest
-	16, // 21: qwenfleet.v1.Generator.GetModelInfo:input_type -> qwenfleet.v1.GetModelInfoRequest
-	18, // 22: qwenfleet.v1.Generator.GetServerInfo:input_type -> qwenfleet.v1.GetServerInfoRequest
-	23, // 23: qwenfleet.v1.Generator.HealthCheck:input_type -> qwenfleet.v1.HealthCheckRequest
-	25, // 24: qwenfleet.v1.Generator.ExpertLoad:input_type -> qwenfleet.v1.ExpertLoadRequest
-	27, // 25: qwenfleet.v1.Generator.Drain:input_type -> qwenfleet.v1.DrainRequest
-	11, // 26: qwenfleet.v1.Generator.Generate:output_type -> qwenfleet.v1.GenerateResponse
-	13, // 27: qwenfleet.v1.Generator.Abort:output_type -> qwenfleet.v1.AbortResponse
-	15, // 28: qwenfleet.v1.Generator.Tokenize:output_type -> qwenfleet.v1.TokenizeResponse
-	17, // 29: qwenfleet.v1.Generator.GetModelInfo:output_type -> qwenfleet.v1.ModelInfo
-	22, // 30: qwenfleet.v1.Generator.GetServerInfo:output_type -> qwenfleet.v1.ServerInfo
-	24, // 31: qwenfleet.v1.Generator.HealthCheck:output_type -> qwenfleet.v1.HealthCheckResponse
-	26, // 32: qwenfleet.v1.Generator.ExpertLoad:output_type -> qwenfleet.v1.ExpertLoadResponse
-	28, // 33: qwenfleet.v1.Generator.Drain:output_type -> qwenfleet.v1.DrainResponse
-	26, // [26:34] is the sub-list for method output_type
-	18, // [18:26] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	4,  // 3: qwenfleet.v1.GenerateRequest.resume:type_name -> qwenfleet.v1.Resume
+	5,  // 4: qwenfleet.v1.TokenLogprob.top:type_name -> qwenfleet.v1.TopLogprob
+	6,  // 5: qwenfleet.v1.GenerateChunk.logprobs:type_name -> qwenfleet.v1.TokenLogprob
+	7,  // 6: qwenfleet.v1.GenerateChunk.usage:type_name -> qwenfleet.v1.Usage
+	7,  // 7: qwenfleet.v1.GenerateComplete.usage:type_name -> qwenfleet.v1.Usage
+	9,  // 8: qwenfleet.v1.GenerateComplete.prompt_logprobs:type_name -> qwenfleet.v1.PromptLogprob
+	8,  // 9: qwenfleet.v1.GenerateResponse.chunk:type_name -> qwenfleet.v1.GenerateChunk
+	10, // 10: qwenfleet.v1.GenerateResponse.complete:type_name -> qwenfleet.v1.GenerateComplete
+	11, // 11: qwenfleet.v1.GenerateResponse.error:type_name -> qwenfleet.v1.GenerateError
+	1,  // 12: qwenfleet.v1.TokenizeRequest.chat:type_name -> qwenfleet.v1.ChatInput
+	30, // 13: qwenfleet.v1.Placement.replicas:type_name -> qwenfleet.v1.Placement.Replica
+	20, // 14: qwenfleet.v1.ServerInfo.workers:type_name -> qwenfleet.v1.WorkerStatus
+	21, // 15: qwenfleet.v1.ServerInfo.placement:type_name -> qwenfleet.v1.Placement
+	22, // 16: qwenfleet.v1.ServerInfo.scheduler:type_name -> qwenfleet.v1.SchedulerStats
+	32, // 17: qwenfleet.v1.ExpertLoadResponse.replicas:type_name -> qwenfleet.v1.ExpertLoadResponse.Replica
+	31, // 18: qwenfleet.v1.Placement.Replica.stages:type_name -> qwenfleet.v1.Placement.Replica.Stage
+	3,  // 19: qwenfleet.v1.Generator.Generate:input_type -> qwenfleet.v1.GenerateRequest
+	13, // 20: qwenfleet.v1.Generator.Abort:input_type -> qwenfleet.v1.AbortRequest
+	15, // 21: qwenfleet.v1.Generator.Tokenize:input_type -> qwenfleet.v1.TokenizeRequest
+	17, // 22: qwenfleet.v1.Generator.GetModelInfo:input_type -> qwenfleet.v1.GetModelInfoRequest
+	19, // 23: qwenfleet.v1.Generator.GetServerInfo:input_type -> qwenfleet.v1.GetServerInfoRequest
+	24, // 24: qwenfleet.v1.Generator.HealthCheck:input_type -> qwenfleet.v1.HealthCheckRequest
+	26, // 25: qwenfleet.v1.Generator.ExpertLoad:input_type -> qwenfleet.v1.ExpertLoadRequest
+	28, // 26: qwenfleet.v1.Generator.Drain:input_type -> qwenfleet.v1.DrainRequest
+	12, // 27: qwenfleet.v1.Generator.Generate:output_type -> qwenfleet.v1.GenerateResponse
+	14, // 28: qwenfleet.v1.Generator.Abort:output_type -> qwenfleet.v1.AbortResponse
+	16, // 29: qwenfleet.v1.Generator.Tokenize:output_type -> qwenfleet.v1.TokenizeResponse
+	18, // 30: qwenfleet.v1.Generator.GetModelInfo:output_type -> qwenfleet.v1.ModelInfo
+	23, // 31: qwenfleet.v1.Generator.GetServerInfo:output_type -> qwenfleet.v1.ServerInfo
+	25, // 32: qwenfleet.v1.Generator.HealthCheck:output_type -> qwenfleet.v1.HealthCheckResponse
+	27, // 33: qwenfleet.v1.Generator.ExpertLoad:output_type -> qwenfleet.v1.ExpertLoadResponse
+	29, // 34: qwenfleet.v1.Generator.Drain:output_type -> qwenfleet.v1.DrainResponse
+	27, // [27:35] is the sub-list for method output_type
+	19, // [19:27] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_qwenfleet_v1_generate_proto_init() }
@@ -2756,25 +2834,26 @@ func file_qwenfleet_v1_generate_proto_init() {
 		(*GenerateRequest_Chat)(nil),
 		(*GenerateRequest_TokenIds)(nil),
 	}
-	file_qwenfleet_v1_generate_proto_msgTypes[8].OneofWrappers = []any{}
-	file_qwenfleet_v1_generate_proto_msgTypes[11].OneofWrappers = []any{
+	file_qwenfleet_v1_generate_proto_msgTypes[4].OneofWrappers = []any{}
+	file_qwenfleet_v1_generate_proto_msgTypes[9].OneofWrappers = []any{}
+	file_qwenfleet_v1_generate_proto_msgTypes[12].OneofWrappers = []any{
 		(*GenerateResponse_Chunk)(nil),
 		(*GenerateResponse_Complete)(nil),
 		(*GenerateResponse_Error)(nil),
 	}
-	file_qwenfleet_v1_generate_proto_msgTypes[14].OneofWrappers = []any{
+	file_qwenfleet_v1_generate_proto_msgTypes[15].OneofWrappers = []any{
 		(*TokenizeRequest_Text)(nil),
 		(*TokenizeRequest_Chat)(nil),
 	}
-	file_qwenfleet_v1_generate_proto_msgTypes[25].OneofWrappers = []any{}
-	file_qwenfleet_v1_generate_proto_msgTypes[27].OneofWrappers = []any{}
+	file_qwenfleet_v1_generate_proto_msgTypes[26].OneofWrappers = []any{}
+	file_qwenfleet_v1_generate_proto_msgTypes[28].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_qwenfleet_v1_generate_proto_rawDesc), len(file_qwenfleet_v1_generate_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   32,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
