@@ -38,6 +38,11 @@ type Request struct {
 	StopIDs        []int32
 	Logprobs       int // -1: none; 0: the chosen token's; N: and the top N
 	PromptLogprobs bool
+	// Resume are tokens already generated for this request (by an earlier
+	// run whose stream broke): they count as generated (toward MaxTokens,
+	// MinTokens and the penalties), are not sent again, and the sampler
+	// goes on from their position. The engine recomputes their KV.
+	Resume []int32
 }
 
 // TokenLogprob is the logprob of a generated token and its top alternatives.
@@ -258,6 +263,7 @@ func (e *Engine) SetStepTimeout(d time.Duration) {
 // queue of requests waiting for a replica).
 func newSeq(r *Request) *Seq {
 	st := &reqState{req: r, stream: newStream(), sampler: sampling.New(r.Sampling), stop: map[int32]bool{}}
+	st.sampler.Skip(len(r.Resume))
 	for _, id := range r.StopIDs {
 		st.stop[id] = true
 	}
@@ -267,7 +273,7 @@ func newSeq(r *Request) *Seq {
 			st.plp[i] = float32(math.NaN())
 		}
 	}
-	return &Seq{ID: kvcache.SeqID(seqIDs.Add(1)), Tokens: slices.Clone(r.Prompt), NumPrompt: len(r.Prompt),
+	return &Seq{ID: kvcache.SeqID(seqIDs.Add(1)), Tokens: slices.Concat(r.Prompt, r.Resume), NumPrompt: len(r.Prompt),
 		MaxLen: len(r.Prompt) + r.MaxTokens, Payload: st}
 }
 

@@ -223,6 +223,38 @@ func TestEngineSeededSamplingIsReproducible(t *testing.T) {
 	}
 }
 
+// TestEngineResumeContinues resumes greedy and seeded requests after k of
+// their tokens: the rest is what the undisturbed run gave, and only the
+// rest is sent.
+func TestEngineResumeContinues(t *testing.T) {
+	e, _ := newEngine(t, 128, 16, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 8, MaxWaiting: 8})
+	run := func(id string, seeded bool, resume []int32) []int32 {
+		r := greedy(id, []int32{5, 6, 7}, 24)
+		if seeded {
+			r.Sampling = sampling.Params{Temperature: 1.5, TopP: 0.95, TopK: 50, RepetitionPenalty: 1.1, PresencePenalty: 0.5, Seed: 3, HasSeed: true}
+		}
+		r.Resume = resume
+		s, err := e.Submit(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids, ev := collect(t, s)
+		if ev.Finish != "length" {
+			t.Fatalf("%s: finish %q (%v)", id, ev.Finish, ev.Err)
+		}
+		return ids
+	}
+	for _, seeded := range []bool{false, true} {
+		whole := run(fmt.Sprintf("whole-%v", seeded), seeded, nil)
+		for _, k := range []int{1, 10, 23} {
+			rest := run(fmt.Sprintf("resumed-%v-%d", seeded, k), seeded, whole[:k])
+			if !slices.Equal(rest, whole[k:]) {
+				t.Fatalf("seeded %v, resumed after %d: %v, want %v", seeded, k, rest, whole[k:])
+			}
+		}
+	}
+}
+
 func TestEngineStopsAtStopIDAfterMinTokens(t *testing.T) {
 	e, m := newEngine(t, 128, 16, routing.SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 8, MaxWaiting: 8})
 	p := []int32{11, 12, 13}

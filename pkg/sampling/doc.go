@@ -19,9 +19,11 @@
 //  8. min_p: drop ids whose probability is < MinP * (the largest probability);
 //  9. draw one id from the renormalized remainder with the Sampler's RNG.
 //
-// A non-greedy call consumes exactly one float64 from the RNG, whatever the
-// row holds, so the same seed and the same sequence of logit rows and
-// contexts give the same ids. If after steps 1-3 every logit is -Inf (or
+// A non-greedy call consumes exactly one draw, whatever the row holds, and
+// the k-th draw of a request is a function of its seed and k alone
+// (SplitMix64 at counter k), so the same seed and the same sequence of logit
+// rows and contexts give the same ids, and a request resumed after k tokens
+// (Sampler.Skip) goes on as if it had never stopped. If after steps 1-3 every logit is -Inf (or
 // NaN), Sample returns the argmax of the row as it was passed in (0 when that
 // row is all -Inf too); it never panics, whatever the logits.
 //

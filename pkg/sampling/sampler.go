@@ -21,9 +21,9 @@ type Context struct {
 // top_k, a 32 KiB histogram; plus candidate lists. A Sampler is not safe for
 // concurrent use.
 type Sampler struct {
-	p    Params
-	seed uint64
-	rng  *rand.Rand
+	p     Params
+	seed  uint64
+	draws uint64 // non-greedy calls so far: the position of the next draw
 
 	// Penalty bookkeeping, vocabulary-sized, allocated only when penalized:
 	// stamp[id] == gen marks id as seen in this call, count[id] is then its
@@ -44,7 +44,7 @@ type savedLogit struct {
 	v  float32
 }
 
-// seedStream is the PCG stream constant; any fixed value does.
+// seedStream is SplitMix64's increment γ (2^64 / the golden ratio).
 const seedStream = 0x9e3779b97f4a7c15
 
 // New returns a Sampler for p, which should already be normalized and
@@ -60,8 +60,27 @@ func New(p Params) *Sampler {
 	return &Sampler{
 		p:    p,
 		seed: seed,
-		rng:  rand.New(rand.NewPCG(seed, seedStream)),
 	}
+}
+
+// Skip moves the Sampler n draws on, as if it had sampled n tokens: a
+// request resumed after n generated tokens (elsewhere, or by another
+// coordinator) draws what an undisturbed run would.
+func (s *Sampler) Skip(n int) {
+	if n > 0 {
+		s.draws += uint64(n)
+	}
+}
+
+// uniform is the k-th draw of a seed, in [0, 1): SplitMix64's output for
+// counter k (a bijective mix of seed + (k+1)·γ), so the state of a
+// request's randomness is its seed and its position alone.
+func uniform(seed, k uint64) float64 {
+	z := seed + (k+1)*seedStream
+	z = (z ^ z>>30) * 0xbf58476d1ce4e5b9
+	z = (z ^ z>>27) * 0x94d049bb133111eb
+	z ^= z >> 31
+	return float64(z>>11) / (1 << 53)
 }
 
 // Seed returns the seed of the Sampler's RNG (the drawn one without HasSeed).
@@ -89,7 +108,8 @@ func (s *Sampler) Sample(logits []float32, ctx Context) int32 {
 	greedy := s.p.Greedy()
 	var u float64
 	if !greedy {
-		u = s.rng.Float64() // always exactly one draw per non-greedy call
+		u = uniform(s.seed, s.draws) // always exactly one draw per non-greedy call
+		s.draws++
 	}
 	n := len(logits)
 	if n == 0 {

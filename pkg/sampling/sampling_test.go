@@ -688,3 +688,29 @@ func BenchmarkTopN(b *testing.B) {
 		}
 	})
 }
+
+// TestSkipResumes checks that a Sampler moved on by Skip(k) draws what one
+// that sampled k rows first draws next: a resumed request's randomness
+// depends on its seed and position only.
+func TestSkipResumes(t *testing.T) {
+	r := rand.New(rand.NewPCG(21, 22))
+	rows := make([][]float32, 40)
+	for i := range rows {
+		rows[i] = randRow(r, 500, 2)
+	}
+	p := Params{Temperature: 0.9, TopP: 0.95, TopK: 50, Seed: 7, HasSeed: true}
+	whole := newSampler(t, p)
+	var want []int32
+	for _, row := range rows {
+		want = append(want, sampleCopy(whole, row, Context{}))
+	}
+	for _, k := range []int{0, 1, 17, 39} {
+		s := newSampler(t, p)
+		s.Skip(k)
+		for i := k; i < len(rows); i++ {
+			if got := sampleCopy(s, rows[i], Context{}); got != want[i] {
+				t.Fatalf("skip %d: draw %d gave %d, want %d", k, i, got, want[i])
+			}
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -222,10 +223,40 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 		}
 		r.Logprobs = n
 	}
+	if rs := req.GetResume(); rs != nil {
+		if req.RequestId == "" {
+			return nil, invalid("request_id", "empty: a resumed request names the request it continues")
+		}
+		for i, id := range rs.TokenIds {
+			if id < 0 || int(id) >= c.cfg.VocabSize {
+				return nil, invalid(fmt.Sprintf("resume.token_ids[%d]", i), "%d is not in the vocabulary of %d", id, c.cfg.VocabSize)
+			}
+		}
+		if n := len(rs.TokenIds); n > r.MaxTokens {
+			return nil, invalid("resume.token_ids", "%d tokens received, more than max_tokens=%d", n, r.MaxTokens)
+		}
+		r.Resume = rs.TokenIds
+	}
 	if r.ID == "" {
 		r.ID = fmt.Sprintf("req-%d-%d", time.Now().UnixNano(), requestIDs.Add(1))
 	}
 	return r, nil
+}
+
+// resumedEnd says whether a resumed request ended with the tokens the
+// client has (its stream broke before the final message): it had all its
+// tokens, or the last one stops it.
+func resumedEnd(r *routing.Request) (finish string, matched int32, done bool) {
+	n := len(r.Resume)
+	switch {
+	case n == 0:
+		return "", -1, false
+	case n >= r.MaxTokens:
+		return "length", -1, true
+	case n >= r.MinTokens && slices.Contains(r.StopIDs, r.Resume[n-1]):
+		return "stop", r.Resume[n-1], true
+	}
+	return "", -1, false
 }
 
 func (c *Coordinator) eosIDs() []int32 {
@@ -272,12 +303,39 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 	if err != nil {
 		return err
 	}
+	g := newGenState(s.c, r, req)
+	if req.Resume != nil {
+		// The run it continues may still be here (its client went away
+		// without this server seeing it yet): end it.
+		s.c.router.Abort(r.ID)
+		if err := g.resume(r.Resume, req.Resume.TextBytes); err != nil {
+			return err
+		}
+		finish, matched, done := resumedEnd(r)
+		if g.finish != "" || done {
+			// Nothing to generate: send what text was held back, and the end.
+			ev := routing.Event{Done: true, Finish: finish, MatchedStop: matched}
+			var chunk *pb.GenerateChunk
+			if g.finish != "" { // a stop string: the text ends before it
+				if t := g.text.String()[g.sent:]; t != "" {
+					chunk = &pb.GenerateChunk{Text: t, Usage: g.usage()}
+				}
+			} else {
+				chunk, _ = g.add(ev)
+			}
+			if chunk != nil {
+				if err := out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Chunk{Chunk: chunk}}); err != nil {
+					return err
+				}
+			}
+			return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Complete{Complete: g.complete(ev)}})
+		}
+	}
 	stream, err := s.c.router.Submit(r)
 	if err != nil {
 		return submitError(err)
 	}
 	ctx := out.Context()
-	g := newGenState(s.c, r, req)
 	rec := s.c.record(r, arrived)
 	finish, final := "abort", routing.Event{} // a client gone is an abort
 	defer func() { rec.done(finish, final) }()
@@ -414,6 +472,36 @@ func (g *genState) add(ev routing.Event) (*pb.GenerateChunk, bool) {
 		ch = nil
 	}
 	return ch, stopped
+}
+
+// resume takes the tokens a client received before its stream broke, and
+// how much of their text (nil: all of it): the text sent next follows it,
+// and stop strings are matched across it. A stop string already in that
+// text ends the request (finish "stop").
+func (g *genState) resume(ids []int32, textBytes *int64) error {
+	g.n = len(ids)
+	if g.detok != nil {
+		for _, id := range ids {
+			piece, _ := g.detok.Add(id)
+			g.text.WriteString(piece)
+		}
+	}
+	full := g.text.String()
+	g.sent = len(full)
+	if textBytes != nil {
+		if *textBytes < 0 || *textBytes > int64(len(full)) {
+			return invalid("resume.text_bytes", "%d is outside [0, %d], the text of resume.token_ids", *textBytes, len(full))
+		}
+		g.sent = int(*textBytes)
+	}
+	if len(g.stops) > 0 {
+		if at, st := g.findStop(); at >= 0 {
+			g.finish, g.matched = "stop", st
+			g.text.Reset()
+			g.text.WriteString(full[:max(at, g.sent)])
+		}
+	}
+	return nil
 }
 
 func utf8Start(b byte) bool { return b&0xC0 != 0x80 }

@@ -40,6 +40,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
 	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
@@ -643,6 +644,16 @@ func TestBadRequests(t *testing.T) {
 		{"min_tokens above max_tokens", func(r *pb.GenerateRequest) { r.MinTokens = ptr(int32(9)) }, codes.InvalidArgument, "min_tokens"},
 		{"logprobs too many", func(r *pb.GenerateRequest) { r.Logprobs = ptr(int32(21)) }, codes.InvalidArgument, "logprobs"},
 		{"unknown model", func(r *pb.GenerateRequest) { r.Model = "qwen2-72b" }, codes.NotFound, "model"},
+		{"resume without request_id", func(r *pb.GenerateRequest) { r.Resume = &pb.Resume{TokenIds: []int32{1}} }, codes.InvalidArgument, "request_id"},
+		{"resume with an unknown id", func(r *pb.GenerateRequest) {
+			r.RequestId, r.Resume = "r", &pb.Resume{TokenIds: []int32{1, 99999}}
+		}, codes.InvalidArgument, "resume.token_ids[1]"},
+		{"resume beyond max_tokens", func(r *pb.GenerateRequest) {
+			r.RequestId, r.Resume = "r", &pb.Resume{TokenIds: make([]int32, 9)}
+		}, codes.InvalidArgument, "resume.token_ids"},
+		{"resume with more text than its tokens", func(r *pb.GenerateRequest) {
+			r.RequestId, r.Resume = "r", &pb.Resume{TokenIds: []int32{1}, TextBytes: ptr(int64(1000))}
+		}, codes.InvalidArgument, "resume.text_bytes"},
 	}
 	for _, tc := range cases {
 		r := ok()
@@ -783,6 +794,16 @@ func TestDemoClusterTextChatHealth(t *testing.T) {
 			t.Fatalf("stop %q: %q (%s), full %q", stop, s.text, s.finish, r.text)
 		}
 	}
+	// Resumed after any chunk (greedy with a stop string, seeded), a
+	// request gives the rest of what the undisturbed run gave, and no more.
+	hello := &pb.GenerateRequest{Input: &pb.GenerateRequest_Text{Text: "Hello world"}, MaxTokens: ptr(int32(12)),
+		Temperature: ptr(float32(0)), IgnoreEos: true}
+	if len(full) > 4 {
+		hello.Stop = []string{string(full[len(full)/2 : len(full)/2+2])}
+	}
+	checkResumes(t, c.client, hello)
+	checkResumes(t, c.client, &pb.GenerateRequest{Input: &pb.GenerateRequest_Text{Text: "Hello world"}, MaxTokens: ptr(int32(12)),
+		Temperature: ptr(float32(1.2)), TopP: ptr(float32(0.95)), Seed: ptr(int64(5)), PresencePenalty: ptr(float32(0.5)), IgnoreEos: true})
 	chat := mustGenerate(t, c.client, &pb.GenerateRequest{Input: &pb.GenerateRequest_Chat{Chat: &pb.ChatInput{
 		Messages: []*pb.ChatMessage{{Role: "user", Content: "Hi"}}}}, MaxTokens: ptr(int32(3)), Temperature: ptr(float32(0)), IgnoreEos: true})
 	if chat.usage.PromptTokens < 10 || len(chat.ids) != 3 {
@@ -947,5 +968,54 @@ func TestQuantizedCluster(t *testing.T) {
 	}
 	if _, err := generate(context.Background(), c.client, req); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// checkResumes runs req undisturbed, then again resumed after each chunk
+// the first run sent (as pkg/client resumes: the ids and the bytes of text
+// received): every resumed run sends exactly the rest, with the same end.
+func checkResumes(t *testing.T, client pb.GeneratorClient, req *pb.GenerateRequest) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	stream, err := client.Generate(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chunks []*pb.GenerateChunk
+	var end *pb.GenerateComplete
+	for end == nil {
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("undisturbed run: %v", err)
+		}
+		if ch := resp.GetChunk(); ch != nil {
+			chunks = append(chunks, ch)
+		}
+		end = resp.GetComplete()
+	}
+	var ids []int32
+	var text string
+	for i := 0; i <= len(chunks); i++ {
+		r := proto.Clone(req).(*pb.GenerateRequest)
+		r.RequestId = fmt.Sprintf("resume-%d-%d", time.Now().UnixNano(), i)
+		r.Resume = &pb.Resume{TokenIds: ids, TextBytes: ptr(int64(len(text)))}
+		got, err := generate(ctx, client, r)
+		if err != nil {
+			t.Fatalf("resumed after chunk %d: %v", i, err)
+		}
+		var wantIDs []int32
+		var wantText string
+		for _, ch := range chunks[i:] {
+			wantIDs, wantText = append(wantIDs, ch.TokenIds...), wantText+ch.Text
+		}
+		if !slices.Equal(got.ids, wantIDs) || got.text != wantText || got.finish != end.FinishReason ||
+			got.usage.CompletionTokens != end.Usage.CompletionTokens {
+			t.Fatalf("resumed after chunk %d of %d: ids %v text %q (%s, %d tokens), want %v %q (%s, %d tokens)", i, len(chunks),
+				got.ids, got.text, got.finish, got.usage.CompletionTokens, wantIDs, wantText, end.FinishReason, end.Usage.CompletionTokens)
+		}
+		if i < len(chunks) {
+			ids, text = append(ids, chunks[i].TokenIds...), text+chunks[i].Text
+		}
 	}
 }
