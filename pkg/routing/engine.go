@@ -159,6 +159,8 @@ type reqState struct {
 	failures int
 	// scheduled is when the request first ran in a step.
 	scheduled time.Time
+	// queued is when the sequence last entered an engine's queue.
+	queued time.Time
 }
 
 // MaxStepFailures is how many consecutive failed steps a request survives.
@@ -209,6 +211,8 @@ type Engine struct {
 	stepToks atomic.Int64
 	depth    int
 	nextID   uint64
+	adm      admission     // guarded by mu
+	maxWait  time.Duration // guarded by mu; 0: no max queue wait
 	// OnStepError, when set, is called (outside the lock) after a failed
 	// step; the engine has already sent its running sequences back to the
 	// queue.
@@ -299,6 +303,7 @@ func (e *Engine) adopt(q *Seq) error {
 	if err := e.sched.Add(q); err != nil {
 		return err
 	}
+	st.queued = time.Now()
 	e.byID[st.req.ID] = q
 	e.poke()
 	return nil
@@ -398,6 +403,57 @@ func (e *Engine) Stats() Stats {
 		StepTimeout: e.timer.typical()}
 }
 
+// SetMaxQueueWait sets how long a new request may wait in this engine's
+// queue before its first step (0: no limit; see Router.SetMaxQueueWait).
+func (e *Engine) SetMaxQueueWait(d time.Duration) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.maxWait = max(d, 0)
+	e.poke()
+}
+
+// QueueWait estimates how long a request submitted now would wait in the
+// queue before its first step, from the queue's length and the rate the
+// engine recently took sequences from it (ok is false when it has too
+// little history to tell; see admission).
+func (e *Engine) QueueWait() (d time.Duration, ok bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, w := e.sched.Len()
+	return e.adm.wait(w)
+}
+
+// expireLocked ends the sequences that have waited longer than the max
+// queue wait without ever being scheduled, and returns when the next one
+// would (zero: none can); e.mu is held. Exempt: resumed requests (their
+// first tokens were computed by an earlier run) and sequences already
+// scheduled (preempted, or moved here from another replica).
+func (e *Engine) expireLocked(now time.Time) (next time.Time) {
+	if e.maxWait <= 0 {
+		return time.Time{}
+	}
+	var late []*Seq
+	for _, q := range e.sched.waiting {
+		st := q.Payload.(*reqState)
+		if !st.scheduled.IsZero() || len(st.req.Resume) > 0 {
+			continue
+		}
+		deadline := st.queued.Add(e.maxWait)
+		switch {
+		case !now.Before(deadline):
+			late = append(late, q)
+		case next.IsZero() || deadline.Before(next):
+			next = deadline
+		}
+	}
+	for _, q := range late {
+		waited := now.Sub(q.Payload.(*reqState).queued)
+		e.end(q, Event{Finish: "error", MatchedStop: -1, Err: fmt.Errorf("%w: waited %v in the queue without being scheduled, more than the max queue wait of %v",
+			ErrOverloaded, roundWait(waited), e.maxWait)})
+	}
+	return next
+}
+
 // Load is the number of sequences here (for routing).
 func (e *Engine) Load() int {
 	e.mu.Lock()
@@ -438,11 +494,21 @@ func (e *Engine) Run(ctx context.Context) {
 	backoff := 50 * time.Millisecond
 	inflight := 0
 	done := make(chan stepDone, 64)
+	expiry := time.NewTimer(time.Hour)
+	expiry.Stop()
+	defer expiry.Stop()
 	for {
 		e.mu.Lock()
 		if e.closed {
 			e.mu.Unlock()
 			return
+		}
+		// Before anything is scheduled: requests that waited too long
+		// end, so none is served after waiting more than the limit.
+		var expiryC <-chan time.Time
+		if next := e.expireLocked(time.Now()); !next.IsZero() {
+			expiry.Reset(time.Until(next))
+			expiryC = expiry.C
 		}
 		depth := max(e.depth, 1)
 		for inflight < depth {
@@ -453,6 +519,8 @@ func (e *Engine) Run(ctx context.Context) {
 				maxSeqs = max((n+depth-1)/depth, 1)
 			}
 			plan := e.sched.ScheduleAtMost(maxSeqs)
+			_, waiting := e.sched.Len()
+			e.adm.observe(time.Now(), plan.Admitted, waiting)
 			if len(plan.Items) == 0 {
 				break
 			}
@@ -478,6 +546,8 @@ func (e *Engine) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-e.wake:
+			continue
+		case <-expiryC:
 			continue
 		case d = <-done:
 			inflight--

@@ -35,6 +35,9 @@ type Router struct {
 	maxOrphans   int
 	why          func() string
 	expiry       *time.Timer // runs expire at the earliest orphan's deadline
+	// maxWait is the longest a new request may wait in a replica's queue
+	// before its first step (0: no limit): see SetMaxQueueWait.
+	maxWait time.Duration
 }
 
 // orphan is a request waiting for a replica since a time.
@@ -70,6 +73,35 @@ func (r *Router) SetQueueTimeout(d time.Duration, maxOrphans int, why func() str
 	defer r.mu.Unlock()
 	r.queueTimeout, r.maxOrphans, r.why = d, maxOrphans, why
 	r.armLocked(time.Now())
+}
+
+// SetMaxQueueWait sets how long a new request may wait in a replica's
+// queue before its first step is computed (0: no limit, the default). It
+// is enforced twice:
+//
+//   - Submit refuses a request at once, with an error matching
+//     ErrOverloaded that gives the estimated wait and the limit, when even
+//     the replica with the shortest estimated wait (Engine.QueueWait: its
+//     queue over the rate it recently took sequences from it) would keep
+//     it longer than d. A replica without enough history to estimate
+//     takes the request unless its queue is full (ErrQueueFull).
+//   - An engine ends a sequence that has waited longer than d in its queue
+//     without ever being scheduled with an error matching ErrOverloaded,
+//     before any token, so no request served waits longer than d for its
+//     first step. Its wait starts when it enters an engine's queue (again
+//     when it moves to another replica).
+//
+// Exempt from both: resumed requests (Request.Resume, which continue one
+// admitted before) and sequences that were scheduled already (preempted,
+// or moved from a lost replica). Requests no replica can take (orphans)
+// have their own limit, the queue timeout (SetQueueTimeout).
+func (r *Router) SetMaxQueueWait(d time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.maxWait = max(d, 0)
+	for _, e := range r.replicas {
+		e.SetMaxQueueWait(r.maxWait)
+	}
 }
 
 // orphanLocked adds sequences to the orphans, waiting from now; r.mu is
@@ -160,6 +192,7 @@ func (r *Router) AddReplica(name string, e *Engine) {
 	r.mu.Lock()
 	old := r.replicas[name]
 	r.replicas[name] = e
+	e.SetMaxQueueWait(r.maxWait)
 	delete(r.cordoned, name)
 	seqs := make([]*Seq, len(r.orphans))
 	for i, o := range r.orphans {
@@ -251,6 +284,28 @@ func (r *Router) pickLocked() *Engine {
 	return best
 }
 
+// shortestWaitLocked is the replica (not cordoned) whose estimated queue
+// wait is the shortest, and that wait; a replica with no estimate yet
+// counts as no wait. r.mu is held.
+func (r *Router) shortestWaitLocked() (*Engine, time.Duration) {
+	var best *Engine
+	var bestWait time.Duration
+	for _, n := range r.namesLocked() {
+		if r.cordoned[n] {
+			continue
+		}
+		e := r.replicas[n]
+		w, ok := e.QueueWait()
+		if !ok {
+			w = 0
+		}
+		if best == nil || w < bestWait {
+			best, bestWait = e, w
+		}
+	}
+	return best, bestWait
+}
+
 // Capacity is the longest sequence (prompt + output tokens) every replica
 // could hold alone, or 0 when there is no replica.
 func (r *Router) Capacity() int {
@@ -285,6 +340,16 @@ func (r *Router) Submit(req *Request) (*Stream, error) {
 		}
 	}
 	if e := r.pickLocked(); e != nil {
+		if r.maxWait > 0 && len(req.Resume) == 0 {
+			best, wait := r.shortestWaitLocked()
+			if wait > r.maxWait {
+				return nil, fmt.Errorf("%w: a new request would wait about %v in the queue, more than the max queue wait of %v",
+					ErrOverloaded, roundWait(wait), r.maxWait)
+			}
+			if w, ok := e.QueueWait(); ok && w > r.maxWait {
+				e = best // the least loaded replica drains its queue slowly
+			}
+		}
 		return e.Submit(req)
 	}
 	if len(r.orphans) >= r.maxOrphans {

@@ -81,6 +81,8 @@ type Item struct {
 type Plan struct {
 	Items     []Item
 	Preempted []*Seq // sequences preempted while planning
+	// Admitted is how many of the items came from the waiting queue.
+	Admitted int
 }
 
 // Scheduler decides which sequences run in each step.
@@ -228,6 +230,7 @@ func (s *Scheduler) ScheduleAtMost(maxSeqs int) *Plan {
 		q.running = true
 		s.running = append(s.running, q)
 		p.Items = append(p.Items, s.item(q, n))
+		p.Admitted++
 		budget -= n
 	}
 	return p

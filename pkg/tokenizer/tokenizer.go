@@ -24,6 +24,7 @@ type Tokenizer struct {
 
 	added      []addedToken // longest first
 	addedFirst [256]bool    // first bytes of added tokens
+	maxToken   int          // bytes of the longest token
 
 	caches sync.Pool // *pieceCache
 }
@@ -161,6 +162,9 @@ func Parse(data []byte) (*Tokenizer, error) {
 		t.addedFirst[a.Content[0]] = true
 	}
 	sort.SliceStable(t.added, func(i, j int) bool { return len(t.added[i].content) > len(t.added[j].content) })
+	for _, b := range t.tokens {
+		t.maxToken = max(t.maxToken, len(b))
+	}
 	return t, nil
 }
 
@@ -213,6 +217,25 @@ func (t *Tokenizer) TokenBytes(id int32) []byte {
 		return nil
 	}
 	return t.tokens[id]
+}
+
+// MaxTokenBytes is the length in bytes of the longest token (an added
+// token's text included).
+func (t *Tokenizer) MaxTokenBytes() int { return t.maxToken }
+
+// MaxNFCShrink bounds how much Encode's normalization can shorten a text:
+// NFC turns at most 3 bytes into 1 (U+212A KELVIN SIGN becomes K; a Hangul
+// L+V+T jamo triple, 9 bytes, one 3-byte syllable); replacing invalid
+// UTF-8 by U+FFFD never shortens it.
+const MaxNFCShrink = 3
+
+// MaxTextBytes is the length of the longest text that could encode to n
+// tokens or fewer: the encoded bytes are at least len(text)/MaxNFCShrink,
+// and every token holds at most MaxTokenBytes of them. So a text longer
+// than MaxTextBytes(n) needs more than n tokens, and a caller may refuse
+// it without encoding it (a sound bound, not a tight one).
+func (t *Tokenizer) MaxTextBytes(n int) int64 {
+	return int64(max(n, 0)) * int64(t.maxToken) * MaxNFCShrink
 }
 
 // ID returns the id of an added token's text (e.g. "<|im_end|>").

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/qwenfleet/qwenfleet"
@@ -468,6 +469,37 @@ func TestParseRefusesHugeIDs(t *testing.T) {
 		}
 		if _, err := Parse([]byte(doc)); err == nil || !strings.Contains(err.Error(), "added_tokens") {
 			t.Errorf("added token id %s: %v", id, err)
+		}
+	}
+}
+
+// TestMaxTextBytes: MaxNFCShrink bounds what NFC does to any one character
+// and to a Hangul syllable spelled in jamo, and a text longer than
+// MaxTextBytes(n) encodes to more than n tokens.
+func TestMaxTextBytes(t *testing.T) {
+	for r := rune(0); r <= unicode.MaxRune; r++ {
+		if !utf8.ValidRune(r) {
+			continue
+		}
+		s := string(r)
+		if n := len(norm.NFC.String(s)); n*MaxNFCShrink < len(s) {
+			t.Fatalf("NFC shrinks %U from %d bytes to %d", r, len(s), n)
+		}
+	}
+	jamo := "\u1100\u1161\u11a8" // 9 bytes
+	if n := len(norm.NFC.String(jamo)); n*MaxNFCShrink != len(jamo) {
+		t.Fatalf("a jamo triple: %d bytes after NFC, want %d", n, len(jamo)/MaxNFCShrink)
+	}
+	for name, tok := range tokenizers(t) {
+		m := tok.MaxTokenBytes()
+		if m < len("<|im_start|>") {
+			t.Fatalf("%s: longest token %d bytes", name, m)
+		}
+		for _, text := range []string{strings.Repeat(jamo, 40), strings.Repeat("\u212a", 100), strings.Repeat("a", 1000), strings.Repeat("<|im_end|>", 30)} {
+			n := len(tok.Encode(text))
+			if int64(len(text)) > tok.MaxTextBytes(n) {
+				t.Errorf("%s: %d bytes encode to %d tokens, but MaxTextBytes(%d) = %d", name, len(text), n, n, tok.MaxTextBytes(n))
+			}
 		}
 	}
 }
