@@ -65,7 +65,14 @@ type CoordinatorOptions struct {
 	// DrainTimeout is how long a drained replica's requests may take to
 	// finish when the drain names no timeout (default 30 s).
 	DrainTimeout time.Duration
-	Logger       *slog.Logger
+	// MaxQueueWait is how long a request may wait in a replica's queue
+	// before its first step; one that would wait longer is refused
+	// RESOURCE_EXHAUSTED (routing.Router.SetMaxQueueWait; 0: no limit).
+	MaxQueueWait time.Duration
+	// SendTimeout is how long a response may wait for a client that does
+	// not read it before the request is aborted (0: DefaultSendTimeout).
+	SendTimeout time.Duration
+	Logger      *slog.Logger
 }
 
 // tickEvery is how often the control loop tells the machine the time
@@ -190,6 +197,7 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 		ready: make(chan struct{}), events: make(chan control.Event, 256), seen: map[string]time.Time{},
 		reqs: map[int64]chan control.Action{}, addrs: map[string]string{}, rt: map[int64]*replicaRT{}}
 	c.router.SetQueueTimeout(opts.QueueTimeout, opts.Scheduler.MaxWaiting, c.whyNoReplica)
+	c.router.SetMaxQueueWait(opts.MaxQueueWait)
 	c.metrics = metrics.NewCoordinator(opts.ModelName, cfg.MaxContext(), newStateCollector(c, opts.ModelName))
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {

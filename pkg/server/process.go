@@ -388,7 +388,11 @@ type CoordinatorProcessOptions struct {
 	// StepTimeout, QueueTimeout, DrainTimeout: see CoordinatorOptions.
 	StepTimeout                routing.StepTimeout
 	QueueTimeout, DrainTimeout time.Duration
-	Logger                     *slog.Logger
+	// MaxQueueWait, SendTimeout: see CoordinatorOptions; Limits: the
+	// public server's (PublicServerOptions).
+	MaxQueueWait, SendTimeout time.Duration
+	Limits                    Limits
+	Logger                    *slog.Logger
 	// OnReady is called once a replica can serve, with the public address.
 	OnReady func(addr string)
 }
@@ -498,7 +502,8 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		EtcdEndpoints: endpoints, LeaderTTL: o.LeaderTTL, BlockSize: o.BlockSize, KVCacheBytes: o.KVCacheBytes, NumBlocks: o.NumBlocks,
 		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log, TP: o.TP, PP: o.PP,
 		EP: o.EP, RedundantExperts: o.RedundantExperts, EPLBInterval: o.EPLBInterval,
-		StepTimeout: o.StepTimeout, QueueTimeout: o.QueueTimeout, DrainTimeout: o.DrainTimeout})
+		StepTimeout: o.StepTimeout, QueueTimeout: o.QueueTimeout, DrainTimeout: o.DrainTimeout,
+		MaxQueueWait: o.MaxQueueWait, SendTimeout: o.SendTimeout})
 	if err != nil {
 		return err
 	}
@@ -511,7 +516,7 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		log.Info("metrics", "addr", "http://"+a+"/metrics")
 		o.WorkerArgs = append(o.WorkerArgs, "--metrics-listen", "127.0.0.1:0")
 	}
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(PublicServerOptions(o.Limits)...)
 	pb.RegisterGeneratorServer(gs, NewGeneratorService(coord))
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
