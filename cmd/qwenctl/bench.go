@@ -16,14 +16,14 @@ import (
 	"syscall"
 	"time"
 
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/bench"
+	"github.com/qwenfleet/qwenfleet/pkg/client"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
-const benchSynopsis = "[--addr HOST:PORT] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
+const benchSynopsis = "[--addr HOST:PORT[,HOST:PORT...]] [--etcd-endpoints URLS] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
 	"[--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ttft=200ms,tpot=50ms,e2e=2s] [--json FILE] [--plot FILE.png] ..."
 
 // runBench is a load generator modelled on `vllm bench serve`: it sends
@@ -33,7 +33,8 @@ const benchSynopsis = "[--addr HOST:PORT] [--concurrency C] [--rate R] [--reques
 // are pkg/bench's; this is the gRPC and timer loop around them.
 func runBench(args []string) error {
 	fs := newFlags("bench", benchSynopsis)
-	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
+	cf := addClusterFlags(fs)
+	addr := cf.addr
 	concurrency := fs.Int("concurrency", 1, "requests kept in flight (closed loop); with --rate, a cap on requests in flight (none unless given)")
 	rate := fs.Float64("rate", 0, "open loop: Poisson arrivals at this many requests/s (inf: all at once)")
 	requests := fs.Int("requests", 100, "requests to send (no limit when only --duration is given)")
@@ -145,13 +146,13 @@ func runBench(args []string) error {
 		outputs[o.flag] = f
 	}
 
-	conn, client, err := dial(*addr)
+	c, err := cf.connect()
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
+	defer c.Close()
 	ictx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	info, err := client.GetModelInfo(ictx, &pb.GetModelInfoRequest{})
+	info, err := c.ModelInfo(ictx)
 	cancel()
 	if err != nil {
 		return fmt.Errorf("cannot reach the coordinator at %s: %w", *addr, rpcError(err))
@@ -176,7 +177,7 @@ func runBench(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	r := &benchRunner{client: client, src: src, cfg: cfg, temperature: float32(*temperature), t0: time.Now()}
+	r := &benchRunner{client: c, src: src, cfg: cfg, temperature: float32(*temperature), t0: time.Now()}
 	var bar *progressBar
 	if !*quiet && isTerminal(os.Stderr) {
 		bar = startProgress(os.Stderr, r)
@@ -216,7 +217,7 @@ func runBench(args []string) error {
 
 // benchRunner sends the requests of one run.
 type benchRunner struct {
-	client      pb.GeneratorClient
+	client      *client.Client
 	src         bench.Source
 	cfg         bench.Config
 	temperature float32
@@ -316,8 +317,9 @@ loop:
 	return r.reqs
 }
 
-// one sends request i and records what came back. Failures are recorded by
-// gRPC status code and never stop the run.
+// one sends request i and records what came back. Failures (those the
+// client library gave up on: it resumes a request whose stream broke) are
+// recorded by gRPC status code and never stop the run.
 func (r *benchRunner) one(ctx context.Context, i int) {
 	p := r.src.Prompt(i)
 	req := &pb.GenerateRequest{Temperature: &r.temperature, MaxTokens: clamp32(p.MaxTokens), IgnoreEos: r.cfg.IgnoreEOS,
@@ -339,45 +341,31 @@ func (r *benchRunner) one(ctx context.Context, i int) {
 	r.finish(ctx, r.stream(ctx, req, &rec), &rec)
 }
 
-// stream runs the request's stream into rec; it returns the status code
-// name of a failure, or "" once the complete message arrived.
+// stream runs the request into rec; it returns the status code name of a
+// failure, or "" once the complete message arrived.
 func (r *benchRunner) stream(ctx context.Context, req *pb.GenerateRequest, rec *bench.Request) string {
-	ctx, cancel := context.WithCancel(ctx) // ends the stream however it returns
-	defer cancel()
-	stream, err := r.client.Generate(ctx, req)
-	if err != nil {
-		return status.Code(err).String()
-	}
 	streamed := 0
-	for {
-		resp, err := stream.Recv()
+	res, err := r.client.Generate(ctx, req, func(ch *pb.GenerateChunk) error {
 		now := time.Since(r.t0)
 		rec.End = now
-		if errors.Is(err, io.EOF) {
-			return codes.Unknown.String() // the stream ended without a complete message
+		if n := len(ch.TokenIds); n > 0 {
+			rec.Chunks = append(rec.Chunks, bench.Chunk{At: now, Tokens: n})
+			streamed += n
 		}
-		if err != nil {
-			return status.Code(err).String()
+		return nil
+	})
+	rec.End = time.Since(r.t0)
+	if err != nil {
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			return status.FromContextError(err).Code().String()
 		}
-		switch m := resp.Response.(type) {
-		case *pb.GenerateResponse_Chunk:
-			if n := len(m.Chunk.TokenIds); n > 0 {
-				rec.Chunks = append(rec.Chunks, bench.Chunk{At: now, Tokens: n})
-				streamed += n
-			}
-		case *pb.GenerateResponse_Error:
-			if m.Error.Code == "" {
-				return codes.Unknown.String()
-			}
-			return m.Error.Code
-		case *pb.GenerateResponse_Complete:
-			rec.OutputTokens = streamed
-			if u := m.Complete.Usage; u != nil {
-				rec.PromptTokens, rec.OutputTokens = int(u.PromptTokens), int(u.CompletionTokens)
-			}
-			return ""
-		}
+		return status.Code(err).String()
 	}
+	rec.OutputTokens = streamed
+	if u := res.Complete.Usage; u != nil {
+		rec.PromptTokens, rec.OutputTokens = int(u.PromptTokens), int(u.CompletionTokens)
+	}
+	return ""
 }
 
 func (r *benchRunner) finish(ctx context.Context, code string, rec *bench.Request) {

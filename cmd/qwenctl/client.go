@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"math"
 	"os"
 	"os/signal"
@@ -14,25 +13,81 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/qwenfleet/qwenfleet/pkg/client"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
+// dial connects to the one coordinator at addr (the commands that talk to
+// one coordinator: drain, experts).
 func dial(addr string) (*grpc.ClientConn, pb.GeneratorClient, error) {
 	if addr == "" {
 		return nil, nil, usagef("--addr HOST:PORT is required")
 	}
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := client.Dial(addr, client.DefaultKeepaliveTime)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--addr %s: %w", addr, err)
 	}
 	return conn, pb.NewGeneratorClient(conn), nil
 }
 
+// parseList splits a comma-separated flag value; an empty item is a usage
+// error naming the flag.
+func parseList(flagName, v string) ([]string, error) {
+	if strings.TrimSpace(v) == "" {
+		return nil, nil
+	}
+	var out []string
+	for _, a := range strings.Split(v, ",") {
+		a = strings.TrimSpace(a)
+		if a == "" {
+			return nil, usagef("--%s: empty item in %q", flagName, v)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// clusterFlags are the flags that say how to reach a cluster's leader.
+type clusterFlags struct {
+	addr, etcd, prefix *string
+	retry              *time.Duration
+}
+
+func addClusterFlags(fs *flag.FlagSet) clusterFlags {
+	return clusterFlags{
+		addr:   fs.String("addr", "127.0.0.1:50051", "coordinator addresses, comma separated (the leader is found among them)"),
+		etcd:   fs.String("etcd-endpoints", "", "the cluster's etcd endpoints, comma separated: the leader's address is also read there"),
+		prefix: fs.String("prefix", "/qwenfleet/", "the cluster's etcd key prefix (with --etcd-endpoints)"),
+		retry:  fs.Duration("retry-timeout", client.DefaultRetryTimeout, "how long a request keeps retrying while no coordinator serves it (a failover) before it fails"),
+	}
+}
+
+// connect makes the client library's Client from the flags.
+func (f clusterFlags) connect() (*client.Client, error) {
+	addrs, err := parseList("addr", *f.addr)
+	if err != nil {
+		return nil, err
+	}
+	etcd, err := parseList("etcd-endpoints", *f.etcd)
+	if err != nil {
+		return nil, err
+	}
+	if len(addrs) == 0 && len(etcd) == 0 {
+		return nil, usagef("--addr HOST:PORT is required")
+	}
+	if *f.retry <= 0 {
+		return nil, usagef("--retry-timeout: must be > 0")
+	}
+	return client.New(client.Config{Addrs: addrs, EtcdEndpoints: etcd, Prefix: *f.prefix, RetryTimeout: *f.retry})
+}
+
 // rpcError makes a gRPC error one readable line.
 func rpcError(err error) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		err = status.FromContextError(err).Err()
+	}
 	if s, ok := status.FromError(err); ok {
 		return fmt.Errorf("%s: %s", s.Code(), s.Message())
 	}
@@ -77,8 +132,8 @@ type topLpJSON struct {
 }
 
 func runGenerate(args []string) error {
-	fs := newFlags("generate", "--addr HOST:PORT (--prompt TEXT | --chat TEXT | --ids 1,2,3) [flags]")
-	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
+	fs := newFlags("generate", "--addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] (--prompt TEXT | --chat TEXT | --ids 1,2,3) [flags]")
+	cf := addClusterFlags(fs)
 	prompt := fs.String("prompt", "", "prompt text")
 	chat := fs.String("chat", "", "a user message, sent through the chat template")
 	system := fs.String("system", "", "system message for --chat")
@@ -180,75 +235,56 @@ func runGenerate(args []string) error {
 		}
 		req.StopTokenIds = v
 	}
-	conn, client, err := dial(*addr)
+	c, err := cf.connect()
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
+	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
 	defer stop()
-	stream, err := client.Generate(ctx, req)
+	res, err := c.Generate(ctx, req, func(ch *pb.GenerateChunk) error {
+		if !*asJSON {
+			fmt.Print(ch.Text)
+		}
+		return nil
+	})
 	if err != nil {
 		return rpcError(err)
 	}
-	out := generateJSON{}
-	var text strings.Builder
-	for {
-		resp, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			return errors.New("stream ended without a complete message")
+	out := generateJSON{ID: res.RequestID, IDs: res.TokenIDs, Text: res.Text}
+	for _, lp := range res.Logprobs {
+		l := lpJSON{ID: lp.TokenId, Logprob: lp.Logprob}
+		for _, t := range lp.Top {
+			l.Top = append(l.Top, topLpJSON{ID: t.TokenId, Token: t.Token, Logprob: t.Logprob})
 		}
-		if err != nil {
-			return rpcError(err)
-		}
-		out.ID = resp.RequestId
-		switch r := resp.Response.(type) {
-		case *pb.GenerateResponse_Chunk:
-			out.IDs = append(out.IDs, r.Chunk.TokenIds...)
-			text.WriteString(r.Chunk.Text)
-			out.Usage = r.Chunk.Usage
-			for _, lp := range r.Chunk.Logprobs {
-				l := lpJSON{ID: lp.TokenId, Logprob: lp.Logprob}
-				for _, t := range lp.Top {
-					l.Top = append(l.Top, topLpJSON{ID: t.TokenId, Token: t.Token, Logprob: t.Logprob})
-				}
-				out.Logprobs = append(out.Logprobs, l)
-			}
-			if !*asJSON {
-				fmt.Print(r.Chunk.Text)
-			}
-		case *pb.GenerateResponse_Error:
-			return fmt.Errorf("%s: %s", r.Error.Code, r.Error.Message)
-		case *pb.GenerateResponse_Complete:
-			c := r.Complete
-			out.FinishReason, out.MatchedStop, out.Usage, out.Preemptions = c.FinishReason, c.MatchedStop, c.Usage, c.Preemptions
-			for _, p := range c.PromptLogprobs {
-				if p.Logprob == nil {
-					out.PromptLogprobs = append(out.PromptLogprobs, nil)
-				} else {
-					v := float64(*p.Logprob)
-					out.PromptLogprobs = append(out.PromptLogprobs, &v)
-				}
-			}
-			if out.IDs == nil {
-				out.IDs = []int32{}
-			}
-			out.Text = text.String()
-			if *asJSON {
-				enc := json.NewEncoder(os.Stdout)
-				return enc.Encode(out)
-			}
-			fmt.Printf("\n[%s: %d prompt + %d generated tokens]\n", out.FinishReason, out.Usage.GetPromptTokens(), out.Usage.GetCompletionTokens())
-			return nil
+		out.Logprobs = append(out.Logprobs, l)
+	}
+	cm := res.Complete
+	out.FinishReason, out.MatchedStop, out.Usage, out.Preemptions = cm.FinishReason, cm.MatchedStop, res.Usage, cm.Preemptions
+	for _, p := range cm.PromptLogprobs {
+		if p.Logprob == nil {
+			out.PromptLogprobs = append(out.PromptLogprobs, nil)
+		} else {
+			v := float64(*p.Logprob)
+			out.PromptLogprobs = append(out.PromptLogprobs, &v)
 		}
 	}
+	if out.IDs == nil {
+		out.IDs = []int32{}
+	}
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		return enc.Encode(out)
+	}
+	fmt.Printf("\n[%s: %d prompt + %d generated tokens]\n", out.FinishReason, out.Usage.GetPromptTokens(), out.Usage.GetCompletionTokens())
+	return nil
 }
 
 func runStatus(args []string) error {
-	fs := newFlags("status", "--addr HOST:PORT [--json] [--wait 60s]")
-	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
+	fs := newFlags("status", "--addr HOST:PORT[,HOST:PORT...] [--json] [--wait 60s]")
+	addr := fs.String("addr", "127.0.0.1:50051", "coordinator addresses, comma separated: the first that answers is asked")
 	asJSON := fs.Bool("json", false, "print the server info as JSON")
 	wait := fs.Duration("wait", 0, "wait up to this long until the cluster can serve")
 	if err := parse(fs, args); err != nil {
@@ -257,20 +293,37 @@ func runStatus(args []string) error {
 	if *wait < 0 {
 		return usagef("--wait: must be >= 0")
 	}
-	conn, client, err := dial(*addr)
+	addrs, err := parseList("addr", *addr)
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
+	if len(addrs) == 0 {
+		return usagef("--addr HOST:PORT is required")
+	}
+	c, err := client.New(client.Config{Addrs: addrs})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
 	deadline := time.Now().Add(*wait)
 	var info *pb.ServerInfo
 	var health *pb.HealthCheckResponse
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		info, err = client.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+		var stub pb.GeneratorClient
+		for _, a := range addrs { // the first that answers
+			if stub, err = c.Stub(a); err == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				info, err = stub.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+				cancel()
+				if err == nil {
+					break
+				}
+			}
+		}
 		health = nil
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if err == nil && info.Ready {
-			health, err = client.HealthCheck(ctx, &pb.HealthCheckRequest{})
+			health, err = stub.HealthCheck(ctx, &pb.HealthCheckRequest{})
 			if err == nil && !health.Healthy {
 				info.Ready, info.NotReadyReason = false, "health check: "+health.Message
 			}

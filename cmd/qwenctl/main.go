@@ -5,11 +5,15 @@
 //	qwenctl demo    [--preset tiny] [--tokens N]
 //	qwenctl tokenize (--model DIR | --tokenizer FILE) (--jsonl | --text TEXT [--chat])
 //	qwenctl detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special] [--json]
-//	qwenctl generate --addr HOST:PORT (--prompt TEXT | --chat TEXT | --ids 1,2,3) [--max-tokens N] [--temperature T] [--json] ...
-//	qwenctl status --addr HOST:PORT [--json] [--wait 60s]
+//	qwenctl generate --addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] (--prompt TEXT | --chat TEXT | --ids 1,2,3) [--max-tokens N] [--temperature T] [--json] ...
+//	qwenctl status --addr HOST:PORT[,HOST:PORT...] [--json] [--wait 60s]
 //	qwenctl drain  [--addr HOST:PORT] [--timeout D] [--force] [--no-wait] WORKER_ID
-//	qwenctl bench  --addr HOST:PORT [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
+//	qwenctl bench  --addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
 //	qwenctl plan (--model DIR | --preset NAME) --workers N --mem 80GiB [--hosts H] [--backend cuda|cpu] [--tp N] [--pp M] [--kv-tokens N] [--json]
+//
+// generate, status and bench take a list of coordinators: generate and
+// bench send to the leader among them through pkg/client, which resumes a
+// request whose stream broke (a leader that died) on the next leader.
 //
 // Every command prints one error line and exits non-zero on bad flags or
 // input.

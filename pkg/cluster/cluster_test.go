@@ -141,11 +141,6 @@ func TestWorkersRegisterListWatch(t *testing.T) {
 	if ws, _ := s.ListWorkers(ctx); len(ws) != 1 || ws[0].ID != "w-b" {
 		t.Fatalf("after Close ListWorkers = %+v", ws)
 	}
-	select {
-	case <-ra.Lost():
-	case <-time.After(2 * time.Second):
-		t.Fatal("Lost not closed after Close")
-	}
 	if err := ra.Update(ctx, WorkerInfo{ID: "w-a"}); err == nil {
 		t.Fatal("Update after Close succeeded")
 	}
@@ -170,7 +165,7 @@ func TestWorkerLeaseExpires(t *testing.T) {
 	// Survives past its TTL while kept alive: the key stays until the lease
 	// has lived longer than the TTL etcd granted (which etcd may have
 	// raised to its minimum), and the lease is still live then.
-	lease, err := s.client.TimeToLive(ctx, r.lease)
+	lease, err := s.client.TimeToLive(ctx, r.leaseID())
 	if err != nil || lease.GrantedTTL <= 0 {
 		t.Fatalf("TimeToLive: %v %+v", err, lease)
 	}
@@ -181,17 +176,12 @@ func TestWorkerLeaseExpires(t *testing.T) {
 		}
 		return time.Since(registered) > ttl+500*time.Millisecond
 	})
-	if lease, err := s.client.TimeToLive(ctx, r.lease); err != nil || lease.TTL <= 0 {
+	if lease, err := s.client.TimeToLive(ctx, r.leaseID()); err != nil || lease.TTL <= 0 {
 		t.Fatalf("lease after %v: %v %+v", time.Since(registered), err, lease)
 	}
 	// Simulate the worker dying: its connection goes away without a revoke.
 	start := time.Now()
 	worker.Close()
-	select {
-	case <-r.Lost():
-	case <-time.After(2 * time.Second):
-		t.Fatal("Lost not closed after the store closed")
-	}
 	waitFor(t, 6*time.Second, "expired worker to disappear", func() bool {
 		ws, err := s.ListWorkers(ctx)
 		return err == nil && len(ws) == 0
@@ -254,6 +244,11 @@ func TestDeposedLeaderWriteFenced(t *testing.T) {
 	}()
 	if _, err := old.session.Client().Revoke(ctx, old.session.Lease()); err != nil {
 		t.Fatal(err)
+	}
+	select { // etcd answers the next renewal: the lease is gone
+	case <-old.Lost():
+	case <-time.After(3 * time.Second):
+		t.Fatal("Lost not closed after the lease was revoked")
 	}
 	var lead *Leadership
 	select {
@@ -522,5 +517,64 @@ func TestGossipErrors(t *testing.T) {
 	g := startGossip(t, "solo", nil)
 	if ev := waitEvent(t, g, "solo", true, 3*time.Second); ev.Addr != g.Addr() {
 		t.Fatalf("solo's own join event: %+v, want addr %s", ev, g.Addr())
+	}
+}
+
+// TestRegistrationOutlivesItsLease: a worker entry whose lease etcd lets
+// expire (as after an outage longer than the TTL) is written again,
+// unchanged, under a new lease.
+func TestRegistrationOutlivesItsLease(t *testing.T) {
+	e := startEtcd(t)
+	s := connect(t, e)
+	ctx := testCtx(t, 15*time.Second)
+	w := WorkerInfo{ID: "w", Addr: "127.0.0.1:1", State: "ready", Started: time.Now().UTC().Truncate(time.Second)}
+	r, err := s.RegisterWorker(ctx, w, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	w.State = "serving"
+	if err := r.Update(ctx, w); err != nil {
+		t.Fatal(err)
+	}
+	old := r.leaseID()
+	if _, err := s.client.Revoke(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the entry written again under a new lease", func() bool {
+		ws, err := s.ListWorkers(ctx)
+		return err == nil && len(ws) == 1 && ws[0] == w && r.Renewals() == 1
+	})
+	if r.leaseID() == old {
+		t.Fatal("the same lease")
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if ws, _ := s.ListWorkers(ctx); len(ws) != 0 {
+		t.Fatalf("after Close: %+v", ws)
+	}
+}
+
+// TestLeaseValidUntil: a kept lease's ValidUntil moves on with each
+// renewal and stays within a TTL of now.
+func TestLeaseValidUntil(t *testing.T) {
+	e := startEtcd(t)
+	s := connect(t, e)
+	ctx := testCtx(t, 10*time.Second)
+	l, err := s.grantLease(ctx, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close(ctx)
+	first := l.ValidUntil()
+	if until := time.Until(first); until <= 0 || until > 2*time.Second {
+		t.Fatalf("valid for %v after the grant", until)
+	}
+	waitFor(t, 3*time.Second, "a renewal", func() bool { return l.ValidUntil().After(first) })
+	select {
+	case <-l.Expired():
+		t.Fatal("expired while kept")
+	default:
 	}
 }

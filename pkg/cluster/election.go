@@ -14,13 +14,16 @@ import (
 // ErrNoLeader is returned by Leader when no candidate holds leadership.
 var ErrNoLeader = errors.New("cluster: no leader")
 
-// DefaultLeaderTTL is the election session TTL used when Campaign gets
-// ttl <= 0.
-const DefaultLeaderTTL = 10 * time.Second
+// DefaultLeaderTTL is the election lease TTL used when Campaign gets
+// ttl <= 0: a standby takes over at most this long after the leader died.
+const DefaultLeaderTTL = 3 * time.Second
 
-// Leadership is held by the winner of Campaign until Resign or until its
-// session ends.
+// Leadership is held by the winner of Campaign until Resign, or until etcd
+// says its lease expired (Lost). Its lease is kept alive through etcd
+// outages (see Lease): while etcd does not answer, the leadership is not
+// known lost, and ValidUntil says until when no other leader can exist.
 type Leadership struct {
+	lease    *Lease
 	session  *concurrency.Session
 	election *concurrency.Election
 	value    string
@@ -31,39 +34,58 @@ type Leadership struct {
 
 // Campaign blocks until this candidate becomes leader or ctx ends. value
 // identifies the candidate (e.g. its public address) and is what Leader
-// returns while it leads. ttl is the session TTL (DefaultLeaderTTL when
-// <= 0): if the leader process dies, its session expires after ttl and a
+// returns while it leads. ttl is the lease TTL (DefaultLeaderTTL when
+// <= 0): if the leader process dies, its lease expires after ttl and a
 // standby that is campaigning takes over.
 func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (*Leadership, error) {
-	sess, err := concurrency.NewSession(s.client, concurrency.WithTTL(int(ttlSeconds(ttl, DefaultLeaderTTL))), concurrency.WithContext(ctx))
+	gctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	lease, err := s.grantLease(gctx, ttlSeconds(ttl, DefaultLeaderTTL))
+	cancel()
 	if err != nil {
-		return nil, fmt.Errorf("cluster: election session: %w", err)
+		return nil, fmt.Errorf("cluster: election lease: %w", err)
 	}
-	// Stop waiting if our own session dies while we queue.
-	cctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	fail := func(err error) (*Leadership, error) {
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		lease.Close(rctx)
+		return nil, err
+	}
+	// The session only names the lease to the election: Lease keeps it
+	// alive, and the session's own keep-alive (which gives up after a TTL
+	// without etcd) is not relied on.
+	sess, err := concurrency.NewSession(s.client, concurrency.WithLease(lease.ID()), concurrency.WithContext(ctx))
+	if err != nil {
+		return fail(fmt.Errorf("cluster: election session: %w", err))
+	}
+	// Stop waiting if our own lease expires while we queue.
+	cctx, cancelWait := context.WithCancel(ctx)
+	defer cancelWait()
 	go func() {
 		select {
-		case <-sess.Done():
-			cancel()
+		case <-lease.Expired():
+			cancelWait()
 		case <-cctx.Done():
 		}
 	}()
 	el := concurrency.NewElection(sess, s.electionPrefix())
 	if err := el.Campaign(cctx, value); err != nil {
-		sess.Close()
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("cluster: campaign: %w", ctx.Err())
+			return fail(fmt.Errorf("cluster: campaign: %w", ctx.Err()))
 		}
-		return nil, fmt.Errorf("cluster: campaign: %w", err)
+		return fail(fmt.Errorf("cluster: campaign: %w", err))
 	}
-	select {
-	case <-sess.Done():
-		sess.Close()
-		return nil, errors.New("cluster: campaign: session expired")
-	default:
+	// The keys before ours are gone; ours must still be there (its lease
+	// may have expired with theirs, in an outage).
+	vctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	resp, err := s.client.Get(vctx, el.Key())
+	cancel()
+	switch {
+	case err != nil:
+		return fail(fmt.Errorf("cluster: campaign: %w", err))
+	case len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != el.Rev():
+		return fail(errors.New("cluster: campaign: the election lease expired"))
 	}
-	return &Leadership{session: sess, election: el, value: value}, nil
+	return &Leadership{lease: lease, session: sess, election: el, value: value}, nil
 }
 
 // Fence names a leadership for conditional writes: the election key the
@@ -77,20 +99,26 @@ type Fence struct {
 // Fence is this leadership's fence (see Store.PutPlacement).
 func (l *Leadership) Fence() Fence { return Fence{Key: l.election.Key(), Rev: l.election.Rev()} }
 
-// Lost returns a channel closed when the session ends (lease expired, etcd
-// unreachable for longer than the TTL, Store closed, or Resign called).
-func (l *Leadership) Lost() <-chan struct{} { return l.session.Done() }
+// Lost returns a channel closed when etcd says the leadership's lease
+// expired (an outage longer than the TTL) or after Resign: the term is
+// over, though no other leader may exist yet (campaign again at once to
+// lead on).
+func (l *Leadership) Lost() <-chan struct{} { return l.lease.Expired() }
+
+// ValidUntil is the time before which no other leader can exist: the
+// lease cannot have expired yet (see Lease.ValidUntil).
+func (l *Leadership) ValidUntil() time.Time { return l.lease.ValidUntil() }
 
 // Resign gives up leadership, letting a standby take over immediately, and
-// closes the session. It is idempotent.
+// revokes the lease. It is idempotent.
 func (l *Leadership) Resign(ctx context.Context) error {
 	l.resignOnce.Do(func() {
 		var errs []error
 		if err := l.election.Resign(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("cluster: resign: %w", err))
 		}
-		if err := l.session.Close(); err != nil && !isLeaseNotFound(err) {
-			errs = append(errs, fmt.Errorf("cluster: close election session: %w", err))
+		if err := l.lease.Close(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("cluster: revoke election lease: %w", err))
 		}
 		l.resignErr = errors.Join(errs...)
 	})

@@ -37,16 +37,22 @@ type WorkerInfo struct {
 	DrainTimeoutSeconds float64 `json:"drain_timeout_s,omitempty"`
 }
 
-// Registration is a worker entry kept alive by its own etcd lease.
+// Registration is a worker entry kept alive by its own etcd lease, through
+// etcd outages: when etcd answers that the lease expired (it was
+// unreachable, or stopped, for longer than the TTL), the entry is written
+// again, unchanged, under a new lease, so a worker keeps its place (the
+// coordinator sees the same process again).
 type Registration struct {
-	store  *Store
-	key    string
-	lease  clientv3.LeaseID
-	cancel context.CancelFunc
-	lost   chan struct{}
+	store *Store
+	key   string
+	ttl   int64
+	stop  context.CancelFunc
+	done  chan struct{}
 
-	mu   sync.Mutex
-	info WorkerInfo
+	mu       sync.Mutex
+	lease    *Lease
+	info     WorkerInfo
+	renewals int
 
 	closeOnce sync.Once
 	closeErr  error
@@ -67,44 +73,89 @@ func ttlSeconds(ttl, def time.Duration) int64 {
 
 // RegisterWorker stores w under <prefix>workers/<w.ID> attached to a new
 // lease of ttl (default 10s; etcd may round very short TTLs up to its
-// minimum) that is kept alive in the background. The key vanishes when Close
-// is called (lease revoked) or when the keep-alive stops, e.g. the process
-// dies or the Store is closed (lease expiry).
+// minimum) that is kept alive in the background, and written again under a
+// new lease if etcd lets it expire. The key vanishes when Close is called
+// (lease revoked) or when the process dies (lease expiry).
 func (s *Store) RegisterWorker(ctx context.Context, w WorkerInfo, ttl time.Duration) (*Registration, error) {
 	if w.ID == "" || strings.Contains(w.ID, "/") {
 		return nil, fmt.Errorf("cluster: invalid worker id %q", w.ID)
 	}
+	r := &Registration{store: s, key: s.workerKey(w.ID), ttl: ttlSeconds(ttl, 10*time.Second), info: w, done: make(chan struct{})}
+	lease, err := r.put(ctx, w)
+	if err != nil {
+		return nil, err
+	}
+	r.lease = lease
+	kctx, stop := context.WithCancel(s.client.Ctx())
+	r.stop = stop
+	go r.keep(kctx)
+	return r, nil
+}
+
+// put writes w under a new lease.
+func (r *Registration) put(ctx context.Context, w WorkerInfo) (*Lease, error) {
 	data, err := json.Marshal(w)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: encode worker: %w", err)
 	}
-	grant, err := s.client.Grant(ctx, ttlSeconds(ttl, 10*time.Second))
+	lease, err := r.store.grantLease(ctx, r.ttl)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: grant lease: %w", err)
 	}
-	key := s.workerKey(w.ID)
-	if _, err := s.client.Put(ctx, key, string(data), clientv3.WithLease(grant.ID)); err != nil {
+	if _, err := r.store.client.Put(ctx, r.key, string(data), clientv3.WithLease(lease.ID())); err != nil {
 		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		s.client.Revoke(rctx, grant.ID)
+		lease.Close(rctx)
 		cancel()
 		return nil, fmt.Errorf("cluster: register worker %s: %w", w.ID, err)
 	}
-	kctx, kcancel := context.WithCancel(s.client.Ctx())
-	ch, err := s.client.KeepAlive(kctx, grant.ID)
-	if err != nil {
-		kcancel()
-		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		s.client.Revoke(rctx, grant.ID)
-		cancel()
-		return nil, fmt.Errorf("cluster: keep lease alive: %w", err)
-	}
-	r := &Registration{store: s, key: key, lease: grant.ID, cancel: kcancel, lost: make(chan struct{}), info: w}
-	go func() {
-		for range ch {
+	return lease, nil
+}
+
+// keep writes the entry again under a new lease each time etcd lets the
+// lease expire, until Close.
+func (r *Registration) keep(ctx context.Context) {
+	defer close(r.done)
+	for {
+		r.mu.Lock()
+		lease := r.lease
+		r.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-lease.Expired():
 		}
-		close(r.lost)
-	}()
-	return r, nil
+		for {
+			r.mu.Lock()
+			info := r.info
+			r.mu.Unlock()
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			l, err := r.put(pctx, info)
+			cancel()
+			if err == nil {
+				r.mu.Lock()
+				r.lease = l
+				r.renewals++
+				r.mu.Unlock()
+				break
+			}
+			if !sleepCtx(ctx, retryDelay) {
+				return
+			}
+		}
+	}
+}
+
+func (r *Registration) leaseID() clientv3.LeaseID {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lease.ID()
+}
+
+// Renewals counts the times the entry was written again under a new lease.
+func (r *Registration) Renewals() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.renewals
 }
 
 // Update replaces the stored WorkerInfo (e.g. a state change) under the same
@@ -115,19 +166,16 @@ func (r *Registration) Update(ctx context.Context, w WorkerInfo) error {
 	if w.ID != r.info.ID {
 		return fmt.Errorf("cluster: update: worker id %q does not match registration %q", w.ID, r.info.ID)
 	}
-	select {
-	case <-r.lost:
-		return errors.New("cluster: update: registration lost")
-	default:
-	}
 	data, err := json.Marshal(w)
 	if err != nil {
 		return fmt.Errorf("cluster: encode worker: %w", err)
 	}
-	if _, err := r.store.client.Put(ctx, r.key, string(data), clientv3.WithLease(r.lease)); err != nil {
+	// Kept even when the write fails: an entry written again (a new lease)
+	// carries it.
+	r.info = w
+	if _, err := r.store.client.Put(ctx, r.key, string(data), clientv3.WithLease(r.lease.ID())); err != nil {
 		return fmt.Errorf("cluster: update worker %s: %w", w.ID, err)
 	}
-	r.info = w
 	return nil
 }
 
@@ -135,10 +183,11 @@ func (r *Registration) Update(ctx context.Context, w WorkerInfo) error {
 // It is idempotent; later calls return the first call's result.
 func (r *Registration) Close() error {
 	r.closeOnce.Do(func() {
-		r.cancel()
+		r.stop()
+		<-r.done
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if _, err := r.store.client.Revoke(ctx, r.lease); err != nil && !isLeaseNotFound(err) {
+		if err := r.lease.Close(ctx); err != nil {
 			r.closeErr = fmt.Errorf("cluster: revoke worker lease: %w", err)
 		}
 	})
@@ -148,11 +197,6 @@ func (r *Registration) Close() error {
 func isLeaseNotFound(err error) bool {
 	return errors.Is(err, rpctypes.ErrLeaseNotFound)
 }
-
-// Lost returns a channel closed when the keep-alive ends: the lease expired,
-// etcd became unreachable for longer than the TTL, the Store was closed, or
-// Close was called.
-func (r *Registration) Lost() <-chan struct{} { return r.lost }
 
 // ListWorkers returns all registered workers sorted by ID. Entries that do
 // not decode as WorkerInfo are skipped.

@@ -77,6 +77,10 @@ type GossipJoin struct {
 // HealthChecked.
 type CheckHealth struct{ Gen int64 }
 
+// ConfirmWorker asks whether a worker that left etcd's list still answers
+// at Addr (a direct health check). Answer: WorkerConfirmed.
+type ConfirmWorker struct{ Worker, Addr string }
+
 // StopAdmitting has the router send replica Gen no new request (it keeps
 // running those it has). Answer, when it holds none: ReplicaIdle.
 type StopAdmitting struct{ Gen int64 }
@@ -157,6 +161,7 @@ func (Serve) action()          {}
 func (Drop) action()           {}
 func (GossipJoin) action()     {}
 func (CheckHealth) action()    {}
+func (ConfirmWorker) action()  {}
 func (StopAdmitting) action()  {}
 func (Drained) action()        {}
 func (DrainAnswer) action()    {}
@@ -213,6 +218,7 @@ func (a Drop) String() string          { return fmt.Sprintf("drop %s: %s", Key(a
 func (a GossipJoin) String() string    { return fmt.Sprintf("gossip-join %s %s", a.Worker, a.Addr) }
 func (a CheckHealth) String() string   { return "check-health " + Key(a.Gen) }
 func (a StopAdmitting) String() string { return "stop-admitting " + Key(a.Gen) }
+func (a ConfirmWorker) String() string { return "confirm-worker " + a.Worker + " at " + a.Addr }
 func (a Drained) String() string       { return "drained " + a.Worker }
 func (a DrainAnswer) String() string {
 	if a.Err != "" {

@@ -36,8 +36,23 @@ func (w Worker) sameProcess(o Worker) bool {
 type Event interface{ event() }
 
 // Workers is the whole set of workers registered in etcd now (what a watch
-// of the workers' keys reports): those not listed are gone.
+// of the workers' keys reports). A known worker not listed is not taken
+// for gone at once (its lease may have expired in an etcd outage while it
+// serves on): the machine asks for it to be checked (ConfirmWorker) and
+// waits up to Config.LapseGrace for it to register again.
 type Workers struct{ List []Worker }
+
+// WorkerConfirmed answers ConfirmWorker: whether the worker answered a
+// direct check. One that does not is gone.
+type WorkerConfirmed struct {
+	ID    string
+	Alive bool
+}
+
+// LeadershipRenewed says the term goes on under a new election key: the
+// lease expired (etcd was away longer than its TTL) and this coordinator
+// won again at once. Fence is the new key's create revision; replicas stay.
+type LeadershipRenewed struct{ Fence int64 }
 
 // WorkerUp is one worker registered, or changed (a new process when its pid
 // or address changed).
@@ -168,6 +183,8 @@ type Tick struct{}
 func (Workers) event()              {}
 func (WorkerUp) event()             {}
 func (WorkerGone) event()           {}
+func (WorkerConfirmed) event()      {}
+func (LeadershipRenewed) event()    {}
 func (GossipSuspect) event()        {}
 func (GossipAlive) event()          {}
 func (PlacementWritten) event()     {}

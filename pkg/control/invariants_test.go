@@ -15,7 +15,8 @@ import (
 // and checks after every event what must always hold:
 //
 //   - a worker serves in at most one replica, and only while registered and
-//     not suspected; a draining worker only in a draining replica;
+//     not suspected; a draining worker only in a draining replica; a
+//     worker missing from etcd's list is planned into no new replica;
 //   - a follower holds no replica and asks for nothing but drops;
 //   - every placement write carries the current term's fence and lists
 //     exactly the machine's replicas; generations only grow, also across
@@ -100,11 +101,13 @@ func runRandom(t *testing.T, tp, pp int, seed uint64, steps int) {
 		case r < 130:
 			var list []Worker
 			for _, w := range ids {
-				if pids[w] != 0 {
+				if pids[w] != 0 && rng.IntN(8) != 0 { // some keys missing (leases expired)
 					list = append(list, worker(w))
 				}
 			}
 			apply(Workers{List: list})
+		case r < 140:
+			apply(WorkerConfirmed{ID: id, Alive: rng.IntN(2) == 0})
 		case r < 150:
 			apply(GossipSuspect{ID: id})
 		case r < 180:
@@ -148,8 +151,12 @@ func runRandom(t *testing.T, tp, pp int, seed uint64, steps int) {
 			if rp, ok := pick(); ok {
 				apply(ReplicaIdle{Gen: rp.Gen})
 			}
-		case r < 805:
-			if m.Leader() {
+		case r < 808:
+			if m.Leader() && rng.IntN(3) == 0 {
+				term++
+				c.fence = term * 10
+				apply(LeadershipRenewed{Fence: c.fence})
+			} else if m.Leader() {
 				apply(LeadershipLost{})
 			} else {
 				term++
@@ -189,6 +196,11 @@ func (c *checker) action(a Action) {
 	case Connect:
 		if !leader {
 			c.fail("a follower connects %s", Key(a.Gen))
+		}
+		for _, mb := range a.Members {
+			if _, ok := c.m.unlisted[mb.Worker.ID]; ok {
+				c.fail("%s planned into %s while not in etcd's list", mb.Worker.ID, Key(a.Gen))
+			}
 		}
 		if a.Gen <= c.maxGen {
 			c.fail("generation %d after %d", a.Gen, c.maxGen)

@@ -41,6 +41,10 @@ type Config struct {
 	// DrainTimeout is how long a draining replica's requests may take to
 	// finish when the drain names no timeout (default 30 s).
 	DrainTimeout time.Duration
+	// LapseGrace is how long a worker that left etcd's list but answers a
+	// direct check keeps its place, waiting to register again (default
+	// 10 s: twice a worker's lease).
+	LapseGrace time.Duration
 }
 
 // Validate fills in defaults and rejects what cannot be planned.
@@ -50,7 +54,7 @@ func (c *Config) Validate() error {
 		return errors.New("control: no model config")
 	case c.TP < 0 || c.PP < 0 || c.EP < 0 || c.RedundantExperts < 0:
 		return fmt.Errorf("control: negative layout tp=%d pp=%d ep=%d redundant=%d", c.TP, c.PP, c.EP, c.RedundantExperts)
-	case c.RetryBackoff < 0 || c.MaxRetryBackoff < 0 || c.EPLBInterval < 0 || c.DrainTimeout < 0:
+	case c.RetryBackoff < 0 || c.MaxRetryBackoff < 0 || c.EPLBInterval < 0 || c.DrainTimeout < 0 || c.LapseGrace < 0:
 		return errors.New("control: negative durations")
 	}
 	if c.RetryBackoff == 0 {
@@ -62,6 +66,9 @@ func (c *Config) Validate() error {
 	c.MaxRetryBackoff = max(c.MaxRetryBackoff, c.RetryBackoff)
 	if c.DrainTimeout == 0 {
 		c.DrainTimeout = 30 * time.Second
+	}
+	if c.LapseGrace == 0 {
+		c.LapseGrace = 10 * time.Second
 	}
 	return nil
 }
@@ -118,7 +125,8 @@ type Machine struct {
 	fence    int64
 	lastGen  int64
 	workers  map[string]Worker
-	suspect  map[string]Worker // gossip says dead; this process is not planned
+	suspect  map[string]Worker    // gossip says dead; this process is not planned
+	unlisted map[string]time.Time // not in etcd's list: kept (not planned) until then, unless a check fails
 	backoff  map[string]retry
 	draining map[string]bool
 	why      map[string]string // worker → why it serves in no replica
@@ -143,7 +151,7 @@ func New(cfg Config) (*Machine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Machine{cfg: cfg, workers: map[string]Worker{}, suspect: map[string]Worker{}, backoff: map[string]retry{},
+	return &Machine{cfg: cfg, workers: map[string]Worker{}, suspect: map[string]Worker{}, unlisted: map[string]time.Time{}, backoff: map[string]retry{},
 		draining: map[string]bool{}, why: map[string]string{}, owner: map[string]*replica{}, replicas: map[int64]*replica{},
 		requests: map[int64]*expertRequest{}}, nil
 }
@@ -163,6 +171,15 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 	case WorkerGone:
 		m.gone(e.ID)
 		m.reconcile()
+	case WorkerConfirmed:
+		if _, ok := m.unlisted[e.ID]; ok {
+			if !e.Alive {
+				m.gone(e.ID)
+				m.reconcile()
+			} else {
+				m.note("worker %s left etcd's list but answers: it keeps its place for %s, to register again", e.ID, m.cfg.LapseGrace)
+			}
+		}
 	case GossipSuspect:
 		if m.aboutRegistered(e.ID, e.Addr) {
 			m.onSuspect(e.ID)
@@ -213,6 +230,12 @@ func (m *Machine) Step(now time.Time, ev Event) []Action {
 		m.reconcile()
 	case LeadershipLost:
 		m.depose("leadership lost")
+	case LeadershipRenewed:
+		if m.leader {
+			m.fence = e.Fence
+			m.note("leadership renewed under fence %d: the placement is written again", e.Fence)
+			m.dirty = true
+		}
 	case DrainRequested:
 		m.onDrain(e)
 	case ReplicaIdle:
@@ -252,8 +275,10 @@ func (m *Machine) onWorkers(list []Worker) {
 		now[w.ID] = true
 	}
 	for _, id := range sortedKeys(m.workers) {
-		if !now[id] {
-			m.gone(id)
+		if _, known := m.unlisted[id]; !now[id] && !known {
+			// Gone, or its lease expired while etcd was away: ask.
+			m.unlisted[id] = m.now.Add(m.cfg.LapseGrace)
+			m.emit(ConfirmWorker{Worker: id, Addr: m.workers[id].Addr})
 		}
 	}
 	for _, w := range list {
@@ -265,6 +290,7 @@ func (m *Machine) onWorkers(list []Worker) {
 func (m *Machine) up(w Worker) {
 	old, known := m.workers[w.ID]
 	m.workers[w.ID] = w
+	delete(m.unlisted, w.ID)
 	defer func() {
 		// A worker that asks to be drained is going away: nothing to
 		// refuse.
@@ -290,6 +316,7 @@ func (m *Machine) gone(id string) {
 		return
 	}
 	delete(m.workers, id)
+	delete(m.unlisted, id)
 	delete(m.suspect, id)
 	delete(m.backoff, id)
 	delete(m.draining, id)
@@ -386,6 +413,9 @@ func (m *Machine) reconcile() {
 			continue
 		}
 		if _, dead := m.suspect[id]; dead {
+			continue
+		}
+		if _, gone := m.unlisted[id]; gone {
 			continue
 		}
 		if b, ok := m.backoff[id]; ok && m.now.Before(b.until) {
@@ -660,6 +690,13 @@ func (m *Machine) onTick() {
 		if b := m.backoff[id]; !b.until.IsZero() && !m.now.Before(b.until) {
 			b.until = time.Time{} // due: plan it again (the delay is kept for the next failure)
 			m.backoff[id] = b
+			plan = true
+		}
+	}
+	for _, id := range sortedKeys(m.unlisted) {
+		if !m.now.Before(m.unlisted[id]) {
+			m.note("worker %s did not register again within %s", id, m.cfg.LapseGrace)
+			m.gone(id)
 			plan = true
 		}
 	}

@@ -29,6 +29,9 @@ import (
 //	restart id= pid=                 WorkerUp of the remembered worker with a new pid
 //	worker-gone id=                  WorkerGone (and forgotten)
 //	etcd-list                        Workers with every remembered worker
+//	unlist id=                       Workers without it (its key went; it stays remembered)
+//	confirm id= [alive]              WorkerConfirmed
+//	renew fence=                     LeadershipRenewed
 //	suspect id= [addr=] / alive id= [addr=]   GossipSuspect / GossipAlive
 //	written seq=                     PlacementWritten
 //	write-failed seq= [fenced] [err=]
@@ -109,7 +112,7 @@ func parseScript(t *testing.T, path string) []block {
 
 func runScript(t *testing.T, path string) {
 	bs := parseScript(t, path)
-	d := &driver{t: t, now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), known: map[string]Worker{}}
+	d := &driver{t: t, now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), known: map[string]Worker{}, unlisted: map[string]bool{}}
 	var out strings.Builder
 	failed := false
 	for _, b := range bs {
@@ -148,11 +151,12 @@ func runScript(t *testing.T, path string) {
 }
 
 type driver struct {
-	t     *testing.T
-	m     *Machine
-	now   time.Time
-	known map[string]Worker
-	order []string
+	t        *testing.T
+	m        *Machine
+	now      time.Time
+	known    map[string]Worker
+	unlisted map[string]bool // left out of etcd-list
+	order    []string
 }
 
 type args map[string]string
@@ -264,6 +268,7 @@ func (d *driver) run(line, where string) []string {
 			d.order = append(d.order, id)
 		}
 		d.known[id] = w
+		delete(d.unlisted, id)
 		evs = append(evs, WorkerUp{Worker: w})
 	case "restart":
 		w, ok := d.known[a.str("id", "")]
@@ -277,14 +282,21 @@ func (d *driver) run(line, where string) []string {
 		id := a.str("id", "")
 		delete(d.known, id)
 		evs = append(evs, WorkerGone{ID: id})
-	case "etcd-list":
+	case "etcd-list", "unlist":
+		if cmd == "unlist" {
+			d.unlisted[a.str("id", "")] = true
+		}
 		var ws []Worker
 		for _, id := range d.order {
-			if w, ok := d.known[id]; ok {
+			if w, ok := d.known[id]; ok && !d.unlisted[id] {
 				ws = append(ws, w)
 			}
 		}
 		evs = append(evs, Workers{List: ws})
+	case "confirm":
+		evs = append(evs, WorkerConfirmed{ID: a.str("id", ""), Alive: a.has("alive")})
+	case "renew":
+		evs = append(evs, LeadershipRenewed{Fence: a.int(d, where, "fence", 0)})
 	case "suspect":
 		evs = append(evs, GossipSuspect{ID: a.str("id", ""), Addr: a.str("addr", "")})
 	case "alive":

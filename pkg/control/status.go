@@ -36,6 +36,8 @@ func (m *Machine) Status() Status {
 		switch r := m.owner[id]; {
 		case r != nil:
 			s.Workers[id] = string(r.state)
+		case !m.unlisted[id].IsZero():
+			s.Workers[id] = "unregistered: not in etcd's list, waiting for it to register again"
 		case m.why[id] != "":
 			s.Workers[id] = m.why[id]
 		default:

@@ -723,7 +723,7 @@ func TestLeaderFailover(t *testing.T) {
 	coord := func() (*proc, pb.GeneratorClient) {
 		addr := freeAddr(t)
 		p := start(t, "coordinator", "--listen", addr, "--model", dir, "--etcd-endpoints", eps, "--local-workers", "0",
-			"--leader-ttl", "1s", "--data-dir", t.TempDir(), "--log-level", "warn")
+			"--leader-ttl", "2s", "--data-dir", t.TempDir(), "--log-level", "warn")
 		_, client := dial(t, addr)
 		return p, client
 	}

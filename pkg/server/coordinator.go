@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -109,6 +110,7 @@ type Coordinator struct {
 	seen      map[string]time.Time
 	reqs      map[int64]chan control.Action // answers awaited by ask
 	addrs     map[string]string             // registered workers' addresses
+	lastList  []cluster.WorkerInfo          // the watch's last list
 	nextReq   int64
 
 	// Owned by the loop goroutine.
@@ -265,19 +267,52 @@ func (c *Coordinator) IsLeader() bool {
 	return c.leader
 }
 
-// Run campaigns for leadership and, once leader, runs the control loop
-// until ctx ends (nil) or leadership is lost (an error: the process should
-// exit and restart as a standby).
+// standbyRetry is the pause before campaigning again after a campaign
+// failed (etcd away, or this candidate's own lease expired while it
+// waited): long enough that a leader whose lease expired in the same
+// outage, which campaigns again at once, keeps leading.
+const standbyRetry = 2 * time.Second
+
+// renewTimeout bounds a leader's campaign after its lease expired: it
+// leads on only if it wins at once (no other candidate is ahead of it).
+const renewTimeout = 2 * time.Second
+
+// Run campaigns for leadership, leads while it holds it (see lead), and
+// campaigns again after each term, until ctx ends. The process never exits
+// for a lost term or an etcd outage.
 func (c *Coordinator) Run(ctx context.Context) error {
-	c.log.Info("campaigning for leadership", "id", c.opts.ID)
-	lead, err := c.opts.Store.Campaign(ctx, c.opts.Addr, c.opts.LeaderTTL)
-	if err != nil {
+	if _, err := control.New(c.controlConfig()); err != nil {
 		return err
 	}
+	for ctx.Err() == nil {
+		c.log.Info("campaigning for leadership", "id", c.opts.ID)
+		l, err := c.opts.Store.Campaign(ctx, c.opts.Addr, c.opts.LeaderTTL)
+		if err != nil {
+			if ctx.Err() == nil {
+				c.log.Warn("campaign failed; campaigning again", "err", err, "after", standbyRetry)
+				sleepCtx(ctx, standbyRetry)
+			}
+			continue
+		}
+		if err := c.lead(ctx, l); err != nil && ctx.Err() == nil {
+			c.log.Warn("term over: standing by", "err", err)
+		}
+	}
+	return nil
+}
+
+// lead runs the control loop for one term, until ctx ends (nil) or the
+// term ends (an error): etcd said its lease expired and another candidate
+// won, or a write was fenced off. While etcd does not answer, the term
+// goes on: the replicas serve, requests are admitted, nothing is written
+// (writes fail and are retried); see docs/failure-model.md for the rule.
+// When etcd answers that the lease expired, it campaigns again at once and
+// leads on with the same replicas if it wins (LeadershipRenewed).
+func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 	defer func() {
 		rctx, cancel := context.WithTimeout(context.Background(), etcdTimeout)
 		defer cancel()
-		lead.Resign(rctx)
+		l.Resign(rctx)
 	}()
 	m, err := control.New(c.controlConfig())
 	if err != nil {
@@ -293,8 +328,8 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	c.mu.Lock()
 	c.loopCtx = wctx
 	c.mu.Unlock()
-	c.log.Info("leader", "id", c.opts.ID, "addr", c.opts.Addr, "fence", lead.Fence().Rev, "last_generation", lastGen)
-	c.writer = newPlacementWriter(c.opts.Store, lead.Fence().Key, c.log, func(p schema.Placement) {
+	c.log.Info("leader", "id", c.opts.ID, "addr", c.opts.Addr, "fence", l.Fence().Rev, "last_generation", lastGen)
+	c.writer = newPlacementWriter(c.opts.Store, l.Fence().Key, c.log, func(p schema.Placement) {
 		c.mu.Lock()
 		c.placement = p
 		c.mu.Unlock()
@@ -306,7 +341,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	// Whatever ends the loop ends the term: the machine drops every
 	// replica (their requests wait, or move with the next leader).
 	defer c.step(control.LeadershipLost{})
-	c.step(control.LeadershipGained{Fence: lead.Fence().Rev, LastGeneration: lastGen})
+	c.step(control.LeadershipGained{Fence: l.Fence().Rev, LastGeneration: lastGen})
 	updates := c.opts.Store.WatchWorkers(wctx)
 	var gossip <-chan cluster.MemberEvent
 	if c.opts.Gossip != nil {
@@ -314,18 +349,25 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}
 	tick := time.NewTicker(tickEvery)
 	defer tick.Stop()
-	for {
+	for c.machine.Leader() {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-lead.Lost():
-			return errors.New("leadership lost")
+		case <-l.Lost():
+			c.log.Warn("etcd says the leader lease expired; campaigning again")
+			rctx, cancel := context.WithTimeout(ctx, renewTimeout)
+			nl, err := c.opts.Store.Campaign(rctx, c.opts.Addr, c.opts.LeaderTTL)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("leadership lost, and not won again at once: %w", err)
+			}
+			l = nl
+			c.writer.setFence(l.Fence().Key)
+			c.log.Info("leader again, with the same replicas", "fence", l.Fence().Rev)
+			c.step(control.LeadershipRenewed{Fence: l.Fence().Rev})
 		case ws, ok := <-updates:
 			if !ok {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return errors.New("worker watch ended")
+				return nil // ctx ended
 			}
 			c.observeWorkers(ws)
 			c.step(control.Workers{List: controlWorkers(ws)})
@@ -345,6 +387,17 @@ func (c *Coordinator) Run(ctx context.Context) error {
 			}
 			c.step(control.Tick{})
 		}
+	}
+	return errors.New("deposed: a write was fenced off (another coordinator leads)")
+}
+
+// sleepCtx waits d or until ctx ends.
+func sleepCtx(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
 	}
 }
 
@@ -468,6 +521,17 @@ func (c *Coordinator) carryOut(a control.Action) {
 				}
 			}()
 		}
+	case control.ConfirmWorker:
+		go func() {
+			err := c.callAddr(a.Addr, confirmTimeout, func(ctx context.Context, w workerv1.WorkerClient) error {
+				_, err := w.Health(ctx, &workerv1.HealthRequest{})
+				return err
+			})
+			if err != nil {
+				c.log.Warn("worker left etcd and does not answer: gone", "worker", a.Worker, "err", err)
+			}
+			c.send(control.WorkerConfirmed{ID: a.Worker, Alive: err == nil})
+		}()
 	case control.CheckHealth:
 		if rt := c.rt[a.Gen]; rt != nil {
 			go func() { c.send(control.HealthChecked{Gen: a.Gen, Unhealthy: c.unhealthy(rt)}) }()
@@ -594,9 +658,18 @@ func (c *Coordinator) callWorker(id string, timeout time.Duration, call func(con
 	if addr == "" {
 		return fmt.Errorf("worker %s: no address registered", id)
 	}
+	if err := c.callAddr(addr, timeout, call); err != nil {
+		return fmt.Errorf("worker %s: %w", id, err)
+	}
+	return nil
+}
+
+// callAddr makes one call to the worker at addr on a connection of its
+// own, bounded by timeout.
+func (c *Coordinator) callAddr(addr string, timeout time.Duration, call func(context.Context, workerv1.WorkerClient) error) error {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return fmt.Errorf("worker %s: %w", id, err)
+		return err
 	}
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(c.loopCtx, timeout)
@@ -782,12 +855,21 @@ func forEach(ms []*member, f func(*member) error) error {
 	return forEachIndex(ms, func(_ int, m *member) error { return f(m) })
 }
 
+// knownWorkers are the workers the etcd watch last listed (for status
+// while etcd is away).
+func (c *Coordinator) knownWorkers() []cluster.WorkerInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.lastList)
+}
+
 // observeWorkers keeps, for the worker_up metric, every worker registered
 // now (zero time) or that left (when).
 func (c *Coordinator) observeWorkers(ws []cluster.WorkerInfo) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	live := map[string]bool{}
+	c.lastList = ws
 	clear(c.addrs)
 	for _, w := range ws {
 		live[w.ID] = true
@@ -812,13 +894,21 @@ type placementWriter struct {
 	onWritten func(schema.Placement)
 	answer    func(control.Event)
 
-	mu   sync.Mutex
+	mu   sync.Mutex // guards next and fenceKey
 	next *control.WritePlacement
 	wake chan struct{}
 }
 
 func newPlacementWriter(s *cluster.Store, fenceKey string, log *slog.Logger, onWritten func(schema.Placement), answer func(control.Event)) *placementWriter {
 	return &placementWriter{store: s, fenceKey: fenceKey, log: log, onWritten: onWritten, answer: answer, wake: make(chan struct{}, 1)}
+}
+
+// setFence has later writes conditioned on a new election key (the term
+// goes on under a new lease).
+func (w *placementWriter) setFence(key string) {
+	w.mu.Lock()
+	w.fenceKey = key
+	w.mu.Unlock()
 }
 
 func (w *placementWriter) submit(a control.WritePlacement) {
@@ -851,7 +941,10 @@ func (w *placementWriter) run(ctx context.Context) {
 func (w *placementWriter) write(ctx context.Context, a control.WritePlacement) control.Event {
 	wctx, cancel := context.WithTimeout(ctx, etcdTimeout)
 	defer cancel()
-	v, err := w.store.PutPlacement(wctx, a.Doc.Encode(), cluster.Fence{Key: w.fenceKey, Rev: a.Fence})
+	w.mu.Lock()
+	key := w.fenceKey
+	w.mu.Unlock()
+	v, err := w.store.PutPlacement(wctx, a.Doc.Encode(), cluster.Fence{Key: key, Rev: a.Fence})
 	if err != nil {
 		w.log.Warn("placement not written", "seq", a.Seq, "err", err)
 		return control.PlacementWriteFailed{Seq: a.Seq, Fenced: errors.Is(err, cluster.ErrFenced), Err: err.Error()}

@@ -198,9 +198,11 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 }
 
 // workerLife is a registered worker's life after it started: it keeps the
-// etcd registration (registering again with a fresh state when it is lost,
-// or when the process did not run for pauseLimit: a worker partitioned
-// away or stopped comes back as a new member), and drains when asked: its state in etcd becomes "draining",
+// etcd registration (which outlives etcd outages: cluster.Registration
+// writes it again if etcd let its lease expire, and the worker keeps its
+// assignment), registers again with a fresh state when the process did not
+// run for pauseLimit (a worker stopped comes back as a new member), and
+// drains when asked: its state in etcd becomes "draining",
 // the coordinator drains its replica and calls Leave; then it leaves etcd
 // and the process exits 0. A drain that no coordinator completes in
 // DrainTimeout + drainGrace ends the same way.
@@ -295,9 +297,6 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 			case <-deadline:
 				leave("no coordinator released this worker within its drain's timeout")
 				return nil
-			case <-reg.Lost():
-				log.Warn("etcd registration lost (the lease expired: cut off from etcd, or stopped); registering again with a fresh state")
-				break wait
 			case now := <-tick.C:
 				// A process stopped (SIGSTOP) or starved this long has
 				// been found dead by gossip and its replica re-formed:
@@ -311,10 +310,6 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 			}
 		}
 		closeReg()
-		if l.draining.Load() {
-			log.Warn("etcd registration lost while draining: leaving")
-			return nil
-		}
 		svc.reset() // its state, idle, reaches states through OnState
 		info.State, info.Started = "idle", time.Now()
 		var err error

@@ -1780,8 +1780,12 @@ type ServerInfo struct {
 	Scheduler      *SchedulerStats        `protobuf:"bytes,9,opt,name=scheduler,proto3" json:"scheduler,omitempty"`
 	UptimeSeconds  float64                `protobuf:"fixed64,10,opt,name=uptime_seconds,json=uptimeSeconds,proto3" json:"uptime_seconds,omitempty"`
 	EtcdEndpoints  []string               `protobuf:"bytes,11,rep,name=etcd_endpoints,json=etcdEndpoints,proto3" json:"etcd_endpoints,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// etcd_error, when set, says etcd did not answer this coordinator: a
+	// leader then serves on with the placement it has (workers as it last
+	// saw them), and writes nothing until etcd is back.
+	EtcdError     string `protobuf:"bytes,12,opt,name=etcd_error,json=etcdError,proto3" json:"etcd_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ServerInfo) Reset() {
@@ -1889,6 +1893,13 @@ func (x *ServerInfo) GetEtcdEndpoints() []string {
 		return x.EtcdEndpoints
 	}
 	return nil
+}
+
+func (x *ServerInfo) GetEtcdError() string {
+	if x != nil {
+		return x.EtcdError
+	}
+	return ""
 }
 
 type HealthCheckRequest struct {
@@ -2674,7 +2685,7 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	" \x01(\x01R\vcommSeconds\x12%\n" +
 	"\x0eexchange_bytes\x18\v \x01(\x03R\rexchangeBytes\x12\x1f\n" +
 	"\vstep_tokens\x18\f \x01(\x03R\n" +
-	"stepTokens\"\xc3\x03\n" +
+	"stepTokens\"\xe2\x03\n" +
 	"\n" +
 	"ServerInfo\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12%\n" +
@@ -2688,7 +2699,9 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	"\tscheduler\x18\t \x01(\v2\x1c.qwenfleet.v1.SchedulerStatsR\tscheduler\x12%\n" +
 	"\x0euptime_seconds\x18\n" +
 	" \x01(\x01R\ruptimeSeconds\x12%\n" +
-	"\x0eetcd_endpoints\x18\v \x03(\tR\retcdEndpoints\"\x14\n" +
+	"\x0eetcd_endpoints\x18\v \x03(\tR\retcdEndpoints\x12\x1d\n" +
+	"\n" +
+	"etcd_error\x18\f \x01(\tR\tetcdError\"\x14\n" +
 	"\x12HealthCheckRequest\"h\n" +
 	"\x13HealthCheckResponse\x12\x18\n" +
 	"\ahealthy\x18\x01 \x01(\bR\ahealthy\x12\x18\n" +
