@@ -114,6 +114,11 @@ type StepFailed struct {
 	Gen     int64
 	Refused bool
 	Err     string
+	// Unconfirmed: etcd has not confirmed this coordinator's lease for
+	// longer than its TTL (another coordinator may lead). A step refused
+	// then means the workers took another leader's assignment: this
+	// coordinator steps down.
+	Unconfirmed bool
 }
 
 // HealthChecked answers CheckHealth: Unhealthy names the first worker that

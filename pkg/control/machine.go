@@ -597,6 +597,8 @@ func (m *Machine) onStepFailed(e StepFailed) {
 		return
 	}
 	switch {
+	case e.Refused && e.Unconfirmed:
+		m.depose("a worker refused a step while etcd could not confirm this coordinator's lease: another coordinator leads")
 	case e.Refused:
 		for _, id := range r.workers() {
 			m.fail(id, "refused a step")

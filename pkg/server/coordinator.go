@@ -111,6 +111,7 @@ type Coordinator struct {
 	reqs      map[int64]chan control.Action // answers awaited by ask
 	addrs     map[string]string             // registered workers' addresses
 	lastList  []cluster.WorkerInfo          // the watch's last list
+	term      *cluster.Leadership           // while leading
 	nextReq   int64
 
 	// Owned by the loop goroutine.
@@ -328,6 +329,8 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 	c.mu.Lock()
 	c.loopCtx = wctx
 	c.mu.Unlock()
+	c.setTerm(l)
+	defer c.setTerm(nil)
 	c.log.Info("leader", "id", c.opts.ID, "addr", c.opts.Addr, "fence", l.Fence().Rev, "last_generation", lastGen)
 	c.writer = newPlacementWriter(c.opts.Store, l.Fence().Key, c.log, func(p schema.Placement) {
 		c.mu.Lock()
@@ -362,6 +365,7 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 				return fmt.Errorf("leadership lost, and not won again at once: %w", err)
 			}
 			l = nl
+			c.setTerm(l)
 			c.writer.setFence(l.Fence().Key)
 			c.log.Info("leader again, with the same replicas", "fence", l.Fence().Rev)
 			c.step(control.LeadershipRenewed{Fence: l.Fence().Rev})
@@ -389,6 +393,21 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 		}
 	}
 	return errors.New("deposed: a write was fenced off (another coordinator leads)")
+}
+
+func (c *Coordinator) setTerm(l *cluster.Leadership) {
+	c.mu.Lock()
+	c.term = l
+	c.mu.Unlock()
+}
+
+// leaseUnconfirmed says whether etcd has not confirmed this leader's lease
+// for longer than its TTL: another coordinator may lead by now.
+func (c *Coordinator) leaseUnconfirmed() bool {
+	c.mu.Lock()
+	l := c.term
+	c.mu.Unlock()
+	return l != nil && time.Now().After(l.ValidUntil())
 }
 
 // sleepCtx waits d or until ctx ends.
@@ -794,7 +813,7 @@ func (c *Coordinator) serve(a control.Serve) {
 	eng.OnStepError = func(err error) {
 		c.log.Warn("step failed", "replica", key, "err", err)
 		// Refused: another assignment, or its KV pool is gone.
-		ev := control.StepFailed{Gen: a.Gen, Refused: status.Code(err) == codes.FailedPrecondition, Err: err.Error()}
+		ev := control.StepFailed{Gen: a.Gen, Refused: status.Code(err) == codes.FailedPrecondition, Err: err.Error(), Unconfirmed: c.leaseUnconfirmed()}
 		go c.send(ev) // not from the engine's goroutine: the loop may be closing this engine
 	}
 	rt.exec, rt.engine = exec, eng
