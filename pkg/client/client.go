@@ -357,12 +357,16 @@ func (c *Client) discover(ctx context.Context) (string, error) {
 	return "", status.Errorf(codes.Unavailable, "client: no leader: %s", strings.Join(fails, "; "))
 }
 
-// etcdLeader reads the election key, connecting to etcd on first use.
+// etcdLeader reads the election key, connecting to etcd on first use
+// (each bounded by InfoTimeout, so that an etcd that is down costs a retry
+// no more than a coordinator that does not answer).
 func (c *Client) etcdLeader(ctx context.Context) (string, error) {
 	c.etcdMu.Lock()
 	defer c.etcdMu.Unlock()
 	if c.store == nil {
-		s, err := cluster.Connect(ctx, c.cfg.EtcdEndpoints, c.cfg.Prefix)
+		cctx, cancel := context.WithTimeout(ctx, c.cfg.InfoTimeout)
+		s, err := cluster.Connect(cctx, c.cfg.EtcdEndpoints, c.cfg.Prefix)
+		cancel()
 		if err != nil {
 			return "", err
 		}
