@@ -171,6 +171,23 @@ func (r *Router) expire() {
 	}
 }
 
+// FailOrphans ends every request waiting for a replica now, with an error
+// that matches ErrNoReplica and says why (e.g. this coordinator stopped
+// leading: its clients should go to the new leader at once rather than
+// wait the queue timeout). It returns how many it ended.
+func (r *Router) FailOrphans(why string) int {
+	r.mu.Lock()
+	now := time.Now()
+	late := r.orphans
+	r.orphans = nil
+	r.armLocked(now)
+	r.mu.Unlock()
+	for _, o := range late {
+		finishOrphan(o.q, Event{Finish: "error", Err: fmt.Errorf("%w: %s", ErrNoReplica, why), MatchedStop: -1})
+	}
+	return len(late)
+}
+
 // roundWait rounds a wait for a message (1m0s, not 1m0.000183s).
 func roundWait(d time.Duration) time.Duration {
 	if d >= 10*time.Second {

@@ -184,6 +184,30 @@ func TestRouterRemovedReplicasRequestTimesOut(t *testing.T) {
 	}
 }
 
+// TestRouterFailOrphans: FailOrphans ends the waiting requests at once,
+// with an error matching ErrNoReplica that says why.
+func TestRouterFailOrphans(t *testing.T) {
+	r := routing.NewRouter()
+	r.SetQueueTimeout(time.Minute, 0, nil)
+	s, err := r.Submit(greedy("x", []int32{1, 2, 3}, 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := r.FailOrphans("stepped down"); n != 1 {
+		t.Fatalf("ended %d", n)
+	}
+	ev, _ := ended(t, s)
+	if ev.Finish != "error" || !errors.Is(ev.Err, routing.ErrNoReplica) || !strings.Contains(ev.Err.Error(), "stepped down") {
+		t.Fatalf("%+v", ev)
+	}
+	if st := r.Stats(); st.Waiting != 0 {
+		t.Fatalf("after: %+v", st)
+	}
+	if r.FailOrphans("again") != 0 {
+		t.Fatal("ended one twice")
+	}
+}
+
 // TestRouterOrphanAbortAndLimit: waiting requests can be aborted, by id or
 // stream; Submit refuses more than maxOrphans waiting with ErrQueueFull.
 func TestRouterOrphanAbortAndLimit(t *testing.T) {

@@ -342,7 +342,13 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 	defer cancel()
 	wg.Go(func() { c.writer.run(wctx) })
 	// Whatever ends the loop ends the term: the machine drops every
-	// replica (their requests wait, or move with the next leader).
+	// replica, and their requests end UNAVAILABLE at once (clients go to
+	// the next leader; pkg/client resumes them there).
+	defer func() {
+		if n := c.router.FailOrphans("this coordinator stopped leading"); n > 0 {
+			c.log.Warn("requests ended: this coordinator stopped leading", "requests", n)
+		}
+	}()
 	defer c.step(control.LeadershipLost{})
 	c.step(control.LeadershipGained{Fence: l.Fence().Rev, LastGeneration: lastGen})
 	updates := c.opts.Store.WatchWorkers(wctx)
