@@ -65,8 +65,43 @@ func (s *GeneratorService) serving() error {
 	return nil
 }
 
-// prompt turns the request's input into ids.
+// prompt turns the request's input into ids, and checks they leave room
+// in the context (Generate and Tokenize alike). Text is checked against
+// the context before it is tokenized: MaxInputBytes, and the most bytes
+// the context's tokens could hold (tokenizer.MaxTextBytes; chat contents
+// count together, the template only adds to them).
 func (s *GeneratorService) prompt(req interface {
+	GetText() string
+	GetChat() *pb.ChatInput
+}, ids []int32, hasIDs bool) ([]int32, error) {
+	ids, err := s.tokens(req, ids, hasIDs)
+	if err != nil {
+		return nil, err
+	}
+	if ctxLen := s.c.cfg.MaxContext(); len(ids) >= ctxLen {
+		return nil, invalid("prompt", "%d tokens leave no room in the context of %d", len(ids), ctxLen)
+	}
+	return ids, nil
+}
+
+// textFits refuses text (n bytes so far) that could not fit the context
+// whatever it tokenizes to, naming field.
+func (s *GeneratorService) textFits(field string, n int64) error {
+	c := s.c
+	if n > MaxInputBytes {
+		return invalid(field, "%d bytes of text (at most %d)", n, MaxInputBytes)
+	}
+	if c.tok == nil {
+		return nil
+	}
+	ctxLen := c.cfg.MaxContext()
+	if limit := c.tok.MaxTextBytes(ctxLen - 1); n > limit {
+		return invalid(field, "%d bytes of text cannot fit the context of %d tokens (at most %d bytes)", n, ctxLen, limit)
+	}
+	return nil
+}
+
+func (s *GeneratorService) tokens(req interface {
 	GetText() string
 	GetChat() *pb.ChatInput
 }, ids []int32, hasIDs bool) ([]int32, error) {
@@ -94,7 +129,12 @@ func (s *GeneratorService) prompt(req interface {
 			return nil, invalid("chat.messages", "%d messages (at most %d)", len(ch.Messages), MaxChatMessages)
 		}
 		msgs := make([]tokenizer.Message, len(ch.Messages))
+		var n int64
 		for i, m := range ch.Messages {
+			n += int64(len(m.Content))
+			if err := s.textFits(fmt.Sprintf("chat.messages[%d].content", i), n); err != nil {
+				return nil, err
+			}
 			msgs[i] = tokenizer.Message{Role: m.Role, Content: m.Content}
 		}
 		out, err := c.tok.EncodeChat(msgs, ch.AddGenerationPrompt == nil || *ch.AddGenerationPrompt)
@@ -109,6 +149,9 @@ func (s *GeneratorService) prompt(req interface {
 		}
 		if c.tok == nil {
 			return nil, status.Error(codes.FailedPrecondition, "text: the model has no tokenizer.json; send token_ids")
+		}
+		if err := s.textFits("text", int64(len(text))); err != nil {
+			return nil, err
 		}
 		return c.tok.Encode(text), nil
 	}
@@ -128,9 +171,6 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 		return nil, err
 	}
 	ctxLen := c.cfg.MaxContext()
-	if len(ids) >= ctxLen {
-		return nil, invalid("prompt", "%d tokens leave no room in the context of %d", len(ids), ctxLen)
-	}
 	p := sampling.Params{Temperature: 1, TopP: 1, RepetitionPenalty: 1}
 	if req.Temperature != nil {
 		p.Temperature = *req.Temperature
@@ -285,12 +325,36 @@ func submitError(err error) error {
 		return invalid("max_tokens", "%d + %d prompt tokens do not fit the KV cache of %d tokens (ask for fewer tokens)", long.MaxLen-long.Prompt, long.Prompt, long.Capacity)
 	case errors.Is(err, routing.ErrQueueFull):
 		return status.Error(codes.ResourceExhausted, err.Error())
+	case errors.Is(err, routing.ErrOverloaded):
+		return overloaded(err)
 	case errors.Is(err, routing.ErrDuplicate):
 		return status.Errorf(codes.AlreadyExists, "request_id: %v", err)
 	case errors.Is(err, routing.ErrNoReplica), errors.Is(err, routing.ErrClosed):
 		return status.Error(codes.Unavailable, err.Error())
 	}
 	return status.Error(codes.Internal, err.Error())
+}
+
+func (c *Coordinator) sendTimeout() time.Duration {
+	if c.opts.SendTimeout > 0 {
+		return c.opts.SendTimeout
+	}
+	return DefaultSendTimeout
+}
+
+// sendError is the status of a Send that failed: the client's own
+// (it went away) or one that did not read in time.
+func (c *Coordinator) sendError(err error) error {
+	if errors.Is(err, errSendTimeout) {
+		return status.Errorf(codes.DeadlineExceeded, "the client did not read the response for --send-timeout (%v): request aborted", c.sendTimeout())
+	}
+	return err
+}
+
+// overloaded is the status of a request refused, or ended before its
+// first token, for the max queue wait.
+func overloaded(err error) error {
+	return status.Errorf(codes.ResourceExhausted, "%v (the coordinator's --max-queue-wait)", err)
 }
 
 // Generate streams one request.
@@ -304,6 +368,13 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 		return err
 	}
 	g := newGenState(s.c, r, req)
+	// Every Send is bounded by the send timeout: a client that stops
+	// reading holds one message and the transport's windows, and its
+	// request is aborted after the timeout. The engine never waits for a
+	// reader (a routing.Stream merges undelivered events), so a slow
+	// client delays no step, and its KV cache is freed when it is aborted.
+	snd := newBoundedSender(out.Send, s.c.sendTimeout())
+	defer snd.Close()
 	if req.Resume != nil {
 		// The run it continues may still be here (its client went away
 		// without this server seeing it yet): end it.
@@ -324,11 +395,11 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 				chunk, _ = g.add(ev)
 			}
 			if chunk != nil {
-				if err := out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Chunk{Chunk: chunk}}); err != nil {
-					return err
+				if err := snd.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Chunk{Chunk: chunk}}); err != nil {
+					return s.c.sendError(err)
 				}
 			}
-			return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Complete{Complete: g.complete(ev)}})
+			return s.c.sendError(snd.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Complete{Complete: g.complete(ev)}}))
 		}
 	}
 	stream, err := s.c.router.Submit(r)
@@ -360,9 +431,9 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 			g.plp, g.preempt = ev.PromptLogprobs, ev.Preemptions
 		}
 		if chunk != nil {
-			if err := out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Chunk{Chunk: chunk}}); err != nil {
+			if err := snd.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Chunk{Chunk: chunk}}); err != nil {
 				s.c.router.AbortStream(stream)
-				return err
+				return s.c.sendError(err)
 			}
 			rec.sent(len(chunk.TokenIds))
 		}
@@ -371,6 +442,14 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 			if ev.Err != nil && !stopped {
 				finish = "error"
 				code := codes.Internal
+				if errors.Is(ev.Err, routing.ErrOverloaded) {
+					// It waited --max-queue-wait and was never scheduled:
+					// no token was computed.
+					code = codes.ResourceExhausted
+					if rec.tokens == 0 {
+						return overloaded(ev.Err)
+					}
+				}
 				if errors.Is(ev.Err, routing.ErrNoReplica) {
 					// It waited --queue-timeout for a replica. Before any
 					// token, the call's status says so (clients retry
@@ -380,12 +459,12 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 						return status.Error(code, ev.Err.Error())
 					}
 				}
-				return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Error{Error: &pb.GenerateError{
-					Code: code.String(), Message: ev.Err.Error()}}})
+				return s.c.sendError(snd.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Error{Error: &pb.GenerateError{
+					Code: code.String(), Message: ev.Err.Error()}}}))
 			}
 			c := g.complete(ev)
 			finish = c.FinishReason
-			return out.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Complete{Complete: c}})
+			return s.c.sendError(snd.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Complete{Complete: c}}))
 		}
 	}
 }
@@ -592,8 +671,16 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 	info.LeaderAddress, _ = c.opts.Store.Leader(lctx)
 	ws, err := c.opts.Store.ListWorkers(lctx)
 	cancel()
+	if info.Leader {
+		info.LeaderAddress = c.opts.Addr
+	}
 	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "etcd: %v", err)
+		if !info.Leader {
+			return nil, status.Errorf(codes.Unavailable, "etcd: %v", err)
+		}
+		// etcd is away: the leader serves on, and says what it knows.
+		ws = c.knownWorkers()
+		info.EtcdError = err.Error()
 	}
 	c.mu.Lock()
 	for _, w := range ws {

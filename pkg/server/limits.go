@@ -76,12 +76,14 @@ type boundedSender[T any] struct {
 	timeout time.Duration
 	in      chan T
 	res     chan error
+	timer   *time.Timer // reused by every Send
 	broken  bool
 }
 
 // newBoundedSender starts the sender's goroutine; Close ends it.
 func newBoundedSender[T any](send func(T) error, timeout time.Duration) *boundedSender[T] {
-	b := &boundedSender[T]{send: send, timeout: timeout, in: make(chan T), res: make(chan error, 1)}
+	b := &boundedSender[T]{send: send, timeout: timeout, in: make(chan T), res: make(chan error, 1), timer: time.NewTimer(timeout)}
+	b.timer.Stop()
 	go func() {
 		for m := range b.in {
 			b.res <- b.send(m)
@@ -96,13 +98,13 @@ func (b *boundedSender[T]) Send(m T) error {
 	if b.broken {
 		return errSendTimeout
 	}
-	b.in <- m // the goroutine is idle: the last Send returned
-	t := time.NewTimer(b.timeout)
-	defer t.Stop()
+	b.in <- m                // the goroutine is idle: the last Send returned
+	b.timer.Reset(b.timeout) // no stale tick after Stop (Go 1.23 timers)
+	defer b.timer.Stop()
 	select {
 	case err := <-b.res:
 		return err
-	case <-t.C:
+	case <-b.timer.C:
 		b.broken = true
 		return errSendTimeout
 	}

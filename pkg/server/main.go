@@ -186,6 +186,9 @@ func CoordinatorMain(args []string) int {
 	stepFactor := fs.Float64("step-timeout-factor", 10, "a step may take this many times the replica's median step (scaled by its tokens), if more than --step-timeout")
 	queueTimeout := fs.Duration("queue-timeout", 60*time.Second, "how long a request may wait with no replica able to serve it before it ends UNAVAILABLE")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "how long a drained replica's requests may take to finish (when the drain names no timeout) before they move")
+	maxQueueWait := fs.Duration("max-queue-wait", DefaultMaxQueueWait, "refuse at once (RESOURCE_EXHAUSTED) a request estimated to wait longer than this in a replica's queue, and end one that did, before its first token (0: no limit)")
+	sendTimeout := fs.Duration("send-timeout", DefaultSendTimeout, "how long a response may wait for a client that does not read it before its request is aborted")
+	maxStreams := fs.Int("max-concurrent-streams", DefaultMaxConcurrentStreams, "calls one client connection may have open at once")
 	probeInterval := fs.Duration("gossip-probe-interval", 200*time.Millisecond, "how often gossip probes each worker (failure detection)")
 	probeTimeout := fs.Duration("gossip-probe-timeout", 100*time.Millisecond, "a gossip probe unanswered this long fails (then indirect probes)")
 	suspicion := fs.Int("gossip-suspicion-mult", 2, "a suspected worker is dead after this × max(1, log10(members)) × the probe interval")
@@ -230,6 +233,14 @@ func CoordinatorMain(args []string) int {
 		return fail("--queue-timeout: must be > 0")
 	case *drainTimeout <= 0:
 		return fail("--drain-timeout: must be > 0")
+	case *maxQueueWait < 0:
+		return fail("--max-queue-wait: must be >= 0")
+	case *maxQueueWait > 0 && *maxQueueWait < 100*time.Millisecond:
+		return fail("--max-queue-wait: %v is below 100ms (0 turns the limit off)", *maxQueueWait)
+	case *sendTimeout < 100*time.Millisecond:
+		return fail("--send-timeout: must be >= 100ms")
+	case *maxStreams < 1 || *maxStreams > 1<<20:
+		return fail("--max-concurrent-streams: %d is outside [1, %d]", *maxStreams, 1<<20)
 	case *probeInterval < 10*time.Millisecond:
 		return fail("--gossip-probe-interval: must be >= 10ms")
 	case *probeTimeout <= 0 || *probeTimeout > *probeInterval:
@@ -270,6 +281,7 @@ func CoordinatorMain(args []string) int {
 		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen,
 		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
 		StepTimeout: routing.StepTimeout{Min: *stepTimeout, Factor: *stepFactor}, QueueTimeout: *queueTimeout, DrainTimeout: *drainTimeout,
+		MaxQueueWait: *maxQueueWait, SendTimeout: *sendTimeout, Limits: Limits{MaxConcurrentStreams: uint32(*maxStreams)},
 		GossipProbeInterval: *probeInterval, GossipProbeTimeout: *probeTimeout, GossipSuspicionMult: *suspicion,
 		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
 	if err != nil && ctx.Err() == nil {
