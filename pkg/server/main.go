@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/qwenfleet/qwenfleet/pkg/cluster"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/units"
@@ -178,7 +179,7 @@ func CoordinatorMain(args []string) int {
 	maxRunning := fs.Int("max-running", 64, "sequences decoding together")
 	maxWaiting := fs.Int("max-waiting", 1024, "queued requests before RESOURCE_EXHAUSTED")
 	quantize := fs.String("quantize", "", "quantisation on the workers: q8 (int8 weights, groups of 32), q8a (int8 weights and activations, VNNI), or none")
-	leaderTTL := fs.Duration("leader-ttl", 5*time.Second, "leader session TTL: a standby takes over this long after the leader dies")
+	leaderTTL := fs.Duration("leader-ttl", cluster.DefaultLeaderTTL, "leader lease TTL: a standby takes over this long after the leader dies (a leader cut off from etcd longer serves on; see docs/failure-model.md)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "text", "log lines as text or json (local workers too)")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9090; empty: off); local workers then serve theirs too")
@@ -221,8 +222,8 @@ func CoordinatorMain(args []string) int {
 		return fail("--max-waiting: must be >= 0")
 	case *blocks < 0:
 		return fail("--kv-blocks: must be >= 0")
-	case *leaderTTL < time.Second:
-		return fail("--leader-ttl: must be >= 1s")
+	case *leaderTTL < 2*time.Second:
+		return fail("--leader-ttl: must be >= 2s (etcd grants no shorter lease)")
 	case *quantize != "" && *quantize != "q8" && *quantize != "q8a":
 		return fail("--quantize: %q is not q8 or q8a", *quantize)
 	case *stepTimeout < 100*time.Millisecond:
