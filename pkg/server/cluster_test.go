@@ -1,7 +1,8 @@
 // End-to-end tests: real coordinator and worker processes (the binaries of
 // cmd/coordinator and cmd/worker, built once by TestMain), real gRPC on
 // 127.0.0.1, embedded etcd (inside the coordinator, or inside the test for
-// the failover test).
+// the failover test), or etcd processes (cmd/etcd, for the etcd fault
+// tests of ha_test.go).
 //
 // Every test or benchmark that starts a coordinator or worker process
 // calls needE2E first (start calls it too, for one that forgets): such
@@ -82,7 +83,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binDir = dir
-	cmd := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "./cmd/coordinator", "./cmd/worker")
+	cmd := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "./cmd/coordinator", "./cmd/worker", "./cmd/etcd")
 	cmd.Dir = repoRoot()
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
