@@ -85,6 +85,18 @@ func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (
 	case len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != el.Rev():
 		return fail(errors.New("cluster: campaign: the election lease expired"))
 	}
+	// When etcd comes back after a stop, it revokes every lease past its
+	// TTL, one by one: the keys before ours may be gone while ours still
+	// waits for its revocation. etcd answers a renewal of an expired lease
+	// only once it is revoked: a candidate whose lease expired in the
+	// outage does not win before the leader it waited behind campaigns
+	// again.
+	kctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	_, err = s.client.KeepAliveOnce(kctx, lease.ID())
+	cancel()
+	if err != nil {
+		return fail(fmt.Errorf("cluster: campaign: the election lease: %w", err))
+	}
 	return &Leadership{lease: lease, session: sess, election: el, value: value}, nil
 }
 
@@ -104,6 +116,9 @@ func (l *Leadership) Fence() Fence { return Fence{Key: l.election.Key(), Rev: l.
 // over, though no other leader may exist yet (campaign again at once to
 // lead on).
 func (l *Leadership) Lost() <-chan struct{} { return l.lease.Expired() }
+
+// TTL is the leadership lease's time to live.
+func (l *Leadership) TTL() time.Duration { return l.lease.TTL() }
 
 // ValidUntil is the time before which no other leader can exist: the
 // lease cannot have expired yet (see Lease.ValidUntil).

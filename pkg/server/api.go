@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/qwenfleet/qwenfleet/pkg/cluster"
 	"github.com/qwenfleet/qwenfleet/pkg/control"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
@@ -667,20 +668,23 @@ func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInf
 	c := s.c
 	info := &pb.ServerInfo{Version: Version, CoordinatorId: c.opts.ID, Leader: c.IsLeader(),
 		UptimeSeconds: time.Since(c.started).Seconds(), EtcdEndpoints: c.opts.EtcdEndpoints}
-	lctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	info.LeaderAddress, _ = c.opts.Store.Leader(lctx)
-	ws, err := c.opts.Store.ListWorkers(lctx)
-	cancel()
+	var ws []cluster.WorkerInfo
 	if info.Leader {
-		info.LeaderAddress = c.opts.Addr
-	}
-	if err != nil {
-		if !info.Leader {
+		// The leader answers from its own view (its etcd watch), at once,
+		// also while etcd is away (it serves on then, and says so).
+		info.LeaderAddress, ws = c.opts.Addr, c.knownWorkers()
+		if away := c.etcdSilence(); away > 0 {
+			info.EtcdError = fmt.Sprintf("etcd has not answered this leader for %v: it serves on with the placement it has, and writes nothing until etcd is back", away.Round(100*time.Millisecond))
+		}
+	} else {
+		lctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		info.LeaderAddress, _ = c.opts.Store.Leader(lctx)
+		var err error
+		ws, err = c.opts.Store.ListWorkers(lctx)
+		cancel()
+		if err != nil {
 			return nil, status.Errorf(codes.Unavailable, "etcd: %v", err)
 		}
-		// etcd is away: the leader serves on, and says what it knows.
-		ws = c.knownWorkers()
-		info.EtcdError = err.Error()
 	}
 	c.mu.Lock()
 	for _, w := range ws {

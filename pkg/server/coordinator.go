@@ -416,6 +416,23 @@ func (c *Coordinator) leaseUnconfirmed() bool {
 	return l != nil && time.Now().After(l.ValidUntil())
 }
 
+// etcdSilence is how long etcd has not answered this leader's lease
+// renewals, beyond two renewal periods (0 while it answers, or when not
+// leading).
+func (c *Coordinator) etcdSilence() time.Duration {
+	c.mu.Lock()
+	l := c.term
+	c.mu.Unlock()
+	if l == nil {
+		return 0
+	}
+	since := time.Since(l.ValidUntil().Add(-l.TTL()))
+	if since < l.TTL()/3 {
+		return 0
+	}
+	return since
+}
+
 // sleepCtx waits d or until ctx ends.
 func sleepCtx(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)
