@@ -16,6 +16,12 @@ var ErrNoPlacement = errors.New("cluster: no placement stored")
 // and the write was not made.
 var ErrFenced = errors.New("cluster: not the leader: placement write fenced off")
 
+// ErrFenceGone is the ErrFenced of a writer whose election key no longer
+// exists: its lease expired or was revoked. Another coordinator may lead,
+// or none (etcd was away longer than the TTL, and the writer may win again
+// at once): a new campaign says which. It matches ErrFenced.
+var ErrFenceGone = fmt.Errorf("%w: the writer's election key is gone (its lease expired)", ErrFenced)
+
 // PutPlacement stores value (an opaque JSON document) at <prefix>placement
 // and returns its new version (1 for the first write, then 2, 3, ...), in
 // one transaction conditioned on fence: the writer's election key still
@@ -30,11 +36,15 @@ func (s *Store) PutPlacement(ctx context.Context, value []byte, fence Fence) (ve
 	resp, err := s.client.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(fence.Key), "=", fence.Rev)).
 		Then(clientv3.OpPut(key, string(value)), clientv3.OpGet(key)).
+		Else(clientv3.OpGet(fence.Key)).
 		Commit()
 	if err != nil {
 		return 0, fmt.Errorf("cluster: put placement: %w", err)
 	}
 	if !resp.Succeeded {
+		if len(resp.Responses) == 1 && len(resp.Responses[0].GetResponseRange().GetKvs()) == 0 {
+			return 0, ErrFenceGone
+		}
 		return 0, ErrFenced
 	}
 	if len(resp.Responses) < 2 {

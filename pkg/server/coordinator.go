@@ -332,7 +332,7 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 	c.setTerm(l)
 	defer c.setTerm(nil)
 	c.log.Info("leader", "id", c.opts.ID, "addr", c.opts.Addr, "fence", l.Fence().Rev, "last_generation", lastGen)
-	c.writer = newPlacementWriter(c.opts.Store, l.Fence().Key, c.log, func(p schema.Placement) {
+	c.writer = newPlacementWriter(c.opts.Store, l.Fence(), c.log, func(p schema.Placement) {
 		c.mu.Lock()
 		c.placement = p
 		c.mu.Unlock()
@@ -372,7 +372,7 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 			}
 			l = nl
 			c.setTerm(l)
-			c.writer.setFence(l.Fence().Key)
+			c.writer.setFence(l.Fence())
 			c.log.Info("leader again, with the same replicas", "fence", l.Fence().Rev)
 			c.step(control.LeadershipRenewed{Fence: l.Fence().Rev})
 		case ws, ok := <-updates:
@@ -931,25 +931,25 @@ func (c *Coordinator) observeWorkers(ws []cluster.WorkerInfo) {
 // every write it makes with PlacementWritten or PlacementWriteFailed.
 type placementWriter struct {
 	store     *cluster.Store
-	fenceKey  string
+	fence     cluster.Fence // the term's election key and its revision
 	log       *slog.Logger
 	onWritten func(schema.Placement)
 	answer    func(control.Event)
 
-	mu   sync.Mutex // guards next and fenceKey
+	mu   sync.Mutex // guards next and fence
 	next *control.WritePlacement
 	wake chan struct{}
 }
 
-func newPlacementWriter(s *cluster.Store, fenceKey string, log *slog.Logger, onWritten func(schema.Placement), answer func(control.Event)) *placementWriter {
-	return &placementWriter{store: s, fenceKey: fenceKey, log: log, onWritten: onWritten, answer: answer, wake: make(chan struct{}, 1)}
+func newPlacementWriter(s *cluster.Store, fence cluster.Fence, log *slog.Logger, onWritten func(schema.Placement), answer func(control.Event)) *placementWriter {
+	return &placementWriter{store: s, fence: fence, log: log, onWritten: onWritten, answer: answer, wake: make(chan struct{}, 1)}
 }
 
 // setFence has later writes conditioned on a new election key (the term
 // goes on under a new lease).
-func (w *placementWriter) setFence(key string) {
+func (w *placementWriter) setFence(f cluster.Fence) {
 	w.mu.Lock()
-	w.fenceKey = key
+	w.fence = f
 	w.mu.Unlock()
 }
 
@@ -983,13 +983,20 @@ func (w *placementWriter) run(ctx context.Context) {
 func (w *placementWriter) write(ctx context.Context, a control.WritePlacement) control.Event {
 	wctx, cancel := context.WithTimeout(ctx, etcdTimeout)
 	defer cancel()
+	// The term's current fence: a write asked for before the term was
+	// renewed under a new lease (LeadershipRenewed) goes under the new one.
 	w.mu.Lock()
-	key := w.fenceKey
+	fence := w.fence
 	w.mu.Unlock()
-	v, err := w.store.PutPlacement(wctx, a.Doc.Encode(), cluster.Fence{Key: key, Rev: a.Fence})
+	v, err := w.store.PutPlacement(wctx, a.Doc.Encode(), fence)
 	if err != nil {
 		w.log.Warn("placement not written", "seq", a.Seq, "err", err)
-		return control.PlacementWriteFailed{Seq: a.Seq, Fenced: errors.Is(err, cluster.ErrFenced), Err: err.Error()}
+		// A write fenced off because this term's key is gone is not proof
+		// of another leader: the lease expired (etcd was away), and the
+		// campaign that follows (Leadership.Lost) says whether this
+		// coordinator leads on. Until then the write is retried.
+		fenced := errors.Is(err, cluster.ErrFenced) && !errors.Is(err, cluster.ErrFenceGone)
+		return control.PlacementWriteFailed{Seq: a.Seq, Fenced: fenced, Err: err.Error()}
 	}
 	doc := a.Doc
 	doc.Version = v

@@ -501,7 +501,9 @@ func registered(t *testing.T, eps string) []string {
 // started again 10 s later on its data, under a continuous load on a
 // leader and a standby with two workers: no request fails, no token
 // changes, no process exits, the leader leads on, every worker is in etcd
-// again; then a new worker joins and serves.
+// again; then a worker is killed while etcd is stopped (its requests
+// move, a new process of it waits for etcd and re-forms its replica once
+// etcd is back), and a new worker joins and serves.
 func TestEtcdOutage(t *testing.T) {
 	needE2E(t)
 	h := startHA(t, 1, 2, 2)
@@ -562,6 +564,42 @@ func TestEtcdOutage(t *testing.T) {
 		t.Cleanup(h.stop)
 		e.waitUp(t)
 	})
+
+	// A worker dies while etcd is stopped: gossip and the failed steps find
+	// it and its requests move to the other replica; a new process of it,
+	// started while etcd is still away, waits for etcd (it does not exit),
+	// and once etcd is back its replica re-forms (a fenced placement write).
+	{
+		const what = "a worker killed while etcd is stopped"
+		l := startLoad(stubGen(leader.client), ps, want, n, 8)
+		time.Sleep(time.Second)
+		t0 := time.Now()
+		e.signal(t, syscall.SIGSTOP)
+		time.Sleep(time.Second)
+		h.workers["w1"].stop(syscall.SIGKILL)
+		time.Sleep(2 * time.Second)
+		nw := h.worker(t, "w1")
+		time.Sleep(time.Until(t0.Add(10 * time.Second)))
+		t1 := time.Now()
+		e.signal(t, syscall.SIGCONT)
+		waitFor(t, 60*time.Second, "the new w1 ready in a replica", func() error {
+			for _, w := range readyWorkers(t, leader.client) {
+				if w.Id == "w1" && int(w.Pid) == nw.cmd.Process.Pid {
+					return nil
+				}
+			}
+			return fmt.Errorf("ready: %v", readyWorkers(t, leader.client))
+		})
+		reformed := time.Since(t1)
+		time.Sleep(time.Second)
+		l.finish()
+		t.Logf("%s: its replica re-formed with the new w1 %.1fs after etcd came back", what, reformed.Seconds())
+		l.report(t, what, t0, time.Now())
+		h.noneExited(t, what)
+		if l := h.leader(t, 10*time.Second); l != leader {
+			t.Fatalf("%s: the leader changed to %s", what, l.addr)
+		}
+	}
 
 	// A new worker joins, becomes a replica and runs steps.
 	t0 := time.Now()

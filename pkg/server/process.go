@@ -160,9 +160,7 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		stopServer(gs)
 	}()
 
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	store, err := cluster.Connect(cctx, o.EtcdEndpoints, o.Prefix)
-	cancel()
+	store, err := connectEtcd(ctx, o.EtcdEndpoints, o.Prefix, log)
 	if err != nil {
 		return err
 	}
@@ -187,11 +185,9 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	defer gossip.Close()
 	info := cluster.WorkerInfo{ID: o.ID, Addr: addr, GossipAddr: gossip.Addr(), MetricsAddr: metricsAddr, Backend: kind, DeviceName: devName, MemoryBytes: o.MemoryBytes,
 		Devices: 1, PID: os.Getpid(), Host: host, State: "idle", Started: time.Now(), DrainTimeoutSeconds: o.DrainTimeout.Seconds()}
-	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	reg, err := store.RegisterWorker(rctx, info, o.LeaseTTL)
-	cancel()
+	reg, err := registerAgain(ctx, store, info, o.LeaseTTL, log)
 	if err != nil {
-		return err
+		return nil // ctx ended
 	}
 	log.Info("worker registered", "id", o.ID, "addr", addr, "gossip", gossip.Addr())
 	return life.run(ctx, o, log, store, reg, info, states, svc)
@@ -318,6 +314,26 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 		}
 		log.Info("worker registered again", "id", o.ID)
 		last = time.Now()
+	}
+}
+
+// connectEtcd connects to etcd, waiting for it (a process started while
+// etcd is away, or before it, does not exit): it retries with backoff until
+// etcd answers or ctx ends.
+func connectEtcd(ctx context.Context, endpoints []string, prefix string, log *slog.Logger) (*cluster.Store, error) {
+	backoff := 500 * time.Millisecond
+	for {
+		store, err := cluster.Connect(ctx, endpoints, prefix)
+		if err == nil || len(endpoints) == 0 {
+			return store, err
+		}
+		log.Warn("etcd does not answer; trying again", "endpoints", strings.Join(endpoints, ","), "err", err, "retry", backoff)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
 	}
 }
 
@@ -476,9 +492,7 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		endpoints = e.Endpoints()
 		log.Info("embedded etcd", "endpoints", strings.Join(endpoints, ","))
 	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	store, err := cluster.Connect(cctx, endpoints, o.Prefix)
-	cancel()
+	store, err := connectEtcd(ctx, endpoints, o.Prefix, log)
 	if err != nil {
 		return fmt.Errorf("--etcd-endpoints: %w", err)
 	}
