@@ -467,6 +467,12 @@ func (r *retrier) next(ctx context.Context, last error) error {
 // call runs fn on the leader's stub, retrying an UNAVAILABLE failure (of
 // finding the leader or of fn) as the package doc says.
 func (c *Client) call(ctx context.Context, fn func(ctx context.Context, stub pb.GeneratorClient) error) error {
+	return c.callOr(ctx, fn, nil)
+}
+
+// callOr is call where, when no leader is found, noLeader (when not nil)
+// may answer instead (it reports whether it did).
+func (c *Client) callOr(ctx context.Context, fn func(ctx context.Context, stub pb.GeneratorClient) error, noLeader func(ctx context.Context) bool) error {
 	r := c.newRetrier()
 	for {
 		addr, err := c.Leader(ctx)
@@ -479,6 +485,8 @@ func (c *Client) call(ctx context.Context, fn func(ctx context.Context, stub pb.
 				return c.ctxErr(ctx, err)
 			}
 			c.failed(addr, err)
+		} else if noLeader != nil && ctx.Err() == nil && noLeader(ctx) {
+			return nil
 		} else if !retryable(err) {
 			return c.ctxErr(ctx, err)
 		}
@@ -502,29 +510,22 @@ func (c *Client) ctxErr(ctx context.Context, err error) error {
 // first known coordinator that answers. It retries while none answers.
 func (c *Client) ServerInfo(ctx context.Context) (*pb.ServerInfo, error) {
 	var info *pb.ServerInfo
-	r := c.newRetrier()
-	for {
-		addr, err := c.Leader(ctx)
-		if err == nil {
-			var stub pb.GeneratorClient
-			if stub, err = c.Stub(addr); err == nil {
-				info, err = stub.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
-			}
-			if err == nil || !retryable(err) {
-				return info, c.ctxErr(ctx, err)
-			}
-			c.failed(addr, err)
-		} else if ctx.Err() == nil {
-			for _, a := range c.ask(ctx, c.Coordinators()) {
-				if a.err == nil {
-					return a.info, nil
-				}
+	err := c.callOr(ctx, func(ctx context.Context, stub pb.GeneratorClient) (err error) {
+		info, err = stub.GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+		return err
+	}, func(ctx context.Context) bool {
+		for _, a := range c.ask(ctx, c.Coordinators()) {
+			if a.err == nil {
+				info = a.info
+				return true
 			}
 		}
-		if err := r.next(ctx, err); err != nil {
-			return nil, err
-		}
+		return false
+	})
+	if err != nil {
+		return nil, err
 	}
+	return info, nil
 }
 
 // ModelInfo returns the served model's description (GetModelInfo on the
