@@ -242,7 +242,7 @@ func TestDeposedLeaderWriteFenced(t *testing.T) {
 		}
 		won <- l
 	}()
-	if _, err := old.session.Client().Revoke(ctx, old.session.Lease()); err != nil {
+	if _, err := s1.client.Revoke(ctx, old.lease.ID()); err != nil {
 		t.Fatal(err)
 	}
 	select { // etcd answers the next renewal: the lease is gone

@@ -21,6 +21,7 @@
 //	                          transaction conditioned on the writer's election
 //	                          key (Leadership.Fence): a deposed leader's write
 //	                          fails with ErrFenced.
-//	<prefix>leader/<lease>    election keys (go.etcd.io/etcd/client/v3/concurrency);
-//	                          the oldest key's value is the current leader.
+//	<prefix>leader/<lease>    election keys (the layout of etcd's concurrency
+//	                          package), one per candidate, attached to its
+//	                          lease; the oldest key's value is the current leader.
 package cluster

@@ -7,8 +7,8 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
 // ErrNoLeader is returned by Leader when no candidate holds leadership.
@@ -23,10 +23,11 @@ const DefaultLeaderTTL = 3 * time.Second
 // outages (see Lease): while etcd does not answer, the leadership is not
 // known lost, and ValidUntil says until when no other leader can exist.
 type Leadership struct {
-	lease    *Lease
-	session  *concurrency.Session
-	election *concurrency.Election
-	value    string
+	store *Store
+	lease *Lease
+	key   string // <prefix>leader/<lease id in hex>
+	rev   int64  // its create revision
+	value string
 
 	resignOnce sync.Once
 	resignErr  error
@@ -37,6 +38,13 @@ type Leadership struct {
 // returns while it leads. ttl is the lease TTL (DefaultLeaderTTL when
 // <= 0): if the leader process dies, its lease expires after ttl and a
 // standby that is campaigning takes over.
+//
+// The election is etcd's usual one (the layout of
+// go.etcd.io/etcd/client/v3/concurrency): each candidate puts a key named
+// after its lease under <prefix>leader/, and the oldest key leads. It is
+// written here so that every etcd call is bounded: a candidate that gives
+// up (ctx ended, its lease expired) revokes its lease within 2 s, etcd
+// answering or not.
 func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (*Leadership, error) {
 	gctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	lease, err := s.grantLease(gctx, ttlSeconds(ttl, DefaultLeaderTTL))
@@ -47,15 +55,8 @@ func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (
 	fail := func(err error) (*Leadership, error) {
 		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		lease.Close(rctx)
+		lease.Close(rctx) // deletes the key
 		return nil, err
-	}
-	// The session only names the lease to the election: Lease keeps it
-	// alive, and the session's own keep-alive (which gives up after a TTL
-	// without etcd) is not relied on.
-	sess, err := concurrency.NewSession(s.client, concurrency.WithLease(lease.ID()), concurrency.WithContext(ctx))
-	if err != nil {
-		return fail(fmt.Errorf("cluster: election session: %w", err))
 	}
 	// Stop waiting if our own lease expires while we queue.
 	cctx, cancelWait := context.WithCancel(ctx)
@@ -67,22 +68,33 @@ func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (
 		case <-cctx.Done():
 		}
 	}()
-	el := concurrency.NewElection(sess, s.electionPrefix())
-	if err := el.Campaign(cctx, value); err != nil {
+	key := fmt.Sprintf("%s/%x", s.electionPrefix(), lease.ID())
+	pctx, cancel := context.WithTimeout(cctx, 5*time.Second)
+	resp, err := s.client.Txn(pctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, value, clientv3.WithLease(lease.ID()))).Commit()
+	cancel()
+	if err != nil {
+		return fail(fmt.Errorf("cluster: campaign: %w", err))
+	}
+	if !resp.Succeeded {
+		return fail(fmt.Errorf("cluster: campaign: key %s exists", key)) // a fresh lease's key cannot
+	}
+	rev := resp.Header.Revision
+	if err := s.waitOlderGone(cctx, rev); err != nil {
 		if ctx.Err() != nil {
-			return fail(fmt.Errorf("cluster: campaign: %w", ctx.Err()))
+			err = ctx.Err()
 		}
 		return fail(fmt.Errorf("cluster: campaign: %w", err))
 	}
 	// The keys before ours are gone; ours must still be there (its lease
 	// may have expired with theirs, in an outage).
 	vctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	resp, err := s.client.Get(vctx, el.Key())
+	got, err := s.client.Get(vctx, key)
 	cancel()
 	switch {
 	case err != nil:
 		return fail(fmt.Errorf("cluster: campaign: %w", err))
-	case len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != el.Rev():
+	case len(got.Kvs) == 0 || got.Kvs[0].CreateRevision != rev:
 		return fail(errors.New("cluster: campaign: the election lease expired"))
 	}
 	// When etcd comes back after a stop, it revokes every lease past its
@@ -97,7 +109,46 @@ func (s *Store) Campaign(ctx context.Context, value string, ttl time.Duration) (
 	if err != nil {
 		return fail(fmt.Errorf("cluster: campaign: the election lease: %w", err))
 	}
-	return &Leadership{lease: lease, session: sess, election: el, value: value}, nil
+	return &Leadership{store: s, lease: lease, key: key, rev: rev, value: value}, nil
+}
+
+// waitOlderGone waits until no election key created before rev is left.
+func (s *Store) waitOlderGone(ctx context.Context, rev int64) error {
+	for {
+		gctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		resp, err := s.client.Get(gctx, s.electionPrefix()+"/", append(clientv3.WithLastCreate(), clientv3.WithMaxCreateRev(rev-1))...)
+		cancel()
+		if err != nil {
+			return err
+		}
+		if len(resp.Kvs) == 0 {
+			return nil
+		}
+		// Wait for the youngest older key to go, then look again.
+		if err := s.waitDeleted(ctx, string(resp.Kvs[0].Key), resp.Header.Revision); err != nil {
+			return err
+		}
+	}
+}
+
+// waitDeleted waits for key's deletion after revision rev.
+func (s *Store) waitDeleted(ctx context.Context, key string, rev int64) error {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	for wr := range s.client.Watch(wctx, key, clientv3.WithRev(rev+1)) {
+		if err := wr.Err(); err != nil {
+			return err
+		}
+		for _, ev := range wr.Events {
+			if ev.Type == mvccpb.DELETE {
+				return nil
+			}
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return errors.New("watch ended")
 }
 
 // Fence names a leadership for conditional writes: the election key the
@@ -109,7 +160,7 @@ type Fence struct {
 }
 
 // Fence is this leadership's fence (see Store.PutPlacement).
-func (l *Leadership) Fence() Fence { return Fence{Key: l.election.Key(), Rev: l.election.Rev()} }
+func (l *Leadership) Fence() Fence { return Fence{Key: l.key, Rev: l.rev} }
 
 // Lost returns a channel closed when etcd says the leadership's lease
 // expired (an outage longer than the TTL) or after Resign: the term is
@@ -124,18 +175,13 @@ func (l *Leadership) TTL() time.Duration { return l.lease.TTL() }
 // lease cannot have expired yet (see Lease.ValidUntil).
 func (l *Leadership) ValidUntil() time.Time { return l.lease.ValidUntil() }
 
-// Resign gives up leadership, letting a standby take over immediately, and
-// revokes the lease. It is idempotent.
+// Resign gives up leadership, letting a standby take over immediately: it
+// revokes the lease, which deletes the key (within ctx). It is idempotent.
 func (l *Leadership) Resign(ctx context.Context) error {
 	l.resignOnce.Do(func() {
-		var errs []error
-		if err := l.election.Resign(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("cluster: resign: %w", err))
-		}
 		if err := l.lease.Close(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("cluster: revoke election lease: %w", err))
+			l.resignErr = fmt.Errorf("cluster: resign: %w", err)
 		}
-		l.resignErr = errors.Join(errs...)
 	})
 	return l.resignErr
 }

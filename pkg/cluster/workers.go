@@ -81,7 +81,9 @@ func (s *Store) RegisterWorker(ctx context.Context, w WorkerInfo, ttl time.Durat
 		return nil, fmt.Errorf("cluster: invalid worker id %q", w.ID)
 	}
 	r := &Registration{store: s, key: s.workerKey(w.ID), ttl: ttlSeconds(ttl, 10*time.Second), info: w, done: make(chan struct{})}
-	lease, err := r.put(ctx, w)
+	// A fresh process replaces the entry of a dead one of the same id
+	// (its lease not yet expired).
+	lease, err := r.put(ctx, w, false)
 	if err != nil {
 		return nil, err
 	}
@@ -92,8 +94,9 @@ func (s *Store) RegisterWorker(ctx context.Context, w WorkerInfo, ttl time.Durat
 	return r, nil
 }
 
-// put writes w under a new lease.
-func (r *Registration) put(ctx context.Context, w WorkerInfo) (*Lease, error) {
+// put writes w under a new lease; onlyNew: only if no entry exists (an
+// entry written again must not replace a newer process's).
+func (r *Registration) put(ctx context.Context, w WorkerInfo, onlyNew bool) (*Lease, error) {
 	data, err := json.Marshal(w)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: encode worker: %w", err)
@@ -102,7 +105,15 @@ func (r *Registration) put(ctx context.Context, w WorkerInfo) (*Lease, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster: grant lease: %w", err)
 	}
-	if _, err := r.store.client.Put(ctx, r.key, string(data), clientv3.WithLease(lease.ID())); err != nil {
+	txn := r.store.client.Txn(ctx)
+	if onlyNew {
+		txn = txn.If(clientv3.Compare(clientv3.CreateRevision(r.key), "=", 0))
+	}
+	resp, err := txn.Then(clientv3.OpPut(r.key, string(data), clientv3.WithLease(lease.ID()))).Commit()
+	if err == nil && !resp.Succeeded {
+		err = errors.New("another process registered this id meanwhile")
+	}
+	if err != nil {
 		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		lease.Close(rctx)
 		cancel()
@@ -129,7 +140,7 @@ func (r *Registration) keep(ctx context.Context) {
 			info := r.info
 			r.mu.Unlock()
 			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			l, err := r.put(pctx, info)
+			l, err := r.put(pctx, info, true)
 			cancel()
 			if err == nil {
 				r.mu.Lock()

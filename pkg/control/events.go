@@ -114,11 +114,14 @@ type StepFailed struct {
 	Gen     int64
 	Refused bool
 	Err     string
+	// Superseded: the refusal says a worker holds a newer assignment.
 	// Unconfirmed: etcd has not confirmed this coordinator's lease for
-	// longer than its TTL (another coordinator may lead). A step refused
-	// then means the workers took another leader's assignment: this
-	// coordinator steps down.
-	Unconfirmed bool
+	// longer than its TTL (another coordinator may lead). Both: the
+	// workers took another leader's assignment, and this coordinator steps
+	// down (a superseded step while the lease is confirmed is a late step
+	// of a replica this leader re-formed; other refusals, e.g. a worker
+	// restarted with no model, are a worker's failure).
+	Superseded, Unconfirmed bool
 }
 
 // HealthChecked answers CheckHealth: Unhealthy names the first worker that

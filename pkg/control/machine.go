@@ -541,7 +541,7 @@ func (m *Machine) onWritten(seq int64) {
 }
 
 func (m *Machine) onWriteFailed(e PlacementWriteFailed) {
-	if !m.leader || e.Seq <= m.written {
+	if !m.leader || e.Seq <= m.written || e.Seq > m.seq { // old, or not asked by this machine
 		return
 	}
 	if e.Fenced {
@@ -597,7 +597,7 @@ func (m *Machine) onStepFailed(e StepFailed) {
 		return
 	}
 	switch {
-	case e.Refused && e.Unconfirmed:
+	case e.Superseded && e.Unconfirmed:
 		m.depose("a worker refused a step while etcd could not confirm this coordinator's lease: another coordinator leads")
 	case e.Refused:
 		for _, id := range r.workers() {

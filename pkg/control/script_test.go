@@ -39,7 +39,7 @@ import (
 //	load-failed gen= worker= [err=]
 //	warmed gen= blocks=              WarmedUp
 //	warm-failed gen= [err=]
-//	step-failed gen= [refused] [unconfirmed] [err=]
+//	step-failed gen= [refused] [superseded] [unconfirmed] [err=]
 //	health gen= [unhealthy=]         HealthChecked
 //	drain worker= [timeout=] [force] [req=]   DrainRequested
 //	worker-drains id= [timeout=]     WorkerUp of the remembered worker asking to be drained
@@ -320,7 +320,7 @@ func (d *driver) run(line, where string) []string {
 	case "warm-failed":
 		evs = append(evs, WarmupFailed{Gen: gen, Err: a.str("err", "out of memory")})
 	case "step-failed":
-		evs = append(evs, StepFailed{Gen: gen, Refused: a.has("refused"), Unconfirmed: a.has("unconfirmed"), Err: a.str("err", "connection refused")})
+		evs = append(evs, StepFailed{Gen: gen, Refused: a.has("refused"), Superseded: a.has("superseded"), Unconfirmed: a.has("unconfirmed"), Err: a.str("err", "connection refused")})
 	case "health":
 		evs = append(evs, HealthChecked{Gen: gen, Unhealthy: a.str("unhealthy", "")})
 	case "drain":

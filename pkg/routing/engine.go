@@ -43,6 +43,11 @@ type Request struct {
 	// MinTokens and the penalties), are not sent again, and the sampler
 	// goes on from their position. The engine recomputes their KV.
 	Resume []int32
+	// FitMaxTokens: MaxTokens was not asked for. The engine that takes
+	// the request lowers it to what its KV cache holds, so that a request
+	// that waited for a replica, moved, or was resumed elsewhere gets the
+	// bound its first run had.
+	FitMaxTokens bool
 }
 
 // TokenLogprob is the logprob of a generated token and its top alternatives.
@@ -299,6 +304,10 @@ func (e *Engine) adopt(q *Seq) error {
 	}
 	if _, dup := e.byID[st.req.ID]; dup {
 		return fmt.Errorf("%w: %q", ErrDuplicate, st.req.ID)
+	}
+	if st.req.FitMaxTokens {
+		bm := e.sched.Blocks()
+		q.MaxLen = min(q.MaxLen, (bm.NumFree()+bm.NumUsed())*bm.BlockSize())
 	}
 	if err := e.sched.Add(q); err != nil {
 		return err

@@ -35,6 +35,7 @@ type Router struct {
 	maxOrphans   int
 	why          func() string
 	expiry       *time.Timer // runs expire at the earliest orphan's deadline
+	refuse       string      // why requests with no replica are refused (FailOrphans), or ""
 	// maxWait is the longest a new request may wait in a replica's queue
 	// before its first step (0: no limit): see SetMaxQueueWait.
 	maxWait time.Duration
@@ -175,17 +176,30 @@ func (r *Router) expire() {
 // that matches ErrNoReplica and says why (e.g. this coordinator stopped
 // leading: its clients should go to the new leader at once rather than
 // wait the queue timeout). It returns how many it ended.
+//
+// Until AcceptOrphans, a request that finds no replica is refused at once
+// (Submit returns an error matching ErrNoReplica, saying why) instead of
+// waiting.
 func (r *Router) FailOrphans(why string) int {
 	r.mu.Lock()
 	now := time.Now()
 	late := r.orphans
 	r.orphans = nil
+	r.refuse = why
 	r.armLocked(now)
 	r.mu.Unlock()
 	for _, o := range late {
 		finishOrphan(o.q, Event{Finish: "error", Err: fmt.Errorf("%w: %s", ErrNoReplica, why), MatchedStop: -1})
 	}
 	return len(late)
+}
+
+// AcceptOrphans has requests that find no replica wait for one again
+// (undoes FailOrphans' refusal).
+func (r *Router) AcceptOrphans() {
+	r.mu.Lock()
+	r.refuse = ""
+	r.mu.Unlock()
 }
 
 // roundWait rounds a wait for a message (1m0s, not 1m0.000183s).
@@ -368,6 +382,9 @@ func (r *Router) Submit(req *Request) (*Stream, error) {
 			}
 		}
 		return e.Submit(req)
+	}
+	if r.refuse != "" {
+		return nil, fmt.Errorf("%w: %s", ErrNoReplica, r.refuse)
 	}
 	if len(r.orphans) >= r.maxOrphans {
 		return nil, fmt.Errorf("%w: %d requests wait for a replica", ErrQueueFull, len(r.orphans))

@@ -206,6 +206,14 @@ func TestRouterFailOrphans(t *testing.T) {
 	if r.FailOrphans("again") != 0 {
 		t.Fatal("ended one twice")
 	}
+	// Until AcceptOrphans, a request with no replica is refused at once.
+	if _, err := r.Submit(greedy("y", []int32{1}, 2)); !errors.Is(err, routing.ErrNoReplica) || !strings.Contains(err.Error(), "again") {
+		t.Fatalf("submit after FailOrphans: %v", err)
+	}
+	r.AcceptOrphans()
+	if _, err := r.Submit(greedy("y", []int32{1}, 2)); err != nil {
+		t.Fatalf("submit after AcceptOrphans: %v", err)
+	}
 }
 
 // TestRouterOrphanAbortAndLimit: waiting requests can be aborted, by id or

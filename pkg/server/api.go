@@ -210,13 +210,12 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 	room := ctxLen - len(ids)
 	r := &routing.Request{ID: req.RequestId, Prompt: ids, Sampling: p, MaxTokens: min(room, DefaultMaxTokens), Logprobs: -1,
 		PromptLogprobs: req.PromptLogprobs}
-	// The default max_tokens fits every replica's KV cache (Capacity is 0
-	// without a replica). Whether the request fits the KV cache is checked
-	// once, by the scheduler when Submit queues it (submitError names the
+	// The default max_tokens is lowered to fit the KV cache by the engine
+	// that takes the request (FitMaxTokens: the same bound wherever it
+	// runs, resumed or moved). Whether the request fits the KV cache is
+	// checked by the scheduler when it queues it (submitError names the
 	// field).
-	if capTok := c.router.Capacity(); capTok > len(ids) {
-		r.MaxTokens = min(r.MaxTokens, capTok-len(ids))
-	}
+	r.FitMaxTokens = req.MaxTokens == nil
 	if req.MaxTokens != nil {
 		n := int(*req.MaxTokens)
 		if n < 1 {
@@ -286,15 +285,17 @@ func (s *GeneratorService) request(req *pb.GenerateRequest) (*routing.Request, e
 
 // resumedEnd says whether a resumed request ended with the tokens the
 // client has (its stream broke before the final message): it had all its
-// tokens, or the last one stops it.
-func resumedEnd(r *routing.Request) (finish string, matched int32, done bool) {
+// tokens (max_tokens, or a default one that filled the KV cache of
+// capTokens), or the last one stops it (the engine allows a stop once
+// min_tokens were generated before it).
+func resumedEnd(r *routing.Request, capTokens int) (finish string, matched int32, done bool) {
 	n := len(r.Resume)
 	switch {
 	case n == 0:
 		return "", -1, false
-	case n >= r.MaxTokens:
+	case n >= r.MaxTokens || r.FitMaxTokens && capTokens > 0 && len(r.Prompt)+n >= capTokens:
 		return "length", -1, true
-	case n >= r.MinTokens && slices.Contains(r.StopIDs, r.Resume[n-1]):
+	case n > r.MinTokens && slices.Contains(r.StopIDs, r.Resume[n-1]):
 		return "stop", r.Resume[n-1], true
 	}
 	return "", -1, false
@@ -383,7 +384,7 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 		if err := g.resume(r.Resume, req.Resume.TextBytes); err != nil {
 			return err
 		}
-		finish, matched, done := resumedEnd(r)
+		finish, matched, done := resumedEnd(r, s.c.router.Capacity())
 		if g.finish != "" || done {
 			// Nothing to generate: send what text was held back, and the end.
 			ev := routing.Event{Done: true, Finish: finish, MatchedStop: matched}

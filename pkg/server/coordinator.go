@@ -296,7 +296,8 @@ func (c *Coordinator) Run(ctx context.Context) error {
 			continue
 		}
 		if err := c.lead(ctx, l); err != nil && ctx.Err() == nil {
-			c.log.Warn("term over: standing by", "err", err)
+			c.log.Warn("term over: standing by", "err", err, "campaigning again after", standbyRetry)
+			sleepCtx(ctx, standbyRetry)
 		}
 	}
 	return nil
@@ -331,6 +332,7 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 	c.mu.Unlock()
 	c.setTerm(l)
 	defer c.setTerm(nil)
+	c.router.AcceptOrphans() // a new term: requests wait for its replicas
 	c.log.Info("leader", "id", c.opts.ID, "addr", c.opts.Addr, "fence", l.Fence().Rev, "last_generation", lastGen)
 	c.writer = newPlacementWriter(c.opts.Store, l.Fence(), c.log, func(p schema.Placement) {
 		c.mu.Lock()
@@ -433,6 +435,16 @@ func (c *Coordinator) etcdSilence() time.Duration {
 	return since
 }
 
+// loop is the context of the current term's loop (done when it ends).
+// Results of what an earlier term asked for may reach a later term's
+// machine: they name replicas (generations) and writes (sequence numbers)
+// the new machine never made, and it ignores them.
+func (c *Coordinator) loop() context.Context {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.loopCtx
+}
+
 // sleepCtx waits d or until ctx ends.
 func sleepCtx(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)
@@ -507,7 +519,7 @@ func controlWorkers(ws []cluster.WorkerInfo) []control.Worker {
 func (c *Coordinator) send(ev control.Event) {
 	select {
 	case c.events <- ev:
-	case <-c.loopCtx.Done():
+	case <-c.loop().Done():
 	}
 }
 
@@ -714,7 +726,7 @@ func (c *Coordinator) callAddr(addr string, timeout time.Duration, call func(con
 		return err
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(c.loopCtx, timeout)
+	ctx, cancel := context.WithTimeout(c.loop(), timeout)
 	defer cancel()
 	return call(ctx, workerv1.NewWorkerClient(conn))
 }
@@ -836,7 +848,11 @@ func (c *Coordinator) serve(a control.Serve) {
 	eng.OnStepError = func(err error) {
 		c.log.Warn("step failed", "replica", key, "err", err)
 		// Refused: another assignment, or its KV pool is gone.
-		ev := control.StepFailed{Gen: a.Gen, Refused: status.Code(err) == codes.FailedPrecondition, Err: err.Error(), Unconfirmed: c.leaseUnconfirmed()}
+		// Refused: another assignment, or its KV pool is gone; superseded:
+		// a newer assignment (ABORTED).
+		code := status.Code(err)
+		ev := control.StepFailed{Gen: a.Gen, Refused: code == codes.FailedPrecondition || code == codes.Aborted, Err: err.Error(),
+			Superseded: code == codes.Aborted, Unconfirmed: c.leaseUnconfirmed()}
 		go c.send(ev) // not from the engine's goroutine: the loop may be closing this engine
 	}
 	rt.exec, rt.engine = exec, eng

@@ -105,12 +105,12 @@ func TestDeposedLeaderDropFenced(t *testing.T) {
 	// itself (etcd may have been away), so the write fails unfenced and
 	// the campaign that follows the lost lease decides. A write refused by
 	// a key that is there, with another revision, deposes at once.
-	ev := w.write(ctx, control.WritePlacement{Seq: 3, Fence: old.Fence().Rev, Doc: m.Doc()})
+	ev := w.write(ctx, control.WritePlacement{Seq: 2, Fence: old.Fence().Rev, Doc: m.Doc()})
 	if f, ok := ev.(control.PlacementWriteFailed); !ok || f.Fenced || !strings.Contains(f.Err, "key is gone") {
 		t.Fatalf("write under an expired key: %#v", ev)
 	}
 	other := newPlacementWriter(writes, cluster.Fence{Key: lead.Fence().Key, Rev: lead.Fence().Rev + 1}, slog.New(slog.DiscardHandler), nil, nil)
-	ev = other.write(ctx, control.WritePlacement{Seq: 3, Fence: old.Fence().Rev, Doc: m.Doc()})
+	ev = other.write(ctx, control.WritePlacement{Seq: 2, Fence: old.Fence().Rev, Doc: m.Doc()})
 	if f, ok := ev.(control.PlacementWriteFailed); !ok || !f.Fenced {
 		t.Fatalf("write under another revision of a live key: %#v", ev)
 	}

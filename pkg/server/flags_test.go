@@ -42,7 +42,9 @@ func TestBadFlags(t *testing.T) {
 		{CoordinatorMain, []string{"--max-queue-wait", "1ms"}, "--max-queue-wait"},
 		{CoordinatorMain, []string{"--send-timeout", "0s"}, "--send-timeout"},
 		{CoordinatorMain, []string{"--max-concurrent-streams", "0"}, "--max-concurrent-streams"},
+		{CoordinatorMain, []string{"--leader-ttl", "1s"}, "--leader-ttl"},
 		{WorkerMain, []string{"--drain-timeout", "0s"}, "--drain-timeout"},
+		{WorkerMain, []string{"--id", "rack/7"}, "--id"},
 		{WorkerMain, []string{"--peer-window", "1KiB"}, "--peer-window"},
 		{WorkerMain, []string{"--peer-window", "lots"}, "--peer-window"},
 	} {

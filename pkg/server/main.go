@@ -124,6 +124,9 @@ func WorkerMain(args []string) int {
 	if *drainTimeout <= 0 {
 		return fail("--drain-timeout: must be > 0")
 	}
+	if strings.Contains(*id, "/") {
+		return fail("--id: %q contains a /", *id)
+	}
 	window, err := units.ParseBytes(*peerWindow)
 	if err != nil || window < 64<<10 || window > 1<<30 {
 		return fail("--peer-window: %q is not a size in [64KiB, 1GiB]", *peerWindow)

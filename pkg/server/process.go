@@ -81,6 +81,9 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	if o.ID == "" {
 		o.ID = fmt.Sprintf("%s-%d", host, os.Getpid())
 	}
+	if strings.Contains(o.ID, "/") {
+		return fmt.Errorf("--id: %q contains a /", o.ID)
+	}
 	if o.LeaseTTL <= 0 {
 		o.LeaseTTL = 5 * time.Second
 	}

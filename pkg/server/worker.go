@@ -431,6 +431,11 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	if exec == nil {
 		return nil, status.Error(codes.FailedPrecondition, "no model loaded")
 	}
+	if req.AssignmentVersion != 0 && req.AssignmentVersion < version {
+		// A newer placement took this worker (ABORTED: the one proof a
+		// coordinator gets that another leader acts, when etcd is away).
+		return nil, status.Errorf(codes.Aborted, "assignment_version: %d is superseded: this worker holds %d", req.AssignmentVersion, version)
+	}
 	if req.AssignmentVersion != 0 && req.AssignmentVersion != version {
 		return nil, status.Errorf(codes.FailedPrecondition, "assignment_version: %d, this worker holds %d", req.AssignmentVersion, version)
 	}
