@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -53,6 +55,15 @@ type GossipConfig struct {
 	// ProbeInterval unless it refutes.
 	ProbeInterval, ProbeTimeout time.Duration
 	SuspicionMult               int
+	// KeyFile, when set, encrypts and authenticates all gossip (AES-256-GCM)
+	// with the keys it lists: one base64 32-byte key a line (blank lines and
+	// lines starting with # are skipped), the first the primary, used to
+	// encrypt; every listed key is accepted when decrypting. This is the
+	// gossip.key that `qwenctl certs` writes. Plaintext and messages under
+	// other keys are dropped, so a member without a listed key can neither
+	// join nor spread suspicion or death. Rotate keys with ReloadKeys. Empty:
+	// gossip is plaintext.
+	KeyFile string
 }
 
 // MemberEvent describes a member, or a change to one: Alive is false when the
@@ -69,6 +80,10 @@ type Gossip struct {
 	ml   *memberlist.Memberlist
 	addr string
 	meta []byte // set before the node starts, never changed
+
+	keyFile string              // GossipConfig.KeyFile
+	keyring *memberlist.Keyring // nil when gossip is plaintext
+	keyMu   sync.Mutex          // serialises ReloadKeys
 
 	evMu     sync.Mutex
 	events   chan MemberEvent
@@ -121,6 +136,21 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 	if cfg.BindAddr == "" {
 		cfg.BindAddr = "127.0.0.1"
 	}
+	if cfg.KeyFile != "" {
+		keys, err := readGossipKeys(cfg.KeyFile)
+		if err != nil {
+			return nil, err
+		}
+		kr, err := memberlist.NewKeyring(keys[1:], keys[0])
+		if err != nil {
+			return nil, fmt.Errorf("cluster: gossip key file %s: %w", cfg.KeyFile, err)
+		}
+		g.keyFile = cfg.KeyFile
+		g.keyring = kr
+		mc.Keyring = kr
+		mc.GossipVerifyIncoming = true
+		mc.GossipVerifyOutgoing = true
+	}
 	mc.Name = cfg.Name
 	mc.BindAddr = cfg.BindAddr
 	mc.BindPort = cfg.BindPort
@@ -144,6 +174,103 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 		}
 	}
 	return g, nil
+}
+
+// gossipKeySize is the length of a gossip key: AES-256.
+const gossipKeySize = 32
+
+// readGossipKeys parses a gossip key file (see GossipConfig.KeyFile); errors
+// name the file and the line.
+func readGossipKeys(path string) ([][]byte, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("cluster: gossip key file: %w", err)
+	}
+	var keys [][]byte
+	seen := map[string]int{}
+	for i, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		n := i + 1
+		key, err := base64.StdEncoding.DecodeString(line)
+		if err != nil {
+			return nil, fmt.Errorf("cluster: gossip key file %s: line %d: not base64: %v", path, n, err)
+		}
+		if len(key) != gossipKeySize {
+			return nil, fmt.Errorf("cluster: gossip key file %s: line %d: key is %d bytes, want %d (AES-256)", path, n, len(key), gossipKeySize)
+		}
+		if first, dup := seen[string(key)]; dup {
+			return nil, fmt.Errorf("cluster: gossip key file %s: line %d: same key as line %d", path, n, first)
+		}
+		seen[string(key)] = n
+		keys = append(keys, key)
+	}
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("cluster: gossip key file %s: no key in it (want base64 %d-byte keys, one a line, the primary first)", path, gossipKeySize)
+	}
+	return keys, nil
+}
+
+// ReloadKeys re-reads GossipConfig.KeyFile and makes the keyring match it:
+// keys new to the file are installed, its first line becomes the primary
+// (the key this node encrypts with) and keys no longer listed are removed.
+// If the file is unreadable or invalid, the error names the file and line
+// and the keys in use are kept. It fails when the node was started without
+// a KeyFile (encryption cannot be turned on in a running cluster).
+//
+// Rotating the cluster's key without a false death (every member must be
+// able to read what every other sends at each moment):
+//
+//  1. Add the new key as the second line of the key file on every member,
+//     and reload each: all members now accept both keys but still send
+//     with the old one.
+//  2. Once every member has reloaded, move the new key to the first line
+//     everywhere and reload each: members switch to sending with the new
+//     key, which all of them already accept.
+//  3. Once every member has reloaded, delete the old key's line everywhere
+//     and reload each.
+//
+// Skipping ahead (making a key primary before every member has it, or
+// removing one that a member still sends with) cuts members off from each
+// other and they will be declared dead.
+func (g *Gossip) ReloadKeys() error {
+	if g.keyring == nil {
+		return errors.New("cluster: gossip was started without a key file; cannot reload keys")
+	}
+	g.keyMu.Lock()
+	defer g.keyMu.Unlock()
+	keys, err := readGossipKeys(g.keyFile)
+	if err != nil {
+		return err
+	}
+	kr := g.keyring
+	for _, k := range keys {
+		if err := kr.AddKey(k); err != nil {
+			return fmt.Errorf("cluster: gossip key file %s: %w", g.keyFile, err)
+		}
+	}
+	// Move every listed key to the front, the primary last: the listed keys
+	// end up first in file order and the ones to remove at the end of the
+	// ring. memberlist's RemoveKey shifts the keys after the removed one in
+	// place, under readers that may be decrypting with that slice; removing
+	// only the last key shifts nothing.
+	for i := len(keys) - 1; i >= 0; i-- {
+		if err := kr.UseKey(keys[i]); err != nil {
+			return fmt.Errorf("cluster: gossip key file %s: %w", g.keyFile, err)
+		}
+	}
+	for {
+		ring := kr.GetKeys()
+		if len(ring) <= len(keys) {
+			break
+		}
+		if err := kr.RemoveKey(ring[len(ring)-1]); err != nil {
+			return fmt.Errorf("cluster: gossip key file %s: %w", g.keyFile, err)
+		}
+	}
+	return nil
 }
 
 func defaultNodeName() string {
