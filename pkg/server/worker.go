@@ -503,18 +503,6 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 	return out, nil
 }
 
-// checkExchange is Exchange's check of a message before it is delivered:
-// a known kind, and data of whole float32s.
-func checkExchange(req *workerv1.ExchangeRequest) error {
-	if req.Kind != kindAllReduce && req.Kind != kindHidden && req.Kind != kindAllToAll {
-		return status.Errorf(codes.InvalidArgument, "kind: %d is not 0 (all-reduce), 1 (hidden states) or 2 (all-to-all)", req.Kind)
-	}
-	if len(req.Data)%4 != 0 {
-		return status.Errorf(codes.InvalidArgument, "data: %d bytes is not whole float32s", len(req.Data))
-	}
-	return nil
-}
-
 // Exchange takes the messages another worker of the replica streams to
 // this one. Messages of another generation (a step of a replica this
 // worker no longer serves in) are dropped.
@@ -527,8 +515,11 @@ func (w *WorkerService) Exchange(stream workerv1.Worker_ExchangeServer) error {
 		if err != nil {
 			return err
 		}
-		if err := checkExchange(req); err != nil {
-			return err
+		if req.Kind != kindAllReduce && req.Kind != kindHidden && req.Kind != kindAllToAll {
+			return status.Errorf(codes.InvalidArgument, "kind: %d is not 0 (all-reduce), 1 (hidden states) or 2 (all-to-all)", req.Kind)
+		}
+		if len(req.Data)%4 != 0 {
+			return status.Errorf(codes.InvalidArgument, "data: %d bytes is not whole float32s", len(req.Data))
 		}
 		w.mu.Lock()
 		version := w.version
