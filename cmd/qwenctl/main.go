@@ -9,6 +9,8 @@
 //	qwenctl status --addr HOST:PORT[,HOST:PORT...] [--json] [--wait 60s]
 //	qwenctl drain  [--addr HOST:PORT] [--timeout D] [--force] [--no-wait] WORKER_ID
 //	qwenctl bench  --addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
+//	qwenctl certs --out DIR [--hosts H1,H2,...] [--force]
+//	qwenctl apikey --file FILE --name N --role user|admin
 //	qwenctl plan (--model DIR | --preset NAME) --workers N --mem 80GiB [--hosts H] [--backend cuda|cpu] [--tp N] [--pp M] [--kv-tokens N] [--json]
 //
 // generate, status and bench take a list of coordinators: generate and
@@ -45,6 +47,8 @@ var commands = []command{
 	{"drain", "take a worker out gracefully: its requests finish or move, then it leaves", runDrain},
 	{"bench", "load-test a cluster: throughput, TTFT, TPOT, ITL, latency (like vllm bench serve)", runBench},
 	{"plan", "plan replicas, pipeline stages and TP ranks for a model on N workers", runPlan},
+	{"certs", "write a cluster CA, certificates by role (coordinator, worker, client) and a gossip key", runCerts},
+	{"apikey", "add an API key to a keys file; prints the new key, once", runAPIKey},
 	{"experts", "expert load per rank of a MoE cluster's expert-parallel replicas; --rebalance re-places the experts", runExperts},
 }
 
