@@ -13,6 +13,8 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"sync"
+	"time"
 )
 
 // API key roles.
@@ -29,16 +31,48 @@ type APIKey struct {
 	SHA256 string `json:"sha256"` // hex SHA-256 of the key
 	Name   string `json:"name"`
 	Role   string `json:"role"` // APIRoleUser or APIRoleAdmin
+	// MaxStreams bounds the key's concurrent streams; 0 (or absent) means
+	// the server's default.
+	MaxStreams int `json:"max_streams,omitempty"`
 }
 
-// APIKeys is a loaded API keys file.
+// APIKeys is an API keys file that follows its changes: Lookup re-reads the
+// file when its size, modification time or inode changed, at most once a
+// second. A file that no longer loads (or is gone) leaves the keys in use
+// and Err reports it. It is safe for concurrent use.
 type APIKeys struct {
+	file string
+
+	// interval is the least time between two checks of the file (a
+	// second; tests shorten it).
+	interval time.Duration
+
+	mu      sync.Mutex
+	checked time.Time
+	stamp   os.FileInfo
+	set     *keySet
+	lastErr error
+}
+
+// keySet is one loaded version of the file; it is never changed.
+type keySet struct {
 	keys []APIKey
 	sums [][]byte
 }
 
-// Len is the number of keys.
-func (k *APIKeys) Len() int { return len(k.keys) }
+// Len is the number of keys in use.
+func (k *APIKeys) Len() int { return len(k.current().keys) }
+
+// File is the keys file.
+func (k *APIKeys) File() string { return k.file }
+
+// Err is the error of the last failed re-read (the previous keys stay in
+// use), or nil when the keys in use are the file's.
+func (k *APIKeys) Err() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.lastErr
+}
 
 // Lookup returns the entry of key. It compares the key's SHA-256 with every
 // entry in constant time (crypto/subtle), so its time depends only on the
@@ -47,9 +81,10 @@ func (k *APIKeys) Lookup(key string) (APIKey, bool) {
 	if k == nil {
 		return APIKey{}, false
 	}
+	set := k.current()
 	sum := sha256.Sum256([]byte(key))
 	found := -1
-	for i, s := range k.sums {
+	for i, s := range set.sums {
 		if subtle.ConstantTimeCompare(sum[:], s) == 1 {
 			found = i
 		}
@@ -57,24 +92,68 @@ func (k *APIKeys) Lookup(key string) (APIKey, bool) {
 	if found < 0 {
 		return APIKey{}, false
 	}
-	return k.keys[found], true
+	return set.keys[found], true
+}
+
+// current returns the keys in use, re-reading the file first when it
+// changed and the last check is at least k.interval old.
+func (k *APIKeys) current() *keySet {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	now := time.Now()
+	if now.Sub(k.checked) < k.interval {
+		return k.set
+	}
+	k.checked = now
+	fi, err := os.Stat(k.file)
+	if err != nil {
+		k.lastErr = errorf("%v", err)
+		return k.set
+	}
+	if k.stamp != nil && fi.Size() == k.stamp.Size() && fi.ModTime().Equal(k.stamp.ModTime()) && os.SameFile(fi, k.stamp) {
+		return k.set
+	}
+	b, err := os.ReadFile(k.file)
+	if err != nil {
+		k.lastErr = errorf("%v", err)
+		return k.set
+	}
+	set, err := parseAPIKeys(k.file, b)
+	if err != nil {
+		// Keep the keys in use; the stamp stays old so the next check
+		// tries again.
+		k.lastErr = err
+		return k.set
+	}
+	k.stamp, k.set, k.lastErr = fi, set, nil
+	return k.set
 }
 
 func validAPIRole(role string) bool { return role == APIRoleUser || role == APIRoleAdmin }
 
 // LoadAPIKeys reads an API keys file: JSON lines of {"sha256", "name",
-// "role"}; blank lines are skipped. Errors name the file and line: a
-// malformed line, a bad hash or role, an empty name, a repeated name or hash.
+// "role", optional "max_streams"}; blank lines are skipped. Errors name the
+// file and line: a malformed line, an unknown field, a bad hash or role, an
+// empty name, a negative max_streams, a repeated name or hash. The keys
+// follow the file's later changes (see APIKeys).
 func LoadAPIKeys(file string) (*APIKeys, error) {
+	fi, err := os.Stat(file)
+	if err != nil {
+		return nil, errorf("%v", err)
+	}
 	b, err := os.ReadFile(file)
 	if err != nil {
 		return nil, errorf("%v", err)
 	}
-	return parseAPIKeys(file, b)
+	set, err := parseAPIKeys(file, b)
+	if err != nil {
+		return nil, err
+	}
+	return &APIKeys{file: file, interval: time.Second, checked: time.Now(), stamp: fi, set: set}, nil
 }
 
-func parseAPIKeys(file string, b []byte) (*APIKeys, error) {
-	ks := &APIKeys{}
+func parseAPIKeys(file string, b []byte) (*keySet, error) {
+	ks := &keySet{}
 	names := map[string]int{}
 	hashes := map[string]int{}
 	sc := bufio.NewScanner(bytes.NewReader(b))
@@ -102,6 +181,9 @@ func parseAPIKeys(file string, b []byte) (*APIKeys, error) {
 		}
 		if !validAPIRole(k.Role) {
 			return nil, errorf("%s:%d: role %q is not user or admin", file, line, k.Role)
+		}
+		if k.MaxStreams < 0 {
+			return nil, errorf("%s:%d: max_streams %d is negative", file, line, k.MaxStreams)
 		}
 		if prev, ok := names[k.Name]; ok {
 			return nil, errorf("%s:%d: name %q is already on line %d", file, line, k.Name, prev)

@@ -46,8 +46,27 @@ func CertFiles() []string {
 // certificates' SANs are hosts (each a DNS name or an IP address) plus
 // 127.0.0.1, ::1 and localhost. Without overwrite it refuses, naming the
 // file, when any of the files exists; with it, every file is replaced (a new
-// CA: peers pick the new files up on their next check).
+// CA: peers pick the new files up on their next check). It is
+// WriteCertsWith with the current time.
 func WriteCerts(dir string, hosts []string, overwrite bool) error {
+	return WriteCertsWith(dir, hosts, CertOptions{Overwrite: overwrite})
+}
+
+// CertOptions are WriteCertsWith's choices.
+type CertOptions struct {
+	// Now is the time the certificates are made at: each is valid from an
+	// hour before it (clock skew between hosts), the CA for 10 years and
+	// the role certificates for 2. Zero means time.Now().
+	Now time.Time
+	// Overwrite replaces existing files; without it WriteCertsWith refuses,
+	// naming the first file that exists, and writes nothing.
+	Overwrite bool
+}
+
+// WriteCertsWith is WriteCerts with the time the certificates are made at
+// given (tests make expired or not-yet-valid ones with it).
+func WriteCertsWith(dir string, hosts []string, opts CertOptions) error {
+	overwrite := opts.Overwrite
 	if dir == "" {
 		return errorf("no directory for the certificates")
 	}
@@ -72,7 +91,10 @@ func WriteCerts(dir string, hosts []string, overwrite bool) error {
 		return errorf("%v", err)
 	}
 
-	now := time.Now()
+	now := opts.Now
+	if now.IsZero() {
+		now = time.Now()
+	}
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return errorf("generating the CA key: %v", err)
@@ -119,14 +141,16 @@ func WriteCerts(dir string, hosts []string, overwrite bool) error {
 		}
 		tmpl := &x509.Certificate{
 			SerialNumber: serial(),
-			Subject:      pkix.Name{Organization: []string{"qwenfleet"}, CommonName: "qwenfleet " + string(role)},
-			NotBefore:    now.Add(-time.Hour),
-			NotAfter:     now.Add(leafValidity),
-			KeyUsage:     x509.KeyUsageDigitalSignature,
-			ExtKeyUsage:  eku,
-			DNSNames:     dnsNames,
-			IPAddresses:  ips,
-			URIs:         []*url.URL{{Scheme: roleURIScheme, Host: roleURIHost, Path: "/" + string(role)}},
+			// The OU repeats the role for people reading the certificate
+			// (openssl x509 -subject); RoleOf reads only the URI SAN.
+			Subject:     pkix.Name{Organization: []string{"qwenfleet"}, OrganizationalUnit: []string{"qwenfleet:" + string(role)}, CommonName: "qwenfleet " + string(role)},
+			NotBefore:   now.Add(-time.Hour),
+			NotAfter:    now.Add(leafValidity),
+			KeyUsage:    x509.KeyUsageDigitalSignature,
+			ExtKeyUsage: eku,
+			DNSNames:    dnsNames,
+			IPAddresses: ips,
+			URIs:        []*url.URL{{Scheme: roleURIScheme, Host: roleURIHost, Path: "/" + string(role)}},
 		}
 		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
 		if err != nil {

@@ -3,7 +3,8 @@
 // that follow the files on disk, and API keys for the public API.
 //
 // Roles. Every certificate the cluster CA signs names one role in a URI SAN
-// "qwenfleet://role/<role>":
+// "qwenfleet://role/<role>" (RoleOf reads it; the subject's OU repeats it as
+// "qwenfleet:<role>" for people):
 //
 //   - coordinator: serves the public and internal APIs and calls workers
 //     (server and client authentication);
@@ -17,7 +18,8 @@
 // client.pem/client-key.pem (ECDSA P-256, PEM; private keys PKCS#8, mode
 // 0600) and gossip.key (one base64 line of 32 random bytes, mode 0600: the
 // memberlist AES-256 key). Every file is written to a temporary name and
-// renamed, so a reader never sees half a file.
+// renamed, so a reader never sees half a file. WriteCertsWith takes the time
+// they are made at; the CA is valid 10 years, the others 2.
 //
 // Rotation. NewTLS reads ca.pem and the pair of its role; the configurations
 // it returns check, at most once a second and only when a handshake happens,
@@ -25,12 +27,19 @@
 // re-read them, so certificates are rotated by replacing the files, with no
 // restart. A set of files that does not load (a certificate written before
 // its key, say) leaves the previous one in use and is retried on the next
-// check; Err reports it.
+// check; Err reports it. Replacing ca.pem by a new CA makes every old
+// certificate invalid at once; to rotate without a gap, put the old and the
+// new CA both in ca.pem (it may hold several), then the new pairs, then drop
+// the old CA. Server configurations disable session tickets, so no
+// connection resumes past a rotation without a check against the current
+// CA.
 //
 // API keys (the public API) live in a JSON-lines file of
-// {"sha256": hex, "name": ..., "role": "user"|"admin"}: only the SHA-256 of
-// a key is stored. AddAPIKey makes one; LoadAPIKeys and APIKeys.Lookup check
-// one.
+// {"sha256": hex, "name": ..., "role": "user"|"admin", "max_streams": n}
+// (max_streams optional): only the SHA-256 of a key is stored. AddAPIKey
+// makes one; LoadAPIKeys and APIKeys.Lookup check one, and follow the file's
+// changes the same way (at most once a second), so a key is added or revoked
+// by editing the file.
 //
 // Nothing in this package logs; its errors name files, never key material.
 package security

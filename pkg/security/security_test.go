@@ -203,7 +203,7 @@ func TestHandshakes(t *testing.T) {
 	addr := serve(t, newTLS(t, dir, RoleCoordinator).ServerConfig(true))
 
 	for _, r := range Roles {
-		got, _, err := dial(addr, newTLS(t, dir, r).ClientConfig())
+		got, _, err := dial(addr, newTLS(t, dir, r).ClientConfig(""))
 		if err != nil || got != string(r) {
 			t.Errorf("%s: %q %v", r, got, err)
 		}
@@ -215,23 +215,23 @@ func TestHandshakes(t *testing.T) {
 		t.Errorf("no client certificate: accepted (%q)", got)
 	}
 	// A certificate from another CA, with a client that trusts both.
-	cfg := newTLS(t, other, RoleWorker).ClientConfig()
+	cfg := newTLS(t, other, RoleWorker).ClientConfig("")
 	cfg.InsecureSkipVerify, cfg.VerifyConnection = true, nil
 	if got, _, err := dial(addr, cfg); err == nil {
 		t.Errorf("certificate from another CA: accepted (%q)", got)
 	}
 	// A server of another CA is refused by our client.
 	otherAddr := serve(t, newTLS(t, other, RoleCoordinator).ServerConfig(true))
-	if _, _, err := dial(otherAddr, newTLS(t, dir, RoleWorker).ClientConfig()); err == nil {
+	if _, _, err := dial(otherAddr, newTLS(t, dir, RoleWorker).ClientConfig("")); err == nil {
 		t.Error("a server of another CA was accepted")
 	}
 	// A server with a client certificate (no server auth) is refused.
 	clientAsServer := serve(t, newTLS(t, dir, RoleClient).ServerConfig(true))
-	if _, _, err := dial(clientAsServer, newTLS(t, dir, RoleWorker).ClientConfig()); err == nil {
+	if _, _, err := dial(clientAsServer, newTLS(t, dir, RoleWorker).ClientConfig("")); err == nil {
 		t.Error("a client certificate was accepted as a server's")
 	}
 	// A name not in the certificate is refused.
-	wrongName := newTLS(t, dir, RoleWorker).ClientConfig()
+	wrongName := newTLS(t, dir, RoleWorker).ClientConfig("")
 	wrongName.ServerName = "elsewhere.example.com"
 	if _, _, err := dial(addr, wrongName); err == nil {
 		t.Error("a server name outside the SANs was accepted")
@@ -241,7 +241,7 @@ func TestHandshakes(t *testing.T) {
 	if got, _, err := dial(optional, &tls.Config{RootCAs: pool, ServerName: "localhost"}); err != nil || got != "none" {
 		t.Errorf("optional, no certificate: %q %v", got, err)
 	}
-	if got, _, err := dial(optional, newTLS(t, dir, RoleClient).ClientConfig()); err != nil || got != "client" {
+	if got, _, err := dial(optional, newTLS(t, dir, RoleClient).ClientConfig("")); err != nil || got != "client" {
 		t.Errorf("optional, client certificate: %q %v", got, err)
 	}
 	if _, _, err := dial(optional, cfg); err == nil {
@@ -255,7 +255,7 @@ func TestRotation(t *testing.T) {
 	cli := newTLS(t, dir, RoleWorker)
 	srv.interval, cli.interval = 0, 0 // check on every handshake
 	addr := serve(t, srv.ServerConfig(true))
-	clientCfg := cli.ClientConfig()
+	clientCfg := cli.ClientConfig("")
 
 	_, first, err := dial(addr, clientCfg)
 	if err != nil {
@@ -321,7 +321,7 @@ func TestPeerRoleGRPC(t *testing.T) {
 	defer srv.Stop()
 
 	for _, r := range []Role{RoleCoordinator, RoleWorker} {
-		conn, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(newTLS(t, dir, r).ClientConfig())))
+		conn, err := grpc.NewClient(ln.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(newTLS(t, dir, r).ClientConfig(""))))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -146,7 +146,7 @@ func (t *TLS) load() (*tls.Certificate, *x509.CertPool, error) {
 		}
 	}
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		return nil, nil, errorf("%s is not signed by %s: %v", p[1], p[0], err)
+		return nil, nil, errorf("%s does not verify against %s: %v", p[1], p[0], err)
 	}
 	return &pair, pool, nil
 }
@@ -206,7 +206,9 @@ var defaultNextProtos = []string{"h2", "http/1.1"}
 // The handshake's configuration is made per connection (GetConfigForClient):
 // it offers the NextProtos set on the returned configuration before the
 // first handshake, or else h2 and http/1.1 (gRPC's and net/http's copies of
-// the configuration are not seen).
+// the configuration are not seen). Session tickets are off: a resumed
+// session would skip the client certificate's check against the current
+// CA, and the cluster's connections are long-lived.
 func (t *TLS) ServerConfig(requireClientCert bool) *tls.Config {
 	auth := tls.VerifyClientCertIfGiven
 	if requireClientCert {
@@ -225,6 +227,8 @@ func (t *TLS) ServerConfig(requireClientCert bool) *tls.Config {
 			ClientCAs:    pool,
 			ClientAuth:   auth,
 			NextProtos:   protos,
+
+			SessionTicketsDisabled: true,
 		}, nil
 	}
 	return base
@@ -233,12 +237,15 @@ func (t *TLS) ServerConfig(requireClientCert bool) *tls.Config {
 // ClientConfig is the configuration of t's role dialling a cluster server:
 // it presents the current pair and accepts a server whose certificate the
 // current cluster CA signed for server authentication, of role coordinator
-// or worker, and valid for the name dialled (the server name when it is a
-// DNS name: a dialled IP address sends no name, and then any server
-// certificate of the cluster is accepted).
-func (t *TLS) ClientConfig() *tls.Config {
+// or worker, and valid for serverName, a DNS name or an IP address (the
+// host of the address dialled). With serverName "" the name checked is the
+// one the dialler sets (tls.Dial and gRPC set the dialled host), except that
+// an IP address is then not checked (TLS sends no IP address as a name):
+// every server certificate of the cluster is accepted.
+func (t *TLS) ClientConfig(serverName string) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS12,
+		ServerName: serverName,
 		// Go verifies only against a fixed RootCAs; VerifyConnection
 		// verifies against the current CA instead. Never skipped.
 		InsecureSkipVerify: true,
@@ -248,6 +255,9 @@ func (t *TLS) ClientConfig() *tls.Config {
 		},
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			_, pool := t.current()
+			if serverName != "" {
+				cs.ServerName = serverName
+			}
 			return verifyServer(cs, pool)
 		},
 	}
