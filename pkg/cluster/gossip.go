@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -251,14 +252,23 @@ func (g *Gossip) ReloadKeys() error {
 			return fmt.Errorf("cluster: gossip key file %s: %w", g.keyFile, err)
 		}
 	}
-	// Move every listed key to the front, the primary last: the listed keys
-	// end up first in file order and the ones to remove at the end of the
-	// ring. memberlist's RemoveKey shifts the keys after the removed one in
-	// place, under readers that may be decrypting with that slice; removing
-	// only the last key shifts nothing.
-	for i := len(keys) - 1; i >= 0; i-- {
-		if err := kr.UseKey(keys[i]); err != nil {
-			return fmt.Errorf("cluster: gossip key file %s: %w", g.keyFile, err)
+	// The ring must end up as the listed keys in file order followed by
+	// the ones to remove: memberlist's RemoveKey shifts the keys after the
+	// removed one in place, under readers that may be decrypting with that
+	// slice; removing only the last key shifts nothing. AddKey appends, so
+	// the three steps of the procedure below only need the file's first
+	// key made primary. Any other change (non-primary lines reordered, a
+	// middle key removed) moves every listed key to the front, the primary
+	// last; that makes each of them primary for an instant, and a packet
+	// sent in that instant may be unreadable by members lacking the key.
+	if err := kr.UseKey(keys[0]); err != nil {
+		return fmt.Errorf("cluster: gossip key file %s: %w", g.keyFile, err)
+	}
+	if !ringStartsWith(kr.GetKeys(), keys) {
+		for i := len(keys) - 1; i >= 0; i-- {
+			if err := kr.UseKey(keys[i]); err != nil {
+				return fmt.Errorf("cluster: gossip key file %s: %w", g.keyFile, err)
+			}
 		}
 	}
 	for {
@@ -271,6 +281,19 @@ func (g *Gossip) ReloadKeys() error {
 		}
 	}
 	return nil
+}
+
+// ringStartsWith reports whether ring begins with keys, in order.
+func ringStartsWith(ring, keys [][]byte) bool {
+	if len(ring) < len(keys) {
+		return false
+	}
+	for i, k := range keys {
+		if !bytes.Equal(ring[i], k) {
+			return false
+		}
+	}
+	return true
 }
 
 func defaultNodeName() string {
