@@ -324,36 +324,38 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 // etcd is away, or before it, does not exit): it retries with backoff until
 // etcd answers or ctx ends.
 func connectEtcd(ctx context.Context, endpoints []string, prefix string, log *slog.Logger) (*cluster.Store, error) {
-	backoff := 500 * time.Millisecond
-	for {
-		store, err := cluster.Connect(ctx, endpoints, prefix)
-		if err == nil || len(endpoints) == 0 {
-			return store, err
-		}
-		log.Warn("etcd does not answer; trying again", "endpoints", strings.Join(endpoints, ","), "err", err, "retry", backoff)
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 5*time.Second)
+	if len(endpoints) == 0 {
+		return cluster.Connect(ctx, endpoints, prefix) // its error says so
 	}
+	return retryEtcd(ctx, 500*time.Millisecond, log, "etcd does not answer; trying again", func() (*cluster.Store, error) {
+		return cluster.Connect(ctx, endpoints, prefix)
+	}, "endpoints", strings.Join(endpoints, ","))
 }
 
 // registerAgain registers info until it succeeds or ctx ends.
 func registerAgain(ctx context.Context, store *cluster.Store, info cluster.WorkerInfo, ttl time.Duration, log *slog.Logger) (*cluster.Registration, error) {
-	backoff := 250 * time.Millisecond
-	for {
+	return retryEtcd(ctx, 250*time.Millisecond, log, "registering in etcd", func() (*cluster.Registration, error) {
 		rctx, cancel := context.WithTimeout(ctx, etcdTimeout)
-		reg, err := store.RegisterWorker(rctx, info, ttl)
-		cancel()
+		defer cancel()
+		return store.RegisterWorker(rctx, info, ttl)
+	})
+}
+
+// retryEtcd calls try until it succeeds or ctx ends (ctx's error), logging
+// each failure as msg with attrs, and waiting first, then twice as long
+// each time, up to 5 s.
+func retryEtcd[T any](ctx context.Context, first time.Duration, log *slog.Logger, msg string, try func() (T, error), attrs ...any) (T, error) {
+	backoff := first
+	for {
+		v, err := try()
 		if err == nil {
-			return reg, nil
+			return v, nil
 		}
-		log.Warn("registering in etcd", "err", err, "retry", backoff)
+		log.Warn(msg, append(attrs, "err", err, "retry", backoff)...)
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			var zero T
+			return zero, ctx.Err()
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 5*time.Second)
