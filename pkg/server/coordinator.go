@@ -109,8 +109,7 @@ type Coordinator struct {
 	placement schema.Placement // the last one written, with its version
 	seen      map[string]time.Time
 	reqs      map[int64]chan control.Action // answers awaited by ask
-	addrs     map[string]string             // registered workers' addresses
-	lastList  []cluster.WorkerInfo          // the watch's last list
+	lastList  []cluster.WorkerInfo          // the watch's last list (registered workers, by id)
 	term      *cluster.Leadership           // while leading
 	nextReq   int64
 
@@ -198,7 +197,7 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 	}
 	c := &Coordinator{opts: opts, log: opts.Logger, cfg: cfg, router: routing.NewRouter(), started: time.Now(),
 		ready: make(chan struct{}), events: make(chan control.Event, 256), seen: map[string]time.Time{},
-		reqs: map[int64]chan control.Action{}, addrs: map[string]string{}, rt: map[int64]*replicaRT{}}
+		reqs: map[int64]chan control.Action{}, rt: map[int64]*replicaRT{}}
 	c.router.SetQueueTimeout(opts.QueueTimeout, opts.Scheduler.MaxWaiting, c.whyNoReplica)
 	c.router.SetMaxQueueWait(opts.MaxQueueWait)
 	c.metrics = metrics.NewCoordinator(opts.ModelName, cfg.MaxContext(), newStateCollector(c, opts.ModelName))
@@ -706,9 +705,12 @@ func (c *Coordinator) Drain(ctx context.Context, worker string, timeout time.Dur
 // connection of its own (the worker may serve in no replica), bounded by
 // timeout.
 func (c *Coordinator) callWorker(id string, timeout time.Duration, call func(context.Context, workerv1.WorkerClient) error) error {
-	c.mu.Lock()
-	addr := c.addrs[id]
-	c.mu.Unlock()
+	var addr string
+	for _, w := range c.knownWorkers() {
+		if w.ID == id {
+			addr = w.Addr
+		}
+	}
 	if addr == "" {
 		return fmt.Errorf("worker %s: no address registered", id)
 	}
@@ -928,11 +930,9 @@ func (c *Coordinator) observeWorkers(ws []cluster.WorkerInfo) {
 	defer c.mu.Unlock()
 	live := map[string]bool{}
 	c.lastList = ws
-	clear(c.addrs)
 	for _, w := range ws {
 		live[w.ID] = true
 		c.seen[w.ID] = time.Time{}
-		c.addrs[w.ID] = w.Addr
 	}
 	for id, at := range c.seen {
 		if !live[id] && at.IsZero() {
