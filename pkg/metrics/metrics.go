@@ -11,6 +11,8 @@
 package metrics
 
 import (
+	"crypto/tls"
+	"errors"
 	"net"
 	"net/http"
 	"time"
@@ -18,6 +20,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/qwenfleet/qwenfleet/pkg/security"
 )
 
 // Prefix starts every metric name.
@@ -161,6 +165,27 @@ func Serve(addr string, reg *prometheus.Registry) (string, func(), error) {
 	if err != nil {
 		return "", nil, err
 	}
+	return serve(lis, reg)
+}
+
+// ServeTLS is Serve over TLS with cfg: with a configuration from
+// security.TLS.ServerConfig(true) a scraper must present a certificate of
+// the cluster CA (any role; client.pem is the scrapers'). Each connection's
+// handshake is done off the accept loop with a deadline, and a failed one
+// (plaintext, no certificate, another CA) is reported to r as a refusal of
+// listener "metrics" (r may be nil).
+func ServeTLS(addr string, reg *prometheus.Registry, cfg *tls.Config, r *security.Refusals) (string, func(), error) {
+	if cfg == nil {
+		return "", nil, errors.New("metrics: ServeTLS without a TLS configuration")
+	}
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", nil, err
+	}
+	return serve(security.TLSListener(lis, cfg, "metrics", r), reg)
+}
+
+func serve(lis net.Listener, reg *prometheus.Registry) (string, func(), error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
