@@ -3,14 +3,20 @@ package cluster
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/url"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/qwenfleet/qwenfleet/pkg/security"
 )
 
 // etcdReadyTimeout bounds how long StartEmbeddedEtcd waits for the server to
@@ -33,6 +39,20 @@ type EmbeddedEtcdConfig struct {
 	PeerPort int
 	// Logger receives etcd's logs; nil discards them.
 	Logger *zap.Logger
+	// TLSDir, when set, is a directory security.WriteCerts wrote: the
+	// client and peer listeners serve https with its coordinator pair
+	// (coordinator.pem, coordinator-key.pem) and require a client
+	// certificate signed by its ca.pem (any role), and Endpoints are
+	// https:// URLs. etcd re-reads the pair on every handshake, so a
+	// rotated pair is served at once; it reads ca.pem only when it starts,
+	// so a new CA needs a restart of the embedded etcd.
+	TLSDir string
+	// Log, when set, receives etcd's refused connections (plaintext, no
+	// client certificate, another CA's certificate: etcd's "rejected
+	// connection" lines), each remote host's once, through a
+	// security.Refusals (listener "etcd", or "etcd-peer" for the peer
+	// port). The rest of etcd's logging goes to Logger as without it.
+	Log *slog.Logger
 }
 
 // EmbeddedEtcd is a single-member etcd server running inside this process.
@@ -90,8 +110,12 @@ func startEtcdOnce(c EmbeddedEtcdConfig) (*EmbeddedEtcd, error) {
 			return nil, err
 		}
 	}
-	clientURL := url.URL{Scheme: "http", Host: net.JoinHostPort(c.Host, strconv.Itoa(clientPort))}
-	peerURL := url.URL{Scheme: "http", Host: net.JoinHostPort(c.Host, strconv.Itoa(peerPort))}
+	scheme := "http"
+	if c.TLSDir != "" {
+		scheme = "https"
+	}
+	clientURL := url.URL{Scheme: scheme, Host: net.JoinHostPort(c.Host, strconv.Itoa(clientPort))}
+	peerURL := url.URL{Scheme: scheme, Host: net.JoinHostPort(c.Host, strconv.Itoa(peerPort))}
 
 	cfg := embed.NewConfig()
 	cfg.Name = c.Name
@@ -102,9 +126,29 @@ func startEtcdOnce(c EmbeddedEtcdConfig) (*EmbeddedEtcd, error) {
 	cfg.AdvertisePeerUrls = []url.URL{peerURL}
 	cfg.InitialCluster = c.Name + "=" + peerURL.String()
 	cfg.InitialClusterToken = "qwenfleet-" + c.Name
+	if c.TLSDir != "" {
+		// Checked here for an error naming the file (etcd's would not
+		// say that a pair is of another CA or role).
+		if _, err := security.NewTLS(c.TLSDir, security.RoleCoordinator); err != nil {
+			return nil, fmt.Errorf("cluster: embedded etcd TLS: %w", err)
+		}
+		cert := filepath.Join(c.TLSDir, string(security.RoleCoordinator)+".pem")
+		key := filepath.Join(c.TLSDir, string(security.RoleCoordinator)+"-key.pem")
+		ca := filepath.Join(c.TLSDir, security.CAFile)
+		cfg.ClientTLSInfo.CertFile, cfg.ClientTLSInfo.KeyFile, cfg.ClientTLSInfo.TrustedCAFile = cert, key, ca
+		cfg.ClientTLSInfo.ClientCertAuth = true
+		cfg.PeerTLSInfo.CertFile, cfg.PeerTLSInfo.KeyFile, cfg.PeerTLSInfo.TrustedCAFile = cert, key, ca
+		cfg.PeerTLSInfo.ClientCertAuth = true
+	}
 	lg := c.Logger
 	if lg == nil {
 		lg = zap.NewNop()
+	}
+	if c.Log != nil {
+		r := security.NewRefusals(c.Log)
+		lg = lg.WithOptions(zap.WrapCore(func(core zapcore.Core) zapcore.Core {
+			return &refusalCore{Core: core, r: r}
+		}))
 	}
 	cfg.Logger = "zap"
 	cfg.LogLevel = "error"
@@ -128,7 +172,7 @@ func startEtcdOnce(c EmbeddedEtcdConfig) (*EmbeddedEtcd, error) {
 	}
 	ee := &EmbeddedEtcd{etcd: e}
 	for _, l := range e.Clients {
-		ee.endpoints = append(ee.endpoints, "http://"+l.Addr().String())
+		ee.endpoints = append(ee.endpoints, scheme+"://"+l.Addr().String())
 	}
 	if len(ee.endpoints) == 0 {
 		ee.endpoints = []string{clientURL.String()}
@@ -147,7 +191,8 @@ func freePort(host string) (int, error) {
 }
 
 // Endpoints returns the client URLs of the server, e.g.
-// ["http://127.0.0.1:41234"], suitable for Connect.
+// ["http://127.0.0.1:41234"] (https:// with TLSDir), suitable for Connect
+// (ConnectWith with the cluster's TLS client configuration under TLSDir).
 func (e *EmbeddedEtcd) Endpoints() []string {
 	return append([]string(nil), e.endpoints...)
 }
@@ -158,4 +203,73 @@ func (e *EmbeddedEtcd) Close() error {
 		e.etcd.Close()
 	})
 	return nil
+}
+
+// refusalCore passes etcd's log entries to Core, except its refused
+// connections ("rejected connection on client endpoint", "... on peer
+// endpoint", "http: TLS handshake error from ...") at Warn or above, which
+// it reports to r instead (each remote host's once). Refusals at Debug (a
+// peer that closed before its handshake: a TCP check) go to Core.
+type refusalCore struct {
+	zapcore.Core
+	r *security.Refusals
+}
+
+func (c *refusalCore) Enabled(l zapcore.Level) bool {
+	return l >= zapcore.WarnLevel || c.Core.Enabled(l)
+}
+
+func (c *refusalCore) With(fields []zapcore.Field) zapcore.Core {
+	return &refusalCore{Core: c.Core.With(fields), r: c.r}
+}
+
+func (c *refusalCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
+	if e.Level >= zapcore.WarnLevel && etcdRefusal(e.Message) {
+		return ce.AddCore(e, c)
+	}
+	return c.Core.Check(e, ce)
+}
+
+// Write is called only for the entries Check took: refusals.
+func (c *refusalCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
+	listener := "etcd"
+	if strings.Contains(e.Message, "peer endpoint") {
+		listener = "etcd-peer"
+	}
+	remote, reason := "", ""
+	for _, f := range fields {
+		switch {
+		case f.Key == "remote-addr" && f.Type == zapcore.StringType:
+			remote = f.String
+		case f.Type == zapcore.ErrorType:
+			if err, ok := f.Interface.(error); ok && err != nil {
+				reason = security.HandshakeReason(err)
+			}
+		}
+	}
+	if remote == "" {
+		// net/http's "http: TLS handshake error from ADDR: ERR".
+		const from = "handshake error from "
+		if i := strings.Index(e.Message, from); i >= 0 {
+			rest := e.Message[i+len(from):]
+			if j := strings.Index(rest, ": "); j >= 0 {
+				remote, reason = rest[:j], rest[j+2:]
+			} else {
+				remote = rest
+			}
+		}
+	}
+	if remote == "" {
+		remote = "unknown"
+	}
+	if reason == "" {
+		reason = e.Message
+	}
+	c.r.Refuse(listener, remote, reason)
+	return nil
+}
+
+// etcdRefusal reports whether an etcd log message is a refused connection.
+func etcdRefusal(msg string) bool {
+	return strings.HasPrefix(msg, "rejected connection") || strings.Contains(msg, "TLS handshake error")
 }

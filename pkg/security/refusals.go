@@ -172,13 +172,14 @@ func (r *Refusals) refused(listener string, remote net.Addr, err error) {
 	if remote != nil {
 		addr = remote.String()
 	}
-	r.Refuse(listener, addr, handshakeReason(err))
+	r.Refuse(listener, addr, HandshakeReason(err))
 }
 
-// handshakeReason describes why a server's TLS handshake failed, for a
+// HandshakeReason describes why a server's TLS handshake failed, for a
 // refusal's log line: a plaintext client, no client certificate, a
-// certificate of another CA, and so on, with the error.
-func handshakeReason(err error) string {
+// certificate of another CA, and so on, with the error (which holds no key
+// material).
+func HandshakeReason(err error) string {
 	var rh tls.RecordHeaderError
 	var cv *tls.CertificateVerificationError
 	var unknown x509.UnknownAuthorityError
