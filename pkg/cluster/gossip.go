@@ -2,12 +2,15 @@ package cluster
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"log"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -62,9 +65,17 @@ type GossipConfig struct {
 	// encrypt; every listed key is accepted when decrypting. This is the
 	// gossip.key that `qwenctl certs` writes. Plaintext and messages under
 	// other keys are dropped, so a member without a listed key can neither
-	// join nor spread suspicion or death. Rotate keys with ReloadKeys. Empty:
-	// gossip is plaintext.
+	// join nor spread suspicion or death. Rotate keys with ReloadKeys (or
+	// WatchKeys). Empty: gossip is plaintext.
 	KeyFile string
+	// Log, when set, receives memberlist's log: a message or stream that
+	// fails decryption (a member with a wrong key, or none) as a refusal of
+	// listener "gossip", logged once per remote host (security.Refusals);
+	// memberlist's other warnings and errors at Warn and its notices at
+	// Info, at most 10 such lines a minute (the rest counted in one line);
+	// its debug lines at Debug. WatchKeys logs its reloads here. Nil:
+	// memberlist's log is discarded.
+	Log *slog.Logger
 }
 
 // MemberEvent describes a member, or a change to one: Alive is false when the
@@ -82,9 +93,13 @@ type Gossip struct {
 	addr string
 	meta []byte // set before the node starts, never changed
 
-	keyFile string              // GossipConfig.KeyFile
-	keyring *memberlist.Keyring // nil when gossip is plaintext
-	keyMu   sync.Mutex          // serialises ReloadKeys
+	keyFile  string              // GossipConfig.KeyFile
+	keyring  *memberlist.Keyring // nil when gossip is plaintext
+	keyMu    sync.Mutex          // serialises ReloadKeys
+	keyStamp os.FileInfo         // the key file's, taken before JoinGossip read it
+
+	log  *slog.Logger  // GossipConfig.Log, or a discarding one
+	done chan struct{} // closed when the node stops
 
 	evMu     sync.Mutex
 	events   chan MemberEvent
@@ -103,6 +118,11 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 	g := &Gossip{
 		meta:   append([]byte(nil), cfg.Meta...),
 		events: make(chan MemberEvent, gossipEventBuffer),
+		log:    cfg.Log,
+		done:   make(chan struct{}),
+	}
+	if g.log == nil {
+		g.log = slog.New(slog.DiscardHandler)
 	}
 	var mc *memberlist.Config
 	if cfg.Fast {
@@ -138,6 +158,9 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 		cfg.BindAddr = "127.0.0.1"
 	}
 	if cfg.KeyFile != "" {
+		// The stamp before the read: a change in between is seen by
+		// WatchKeys.
+		g.keyStamp, _ = os.Stat(cfg.KeyFile)
 		keys, err := readGossipKeys(cfg.KeyFile)
 		if err != nil {
 			return nil, err
@@ -157,7 +180,11 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 	mc.BindPort = cfg.BindPort
 	mc.AdvertiseAddr = cfg.AdvertiseAddr
 	mc.AdvertisePort = 0
-	mc.LogOutput = io.Discard
+	if cfg.Log != nil {
+		mc.Logger = log.New(newMemberlistLog(cfg.Log), "", 0)
+	} else {
+		mc.LogOutput = io.Discard
+	}
 	mc.Delegate = (*gossipDelegate)(g)
 	mc.Events = (*gossipEvents)(g)
 
@@ -283,6 +310,64 @@ func (g *Gossip) ReloadKeys() error {
 	return nil
 }
 
+// WatchKeys polls the key file every interval (1 s when interval <= 0) and
+// calls ReloadKeys when the file's size, modification time or inode
+// changed, until ctx ends or the node is closed; run it in a goroutine. Each
+// reload is logged to GossipConfig.Log: the file and the number of keys
+// when it worked, the file and the error (which names the line) when it
+// did not, once per change of the file; the keys in use are then kept.
+// Nothing logged holds key material. It returns an error at once when the
+// node was started without a KeyFile, and nil when it ends.
+//
+// A rewrite within the file system's timestamp granularity that keeps the
+// size and the inode is not seen (write the file to a temporary name and
+// rename it, as `qwenctl certs` does, or call ReloadKeys).
+func (g *Gossip) WatchKeys(ctx context.Context, interval time.Duration) error {
+	if g.keyring == nil {
+		return errors.New("cluster: gossip was started without a key file; nothing to watch")
+	}
+	if interval <= 0 {
+		interval = time.Second
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	seen := g.keyStamp
+	statFailed := false
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-g.done:
+			return nil
+		case <-t.C:
+		}
+		fi, err := os.Stat(g.keyFile)
+		if err != nil {
+			if !statFailed {
+				g.log.Warn("gossip key file unreadable; the keys in use are kept", "file", g.keyFile, "err", err)
+				statFailed = true
+			}
+			continue
+		}
+		statFailed = false
+		if seen != nil && sameFileStamp(fi, seen) {
+			continue
+		}
+		seen = fi
+		if err := g.ReloadKeys(); err != nil {
+			g.log.Error("gossip key file not reloaded; the keys in use are kept", "file", g.keyFile, "err", err)
+			continue
+		}
+		g.log.Info("gossip keys reloaded", "file", g.keyFile, "keys", len(g.keyring.GetKeys()))
+	}
+}
+
+// sameFileStamp reports whether a and b have the same size, modification
+// time and inode.
+func sameFileStamp(a, b os.FileInfo) bool {
+	return a.Size() == b.Size() && a.ModTime().Equal(b.ModTime()) && os.SameFile(a, b)
+}
+
 // ringStartsWith reports whether ring begins with keys, in order.
 func ringStartsWith(ring, keys [][]byte) bool {
 	if len(ring) < len(keys) {
@@ -344,6 +429,7 @@ func (g *Gossip) stop(leave bool) error {
 			g.ml.Leave(gossipLeaveTimeout)
 		}
 		g.closeErr = g.ml.Shutdown()
+		close(g.done)
 		g.evMu.Lock()
 		g.evClosed = true
 		close(g.events)
