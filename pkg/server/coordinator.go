@@ -74,6 +74,9 @@ type CoordinatorOptions struct {
 	// not read it before the request is aborted (0: DefaultSendTimeout).
 	SendTimeout time.Duration
 	Logger      *slog.Logger
+	// Security is the public API's security mode that GetServerInfo
+	// reports: "tls", "plaintext-loopback" or "insecure" (see ServerInfo).
+	Security string
 }
 
 // tickEvery is how often the control loop tells the machine the time
