@@ -23,7 +23,7 @@ import (
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
-const benchSynopsis = "[--addr HOST:PORT[,HOST:PORT...]] [--etcd-endpoints URLS] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
+const benchSynopsis = "[--addr HOST:PORT[,HOST:PORT...]] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
 	"[--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ttft=200ms,tpot=50ms,e2e=2s] [--json FILE] [--plot FILE.png] ..."
 
 // runBench is a load generator modelled on `vllm bench serve`: it sends

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -9,6 +10,7 @@ import (
 	"math"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -16,16 +18,62 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/client"
+	"github.com/qwenfleet/qwenfleet/pkg/security"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
+// APIKeyEnv is the environment variable --api-key defaults to.
+const APIKeyEnv = "QWENFLEET_API_KEY"
+
+// securityFlags are how a command reaches a coordinator securely: TLS
+// verified against a cluster CA, and an API key.
+type securityFlags struct {
+	tlsDir, apiKey *string
+}
+
+func addSecurityFlags(fs *flag.FlagSet) securityFlags {
+	return securityFlags{
+		tlsDir: fs.String("tls-dir", "", "connect with TLS, verifying the coordinator against DIR/"+security.CAFile+" (the cluster CA: qwenctl certs writes it); no client certificate is needed. Default: plaintext"),
+		// The key is never a flag default: -h would print it.
+		apiKey: fs.String("api-key", "", "the API key sent to the coordinator (default: $"+APIKeyEnv+", which keeps it out of the process list)"),
+	}
+}
+
+// config is the TLS configuration (nil: plaintext) and the API key ("" :
+// none) of the flags.
+func (f securityFlags) config() (*tls.Config, string, error) {
+	key := *f.apiKey
+	if key == "" {
+		key = os.Getenv(APIKeyEnv)
+	}
+	if strings.TrimSpace(key) != key || strings.ContainsAny(key, " \t\r\n") {
+		return nil, "", usagef("--api-key (or $%s): white space in the key", APIKeyEnv) // never the key itself
+	}
+	if *f.tlsDir == "" {
+		return nil, key, nil
+	}
+	ca := filepath.Join(*f.tlsDir, security.CAFile)
+	if _, err := os.Stat(ca); err != nil {
+		return nil, "", usagef("--tls-dir: %s: %v (qwenctl certs --out %s writes the cluster CA there)", ca, errors.Unwrap(err), *f.tlsDir)
+	}
+	cfg, err := client.TLSConfigFromCA(ca)
+	if err != nil {
+		return nil, "", fmt.Errorf("--tls-dir: %w", err)
+	}
+	return cfg, key, nil
+}
+
 // dial connects to the one coordinator at addr (the commands that talk to
 // one coordinator: drain, experts).
-func dial(addr string) (*grpc.ClientConn, pb.GeneratorClient, error) {
+func dial(addr string, sf securityFlags) (*grpc.ClientConn, pb.GeneratorClient, error) {
 	if addr == "" {
 		return nil, nil, usagef("--addr HOST:PORT is required")
 	}
-	conn, err := client.Dial(addr, client.DefaultKeepaliveTime)
+	tlsCfg, key, err := sf.config()
+	if err != nil {
+		return nil, nil, err
+	}
+	conn, err := client.DialWith(addr, tlsCfg, key, client.DefaultKeepaliveTime)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--addr %s: %w", addr, err)
 	}
@@ -53,10 +101,12 @@ func parseList(flagName, v string) ([]string, error) {
 type clusterFlags struct {
 	addr, etcd, prefix *string
 	retry              *time.Duration
+	sec                securityFlags
 }
 
 func addClusterFlags(fs *flag.FlagSet) clusterFlags {
 	return clusterFlags{
+		sec:    addSecurityFlags(fs),
 		addr:   fs.String("addr", "127.0.0.1:50051", "coordinator addresses, comma separated (the leader is found among them)"),
 		etcd:   fs.String("etcd-endpoints", "", "the cluster's etcd endpoints, comma separated: the leader's address is also read there"),
 		prefix: fs.String("prefix", "/qwenfleet/", "the cluster's etcd key prefix (with --etcd-endpoints)"),
@@ -80,7 +130,11 @@ func (f clusterFlags) connect() (*client.Client, error) {
 	if *f.retry <= 0 {
 		return nil, usagef("--retry-timeout: must be > 0")
 	}
-	return client.New(client.Config{Addrs: addrs, EtcdEndpoints: etcd, Prefix: *f.prefix, RetryTimeout: *f.retry})
+	tlsCfg, key, err := f.sec.config()
+	if err != nil {
+		return nil, err
+	}
+	return client.New(client.Config{Addrs: addrs, EtcdEndpoints: etcd, Prefix: *f.prefix, RetryTimeout: *f.retry, TLS: tlsCfg, APIKey: key})
 }
 
 // rpcError makes a gRPC error one readable line.
@@ -132,7 +186,7 @@ type topLpJSON struct {
 }
 
 func runGenerate(args []string) error {
-	fs := newFlags("generate", "--addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] (--prompt TEXT | --chat TEXT | --ids 1,2,3) [flags]")
+	fs := newFlags("generate", "--addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY] (--prompt TEXT | --chat TEXT | --ids 1,2,3) [flags]")
 	cf := addClusterFlags(fs)
 	prompt := fs.String("prompt", "", "prompt text")
 	chat := fs.String("chat", "", "a user message, sent through the chat template")
@@ -283,10 +337,11 @@ func runGenerate(args []string) error {
 }
 
 func runStatus(args []string) error {
-	fs := newFlags("status", "--addr HOST:PORT[,HOST:PORT...] [--json] [--wait 60s]")
+	fs := newFlags("status", "--addr HOST:PORT[,HOST:PORT...] [--tls-dir DIR] [--api-key KEY] [--json] [--wait 60s]")
 	addr := fs.String("addr", "127.0.0.1:50051", "coordinator addresses, comma separated: the first that answers is asked")
 	asJSON := fs.Bool("json", false, "print the server info as JSON")
 	wait := fs.Duration("wait", 0, "wait up to this long until the cluster can serve")
+	sf := addSecurityFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -300,7 +355,11 @@ func runStatus(args []string) error {
 	if len(addrs) == 0 {
 		return usagef("--addr HOST:PORT is required")
 	}
-	c, err := client.New(client.Config{Addrs: addrs})
+	tlsCfg, key, err := sf.config()
+	if err != nil {
+		return err
+	}
+	c, err := client.New(client.Config{Addrs: addrs, TLS: tlsCfg, APIKey: key})
 	if err != nil {
 		return err
 	}
@@ -343,6 +402,9 @@ func runStatus(args []string) error {
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
+	if info.Security == "insecure" {
+		fmt.Fprintln(os.Stderr, "warning: this cluster's public API is insecure: no TLS on a non-loopback address, so anyone on its network can read the requests and send their own (the coordinator's --tls-dir secures it)")
+	}
 	if *asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
@@ -364,6 +426,10 @@ func runStatus(args []string) error {
 	fmt.Printf("coordinator %s (leader %v, leader at %s), %s\n", info.CoordinatorId, info.Leader, info.LeaderAddress, state)
 	fmt.Printf("workers:\n")
 	for _, w := range info.Workers {
+		if w.Address == "" && w.Pid == 0 { // the redacted view of a user API key
+			fmt.Printf("  %-24s %s\n", w.Id, w.State)
+			continue
+		}
 		metrics := ""
 		if w.MetricsAddress != "" {
 			metrics = "  metrics http://" + w.MetricsAddress + "/metrics"

@@ -16,8 +16,9 @@ import (
 // the experts from those counts (vLLM's and DeepSeek's expert-parallel
 // load balancer, run on demand).
 func runExperts(args []string) error {
-	fs := newFlags("experts", "--addr HOST:PORT [--rebalance [--redundant N]] [--json]")
+	fs := newFlags("experts", "--addr HOST:PORT [--tls-dir DIR] [--api-key KEY] [--rebalance [--redundant N]] [--json]")
 	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
+	sf := addSecurityFlags(fs)
 	rebalance := fs.Bool("rebalance", false, "re-place the experts from the load since the last placement")
 	redundant := fs.Int("redundant", -1, "extra expert slots per rank and layer for replicas of hot experts (-1: the coordinator's --redundant-experts)")
 	asJSON := fs.Bool("json", false, "print the response as JSON")
@@ -28,7 +29,7 @@ func runExperts(args []string) error {
 	if *redundant < -1 {
 		return usagef("--redundant: %d < -1", *redundant)
 	}
-	conn, client, err := dial(*addr)
+	conn, client, err := dial(*addr, sf)
 	if err != nil {
 		return err
 	}

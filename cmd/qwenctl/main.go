@@ -8,6 +8,7 @@
 //	qwenctl generate --addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] (--prompt TEXT | --chat TEXT | --ids 1,2,3) [--max-tokens N] [--temperature T] [--json] ...
 //	qwenctl status --addr HOST:PORT[,HOST:PORT...] [--json] [--wait 60s]
 //	qwenctl drain  [--addr HOST:PORT] [--timeout D] [--force] [--no-wait] WORKER_ID
+//	qwenctl experts --addr HOST:PORT [--rebalance [--redundant N]] [--json]
 //	qwenctl bench  --addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
 //	qwenctl certs --out DIR [--hosts H1,H2,...] [--force]
 //	qwenctl apikey --file FILE --name N --role user|admin
@@ -16,6 +17,15 @@
 // generate, status and bench take a list of coordinators: generate and
 // bench send to the leader among them through pkg/client, which resumes a
 // request whose stream broke (a leader that died) on the next leader.
+//
+// Every command that talks to a coordinator (generate, status, bench,
+// drain, experts) takes --tls-dir DIR, to connect with TLS and verify the
+// coordinator against DIR/ca.pem (the cluster CA that qwenctl certs
+// writes; no client certificate is needed), and --api-key KEY (default:
+// $QWENFLEET_API_KEY, which keeps the key out of the process list), sent as
+// "authorization: Bearer KEY" to coordinators that have --api-keys. A user
+// key generates and reads a redacted status; drain and experts need an
+// admin key.
 //
 // Every command prints one error line and exits non-zero on bad flags or
 // input.

@@ -2,8 +2,12 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"os"
 	"regexp"
 	"slices"
 	"strings"
@@ -13,11 +17,13 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
+	"github.com/qwenfleet/qwenfleet/pkg/security"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
@@ -51,6 +57,15 @@ type Config struct {
 	// Prefix is the etcd key prefix of the cluster (the servers'
 	// --prefix); "" means pkg/cluster's default, "/qwenfleet/".
 	Prefix string
+	// TLS, when not nil, secures every coordinator connection with it
+	// (TLSConfigFromCA makes one that trusts the cluster CA); nil means
+	// plaintext. Leave its ServerName empty: each connection checks the
+	// host it dials (a leader address learned later too).
+	TLS *tls.Config
+	// APIKey, when set, is sent with every call as "authorization: Bearer
+	// <key>" metadata (coordinators with --api-keys require it). Without
+	// TLS it crosses the network in the clear.
+	APIKey string
 	// DialOptions are added to every coordinator connection's options
 	// (after the transport credentials and keepalive, so they can
 	// override them).
@@ -77,6 +92,9 @@ type Config struct {
 
 // Validate fills in defaults and rejects bad values, naming the field.
 func (c *Config) Validate() error {
+	if strings.TrimSpace(c.APIKey) != c.APIKey || strings.ContainsAny(c.APIKey, " \t\r\n") {
+		return errors.New("client: Config.APIKey: contains white space (a key is one word)") // never the key itself
+	}
 	if len(c.Addrs) == 0 && len(c.EtcdEndpoints) == 0 {
 		return errors.New("client: Config.Addrs: no coordinator address (and no Config.EtcdEndpoints)")
 	}
@@ -119,13 +137,25 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// Dial opens a connection to the coordinator at addr. It is the one place
-// that decides the transport (insecure for now) and the client-side
-// keepalive (keepaliveTime; <= 0: none); opts are added last. It does not
-// block: the connection is made by the first call.
+// Dial opens a plaintext connection to the coordinator at addr: DialWith
+// without TLS or API key.
 func Dial(addr string, keepaliveTime time.Duration, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	return DialWith(addr, nil, "", keepaliveTime, opts...)
+}
+
+// DialWith opens a connection to the coordinator at addr. It is the one
+// place that decides the transport (TLS with tlsCfg, plaintext when it is
+// nil), the API key sent with every call (apiKey, as "authorization:
+// Bearer <key>"; "" sends none) and the client-side keepalive
+// (keepaliveTime; <= 0: none); opts are added last. It does not block: the
+// connection is made by the first call.
+func DialWith(addr string, tlsCfg *tls.Config, apiKey string, keepaliveTime time.Duration, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	creds := insecure.NewCredentials()
+	if tlsCfg != nil {
+		creds = credentials.NewTLS(tlsCfg) // clones it; the ServerName is set per connection when empty
+	}
 	o := []grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		// Reconnect within a second of a coordinator coming back (grpc's
 		// default backoff grows to 2 minutes, during which every call to
 		// it fails at once).
@@ -135,11 +165,80 @@ func Dial(addr string, keepaliveTime time.Duration, opts ...grpc.DialOption) (*g
 	if keepaliveTime > 0 {
 		o = append(o, grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: keepaliveTime, Timeout: 20 * time.Second, PermitWithoutStream: false}))
 	}
+	if apiKey != "" {
+		o = append(o, grpc.WithPerRPCCredentials(bearerKey{key: apiKey, tls: tlsCfg != nil}))
+	}
 	conn, err := grpc.NewClient(addr, append(o, opts...)...)
 	if err != nil {
 		return nil, fmt.Errorf("client: dial %s: %w", addr, err)
 	}
 	return conn, nil
+}
+
+// bearerKey is the per-call credentials of an API key.
+type bearerKey struct {
+	key string
+	tls bool // the connection is TLS: grpc then refuses to send it on any other
+}
+
+func (b bearerKey) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + b.key}, nil
+}
+
+// RequireTransportSecurity is true over TLS; a key given without TLS is
+// sent in the clear, as asked (a coordinator serving plaintext on
+// loopback).
+func (b bearerKey) RequireTransportSecurity() bool { return b.tls }
+
+// TLSConfigFromCA is a client TLS configuration that accepts a server whose
+// certificate a CA of caFile (PEM; the cluster's ca.pem, which may hold
+// several CAs during a rotation) signed for server authentication, valid
+// for the host dialled (a DNS name or an IP address: the cluster CA signs
+// coordinator certificates with IP SANs too). A certificate naming a
+// cluster role (a qwenfleet://role/ URI SAN) must name the coordinator's.
+// No client certificate is presented: the public API authenticates
+// clients by API key. Its errors name the file.
+func TLSConfigFromCA(caFile string) (*tls.Config, error) {
+	b, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("client: CA file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	n := 0
+	for rest := b; ; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		cert, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("client: CA file %s: %v", caFile, err)
+		}
+		pool.AddCert(cert)
+		n++
+	}
+	if n == 0 {
+		return nil, fmt.Errorf("client: CA file %s: no PEM certificate", caFile)
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, VerifyConnection: coordinatorRole}, nil
+}
+
+// coordinatorRole refuses a verified server certificate that names a
+// cluster role other than the coordinator's (a worker's certificate, which
+// every worker host holds, is also for server authentication).
+func coordinatorRole(cs tls.ConnectionState) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("client: the server presented no certificate")
+	}
+	leaf := cs.PeerCertificates[0]
+	if r, ok := security.RoleOf(leaf); ok && r != security.RoleCoordinator {
+		return fmt.Errorf("client: the server's certificate %q is a %s's, not a coordinator's", leaf.Subject.CommonName, r)
+	}
+	return nil
 }
 
 // Client talks to a cluster's coordinators. It is safe for concurrent use.
@@ -224,7 +323,7 @@ func (c *Client) add(addr string) (*grpc.ClientConn, error) {
 	if conn, ok := c.conns[addr]; ok {
 		return conn, nil
 	}
-	conn, err := Dial(addr, c.cfg.KeepaliveTime, c.cfg.DialOptions...)
+	conn, err := DialWith(addr, c.cfg.TLS, c.cfg.APIKey, c.cfg.KeepaliveTime, c.cfg.DialOptions...)
 	if err != nil {
 		return nil, err
 	}
@@ -306,12 +405,16 @@ func (c *Client) ask(ctx context.Context, addrs []string) []answer {
 func (c *Client) discover(ctx context.Context) (string, error) {
 	asked := map[string]bool{}
 	var fails []string
+	var refused error // a coordinator's UNAUTHENTICATED: no retry makes the key good
 	consider := func(ans []answer) string {
 		for _, a := range ans {
 			asked[a.addr] = true
 			switch {
 			case a.err != nil:
 				fails = append(fails, a.addr+": "+describe(a.err))
+				if refused == nil && status.Code(a.err) == codes.Unauthenticated {
+					refused = status.Errorf(codes.Unauthenticated, "client: %s: %s", a.addr, status.Convert(a.err).Message())
+				}
 			case a.info.Leader:
 				return a.addr
 			case a.info.LeaderAddress != "":
@@ -336,6 +439,9 @@ func (c *Client) discover(ctx context.Context) (string, error) {
 		if l := consider(c.ask(ctx, next)); l != "" {
 			return l, nil
 		}
+	}
+	if refused != nil {
+		return "", refused
 	}
 	if len(c.cfg.EtcdEndpoints) > 0 && ctx.Err() == nil {
 		l, err := c.etcdLeader(ctx)

@@ -25,8 +25,13 @@
 //
 // The Client keeps one grpc.ClientConn per known coordinator address: the
 // configured Addrs, and any leader address a coordinator or etcd names
-// later. All of them are dialed by Dial (insecure transport for now;
-// transport security will be added there, in one place). Client-side
+// later. All of them are dialed by DialWith, the one place that decides the
+// transport: TLS with Config.TLS (TLSConfigFromCA trusts the cluster CA's
+// ca.pem and checks each connection's dialled host, by name or IP
+// address), plaintext without it; and Config.APIKey, sent with every call
+// as "authorization: Bearer <key>" (coordinators with --api-keys refuse a
+// call without a valid key UNAUTHENTICATED, which is returned at once, not
+// retried, also when it is the answer of the leader search). Client-side
 // keepalive pings an idle stream's connection no more often than every 20 s
 // (Config.KeepaliveTime), and never a connection without streams, so a
 // server's keepalive enforcement never closes it.

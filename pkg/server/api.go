@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"math"
@@ -39,14 +40,25 @@ const Version = "0.4.0"
 
 var requestIDs atomic.Uint64
 
-// GeneratorService implements the public API over a Coordinator.
+// GeneratorService implements the public API over a Coordinator. With API
+// keys (PublicAuth's interceptors put the caller in each call's context) it
+// also remembers which key started each running request (see Abort) and
+// counts each key's Generate streams.
 type GeneratorService struct {
 	pb.UnimplementedGeneratorServer
 	c *Coordinator
+	// aliasKey makes the opaque worker names of the redacted ServerInfo
+	// (workerAlias): random per service, so stable while it lives.
+	aliasKey [32]byte
+	own      owners
 }
 
 // NewGeneratorService serves c.
-func NewGeneratorService(c *Coordinator) *GeneratorService { return &GeneratorService{c: c} }
+func NewGeneratorService(c *Coordinator) *GeneratorService {
+	s := &GeneratorService{c: c}
+	rand.Read(s.aliasKey[:]) // never fails (crypto/rand)
+	return s
+}
 
 func invalid(field, format string, args ...any) error {
 	return status.Errorf(codes.InvalidArgument, "%s: %s", field, fmt.Sprintf(format, args...))
@@ -369,6 +381,13 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 	if err != nil {
 		return err
 	}
+	if caller, ok := CallerFrom(out.Context()); ok {
+		release, err := s.own.admit(caller, r.ID, req.Resume != nil)
+		if err != nil {
+			return err
+		}
+		defer release()
+	}
 	g := newGenState(s.c, r, req)
 	// Every Send is bounded by the send timeout: a client that stops
 	// reading holds one message and the transport's windows, and its
@@ -633,10 +652,21 @@ func (g *genState) complete(ev routing.Event) *pb.GenerateComplete {
 	return c
 }
 
-// Abort ends a request by id.
+// Abort ends a request by id. A caller with a user API key may abort only
+// the requests its key started: another key's running request is refused
+// PERMISSION_DENIED, and an id no Generate of this coordinator runs (one
+// that ended, or never was) is not found. Admin keys (and every caller of
+// a coordinator without API keys) may abort any request.
 func (s *GeneratorService) Abort(ctx context.Context, req *pb.AbortRequest) (*pb.AbortResponse, error) {
 	if req.RequestId == "" {
 		return nil, invalid("request_id", "empty")
+	}
+	if caller, ok := restricted(ctx); ok {
+		found, err := s.own.abortOwn(caller, req.RequestId, s.c.router.Abort)
+		if err != nil {
+			return nil, err
+		}
+		return &pb.AbortResponse{Found: found}, nil
 	}
 	return &pb.AbortResponse{Found: s.c.router.Abort(req.RequestId)}, nil
 }
@@ -664,11 +694,25 @@ func (s *GeneratorService) GetModelInfo(ctx context.Context, _ *pb.GetModelInfoR
 		NumParameters: model.NumParams(cfg), Dtype: cfg.TorchDtype, HasTokenizer: s.c.tok != nil, EosTokenIds: s.c.eosIDs()}, nil
 }
 
-// GetServerInfo reports workers, placement, leadership and scheduler state.
+// GetServerInfo reports workers, placement, leadership and scheduler
+// state. A caller with a user API key gets the view redactServerInfo
+// makes: nothing that says where the cluster's parts are.
 func (s *GeneratorService) GetServerInfo(ctx context.Context, _ *pb.GetServerInfoRequest) (*pb.ServerInfo, error) {
+	info, err := s.serverInfo(ctx)
+	if _, user := restricted(ctx); user {
+		if err != nil {
+			// etcd's error may name its endpoints.
+			return nil, status.Error(status.Code(err), "this coordinator is a standby and cannot reach etcd")
+		}
+		s.redactServerInfo(info)
+	}
+	return info, err
+}
+
+func (s *GeneratorService) serverInfo(ctx context.Context) (*pb.ServerInfo, error) {
 	c := s.c
 	info := &pb.ServerInfo{Version: Version, CoordinatorId: c.opts.ID, Leader: c.IsLeader(),
-		UptimeSeconds: time.Since(c.started).Seconds(), EtcdEndpoints: c.opts.EtcdEndpoints}
+		UptimeSeconds: time.Since(c.started).Seconds(), EtcdEndpoints: c.opts.EtcdEndpoints, Security: c.opts.Security}
 	var ws []cluster.WorkerInfo
 	if info.Leader {
 		// The leader answers from its own view (its etcd watch), at once,

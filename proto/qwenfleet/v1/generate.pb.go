@@ -1767,6 +1767,14 @@ func (x *SchedulerStats) GetStepTokens() int64 {
 	return 0
 }
 
+// ServerInfo describes the cluster. With API keys configured, a caller
+// with a user key gets a redacted view: no worker addresses, metrics
+// addresses, pids, hosts, model path (placement.model is the served name)
+// or etcd endpoints, and worker ids (by default "<host>-<pid>") replaced
+// by opaque names ("w-" and 8 hex digits), stable while the coordinator
+// runs and the same in workers and in the placement. coordinator_id and
+// leader_address stay: they name the public API's own endpoints, which
+// clients follow to the leader. An admin key gets everything.
 type ServerInfo struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Version        string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
@@ -1783,7 +1791,13 @@ type ServerInfo struct {
 	// etcd_error, when set, says etcd did not answer this coordinator: a
 	// leader then serves on with the placement it has (workers as it last
 	// saw them), and writes nothing until etcd is back.
-	EtcdError     string `protobuf:"bytes,12,opt,name=etcd_error,json=etcdError,proto3" json:"etcd_error,omitempty"`
+	EtcdError string `protobuf:"bytes,12,opt,name=etcd_error,json=etcdError,proto3" json:"etcd_error,omitempty"`
+	// security is how the public API is secured: "tls" (TLS, API keys when
+	// the coordinator has --api-keys), "plaintext-loopback" (no TLS, serving
+	// on a loopback address only) or "insecure" (no TLS on a reachable
+	// address: anyone on the network can read and send requests). Empty
+	// from coordinators older than this field.
+	Security      string `protobuf:"bytes,13,opt,name=security,proto3" json:"security,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1898,6 +1912,13 @@ func (x *ServerInfo) GetEtcdEndpoints() []string {
 func (x *ServerInfo) GetEtcdError() string {
 	if x != nil {
 		return x.EtcdError
+	}
+	return ""
+}
+
+func (x *ServerInfo) GetSecurity() string {
+	if x != nil {
+		return x.Security
 	}
 	return ""
 }
@@ -2685,7 +2706,7 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	" \x01(\x01R\vcommSeconds\x12%\n" +
 	"\x0eexchange_bytes\x18\v \x01(\x03R\rexchangeBytes\x12\x1f\n" +
 	"\vstep_tokens\x18\f \x01(\x03R\n" +
-	"stepTokens\"\xe2\x03\n" +
+	"stepTokens\"\xfe\x03\n" +
 	"\n" +
 	"ServerInfo\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12%\n" +
@@ -2701,7 +2722,8 @@ const file_qwenfleet_v1_generate_proto_rawDesc = "" +
 	" \x01(\x01R\ruptimeSeconds\x12%\n" +
 	"\x0eetcd_endpoints\x18\v \x03(\tR\retcdEndpoints\x12\x1d\n" +
 	"\n" +
-	"etcd_error\x18\f \x01(\tR\tetcdError\"\x14\n" +
+	"etcd_error\x18\f \x01(\tR\tetcdError\x12\x1a\n" +
+	"\bsecurity\x18\r \x01(\tR\bsecurity\"\x14\n" +
 	"\x12HealthCheckRequest\"h\n" +
 	"\x13HealthCheckResponse\x12\x18\n" +
 	"\ahealthy\x18\x01 \x01(\bR\ahealthy\x12\x18\n" +
