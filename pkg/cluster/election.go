@@ -197,3 +197,69 @@ func (s *Store) Leader(ctx context.Context) (string, error) {
 	}
 	return string(resp.Kvs[0].Value), nil
 }
+
+// LeaderAt returns the current leader's value ("" when no candidate leads)
+// and the etcd revision it was read at: a later revision is newer news (see
+// WatchLeader).
+func (s *Store) LeaderAt(ctx context.Context) (string, int64, error) {
+	resp, err := s.client.Get(ctx, s.electionPrefix()+"/", clientv3.WithFirstCreate()...)
+	if err != nil {
+		return "", 0, fmt.Errorf("cluster: leader: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return "", resp.Header.Revision, nil
+	}
+	return string(resp.Kvs[0].Value), resp.Header.Revision, nil
+}
+
+// WatchLeader reports the current leader's value (the value of the
+// first-created key under the election prefix, as Leader reads it; "" when
+// no candidate leads) and the etcd revision it holds at: once when the
+// watch starts, then on every change, until ctx ends. fn is called from one
+// goroutine, in revision order. Through an etcd outage nothing is reported
+// (the last value stands) and the watch is made again when etcd answers; a
+// watch broken for another reason (compaction) starts over from a fresh
+// read. It returns when ctx ends (or the store is closed).
+func (s *Store) WatchLeader(ctx context.Context, fn func(value string, rev int64)) {
+	// The candidates' keys, by key: their create revision and value. The
+	// leader is the oldest.
+	type cand struct {
+		created int64
+		value   string
+	}
+	var keys map[string]cand
+	reported, first := "", true
+	report := func(rev int64) {
+		leader, oldest := "", int64(0)
+		for _, c := range keys {
+			if oldest == 0 || c.created < oldest {
+				leader, oldest = c.value, c.created
+			}
+		}
+		if first || leader != reported {
+			first, reported = false, leader
+			fn(leader, rev)
+		}
+	}
+	s.watch(clientv3.WithRequireLeader(ctx), s.electionPrefix()+"/", true, func(resp *clientv3.GetResponse) bool {
+		keys = map[string]cand{}
+		for _, kv := range resp.Kvs {
+			keys[string(kv.Key)] = cand{kv.CreateRevision, string(kv.Value)}
+		}
+		report(resp.Header.Revision)
+		return true
+	}, func(evs []*clientv3.Event) bool {
+		var rev int64
+		for _, ev := range evs {
+			k := string(ev.Kv.Key)
+			if ev.Type == mvccpb.PUT {
+				keys[k] = cand{ev.Kv.CreateRevision, string(ev.Kv.Value)}
+			} else {
+				delete(keys, k)
+			}
+			rev = max(rev, ev.Kv.ModRevision)
+		}
+		report(rev)
+		return true
+	})
+}

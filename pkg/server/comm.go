@@ -13,8 +13,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/qwenfleet/qwenfleet/pkg/expertparallel"
 	"github.com/qwenfleet/qwenfleet/pkg/metrics"
@@ -40,15 +42,101 @@ type mailKey struct {
 // for them. Messages nobody takes (their step failed or was cancelled) are
 // swept after staleMail, and every message of another replica generation
 // when the worker takes a new assignment.
+//
+// What one sender (a from rank) may have waiting is bounded (limit, in
+// bytes and messages): a message past the bound is refused with
+// errMailFull and dropped, and no other sender is held up by it.
 type mailbox struct {
 	mu    sync.Mutex
 	boxes map[mailKey]*letter
 	swept time.Time
+	limit mailLimit         // per sender; zero fields: defaultMail*
+	used  map[int32]mailUse // what each sender has waiting
 }
 
 type letter struct {
 	ch      chan []byte // buffered, one message
 	created time.Time
+	full    bool  // a message was put (the channel holds it until taken)
+	charged int64 // its bytes, counted in used until taken or dropped (-1: not counted)
+}
+
+// mailLimit bounds what one sender may have waiting in a mailbox.
+type mailLimit struct {
+	bytes   int64
+	entries int
+}
+
+type mailUse struct {
+	bytes   int64
+	entries int
+}
+
+// errMailFull refuses a message past its sender's bound.
+var errMailFull = errors.New("mailbox full")
+
+// Mailbox bounds when nothing sizes them (no assignment or no warm-up
+// yet): per sender, a few of the largest messages a worker takes.
+const (
+	defaultMailEntries = 64
+	defaultMailBytes   = 4 * maxPeerMessage
+	// maxPeerMessage is the largest message a worker receives (its gRPC
+	// receive limit).
+	maxPeerMessage = 256 << 20
+	// mailSlack is what a sender may have waiting beyond the replica's
+	// pipeline depth: an all-reduce's part, the next one's, and room for a
+	// step that failed.
+	mailSlack = 8
+)
+
+// mailLimits are a worker's mailbox bounds for an assignment of ppSize
+// stages whose steps carry at most stepTokens tokens of width hidden
+// (stepTokens 0: unknown). Every message of a step is at most one row
+// (and a header) per token: an all-reduce part, hidden states, an
+// all-to-all part. What one sender has waiting is at most one message a
+// step in flight (the pipeline's depth: ppSize) plus two of the step it
+// runs (it sends all-reduce i+1 only after it has this worker's part i):
+// the bound is ppSize+mailSlack messages in bytes, 4× that in entries.
+// PeerConfig's MailBytes and MailEntries, when set, replace them.
+func mailLimits(ppSize, stepTokens, hidden int, c PeerConfig) mailLimit {
+	ppSize = max(ppSize, 1)
+	msg := int64(maxPeerMessage)
+	if stepTokens > 0 && hidden > 0 {
+		msg = min(msg, 4*(int64(stepTokens)*int64(hidden+1)+1))
+	}
+	l := mailLimit{bytes: int64(ppSize+mailSlack) * msg, entries: 4 * (ppSize + mailSlack)}
+	if c.MailBytes > 0 {
+		l.bytes = c.MailBytes
+	}
+	if c.MailEntries > 0 {
+		l.entries = c.MailEntries
+	}
+	return l
+}
+
+// setLimit bounds what each sender may have waiting from now on.
+func (m *mailbox) setLimit(l mailLimit) {
+	m.mu.Lock()
+	m.limit = l
+	m.mu.Unlock()
+}
+
+// drop forgets letter l of key k; m.mu is held.
+func (m *mailbox) drop(k mailKey, l *letter) {
+	if l.charged >= 0 && l.full {
+		u := m.used[k.from]
+		u.bytes -= l.charged
+		u.entries--
+		if u.entries <= 0 {
+			delete(m.used, k.from)
+		} else {
+			m.used[k.from] = u
+		}
+	}
+	l.charged = -1
+	if m.boxes[k] == l {
+		delete(m.boxes, k)
+	}
 }
 
 // staleMail is how long an unclaimed message is kept: longer than any step
@@ -65,7 +153,7 @@ func (m *mailbox) slot(k mailKey) *letter {
 		m.swept = now
 		for k2, l2 := range m.boxes {
 			if now.Sub(l2.created) > staleMail {
-				delete(m.boxes, k2)
+				m.drop(k2, l2)
 			}
 		}
 	}
@@ -81,23 +169,44 @@ func (m *mailbox) slot(k mailKey) *letter {
 func (m *mailbox) keepOnly(version int64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for k := range m.boxes {
+	for k, l := range m.boxes {
 		if k.version != version {
-			delete(m.boxes, k)
+			m.drop(k, l)
 		}
 	}
 }
 
+// put leaves a message for the step that takes it. A second message of
+// the same key is refused, and so is one past its sender's bound
+// (errMailFull): neither waits.
 func (m *mailbox) put(k mailKey, data []byte) error {
 	m.mu.Lock()
-	l := m.slot(k)
-	m.mu.Unlock()
-	select {
-	case l.ch <- data:
-		return nil
-	default:
+	defer m.mu.Unlock()
+	if l := m.boxes[k]; l != nil && l.full {
 		return fmt.Errorf("message %+v delivered twice", k)
 	}
+	lim := m.limit
+	if lim.bytes <= 0 {
+		lim.bytes = defaultMailBytes
+	}
+	if lim.entries <= 0 {
+		lim.entries = defaultMailEntries
+	}
+	u := m.used[k.from]
+	if u.entries+1 > lim.entries || u.bytes+int64(len(data)) > lim.bytes {
+		return fmt.Errorf("%w: rank %d has %d messages (%d bytes) waiting here; a %d-byte %s is past the bound of %d messages, %d bytes",
+			errMailFull, k.from, u.entries, u.bytes, len(data), kindName(k.kind), lim.entries, lim.bytes)
+	}
+	l := m.slot(k)
+	if m.used == nil {
+		m.used = map[int32]mailUse{}
+	}
+	u.entries++
+	u.bytes += int64(len(data))
+	m.used[k.from] = u
+	l.full, l.charged = true, int64(len(data))
+	l.ch <- data // buffered for one; full guards it
+	return nil
 }
 
 func (m *mailbox) take(ctx context.Context, k mailKey) ([]byte, error) {
@@ -106,7 +215,7 @@ func (m *mailbox) take(ctx context.Context, k mailKey) ([]byte, error) {
 	m.mu.Unlock()
 	defer func() {
 		m.mu.Lock()
-		delete(m.boxes, k)
+		m.drop(k, l)
 		m.mu.Unlock()
 	}()
 	select {
@@ -158,6 +267,16 @@ type PeerConfig struct {
 	// the connection is closed (defaults 5 s and 2 s). The worker's server
 	// permits pings that often (PeerServerOptions).
 	KeepaliveTime, KeepaliveTimeout time.Duration
+	// Creds are the transport credentials of the connections to peers
+	// (nil: plaintext): with TLS, the worker's certificate
+	// (credentials.NewTLS(security.TLS.ClientConfig(""))).
+	Creds credentials.TransportCredentials
+	// MailBytes and MailEntries bound what one peer may have waiting in
+	// this worker's mailbox, in bytes and messages (0: sized from the
+	// assignment and the warm-up; see mailLimits). A message past them is
+	// refused RESOURCE_EXHAUSTED and dropped.
+	MailBytes   int64
+	MailEntries int
 }
 
 // Defaults of PeerConfig.
@@ -186,7 +305,11 @@ func (c PeerConfig) withDefaults() PeerConfig {
 // PeerDialOptions are the dial options for a worker's peers.
 func PeerDialOptions(c PeerConfig) []grpc.DialOption {
 	c = c.withDefaults()
-	return []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+	creds := c.Creds
+	if creds == nil {
+		creds = insecure.NewCredentials()
+	}
+	return []grpc.DialOption{grpc.WithTransportCredentials(creds),
 		grpc.WithInitialWindowSize(c.Window), grpc.WithInitialConnWindowSize(c.Window),
 		grpc.WithWriteBufferSize(peerBuffer), grpc.WithReadBufferSize(peerBuffer),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: c.KeepaliveTime, Timeout: c.KeepaliveTimeout, PermitWithoutStream: true})}
@@ -218,7 +341,7 @@ type peers struct {
 // frame on an open stream, not a call of its own.
 type peer struct {
 	client workerv1.WorkerClient
-	ctx    context.Context // the peers' lifetime
+	ctx    context.Context // the peers' lifetime (carries the generation's secret)
 	turn   chan struct{}   // held by the one sender (a stream's Send is not safe for concurrent use)
 	stream workerv1.Worker_ExchangeClient
 	end    context.CancelFunc // cancels stream
@@ -265,6 +388,9 @@ func (p *peer) send(ctx context.Context, req *workerv1.ExchangeRequest) error {
 
 func dialPeers(a *workerv1.Assignment, cfg PeerConfig) (*peers, error) {
 	ctx, cancel := context.WithCancel(context.Background())
+	if a.Secret != "" { // every stream presents it
+		ctx = metadata.AppendToOutgoingContext(ctx, secretMD, a.Secret)
+	}
 	p := &peers{rank: int(a.TpRank), tp: make([]*peer, len(a.TpPeers)), group: len(a.TpPeers), cancel: cancel}
 	if a.EpSize > 1 {
 		p.rank, p.group, p.ep = int(a.EpRank), int(max(a.TpSize, 1)), int(a.EpSize)

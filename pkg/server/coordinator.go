@@ -14,6 +14,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -35,6 +36,12 @@ type CoordinatorOptions struct {
 	ModelName string // served name (default: the directory's base name)
 	Store     *cluster.Store
 	Gossip    *cluster.Gossip // optional: fast worker failure detection
+	// WorkerCreds are the transport credentials of every connection to a
+	// worker (nil: plaintext): with TLS, the coordinator's certificate
+	// (credentials.NewTLS(security.TLS.ClientConfig(""))). Every call
+	// also claims the leadership (metadata qwenfleet-leader: Addr), which
+	// workers with a WorkerAuth check.
+	WorkerCreds credentials.TransportCredentials
 	// EtcdEndpoints are reported by GetServerInfo.
 	EtcdEndpoints []string
 	LeaderTTL     time.Duration
@@ -322,7 +329,7 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 	if err != nil {
 		return err
 	}
-	lastGen, err := c.storedGeneration(ctx)
+	lastGen, secrets, err := c.storedGeneration(ctx)
 	if err != nil {
 		return err
 	}
@@ -341,6 +348,7 @@ func (c *Coordinator) lead(ctx context.Context, l *cluster.Leadership) error {
 		c.placement = p
 		c.mu.Unlock()
 	}, c.send)
+	c.writer.adopt(secrets)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel()
@@ -484,27 +492,32 @@ func (c *Coordinator) confirmGone(ev cluster.MemberEvent) {
 }
 
 // storedGeneration is the highest replica generation in the stored
-// placement (0 when there is none): a new term starts above it.
-func (c *Coordinator) storedGeneration(ctx context.Context) (int64, error) {
+// placement (0 when there is none): a new term starts above it; and the
+// Exchange secrets of its generations, which the term keeps.
+func (c *Coordinator) storedGeneration(ctx context.Context) (int64, map[int64]string, error) {
 	gctx, cancel := context.WithTimeout(ctx, etcdTimeout)
 	defer cancel()
 	raw, ver, err := c.opts.Store.GetPlacement(gctx)
 	if errors.Is(err, cluster.ErrNoPlacement) {
-		return 0, nil
+		return 0, nil, nil
 	}
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	p, err := schema.Decode(raw, ver)
 	if err != nil {
 		c.log.Warn("stored placement unreadable; generations start from the clock", "err", err)
-		return time.Now().UnixNano(), nil
+		return time.Now().UnixNano(), nil, nil
 	}
 	last := p.LastGeneration
+	secrets := map[int64]string{}
 	for _, r := range p.Replicas {
 		last = max(last, r.Generation)
+		if r.Secret != "" {
+			secrets[r.Generation] = r.Secret
+		}
 	}
-	return last, nil
+	return last, secrets, nil
 }
 
 func controlWorkers(ws []cluster.WorkerInfo) []control.Worker {
@@ -726,7 +739,7 @@ func (c *Coordinator) callWorker(id string, timeout time.Duration, call func(con
 // callAddr makes one call to the worker at addr on a connection of its
 // own, bounded by timeout.
 func (c *Coordinator) callAddr(addr string, timeout time.Duration, call func(context.Context, workerv1.WorkerClient) error) error {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := c.dialWorker(addr)
 	if err != nil {
 		return err
 	}
@@ -734,6 +747,17 @@ func (c *Coordinator) callAddr(addr string, timeout time.Duration, call func(con
 	ctx, cancel := context.WithTimeout(c.loop(), timeout)
 	defer cancel()
 	return call(ctx, workerv1.NewWorkerClient(conn))
+}
+
+// dialWorker makes a client of the worker at addr: the worker credentials,
+// and every call claiming the leadership.
+func (c *Coordinator) dialWorker(addr string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	creds := c.opts.WorkerCreds
+	if creds == nil {
+		creds = insecure.NewCredentials()
+	}
+	opts = append(append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, leaderInterceptors(c.opts.Addr)...), opts...)
+	return grpc.NewClient(addr, opts...)
 }
 
 // tellWorker is callWorker in the background, its failure logged.
@@ -766,7 +790,7 @@ func (c *Coordinator) connect(a control.Connect) {
 	rt := &replicaRT{gen: a.Gen, tp: a.TP, pp: a.PP, ep: a.EP, ctx: ctx, cancel: cancel}
 	for _, mb := range a.Members {
 		m := &member{id: mb.Worker.ID, addr: mb.Worker.Addr, stage: mb.Stage, rank: mb.Rank}
-		if conn, err := grpc.NewClient(m.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		if conn, err := c.dialWorker(m.addr,
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20), grpc.MaxCallSendMsgSize(256<<20))); err == nil {
 			m.conn, m.client = conn, workerv1.NewWorkerClient(conn)
 		}
@@ -809,7 +833,8 @@ func (c *Coordinator) warmup(rt *replicaRT) (int64, error) {
 	warm := func(m *member, blocks int64) (*workerv1.WarmupResponse, error) {
 		wctx, cancel := context.WithTimeout(rt.ctx, 5*time.Minute)
 		defer cancel()
-		req := &workerv1.WarmupRequest{BlockSize: int32(c.opts.BlockSize), NumBlocks: blocks, KvCacheBytes: c.opts.KVCacheBytes}
+		req := &workerv1.WarmupRequest{BlockSize: int32(c.opts.BlockSize), NumBlocks: blocks, KvCacheBytes: c.opts.KVCacheBytes,
+			MaxStepTokens: int32(c.opts.Scheduler.MaxBatchTokens)}
 		if !sharded { // a shard cannot step alone: its first real step warms it
 			req.MaxBatchTokens = int32(min(c.opts.Scheduler.MaxBatchTokens, 64))
 		}
@@ -852,12 +877,14 @@ func (c *Coordinator) serve(a control.Serve) {
 	eng.OnStep = c.observeStep
 	eng.OnStepError = func(err error) {
 		c.log.Warn("step failed", "replica", key, "err", err)
-		// Refused: another assignment, or its KV pool is gone.
-		// Refused: another assignment, or its KV pool is gone; superseded:
-		// a newer assignment (ABORTED).
+		// Refused: another assignment, or its KV pool is gone, or the
+		// worker does not take this coordinator's calls; superseded: a
+		// newer assignment (ABORTED), or the worker knows another leader
+		// (PERMISSION_DENIED "not the leader").
 		code := status.Code(err)
-		ev := control.StepFailed{Gen: a.Gen, Refused: code == codes.FailedPrecondition || code == codes.Aborted, Err: err.Error(),
-			Superseded: code == codes.Aborted, Unconfirmed: c.leaseUnconfirmed()}
+		superseded := code == codes.Aborted || notTheLeader(err)
+		ev := control.StepFailed{Gen: a.Gen, Refused: code == codes.FailedPrecondition || code == codes.Aborted || code == codes.PermissionDenied,
+			Err: err.Error(), Superseded: superseded, Unconfirmed: c.leaseUnconfirmed()}
 		go c.send(ev) // not from the engine's goroutine: the loop may be closing this engine
 	}
 	rt.exec, rt.engine = exec, eng
@@ -958,6 +985,45 @@ type placementWriter struct {
 	mu   sync.Mutex // guards next and fence
 	next *control.WritePlacement
 	wake chan struct{}
+
+	// secrets are the Exchange secrets of the generations written (and
+	// adopted from the stored placement), by generation: one is made for
+	// a generation's first write and kept for the term. Owned by run.
+	secrets map[int64]string
+}
+
+// adopt takes the secrets of the stored placement's generations (before
+// run): a generation keeps its secret across terms.
+func (w *placementWriter) adopt(secrets map[int64]string) {
+	for gen, s := range secrets {
+		if s != "" {
+			if w.secrets == nil {
+				w.secrets = map[int64]string{}
+			}
+			w.secrets[gen] = s
+		}
+	}
+}
+
+// withSecrets is doc with every replica's secret: the one its generation
+// has, or a new one. Generations no longer in doc are forgotten (a
+// generation is never placed again once dropped).
+func (w *placementWriter) withSecrets(doc schema.Placement) schema.Placement {
+	doc.Replicas = slices.Clone(doc.Replicas)
+	keep := make(map[int64]string, len(doc.Replicas))
+	for i := range doc.Replicas {
+		r := &doc.Replicas[i]
+		switch s, ok := w.secrets[r.Generation]; {
+		case r.Secret != "":
+		case ok:
+			r.Secret = s
+		default:
+			r.Secret = newSecret()
+		}
+		keep[r.Generation] = r.Secret
+	}
+	w.secrets = keep
+	return doc
 }
 
 func newPlacementWriter(s *cluster.Store, fence cluster.Fence, log *slog.Logger, onWritten func(schema.Placement), answer func(control.Event)) *placementWriter {
@@ -1007,7 +1073,8 @@ func (w *placementWriter) write(ctx context.Context, a control.WritePlacement) c
 	w.mu.Lock()
 	fence := w.fence
 	w.mu.Unlock()
-	v, err := w.store.PutPlacement(wctx, a.Doc.Encode(), fence)
+	doc := w.withSecrets(a.Doc)
+	v, err := w.store.PutPlacement(wctx, doc.Encode(), fence)
 	if err != nil {
 		w.log.Warn("placement not written", "seq", a.Seq, "err", err)
 		// A write fenced off because this term's key is gone is not proof
@@ -1017,7 +1084,6 @@ func (w *placementWriter) write(ctx context.Context, a control.WritePlacement) c
 		fenced := errors.Is(err, cluster.ErrFenced) && !errors.Is(err, cluster.ErrFenceGone)
 		return control.PlacementWriteFailed{Seq: a.Seq, Fenced: fenced, Err: err.Error()}
 	}
-	doc := a.Doc
 	doc.Version = v
 	w.onWritten(doc)
 	return control.PlacementWritten{Seq: a.Seq}

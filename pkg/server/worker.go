@@ -51,6 +51,9 @@ type WorkerOptions struct {
 	// from the placement (in etcd); Load uses it when the request carries
 	// only the version.
 	Assignments func(ctx context.Context, version int64) (*workerv1.Assignment, error)
+	// Auth is what the worker checks of its callers (see WorkerAuth); nil
+	// checks nothing.
+	Auth *WorkerAuth
 }
 
 // WorkerService implements the internal Worker API.
@@ -78,6 +81,12 @@ type WorkerService struct {
 	tables     map[int64]*expertparallel.Table
 	expVersion int64
 	metrics    *metrics.Worker
+	// Bounds of steps, set by Warmup: the most tokens (and sequences) one
+	// step may carry, the KV pool's blocks (0 before Warmup: unbounded), and
+	// the window of step ids (see admitStep).
+	stepTokens int
+	poolBlocks int64
+	steps      stepWindow
 	// state (idle, loading, loaded, ready, failed) is written under w.mu
 	// (setState) and read without it: a health check (the coordinator
 	// confirming a gossip report) answers at once even while a load
@@ -139,6 +148,7 @@ func (w *WorkerService) reset() {
 	w.unload()
 	w.blockSize, w.quantize, w.tables, w.expVersion = 0, "", nil, 0
 	w.box.keepOnly(0)
+	w.box.setLimit(mailLimit{})
 	w.setState("idle")
 }
 
@@ -157,6 +167,7 @@ func (w *WorkerService) unload() {
 		w.peers = nil
 	}
 	w.modelDir, w.version, w.assign = "", 0, nil
+	w.stepTokens, w.poolBlocks, w.steps = 0, 0, stepWindow{}
 }
 
 func (w *WorkerService) setState(s string) {
@@ -168,6 +179,9 @@ func (w *WorkerService) setState(s string) {
 
 // Info describes the worker.
 func (w *WorkerService) Info(ctx context.Context, _ *workerv1.InfoRequest) (*workerv1.InfoResponse, error) {
+	if err := w.authorize(ctx, "Info", false); err != nil {
+		return nil, err
+	}
 	host, _ := os.Hostname()
 	w.mu.Lock()
 	r := &workerv1.InfoResponse{Id: w.opts.ID, Backend: backendKind(w.opts.Device), Threads: int32(w.opts.Threads), MemoryBytes: w.opts.MemoryBytes,
@@ -182,10 +196,16 @@ func (w *WorkerService) Info(ctx context.Context, _ *workerv1.InfoRequest) (*wor
 
 // Load loads the model an assignment names (a no-op when it is loaded).
 func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_LoadServer) error {
+	if err := w.authorize(stream.Context(), "Load", true); err != nil {
+		return err
+	}
 	a := req.GetAssignment()
 	w.mu.Lock()
 	read := w.opts.Assignments
 	w.mu.Unlock()
+	if a != nil && w.opts.Auth != nil && w.opts.Auth.StoredOnly {
+		return status.Error(codes.PermissionDenied, "assignment: this worker takes its assignments from the placement in etcd only (send the version)")
+	}
 	if a == nil {
 		if read == nil {
 			return status.Error(codes.InvalidArgument, "assignment: empty, and this worker has no placement store to read it from")
@@ -208,6 +228,12 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	sh := model.Shard{LayersBegin: int(a.LayersBegin), LayersEnd: int(a.LayersEnd), TPRank: int(a.TpRank), TPSize: int(a.TpSize)}
 	var table *expertparallel.Table
 	dir := filepath.Clean(a.Model)
+	if au := w.opts.Auth; au != nil && au.ModelRoot != "" {
+		var err error
+		if dir, err = modelUnder(au.ModelRoot, dir); err != nil {
+			return status.Errorf(codes.PermissionDenied, "assignment.model: %q: %v", a.Model, err)
+		}
+	}
 	if a.EpSize > 1 {
 		sh.EPRank, sh.EPSize = int(a.EpRank), int(a.EpSize)
 		if len(a.Experts) > 0 {
@@ -328,6 +354,7 @@ func (w *WorkerService) setPeers(a *workerv1.Assignment) error {
 	}
 	w.assign = a
 	w.box.keepOnly(a.Version)
+	w.box.setLimit(mailLimits(int(a.PpSize), 0, 0, w.opts.Peer)) // sized again by Warmup
 	if a.TpSize <= 1 && a.EpSize <= 1 && a.NextStage == "" && a.Stage == 0 {
 		return nil
 	}
@@ -370,6 +397,9 @@ func (w *WorkerService) progress(stage string) *workerv1.LoadProgress {
 
 // Warmup sizes the KV pool and runs one step.
 func (w *WorkerService) Warmup(ctx context.Context, req *workerv1.WarmupRequest) (*workerv1.WarmupResponse, error) {
+	if err := w.authorize(ctx, "Warmup", true); err != nil {
+		return nil, err
+	}
 	w.life.Lock()
 	defer w.life.Unlock()
 	w.mu.Lock()
@@ -383,6 +413,18 @@ func (w *WorkerService) Warmup(ctx context.Context, req *workerv1.WarmupRequest)
 		return nil, status.Errorf(codes.InvalidArgument, "block_size: %d is outside [1, 1024]", bs)
 	}
 	per := exec.BytesPerBlock(bs)
+	if req.MaxStepTokens < 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "max_step_tokens: %d is negative", req.MaxStepTokens)
+	}
+	// What is asked must fit the worker's memory (when it knows it).
+	if mem := w.opts.MemoryBytes; mem > 0 {
+		if req.KvCacheBytes > mem {
+			return nil, status.Errorf(codes.InvalidArgument, "kv_cache_bytes: %d is more than this worker's memory (%d bytes)", req.KvCacheBytes, mem)
+		}
+		if req.NumBlocks > mem/per {
+			return nil, status.Errorf(codes.InvalidArgument, "num_blocks: %d blocks of %d bytes are more than this worker's memory (%d bytes)", req.NumBlocks, per, mem)
+		}
+	}
 	n := req.NumBlocks
 	if n <= 0 {
 		budget := req.KvCacheBytes
@@ -404,6 +446,17 @@ func (w *WorkerService) Warmup(ctx context.Context, req *workerv1.WarmupRequest)
 	}
 	w.mu.Lock()
 	w.blockSize = bs
+	// Steps carry at most what the pool holds, and the coordinator's batch
+	// budget when it says it; step ids count from 1 again (the executor's
+	// order starts over).
+	w.poolBlocks, w.steps = n, stepWindow{}
+	w.stepTokens = int(min(n*int64(bs), math.MaxInt32))
+	if m := int(req.MaxStepTokens); m > 0 {
+		w.stepTokens = min(w.stepTokens, m)
+	}
+	if w.assign != nil {
+		w.box.setLimit(mailLimits(int(w.assign.PpSize), w.stepTokens, exec.Model().Config().HiddenSize, w.opts.Peer))
+	}
 	w.setState("ready")
 	w.mu.Unlock()
 	return &workerv1.WarmupResponse{NumBlocks: n, BlockSize: int32(bs), BytesPerBlock: per,
@@ -413,10 +466,19 @@ func (w *WorkerService) Warmup(ctx context.Context, req *workerv1.WarmupRequest)
 // Step runs one forward step.
 func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*workerv1.StepResponse, error) {
 	t0 := time.Now()
+	if err := w.authorize(ctx, "Step", true); err != nil {
+		return nil, err
+	}
 	w.life.RLock()
 	defer w.life.RUnlock()
 	w.mu.Lock()
 	exec, version, prs := w.exec, w.version, w.peers
+	if exec != nil && (req.AssignmentVersion == 0 || req.AssignmentVersion == version) {
+		if err := w.admitStep(req); err != nil {
+			w.mu.Unlock()
+			return nil, err
+		}
+	}
 	var em model.ExpertMap
 	var newTable *expertparallel.Table
 	if v := req.ExpertsVersion; v != 0 && v != w.expVersion {
@@ -507,6 +569,13 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 // this one. Messages of another generation (a step of a replica this
 // worker no longer serves in) are dropped.
 func (w *WorkerService) Exchange(stream workerv1.Worker_ExchangeServer) error {
+	authGen := int64(-1) // the generation whose secret the stream presents (-1: none checked)
+	if w.opts.Auth != nil {
+		var err error
+		if authGen, err = w.authorizePeer(stream.Context()); err != nil {
+			return err
+		}
+	}
 	for {
 		req, err := stream.Recv()
 		if err == io.EOF {
@@ -522,12 +591,20 @@ func (w *WorkerService) Exchange(stream workerv1.Worker_ExchangeServer) error {
 			return status.Errorf(codes.InvalidArgument, "data: %d bytes is not whole float32s", len(req.Data))
 		}
 		w.mu.Lock()
-		version := w.version
+		version, a := w.version, w.assign
 		w.mu.Unlock()
-		if req.Version != version {
+		if req.Version != version || authGen >= 0 && req.Version != authGen {
 			continue
 		}
+		if a != nil && a.Version == version {
+			if err := checkFromRank(a, req); err != nil {
+				return err
+			}
+		}
 		if err := w.box.put(mailKey{req.Version, req.StepId, req.Kind, req.Index, req.FromRank}, req.Data); err != nil {
+			if errors.Is(err, errMailFull) {
+				return status.Error(codes.ResourceExhausted, err.Error())
+			}
 			return status.Error(codes.AlreadyExists, err.Error())
 		}
 	}
@@ -575,6 +652,9 @@ func (w *WorkerService) switchedTo(exec *shard.Executor, v int64, t *expertparal
 // SetExperts loads a new expert placement next to the one in use; the
 // first step that names its version switches to it.
 func (w *WorkerService) SetExperts(ctx context.Context, req *workerv1.SetExpertsRequest) (*workerv1.SetExpertsResponse, error) {
+	if err := w.authorize(ctx, "SetExperts", true); err != nil {
+		return nil, err
+	}
 	w.life.RLock()
 	defer w.life.RUnlock()
 	w.mu.Lock()
@@ -630,6 +710,9 @@ func (w *WorkerService) SetExperts(ctx context.Context, req *workerv1.SetExperts
 
 // ExpertLoad returns the routed-token counts of this worker's layers.
 func (w *WorkerService) ExpertLoad(ctx context.Context, _ *workerv1.ExpertLoadRequest) (*workerv1.ExpertLoadResponse, error) {
+	if err := w.authorize(ctx, "ExpertLoad", false); err != nil {
+		return nil, err
+	}
 	w.mu.Lock()
 	exec, cur := w.exec, w.expVersion
 	w.mu.Unlock()
@@ -648,6 +731,9 @@ func (w *WorkerService) ExpertLoad(ctx context.Context, _ *workerv1.ExpertLoadRe
 // Release forgets finished sequences: a later Step for one must start at
 // position 0.
 func (w *WorkerService) Release(ctx context.Context, req *workerv1.ReleaseRequest) (*workerv1.ReleaseResponse, error) {
+	if err := w.authorize(ctx, "Release", true); err != nil {
+		return nil, err
+	}
 	w.mu.Lock()
 	exec := w.exec
 	w.mu.Unlock()
@@ -661,6 +747,9 @@ func (w *WorkerService) Release(ctx context.Context, req *workerv1.ReleaseReques
 // Drain has the worker show, in etcd, that it drains (its coordinator then
 // drains the replica it serves in).
 func (w *WorkerService) Drain(ctx context.Context, req *workerv1.DrainRequest) (*workerv1.DrainResponse, error) {
+	if err := w.authorize(ctx, "Drain", true); err != nil {
+		return nil, err
+	}
 	if w.opts.OnDrain == nil {
 		return nil, status.Error(codes.Unimplemented, "this worker cannot drain (it has no etcd registration)")
 	}
@@ -674,6 +763,9 @@ func (w *WorkerService) Drain(ctx context.Context, req *workerv1.DrainRequest) (
 
 // Leave ends a drained worker: after answering, it leaves etcd and exits.
 func (w *WorkerService) Leave(ctx context.Context, _ *workerv1.LeaveRequest) (*workerv1.LeaveResponse, error) {
+	if err := w.authorize(ctx, "Leave", true); err != nil {
+		return nil, err
+	}
 	if w.opts.OnLeave == nil {
 		return nil, status.Error(codes.Unimplemented, "this worker cannot leave (it has no etcd registration)")
 	}
@@ -683,6 +775,9 @@ func (w *WorkerService) Leave(ctx context.Context, _ *workerv1.LeaveRequest) (*w
 
 // Health reports whether the worker can run steps; it takes no lock.
 func (w *WorkerService) Health(ctx context.Context, _ *workerv1.HealthRequest) (*workerv1.HealthResponse, error) {
+	if err := w.authorize(ctx, "Health", false); err != nil {
+		return nil, err
+	}
 	state := *w.state.Load()
 	return &workerv1.HealthResponse{Ready: state == "ready", State: state}, nil
 }

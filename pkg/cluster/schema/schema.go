@@ -48,6 +48,11 @@ type Replica struct {
 	LayersBegin    int      `json:"layers_begin"`
 	LayersEnd      int      `json:"layers_end"`
 	Stages         []Stage  `json:"stages"`
+	// Secret is the generation's Exchange secret: a random token (hex)
+	// the leader makes for the generation, which its workers present to
+	// each other on their Exchange streams. Only readers of the placement
+	// know it: it is never logged, nor shown by the public API.
+	Secret string `json:"secret,omitempty"`
 }
 
 // Stage is a pipeline stage of a replica.
@@ -87,6 +92,8 @@ type Assignment struct {
 	// rank in the next stage ("" in the last).
 	Peers     []string
 	NextStage string
+	// Secret is the replica's Exchange secret (Replica.Secret).
+	Secret string
 }
 
 // Decode parses a stored document.
@@ -120,7 +127,7 @@ func (p *Placement) Assignment(id string, gen int64) (*Assignment, error) {
 					continue
 				}
 				a := &Assignment{Generation: gen, Model: p.Model, Quantize: p.Quantize, Replica: r.Index, Stage: si, PPSize: len(r.Stages),
-					LayersBegin: st.LayersBegin, LayersEnd: st.LayersEnd, TPRank: ri, TPSize: len(st.Ranks)}
+					LayersBegin: st.LayersBegin, LayersEnd: st.LayersEnd, TPRank: ri, TPSize: len(st.Ranks), Secret: r.Secret}
 				if r.EP > 1 {
 					if r.TP < 1 || r.EP%r.TP != 0 || len(st.Ranks) != r.EP {
 						return nil, fmt.Errorf("replica %d: stage %d has %d ranks for ep=%d tp=%d", r.Index, si, len(st.Ranks), r.EP, r.TP)

@@ -198,8 +198,13 @@ type Assignment struct {
 	EpRank         int32   `protobuf:"varint,14,opt,name=ep_rank,json=epRank,proto3" json:"ep_rank,omitempty"`
 	Experts        []int32 `protobuf:"varint,15,rep,packed,name=experts,proto3" json:"experts,omitempty"`                              // the expert placement (expertparallel.Table.Flat); empty: contiguous
 	ExpertsVersion int64   `protobuf:"varint,16,opt,name=experts_version,json=expertsVersion,proto3" json:"experts_version,omitempty"` // its version (steps name it)
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// secret is the generation's Exchange secret: a random token the leader
+	// writes with the placement, so only the workers of this replica know it.
+	// A worker's peers present it (metadata qwenfleet-secret) on their
+	// Exchange streams. Never logged, never in the public API.
+	Secret        string `protobuf:"bytes,17,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Assignment) Reset() {
@@ -342,6 +347,13 @@ func (x *Assignment) GetExpertsVersion() int64 {
 		return x.ExpertsVersion
 	}
 	return 0
+}
+
+func (x *Assignment) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
 }
 
 type LoadRequest struct {
@@ -498,8 +510,12 @@ type WarmupRequest struct {
 	NumBlocks      int64 `protobuf:"varint,2,opt,name=num_blocks,json=numBlocks,proto3" json:"num_blocks,omitempty"`
 	KvCacheBytes   int64 `protobuf:"varint,3,opt,name=kv_cache_bytes,json=kvCacheBytes,proto3" json:"kv_cache_bytes,omitempty"`
 	MaxBatchTokens int32 `protobuf:"varint,4,opt,name=max_batch_tokens,json=maxBatchTokens,proto3" json:"max_batch_tokens,omitempty"` // warmup step size
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// max_step_tokens is the most tokens one step will carry (the
+	// coordinator's batch budget): the worker refuses larger steps and sizes
+	// its Exchange mailbox from it. 0: steps are bounded by the KV pool only.
+	MaxStepTokens int32 `protobuf:"varint,5,opt,name=max_step_tokens,json=maxStepTokens,proto3" json:"max_step_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WarmupRequest) Reset() {
@@ -556,6 +572,13 @@ func (x *WarmupRequest) GetKvCacheBytes() int64 {
 func (x *WarmupRequest) GetMaxBatchTokens() int32 {
 	if x != nil {
 		return x.MaxBatchTokens
+	}
+	return 0
+}
+
+func (x *WarmupRequest) GetMaxStepTokens() int32 {
+	if x != nil {
+		return x.MaxStepTokens
 	}
 	return 0
 }
@@ -1777,7 +1800,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x12assignment_version\x18\b \x01(\x03R\x11assignmentVersion\x12\"\n" +
 	"\rnum_kv_blocks\x18\t \x01(\x03R\vnumKvBlocks\x12\"\n" +
 	"\rkv_block_size\x18\n" +
-	" \x01(\x05R\vkvBlockSize\"\xc4\x03\n" +
+	" \x01(\x05R\vkvBlockSize\"\xdc\x03\n" +
 	"\n" +
 	"Assignment\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
@@ -1798,7 +1821,8 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\aep_size\x18\r \x01(\x05R\x06epSize\x12\x17\n" +
 	"\aep_rank\x18\x0e \x01(\x05R\x06epRank\x12\x18\n" +
 	"\aexperts\x18\x0f \x03(\x05R\aexperts\x12'\n" +
-	"\x0fexperts_version\x18\x10 \x01(\x03R\x0eexpertsVersion\"|\n" +
+	"\x0fexperts_version\x18\x10 \x01(\x03R\x0eexpertsVersion\x12\x16\n" +
+	"\x06secret\x18\x11 \x01(\tR\x06secret\"|\n" +
 	"\vLoadRequest\x12?\n" +
 	"\n" +
 	"assignment\x18\x01 \x01(\v2\x1f.qwenfleet.worker.v1.AssignmentR\n" +
@@ -1815,14 +1839,15 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\n" +
 	"vocab_size\x18\x05 \x01(\x05R\tvocabSize\x12\x1f\n" +
 	"\vmax_context\x18\x06 \x01(\x05R\n" +
-	"maxContext\"\x9d\x01\n" +
+	"maxContext\"\xc5\x01\n" +
 	"\rWarmupRequest\x12\x1d\n" +
 	"\n" +
 	"block_size\x18\x01 \x01(\x05R\tblockSize\x12\x1d\n" +
 	"\n" +
 	"num_blocks\x18\x02 \x01(\x03R\tnumBlocks\x12$\n" +
 	"\x0ekv_cache_bytes\x18\x03 \x01(\x03R\fkvCacheBytes\x12(\n" +
-	"\x10max_batch_tokens\x18\x04 \x01(\x05R\x0emaxBatchTokens\"\x93\x01\n" +
+	"\x10max_batch_tokens\x18\x04 \x01(\x05R\x0emaxBatchTokens\x12&\n" +
+	"\x0fmax_step_tokens\x18\x05 \x01(\x05R\rmaxStepTokens\"\x93\x01\n" +
 	"\x0eWarmupResponse\x12\x1d\n" +
 	"\n" +
 	"num_blocks\x18\x01 \x01(\x03R\tnumBlocks\x12\x1d\n" +
