@@ -41,7 +41,8 @@
 // changes the same way (at most once a second), so a key is added or revoked
 // by editing the file.
 //
-// Nothing in this package logs; its errors name files, never key material.
+// Nothing in this package logs but Refusals (which names listeners, remote
+// addresses and reasons); its errors name files, never key material.
 package security
 
 import (

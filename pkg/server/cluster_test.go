@@ -37,7 +37,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
@@ -83,6 +82,10 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binDir = dir
+	if err := setupTestTLS(dir); err != nil {
+		fmt.Fprintln(os.Stderr, "certificates for the tests:", err)
+		os.Exit(1)
+	}
 	cmd := exec.Command("go", "build", "-o", dir+string(os.PathSeparator), "./cmd/coordinator", "./cmd/worker", "./cmd/etcd")
 	cmd.Dir = repoRoot()
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
@@ -149,11 +152,14 @@ func startCmd(t testing.TB, cmd *exec.Cmd) *proc {
 	t.Helper()
 	needE2E(t) // every test that gets here should have called it first
 	bin := filepath.Base(cmd.Args[0])
-	for _, a := range cmd.Args {
+	at := 0
+	for i, a := range cmd.Args {
 		if strings.HasPrefix(a, binDir) {
-			bin = filepath.Base(a)
+			bin, at = filepath.Base(a), i
 		}
 	}
+	// The binary's own arguments follow it (a wrapper's come before).
+	cmd.Args = append(cmd.Args[:at+1:at+1], withTestTLS(bin, cmd.Args[at+1:])...)
 	logf, err := os.CreateTemp(t.TempDir(), bin+"-*.log")
 	if err != nil {
 		t.Fatal(err)
@@ -203,7 +209,7 @@ type clusterT struct {
 
 func dial(t testing.TB, addr string) (*grpc.ClientConn, pb.GeneratorClient) {
 	t.Helper()
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(addr, publicDialOptions(addr)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -764,7 +770,7 @@ func TestLeaderFailover(t *testing.T) {
 // logprobs, Tokenize, model info, HealthCheck, grpc.health.v1.
 func TestDemoClusterTextChatHealth(t *testing.T) {
 	needE2E(t)
-	c := startCluster(t, "")
+	c := startCluster(t, "", plainFlag) // the single-machine default: no security flags
 	ctx := context.Background()
 	mi, err := c.client.GetModelInfo(ctx, &pb.GetModelInfoRequest{})
 	if err != nil || !mi.HasTokenizer || mi.VocabSize != 151936 {

@@ -341,7 +341,7 @@ func TestDrainUnderLoad(t *testing.T) {
 	waitWorkers(t, b.client, 2)
 	ps := testPrompts(8, 512)
 	want := greedyAlone(t, b.client, ps, 600)
-	store, err := cluster.Connect(context.Background(), strings.Split(b.etcd, ","), "/qwenfleet/")
+	store, err := connectStore(t, context.Background(), strings.Split(b.etcd, ","))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -483,7 +483,7 @@ func freePortOn(t *testing.T, host string) int {
 // returns its client endpoint.
 func startEtcdOn(t *testing.T, host string, port int) string {
 	t.Helper()
-	e, err := cluster.StartEmbeddedEtcdConfig(cluster.EmbeddedEtcdConfig{Dir: t.TempDir(), Host: host, ClientPort: port})
+	e, err := cluster.StartEmbeddedEtcdConfig(cluster.EmbeddedEtcdConfig{Dir: t.TempDir(), Host: host, ClientPort: port, TLSDir: testTLS.dir})
 	if err != nil {
 		t.Fatal(err)
 	}

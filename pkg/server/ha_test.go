@@ -18,7 +18,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/qwenfleet/qwenfleet/pkg/client"
-	"github.com/qwenfleet/qwenfleet/pkg/cluster"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
@@ -64,7 +63,7 @@ func startEtcd(t *testing.T, n int) []*etcdMember {
 	var peers []string
 	for i := range ms {
 		ms[i] = &etcdMember{name: fmt.Sprintf("e%d", i), dir: filepath.Join(t.TempDir(), "etcd"),
-			clientURL: fmt.Sprintf("http://127.0.0.1:%d", ports[2*i]), peerURL: fmt.Sprintf("http://127.0.0.1:%d", ports[2*i+1])}
+			clientURL: fmt.Sprintf("%s://127.0.0.1:%d", etcdScheme(), ports[2*i]), peerURL: fmt.Sprintf("%s://127.0.0.1:%d", etcdScheme(), ports[2*i+1])}
 		peers = append(peers, ms[i].name+"="+ms[i].peerURL)
 	}
 	for _, m := range ms {
@@ -116,7 +115,7 @@ func (m *etcdMember) kill(t *testing.T) {
 
 // status is the member's etcd Status.
 func (m *etcdMember) status(ctx context.Context) (*clientv3.StatusResponse, error) {
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{m.clientURL}, DialTimeout: 2 * time.Second})
+	cli, err := etcdClientTLS([]string{m.clientURL}, testEtcdTLS(nil, []string{m.clientURL}))
 	if err != nil {
 		return nil, err
 	}
@@ -481,7 +480,7 @@ func registered(t *testing.T, eps string) []string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	store, err := cluster.Connect(ctx, strings.Split(eps, ","), "/qwenfleet/")
+	store, err := connectStore(t, ctx, strings.Split(eps, ","))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -692,7 +691,7 @@ func TestLeaderKillResume(t *testing.T) {
 	ps := testPrompts(8, 512)
 	const n = 200
 	want := greedyAlone(t, a.client, ps, n)
-	c, err := client.New(client.Config{Addrs: []string{a.addr, b.addr}})
+	c, err := client.New(client.Config{Addrs: []string{a.addr, b.addr}, TLS: testClientTLS(), APIKey: testTLS.adminKey})
 	if err != nil {
 		t.Fatal(err)
 	}

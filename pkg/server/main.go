@@ -117,10 +117,21 @@ func WorkerMain(args []string) int {
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file until exit")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long the worker's replica may take to finish its requests before they move to other replicas")
 	peerWindow := fs.String("peer-window", "16MiB", "flow-control window of the streams to the replica's other workers (at least 64KiB)")
+	modelRoot := fs.String("model-root", "", "load models only from under this directory (the placement's model path must lie under it)")
+	secFlags := securityFlags(fs)
 	if rc := parseFlags(fs, args); rc >= 0 {
 		return rc
 	}
 	fail := func(format string, a ...any) int { fmt.Fprintf(os.Stderr, "worker: "+format+"\n", a...); return 2 }
+	sec, err := secFlags()
+	if err != nil {
+		return fail("%v", err)
+	}
+	if *modelRoot != "" {
+		if fi, err := os.Stat(*modelRoot); err != nil || !fi.IsDir() {
+			return fail("--model-root: %s is not a directory", *modelRoot)
+		}
+	}
 	if *drainTimeout <= 0 {
 		return fail("--drain-timeout: must be > 0")
 	}
@@ -151,7 +162,7 @@ func WorkerMain(args []string) int {
 	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
 		ID: *id, Threads: *threads, Kernels: *kernels, Device: *device, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast,
 		CPUProfile: *cpuProfile, MetricsListen: *metricsListen, Logger: log, Drain: drain, DrainTimeout: *drainTimeout,
-		Peer: PeerConfig{Window: int32(window)}})
+		Peer: PeerConfig{Window: int32(window)}, Security: sec, ModelRoot: *modelRoot})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "worker: %v\n", err)
 		return 1
@@ -196,10 +207,18 @@ func CoordinatorMain(args []string) int {
 	probeInterval := fs.Duration("gossip-probe-interval", 200*time.Millisecond, "how often gossip probes each worker (failure detection)")
 	probeTimeout := fs.Duration("gossip-probe-timeout", 100*time.Millisecond, "a gossip probe unanswered this long fails (then indirect probes)")
 	suspicion := fs.Int("gossip-suspicion-mult", 2, "a suspected worker is dead after this × max(1, log10(members)) × the probe interval")
+	apiKeys := fs.String("api-keys", "", "API keys file (`qwenctl apikey`): the public API then needs `authorization: Bearer KEY`; re-read when it changes")
+	keyStreams := fs.Int("max-streams-per-key", 0, "concurrent Generate streams of one API key when its entry names no max_streams (0: no limit)")
+	modelRoot := fs.String("model-root", "", "local workers load models only from under this directory")
+	secFlags := securityFlags(fs)
 	if rc := parseFlags(fs, args); rc >= 0 {
 		return rc
 	}
 	fail := func(format string, a ...any) int { fmt.Fprintf(os.Stderr, "coordinator: "+format+"\n", a...); return 2 }
+	sec, err := secFlags()
+	if err != nil {
+		return fail("%v", err)
+	}
 	switch {
 	case *tp < 0 || *tp > 64:
 		return fail("--tp: %d is outside [0, 64]", *tp)
@@ -251,6 +270,8 @@ func CoordinatorMain(args []string) int {
 		return fail("--gossip-probe-timeout: %v is not in (0, --gossip-probe-interval]", *probeTimeout)
 	case *suspicion < 1 || *suspicion > 100:
 		return fail("--gossip-suspicion-mult: %d is outside [1, 100]", *suspicion)
+	case *keyStreams < 0:
+		return fail("--max-streams-per-key: must be >= 0")
 	}
 	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {
@@ -278,6 +299,9 @@ func CoordinatorMain(args []string) int {
 		wargs = append(wargs, "--threads", fmt.Sprint(max(runtime.NumCPU() / *localWorkers, 1)))
 	}
 	wargs = append(wargs, "--log-level", *level, "--log-format", *format)
+	if *modelRoot != "" {
+		wargs = append(wargs, "--model-root", *modelRoot)
+	}
 	ctx, cancel := signalContext()
 	defer cancel()
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
@@ -286,6 +310,7 @@ func CoordinatorMain(args []string) int {
 		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
 		StepTimeout: routing.StepTimeout{Min: *stepTimeout, Factor: *stepFactor}, QueueTimeout: *queueTimeout, DrainTimeout: *drainTimeout,
 		MaxQueueWait: *maxQueueWait, SendTimeout: *sendTimeout, Limits: Limits{MaxConcurrentStreams: uint32(*maxStreams)},
+		Security: sec, APIKeysFile: *apiKeys, MaxStreamsPerKey: *keyStreams,
 		GossipProbeInterval: *probeInterval, GossipProbeTimeout: *probeTimeout, GossipSuspicionMult: *suspicion,
 		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
 	if err != nil && ctx.Err() == nil {

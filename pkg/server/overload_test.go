@@ -14,7 +14,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
@@ -258,8 +257,8 @@ func TestSlowReaderIsAborted(t *testing.T) {
 	needE2E(t)
 	c := startCluster(t, refDir("dense-gqa-f32"), "--send-timeout", "1s")
 	// Fixed 64 KiB windows (no BDP growth): the server's Sends block soon.
-	conn, err := grpc.NewClient(c.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	conn, err := grpc.NewClient(c.addr, append(publicDialOptions(c.addr),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,9 +23,9 @@ import (
 	"github.com/qwenfleet/qwenfleet"
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
 	"github.com/qwenfleet/qwenfleet/pkg/kernels"
-	"github.com/qwenfleet/qwenfleet/pkg/metrics"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
+	"github.com/qwenfleet/qwenfleet/pkg/security"
 	"github.com/qwenfleet/qwenfleet/pkg/supervise"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 	workerv1 "github.com/qwenfleet/qwenfleet/proto/worker/v1"
@@ -61,6 +61,10 @@ type WorkerProcessOptions struct {
 	// picks one; the address is registered in etcd).
 	MetricsListen string
 	Logger        *slog.Logger
+	// Security: TLS on every listener and dial (see Security); ModelRoot,
+	// when set, is the directory the placement's model must lie under.
+	Security  Security
+	ModelRoot string
 }
 
 // RunWorker serves the worker API, registered in etcd, until ctx ends (nil)
@@ -115,6 +119,19 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		}
 		defer pprof.StopCPUProfile()
 	}
+	if err := security.CheckListeners(o.Security.TLSDir, o.Security.Insecure,
+		security.Listener{Flag: "--listen", Addr: o.Listen}, security.Listener{Flag: "--metrics-listen", Addr: o.MetricsListen}); err != nil {
+		return err
+	}
+	ptls, err := o.Security.open(security.RoleWorker, log)
+	if err != nil {
+		return err
+	}
+	o.Peer.Creds = ptls.dialCreds()
+	etcdCfg, err := ptls.etcdConfig(o.EtcdEndpoints)
+	if err != nil {
+		return err
+	}
 	lis, err := net.Listen("tcp", o.Listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
@@ -129,8 +146,12 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	hs := health.NewServer()
 	states := newStateWriter()
 	life := newWorkerLife()
+	// Who may call what (workerauth.go): the leader it reads from etcd
+	// (watched once connected), assignments from etcd only.
+	leader := NewLeaderView(nil)
 	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, Device: o.Device, KVCacheBytes: o.KVCacheBytes,
 		MemoryBytes: o.MemoryBytes, Peer: o.Peer, Logger: log,
+		Auth:    &WorkerAuth{RequireCerts: ptls.own != nil, Leader: leader, ModelRoot: o.ModelRoot, StoredOnly: true},
 		OnDrain: life.askDrain, OnLeave: func() { poke(life.leave) },
 		OnState: func(state, _ string) {
 			if !life.draining.Load() { // etcd keeps showing the drain
@@ -143,15 +164,15 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	defer svc.Close()
 	var metricsAddr string
 	if o.MetricsListen != "" {
-		a, stopMetrics, err := metrics.Serve(o.MetricsListen, svc.Metrics().Registry)
+		a, stopMetrics, err := ptls.serveMetrics(o.MetricsListen, svc.Metrics().Registry)
 		if err != nil {
 			return fmt.Errorf("--metrics-listen: %w", err)
 		}
 		defer stopMetrics()
 		metricsAddr = a
-		log.Info("metrics", "addr", "http://"+a+"/metrics")
 	}
-	gs := grpc.NewServer(append(PeerServerOptions(o.Peer), grpc.MaxRecvMsgSize(256<<20), grpc.MaxSendMsgSize(256<<20))...)
+	gs := grpc.NewServer(append(append(PeerServerOptions(o.Peer), grpc.MaxRecvMsgSize(256<<20), grpc.MaxSendMsgSize(256<<20)),
+		ptls.serverOptions("worker", true)...)...)
 	workerv1.RegisterWorkerServer(gs, svc)
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
@@ -163,11 +184,12 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		stopServer(gs)
 	}()
 
-	store, err := connectEtcd(ctx, o.EtcdEndpoints, o.Prefix, log)
+	store, err := connectEtcd(ctx, o.EtcdEndpoints, o.Prefix, etcdCfg, log)
 	if err != nil {
 		return err
 	}
 	defer store.Close()
+	leader.Watch(ctx, store)
 	svc.setAssignments(func(ctx context.Context, version int64) (*workerv1.Assignment, error) {
 		ctx, cancel := context.WithTimeout(ctx, etcdTimeout)
 		defer cancel()
@@ -181,11 +203,14 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	if gbind == "" {
 		gbind, _, _ = net.SplitHostPort(lis.Addr().String())
 	}
-	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: o.ID, BindAddr: gbind, Fast: o.GossipFast})
+	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: o.ID, BindAddr: gbind, Fast: o.GossipFast, KeyFile: ptls.gossipKeyFile(), Log: log})
 	if err != nil {
 		return fmt.Errorf("gossip: %w", err)
 	}
 	defer gossip.Close()
+	if ptls.gossipKeyFile() != "" {
+		go gossip.WatchKeys(ctx, gossipKeyPoll)
+	}
 	info := cluster.WorkerInfo{ID: o.ID, Addr: addr, GossipAddr: gossip.Addr(), MetricsAddr: metricsAddr, Backend: kind, DeviceName: devName, MemoryBytes: o.MemoryBytes,
 		Devices: 1, PID: os.Getpid(), Host: host, State: "idle", Started: time.Now(), DrainTimeoutSeconds: o.DrainTimeout.Seconds()}
 	reg, err := registerAgain(ctx, store, info, o.LeaseTTL, log)
@@ -323,12 +348,12 @@ func (l *workerLife) run(ctx context.Context, o WorkerProcessOptions, log *slog.
 // connectEtcd connects to etcd, waiting for it (a process started while
 // etcd is away, or before it, does not exit): it retries with backoff until
 // etcd answers or ctx ends.
-func connectEtcd(ctx context.Context, endpoints []string, prefix string, log *slog.Logger) (*cluster.Store, error) {
+func connectEtcd(ctx context.Context, endpoints []string, prefix string, cfg cluster.ConnectConfig, log *slog.Logger) (*cluster.Store, error) {
 	if len(endpoints) == 0 {
-		return cluster.Connect(ctx, endpoints, prefix) // its error says so
+		return cluster.ConnectWith(ctx, endpoints, prefix, cfg) // its error says so
 	}
 	return retryEtcd(ctx, 500*time.Millisecond, log, "etcd does not answer; trying again", func() (*cluster.Store, error) {
-		return cluster.Connect(ctx, endpoints, prefix)
+		return cluster.ConnectWith(ctx, endpoints, prefix, cfg)
 	}, "endpoints", strings.Join(endpoints, ","))
 }
 
@@ -408,7 +433,13 @@ type CoordinatorProcessOptions struct {
 	// public server's (PublicServerOptions).
 	MaxQueueWait, SendTimeout time.Duration
 	Limits                    Limits
-	Logger                    *slog.Logger
+	// Security: TLS on every listener and dial (see Security); APIKeysFile
+	// the public API's keys (security.LoadAPIKeys), MaxStreamsPerKey the
+	// default per-key stream limit.
+	Security         Security
+	APIKeysFile      string
+	MaxStreamsPerKey int
+	Logger           *slog.Logger
 	// OnReady is called once a replica can serve, with the public address.
 	OnReady func(addr string)
 }
@@ -460,15 +491,19 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	if o.Listen == "" {
 		o.Listen = "127.0.0.1:50051"
 	}
-	if o.DataDir == "" {
-		base, err := os.UserCacheDir()
-		if err != nil {
-			base = os.TempDir()
-		}
-		o.DataDir = filepath.Join(base, "qwenfleet")
+	if err := security.CheckListeners(o.Security.TLSDir, o.Security.Insecure,
+		security.Listener{Flag: "--listen", Addr: o.Listen}, security.Listener{Flag: "--metrics-listen", Addr: o.MetricsListen}); err != nil {
+		return err
 	}
-	if err := os.MkdirAll(o.DataDir, 0o755); err != nil {
-		return fmt.Errorf("--data-dir: %w", err)
+	if o.DataDir == "" {
+		d, err := security.DefaultDataDir()
+		if err != nil {
+			return err
+		}
+		o.DataDir = d
+	}
+	if err := security.PrepareDataDir(o.DataDir); err != nil {
+		return err
 	}
 	if o.LocalWorkers < 0 {
 		return fmt.Errorf("--local-workers: %d < 0", o.LocalWorkers)
@@ -479,7 +514,14 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		if err != nil {
 			return fmt.Errorf("demo model: %w", err)
 		}
+		if err := security.Tighten(dir); err != nil {
+			return fmt.Errorf("demo model: %w", err)
+		}
 		o.ModelDir = dir
+	}
+	ptls, err := o.Security.open(security.RoleCoordinator, log)
+	if err != nil {
+		return err
 	}
 	lis, err := net.Listen("tcp", o.Listen)
 	if err != nil {
@@ -489,7 +531,7 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	addr := lis.Addr().String()
 	endpoints := o.EtcdEndpoints
 	if len(endpoints) == 0 {
-		e, err := cluster.StartEmbeddedEtcd(filepath.Join(o.DataDir, "etcd"))
+		e, err := cluster.StartEmbeddedEtcdConfig(cluster.EmbeddedEtcdConfig{Dir: filepath.Join(o.DataDir, "etcd"), TLSDir: o.Security.TLSDir, Log: log})
 		if err != nil {
 			return fmt.Errorf("embedded etcd: %w", err)
 		}
@@ -497,18 +539,26 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		endpoints = e.Endpoints()
 		log.Info("embedded etcd", "endpoints", strings.Join(endpoints, ","))
 	}
-	store, err := connectEtcd(ctx, endpoints, o.Prefix, log)
+	etcdCfg, err := ptls.etcdConfig(endpoints)
+	if err != nil {
+		return err
+	}
+	store, err := connectEtcd(ctx, endpoints, o.Prefix, etcdCfg, log)
 	if err != nil {
 		return fmt.Errorf("--etcd-endpoints: %w", err)
 	}
 	defer store.Close()
 	host, _, _ := net.SplitHostPort(addr)
 	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: "coordinator-" + addr, BindAddr: host, Fast: o.GossipFast,
-		ProbeInterval: o.GossipProbeInterval, ProbeTimeout: o.GossipProbeTimeout, SuspicionMult: o.GossipSuspicionMult})
+		ProbeInterval: o.GossipProbeInterval, ProbeTimeout: o.GossipProbeTimeout, SuspicionMult: o.GossipSuspicionMult,
+		KeyFile: ptls.gossipKeyFile(), Log: log})
 	if err != nil {
 		return fmt.Errorf("gossip: %w", err)
 	}
 	defer gossip.Close()
+	if ptls.gossipKeyFile() != "" {
+		go gossip.WatchKeys(ctx, gossipKeyPoll)
+	}
 	if o.ID == "" {
 		o.ID = "coordinator-" + addr
 	}
@@ -517,20 +567,28 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log, TP: o.TP, PP: o.PP,
 		EP: o.EP, RedundantExperts: o.RedundantExperts, EPLBInterval: o.EPLBInterval,
 		StepTimeout: o.StepTimeout, QueueTimeout: o.QueueTimeout, DrainTimeout: o.DrainTimeout,
-		MaxQueueWait: o.MaxQueueWait, SendTimeout: o.SendTimeout})
+		MaxQueueWait: o.MaxQueueWait, SendTimeout: o.SendTimeout, WorkerCreds: ptls.dialCreds(), Security: o.Security.Mode()})
 	if err != nil {
 		return err
 	}
 	if o.MetricsListen != "" {
-		a, stopMetrics, err := metrics.Serve(o.MetricsListen, coord.Metrics().Registry)
+		_, stopMetrics, err := ptls.serveMetrics(o.MetricsListen, coord.Metrics().Registry)
 		if err != nil {
 			return fmt.Errorf("--metrics-listen: %w", err)
 		}
 		defer stopMetrics()
-		log.Info("metrics", "addr", "http://"+a+"/metrics")
 		o.WorkerArgs = append(o.WorkerArgs, "--metrics-listen", "127.0.0.1:0")
 	}
-	gs := grpc.NewServer(PublicServerOptions(o.Limits)...)
+	var auth *PublicAuth
+	if o.APIKeysFile != "" {
+		keys, err := security.LoadAPIKeys(o.APIKeysFile)
+		if err != nil {
+			return fmt.Errorf("--api-keys: %w", err)
+		}
+		auth = &PublicAuth{Keys: keys, MaxStreamsPerKey: o.MaxStreamsPerKey}
+		log.Info("API keys required on the public API", "file", o.APIKeysFile, "keys", keys.Len())
+	}
+	gs := grpc.NewServer(append(PublicServerOptionsWith(o.Limits, auth), ptls.serverOptions("public", false)...)...)
 	pb.RegisterGeneratorServer(gs, NewGeneratorService(coord))
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
@@ -553,13 +611,17 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		if err != nil {
 			return fmt.Errorf("local workers: %w", err)
 		}
+		env := append(os.Environ(), RoleEnv+"=worker")
+		if o.Security.Etcd.Password != "" { // read from a file, maybe
+			env = append(env, "QWENFLEET_ETCD_PASSWORD="+o.Security.Etcd.Password)
+		}
 		for i := 0; i < o.LocalWorkers; i++ {
 			cfg := supervise.Config{
 				Name:       fmt.Sprintf("local worker %d", i),
 				Executable: exe,
-				Args: append([]string{"--etcd-endpoints", strings.Join(endpoints, ","),
-					"--id", fmt.Sprintf("local-%d-w%d", os.Getpid(), i), "--prefix", o.Prefix}, o.WorkerArgs...),
-				Env:        append(os.Environ(), RoleEnv+"=worker"),
+				Args: append(append([]string{"--etcd-endpoints", strings.Join(endpoints, ","),
+					"--id", fmt.Sprintf("local-%d-w%d", os.Getpid(), i), "--prefix", o.Prefix}, o.WorkerArgs...), o.Security.workerArgs()...),
+				Env:        env,
 				MinBackoff: time.Second, MaxBackoff: 30 * time.Second, StopGrace: 5 * time.Second,
 				// The cluster stops: no drain (a worker drains on SIGTERM).
 				// A worker drained by the coordinator exits 0 and is not
