@@ -134,7 +134,20 @@ func (f clusterFlags) connect() (*client.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return client.New(client.Config{Addrs: addrs, EtcdEndpoints: etcd, Prefix: *f.prefix, RetryTimeout: *f.retry, TLS: tlsCfg, APIKey: key})
+	var etcdTLS *tls.Config
+	if len(etcd) > 0 && strings.HasPrefix(etcd[0], "https://") {
+		// etcd wants a client certificate of the cluster CA: the client
+		// role's, from the same directory.
+		if *f.sec.tlsDir == "" {
+			return nil, usagef("--etcd-endpoints: https:// endpoints need --tls-dir (its %s and client.pem)", security.CAFile)
+		}
+		t, err := security.NewTLS(*f.sec.tlsDir, security.RoleClient)
+		if err != nil {
+			return nil, usagef("--tls-dir: %v (https:// --etcd-endpoints need the client certificate)", err)
+		}
+		etcdTLS = t.ClientConfig("")
+	}
+	return client.New(client.Config{Addrs: addrs, EtcdEndpoints: etcd, EtcdTLS: etcdTLS, Prefix: *f.prefix, RetryTimeout: *f.retry, TLS: tlsCfg, APIKey: key})
 }
 
 // rpcError makes a gRPC error one readable line.

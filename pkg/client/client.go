@@ -54,6 +54,11 @@ type Config struct {
 	// no known coordinator says it leads, the election key names the
 	// leader.
 	EtcdEndpoints []string
+	// EtcdTLS secures the etcd connection (https:// endpoints): the
+	// cluster CA and a certificate it signed (etcd wants a client
+	// certificate), e.g. security.NewTLS(dir, security.RoleClient).
+	// ClientConfig(""). Nil: plaintext.
+	EtcdTLS *tls.Config
 	// Prefix is the etcd key prefix of the cluster (the servers'
 	// --prefix); "" means pkg/cluster's default, "/qwenfleet/".
 	Prefix string
@@ -471,7 +476,7 @@ func (c *Client) etcdLeader(ctx context.Context) (string, error) {
 	defer c.etcdMu.Unlock()
 	if c.store == nil {
 		cctx, cancel := context.WithTimeout(ctx, c.cfg.InfoTimeout)
-		s, err := cluster.Connect(cctx, c.cfg.EtcdEndpoints, c.cfg.Prefix)
+		s, err := cluster.ConnectWith(cctx, c.cfg.EtcdEndpoints, c.cfg.Prefix, cluster.ConnectConfig{TLS: c.cfg.EtcdTLS})
 		cancel()
 		if err != nil {
 			return "", err

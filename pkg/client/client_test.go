@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/qwenfleet/qwenfleet/pkg/cluster"
+	"github.com/qwenfleet/qwenfleet/pkg/security"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
@@ -537,16 +539,29 @@ func TestCodeOf(t *testing.T) {
 }
 
 // TestEtcdFallback: no configured coordinator knows the leader (or none is
-// configured at all); the election key in etcd names it.
+// configured at all); the election key in etcd names it. etcd serves TLS
+// and wants a client certificate of the cluster CA (Config.EtcdTLS).
 func TestEtcdFallback(t *testing.T) {
-	e, err := cluster.StartEmbeddedEtcd(t.TempDir())
+	dir := filepath.Join(t.TempDir(), "tls")
+	if err := security.WriteCerts(dir, nil, false); err != nil {
+		t.Fatal(err)
+	}
+	e, err := cluster.StartEmbeddedEtcdConfig(cluster.EmbeddedEtcdConfig{Dir: t.TempDir(), TLSDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Close() })
+	coordTLS, err := security.NewTLS(dir, security.RoleCoordinator)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientTLS, err := security.NewTLS(dir, security.RoleClient)
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	store, err := cluster.Connect(ctx, e.Endpoints(), "/ha/")
+	store, err := cluster.ConnectWith(ctx, e.Endpoints(), "/ha/", cluster.ConnectConfig{TLS: coordTLS.ClientConfig("")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -560,7 +575,7 @@ func TestEtcdFallback(t *testing.T) {
 	defer lead.Resign(context.Background())
 	for _, addrs := range [][]string{{s.addr}, nil} {
 		cfg := fastConfig(addrs...)
-		cfg.EtcdEndpoints, cfg.Prefix = e.Endpoints(), "/ha/"
+		cfg.EtcdEndpoints, cfg.Prefix, cfg.EtcdTLS = e.Endpoints(), "/ha/", clientTLS.ClientConfig("")
 		c := newClient(t, cfg)
 		generate(t, c, request(3))
 		if got := c.Coordinators(); !slices.Equal(got, append(addrs, l.addr)) {
@@ -569,7 +584,7 @@ func TestEtcdFallback(t *testing.T) {
 	}
 	// The wrong prefix names no leader: it gives up.
 	cfg := fastConfig(s.addr)
-	cfg.EtcdEndpoints, cfg.Prefix, cfg.RetryTimeout = e.Endpoints(), "/other/", 100*time.Millisecond
+	cfg.EtcdEndpoints, cfg.Prefix, cfg.RetryTimeout, cfg.EtcdTLS = e.Endpoints(), "/other/", 100*time.Millisecond, clientTLS.ClientConfig("")
 	c := newClient(t, cfg)
 	if _, err := c.Generate(context.Background(), request(3), nil); !errors.Is(err, ErrGaveUp) || !strings.Contains(err.Error(), "etcd") {
 		t.Fatalf("wrong prefix: %v", err)
