@@ -66,6 +66,30 @@ func workerCall(t *testing.T, addr string, creds credentials.TransportCredential
 	return err
 }
 
+// workerLoad asks the worker at addr to load generation 1 (its current
+// assignment) over creds, with the given metadata, and returns the error.
+func workerLoad(t *testing.T, addr string, creds credentials.TransportCredentials, md ...string) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), md...), 5*time.Second)
+	defer cancel()
+	s, err := workerv1.NewWorkerClient(conn).Load(ctx, &workerv1.LoadRequest{Version: 1})
+	if err != nil {
+		return err
+	}
+	for {
+		if _, err := s.Recv(); err != nil {
+			if err == io.EOF {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
 // countLines counts the lines of the log file at path matching re.
 func countLines(t *testing.T, path string, re *regexp.Regexp) int {
 	raw, err := os.ReadFile(path)
@@ -152,6 +176,10 @@ func TestSecurityListeners(t *testing.T) {
 	if err := workerCall(t, waddr, credentials.NewTLS(pairTLS(t, testTLS.dir, testTLS.dir, security.RoleCoordinator)),
 		"qwenfleet-leader", "127.0.0.1:1"); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "leader") {
 		t.Fatalf("a non-leader coordinator's Release: %v, want PermissionDenied naming the leader", err)
+	}
+	if err := workerLoad(t, waddr, credentials.NewTLS(pairTLS(t, testTLS.dir, testTLS.dir, security.RoleCoordinator)),
+		"qwenfleet-leader", "127.0.0.1:1"); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "leader") {
+		t.Fatalf("a non-leader coordinator's Load: %v, want PermissionDenied naming the leader", err)
 	}
 	if err := workerCall(t, waddr, credentials.NewTLS(pairTLS(t, testTLS.dir, testTLS.dir, security.RoleCoordinator)),
 		"qwenfleet-leader", info.LeaderAddress); err != nil {
@@ -255,4 +283,26 @@ func TestSecurityListeners(t *testing.T) {
 			t.Errorf("listener %s: %d refusal lines in the log, want 1 (one refusing host)", l, n)
 		}
 	}
+}
+
+// TestModelRootRefusesLoad: a worker with --model-root refuses the
+// placement's model outside it (the replica never forms, the coordinator
+// says why); a worker whose root holds the model serves it.
+func TestModelRootRefusesLoad(t *testing.T) {
+	needE2E(t)
+	b := startBare(t, refDir("dense-gqa-f32"), "--tp", "1")
+	b.worker(t, "w-outside", "--model-root", t.TempDir())
+	re := regexp.MustCompile(`not a path under this worker's --model-root`)
+	waitFor(t, 60*time.Second, "the coordinator to log the worker's refusal", func() error {
+		if countLines(t, b.coord.log.Name(), re) == 0 {
+			return fmt.Errorf("not yet")
+		}
+		return nil
+	})
+	if info := serverInfo(t, b.client); info.Ready {
+		t.Fatal("ready with the only worker refusing the model")
+	}
+	b.worker(t, "w-inside", "--model-root", filepath.Dir(refDir("dense-gqa-f32")))
+	waitReady(t, b.client, b.coord, 90*time.Second)
+	mustGenerate(t, b.client, idsReq([]int32{1, 2, 3}, 4))
 }
