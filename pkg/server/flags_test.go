@@ -47,10 +47,36 @@ func TestBadFlags(t *testing.T) {
 		{WorkerMain, []string{"--id", "rack/7"}, "--id"},
 		{WorkerMain, []string{"--peer-window", "1KiB"}, "--peer-window"},
 		{WorkerMain, []string{"--peer-window", "lots"}, "--peer-window"},
+		{CoordinatorMain, []string{"--tls-dir", "/nonexistent/tls"}, "--tls-dir"},
+		{CoordinatorMain, []string{"--tls-dir", os.TempDir(), "--insecure"}, "--insecure"},
+		{CoordinatorMain, []string{"--etcd-cert", "c.pem"}, "--etcd-key"},
+		{CoordinatorMain, []string{"--etcd-password-file", "/nonexistent/pw"}, "--etcd-password-file"},
+		{CoordinatorMain, []string{"--max-streams-per-key", "-1"}, "--max-streams-per-key"},
+		{WorkerMain, []string{"--model-root", "/nonexistent/models"}, "--model-root"},
+		{WorkerMain, []string{"--tls-dir", "/nonexistent/tls"}, "--tls-dir"},
 	} {
 		code, out := stderrOf(t, func() int { return c.main(c.args) })
 		if code != 2 || !strings.Contains(out, c.want) || strings.Count(strings.TrimSpace(out), "\n") != 0 {
 			t.Errorf("%v: exit %d, %q; want 2 and one line naming %s", c.args, code, out, c.want)
+		}
+	}
+}
+
+// Secure by default: a listener beyond loopback without --tls-dir is
+// refused before anything starts, naming the listener and both ways out.
+func TestListenBeyondLoopbackNeedsTLS(t *testing.T) {
+	for _, c := range []struct {
+		main func([]string) int
+		args []string
+		want string
+	}{
+		{CoordinatorMain, []string{"--listen", "0.0.0.0:0"}, "--listen 0.0.0.0:0"},
+		{CoordinatorMain, []string{"--metrics-listen", ":0"}, "--metrics-listen :0"},
+		{WorkerMain, []string{"--listen", "0.0.0.0:0", "--etcd-endpoints", "http://127.0.0.1:1"}, "--listen 0.0.0.0:0"},
+	} {
+		code, out := stderrOf(t, func() int { return c.main(c.args) })
+		if code == 0 || !strings.Contains(out, c.want) || !strings.Contains(out, "--tls-dir") || !strings.Contains(out, "--insecure") {
+			t.Errorf("%v: exit %d, %q; want a refusal naming %s, --tls-dir and --insecure", c.args, code, out, c.want)
 		}
 	}
 }
