@@ -455,13 +455,15 @@ func (c *Coordinator) loop() context.Context {
 	return c.loopCtx
 }
 
-// sleepCtx waits d or until ctx ends.
-func sleepCtx(ctx context.Context, d time.Duration) {
+// sleepCtx waits d or until ctx ends; it reports whether ctx is live.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
+		return false
 	case <-t.C:
+		return true
 	}
 }
 

@@ -159,7 +159,7 @@ func (v *LeaderView) is(ctx context.Context, claim string) bool {
 		}
 		if wait := time.Until(v.lastStart.Add(v.interval)); wait > 0 {
 			v.mu.Unlock()
-			ok := sleepUntil(ctx, wait)
+			ok := sleepCtx(ctx, wait)
 			v.mu.Lock()
 			if !ok {
 				return false
@@ -179,18 +179,6 @@ func (v *LeaderView) is(ctx context.Context, claim string) bool {
 		}
 		v.inflight, v.doneStart = nil, start
 		close(ch)
-	}
-}
-
-// sleepUntil waits d or until ctx ends; it reports whether ctx is live.
-func sleepUntil(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }
 
