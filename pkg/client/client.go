@@ -3,11 +3,8 @@ package client
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"os"
 	"regexp"
 	"slices"
 	"strings"
@@ -204,30 +201,9 @@ func (b bearerKey) RequireTransportSecurity() bool { return b.tls }
 // No client certificate is presented: the public API authenticates
 // clients by API key. Its errors name the file.
 func TLSConfigFromCA(caFile string) (*tls.Config, error) {
-	b, err := os.ReadFile(caFile)
+	pool, err := security.LoadCAPool(caFile)
 	if err != nil {
 		return nil, fmt.Errorf("client: CA file: %w", err)
-	}
-	pool := x509.NewCertPool()
-	n := 0
-	for rest := b; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		if blk.Type != "CERTIFICATE" {
-			continue
-		}
-		cert, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("client: CA file %s: %v", caFile, err)
-		}
-		pool.AddCert(cert)
-		n++
-	}
-	if n == 0 {
-		return nil, fmt.Errorf("client: CA file %s: no PEM certificate", caFile)
 	}
 	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, VerifyConnection: coordinatorRole}, nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
@@ -92,17 +91,10 @@ func writeTestCerts(t *testing.T) string {
 
 func testCAPool(t *testing.T, dir string) *x509.CertPool {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(dir, security.CAFile))
+	p, err := security.LoadCAPool(filepath.Join(dir, security.CAFile))
 	if err != nil {
 		t.Fatal(err)
 	}
-	blk, _ := pem.Decode(b)
-	c, err := x509.ParseCertificate(blk.Bytes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := x509.NewCertPool()
-	p.AddCert(c)
 	return p
 }
 

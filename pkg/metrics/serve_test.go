@@ -4,11 +4,9 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -70,17 +68,10 @@ func (e *httpError) Error() string { return e.status }
 
 func caPool(t *testing.T, dir string) *x509.CertPool {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(dir, security.CAFile))
+	p, err := security.LoadCAPool(filepath.Join(dir, security.CAFile))
 	if err != nil {
 		t.Fatal(err)
 	}
-	blk, _ := pem.Decode(b)
-	c, err := x509.ParseCertificate(blk.Bytes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := x509.NewCertPool()
-	p.AddCert(c)
 	return p
 }
 

@@ -91,30 +91,9 @@ func (t *TLS) stat() ([]os.FileInfo, error) {
 // and signed by the CA.
 func (t *TLS) load() (*tls.Certificate, *x509.CertPool, error) {
 	p := t.paths()
-	caPEM, err := os.ReadFile(p[0])
+	pool, err := LoadCAPool(p[0])
 	if err != nil {
-		return nil, nil, errorf("%v", err)
-	}
-	pool := x509.NewCertPool()
-	n := 0
-	for rest := caPEM; ; {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		if b.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(b.Bytes)
-		if err != nil {
-			return nil, nil, errorf("%s: %v", p[0], err)
-		}
-		pool.AddCert(c)
-		n++
-	}
-	if n == 0 {
-		return nil, nil, errorf("%s: no PEM certificate", p[0])
+		return nil, nil, err
 	}
 	certPEM, err := os.ReadFile(p[1])
 	if err != nil {
@@ -284,4 +263,36 @@ func verifyServer(cs tls.ConnectionState, pool *x509.CertPool) error {
 		return errorf("server certificate %q is not a coordinator's or a worker's", leaf.Subject.CommonName)
 	}
 	return nil
+}
+
+// LoadCAPool reads file, PEM holding one or more CA certificates (a
+// cluster's ca.pem holds two during a rotation), into a pool. Its errors
+// name the file.
+func LoadCAPool(file string) (*x509.CertPool, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, errorf("%v", err)
+	}
+	pool := x509.NewCertPool()
+	n := 0
+	for rest := b; ; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, errorf("%s: %v", file, err)
+		}
+		pool.AddCert(c)
+		n++
+	}
+	if n == 0 {
+		return nil, errorf("%s: no PEM certificate", file)
+	}
+	return pool, nil
 }

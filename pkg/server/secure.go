@@ -2,7 +2,6 @@ package server
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -119,13 +118,9 @@ func (s Security) etcdTLS(endpoints []string, own *security.TLS) (*tls.Config, e
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if s.Etcd.CAFile != "" {
-		pem, err := os.ReadFile(s.Etcd.CAFile)
+		pool, err := security.LoadCAPool(s.Etcd.CAFile)
 		if err != nil {
 			return nil, fmt.Errorf("--etcd-cacert: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--etcd-cacert: %s holds no PEM certificate", s.Etcd.CAFile)
 		}
 		cfg.RootCAs = pool
 	}

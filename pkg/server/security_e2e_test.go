@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"net/http"
@@ -32,12 +31,10 @@ import (
 // for role "") and trusting caDir's CA.
 func pairTLS(t *testing.T, caDir, dir string, role security.Role) *tls.Config {
 	t.Helper()
-	pem, err := os.ReadFile(filepath.Join(caDir, security.CAFile))
+	pool, err := security.LoadCAPool(filepath.Join(caDir, security.CAFile))
 	if err != nil {
 		t.Fatal(err)
 	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pem)
 	cfg := &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
 	if role != "" {
 		pair, err := tls.LoadX509KeyPair(filepath.Join(dir, string(role)+".pem"), filepath.Join(dir, string(role)+"-key.pem"))

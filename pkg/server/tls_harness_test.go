@@ -3,8 +3,6 @@ package server_test
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -104,12 +102,10 @@ func etcdScheme() string {
 // testClientTLS verifies the cluster's servers against the test CA (any
 // address: the name checked is localhost, which every certificate has).
 func testClientTLS() *tls.Config {
-	pem, err := os.ReadFile(filepath.Join(testTLS.dir, security.CAFile))
+	pool, err := security.LoadCAPool(filepath.Join(testTLS.dir, security.CAFile))
 	if err != nil {
 		panic(err)
 	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pem)
 	return &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
 }
 
