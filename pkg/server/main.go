@@ -114,6 +114,7 @@ func WorkerMain(args []string) int {
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "text", "log lines as text or json")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 0.0.0.0:9091; empty: off)")
+	healthListen := fs.String("health-listen", "", "serve only the gRPC health service, plaintext, on this address (for kubelet gRPC probes, which speak no TLS; empty: off)")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file until exit")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long the worker's replica may take to finish its requests before they move to other replicas")
 	peerWindow := fs.String("peer-window", "16MiB", "flow-control window of the streams to the replica's other workers (at least 64KiB)")
@@ -161,7 +162,7 @@ func WorkerMain(args []string) int {
 	defer cancel()
 	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
 		ID: *id, Threads: *threads, Kernels: *kernels, Device: *device, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast,
-		CPUProfile: *cpuProfile, MetricsListen: *metricsListen, Logger: log, Drain: drain, DrainTimeout: *drainTimeout,
+		CPUProfile: *cpuProfile, MetricsListen: *metricsListen, HealthListen: *healthListen, Logger: log, Drain: drain, DrainTimeout: *drainTimeout,
 		Peer: PeerConfig{Window: int32(window)}, Security: sec, ModelRoot: *modelRoot})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "worker: %v\n", err)
@@ -197,6 +198,7 @@ func CoordinatorMain(args []string) int {
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "text", "log lines as text or json (local workers too)")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9090; empty: off); local workers then serve theirs too")
+	healthListen := fs.String("health-listen", "", "serve only the gRPC health service, plaintext, on this address (for kubelet gRPC probes, which speak no TLS; empty: off)")
 	stepTimeout := fs.Duration("step-timeout", 5*time.Second, "least time a replica's step may take before its workers count as hung")
 	stepFactor := fs.Float64("step-timeout-factor", 10, "a step may take this many times the replica's median step (scaled by its tokens), if more than --step-timeout")
 	queueTimeout := fs.Duration("queue-timeout", 60*time.Second, "how long a request may wait with no replica able to serve it before it ends UNAVAILABLE")
@@ -306,7 +308,7 @@ func CoordinatorMain(args []string) int {
 	defer cancel()
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
-		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen,
+		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen, HealthListen: *healthListen,
 		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
 		StepTimeout: routing.StepTimeout{Min: *stepTimeout, Factor: *stepFactor}, QueueTimeout: *queueTimeout, DrainTimeout: *drainTimeout,
 		MaxQueueWait: *maxQueueWait, SendTimeout: *sendTimeout, Limits: Limits{MaxConcurrentStreams: uint32(*maxStreams)},

@@ -60,7 +60,10 @@ type WorkerProcessOptions struct {
 	// MetricsListen, when set, serves Prometheus /metrics there (port 0
 	// picks one; the address is registered in etcd).
 	MetricsListen string
-	Logger        *slog.Logger
+	// HealthListen, when set, serves only the gRPC health service there,
+	// plaintext (serveHealth).
+	HealthListen string
+	Logger       *slog.Logger
 	// Security: TLS on every listener and dial (see Security); ModelRoot,
 	// when set, is the directory the placement's model must lie under.
 	Security  Security
@@ -177,6 +180,13 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
 	go gs.Serve(lis)
+	if o.HealthListen != "" {
+		stop, err := serveHealth(o.HealthListen, hs, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	defer func() {
 		// Peers stream to each other: end this worker's streams first, or
 		// every worker's graceful stop waits for the others'.
@@ -414,6 +424,9 @@ type CoordinatorProcessOptions struct {
 	// /metrics there; local workers then serve theirs on loopback ports
 	// (registered in etcd, listed by GetServerInfo).
 	MetricsListen string
+	// HealthListen, when set, serves only the gRPC health service there,
+	// plaintext (serveHealth).
+	HealthListen string
 	// WorkerArgs are extra flags for local workers (e.g. --threads 2).
 	WorkerArgs   []string
 	BlockSize    int
@@ -597,6 +610,13 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	reflection.Register(gs)
 	go gs.Serve(lis)
 	defer stopServer(gs)
+	if o.HealthListen != "" {
+		stop, err := serveHealth(o.HealthListen, hs, log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	log.Info("coordinator serving", "addr", addr, "model", o.ModelDir)
 
 	rctx, stop := context.WithCancel(ctx)
@@ -644,4 +664,19 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		}
 	}()
 	return coord.Run(rctx)
+}
+
+// serveHealth serves hs, and nothing else, plaintext on addr: kubelet's
+// gRPC probes speak no TLS, and the serving status is all it tells (so
+// the secure-by-default rule does not count this listener).
+func serveHealth(addr string, hs *health.Server, log *slog.Logger) (func(), error) {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--health-listen: %w", err)
+	}
+	gs := grpc.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	go gs.Serve(lis)
+	log.Info("health (gRPC, plaintext, health service only)", "addr", lis.Addr().String())
+	return gs.Stop, nil
 }

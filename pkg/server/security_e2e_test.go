@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -114,7 +115,8 @@ func TestSecurityListeners(t *testing.T) {
 	if err := security.WriteCerts(other, nil, false); err != nil {
 		t.Fatal(err)
 	}
-	c := startCluster(t, refDir("dense-gqa-f32"), "--metrics-listen", "127.0.0.1:0")
+	haddr := freeAddr(t)
+	c := startCluster(t, refDir("dense-gqa-f32"), "--metrics-listen", "127.0.0.1:0", "--health-listen", haddr)
 	info := serverInfo(t, c.client)
 	if info.Security != "tls" || len(info.Workers) != 1 || info.Workers[0].Address == "" || info.Workers[0].MetricsAddress == "" {
 		t.Fatalf("admin server info: security %q, workers %v", info.Security, info.Workers)
@@ -125,13 +127,33 @@ func TestSecurityListeners(t *testing.T) {
 		t.Fatalf("embedded etcd endpoints %v: want https", eps)
 	}
 
+	// The health port (kubelet's gRPC probes: plaintext) tells the serving
+	// status and nothing else.
+	hconn, err := grpc.NewClient(haddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hconn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	hr, err := healthpb.NewHealthClient(hconn).Check(ctx, &healthpb.HealthCheckRequest{})
+	cancel()
+	if err != nil || hr.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health port: %v %v", hr, err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	_, err = pb.NewGeneratorClient(hconn).GetServerInfo(ctx, &pb.GetServerInfoRequest{})
+	cancel()
+	if status.Code(err) != codes.Unimplemented {
+		t.Fatalf("the health port served GetServerInfo: %v", err)
+	}
+
 	// The public port.
 	pconn, err := grpc.NewClient(c.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer pconn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
 	_, err = pb.NewGeneratorClient(pconn).GetServerInfo(ctx, &pb.GetServerInfoRequest{})
 	cancel()
 	if err == nil {
