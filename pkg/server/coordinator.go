@@ -108,6 +108,8 @@ type Coordinator struct {
 	started time.Time
 	metrics *metrics.Coordinator
 
+	leaderCheck sync.Mutex // one checkLeadership at a time
+
 	ready     chan struct{} // closed when the first replica is up
 	readyOnce sync.Once
 	events    chan control.Event // results and requests for the loop
@@ -879,14 +881,18 @@ func (c *Coordinator) serve(a control.Serve) {
 	eng.OnStep = c.observeStep
 	eng.OnStepError = func(err error) {
 		c.log.Warn("step failed", "replica", key, "err", err)
+		if notTheLeader(err) {
+			// The worker names another leader: etcd decides (the engine
+			// retries the step meanwhile).
+			go c.checkLeadership(a.Gen, err)
+			return
+		}
 		// Refused: another assignment, or its KV pool is gone, or the
 		// worker does not take this coordinator's calls; superseded: a
-		// newer assignment (ABORTED), or the worker knows another leader
-		// (PERMISSION_DENIED "not the leader").
+		// newer assignment (ABORTED).
 		code := status.Code(err)
-		superseded := code == codes.Aborted || notTheLeader(err)
 		ev := control.StepFailed{Gen: a.Gen, Refused: code == codes.FailedPrecondition || code == codes.Aborted || code == codes.PermissionDenied,
-			Err: err.Error(), Superseded: superseded, Unconfirmed: c.leaseUnconfirmed()}
+			Err: err.Error(), Superseded: code == codes.Aborted, Unconfirmed: c.leaseUnconfirmed()}
 		go c.send(ev) // not from the engine's goroutine: the loop may be closing this engine
 	}
 	rt.exec, rt.engine = exec, eng
@@ -895,6 +901,45 @@ func (c *Coordinator) serve(a control.Serve) {
 	c.log.Info("replica ready", "replica", key, "tp", rt.tp, "pp", rt.pp, "ep", rt.ep, "workers", rt.workerIDs(),
 		"kv_blocks", a.Blocks, "block_size", c.opts.BlockSize)
 	c.readyOnce.Do(func() { close(c.ready) })
+}
+
+// checkLeadership answers a worker's refusal of a step for its leader
+// claim ("not the leader": the worker read another leader in etcd). The
+// refusal alone does not depose this coordinator: right after an etcd
+// outage the workers may see, for a moment, a standby's key first while
+// both leases lapse, and this coordinator's own election (Lost, then a
+// campaign it wins) settles that within a renewal. So it asks etcd: when
+// etcd names this coordinator, or no one, the steps go on being retried
+// (the worker's view catches up); when etcd names another coordinator
+// twice a second apart, or does not answer while this coordinator's lease
+// is unconfirmed (it is cut off from an etcd the workers reach), it steps
+// down. One check runs at a time.
+func (c *Coordinator) checkLeadership(gen int64, refusal error) {
+	if !c.leaderCheck.TryLock() {
+		return
+	}
+	defer c.leaderCheck.Unlock()
+	ctx := c.loop()
+	for i := range 2 {
+		qctx, cancel := context.WithTimeout(ctx, time.Second)
+		who, _, err := c.opts.Store.LeaderAt(qctx)
+		cancel()
+		switch {
+		case ctx.Err() != nil:
+			return
+		case err != nil && !c.leaseUnconfirmed():
+			return // its lease holds: the workers' view is stale
+		case err == nil && (who == "" || who == c.opts.Addr):
+			return
+		case err == nil && i == 0:
+			c.log.Info("a worker names another leader; asking etcd again", "leader", who)
+			sleepCtx(ctx, time.Second)
+			continue
+		}
+		c.log.Warn("workers take another leader's calls", "leader", who, "err", err, "refusal", refusal)
+		c.send(control.StepFailed{Gen: gen, Refused: true, Superseded: true, Unconfirmed: true, Err: refusal.Error()})
+		return
+	}
 }
 
 // drop removes a replica: its requests move to the other replicas (or

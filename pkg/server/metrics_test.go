@@ -19,7 +19,8 @@ import (
 // printed, labels in the exporter's order).
 func scrape(t *testing.T, addr string) map[string]float64 {
 	t.Helper()
-	resp, err := http.Get("http://" + addr + "/metrics")
+	cl, url := metricsClient(t, addr)
+	resp, err := cl.Get(url)
 	if err != nil {
 		t.Fatal(err)
 	}

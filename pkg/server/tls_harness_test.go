@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"crypto/tls"
+	"net/http"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -155,4 +156,19 @@ func etcdClient(t testing.TB, endpoints []string) (*clientv3.Client, error) {
 // etcdClientTLS is a raw etcd client with the given TLS configuration.
 func etcdClientTLS(endpoints []string, cfg *tls.Config) (*clientv3.Client, error) {
 	return clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 2 * time.Second, TLS: cfg})
+}
+
+// metricsClient is how a test scrapes the metrics listener at addr: HTTPS
+// with the client certificate (a Prometheus scraper's) under the test TLS.
+func metricsClient(t testing.TB, addr string) (*http.Client, string) {
+	if testTLS.dir == "" {
+		return http.DefaultClient, "http://" + addr + "/metrics"
+	}
+	cfg := testClientTLS()
+	pair, err := tls.LoadX509KeyPair(filepath.Join(testTLS.dir, "client.pem"), filepath.Join(testTLS.dir, "client-key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Certificates = []tls.Certificate{pair}
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}, "https://" + addr + "/metrics"
 }

@@ -558,10 +558,10 @@ func TestPlacementSecrets(t *testing.T) {
 	}
 }
 
-// TestNotTheLeaderIsSuperseded: a worker's "not the leader" refusal, as
-// the replica's executor wraps it, is what the coordinator takes for
-// another leader's proof.
-func TestNotTheLeaderIsSuperseded(t *testing.T) {
+// TestNotTheLeaderRecognised: a worker's "not the leader" refusal, as the
+// replica's executor wraps it, is recognised (the coordinator then asks
+// etcd who leads: checkLeadership), and a certificate refusal is not it.
+func TestNotTheLeaderRecognised(t *testing.T) {
 	err := fmt.Errorf("worker w: %w", status.Error(codes.PermissionDenied, "not the leader: Step is refused to a:1; this worker's leader is b:1"))
 	if !notTheLeader(err) {
 		t.Fatal("not recognised")
