@@ -54,6 +54,10 @@ func TestBadFlags(t *testing.T) {
 		{CoordinatorMain, []string{"--max-streams-per-key", "-1"}, "--max-streams-per-key"},
 		{WorkerMain, []string{"--model-root", "/nonexistent/models"}, "--model-root"},
 		{WorkerMain, []string{"--tls-dir", "/nonexistent/tls"}, "--tls-dir"},
+		{WorkerMain, []string{"--gossip-port", "70000"}, "--gossip-port"},
+		{CoordinatorMain, []string{"--gossip-port", "-1"}, "--gossip-port"},
+		{CoordinatorMain, []string{"--advertise", "0.0.0.0:50051"}, "--advertise"},
+		{CoordinatorMain, []string{"--advertise", "coord-0"}, "--advertise"},
 	} {
 		code, out := stderrOf(t, func() int { return c.main(c.args) })
 		if code != 2 || !strings.Contains(out, c.want) || strings.Count(strings.TrimSpace(out), "\n") != 0 {
@@ -77,6 +81,21 @@ func TestListenBeyondLoopbackNeedsTLS(t *testing.T) {
 		code, out := stderrOf(t, func() int { return c.main(c.args) })
 		if code == 0 || !strings.Contains(out, c.want) || !strings.Contains(out, "--tls-dir") || !strings.Contains(out, "--insecure") {
 			t.Errorf("%v: exit %d, %q; want a refusal naming %s, --tls-dir and --insecure", c.args, code, out, c.want)
+		}
+	}
+}
+
+func TestGossipHosts(t *testing.T) {
+	for _, c := range []struct{ bound, adv, bind, announce string }{
+		{"127.0.0.1:7000", "127.0.0.1:7000", "127.0.0.1", ""},
+		{"[::]:7000", "10.1.2.3:7000", "0.0.0.0", "10.1.2.3"},
+		{"0.0.0.0:7000", "localhost:7000", "0.0.0.0", "127.0.0.1"},
+		{"[::]:7000", "[::]:7000", "0.0.0.0", ""},
+		{"[::]:7000", "no-such-host.invalid:7000", "0.0.0.0", ""},
+		{"10.0.0.5:7000", "w0.example:7000", "10.0.0.5", ""},
+	} {
+		if b, a := gossipHosts(c.bound, c.adv); b != c.bind || a != c.announce {
+			t.Errorf("gossipHosts(%q, %q) = %q, %q; want %q, %q", c.bound, c.adv, b, a, c.bind, c.announce)
 		}
 	}
 }

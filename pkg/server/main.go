@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
@@ -115,6 +116,8 @@ func WorkerMain(args []string) int {
 	format := fs.String("log-format", "text", "log lines as text or json")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 0.0.0.0:9091; empty: off)")
 	healthListen := fs.String("health-listen", "", "serve only the gRPC health service, plaintext, on this address (for kubelet gRPC probes, which speak no TLS; empty: off)")
+	gossipPort := fs.Int("gossip-port", 0, "gossip (memberlist) UDP and TCP port (0: any free one)")
+	hostName := fs.String("host", "", "host name registered for placement: workers with the same host are kept together (default: the hostname; on Kubernetes, the node's name)")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile to this file until exit")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long the worker's replica may take to finish its requests before they move to other replicas")
 	peerWindow := fs.String("peer-window", "16MiB", "flow-control window of the streams to the replica's other workers (at least 64KiB)")
@@ -139,6 +142,9 @@ func WorkerMain(args []string) int {
 	if strings.Contains(*id, "/") {
 		return fail("--id: %q contains a /", *id)
 	}
+	if *gossipPort < 0 || *gossipPort > 65535 {
+		return fail("--gossip-port: %d is not a port", *gossipPort)
+	}
 	window, err := units.ParseBytes(*peerWindow)
 	if err != nil || window < 64<<10 || window > 1<<30 {
 		return fail("--peer-window: %q is not a size in [64KiB, 1GiB]", *peerWindow)
@@ -162,7 +168,7 @@ func WorkerMain(args []string) int {
 	defer cancel()
 	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
 		ID: *id, Threads: *threads, Kernels: *kernels, Device: *device, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast,
-		CPUProfile: *cpuProfile, MetricsListen: *metricsListen, HealthListen: *healthListen, Logger: log, Drain: drain, DrainTimeout: *drainTimeout,
+		CPUProfile: *cpuProfile, MetricsListen: *metricsListen, HealthListen: *healthListen, GossipPort: *gossipPort, Host: *hostName, Logger: log, Drain: drain, DrainTimeout: *drainTimeout,
 		Peer: PeerConfig{Window: int32(window)}, Security: sec, ModelRoot: *modelRoot})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "worker: %v\n", err)
@@ -199,6 +205,8 @@ func CoordinatorMain(args []string) int {
 	format := fs.String("log-format", "text", "log lines as text or json (local workers too)")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9090; empty: off); local workers then serve theirs too")
 	healthListen := fs.String("health-listen", "", "serve only the gRPC health service, plaintext, on this address (for kubelet gRPC probes, which speak no TLS; empty: off)")
+	advertise := fs.String("advertise", "", "the address clients and the other coordinators reach this one at (default: the bound --listen address; needed when --listen is 0.0.0.0)")
+	gossipPort := fs.Int("gossip-port", 0, "gossip (memberlist) UDP and TCP port (0: any free one)")
 	stepTimeout := fs.Duration("step-timeout", 5*time.Second, "least time a replica's step may take before its workers count as hung")
 	stepFactor := fs.Float64("step-timeout-factor", 10, "a step may take this many times the replica's median step (scaled by its tokens), if more than --step-timeout")
 	queueTimeout := fs.Duration("queue-timeout", 60*time.Second, "how long a request may wait with no replica able to serve it before it ends UNAVAILABLE")
@@ -274,6 +282,10 @@ func CoordinatorMain(args []string) int {
 		return fail("--gossip-suspicion-mult: %d is outside [1, 100]", *suspicion)
 	case *keyStreams < 0:
 		return fail("--max-streams-per-key: must be >= 0")
+	case *gossipPort < 0 || *gossipPort > 65535:
+		return fail("--gossip-port: %d is not a port", *gossipPort)
+	case *advertise != "" && !advertisable(*advertise):
+		return fail("--advertise: %q is not host:port with a host others can dial", *advertise)
 	}
 	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {
@@ -308,7 +320,7 @@ func CoordinatorMain(args []string) int {
 	defer cancel()
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
-		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen, HealthListen: *healthListen,
+		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen, HealthListen: *healthListen, Advertise: *advertise, GossipPort: *gossipPort,
 		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
 		StepTimeout: routing.StepTimeout{Min: *stepTimeout, Factor: *stepFactor}, QueueTimeout: *queueTimeout, DrainTimeout: *drainTimeout,
 		MaxQueueWait: *maxQueueWait, SendTimeout: *sendTimeout, Limits: Limits{MaxConcurrentStreams: uint32(*maxStreams)},
@@ -320,4 +332,15 @@ func CoordinatorMain(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// advertisable says whether addr is host:port with a port and a host
+// other processes can dial (not empty, not 0.0.0.0 or ::).
+func advertisable(addr string) bool {
+	h, p, err := net.SplitHostPort(addr)
+	if err != nil || h == "" || p == "" || p == "0" {
+		return false
+	}
+	ip := net.ParseIP(h)
+	return ip == nil || !ip.IsUnspecified()
 }

@@ -63,7 +63,12 @@ type WorkerProcessOptions struct {
 	// HealthListen, when set, serves only the gRPC health service there,
 	// plaintext (serveHealth).
 	HealthListen string
-	Logger       *slog.Logger
+	// GossipPort is the gossip port (0: any free one); Host the host name
+	// registered for placement (default: os.Hostname; on Kubernetes, the
+	// node's name, so the planner keeps a TP group on one node).
+	GossipPort int
+	Host       string
+	Logger     *slog.Logger
 	// Security: TLS on every listener and dial (see Security); ModelRoot,
 	// when set, is the directory the placement's model must lie under.
 	Security  Security
@@ -87,6 +92,9 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	host, _ := os.Hostname()
 	if o.ID == "" {
 		o.ID = fmt.Sprintf("%s-%d", host, os.Getpid())
+	}
+	if o.Host != "" {
+		host = o.Host
 	}
 	if strings.Contains(o.ID, "/") {
 		return fmt.Errorf("--id: %q contains a /", o.ID)
@@ -147,6 +155,7 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	// server serves): into states, which a writer started once the worker
 	// is registered carries to etcd, and "ready" to the health service.
 	hs := health.NewServer()
+	hs.SetServingStatus(LivenessService, healthpb.HealthCheckResponse_SERVING)
 	states := newStateWriter()
 	life := newWorkerLife()
 	// Who may call what (workerauth.go): the leader it reads from etcd
@@ -209,11 +218,11 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		}
 		return assignmentOf(raw, ver, o.ID, version)
 	})
-	gbind := o.GossipBind
-	if gbind == "" {
-		gbind, _, _ = net.SplitHostPort(lis.Addr().String())
+	gbind, gadv := gossipHosts(lis.Addr().String(), addr)
+	if o.GossipBind != "" {
+		gbind = o.GossipBind
 	}
-	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: o.ID, BindAddr: gbind, Fast: o.GossipFast, KeyFile: ptls.gossipKeyFile(), Log: log})
+	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: o.ID, BindAddr: gbind, AdvertiseAddr: gadv, BindPort: o.GossipPort, Fast: o.GossipFast, KeyFile: ptls.gossipKeyFile(), Log: log})
 	if err != nil {
 		return fmt.Errorf("gossip: %w", err)
 	}
@@ -427,6 +436,11 @@ type CoordinatorProcessOptions struct {
 	// HealthListen, when set, serves only the gRPC health service there,
 	// plaintext (serveHealth).
 	HealthListen string
+	// Advertise is the address clients, the election and gossip know this
+	// coordinator by (default: the bound --listen address); GossipPort
+	// its gossip port (0: any free one).
+	Advertise  string
+	GossipPort int
 	// WorkerArgs are extra flags for local workers (e.g. --threads 2).
 	WorkerArgs   []string
 	BlockSize    int
@@ -561,8 +575,11 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		return fmt.Errorf("--etcd-endpoints: %w", err)
 	}
 	defer store.Close()
-	host, _, _ := net.SplitHostPort(addr)
-	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: "coordinator-" + addr, BindAddr: host, Fast: o.GossipFast,
+	if o.Advertise != "" { // the address clients and the election know it by
+		addr = o.Advertise
+	}
+	gbind, gadv := gossipHosts(lis.Addr().String(), addr)
+	gossip, err := cluster.JoinGossip(cluster.GossipConfig{Name: "coordinator-" + addr, BindAddr: gbind, AdvertiseAddr: gadv, BindPort: o.GossipPort, Fast: o.GossipFast,
 		ProbeInterval: o.GossipProbeInterval, ProbeTimeout: o.GossipProbeTimeout, SuspicionMult: o.GossipSuspicionMult,
 		KeyFile: ptls.gossipKeyFile(), Log: log})
 	if err != nil {
@@ -604,6 +621,7 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	gs := grpc.NewServer(append(PublicServerOptionsWith(o.Limits, auth), ptls.serverOptions("public", false)...)...)
 	pb.RegisterGeneratorServer(gs, NewGeneratorService(coord))
 	hs := health.NewServer()
+	hs.SetServingStatus(LivenessService, healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	hs.SetServingStatus(pb.Generator_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_NOT_SERVING)
 	healthpb.RegisterHealthServer(gs, hs)
@@ -679,4 +697,43 @@ func serveHealth(addr string, hs *health.Server, log *slog.Logger) (func(), erro
 	go gs.Serve(lis)
 	log.Info("health (gRPC, plaintext, health service only)", "addr", lis.Addr().String())
 	return gs.Stop, nil
+}
+
+// LivenessService is the health service name that is SERVING as long as
+// the process serves (liveness and startup probes); "" is SERVING only
+// while the process can do its work (a coordinator: leading with a ready
+// replica).
+const LivenessService = "qwenfleet.live"
+
+// gossipHosts are the gossip bind and advertise addresses of a process
+// listening on bound and known to the cluster as advertised (host:port
+// both): gossip binds where the listener does, and every interface
+// ("0.0.0.0") when that one does (the listener's address then reads
+// "[::]"); it announces the advertised host when that is, or resolves
+// to, an IP address other than an unspecified one, and otherwise lets
+// memberlist pick a private address ("").
+func gossipHosts(bound, advertised string) (bind, advertise string) {
+	bind, _, _ = net.SplitHostPort(bound)
+	if ip := net.ParseIP(bind); bind == "" || ip != nil && ip.IsUnspecified() {
+		bind = "0.0.0.0"
+	}
+	host, _, err := net.SplitHostPort(advertised)
+	if err != nil || host == "" {
+		return bind, ""
+	}
+	ip := net.ParseIP(host)
+	if ip == nil {
+		if ips, err := net.LookupIP(host); err == nil {
+			for _, a := range ips {
+				if a.To4() != nil {
+					ip = a
+					break
+				}
+			}
+		}
+	}
+	if ip == nil || ip.IsUnspecified() || bind != "0.0.0.0" {
+		return bind, "" // bound to one address: that is the one announced
+	}
+	return bind, ip.String()
 }

@@ -6,10 +6,12 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -324,4 +326,39 @@ func TestModelRootRefusesLoad(t *testing.T) {
 	b.worker(t, "w-inside", "--model-root", filepath.Dir(refDir("dense-gqa-f32")))
 	waitReady(t, b.client, b.coord, 90*time.Second)
 	mustGenerate(t, b.client, idsReq([]int32{1, 2, 3}, 4))
+}
+
+// TestAdvertiseAndLiveness: a coordinator known by --advertise (not its
+// bound address) leads under that name (the election, the workers' leader
+// check and clients agree), gossip takes --gossip-port, and the liveness
+// health service answers SERVING on the plaintext health port.
+func TestAdvertiseAndLiveness(t *testing.T) {
+	needE2E(t)
+	addr, haddr := freeAddr(t), freeAddr(t)
+	_, port, _ := net.SplitHostPort(addr)
+	gp := freePorts(t, 1)[0]
+	c := &clusterT{addr: addr, coord: start(t, "coordinator", "--listen", addr, "--advertise", "localhost:"+port, "--data-dir", t.TempDir(),
+		"--log-level", "warn", "--worker-threads", "2", "--model", refDir("dense-gqa-f32"), "--local-workers", "1",
+		"--gossip-port", strconv.Itoa(gp), "--health-listen", haddr)}
+	c.conn, c.client = dial(t, addr)
+	info := waitReady(t, c.client, c.coord, 120*time.Second)
+	if info.LeaderAddress != "localhost:"+port || !info.Ready {
+		t.Fatalf("leader address %q (ready %v), want localhost:%s", info.LeaderAddress, info.Ready, port)
+	}
+	mustGenerate(t, c.client, idsReq([]int32{1, 2, 3}, 4))
+	if l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", gp)); err == nil {
+		l.Close()
+		t.Fatalf("nothing listens on --gossip-port %d", gp)
+	}
+	hconn, err := grpc.NewClient(haddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hconn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	hr, err := healthpb.NewHealthClient(hconn).Check(ctx, &healthpb.HealthCheckRequest{Service: "qwenfleet.live"})
+	if err != nil || hr.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("liveness: %v %v", hr, err)
+	}
 }
