@@ -48,6 +48,14 @@ uid=65532
 
 $docker info >/dev/null 2>&1 || die "no Docker engine answers ($docker info failed)"
 
+# One build at a time in a build dir (go test ./deploy/... runs the compose and the chart
+# tests at once, and each builds the images): the second waits for the first.
+mkdir -p "$(dirname "$build")"
+if command -v flock >/dev/null 2>&1; then
+	exec 9>"$build.lock"
+	flock 9
+fi
+
 echo "== go build (CGO_ENABLED=0, -trimpath) into $build/bin"
 rm -rf "$build"
 mkdir -p "$build/bin"

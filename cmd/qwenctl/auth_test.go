@@ -233,3 +233,63 @@ func TestStatusWarnsInsecure(t *testing.T) {
 		}
 	}
 }
+
+// TestAPIKeyFile: every command that takes --api-key takes --api-key-file
+// (the key read from the file, white space around it ignored), which wins
+// over $QWENFLEET_API_KEY; giving both flags, a missing or empty file, or a
+// key with white space inside is a usage error naming the flag and never
+// the key.
+func TestAPIKeyFile(t *testing.T) {
+	tlsDir := filepath.Join(t.TempDir(), "tls")
+	if err := security.WriteCerts(tlsDir, nil, false); err != nil {
+		t.Fatal(err)
+	}
+	addr := startAuthFake(t, tlsDir, "tls")
+	sec := []string{"--addr", addr, "--tls-dir", tlsDir}
+	dir := t.TempDir()
+	file := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	admin, user := file("admin.key", "qf_admin\n"), file("user.key", "  qf_user \r\n")
+	for _, tc := range []struct {
+		env  []string
+		args []string
+		want string // on stdout
+	}{
+		{nil, []string{"status", "--api-key-file", admin}, fakeWorkerAddr},
+		{nil, []string{"status", "--api-key-file", user}, "w-0a1b2c3d"},
+		{nil, []string{"generate", "--ids", "1,2", "--max-tokens", "3", "--json", "--api-key-file", user}, `"ids":[1,2,3]`},
+		{[]string{APIKeyEnv + "=qf_user"}, []string{"drain", "--no-wait", "--api-key-file", admin, "w1"}, ""},
+		{[]string{APIKeyEnv + "=qf_user"}, []string{"experts", "--api-key-file", admin}, ""},
+		{nil, []string{"bench", "--requests", "2", "--input-len", "4", "--output-len", "3", "--api-key-file", user}, "Successful requests:                     2\n"},
+	} {
+		out, errs, code := qwenctlEnv(t, tc.env, append(tc.args, sec...)...)
+		if code != 0 || !strings.Contains(out, tc.want) {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q", tc.args, code, out, errs)
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		want []string
+	}{
+		{"both flags", []string{"status", "--api-key", "qf_user", "--api-key-file", user}, []string{"--api-key and --api-key-file"}},
+		{"no such file", []string{"generate", "--ids", "1", "--api-key-file", filepath.Join(dir, "missing.key")}, []string{"--api-key-file", "missing.key"}},
+		{"empty file", []string{"bench", "--requests", "1", "--api-key-file", file("empty.key", " \n")}, []string{"--api-key-file", "empty.key", "no key"}},
+		{"white space inside", []string{"drain", "w1", "--api-key-file", file("two.key", "qf_admin qf_user\n")}, []string{"--api-key-file", "two.key", "white space"}},
+	} {
+		out, errs, code := qwenctlEnv(t, nil, append(tc.args, sec...)...)
+		if code != 2 || strings.Count(strings.TrimSpace(errs), "\n") != 0 || strings.Contains(errs, "qf_") {
+			t.Errorf("%s: exit %d (want 2) %q %q", tc.name, code, out, errs)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(errs, w) {
+				t.Errorf("%s: %q does not say %q", tc.name, errs, w)
+			}
+		}
+	}
+}

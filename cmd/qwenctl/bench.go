@@ -7,9 +7,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,14 +25,17 @@ import (
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
-const benchSynopsis = "[--addr HOST:PORT[,HOST:PORT...]] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
-	"[--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ttft=200ms,tpot=50ms,e2e=2s] [--json FILE] [--plot FILE.png] ..."
+const benchSynopsis = "[--addr HOST:PORT[,HOST:PORT...]] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY | --api-key-file FILE] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
+	"[--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ttft=200ms,tpot=50ms,e2e=2s] [--json FILE] [--plot FILE.png] ...\n" +
+	"Prints the report (and writes --json and --plot) however the run went; exits 0 when every request completed, 1 when any failed or the run was interrupted, 2 on bad flags."
 
 // runBench is a load generator modelled on `vllm bench serve`: it sends
 // requests closed loop (C in flight) or open loop (Poisson arrivals, capped
 // at C in flight when both are given), records every chunk's arrival, and
 // prints (and writes) a bench.Report. The prompts, arrivals and statistics
-// are pkg/bench's; this is the gRPC and timer loop around them.
+// are pkg/bench's; this is the gRPC and timer loop around them. Once the
+// report is out, a run in which any request failed or that was interrupted
+// returns an error (exit 1) saying how many and why.
 func runBench(args []string) error {
 	fs := newFlags("bench", benchSynopsis)
 	cf := addClusterFlags(fs)
@@ -185,7 +190,8 @@ func runBench(args []string) error {
 	reqs := r.run(ctx)
 	elapsed := time.Since(r.t0)
 	bar.stop()
-	if ctx.Err() != nil {
+	interrupted := ctx.Err() != nil // before stop, which ends ctx too
+	if interrupted {
 		fmt.Fprintf(os.Stderr, "interrupted after %.1fs: reporting what finished\n", elapsed.Seconds())
 	}
 	stop()
@@ -212,7 +218,34 @@ func runBench(args []string) error {
 		}
 	}
 	written = true
-	return nil
+	return benchOutcome(rep, interrupted)
+}
+
+// benchOutcome is the run's error once its report is out: nil when every
+// request sent completed.
+func benchOutcome(rep *bench.Report, interrupted bool) error {
+	var why []string
+	if rep.Failed > 0 {
+		var codes []string
+		for _, code := range slices.Sorted(maps.Keys(rep.Failures)) {
+			codes = append(codes, fmt.Sprintf("%s %d", code, rep.Failures[code]))
+		}
+		why = append(why, fmt.Sprintf("%d of %d %s failed (%s)", rep.Failed, len(rep.Records), plural(len(rep.Records), "request"), strings.Join(codes, ", ")))
+	}
+	if interrupted || rep.Interrupted > 0 {
+		why = append(why, fmt.Sprintf("interrupted with %d %s in flight", rep.Interrupted, plural(rep.Interrupted, "request")))
+	}
+	if len(why) == 0 {
+		return nil
+	}
+	return errors.New(strings.Join(why, "; "))
+}
+
+func plural(n int, word string) string {
+	if n == 1 {
+		return word
+	}
+	return word + "s"
 }
 
 // benchRunner sends the requests of one run.

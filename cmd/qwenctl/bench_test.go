@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"image/png"
 	"net"
 	"os"
@@ -107,11 +108,15 @@ func TestBench(t *testing.T) {
 
 	t.Run("failures are counted", func(t *testing.T) {
 		// 40000 tokens is beyond the model's context: every request is
-		// refused with InvalidArgument, and the run still reports.
+		// refused with InvalidArgument; the run still reports, writes its
+		// JSON, then exits 1 saying so in one line.
 		js := filepath.Join(tmp, "fail.json")
 		out, errs, code := qwenctl(t, "bench", "--addr", addr, "--requests", "3", "--input-len", "4", "--output-len", "40000", "--json", js)
-		if code != 0 || !strings.Contains(out, "  InvalidArgument:                       3\n") {
+		if code != 1 || !strings.Contains(out, "Failed requests:                         3\n") || !strings.Contains(out, "  InvalidArgument:                       3\n") {
 			t.Fatalf("exit %d: %s\n%s", code, errs, out)
+		}
+		if errs != "qwenctl bench: 3 of 3 requests failed (InvalidArgument 3)\n" {
+			t.Fatalf("stderr %q", errs)
 		}
 		rep := readReport(t, js)
 		if rep.Completed != 0 || rep.Failed != 3 || rep.Failures["InvalidArgument"] != 3 || rep.Records[2].Error != "InvalidArgument" {
@@ -194,5 +199,27 @@ func TestProgressLine(t *testing.T) {
 	r.cfg = bench.Config{DurationS: 4}
 	if line := (&progressBar{r: r}).line(); !strings.HasPrefix(line, "[###############...............] 4/? done") {
 		t.Fatalf("%q", line)
+	}
+}
+
+func TestBenchOutcome(t *testing.T) {
+	for _, tc := range []struct {
+		rep         bench.Report
+		interrupted bool
+		want        string
+	}{
+		{bench.Report{Completed: 5, Records: make([]bench.Record, 5)}, false, ""},
+		{bench.Report{Completed: 3, Failed: 2, Failures: map[string]int{"Unavailable": 1, "Internal": 1}, Records: make([]bench.Record, 5)}, false,
+			"2 of 5 requests failed (Internal 1, Unavailable 1)"},
+		{bench.Report{Completed: 3, Interrupted: 2, Records: make([]bench.Record, 5)}, true, "interrupted with 2 requests in flight"},
+		{bench.Report{Completed: 3, Records: make([]bench.Record, 3)}, true, "interrupted with 0 requests in flight"},
+		{bench.Report{Completed: 1, Failed: 1, Interrupted: 1, Failures: map[string]int{"Unavailable": 1}, Records: make([]bench.Record, 3)}, true,
+			"1 of 3 requests failed (Unavailable 1); interrupted with 1 request in flight"},
+		{bench.Report{Failed: 1, Failures: map[string]int{"Unavailable": 1}, Records: make([]bench.Record, 1)}, false, "1 of 1 request failed (Unavailable 1)"},
+	} {
+		err := benchOutcome(&tc.rep, tc.interrupted)
+		if got := fmt.Sprint(err); (tc.want == "" && err != nil) || (tc.want != "" && got != tc.want) {
+			t.Errorf("benchOutcome(%+v, %v) = %v, want %q", tc.rep, tc.interrupted, err, tc.want)
+		}
 	}
 }

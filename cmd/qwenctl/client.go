@@ -28,26 +28,48 @@ const APIKeyEnv = "QWENFLEET_API_KEY"
 // securityFlags are how a command reaches a coordinator securely: TLS
 // verified against a cluster CA, and an API key.
 type securityFlags struct {
-	tlsDir, apiKey *string
+	tlsDir, apiKey, apiKeyFile *string
 }
 
 func addSecurityFlags(fs *flag.FlagSet) securityFlags {
 	return securityFlags{
 		tlsDir: fs.String("tls-dir", "", "connect with TLS, verifying the coordinator against DIR/"+security.CAFile+" (the cluster CA: qwenctl certs writes it); no client certificate is needed. Default: plaintext"),
 		// The key is never a flag default: -h would print it.
-		apiKey: fs.String("api-key", "", "the API key sent to the coordinator (default: $"+APIKeyEnv+", which keeps it out of the process list)"),
+		apiKey:     fs.String("api-key", "", "the API key sent to the coordinator (default: --api-key-file's, else $"+APIKeyEnv+", which keeps it out of the process list)"),
+		apiKeyFile: fs.String("api-key-file", "", "read the API key from FILE (white space around it is ignored; a mounted Secret, the key never on a command line)"),
 	}
+}
+
+// key is the API key of the flags: --api-key, --api-key-file's content or
+// $QWENFLEET_API_KEY ("": none). Errors never repeat the key.
+func (f securityFlags) key() (string, error) {
+	key, from := *f.apiKey, "--api-key"
+	switch {
+	case *f.apiKeyFile != "" && key != "":
+		return "", usagef("--api-key and --api-key-file: give one")
+	case *f.apiKeyFile != "":
+		b, err := os.ReadFile(*f.apiKeyFile)
+		if err != nil {
+			return "", usagef("--api-key-file: %v", err)
+		}
+		if key, from = strings.TrimSpace(string(b)), "--api-key-file "+*f.apiKeyFile; key == "" {
+			return "", usagef("%s: the file holds no key", from)
+		}
+	case key == "":
+		key, from = os.Getenv(APIKeyEnv), "$"+APIKeyEnv
+	}
+	if strings.TrimSpace(key) != key || strings.ContainsAny(key, " \t\r\n") {
+		return "", usagef("%s: white space in the key", from) // never the key itself
+	}
+	return key, nil
 }
 
 // config is the TLS configuration (nil: plaintext) and the API key ("" :
 // none) of the flags.
 func (f securityFlags) config() (*tls.Config, string, error) {
-	key := *f.apiKey
-	if key == "" {
-		key = os.Getenv(APIKeyEnv)
-	}
-	if strings.TrimSpace(key) != key || strings.ContainsAny(key, " \t\r\n") {
-		return nil, "", usagef("--api-key (or $%s): white space in the key", APIKeyEnv) // never the key itself
+	key, err := f.key()
+	if err != nil {
+		return nil, "", err
 	}
 	if *f.tlsDir == "" {
 		return nil, key, nil
@@ -199,7 +221,7 @@ type topLpJSON struct {
 }
 
 func runGenerate(args []string) error {
-	fs := newFlags("generate", "--addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY] (--prompt TEXT | --chat TEXT | --ids 1,2,3) [flags]")
+	fs := newFlags("generate", "--addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY | --api-key-file FILE] (--prompt TEXT | --chat TEXT | --ids 1,2,3) [flags]")
 	cf := addClusterFlags(fs)
 	prompt := fs.String("prompt", "", "prompt text")
 	chat := fs.String("chat", "", "a user message, sent through the chat template")
@@ -350,7 +372,7 @@ func runGenerate(args []string) error {
 }
 
 func runStatus(args []string) error {
-	fs := newFlags("status", "--addr HOST:PORT[,HOST:PORT...] [--tls-dir DIR] [--api-key KEY] [--json] [--wait 60s]")
+	fs := newFlags("status", "--addr HOST:PORT[,HOST:PORT...] [--tls-dir DIR] [--api-key KEY | --api-key-file FILE] [--json] [--wait 60s]")
 	addr := fs.String("addr", "127.0.0.1:50051", "coordinator addresses, comma separated: the first that answers is asked")
 	asJSON := fs.Bool("json", false, "print the server info as JSON")
 	wait := fs.Duration("wait", 0, "wait up to this long until the cluster can serve")

@@ -17,7 +17,7 @@ import (
 // (or, after --timeout, move to other replicas), then the worker leaves
 // etcd and exits 0. It waits until the worker is gone unless --no-wait.
 func runDrain(args []string) error {
-	fs := newFlags("drain", "[--addr HOST:PORT] [--tls-dir DIR] [--api-key KEY] [--timeout D] [--force] [--no-wait] WORKER_ID")
+	fs := newFlags("drain", "[--addr HOST:PORT] [--tls-dir DIR] [--api-key KEY | --api-key-file FILE] [--timeout D] [--force] [--no-wait] WORKER_ID")
 	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
 	sf := addSecurityFlags(fs)
 	timeout := fs.Duration("timeout", 2*time.Minute, "how long the worker's replica may take to finish its requests before they move to other replicas")

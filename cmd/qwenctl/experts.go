@@ -16,7 +16,7 @@ import (
 // the experts from those counts (vLLM's and DeepSeek's expert-parallel
 // load balancer, run on demand).
 func runExperts(args []string) error {
-	fs := newFlags("experts", "--addr HOST:PORT [--tls-dir DIR] [--api-key KEY] [--rebalance [--redundant N]] [--json]")
+	fs := newFlags("experts", "--addr HOST:PORT [--tls-dir DIR] [--api-key KEY | --api-key-file FILE] [--rebalance [--redundant N]] [--json]")
 	addr := fs.String("addr", "127.0.0.1:50051", "coordinator address")
 	sf := addSecurityFlags(fs)
 	rebalance := fs.Bool("rebalance", false, "re-place the experts from the load since the last placement")

@@ -1,6 +1,6 @@
 // Command qwenctl is the client and operator CLI of qwenfleet.
 //
-//	qwenctl mkmodel --preset NAME --out DIR [--seed N] [--dtype bf16|f16|f32] [--layers N] [--config-only]
+//	qwenctl mkmodel --preset NAME --out DIR [--seed N] [--dtype bf16|f16|f32] [--layers N] [--config-only] [--if-missing]
 //	qwenctl forward --model DIR --ids 1,2,3 [--out FILE.safetensors] [--generate N]
 //	qwenctl demo    [--preset tiny] [--tokens N]
 //	qwenctl tokenize (--model DIR | --tokenizer FILE) (--jsonl | --text TEXT [--chat])
@@ -10,7 +10,7 @@
 //	qwenctl drain  [--addr HOST:PORT] [--timeout D] [--force] [--no-wait] WORKER_ID
 //	qwenctl experts --addr HOST:PORT [--rebalance [--redundant N]] [--json]
 //	qwenctl bench  --addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
-//	qwenctl certs --out DIR [--hosts H1,H2,...] [--force]
+//	qwenctl certs --out DIR [--hosts H1,H2,...] [--force] [--if-missing]
 //	qwenctl apikey --file FILE --name N --role user|admin
 //	qwenctl plan (--model DIR | --preset NAME) --workers N --mem 80GiB [--hosts H] [--backend cuda|cpu] [--tp N] [--pp M] [--kv-tokens N] [--json]
 //
@@ -21,14 +21,24 @@
 // Every command that talks to a coordinator (generate, status, bench,
 // drain, experts) takes --tls-dir DIR, to connect with TLS and verify the
 // coordinator against DIR/ca.pem (the cluster CA that qwenctl certs
-// writes; no client certificate is needed), and --api-key KEY (default:
-// $QWENFLEET_API_KEY, which keeps the key out of the process list), sent as
-// "authorization: Bearer KEY" to coordinators that have --api-keys. A user
-// key generates and reads a redacted status; drain and experts need an
-// admin key.
+// writes; no client certificate is needed), and --api-key KEY or
+// --api-key-file FILE (the key read from a file, white space around it
+// ignored; default: $QWENFLEET_API_KEY; the file and the variable keep the
+// key out of the process list), sent as "authorization: Bearer KEY" to
+// coordinators that have --api-keys. A user key generates and reads a
+// redacted status; drain and experts need an admin key.
+//
+// bench prints its report (and writes --json and --plot) whatever
+// happened, then exits 1 when any request failed or the run was
+// interrupted: a script or a container's exit status tells a clean run.
+//
+// mkmodel --if-missing and certs --if-missing make the one-shot jobs of a
+// deployment (an init container, a compose service) safe to run again: they
+// exit 0 without writing when --out already holds a model (a config.json:
+// mkmodel moves it in last) or every certificate file.
 //
 // Every command prints one error line and exits non-zero on bad flags or
-// input.
+// input (2 for a usage error).
 package main
 
 import (

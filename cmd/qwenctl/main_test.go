@@ -310,3 +310,57 @@ func TestTokenizeBadInput(t *testing.T) {
 		})
 	}
 }
+
+// TestMkmodelIfMissing: --if-missing writes a model where there is none,
+// then exits 0 leaving it as it is; an interrupted run's staging directory
+// (no config.json yet) is written over; without the flag a model there is
+// still a usage error.
+func TestMkmodelIfMissing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "m")
+	args := []string{"mkmodel", "--preset", "tiny", "--layers", "1", "--out", dir, "--if-missing"}
+	if _, stderr, code := qwenctl(t, args...); code != 0 {
+		t.Fatalf("mkmodel --if-missing into nothing: exit %d: %s", code, stderr)
+	}
+	entries, _ := os.ReadDir(dir)
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if want := []string{"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}; !slices.Equal(names, want) {
+		t.Fatalf("wrote %v, want %v (no staging directory left)", names, want)
+	}
+	weights := filepath.Join(dir, "model.safetensors")
+	before, err := os.Stat(weights)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Again, with another seed: nothing is written.
+	stdout, stderr, code := qwenctl(t, append(args, "--seed", "9")...)
+	if code != 0 || stdout != "" || !strings.Contains(stderr, "already holds a model") || strings.Count(stderr, "\n") != 1 {
+		t.Fatalf("mkmodel --if-missing over a model: exit %d, %q %q", code, stdout, stderr)
+	}
+	if after, err := os.Stat(weights); err != nil || !after.ModTime().Equal(before.ModTime()) || after.Size() != before.Size() {
+		t.Fatalf("--if-missing rewrote the weights: %v", err)
+	}
+	if _, stderr, code := qwenctl(t, args[:len(args)-1]...); code != 2 || !strings.Contains(stderr, "already holds a model") {
+		t.Fatalf("mkmodel without --if-missing over a model: exit %d %q", code, stderr)
+	}
+
+	// What an interrupted run leaves: files in the staging directory and no
+	// config.json in the directory. --if-missing writes the model.
+	cut := filepath.Join(t.TempDir(), "cut")
+	if err := os.MkdirAll(filepath.Join(cut, stagingDir), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(cut, stagingDir, "config.json"), []byte("{"), 0o644)
+	os.WriteFile(filepath.Join(cut, "model.safetensors"), []byte("half"), 0o644)
+	if _, stderr, code := qwenctl(t, "mkmodel", "--preset", "tiny", "--layers", "1", "--out", cut, "--if-missing"); code != 0 {
+		t.Fatalf("mkmodel --if-missing after an interrupted run: exit %d: %s", code, stderr)
+	}
+	if _, err := os.Stat(filepath.Join(cut, stagingDir)); err == nil {
+		t.Errorf("the staging directory is left")
+	}
+	if _, stderr, code := qwenctl(t, "forward", "--model", cut, "--ids", "1,2", "--generate", "2"); code != 0 {
+		t.Fatalf("forward on the model written over an interrupted run: %s", stderr)
+	}
+}

@@ -77,3 +77,71 @@ func TestCertsAndAPIKeyUsage(t *testing.T) {
 		}
 	}
 }
+
+// TestCertsIfMissing: --if-missing makes a set where there is none, leaves a
+// complete one (the CA's key may be gone) as it is, refuses an incomplete
+// one or one that does not name a --hosts entry, and with --force replaces
+// those.
+func TestCertsIfMissing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "tls")
+	ca := func() string {
+		b, err := os.ReadFile(filepath.Join(dir, security.CAFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	certs := func(args ...string) (string, string, int) {
+		return qwenctl(t, append([]string{"certs", "--out", dir, "--if-missing"}, args...)...)
+	}
+	out, errOut, code := certs("--hosts", "node1,10.1.2.3")
+	if code != 0 || len(strings.Fields(out)) != len(security.CertFiles()) {
+		t.Fatalf("certs --if-missing into nothing: exit %d %q %q", code, out, errOut)
+	}
+	first := ca()
+	// Complete, and naming the hosts (a subset too): left as it is.
+	for _, hosts := range []string{"node1,10.1.2.3", "10.1.2.3", ""} {
+		out, errOut, code = certs("--hosts", hosts)
+		if code != 0 || out != "" || !strings.Contains(errOut, "left as they are") || ca() != first {
+			t.Fatalf("certs --if-missing --hosts %q over a complete set: exit %d %q %q", hosts, code, out, errOut)
+		}
+	}
+	// The CA's key moved away (what a cluster should do): still complete.
+	if err := os.Remove(filepath.Join(dir, security.CAKeyFile)); err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, code = certs("--hosts", "node1"); code != 0 || ca() != first {
+		t.Fatalf("certs --if-missing without ca-key.pem: exit %d %q", code, errOut)
+	}
+	// A host the certificates do not name: refused, then replaced with --force.
+	_, errOut, code = certs("--hosts", "node2")
+	if code != 1 || !strings.Contains(errOut, "does not name node2") || !strings.Contains(errOut, "--force") || ca() != first {
+		t.Fatalf("certs --if-missing --hosts node2: exit %d %q", code, errOut)
+	}
+	if _, errOut, code = certs("--hosts", "node2", "--force"); code != 0 || ca() == first {
+		t.Fatalf("certs --if-missing --force --hosts node2: exit %d %q", code, errOut)
+	}
+	second := ca()
+	tl, err := security.NewTLS(dir, security.RoleWorker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tl.Certificate().Leaf.VerifyHostname("node2"); err != nil {
+		t.Fatal(err)
+	}
+	// An incomplete set (a run cut short): refused naming the file, then
+	// replaced with --force.
+	if err := os.Remove(filepath.Join(dir, security.GossipKeyFile)); err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code = certs()
+	if code != 1 || !strings.Contains(errOut, "no "+security.GossipKeyFile) || ca() != second {
+		t.Fatalf("certs --if-missing over an incomplete set: exit %d %q", code, errOut)
+	}
+	if _, errOut, code = certs("--force"); code != 0 || ca() == second {
+		t.Fatalf("certs --if-missing --force over an incomplete set: exit %d %q", code, errOut)
+	}
+	if _, err := os.Stat(filepath.Join(dir, security.GossipKeyFile)); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -22,6 +22,10 @@
 //	leader-kill     docker kill the leading coordinator; docker start it 5 s later (a standby then)
 //	etcd-stop       docker stop etcd-0 (one of three members); docker start it 10 s later
 //
+// Before the faults, every worker must have registered its container's IP on the
+// fixed gossip port (--gossip-port) as its gossip address, and no coordinator or worker
+// may have logged gossip trouble (a join that failed, memberlist's warnings).
+//
 // After each fault is undone the test waits (90 s at most) until the cluster
 // is whole again (a leader that is ready and reaches etcd, three workers
 // ready, three replicas), then 2 s more. Measured per fault: the requests
@@ -340,6 +344,58 @@ func waitWhole(ctx context.Context, t *testing.T, c *client.Client, bound time.D
 	return time.Time{}
 }
 
+// gossipPort is docker-compose.yml's --gossip-port of every coordinator and worker.
+const gossipPort = "7946"
+
+// checkGossip: every worker registered, as its gossip address, its container's IP on the
+// fixed gossip port, and no coordinator or worker logged gossip trouble (a worker's gossip
+// it could not join, memberlist's warnings: a member unreachable, suspected, dead, or an
+// address in conflict) while the cluster came up.
+func checkGossip(ctx context.Context, t *testing.T, c *compose) {
+	t.Helper()
+	services := []string{"coordinator-0", "coordinator-1"}
+	for i := 0; i < numWorkers; i++ {
+		services = append(services, fmt.Sprintf("worker-%d", i))
+	}
+	var trouble []string
+	for _, svc := range services {
+		id, err := c.container(ctx, svc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		logs, err := docker(ctx, "logs", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(logs, "\n") {
+			if strings.Contains(l, "level=WARN") && (strings.Contains(l, "memberlist:") || strings.Contains(l, "gossip join")) {
+				trouble = append(trouble, svc+": "+l)
+			}
+		}
+		if !strings.HasPrefix(svc, "worker-") {
+			continue
+		}
+		ip, err := docker(ctx, "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, got := net.JoinHostPort(strings.TrimSpace(ip), gossipPort), ""
+		for _, l := range strings.Split(logs, "\n") {
+			if _, v, ok := strings.Cut(l, "worker registered"); ok {
+				if _, v, ok = strings.Cut(v, " gossip="); ok {
+					got = strings.Fields(v + " ")[0]
+				}
+			}
+		}
+		if got != want {
+			t.Errorf("%s registered gossip at %q, want %s (its container's IP, --gossip-port)", svc, got, want)
+		}
+	}
+	if len(trouble) > 0 {
+		t.Errorf("gossip trouble while the cluster came up (%d lines):\n%s", len(trouble), strings.Join(trouble[:min(len(trouble), 12)], "\n"))
+	}
+}
+
 func TestCompose(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: the compose test builds images and runs a cluster in containers")
@@ -428,6 +484,7 @@ func TestCompose(t *testing.T) {
 	defer cl.Close()
 	readyAt := waitWhole(ctx, t, cl, 3*time.Minute)
 	t.Logf("compose up → whole (leader ready, %d workers, %d replicas): %.1fs", numWorkers, numWorkers, readyAt.Sub(upAt).Seconds())
+	checkGossip(ctx, t, c)
 
 	// The reference outputs, one request at a time, before any fault.
 	l := &load{c: cl}

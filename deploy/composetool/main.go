@@ -1,60 +1,47 @@
-// Command composetool is what the docker-compose cluster (docker-compose.yml)
-// needs done that its images cannot do themselves: they are built FROM
-// scratch, with no shell to redirect a printed key into a file, to skip work
-// already done, or to turn a benchmark report into an exit status. It ships
-// in the qwenctl image (/usr/local/bin/composetool) and has three commands:
+// Command composetool is the one thing the docker-compose cluster
+// (docker-compose.yml) needs done that qwenctl, in the same FROM-scratch
+// image (/usr/local/bin/composetool), cannot do without a shell: the
+// cluster's secrets, once, into files of their own, owned by whoever reads
+// them.
 //
 //	composetool certs --tls /tls --keys /keys --client-keys /client-keys [--client /client] --hosts H1,H2,... [--owner 65532:65532]
-//	composetool model --preset tiny --out /models/tiny [--owner 65532:65532]
-//	composetool bench [--api-key-file FILE] [--qwenctl PATH] -- QWENCTL-BENCH-FLAGS...
 //
 // certs makes (once: a complete TLS dir is left alone) the cluster CA, the
 // role certificates and the gossip key (pkg/security.WriteCerts, as `qwenctl
 // certs`), then removes the CA's private key (nothing at run time needs it:
 // a new cluster, `docker-compose down -v`, gets a new CA); it makes (once) an
 // API keys file (the keys' hashes, in --keys, for the coordinators) with an
-// admin key and a user key for the bench (as `qwenctl apikey`), and writes
-// the keys themselves to files of their own in --client-keys (admin.key,
-// bench.key: for the bench, never mounted by a coordinator); and it copies ca.pem and the
-// admin key (as api-key) into --client, a folder bind-mounted from the host,
-// owned there by the folder's owner, so that qwenctl on the host can call
-// the cluster. Everything else it writes is given to --owner, the user the
-// images run as.
+// admin key and a user key for the bench (as `qwenctl apikey`, which prints
+// a key where no shell can redirect it), and writes the keys themselves to
+// files of their own in --client-keys (admin.key, bench.key: the bench reads
+// bench.key with `qwenctl bench --api-key-file`; no coordinator mounts them);
+// and it copies ca.pem and the admin key (as api-key) into --client, a folder
+// bind-mounted from the host, owned there by the folder's owner, so that
+// qwenctl on the host can call the cluster. Everything else it writes is
+// given to --owner, the user the images run as (it runs as root for the
+// host's folder).
 //
-// model writes (once: a directory holding config.json is left alone) a
-// random-weight checkpoint of a preset shape with the Qwen2 tokenizer, as
-// `qwenctl mkmodel`, into a temporary directory renamed into place when it
-// is complete.
-//
-// bench runs `qwenctl bench` with the flags after --, the API key read from
-// --api-key-file (passed as $QWENFLEET_API_KEY, never on a command line),
-// prints its report, and exits 1 when any request failed or was
-// interrupted (qwenctl bench itself exits 0 whenever it could report).
+// The other one-shot jobs are qwenctl's own: `qwenctl mkmodel --if-missing`
+// (the demo model) and `qwenctl bench --api-key-file` (which exits 1 when a
+// request failed).
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 
-	"github.com/qwenfleet/qwenfleet"
-	"github.com/qwenfleet/qwenfleet/pkg/kernels"
-	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/security"
 )
 
 const usage = `usage:
-  composetool certs --tls DIR --keys DIR --client-keys DIR [--client DIR] --hosts H1,H2,... [--owner UID:GID]
-  composetool model --preset NAME --out DIR [--owner UID:GID]
-  composetool bench [--api-key-file FILE] [--qwenctl PATH] -- QWENCTL-BENCH-FLAGS...`
+  composetool certs --tls DIR --keys DIR --client-keys DIR [--client DIR] --hosts H1,H2,... [--owner UID:GID]`
 
 // Files of the keys dirs and the client folder.
 const (
@@ -73,14 +60,6 @@ func main() {
 	switch os.Args[1] {
 	case "certs":
 		err = runCerts(os.Args[2:])
-	case "model":
-		err = runModel(os.Args[2:])
-	case "bench":
-		var rc int
-		rc, err = runBench(os.Args[2:])
-		if err == nil {
-			os.Exit(rc)
-		}
 	case "-h", "--help", "help":
 		fmt.Println(usage)
 		return
@@ -277,106 +256,4 @@ func writeFile(path string, data []byte, mode os.FileMode) error {
 		return err
 	}
 	return os.Rename(tmp, path)
-}
-
-func runModel(args []string) error {
-	fl := newFlags("model")
-	preset := fl.String("preset", "tiny", "model shape: "+strings.Join(model.PresetNames(), ", "))
-	out := fl.String("out", "", "directory to write (left alone when it holds a config.json)")
-	seed := fl.Uint64("seed", 0, "random seed of the weights")
-	ownerFlag := fl.String("owner", "65532:65532", "uid:gid to give the model (when run as root)")
-	if err := fl.Parse(args); err != nil {
-		return err
-	}
-	if *out == "" {
-		return errors.New("--out is required")
-	}
-	own, err := parseOwner(*ownerFlag)
-	if err != nil {
-		return err
-	}
-	if _, err := os.Stat(filepath.Join(*out, "config.json")); err == nil {
-		fmt.Printf("model: %s already holds a model\n", *out)
-		return own.chownTree(*out)
-	}
-	cfg, err := model.Preset(*preset)
-	if err != nil {
-		return fmt.Errorf("--preset: %v", err)
-	}
-	cfg.TorchDtype = "bfloat16"
-	tok, err := qwenfleet.Qwen2TokenizerJSON()
-	if err != nil {
-		return err
-	}
-	tmp := filepath.Clean(*out) + ".partial"
-	if err := os.RemoveAll(tmp); err != nil {
-		return err
-	}
-	err = model.WriteCheckpoint(tmp, cfg, model.NewRandomWeights(cfg, kernels.BF16, *seed), model.WriteOptions{
-		Tokenizer: tok, TokenizerConfig: []byte(qwenfleet.Qwen2TokenizerConfigJSON)})
-	if err != nil {
-		return err
-	}
-	if err := own.chownTree(tmp); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, *out); err != nil {
-		return err
-	}
-	fmt.Printf("model: wrote the %s preset (random weights, the Qwen2 tokenizer) to %s\n", *preset, *out)
-	return nil
-}
-
-// benchReport is the part of qwenctl bench's JSON report read here.
-type benchReport struct {
-	Completed   int            `json:"completed"`
-	Failed      int            `json:"failed"`
-	Interrupted int            `json:"interrupted"`
-	Failures    map[string]int `json:"failures"`
-}
-
-func runBench(args []string) (int, error) {
-	fl := newFlags("bench")
-	keyFile := fl.String("api-key-file", "", "file holding the API key (sent as $QWENFLEET_API_KEY)")
-	qwenctl := fl.String("qwenctl", "/usr/local/bin/qwenctl", "the qwenctl binary")
-	if err := fl.Parse(args); err != nil {
-		return 0, err
-	}
-	env := os.Environ()
-	if *keyFile != "" {
-		b, err := os.ReadFile(*keyFile)
-		if err != nil {
-			return 0, fmt.Errorf("--api-key-file: %w", err)
-		}
-		env = append(env, "QWENFLEET_API_KEY="+strings.TrimSpace(string(b)))
-	}
-	dir, err := os.MkdirTemp("", "bench")
-	if err != nil {
-		return 0, err
-	}
-	defer os.RemoveAll(dir)
-	report := filepath.Join(dir, "report.json")
-	cmd := exec.Command(*qwenctl, append(append([]string{"bench"}, fl.Args()...), "--json", report)...)
-	cmd.Env, cmd.Stdin, cmd.Stdout, cmd.Stderr = env, os.Stdin, os.Stdout, os.Stderr
-	if err := cmd.Run(); err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return max(ee.ExitCode(), 1), nil
-		}
-		return 0, err
-	}
-	b, err := os.ReadFile(report)
-	if err != nil {
-		return 0, fmt.Errorf("reading the report: %w", err)
-	}
-	var rep benchReport
-	if err := json.Unmarshal(b, &rep); err != nil {
-		return 0, fmt.Errorf("reading the report: %w", err)
-	}
-	if rep.Failed > 0 || rep.Interrupted > 0 {
-		fmt.Fprintf(os.Stderr, "bench: %d completed, %d failed %v, %d interrupted\n", rep.Completed, rep.Failed, rep.Failures, rep.Interrupted)
-		return 1, nil
-	}
-	fmt.Fprintf(os.Stderr, "bench: %d completed, none failed\n", rep.Completed)
-	return 0, nil
 }

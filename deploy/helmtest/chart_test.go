@@ -102,6 +102,11 @@ func TestPresets(t *testing.T) {
 				t.Errorf("mkmodel init container: %v, want %v", init != nil, want.mkmodel)
 			}
 			if init != nil {
+				// An init container runs again over the volume it filled when the pod's
+				// sandbox is remade: it must leave the model there alone.
+				if !contains(init.Args, "--if-missing") {
+					t.Errorf("mkmodel init container args %v lack --if-missing", init.Args)
+				}
 				model := flagValue(coord.Args, "--model")
 				if got := flagValue(init.Args, "--out"); got != model {
 					t.Errorf("mkmodel --out=%s, coordinator --model=%s", got, model)
@@ -193,6 +198,8 @@ func TestBadValues(t *testing.T) {
 		{[]string{"--set", "tls.source=files"}, "tls.files.ca is empty"},
 		{[]string{"--set", "etcd.bundled=false"}, "etcd.external.endpoints"},
 		{[]string{"--set", "model.mkmodel.enabled=true"}, "needs model.volume.kind emptyDir"},
+		{[]string{"--set", "gossipPort=0"}, "gossipPort: 0 is not a port"},
+		{[]string{"--set", "gossipPort=70000"}, "gossipPort: 70000 is not a port"},
 	} {
 		if _, err := RenderErr(t, testRelease, testNamespace, v.args...); err == nil || !strings.Contains(err.Error(), v.want) {
 			t.Errorf("helm template %v: %v, want an error saying %q", v.args, err, v.want)
@@ -711,6 +718,9 @@ func checkWorkload(t *testing.T, w *wl) {
 				t.Errorf("%s: %s probe port %d is not a container port", cw, name, port)
 			}
 		}
+		if w.component == "coordinator" || w.component == "worker" {
+			checkServerContainer(t, cw, w.component, &c, ports)
+		}
 		if w.component == "coordinator" {
 			dd := flagValue(c.Args, "--data-dir")
 			ok := false
@@ -735,6 +745,61 @@ func checkWorkload(t *testing.T, w *wl) {
 			if flagValue(c.Args, "--model-root") == "" || flagValue(c.Args, "--tls-dir") == "" {
 				t.Errorf("%s: no --model-root or --tls-dir", cw)
 			}
+		}
+	}
+}
+
+// checkServerContainer: what a coordinator or worker container needs beyond any
+// workload's: probes of the right health service, the addresses it listens on and is known
+// by, a fixed gossip port declared as container ports, and (workers) the node's name as
+// the placement's host.
+func checkServerContainer(t *testing.T, cw, component string, c *corev1.Container, ports map[string]int32) {
+	t.Helper()
+	// Liveness and startup ask the service that is SERVING while the process serves (a
+	// standby coordinator included: "" would restart it); readiness asks "" (a
+	// coordinator: only the leader with a ready replica is ready).
+	for name, p := range map[string]*corev1.Probe{"liveness": c.LivenessProbe, "startup": c.StartupProbe} {
+		if p == nil || p.GRPC == nil || p.GRPC.Service == nil || *p.GRPC.Service != server.LivenessService {
+			t.Errorf("%s: %s probe is not gRPC with service %q", cw, name, server.LivenessService)
+		}
+	}
+	if p := c.ReadinessProbe; p == nil || p.GRPC == nil || (p.GRPC.Service != nil && *p.GRPC.Service != "") {
+		t.Errorf("%s: readiness probe is not gRPC with service \"\"", cw)
+	}
+	env := map[string]string{}
+	for _, e := range c.Env {
+		if e.ValueFrom != nil && e.ValueFrom.FieldRef != nil {
+			env[e.Name] = e.ValueFrom.FieldRef.FieldPath
+		}
+	}
+	// Gossip on one fixed port, TCP and UDP, declared as the container's ports (the
+	// NetworkPolicy opens that port alone: checkNetworkPolicies).
+	gp, err := strconv.Atoi(flagValue(c.Args, "--gossip-port"))
+	if err != nil || gp < 1 || gp > 65535 {
+		t.Errorf("%s: --gossip-port=%q is not a fixed port", cw, flagValue(c.Args, "--gossip-port"))
+	}
+	for _, p := range c.Ports {
+		if want := map[string]corev1.Protocol{"gossip": corev1.ProtocolTCP, "gossip-udp": corev1.ProtocolUDP}[p.Name]; want != "" && p.Protocol != want {
+			t.Errorf("%s: container port %s is %s, want %s", cw, p.Name, p.Protocol, want)
+		}
+	}
+	if int(ports["gossip"]) != gp || int(ports["gossip-udp"]) != gp {
+		t.Errorf("%s: container ports gossip %d and gossip-udp %d, want --gossip-port %d", cw, ports["gossip"], ports["gossip-udp"], gp)
+	}
+	switch component {
+	case "coordinator":
+		// Known by the pod's IP: unique per coordinator, dialable, never 0.0.0.0. It
+		// listens there (gossip then binds and announces the pod's IP with its port) or
+		// on every interface.
+		if got := flagValue(c.Args, "--listen"); got != fmt.Sprintf("$(POD_IP):%d", ports["grpc"]) && got != fmt.Sprintf("0.0.0.0:%d", ports["grpc"]) {
+			t.Errorf("%s: --listen=%s, want the pod's IP or every interface, port %d", cw, got, ports["grpc"])
+		}
+		if got, want := flagValue(c.Args, "--advertise"), fmt.Sprintf("$(POD_IP):%d", ports["grpc"]); got != want || env["POD_IP"] != "status.podIP" {
+			t.Errorf("%s: --advertise=%s (POD_IP from %q), want %s with POD_IP the pod's IP", cw, got, env["POD_IP"], want)
+		}
+	case "worker":
+		if got := flagValue(c.Args, "--host"); got != "$(NODE_NAME)" || env["NODE_NAME"] != "spec.nodeName" {
+			t.Errorf("%s: --host=%s (NODE_NAME from %q), want $(NODE_NAME), the node's name (spec.nodeName)", cw, got, env["NODE_NAME"])
 		}
 	}
 }
@@ -835,26 +900,39 @@ func checkNetworkPolicies(t *testing.T, m Manifests, ns string) {
 		proto    corev1.Protocol
 		allow    bool
 	}
-	const gossip = 38123 // memberlist binds a free port
+	// Gossip is on the fixed port of the containers (--gossip-port: checkServerContainer);
+	// the policy opens that one alone between coordinators and workers.
+	gossip := cp("worker", "gossip")
+	if g := cp("coordinator", "gossip"); g != gossip {
+		t.Errorf("coordinators gossip on %d, workers on %d: one port, that the policy opens", g, gossip)
+	}
 	flows := []flow{
 		{client, coord, cp("coordinator", "grpc"), corev1.ProtocolTCP, true},
 		{stranger, coord, cp("coordinator", "grpc"), corev1.ProtocolTCP, false},
 		{outside, coord, cp("coordinator", "grpc"), corev1.ProtocolTCP, false},
 		{client, worker, cp("worker", "grpc"), corev1.ProtocolTCP, false},
-		// worker → coordinator's public port is not closed: gossip binds a free port, so
-		// the policy opens 1024–65535 between coordinators and workers (a fixed gossip
-		// port would narrow it).
 		{coord, worker, cp("worker", "grpc"), corev1.ProtocolTCP, true},
 		{worker, worker, cp("worker", "grpc"), corev1.ProtocolTCP, true},
+		// Workers call no coordinator: its public API and metrics are closed to them.
+		{worker, coord, cp("coordinator", "grpc"), corev1.ProtocolTCP, false},
+		{worker, coord, cp("coordinator", "metrics"), corev1.ProtocolTCP, false},
+		{coord, coord, cp("coordinator", "grpc"), corev1.ProtocolTCP, false},
 		{prom, coord, cp("coordinator", "metrics"), corev1.ProtocolTCP, true},
 		{prom, worker, cp("worker", "metrics"), corev1.ProtocolTCP, true},
 		{stranger, worker, cp("worker", "metrics"), corev1.ProtocolTCP, false},
+		{stranger, worker, gossip, corev1.ProtocolUDP, false},
+		{client, coord, gossip, corev1.ProtocolTCP, false},
 		{worker, outside, 443, corev1.ProtocolTCP, false},
 		{coord, outside, 443, corev1.ProtocolTCP, false},
 	}
 	for _, a := range []npPod{coord, worker} {
 		for _, b := range []npPod{coord, worker} {
 			flows = append(flows, flow{a, b, gossip, corev1.ProtocolUDP, true}, flow{a, b, gossip, corev1.ProtocolTCP, true})
+			// Any other port between them stays closed (memberlist once bound a free one,
+			// and the policy opened 1024–65535).
+			for _, port := range []int32{gossip + 1, 38123, 1024, 65535} {
+				flows = append(flows, flow{a, b, port, corev1.ProtocolUDP, false}, flow{a, b, port, corev1.ProtocolTCP, false})
+			}
 		}
 	}
 	for _, a := range []npPod{coord, worker, etcd} {

@@ -42,6 +42,9 @@ import (
 // The label on every container and network the test makes.
 const dockerLabel = "qwenfleet-helmtest"
 
+// nodeName is the node every pod runs on (spec.nodeName): one docker host, one node.
+const nodeName = "helmtest-node-0"
+
 // TestCPUDemoInDocker runs the cpu-demo preset, rendered by helm with real certificates
 // and API keys, as docker containers: what a kubelet would run (init containers, then
 // the containers, with their args, env including fieldRefs, ports, Secrets, emptyDirs
@@ -131,6 +134,16 @@ func TestCPUDemoInDocker(t *testing.T) {
 	if replicas0 != int(*workers.replicas) {
 		t.Fatalf("%d replicas on %d workers before the scale-up, want one each (tp 1)", replicas0, *workers.replicas)
 	}
+	c.checkAddresses(t, before, coord, workers)
+
+	// The kubelet makes a pod's sandbox anew (a node restarts, the sandbox dies): the init
+	// containers run again over the emptyDir they filled, and must leave the model alone.
+	w0 := c.pod(workers.name + "-0")
+	if out, err := w0.rerunInit(); err != nil || !strings.Contains(out, "already holds a model") {
+		t.Errorf("pod %s's init containers run again over its volume: %v\n%s", w0.name, err, lastLines(out, 5))
+	} else {
+		t.Logf("pod %s's init containers run again over its volume: %s", w0.name, strings.TrimSpace(lastLines(out, 1)))
+	}
 
 	// A steady load through the Service's full name; the StatefulSet scaled by one
 	// (`kubectl scale --replicas N+1`: the next ordinal starts) while it runs.
@@ -139,8 +152,14 @@ func TestCPUDemoInDocker(t *testing.T) {
 	benchDone := make(chan error, 1)
 	benchStart := time.Now()
 	go func() {
+		// The key from a file, as a mounted Secret gives it.
+		keyFile := filepath.Join(caDir, "bench.key")
+		if err := os.WriteFile(keyFile, []byte(userKey+"\n"), 0o644); err != nil {
+			benchDone <- err
+			return
+		}
 		out, err := c.runClient(benchFor+2*time.Minute, "bench", nil, []string{"--mount", "type=bind,src=" + caDir + ",dst=/tls,readonly", "--mount", "type=bind,src=" + outDir + ",dst=/out"},
-			"bench", "--addr", svc+"."+ns+".svc.cluster.local:50051", "--tls-dir", "/tls", "--api-key", userKey,
+			"bench", "--addr", svc+"."+ns+".svc.cluster.local:50051", "--tls-dir", "/tls", "--api-key-file", "/tls/bench.key",
 			"--rate", "3", "--duration", benchFor.String(), "--input-len", "uniform:8-48", "--output-len", "24", "--seed", "7", "--quiet", "--json", "/out/bench.json")
 		if err != nil {
 			err = fmt.Errorf("%v\n%s", err, lastLines(out, 15))
@@ -176,7 +195,8 @@ func TestCPUDemoInDocker(t *testing.T) {
 	select {
 	case err := <-benchDone:
 		if err != nil {
-			t.Fatalf("qwenctl bench: %v", err)
+			// It exits 1 when a request failed: its report says which.
+			t.Errorf("qwenctl bench: %v", err)
 		}
 	case <-time.After(benchFor + 2*time.Minute):
 		t.Fatal("qwenctl bench did not end")
@@ -209,6 +229,11 @@ func TestCPUDemoInDocker(t *testing.T) {
 	if n := len(final.GetPlacement().GetReplicas()); n != replicas0+1 {
 		t.Errorf("%d replicas after the scale-up, want %d", n, replicas0+1)
 	}
+	c.checkProbes(t)
+	// Nobody left or failed: gossip (every member on its fixed port) stayed quiet.
+	if trouble := c.gossipTrouble(); len(trouble) > 0 {
+		t.Errorf("gossip trouble in the logs (%d lines):\n%s", len(trouble), strings.Join(trouble[:min(len(trouble), 12)], "\n"))
+	}
 	if !joined.IsZero() {
 		steps1, err := c.workerSteps(newPod, tlsDir, svc)
 		if err != nil {
@@ -221,29 +246,179 @@ func TestCPUDemoInDocker(t *testing.T) {
 	}
 }
 
-// ensureImages builds the images with scripts/build-images.sh when one of them is missing.
-func ensureImages(t *testing.T) {
+func (c *dockerCluster) pod(name string) *dockerPod {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p := c.pods[name]
+	if p == nil {
+		c.t.Fatalf("no pod %s", name)
+	}
+	return p
+}
+
+// checkAddresses: the coordinators and workers are known by the addresses the chart gives
+// them. The leader by its pod's IP (--advertise $(POD_IP)), the workers by their peer
+// names on their node (--host $(NODE_NAME)); every coordinator and worker gossips on the
+// fixed --gossip-port of the pod's address, and a worker registers that address.
+func (c *dockerCluster) checkAddresses(t *testing.T, info *pb.ServerInfo, coord, workers *wl) {
 	t.Helper()
-	missing := false
-	for _, name := range []string{"coordinator", "worker", "qwenctl", "etcd"} {
-		if exec.Command("docker", "image", "inspect", "qwenfleet/"+name+":"+server.Version).Run() != nil {
-			missing = true
+	var grpcPort int32
+	for _, p := range container(t, coord.spec, "coordinator").Ports {
+		if p.Name == "grpc" {
+			grpcPort = p.ContainerPort
 		}
 	}
-	if !missing {
-		return
+	if eps := c.endpoints(coord.meta.Labels, intstr.FromString("grpc")); len(eps) != 1 || info.GetLeaderAddress() != eps[0] || !strings.HasSuffix(eps[0], fmt.Sprintf(":%d", grpcPort)) {
+		t.Errorf("the leader says it is at %q; the ready coordinator is at %v", info.GetLeaderAddress(), eps)
+	} else {
+		t.Logf("the leader is known at %s (--advertise: its pod's IP)", info.GetLeaderAddress())
 	}
+	peerDomain := workers.sts.Spec.ServiceName + "." + c.ns + ".svc.cluster.local"
+	for _, w := range info.GetWorkers() {
+		if w.GetHost() != nodeName || !strings.HasPrefix(w.GetAddress(), w.GetId()+"."+peerDomain+":") {
+			t.Errorf("worker %s registered at %s on host %q, want its peer name on %s", w.GetId(), w.GetAddress(), w.GetHost(), nodeName)
+		}
+	}
+	for _, w := range []*wl{coord, workers} {
+		gossip := int32(0)
+		for _, p := range w.spec.Containers[0].Ports {
+			if p.Name == "gossip" {
+				gossip = p.ContainerPort
+			}
+		}
+		c.mu.Lock()
+		var pods []*dockerPod
+		for _, p := range c.pods {
+			if p.component == w.component {
+				pods = append(pods, p)
+			}
+		}
+		c.mu.Unlock()
+		for _, p := range pods {
+			conn, err := net.DialTimeout("tcp", net.JoinHostPort(p.ip, strconv.Itoa(int(gossip))), 3*time.Second)
+			if err != nil {
+				t.Errorf("pod %s: no gossip on %s:%d: %v", p.name, p.ip, gossip, err)
+				continue
+			}
+			conn.Close()
+			// A worker registers the gossip address it announces: the pod's, on the port.
+			if w.component == "worker" {
+				want := net.JoinHostPort(p.ip, strconv.Itoa(int(gossip)))
+				if got := registeredGossip(c.logs(p)); got != want {
+					t.Errorf("pod %s: the worker registered gossip at %q, want %s (its log: worker registered ... gossip=)", p.name, got, want)
+				}
+			}
+		}
+	}
+}
+
+// logs are the logs of a pod's containers (not its init containers).
+func (c *dockerCluster) logs(p *dockerPod) string {
+	c.mu.Lock()
+	names := slices.Clone(p.main)
+	c.mu.Unlock()
+	var b strings.Builder
+	for _, n := range names {
+		out, _ := exec.Command("docker", "logs", n).CombinedOutput()
+		b.Write(out)
+	}
+	return b.String()
+}
+
+// registeredGossip is the gossip address of a worker's "worker registered" log line.
+func registeredGossip(logs string) string {
+	for _, l := range strings.Split(logs, "\n") {
+		if !strings.Contains(l, "worker registered") {
+			continue
+		}
+		for _, f := range strings.Fields(l) {
+			if v, ok := strings.CutPrefix(f, "gossip="); ok {
+				return strings.Trim(v, `"`)
+			}
+		}
+		if _, v, ok := strings.Cut(l, `"gossip":"`); ok { // --log-format json
+			v, _, _ = strings.Cut(v, `"`)
+			return v
+		}
+	}
+	return ""
+}
+
+// gossipTrouble are the log lines of coordinators and workers that say gossip went wrong:
+// a coordinator that could not join a worker's gossip address, memberlist's warnings
+// (a member it could not reach, suspected or declared dead, or a refutation).
+func (c *dockerCluster) gossipTrouble() []string {
+	c.mu.Lock()
+	var pods []*dockerPod
+	for _, p := range c.pods {
+		if p.component == "coordinator" || p.component == "worker" {
+			pods = append(pods, p)
+		}
+	}
+	c.mu.Unlock()
+	var out []string
+	for _, p := range pods {
+		for _, l := range strings.Split(c.logs(p), "\n") {
+			warn := strings.Contains(l, "level=WARN") || strings.Contains(l, `"level":"WARN"`)
+			if warn && (strings.Contains(l, "memberlist:") || strings.Contains(l, "gossip join")) {
+				if len(l) > 300 {
+					l = l[:300] + "…"
+				}
+				out = append(out, p.name+": "+l)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// checkProbes: every coordinator and worker passed its startup probe, and its liveness
+// probe passed since and never failed: the standby coordinator too, alive and not ready.
+func (c *dockerCluster) checkProbes(t *testing.T) {
+	t.Helper()
+	c.mu.Lock()
+	pods := slices.Collect(maps.Values(c.pods))
+	c.mu.Unlock()
+	slices.SortFunc(pods, func(a, b *dockerPod) int { return strings.Compare(a.name, b.name) })
+	var parts []string
+	for _, p := range pods {
+		if p.component != "coordinator" && p.component != "worker" {
+			continue
+		}
+		started := time.Duration(p.startedIn.Load())
+		ok, failed := p.liveOK.Load(), p.liveFailed.Load()
+		parts = append(parts, fmt.Sprintf("%s: started %.0fs, live %d/%d, ready %v", p.name, started.Seconds(), ok, ok+failed, p.ready.Load()))
+		if started == 0 || ok == 0 || failed > 0 {
+			t.Errorf("pod %s: startup probe passed after %v, liveness probes %d passed and %d failed: want it started and live", p.name, started, ok, failed)
+		}
+	}
+	t.Logf("probes (startup and liveness on %s, readiness on \"\"): %s", server.LivenessService, strings.Join(parts, "; "))
+}
+
+// ensureImages builds the images with scripts/build-images.sh, every run: the chart runs
+// the flags of the code here, and images of an older tree would lack them (the build is
+// quick when the Go build cache and docker's layer cache are warm; the script runs one
+// build at a time, the compose test builds the same images).
+func ensureImages(t *testing.T) {
+	t.Helper()
 	script := filepath.Join(repoRoot(t), "scripts", "build-images.sh")
 	if _, err := os.Stat(script); err != nil {
-		t.Fatalf("the qwenfleet/* images are missing and there is no scripts/build-images.sh to build them")
+		t.Fatalf("no scripts/build-images.sh to build the qwenfleet/* images")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
+	start := time.Now()
 	cmd := exec.CommandContext(ctx, script)
 	cmd.Dir = repoRoot(t)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("scripts/build-images.sh: %v\n%s", err, lastLines(string(out), 20))
 	}
+	for _, name := range []string{"coordinator", "worker", "qwenctl", "etcd"} {
+		if exec.Command("docker", "image", "inspect", "qwenfleet/"+name+":"+server.Version).Run() != nil {
+			t.Fatalf("scripts/build-images.sh made no qwenfleet/%s:%s", name, server.Version)
+		}
+	}
+	t.Logf("images built in %.0fs", time.Since(start).Seconds())
 }
 
 // dockerCluster is the emulation: a network, the rendered objects, the pods started.
@@ -270,6 +445,13 @@ type dockerPod struct {
 	labels              map[string]string
 	ready               atomic.Bool
 	main                []string // its containers (not the init containers)
+	// rerunInit runs the pod's init containers again over its volumes, as the kubelet
+	// does when it makes the pod's sandbox anew; it returns their output.
+	rerunInit func() (string, error)
+	// The kubelet's other probes: when the startup probe first passed (after the
+	// container started), and the liveness probes that passed and failed since.
+	startedIn          atomic.Int64 // nanoseconds; 0: not yet
+	liveOK, liveFailed atomic.Int64
 }
 
 func newDockerCluster(t *testing.T, m Manifests, ns string) *dockerCluster {
@@ -501,11 +683,14 @@ func (c *dockerCluster) startPod(w *wl, name string) {
 	}
 	mounts := c.volumes(spec, name)
 
-	base := []string{"--network", c.net, "--ip", ip, "--hostname", name, "--label", dockerLabel + "=" + c.run, "--label", "qwenfleet-helmtest-pod=" + name}
+	// The pod's network: its IP, name and aliases. (A container run again while the pod's
+	// containers run has none: docker gives an IP to one container only.)
+	network := []string{"--network", c.net, "--ip", ip}
 	for _, a := range aliases {
-		base = append(base, "--network-alias", a)
+		network = append(network, "--network-alias", a)
 	}
-	base = append(base, c.addHosts()...)
+	network = append(network, c.addHosts()...)
+	base := []string{"--hostname", name, "--label", dockerLabel + "=" + c.run, "--label", "qwenfleet-helmtest-pod=" + name}
 	if sc := spec.SecurityContext; sc != nil {
 		if sc.RunAsUser != nil {
 			u := strconv.FormatInt(*sc.RunAsUser, 10)
@@ -518,11 +703,16 @@ func (c *dockerCluster) startPod(w *wl, name string) {
 			base = append(base, "--group-add", strconv.FormatInt(*sc.FSGroup, 10))
 		}
 	}
-	run := func(ct corev1.Container, detach bool) (string, error) {
-		cname := c.run + "-" + name + "-" + ct.Name
+	run := func(ct corev1.Container, detach bool, suffix string) (string, error) {
+		cname := c.run + "-" + name + "-" + ct.Name + suffix
 		args := []string{"run", "--name", cname}
 		if detach {
 			args = append(args, "-d")
+		}
+		if suffix == "" {
+			args = append(args, network...)
+		} else {
+			args = append(args, "--network", "none")
 		}
 		args = append(args, base...)
 		args = append(args, securityArgs(ct.SecurityContext)...)
@@ -562,31 +752,103 @@ func (c *dockerCluster) startPod(w *wl, name string) {
 		return string(out), err
 	}
 	for _, ct := range spec.InitContainers {
-		if out, err := run(ct, false); err != nil {
+		if out, err := run(ct, false, ""); err != nil {
 			t.Fatalf("pod %s: init container %s: %v\n%s", name, ct.Name, err, lastLines(out, 20))
 		}
 	}
+	var reruns atomic.Int32
+	pod.rerunInit = func() (string, error) {
+		suffix := fmt.Sprintf("-again%d", reruns.Add(1))
+		var all strings.Builder
+		for _, ct := range spec.InitContainers {
+			out, err := run(ct, false, suffix)
+			all.WriteString(out)
+			if err != nil {
+				return all.String(), fmt.Errorf("init container %s: %w", ct.Name, err)
+			}
+		}
+		return all.String(), nil
+	}
 	for _, ct := range spec.Containers {
-		if out, err := run(ct, true); err != nil {
+		if out, err := run(ct, true, ""); err != nil {
 			t.Fatalf("pod %s: container %s: %v\n%s", name, ct.Name, err, lastLines(out, 20))
 		}
-		if ct.ReadinessProbe != nil {
-			c.wg.Add(1)
-			go c.probe(pod, ct)
-		}
+		c.wg.Add(1)
+		go c.probe(pod, ct)
 	}
 }
 
-// probe runs a container's readiness probe as the kubelet does.
+// stopped reports whether the cluster is being taken down (probes fail then).
+func (c *dockerCluster) stopped() bool {
+	select {
+	case <-c.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// sleep waits d, or returns false when the cluster is being taken down.
+func (c *dockerCluster) sleep(d time.Duration) bool {
+	select {
+	case <-c.stop:
+		return false
+	case <-time.After(d):
+		return true
+	}
+}
+
+// probe runs a container's probes as the kubelet does: the startup probe until it
+// passes (failureThreshold failures in a row: the kubelet would restart the container, a
+// test error), then the liveness probe (the same) and the readiness probe, which marks
+// the pod ready or not for the Services.
 func (c *dockerCluster) probe(pod *dockerPod, ct corev1.Container) {
 	defer c.wg.Done()
-	p := ct.ReadinessProbe
-	period := time.Duration(max(p.PeriodSeconds, 1)) * time.Second
-	timeout := time.Duration(max(p.TimeoutSeconds, 1)) * time.Second
 	ports := map[string]int32{}
 	for _, cp := range ct.Ports {
 		ports[cp.Name] = cp.ContainerPort
 	}
+	timing := func(p *corev1.Probe) (period, timeout time.Duration, threshold int) {
+		return time.Duration(max(p.PeriodSeconds, 1)) * time.Second, time.Duration(max(p.TimeoutSeconds, 1)) * time.Second, int(max(p.FailureThreshold, 1))
+	}
+	begin := time.Now()
+	if p := ct.StartupProbe; p != nil {
+		period, timeout, threshold := timing(p)
+		for fails := 0; !probeOnce(p, pod.ip, ports, timeout); {
+			if fails++; fails >= threshold {
+				if !c.stopped() {
+					c.t.Errorf("pod %s container %s: the startup probe failed %d times in a row over %.0fs: the kubelet would restart it", pod.name, ct.Name, fails, time.Since(begin).Seconds())
+				}
+				return
+			}
+			if !c.sleep(period) {
+				return
+			}
+		}
+	}
+	pod.startedIn.Store(int64(max(time.Since(begin), 1)))
+	if p := ct.LivenessProbe; p != nil {
+		c.wg.Go(func() {
+			period, timeout, threshold := timing(p)
+			for fails := 0; c.sleep(period); {
+				if probeOnce(p, pod.ip, ports, timeout) {
+					pod.liveOK.Add(1)
+					fails = 0
+					continue
+				}
+				pod.liveFailed.Add(1)
+				if fails++; fails == threshold && !c.stopped() {
+					c.t.Errorf("pod %s container %s: the liveness probe failed %d times in a row: the kubelet would restart it", pod.name, ct.Name, fails)
+				}
+			}
+		})
+	}
+	p := ct.ReadinessProbe
+	if p == nil {
+		return
+	}
+	period := time.Duration(max(p.PeriodSeconds, 1)) * time.Second
+	timeout := time.Duration(max(p.TimeoutSeconds, 1)) * time.Second
 	fails, oks := 0, 0
 	for {
 		ok := probeOnce(p, pod.ip, ports, timeout)
@@ -846,6 +1108,8 @@ func (c *dockerCluster) env(ct corev1.Container, pod *dockerPod) map[string]stri
 				env[e.Name] = c.ns
 			case "status.podIP":
 				env[e.Name] = pod.ip
+			case "spec.nodeName":
+				env[e.Name] = nodeName
 			default:
 				c.t.Fatalf("env %s: fieldRef %s is not emulated", e.Name, e.ValueFrom.FieldRef.FieldPath)
 			}

@@ -66,6 +66,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "qwenfleet.workerPeerDomain" -}}{{ include "qwenfleet.worker" . }}.{{ include "qwenfleet.svcDomain" . }}{{- end -}}
 {{- define "qwenfleet.etcdPeerDomain" -}}{{ include "qwenfleet.etcd" . }}.{{ include "qwenfleet.svcDomain" . }}{{- end -}}
 
+{{/* The gossip port of every coordinator and worker (a fixed one: the NetworkPolicy opens it alone). */}}
+{{- define "qwenfleet.gossipPort" -}}
+{{- $p := int .Values.gossipPort -}}
+{{- if or (lt $p 1) (gt $p 65535) -}}
+{{- fail (printf "gossipPort: %v is not a port in [1, 65535] (every coordinator and worker binds it; the NetworkPolicy opens it)" .Values.gossipPort) -}}
+{{- end -}}
+{{- $p -}}
+{{- end -}}
+
 {{/* etcd endpoints, comma separated */}}
 {{- define "qwenfleet.etcdEndpoints" -}}
 {{- if .Values.etcd.bundled -}}
@@ -239,8 +248,11 @@ members' peer names (wildcards of their headless Services), and tls.extraHosts. 
 - name: mkmodel
   image: {{ include "qwenfleet.image" (dict "root" . "repository" .Values.qwenctl.image.repository) }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
+  # --if-missing: an init container runs again when the pod's sandbox is remade, over the
+  # emptyDir it filled (the model is moved into place config.json last: one is whole).
   args:
     - mkmodel
+    - --if-missing
     - --preset={{ .Values.model.mkmodel.preset }}
     - --seed={{ .Values.model.mkmodel.seed }}
     - --out={{ include "qwenfleet.modelDir" . }}
