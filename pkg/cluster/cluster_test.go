@@ -578,3 +578,25 @@ func TestLeaseValidUntil(t *testing.T) {
 	default:
 	}
 }
+
+// TestGossipFixedPortAdvertised: a node bound to every interface on a
+// fixed port, announcing an address, announces that port (not 0), and a
+// peer joins it there.
+func TestGossipFixedPortAdvertised(t *testing.T) {
+	l, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.LocalAddr().(*net.UDPAddr).Port
+	l.Close()
+	a, err := JoinGossip(GossipConfig{Name: "a", BindAddr: "0.0.0.0", BindPort: port, AdvertiseAddr: "127.0.0.1", Fast: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if want := fmt.Sprintf("127.0.0.1:%d", port); a.Addr() != want {
+		t.Fatalf("announced %s, want %s", a.Addr(), want)
+	}
+	b := startGossip(t, "b", nil, a.Addr())
+	waitJoins(t, b, true, 3*time.Second, "a", "b")
+}

@@ -179,7 +179,10 @@ func JoinGossip(cfg GossipConfig) (*Gossip, error) {
 	mc.BindAddr = cfg.BindAddr
 	mc.BindPort = cfg.BindPort
 	mc.AdvertiseAddr = cfg.AdvertiseAddr
-	mc.AdvertisePort = 0
+	// The port announced is the bound one (memberlist sets it itself only
+	// for a port it picks: a fixed BindPort with an AdvertiseAddr would be
+	// announced as port 0).
+	mc.AdvertisePort = cfg.BindPort
 	if cfg.Log != nil {
 		mc.Logger = log.New(newMemberlistLog(cfg.Log), "", 0)
 	} else {
