@@ -663,3 +663,30 @@ func TestCompose(t *testing.T) {
 	}
 	t.Logf("the whole test took %.0fs", time.Since(begin).Seconds())
 }
+
+// TestComposeConfig: every Compose here (docker-compose 1.29, and the
+// `docker compose` plugin where it is installed) accepts the file, with
+// and without the bench profile. It needs no engine.
+func TestComposeConfig(t *testing.T) {
+	root, err := filepath.Abs(filepath.Join("..", ".."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(root, "docker-compose.yml")
+	var ran int
+	for _, cmd := range [][]string{{"docker", "compose"}, {"docker-compose"}} {
+		if exec.Command(cmd[0], append(cmd[1:], "version")...).Run() != nil {
+			continue
+		}
+		ran++
+		for _, extra := range [][]string{nil, {"--profile", "bench"}} {
+			args := append(append(slices.Clone(cmd[1:]), "-f", file), extra...)
+			if out, err := exec.Command(cmd[0], append(args, "config", "-q")...).CombinedOutput(); err != nil {
+				t.Errorf("%s %v config: %v: %s", strings.Join(cmd, " "), extra, err, tail(string(out), 500))
+			}
+		}
+	}
+	if ran == 0 {
+		t.Skip("neither `docker compose` nor docker-compose is installed")
+	}
+}
