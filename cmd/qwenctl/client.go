@@ -156,20 +156,12 @@ func (f clusterFlags) connect() (*client.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	var etcdTLS *tls.Config
 	if len(etcd) > 0 && strings.HasPrefix(etcd[0], "https://") {
-		// etcd wants a client certificate of the cluster CA: the client
-		// role's, from the same directory.
-		if *f.sec.tlsDir == "" {
-			return nil, usagef("--etcd-endpoints: https:// endpoints need --tls-dir (its %s and client.pem)", security.CAFile)
-		}
-		t, err := security.NewTLS(*f.sec.tlsDir, security.RoleClient)
-		if err != nil {
-			return nil, usagef("--tls-dir: %v (https:// --etcd-endpoints need the client certificate)", err)
-		}
-		etcdTLS = t.ClientConfig("")
+		// A secured etcd takes coordinators' and workers' certificates
+		// only (it holds the placement's secrets and the election).
+		return nil, usagef("--etcd-endpoints: an https:// etcd takes only the cluster's coordinator and worker certificates; name the coordinators with --addr instead")
 	}
-	return client.New(client.Config{Addrs: addrs, EtcdEndpoints: etcd, EtcdTLS: etcdTLS, Prefix: *f.prefix, RetryTimeout: *f.retry, TLS: tlsCfg, APIKey: key})
+	return client.New(client.Config{Addrs: addrs, EtcdEndpoints: etcd, Prefix: *f.prefix, RetryTimeout: *f.retry, TLS: tlsCfg, APIKey: key})
 }
 
 // rpcError makes a gRPC error one readable line.

@@ -52,9 +52,10 @@ type Config struct {
 	// leader.
 	EtcdEndpoints []string
 	// EtcdTLS secures the etcd connection (https:// endpoints): the
-	// cluster CA and a certificate it signed (etcd wants a client
-	// certificate), e.g. security.NewTLS(dir, security.RoleClient).
-	// ClientConfig(""). Nil: plaintext.
+	// cluster CA and a certificate it signed that etcd takes (the
+	// cluster's etcd takes coordinators' and workers' only), e.g.
+	// security.NewTLS(dir, security.RoleWorker).ClientConfig("").
+	// Nil: plaintext.
 	EtcdTLS *tls.Config
 	// Prefix is the etcd key prefix of the cluster (the servers'
 	// --prefix); "" means pkg/cluster's default, "/qwenfleet/".

@@ -555,7 +555,7 @@ func TestEtcdFallback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	clientTLS, err := security.NewTLS(dir, security.RoleClient)
+	clientTLS, err := security.NewTLS(dir, security.RoleWorker)
 	if err != nil {
 		t.Fatal(err)
 	}

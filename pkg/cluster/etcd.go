@@ -137,8 +137,13 @@ func startEtcdOnce(c EmbeddedEtcdConfig) (*EmbeddedEtcd, error) {
 		ca := filepath.Join(c.TLSDir, security.CAFile)
 		cfg.ClientTLSInfo.CertFile, cfg.ClientTLSInfo.KeyFile, cfg.ClientTLSInfo.TrustedCAFile = cert, key, ca
 		cfg.ClientTLSInfo.ClientCertAuth = true
+		// Coordinators and workers only: a client certificate (a
+		// metrics scraper's) must not read the placement's secrets or
+		// write the election.
+		cfg.ClientTLSInfo.AllowedCNs = EtcdClientCNs
 		cfg.PeerTLSInfo.CertFile, cfg.PeerTLSInfo.KeyFile, cfg.PeerTLSInfo.TrustedCAFile = cert, key, ca
 		cfg.PeerTLSInfo.ClientCertAuth = true
+		cfg.PeerTLSInfo.AllowedCNs = []string{"qwenfleet " + string(security.RoleCoordinator)}
 	}
 	lg := c.Logger
 	if lg == nil {
@@ -273,3 +278,8 @@ func (c *refusalCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 func etcdRefusal(msg string) bool {
 	return strings.HasPrefix(msg, "rejected connection") || strings.Contains(msg, "TLS handshake error")
 }
+
+// EtcdClientCNs are the certificate common names the embedded etcd takes
+// clients with: the coordinators' and the workers' (security.WriteCerts
+// names each role's certificate "qwenfleet <role>").
+var EtcdClientCNs = []string{"qwenfleet " + string(security.RoleCoordinator), "qwenfleet " + string(security.RoleWorker)}

@@ -295,3 +295,30 @@ func TestEmbeddedEtcdTLSDirErrors(t *testing.T) {
 		t.Errorf("a TLS dir without coordinator-key.pem: %v", err)
 	}
 }
+
+// TestEmbeddedEtcdRefusesClientRole: the client role's certificate (a
+// metrics scraper's), of the cluster CA, cannot use the embedded etcd;
+// a worker's can.
+func TestEmbeddedEtcdRefusesClientRole(t *testing.T) {
+	dir := writeTestCerts(t)
+	e, err := StartEmbeddedEtcdConfig(EmbeddedEtcdConfig{Dir: t.TempDir(), TLSDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for role, ok := range map[security.Role]bool{security.RoleClient: false, security.RoleWorker: true} {
+		tl, err := security.NewTLS(dir, role)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		s, err := ConnectWith(ctx, e.Endpoints(), "/cn/", ConnectConfig{TLS: tl.ClientConfig("")})
+		cancel()
+		if (err == nil) != ok {
+			t.Fatalf("role %s: connect error %v, want ok=%v", role, err, ok)
+		}
+		if s != nil {
+			s.Close()
+		}
+	}
+}

@@ -318,6 +318,7 @@ func (s *GeneratorService) redactServerInfo(info *pb.ServerInfo) {
 	for _, w := range info.Workers {
 		w.Id = s.workerAlias(w.Id)
 		w.Address, w.MetricsAddress, w.Pid, w.Host = "", "", 0, ""
+		w.State = stateWord(w.State)
 	}
 	if p := info.Placement; p != nil {
 		p.Model = s.c.opts.ModelName
@@ -336,4 +337,13 @@ func (s *GeneratorService) redactServerInfo(info *pb.ServerInfo) {
 			}
 		}
 	}
+}
+
+// stateWord is a worker state without its reason ("failed (load failed:
+// ...)" → "failed"): reasons quote ids, paths and addresses.
+func stateWord(state string) string {
+	if i := strings.IndexAny(state, " (:"); i >= 0 {
+		return state[:i]
+	}
+	return state
 }

@@ -99,3 +99,27 @@ func TestGossipHosts(t *testing.T) {
 		}
 	}
 }
+
+func TestStateWord(t *testing.T) {
+	for in, want := range map[string]string{"ready": "ready", "failed (load failed: load w-1: /srv/m)": "failed",
+		"failed: dial tcp 10.0.0.1:7000": "failed", "": ""} {
+		if got := stateWord(in); got != want {
+			t.Errorf("stateWord(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// Plaintext etcd beyond loopback is refused unless --insecure; on
+// loopback it is the single-machine default.
+func TestPlaintextEtcdBeyondLoopback(t *testing.T) {
+	if _, err := (Security{}).etcdTLS([]string{"http://127.0.0.1:2379"}, nil); err != nil {
+		t.Fatalf("loopback: %v", err)
+	}
+	_, err := (Security{}).etcdTLS([]string{"http://127.0.0.1:2379", "http://10.0.0.7:2379"}, nil)
+	if err == nil || !strings.Contains(err.Error(), "http://10.0.0.7:2379") || !strings.Contains(err.Error(), "--insecure") {
+		t.Fatalf("beyond loopback: %v", err)
+	}
+	if _, err := (Security{Insecure: true}).etcdTLS([]string{"http://10.0.0.7:2379"}, nil); err != nil {
+		t.Fatalf("--insecure: %v", err)
+	}
+}

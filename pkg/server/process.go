@@ -139,6 +139,9 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 		return err
 	}
 	o.Peer.Creds = ptls.dialCreds()
+	if ptls.own != nil {
+		go watchReloads(ctx, log, "the certificates of --tls-dir", ptls.own.Err)
+	}
 	etcdCfg, err := ptls.etcdConfig(o.EtcdEndpoints)
 	if err != nil {
 		return err
@@ -550,6 +553,9 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	if err != nil {
 		return err
 	}
+	if ptls.own != nil {
+		go watchReloads(ctx, log, "the certificates of --tls-dir", ptls.own.Err)
+	}
 	lis, err := net.Listen("tcp", o.Listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
@@ -617,6 +623,9 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		}
 		auth = &PublicAuth{Keys: keys, MaxStreamsPerKey: o.MaxStreamsPerKey}
 		log.Info("API keys required on the public API", "file", o.APIKeysFile, "keys", keys.Len())
+		go watchReloads(ctx, log, "the API keys of --api-keys", keys.Err)
+	} else if !security.IsLoopback(o.Listen) {
+		log.Warn("no --api-keys: any client that reaches the public API is an admin (it may drain workers, abort any request and read worker addresses)", "listen", o.Listen)
 	}
 	gs := grpc.NewServer(append(PublicServerOptionsWith(o.Limits, auth), ptls.serverOptions("public", false)...)...)
 	pb.RegisterGeneratorServer(gs, NewGeneratorService(coord))

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"flag"
@@ -106,6 +107,11 @@ func (s Security) etcdTLS(endpoints []string, own *security.TLS) (*tls.Config, e
 	}
 	switch {
 	case https == 0:
+		for _, e := range endpoints {
+			if host := strings.TrimPrefix(e, "http://"); !s.Insecure && !security.IsLoopback(host) {
+				return nil, fmt.Errorf("--etcd-endpoints: %s is plaintext beyond loopback (the placement and the election would cross the network in the clear): use an https:// etcd, or --insecure on purpose", e)
+			}
+		}
 		return nil, nil
 	case https != len(endpoints):
 		return nil, fmt.Errorf("--etcd-endpoints: %s mixes http:// and https://", strings.Join(endpoints, ","))
@@ -115,6 +121,25 @@ func (s Security) etcdTLS(endpoints []string, own *security.TLS) (*tls.Config, e
 			return nil, errors.New("--etcd-endpoints: https:// endpoints need --tls-dir, or --etcd-cacert (and --etcd-cert/--etcd-key for client certificates)")
 		}
 		return own.ClientConfig(""), nil
+	}
+	if own != nil && (s.Etcd.CAFile == "" || s.Etcd.CertFile == "") {
+		// One of them given: the other from the TLS dir, as the flags
+		// say (the cluster CA, or this role's pair).
+		cfg := own.ClientConfig("")
+		if s.Etcd.CAFile != "" {
+			pool, err := security.LoadCAPool(s.Etcd.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("--etcd-cacert: %w", err)
+			}
+			cfg = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, GetClientCertificate: cfg.GetClientCertificate}
+		} else {
+			pair, err := tls.LoadX509KeyPair(s.Etcd.CertFile, s.Etcd.KeyFile)
+			if err != nil {
+				return nil, fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
+			}
+			cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &pair, nil }
+		}
+		return cfg, nil
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if s.Etcd.CAFile != "" {
@@ -239,3 +264,32 @@ func (s Security) workerArgs() []string {
 // gossipKeyPoll is how often a process checks its gossip key file for a
 // rotation.
 const gossipKeyPoll = 2 * time.Second
+
+// watchReloads logs, once per change, whether files that are re-read when
+// they change (certificates, API keys) failed to load: the previous set
+// stays in use meanwhile, so a revocation whose file does not load would
+// otherwise go unnoticed. It polls errf every 5 s until ctx ends.
+func watchReloads(ctx context.Context, log *slog.Logger, what string, errf func() error) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	last := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := ""
+		if err := errf(); err != nil {
+			now = err.Error()
+		}
+		switch {
+		case now == last:
+		case now != "":
+			log.Error(what+" no longer load: the previous ones stay in use until they do", "err", now)
+		default:
+			log.Info(what + " load again")
+		}
+		last = now
+	}
+}
