@@ -25,7 +25,7 @@ import (
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
-const benchSynopsis = "[--addr HOST:PORT[,HOST:PORT...]] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY | --api-key-file FILE] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
+const benchSynopsis = "[--addr HOST:PORT[,HOST:PORT...] | --http [--http-addr HOST:PORT]] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY | --api-key-file FILE] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
 	"[--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ttft=200ms,tpot=50ms,e2e=2s] [--json FILE] [--plot FILE.png] ...\n" +
 	"Prints the report (and writes --json and --plot) however the run went; exits 0 when every request completed, 1 when any failed or the run was interrupted, 2 on bad flags."
 
@@ -54,13 +54,21 @@ func runBench(args []string) error {
 	jsonOut := fs.String("json", "", "write the report, config and per-request records as JSON to this file")
 	plotOut := fs.String("plot", "", "draw latency over time and TTFT/ITL histograms to this PNG file")
 	quiet := fs.Bool("quiet", false, "no progress bar")
+	httpMode := fs.Bool("http", false, "drive the coordinator's OpenAI-compatible HTTP API (--http-addr; https with --tls-dir) instead of gRPC: the same prompts, streamed, and the same report")
+	httpAddr := fs.String("http-addr", "127.0.0.1:8000", "with --http: the coordinator's --http-listen address")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 
-	cfg := bench.Config{Addr: *addr, Dataset: *dataset, Temperature: *temperature, Seed: *seed}
+	cfg := bench.Config{Addr: *addr, API: "grpc", Dataset: *dataset, Temperature: *temperature, Seed: *seed}
+	if set["http-addr"] && !*httpMode {
+		return usagef("--http-addr: only with --http")
+	}
+	if *httpMode && (set["addr"] || set["etcd-endpoints"]) {
+		return usagef("--http: drives --http-addr; --addr and --etcd-endpoints are gRPC's")
+	}
 	switch {
 	case set["concurrency"] && *concurrency < 1:
 		return usagef("--concurrency: must be >= 1")
@@ -151,17 +159,34 @@ func runBench(args []string) error {
 		outputs[o.flag] = f
 	}
 
-	c, err := cf.connect()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
+	var c *client.Client
+	var hb *httpBench
+	var info *pb.ModelInfo
 	ictx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	info, err := c.ModelInfo(ictx)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("cannot reach the coordinator at %s: %w", *addr, rpcError(err))
+	if *httpMode {
+		tlsCfg, key, err := cf.sec.config()
+		if err != nil {
+			cancel()
+			return err
+		}
+		hb = newHTTPBench(*httpAddr, tlsCfg, key, max(cfg.Concurrency, 64))
+		cfg.Addr, cfg.API = hb.base, "http"
+		if info, err = hb.modelInfo(ictx); err != nil {
+			cancel()
+			return fmt.Errorf("cannot reach the coordinator's HTTP API at %s: %w", hb.base, err)
+		}
+	} else {
+		if c, err = cf.connect(); err != nil {
+			cancel()
+			return err
+		}
+		defer c.Close()
+		if info, err = c.ModelInfo(ictx); err != nil {
+			cancel()
+			return fmt.Errorf("cannot reach the coordinator at %s: %w", *addr, rpcError(err))
+		}
 	}
+	cancel()
 	cfg.Model = info.Name
 	var src bench.Source
 	if prompts != nil {
@@ -182,7 +207,7 @@ func runBench(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	r := &benchRunner{client: c, src: src, cfg: cfg, temperature: float32(*temperature), t0: time.Now()}
+	r := &benchRunner{client: c, http: hb, src: src, cfg: cfg, temperature: float32(*temperature), t0: time.Now()}
 	var bar *progressBar
 	if !*quiet && isTerminal(os.Stderr) {
 		bar = startProgress(os.Stderr, r)
@@ -251,6 +276,7 @@ func plural(n int, word string) string {
 // benchRunner sends the requests of one run.
 type benchRunner struct {
 	client      *client.Client
+	http        *httpBench // --http: the OpenAI-compatible API instead of client
 	src         bench.Source
 	cfg         bench.Config
 	temperature float32
@@ -355,6 +381,12 @@ loop:
 // recorded by gRPC status code and never stop the run.
 func (r *benchRunner) one(ctx context.Context, i int) {
 	p := r.src.Prompt(i)
+	if r.http != nil {
+		r.sent.Add(1)
+		rec := bench.Request{Index: i, Start: time.Since(r.t0), PromptTokens: len(p.TokenIDs)}
+		r.finish(ctx, r.http.stream(ctx, p, r.temperature, r.cfg.IgnoreEOS, r.t0, &rec), &rec)
+		return
+	}
 	req := &pb.GenerateRequest{Temperature: &r.temperature, MaxTokens: clamp32(p.MaxTokens), IgnoreEos: r.cfg.IgnoreEOS,
 		RequestId: fmt.Sprintf("bench-%d-%d", r.t0.UnixNano(), i)} // findable in the coordinator's log
 	switch {

@@ -110,7 +110,7 @@ func TestStatusUnreachable(t *testing.T) {
 // startCluster runs a real coordinator (embedded etcd, one local worker
 // process) serving the model in dir on a free loopback port, waits until it
 // can serve, and stops it when the test ends. It returns the address.
-func startCluster(t *testing.T, dir string) string {
+func startCluster(t *testing.T, dir string, args ...string) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "coordinator")
 	if out, err := exec.Command("go", "build", "-o", bin, "../coordinator").CombinedOutput(); err != nil {
@@ -122,7 +122,7 @@ func startCluster(t *testing.T, dir string) string {
 	}
 	addr := l.Addr().String()
 	l.Close()
-	coord := exec.Command(bin, "--listen", addr, "--model", dir, "--data-dir", t.TempDir(), "--log-level", "warn", "--worker-threads", "1")
+	coord := exec.Command(bin, append([]string{"--listen", addr, "--model", dir, "--data-dir", t.TempDir(), "--log-level", "warn", "--worker-threads", "1"}, args...)...)
 	coord.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	coord.Stderr = os.Stderr
 	if err := coord.Start(); err != nil {

@@ -38,7 +38,10 @@ func (r *Rate) UnmarshalJSON(b []byte) error {
 // Config records what a run was asked to do, for the report. It does not
 // drive anything here: cmd/qwenctl validates its flags and runs the loop.
 type Config struct {
-	Addr  string `json:"addr"`
+	Addr string `json:"addr"`
+	// API is what was driven: "grpc" (the public gRPC API) or "http" (the
+	// OpenAI-compatible HTTP API; Addr is then its URL).
+	API   string `json:"api,omitempty"`
 	Model string `json:"model,omitempty"` // the served model's name
 	// Concurrency caps the requests in flight (0: no cap, only with Rate).
 	Concurrency int `json:"concurrency"`

@@ -205,6 +205,7 @@ func CoordinatorMain(args []string) int {
 	format := fs.String("log-format", "text", "log lines as text or json (local workers too)")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus /metrics on this address (e.g. 127.0.0.1:9090; empty: off); local workers then serve theirs too")
 	healthListen := fs.String("health-listen", "", "serve only the gRPC health service, plaintext, on this address (for kubelet gRPC probes, which speak no TLS; empty: off)")
+	httpListen := fs.String("http-listen", DefaultHTTPListen, "serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) on this address, with TLS and API keys as the gRPC API (empty: off; the default is skipped with a warning when its port is taken)")
 	advertise := fs.String("advertise", "", "the address clients and the other coordinators reach this one at (default: the bound --listen address; needed when --listen is 0.0.0.0)")
 	gossipPort := fs.Int("gossip-port", 0, "gossip (memberlist) UDP and TCP port (0: any free one)")
 	stepTimeout := fs.Duration("step-timeout", 5*time.Second, "least time a replica's step may take before its workers count as hung")
@@ -320,7 +321,7 @@ func CoordinatorMain(args []string) int {
 	defer cancel()
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
-		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen, HealthListen: *healthListen, Advertise: *advertise, GossipPort: *gossipPort,
+		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen, HealthListen: *healthListen, HTTPListen: *httpListen, HTTPOptional: !explicit["http-listen"], Advertise: *advertise, GossipPort: *gossipPort,
 		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
 		StepTimeout: routing.StepTimeout{Min: *stepTimeout, Factor: *stepFactor}, QueueTimeout: *queueTimeout, DrainTimeout: *drainTimeout,
 		MaxQueueWait: *maxQueueWait, SendTimeout: *sendTimeout, Limits: Limits{MaxConcurrentStreams: uint32(*maxStreams)},

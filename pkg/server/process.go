@@ -439,6 +439,11 @@ type CoordinatorProcessOptions struct {
 	// HealthListen, when set, serves only the gRPC health service there,
 	// plaintext (serveHealth).
 	HealthListen string
+	// HTTPListen, when set, serves the OpenAI-compatible HTTP API there
+	// (NewOpenAIHandler); HTTPOptional says it is only the default
+	// address, which a taken port turns off with a warning.
+	HTTPListen   string
+	HTTPOptional bool
 	// Advertise is the address clients, the election and gossip know this
 	// coordinator by (default: the bound --listen address); GossipPort
 	// its gossip port (0: any free one).
@@ -522,7 +527,8 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		o.Listen = "127.0.0.1:50051"
 	}
 	if err := security.CheckListeners(o.Security.TLSDir, o.Security.Insecure,
-		security.Listener{Flag: "--listen", Addr: o.Listen}, security.Listener{Flag: "--metrics-listen", Addr: o.MetricsListen}); err != nil {
+		security.Listener{Flag: "--listen", Addr: o.Listen}, security.Listener{Flag: "--metrics-listen", Addr: o.MetricsListen},
+		security.Listener{Flag: "--http-listen", Addr: o.HTTPListen}); err != nil {
 		return err
 	}
 	if o.DataDir == "" {
@@ -628,7 +634,8 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 		log.Warn("no --api-keys: any client that reaches the public API is an admin (it may drain workers, abort any request and read worker addresses)", "listen", o.Listen)
 	}
 	gs := grpc.NewServer(append(PublicServerOptionsWith(o.Limits, auth), ptls.serverOptions("public", false)...)...)
-	pb.RegisterGeneratorServer(gs, NewGeneratorService(coord))
+	svc := NewGeneratorService(coord)
+	pb.RegisterGeneratorServer(gs, svc)
 	hs := health.NewServer()
 	hs.SetServingStatus(LivenessService, healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
@@ -637,6 +644,13 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	reflection.Register(gs)
 	go gs.Serve(lis)
 	defer stopServer(gs)
+	if o.HTTPListen != "" {
+		stopHTTP, err := ptls.serveOpenAI(o.HTTPListen, o.HTTPOptional, svc, auth)
+		if err != nil {
+			return err
+		}
+		defer stopHTTP()
+	}
 	if o.HealthListen != "" {
 		stop, err := serveHealth(o.HealthListen, hs, log)
 		if err != nil {
