@@ -359,8 +359,7 @@ func (c *dockerCluster) gossipTrouble() []string {
 	var out []string
 	for _, p := range pods {
 		for _, l := range strings.Split(c.logs(p), "\n") {
-			warn := strings.Contains(l, "level=WARN") || strings.Contains(l, `"level":"WARN"`)
-			if warn && (strings.Contains(l, "memberlist:") || strings.Contains(l, "gossip join")) {
+			if gossipMisconfigured(l) {
 				if len(l) > 300 {
 					l = l[:300] + "…"
 				}
@@ -1334,4 +1333,19 @@ func randomHex(n int) string {
 	b := make([]byte, (n+1)/2)
 	rand.Read(b)
 	return hex.EncodeToString(b)[:n]
+}
+
+// gossipMisconfigured says whether a log line shows gossip set up wrong (a join that
+// failed, an address in conflict, refused or not assignable), not the probe timeouts and
+// suspicions that a saturated 2-core machine gives and the cluster rides out.
+func gossipMisconfigured(l string) bool {
+	if !strings.Contains(l, "level=WARN") && !strings.Contains(l, `"level":"WARN"`) {
+		return false
+	}
+	for _, s := range []string{"gossip join", "Conflicting address", "cannot assign requested address", "connection refused"} {
+		if strings.Contains(l, s) {
+			return true
+		}
+	}
+	return false
 }
