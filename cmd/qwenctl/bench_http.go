@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/qwenfleet/qwenfleet/pkg/bench"
+	"github.com/qwenfleet/qwenfleet/pkg/grpccode"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
@@ -192,9 +193,9 @@ func httpFailure(statusCode int, body []byte) (string, string) {
 		Error *oaiErrorBody `json:"error"`
 	}
 	if json.Unmarshal(body, &e) == nil && e.Error != nil {
-		return codeFromField(e.Error.Code, codeOfStatus(statusCode)), e.Error.Message
+		return codeFromField(e.Error.Code, grpccode.OfHTTPStatus(statusCode)), e.Error.Message
 	}
-	return codeOfStatus(statusCode).String(), strings.TrimSpace(string(body))
+	return grpccode.OfHTTPStatus(statusCode).String(), strings.TrimSpace(string(body))
 }
 
 // codeFromField reads the error's code field: the server's gRPC code in
@@ -207,47 +208,8 @@ func codeFromField(v any, fallback codes.Code) string {
 	case "invalid_api_key":
 		return codes.Unauthenticated.String()
 	}
-	for c := codes.OK; c <= codes.Unauthenticated; c++ {
-		if snake(c.String()) == s {
-			return c.String()
-		}
+	if c, ok := grpccode.BySnake(s); ok {
+		return c.String()
 	}
 	return fallback.String()
-}
-
-func snake(s string) string {
-	var b strings.Builder
-	for i, r := range s {
-		if r >= 'A' && r <= 'Z' {
-			if i > 0 {
-				b.WriteByte('_')
-			}
-			r += 'a' - 'A'
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
-}
-
-// codeOfStatus is the gRPC code an HTTP status stands for.
-func codeOfStatus(s int) codes.Code {
-	switch s {
-	case http.StatusBadRequest:
-		return codes.InvalidArgument
-	case http.StatusUnauthorized:
-		return codes.Unauthenticated
-	case http.StatusForbidden:
-		return codes.PermissionDenied
-	case http.StatusNotFound:
-		return codes.NotFound
-	case http.StatusConflict:
-		return codes.AlreadyExists
-	case http.StatusTooManyRequests:
-		return codes.ResourceExhausted
-	case http.StatusServiceUnavailable, http.StatusBadGateway:
-		return codes.Unavailable
-	case http.StatusGatewayTimeout:
-		return codes.DeadlineExceeded
-	}
-	return codes.Internal
 }

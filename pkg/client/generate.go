@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/qwenfleet/qwenfleet/pkg/grpccode"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
 
@@ -225,10 +226,8 @@ func brokenStream(ctx context.Context, err error) error {
 // codeOf is the code a GenerateError names ("Unavailable", ...); Unknown
 // for a name that is none.
 func codeOf(name string) codes.Code {
-	for c := codes.Canceled; c <= codes.Unauthenticated; c++ {
-		if c.String() == name {
-			return c
-		}
+	if c, ok := grpccode.ByName(name); ok && c != codes.OK {
+		return c
 	}
 	return codes.Unknown
 }

@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/qwenfleet/qwenfleet/pkg/grpccode"
 	"github.com/qwenfleet/qwenfleet/pkg/security"
 	pb "github.com/qwenfleet/qwenfleet/proto/qwenfleet/v1"
 )
@@ -1211,42 +1212,15 @@ func writeStatusError(w http.ResponseWriter, err error, rename func(string) stri
 // every INVALID_ARGUMENT of the service does.
 var leadingField = regexp.MustCompile(`^([a-z_]+(?:\[[0-9]+\])?(?:\.[a-z_]+(?:\[[0-9]+\])?)*): `)
 
-// httpStatus is the HTTP status of a gRPC code.
-func httpStatus(c codes.Code) int {
-	switch c {
-	case codes.InvalidArgument, codes.FailedPrecondition, codes.OutOfRange:
-		return http.StatusBadRequest
-	case codes.Unauthenticated:
-		return http.StatusUnauthorized
-	case codes.PermissionDenied:
-		return http.StatusForbidden
-	case codes.NotFound:
-		return http.StatusNotFound
-	case codes.AlreadyExists, codes.Aborted:
-		return http.StatusConflict
-	case codes.ResourceExhausted:
-		return http.StatusTooManyRequests
-	case codes.Unavailable:
-		return http.StatusServiceUnavailable
-	case codes.DeadlineExceeded:
-		return http.StatusGatewayTimeout
-	case codes.Canceled:
-		return 499 // the client closed the request (nginx's code); it reads nothing
-	case codes.Unimplemented:
-		return http.StatusNotImplemented
-	}
-	return http.StatusInternalServerError
-}
-
 // oaiErrorOf is err's OpenAI error object and HTTP status. The code field
 // is the gRPC code's name in lower case (model_not_found for an unknown
 // model, invalid_api_key for a refused key), which `qwenctl bench --http`
 // reads back.
 func oaiErrorOf(err error, rename func(string) string) (oaiError, int) {
 	st := status.Convert(err)
-	code := httpStatus(st.Code())
+	code := grpccode.HTTPStatus(st.Code())
 	msg := st.Message()
-	e := oaiError{Message: msg, Code: codeName(st.Code())}
+	e := oaiError{Message: msg, Code: grpccode.Snake(st.Code())}
 	if m := leadingField.FindStringSubmatch(msg); m != nil {
 		field := m[1]
 		if rename != nil {
@@ -1274,28 +1248,11 @@ func oaiErrorOf(err error, rename func(string) string) (oaiError, int) {
 	return e, code
 }
 
-// codeName is c's name in snake case (invalid_argument).
-func codeName(c codes.Code) string {
-	var b strings.Builder
-	for i, r := range c.String() {
-		if r >= 'A' && r <= 'Z' {
-			if i > 0 {
-				b.WriteByte('_')
-			}
-			r += 'a' - 'A'
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
-}
-
 // codeOf is the code named name (its String(), as Generate writes a
 // stream's error), Internal for none.
 func codeOf(name string) codes.Code {
-	for c := codes.OK; c <= codes.Unauthenticated; c++ {
-		if c.String() == name {
-			return c
-		}
+	if c, ok := grpccode.ByName(name); ok {
+		return c
 	}
 	return codes.Internal
 }

@@ -22,6 +22,7 @@ import (
 
 	qwenfleet "github.com/qwenfleet/qwenfleet"
 	"github.com/qwenfleet/qwenfleet/pkg/client"
+	"github.com/qwenfleet/qwenfleet/pkg/grpccode"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/routing"
 	"github.com/qwenfleet/qwenfleet/pkg/security"
@@ -511,11 +512,11 @@ func TestOpenAIDisconnectAborts(t *testing.T) {
 func TestOpenAIErrorMapping(t *testing.T) {
 	for c, want := range map[codes.Code]int{codes.InvalidArgument: 400, codes.FailedPrecondition: 400, codes.Unauthenticated: 401,
 		codes.PermissionDenied: 403, codes.NotFound: 404, codes.ResourceExhausted: 429, codes.Unavailable: 503, codes.Internal: 500} {
-		if got := httpStatus(c); got != want {
+		if got := grpccode.HTTPStatus(c); got != want {
 			t.Errorf("%v: %d, want %d", c, got, want)
 		}
 	}
-	if codeName(codes.ResourceExhausted) != "resource_exhausted" || codeOf("ResourceExhausted") != codes.ResourceExhausted || codeOf("?") != codes.Internal {
+	if grpccode.Snake(codes.ResourceExhausted) != "resource_exhausted" || codeOf("ResourceExhausted") != codes.ResourceExhausted || codeOf("?") != codes.Internal {
 		t.Fatal("code names")
 	}
 }
