@@ -13,6 +13,7 @@
 //	qwenctl certs --out DIR [--hosts H1,H2,...] [--force] [--if-missing]
 //	qwenctl apikey --file FILE --name N --role user|admin
 //	qwenctl plan (--model DIR | --preset NAME) --workers N --mem 80GiB [--hosts H] [--backend cuda|cpu] [--tp N] [--pp M] [--kv-tokens N] [--json]
+//	qwenctl peak  [--threads N] [--json]
 //
 // generate, status and bench take a list of coordinators: generate and
 // bench send to the leader among them through pkg/client, which resumes a
@@ -70,6 +71,7 @@ var commands = []command{
 	{"certs", "write a cluster CA, certificates by role (coordinator, worker, client) and a gossip key", runCerts},
 	{"apikey", "add an API key to a keys file; prints the new key, once", runAPIKey},
 	{"experts", "expert load per rank of a MoE cluster's expert-parallel replicas; --rebalance re-places the experts", runExperts},
+	{"peak", "this machine's CPU peak: FMA, bf16 and int8 dot throughput, memory read bandwidth", runPeak},
 }
 
 func usage(w io.Writer) {
