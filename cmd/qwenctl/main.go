@@ -1,7 +1,7 @@
 // Command qwenctl is the client and operator CLI of qwenfleet.
 //
 //	qwenctl mkmodel --preset NAME --out DIR [--seed N] [--dtype bf16|f16|f32] [--layers N] [--config-only] [--if-missing]
-//	qwenctl forward --model DIR --ids 1,2,3 [--out FILE.safetensors] [--generate N]
+//	qwenctl forward --model DIR --ids 1,2,3 [--out FILE.safetensors] [--generate N] [--compute f32|bf16] [--quantize q8|q8a]
 //	qwenctl demo    [--preset tiny] [--tokens N]
 //	qwenctl tokenize (--model DIR | --tokenizer FILE) (--jsonl | --text TEXT [--chat])
 //	qwenctl detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special] [--json]

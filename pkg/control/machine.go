@@ -21,6 +21,8 @@ type Config struct {
 	ModelName, ModelDir string
 	// Quantize is passed to workers in the placement ("", "q8" or "q8a").
 	Quantize string
+	// Compute is passed to workers in the placement ("", "bf16" or "f32").
+	Compute string
 	// TP, PP and EP force the layout of every replica (0: the planner's
 	// choice; EP 1: no expert parallelism). RedundantExperts are the spare
 	// expert slots per rank a rebalance may fill.
@@ -489,7 +491,7 @@ func (m *Machine) reconcile() {
 
 // Doc is the placement document of the replicas now (loading or serving).
 func (m *Machine) Doc() schema.Placement {
-	p := schema.Placement{Model: m.cfg.ModelDir, Quantize: m.cfg.Quantize, LastGeneration: m.lastGen}
+	p := schema.Placement{Model: m.cfg.ModelDir, Quantize: m.cfg.Quantize, Compute: m.cfg.Compute, LastGeneration: m.lastGen}
 	for i, gen := range sortedKeys(m.replicas) {
 		r := m.replicas[gen]
 		pr := schema.Replica{Index: i, Generation: r.gen, TP: r.tp, PP: r.pp, LayersEnd: m.cfg.Model.NumHiddenLayers, Workers: r.workers()}

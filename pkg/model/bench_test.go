@@ -29,6 +29,10 @@ func (m memWeights) Lookup(name string) (kernels.DType, []int, bool) { return m.
 func (m memWeights) Read(name string) ([]byte, error)                { return benchWeights[name], nil }
 
 func benchModel(b *testing.B, threads int) *model.Model {
+	return benchModelCfg(b, cpu.Config{Threads: threads})
+}
+
+func benchModelCfg(b *testing.B, cc cpu.Config) *model.Model {
 	b.Helper()
 	benchOnce.Do(func() {
 		cfg, err := model.Preset("qwen2-0.5b")
@@ -46,7 +50,7 @@ func benchModel(b *testing.B, threads int) *model.Model {
 			benchWeights[t.Name] = data
 		}
 	})
-	be, err := cpu.New(cpu.Config{Threads: threads})
+	be, err := cpu.New(cc)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -98,23 +102,34 @@ func BenchmarkDecode(b *testing.B) {
 	}
 }
 
-// BenchmarkPrefill measures a 128-token prompt in one step.
+// BenchmarkPrefill measures a 128- or 512-token prompt in one step, with
+// the weights as the engine's tests hold them (unpacked), packed (the
+// servers' and qwenctl's default) and on VDPBF16PS (bf16dp, where the CPU
+// has it).
 func BenchmarkPrefill(b *testing.B) {
-	for _, threads := range []int{1, 2} {
-		b.Run(fmt.Sprintf("qwen2-0.5b-bf16/len=128/threads=%d", threads), func(b *testing.B) {
-			m := benchModel(b, threads)
-			p := prompt(128)
-			bm, st := m.NewCache(len(p), model.DefaultBlockSize)
-			bm.Reserve(1, len(p))
-			b.ResetTimer()
-			for i := 0; i < b.N; i++ {
-				if _, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: p, Blocks: bm.Table(1)}}}, st); err != nil {
-					b.Fatal(err)
-				}
+	for _, mode := range []string{"unpacked", "packed", "bf16dp"} {
+		for _, n := range []int{128, 512} {
+			for _, threads := range []int{1, 2} {
+				b.Run(fmt.Sprintf("qwen2-0.5b-bf16/%s/len=%d/threads=%d", mode, n, threads), func(b *testing.B) {
+					benchPrefill(b, cpu.Config{Threads: threads, PackWeights: mode != "unpacked", Compute: map[bool]string{true: "bf16dp"}[mode == "bf16dp"]}, n)
+				})
 			}
-			b.ReportMetric(float64(len(p)*b.N)/b.Elapsed().Seconds(), "tokens/s")
-		})
+		}
 	}
+}
+
+func benchPrefill(b *testing.B, cc cpu.Config, n int) {
+	m := benchModelCfg(b, cc)
+	p := prompt(n)
+	bm, st := m.NewCache(len(p), model.DefaultBlockSize)
+	bm.Reserve(1, len(p))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: p, Blocks: bm.Table(1)}}}, st); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(len(p)*b.N)/b.Elapsed().Seconds(), "tokens/s")
 }
 
 // BenchmarkDecodeShapes: single-sequence decode of the qwen2-0.5b and

@@ -978,6 +978,48 @@ func TestQuantizedCluster(t *testing.T) {
 	}
 }
 
+// TestBF16ComputeCluster: --compute bf16 reaches the workers through
+// their assignment (VDPBF16PS where it is the faster product, float32
+// elsewhere); prompt logprobs stay near the float32 reference, and four
+// concurrent copies of a greedy stream equal the lone run (the bf16 kernels
+// are batch-invariant too).
+func TestBF16ComputeCluster(t *testing.T) {
+	needE2E(t)
+	dir := refDir("dense-tied-bf16")
+	ref := loadRef(t, dir)
+	c := startCluster(t, dir, "--compute", "bf16")
+	req := idsReq(ref.PromptIDs, 8)
+	req.PromptLogprobs = true
+	r := mustGenerate(t, c.client, req)
+	if len(r.ids) != 8 || r.finish != "length" {
+		t.Fatalf("bf16 generation: %v %s", r.ids, r.finish)
+	}
+	for i := 1; i < len(ref.PromptIDs); i++ {
+		want := logSoftmaxAt(ref.logits[(i-1)*ref.vocab:i*ref.vocab], int(ref.PromptIDs[i]))
+		if d := math.Abs(float64(*r.plp[i].Logprob) - want); d > 0.05 {
+			t.Fatalf("bf16 prompt logprob %d: %v, float32 reference %v", i, *r.plp[i].Logprob, want)
+		}
+	}
+	lone := mustGenerate(t, c.client, idsReq(ref.PromptIDs, 8))
+	var wg sync.WaitGroup
+	got := make([][]int32, 4)
+	for i := range got {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if g, err := generate(context.Background(), c.client, idsReq(ref.PromptIDs, 8)); err == nil {
+				got[i] = g.ids
+			}
+		}()
+	}
+	wg.Wait()
+	for i, g := range got {
+		if !slices.Equal(g, lone.ids) {
+			t.Fatalf("concurrent stream %d: %v, alone %v", i, g, lone.ids)
+		}
+	}
+}
+
 // checkResumes runs req undisturbed, then again resumed after each chunk
 // the first run sent (as pkg/client resumes: the ids and the bytes of text
 // received): every resumed run sends exactly the rest, with the same end.

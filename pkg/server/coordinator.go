@@ -53,6 +53,8 @@ type CoordinatorOptions struct {
 	Scheduler routing.SchedulerConfig
 	// Quantize is passed to workers in their assignment ("", "q8" or "q8a").
 	Quantize string
+	// Compute is passed to workers in their assignment ("", "bf16", "f32").
+	Compute string
 	// TP and PP force the parallel layout of every replica; 0 lets the
 	// planner choose (pkg/placement).
 	TP, PP int
@@ -223,7 +225,7 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 
 // controlConfig is the machine's view of the options.
 func (c *Coordinator) controlConfig() control.Config {
-	cc := control.Config{Model: c.cfg, ModelName: c.opts.ModelName, ModelDir: c.opts.ModelDir, Quantize: c.opts.Quantize,
+	cc := control.Config{Model: c.cfg, ModelName: c.opts.ModelName, ModelDir: c.opts.ModelDir, Quantize: c.opts.Quantize, Compute: c.opts.Compute,
 		TP: c.opts.TP, PP: c.opts.PP, EP: c.opts.EP, RedundantExperts: c.opts.RedundantExperts,
 		MaxBatchTokens: c.opts.Scheduler.MaxBatchTokens, KVBytesPerValue: 4, // the CPU and CUDA backends keep the KV cache in float32
 		EPLBInterval: c.opts.EPLBInterval, DrainTimeout: c.opts.DrainTimeout}

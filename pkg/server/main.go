@@ -108,6 +108,7 @@ func WorkerMain(args []string) int {
 	id := fs.String("id", "", "worker id (default: host-pid)")
 	threads := fs.Int("threads", 0, "CPU threads (0: all)")
 	kernels := fs.String("kernels", "", "CPU kernel set: generic, avx2, avx512 (default: best)")
+	compute := fs.String("compute", "f32", "products of bf16 weights when the coordinator names none: bf16 (the fastest the CPU has: VDPBF16PS on bf16-rounded activations where it outruns float32 FMA, as on AMD Zen 4/5; float32 elsewhere) or f32")
 	device := fs.String("device", "cpu", "compute device: cpu, or cuda:N (a binary built with -tags cuda; no CUDA driver: refuses to start)")
 	kv := fs.String("kv-cache", "512MiB", "KV pool size when the coordinator names none")
 	mem := fs.String("memory", "0", "memory reported in etcd for placement (0: the machine's RAM on Linux, unknown elsewhere)")
@@ -152,6 +153,9 @@ func WorkerMain(args []string) int {
 	if *threads < 0 || *threads > cpu.MaxThreads {
 		return fail("--threads: %d is outside [0, %d]", *threads, cpu.MaxThreads)
 	}
+	if *compute != "bf16" && *compute != "f32" {
+		return fail("--compute: %q is not bf16 or f32", *compute)
+	}
 	kvBytes, err := units.ParseBytes(*kv)
 	if err != nil {
 		return fail("--kv-cache: %v", err)
@@ -167,7 +171,7 @@ func WorkerMain(args []string) int {
 	ctx, drain, cancel := workerSignals()
 	defer cancel()
 	err = RunWorker(ctx, WorkerProcessOptions{EtcdEndpoints: splitList(*etcd), Prefix: *prefix, Listen: *listen, Advertise: *advertise,
-		ID: *id, Threads: *threads, Kernels: *kernels, Device: *device, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast,
+		ID: *id, Threads: *threads, Kernels: *kernels, Compute: *compute, Device: *device, KVCacheBytes: kvBytes, MemoryBytes: memBytes, GossipFast: *gossipFast,
 		CPUProfile: *cpuProfile, MetricsListen: *metricsListen, HealthListen: *healthListen, GossipPort: *gossipPort, Host: *hostName, Logger: log, Drain: drain, DrainTimeout: *drainTimeout,
 		Peer: PeerConfig{Window: int32(window)}, Security: sec, ModelRoot: *modelRoot})
 	if err != nil {
@@ -200,6 +204,7 @@ func CoordinatorMain(args []string) int {
 	maxRunning := fs.Int("max-running", 64, "sequences decoding together")
 	maxWaiting := fs.Int("max-waiting", 1024, "queued requests before RESOURCE_EXHAUSTED")
 	quantize := fs.String("quantize", "", "quantisation on the workers: q8 (int8 weights, groups of 32), q8a (int8 weights and activations, VNNI), or none")
+	compute := fs.String("compute", "", "the workers' products of bf16 weights: bf16 (the fastest each CPU has: VDPBF16PS on bf16-rounded activations where it outruns float32 FMA, as on AMD Zen 4/5; float32 elsewhere), f32, or empty for each worker's own --compute (default f32)")
 	leaderTTL := fs.Duration("leader-ttl", cluster.DefaultLeaderTTL, "leader lease TTL: a standby takes over this long after the leader dies (a leader cut off from etcd longer serves on; see docs/failure-model.md)")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
 	format := fs.String("log-format", "text", "log lines as text or json (local workers too)")
@@ -259,6 +264,10 @@ func CoordinatorMain(args []string) int {
 		return fail("--leader-ttl: must be >= 2s (etcd grants no shorter lease)")
 	case *quantize != "" && *quantize != "q8" && *quantize != "q8a":
 		return fail("--quantize: %q is not q8 or q8a", *quantize)
+	case *compute != "" && *compute != "bf16" && *compute != "f32":
+		return fail("--compute: %q is not bf16 or f32", *compute)
+	case *compute == "bf16" && *quantize != "":
+		return fail("--compute: bf16 with --quantize %s: choose one", *quantize)
 	case *stepTimeout < 100*time.Millisecond:
 		return fail("--step-timeout: must be >= 100ms")
 	case !(*stepFactor >= 1 && *stepFactor <= 1000):
@@ -321,7 +330,7 @@ func CoordinatorMain(args []string) int {
 	defer cancel()
 	err = RunCoordinator(ctx, CoordinatorProcessOptions{Listen: *listen, ModelDir: *modelDir, DataDir: *dataDir, EtcdEndpoints: splitList(*etcd),
 		Prefix: *prefix, ID: *id, LocalWorkers: *localWorkers, WorkerArgs: wargs, BlockSize: *blockSize, KVCacheBytes: kvBytes, NumBlocks: *blocks,
-		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen, HealthListen: *healthListen, HTTPListen: *httpListen, HTTPOptional: !explicit["http-listen"], Advertise: *advertise, GossipPort: *gossipPort,
+		LeaderTTL: *leaderTTL, GossipFast: true, Quantize: *quantize, Compute: *compute, Logger: log, TP: *tp, PP: *pp, MetricsListen: *metricsListen, HealthListen: *healthListen, HTTPListen: *httpListen, HTTPOptional: !explicit["http-listen"], Advertise: *advertise, GossipPort: *gossipPort,
 		EP: *ep, RedundantExperts: *redundant, EPLBInterval: *eplb,
 		StepTimeout: routing.StepTimeout{Min: *stepTimeout, Factor: *stepFactor}, QueueTimeout: *queueTimeout, DrainTimeout: *drainTimeout,
 		MaxQueueWait: *maxQueueWait, SendTimeout: *sendTimeout, Limits: Limits{MaxConcurrentStreams: uint32(*maxStreams)},

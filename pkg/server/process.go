@@ -45,6 +45,7 @@ type WorkerProcessOptions struct {
 	ID            string // default host-pid
 	Threads       int
 	Kernels       string
+	Compute       string // CPU arithmetic for bf16 weights when the assignment names none
 	Device        string // "cpu" (default) or "cuda:N"
 	KVCacheBytes  int64
 	MemoryBytes   int64
@@ -164,7 +165,7 @@ func RunWorker(ctx context.Context, o WorkerProcessOptions) error {
 	// Who may call what (workerauth.go): the leader it reads from etcd
 	// (watched once connected), assignments from etcd only.
 	leader := NewLeaderView(nil)
-	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, Device: o.Device, KVCacheBytes: o.KVCacheBytes,
+	svc := NewWorkerService(WorkerOptions{ID: o.ID, Threads: o.Threads, Kernels: o.Kernels, Compute: o.Compute, Device: o.Device, KVCacheBytes: o.KVCacheBytes,
 		MemoryBytes: o.MemoryBytes, Peer: o.Peer, Logger: log,
 		Auth:    &WorkerAuth{RequireCerts: ptls.own != nil, Leader: leader, ModelRoot: o.ModelRoot, StoredOnly: true},
 		OnDrain: life.askDrain, OnLeave: func() { poke(life.leave) },
@@ -457,6 +458,7 @@ type CoordinatorProcessOptions struct {
 	LeaderTTL    time.Duration
 	Scheduler    routing.SchedulerConfig
 	Quantize     string
+	Compute      string // passed to workers in the placement ("", "bf16", "f32")
 	GossipFast   bool
 	// Gossip timings of the coordinator's memberlist node (0: GossipFast's).
 	GossipProbeInterval, GossipProbeTimeout time.Duration
@@ -606,7 +608,7 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	}
 	coord, err := NewCoordinator(CoordinatorOptions{ID: o.ID, Addr: addr, ModelDir: o.ModelDir, Store: store, Gossip: gossip,
 		EtcdEndpoints: endpoints, LeaderTTL: o.LeaderTTL, BlockSize: o.BlockSize, KVCacheBytes: o.KVCacheBytes, NumBlocks: o.NumBlocks,
-		Scheduler: o.Scheduler, Quantize: o.Quantize, Logger: log, TP: o.TP, PP: o.PP,
+		Scheduler: o.Scheduler, Quantize: o.Quantize, Compute: o.Compute, Logger: log, TP: o.TP, PP: o.PP,
 		EP: o.EP, RedundantExperts: o.RedundantExperts, EPLBInterval: o.EPLBInterval,
 		StepTimeout: o.StepTimeout, QueueTimeout: o.QueueTimeout, DrainTimeout: o.DrainTimeout,
 		MaxQueueWait: o.MaxQueueWait, SendTimeout: o.SendTimeout, WorkerCreds: ptls.dialCreds(), Security: o.Security.Mode()})

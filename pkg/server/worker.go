@@ -33,6 +33,7 @@ type WorkerOptions struct {
 	ID           string
 	Threads      int    // CPU threads (0: all)
 	Kernels      string // CPU kernel set ("": best)
+	Compute      string // products of bf16 weights when the assignment names none: "bf16" or "f32" ("": f32)
 	Device       string // "cpu" (default) or "cuda:N"
 	MemoryBytes  int64  // reported budget
 	KVCacheBytes int64  // default KV pool when Warmup names none
@@ -73,6 +74,7 @@ type WorkerService struct {
 	version   int64
 	blockSize int
 	quantize  string
+	compute   string
 	assign    *workerv1.Assignment
 	peers     *peers // nil unless sharded
 	box       mailbox
@@ -221,6 +223,16 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	if a.Quantize != "" && a.Quantize != "q8" && a.Quantize != "q8a" {
 		return status.Errorf(codes.InvalidArgument, "assignment.quantize: %q is not q8 or q8a", a.Quantize)
 	}
+	if a.Compute != "" && a.Compute != "bf16" && a.Compute != "f32" {
+		return status.Errorf(codes.InvalidArgument, "assignment.compute: %q is not bf16 or f32", a.Compute)
+	}
+	if a.Compute == "bf16" && a.Quantize != "" {
+		return status.Errorf(codes.InvalidArgument, "assignment.compute: bf16 with quantize %q (choose one)", a.Quantize)
+	}
+	compute := a.Compute
+	if compute == "" && a.Quantize == "" {
+		compute = w.opts.Compute
+	}
 	group := max(a.TpSize, a.EpSize)
 	if a.TpSize < 0 || a.EpSize < 0 || group > 1 && len(a.TpPeers) != int(group) {
 		return status.Errorf(codes.InvalidArgument, "assignment.tp_peers: %d addresses for a stage of %d ranks", len(a.TpPeers), group)
@@ -255,7 +267,7 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 	w.life.Lock()
 	defer w.life.Unlock()
 	w.mu.Lock()
-	if w.exec != nil && w.modelDir == dir && w.quantize == a.Quantize && sameSlice(w.exec.Model(), sh) {
+	if w.exec != nil && w.modelDir == dir && w.quantize == a.Quantize && w.compute == compute && sameSlice(w.exec.Model(), sh) {
 		// Same slice: keep the weights (take the assignment's experts),
 		// take the new peers.
 		if table != nil {
@@ -286,10 +298,10 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 		w.mu.Unlock()
 	}
 	mmap := req.Mmap || w.opts.Mmap
-	if a.Quantize != "" {
-		mmap = false // quantised weights are copies
+	if a.Quantize != "" || compute == "bf16" {
+		mmap = false // quantised and pair-packed weights are copies
 	}
-	b, err := w.newBackend(mmap, a.Quantize)
+	b, err := w.newBackend(mmap, a.Quantize, compute)
 	if err != nil {
 		fail()
 		return status.Errorf(codes.FailedPrecondition, "backend: %v", err)
@@ -302,7 +314,8 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 		return status.Errorf(codes.InvalidArgument, "load %s: %v", dir, err)
 	}
 	w.opts.Logger.Info("model loaded", "model", dir, "bytes", m.WeightBytes(), "seconds", time.Since(t0).Seconds(),
-		"layers", fmt.Sprintf("[%d,%d)", m.Shard().LayersBegin, m.Shard().LayersEnd), "tp_rank", m.Shard().TPRank, "tp_size", m.Shard().TPSize)
+		"layers", fmt.Sprintf("[%d,%d)", m.Shard().LayersBegin, m.Shard().LayersEnd), "tp_rank", m.Shard().TPRank, "tp_size", m.Shard().TPSize,
+		"compute", computeName(b))
 	w.mu.Lock()
 	if err := w.setPeers(a); err != nil {
 		m.Close()
@@ -311,7 +324,7 @@ func (w *WorkerService) Load(req *workerv1.LoadRequest, stream workerv1.Worker_L
 		w.mu.Unlock()
 		return status.Errorf(codes.InvalidArgument, "assignment: %v", err)
 	}
-	w.backend, w.exec, w.modelDir, w.version, w.quantize = b, shard.NewExecutor(m), dir, a.Version, a.Quantize
+	w.backend, w.exec, w.modelDir, w.version, w.quantize, w.compute = b, shard.NewExecutor(m), dir, a.Version, a.Quantize, compute
 	w.tables, w.expVersion = nil, a.ExpertsVersion
 	w.setState("loaded")
 	p := w.progress("ready")
@@ -328,13 +341,13 @@ func backendKind(device string) string {
 }
 
 // newBackend makes the kernels backend of the worker's device.
-func (w *WorkerService) newBackend(mmap bool, quantize string) (gpuBackend, error) {
+func (w *WorkerService) newBackend(mmap bool, quantize, compute string) (gpuBackend, error) {
 	kind, ordinal, err := parseDevice(w.opts.Device)
 	if err != nil {
 		return nil, err
 	}
 	if kind == "cpu" {
-		return cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true, PackWeights: !mmap, Quantize: quantize})
+		return cpu.New(cpu.Config{Threads: w.opts.Threads, Kernels: w.opts.Kernels, BatchInvariant: true, PackWeights: !mmap, Quantize: quantize, Compute: compute})
 	}
 	if quantize != "" {
 		return nil, fmt.Errorf("quantize %q is for the CPU backend; this worker is %s", quantize, w.opts.Device)
@@ -826,4 +839,13 @@ func (c *workerCollector) Collect(ch chan<- prometheus.Metric) {
 	for e, n := range exec.Model().ExpertTokens() {
 		ch <- prometheus.MustNewConstMetric(c.expertTok, prometheus.CounterValue, float64(n), strconv.Itoa(e))
 	}
+}
+
+// computeName is how a backend multiplies bf16 weights, for logs: "bf16"
+// (bf16-rounded activations) or "f32".
+func computeName(b any) string {
+	if c, ok := b.(interface{ ComputesBF16() bool }); ok && c.ComputesBF16() {
+		return "bf16"
+	}
+	return "f32"
 }

@@ -24,6 +24,9 @@ type Placement struct {
 	Version  int64  `json:"version"`
 	Model    string `json:"model"`
 	Quantize string `json:"quantize,omitempty"`
+	// Compute is the workers' product arithmetic for bf16 weights ("bf16",
+	// "f32"; "": each worker's own --compute).
+	Compute string `json:"compute,omitempty"`
 	// LastGeneration is the highest replica generation any leader has
 	// handed out; a new leader starts above it, so a generation is never
 	// reused for another layout.
@@ -75,6 +78,7 @@ type Assignment struct {
 	Generation  int64
 	Model       string
 	Quantize    string
+	Compute     string
 	Replica     int
 	Stage       int
 	PPSize      int
@@ -126,7 +130,7 @@ func (p *Placement) Assignment(id string, gen int64) (*Assignment, error) {
 				if rk.Worker != id {
 					continue
 				}
-				a := &Assignment{Generation: gen, Model: p.Model, Quantize: p.Quantize, Replica: r.Index, Stage: si, PPSize: len(r.Stages),
+				a := &Assignment{Generation: gen, Model: p.Model, Quantize: p.Quantize, Compute: p.Compute, Replica: r.Index, Stage: si, PPSize: len(r.Stages),
 					LayersBegin: st.LayersBegin, LayersEnd: st.LayersEnd, TPRank: ri, TPSize: len(st.Ranks), Secret: r.Secret}
 				if r.EP > 1 {
 					if r.TP < 1 || r.EP%r.TP != 0 || len(st.Ranks) != r.EP {

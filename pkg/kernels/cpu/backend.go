@@ -37,6 +37,17 @@ type Config struct {
 	// llama.cpp's q8_0) and multiplies int8 by int8 with VNNI where the
 	// CPU has it (else it is "q8"); "" keeps the stored dtype.
 	Quantize string
+	// Compute "bf16" asks for the fastest product of bf16 weights the CPU
+	// has: VDPBF16PS (AVX512_BF16) on weights packed in the pair layout of
+	// bf16dp.go, with activations rounded to bf16, where that instruction
+	// outruns float32 FMA (AMD Zen 4 and 5); elsewhere (Intel, where it
+	// runs at half the FMA rate, and CPUs without it) the float32 kernels,
+	// exactly as "f32". "bf16dp" takes VDPBF16PS wherever the CPU has it
+	// (to test and measure it). "f32" or "" (the default) keeps float32
+	// activations. ComputesBF16 reports what was chosen; weights of other
+	// dtypes always multiply in float32. It cannot be combined with
+	// Quantize.
+	Compute string
 }
 
 // Variants lists the kernel sets this machine can run: "generic" always,
@@ -62,6 +73,7 @@ type Backend struct {
 	packW     bool
 	quant     bool
 	quantAct  bool // q8a with VNNI kernels
+	dp        bool // Compute "bf16" with the DP kernels
 }
 
 var _ kernels.Backend = (*Backend)(nil)
@@ -77,6 +89,14 @@ func New(cfg Config) (*Backend, error) {
 	if cfg.Quantize != "" && cfg.Quantize != "q8" && cfg.Quantize != "q8a" {
 		return nil, fmt.Errorf("cpu: quantisation %q not supported (q8, q8a)", cfg.Quantize)
 	}
+	switch cfg.Compute {
+	case "", "f32", "bf16", "bf16dp":
+	default:
+		return nil, fmt.Errorf("cpu: compute %q not supported (bf16, bf16dp, f32)", cfg.Compute)
+	}
+	if (cfg.Compute == "bf16" || cfg.Compute == "bf16dp") && cfg.Quantize != "" {
+		return nil, fmt.Errorf("cpu: compute bf16 with quantisation %q: choose one", cfg.Quantize)
+	}
 	k := genericKernels
 	if !cfg.Generic {
 		found := cfg.Kernels == ""
@@ -91,7 +111,7 @@ func New(cfg Config) (*Backend, error) {
 		}
 	}
 	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant, packW: cfg.PackWeights || cfg.Quantize != "", quant: cfg.Quantize != "",
-		quantAct: cfg.Quantize == "q8a" && k.pgemvQ8V != nil}, nil
+		quantAct: cfg.Quantize == "q8a" && k.pgemvQ8V != nil, dp: k.pgemmDP != nil && (cfg.Compute == "bf16dp" || cfg.Compute == "bf16" && dpFaster())}, nil
 }
 
 // Close stops the backend's threads. The backend must not be used afterwards.
@@ -144,16 +164,30 @@ func newF32(shape ...int) *tensor {
 
 // Weight wraps data without copying when it is suitably aligned.
 func (b *Backend) Weight(dt kernels.DType, shape []int, data []byte) (kernels.Tensor, error) {
-	return b.weight(dt, shape, data, b.quant)
-}
-
-// WeightPrecise implements kernels.PreciseWeights: the weight keeps its
-// dtype even when the backend quantises (packed all the same).
-func (b *Backend) WeightPrecise(dt kernels.DType, shape []int, data []byte) (kernels.Tensor, error) {
 	return b.weight(dt, shape, data, false)
 }
 
-func (b *Backend) weight(dt kernels.DType, shape []int, data []byte, quant bool) (kernels.Tensor, error) {
+// WeightPrecise implements kernels.PreciseWeights: the weight keeps its
+// dtype even when the backend quantises, and its products float32
+// activations under bf16 compute (packed all the same).
+func (b *Backend) WeightPrecise(dt kernels.DType, shape []int, data []byte) (kernels.Tensor, error) {
+	return b.weight(dt, shape, data, true)
+}
+
+// ComputesBF16 reports whether bf16 weights multiply bf16-rounded
+// activations on VDPBF16PS (see Config.Compute).
+func (b *Backend) ComputesBF16() bool { return b.dp }
+
+// MatMulInputDType implements the conformance suite's optional interface:
+// the dtype MatMul rounds its activations to for weight w (F32: none).
+func (b *Backend) MatMulInputDType(w kernels.Tensor) kernels.DType {
+	if pk := cast(w).pk; pk != nil && pk.dp {
+		return kernels.BF16
+	}
+	return kernels.F32
+}
+
+func (b *Backend) weight(dt kernels.DType, shape []int, data []byte, precise bool) (kernels.Tensor, error) {
 	n := kernels.NumElements(shape)
 	if dt.Size() == 0 {
 		return nil, fmt.Errorf("cpu: unsupported dtype %v", dt)
@@ -177,8 +211,10 @@ func (b *Backend) weight(dt kernels.DType, shape []int, data []byte, quant bool)
 		t.h = unsafe.Slice((*uint16)(p), n)
 	}
 	switch {
-	case quant && len(shape) == 2 && b.k.pgemvQ8 != nil:
+	case !precise && b.quant && len(shape) == 2 && b.k.pgemvQ8 != nil:
 		b.pack(t, true)
+	case !precise && b.dp && len(shape) == 2 && dt == kernels.BF16:
+		b.packDP(t)
 	case b.packW && len(shape) == 2 && b.canPack(dt):
 		b.pack(t, false)
 	}

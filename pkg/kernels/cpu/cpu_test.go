@@ -14,9 +14,12 @@ import (
 func TestConformance(t *testing.T) {
 	for _, v := range cpu.Variants() {
 		for _, threads := range []int{1, 3} {
-			for _, inv := range []bool{false, true} {
-				t.Run(fmt.Sprintf("%s/%dthreads/invariant=%v", v, threads, inv), func(t *testing.T) {
-					cfg := cpu.Config{Threads: threads, Generic: v == "generic", BatchInvariant: inv}
+			for _, mode := range []string{"plain", "invariant", "bf16"} {
+				t.Run(fmt.Sprintf("%s/%dthreads/%s", v, threads, mode), func(t *testing.T) {
+					cfg := cpu.Config{Threads: threads, Generic: v == "generic", BatchInvariant: mode == "invariant"}
+					if mode == "bf16" {
+						cfg.Compute = "bf16dp"
+					}
 					if !cfg.Generic {
 						cfg.Kernels = v
 					}
@@ -25,10 +28,30 @@ func TestConformance(t *testing.T) {
 						t.Fatal(err)
 					}
 					defer b.Close()
+					if mode == "bf16" && !b.ComputesBF16() {
+						t.Skip("no bf16 compute kernels in this set on this CPU")
+					}
 					kernelstest.Run(t, b)
 				})
 			}
 		}
+	}
+}
+
+func TestComputeConfig(t *testing.T) {
+	if _, err := cpu.New(cpu.Config{Compute: "fp8"}); err == nil {
+		t.Fatal("compute fp8 accepted")
+	}
+	if _, err := cpu.New(cpu.Config{Compute: "bf16", Quantize: "q8"}); err == nil {
+		t.Fatal("compute bf16 with q8 accepted")
+	}
+	b, err := cpu.New(cpu.Config{Compute: "bf16", Generic: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if b.ComputesBF16() {
+		t.Fatal("generic kernels claim bf16 compute")
 	}
 }
 

@@ -22,11 +22,14 @@ func randSlice(r *rand.Rand, n int) []float32 {
 // results are bit-identical alone and at any place in any batch.
 func TestBatchInvariance(t *testing.T) {
 	for _, v := range cpu.Variants() {
-		for _, mode := range []string{"plain", "packed", "q8", "q8a"} {
+		for _, mode := range []string{"plain", "packed", "q8", "q8a", "bf16"} {
 			t.Run(fmt.Sprintf("%s/%s", v, mode), func(t *testing.T) {
 				cfg := cpu.Config{Threads: 2, Generic: v == "generic", Kernels: map[bool]string{true: "", false: v}[v == "generic"], BatchInvariant: true, PackWeights: mode == "packed"}
 				if mode == "q8" || mode == "q8a" {
 					cfg.Quantize = mode
+				}
+				if mode == "bf16" {
+					cfg.Compute = "bf16dp"
 				}
 				b, err := cpu.New(cfg)
 				if err != nil {

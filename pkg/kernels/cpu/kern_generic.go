@@ -43,6 +43,13 @@ type kernelSet struct {
 	pgemmQ8V func(xt []uint8, xs []float32, w []int8, s []float32, ws []int32, kp int, c []float32)
 	// pgemv2Q8V (optional) is pgemvQ8V on two panels at once.
 	pgemv2Q8V func(u []uint8, xs []float32, w1, w2 []int8, s1, s2 []float32, ws1, ws2 []int32, kp int, y1, y2 []float32)
+	// pgemvDP / pgemmDP / pgemv2DP (optional, AVX512_BF16) are the bf16
+	// compute kernels over the pair layout (bf16dp.go): one token of kp2
+	// bf16 pairs, a tile of dpMR tokens (xt[c·14+t]), or one token on two
+	// panels at once.
+	pgemvDP  func(x []uint32, w []uint16, kp2 int, y []float32)
+	pgemmDP  func(xt []uint32, w []uint16, kp2 int, c []float32)
+	pgemv2DP func(x []uint32, w1, w2 []uint16, kp2 int, y1, y2 []float32)
 	// swiglu writes out[i] = silu(g[i])·u[i] for i < len(out).
 	swiglu func(g, u, out []float32)
 	// cvt* widen len(dst) elements of src into dst.

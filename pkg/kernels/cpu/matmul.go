@@ -16,6 +16,8 @@ func (b *Backend) MatMul(x, w, bias kernels.Tensor) kernels.Tensor {
 	out := newF32(T, N)
 	switch {
 	case T == 0 || N == 0:
+	case wt.pk != nil && wt.pk.dp:
+		b.matmulDP(xt, T, wt, out.f)
 	case wt.pk != nil && wt.pk.vnni:
 		b.matmulQ8V(xt, T, wt, out.f)
 	case wt.pk != nil:

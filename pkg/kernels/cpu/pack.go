@@ -38,6 +38,9 @@ type packed struct {
 	vnni bool
 	kp   int
 	wsum []int32
+	// dp: h is in the bf16 pair layout (bf16dp.go) over kp = k rounded
+	// up to even.
+	dp bool
 }
 
 // Packs reports whether this backend stores 2-D weights packed.
@@ -155,6 +158,9 @@ func (b *Backend) widenPacked(dst []float32, t *tensor, off int) {
 		r, c := (off+i)/pk.k, (off+i)%pk.k
 		idx := (r/packNR)*packNR*pk.k + c*packNR + r%packNR
 		switch {
+		case pk.dp:
+			dst[i] = safetensors.BF16ToFloat32(pk.h[(r/packNR)*packNR*pk.kp+dpIndex(r%packNR, c)])
+			continue
 		case pk.q != nil:
 			G := q8Groups(pk.k)
 			if pk.vnni {

@@ -457,3 +457,155 @@ pv2qdone:
 	VMOVUPS Z8, 64(DX)
 	VZEROUPPER
 	RET
+
+// bf16 × bf16 products with AVX512_BF16 (bf16dp.go). The Go assembler does
+// not know VDPBF16PS; DPBF16(s2, s1, dst) encodes "VDPBF16PS Zs2, Zs1,
+// Zdst" (Go operand order; arguments are register numbers 0..31): each
+// float32 lane of dst adds the products of its two bf16 pairs,
+// dst[i] += s1[2i+1]·s2[2i+1], then += s1[2i]·s2[2i].
+#define DPBF16(s2, s1, dst) \
+	BYTE $0x62; \
+	BYTE $((((dst>>3)&1)^1)<<7 | (((s2>>4)&1)^1)<<6 | (((s2>>3)&1)^1)<<5 | (((dst>>4)&1)^1)<<4 | 2); \
+	BYTE $(((s1&15)^15)<<3 | 4 | 2); \
+	BYTE $(2<<5 | (((s1>>4)&1)^1)<<3); \
+	BYTE $0x52; \
+	BYTE $(0xC0 | (dst&7)<<3 | (s2&7))
+
+// Panels in pair layout: for each pair of k, 32 rows × 2 bf16 (row j's
+// w[2c], w[2c+1] in one 32-bit lane): 128 bytes, rows 0–15 then 16–31.
+// Activations are bf16 pairs too (one uint32 per pair of k).
+
+
+// func pgemm14x32DP(xt *uint32, w *uint16, kp2 int, c *float32)
+// c[t*32+j] = Σ_c dot(xt[c*14+t], w pair c of row j) for t < 14, j < 32.
+TEXT ·pgemm14x32DP(SB), NOSPLIT, $0-32
+	MOVQ xt+0(FP), SI
+	MOVQ w+8(FP), DI
+	MOVQ kp2+16(FP), CX
+	MOVQ c+24(FP), DX
+	ZERO28
+	TESTQ CX, CX
+	JZ   pgDPdone
+pgDPloop:
+	PREFETCHT0 1024(DI)
+	VMOVDQU32 (DI), Z28
+	VMOVDQU32 64(DI), Z29
+	VPBROADCASTD 0(SI), Z30
+	DPBF16(30, 28, 0)
+	DPBF16(30, 29, 1)
+	VPBROADCASTD 4(SI), Z31
+	DPBF16(31, 28, 2)
+	DPBF16(31, 29, 3)
+	VPBROADCASTD 8(SI), Z30
+	DPBF16(30, 28, 4)
+	DPBF16(30, 29, 5)
+	VPBROADCASTD 12(SI), Z31
+	DPBF16(31, 28, 6)
+	DPBF16(31, 29, 7)
+	VPBROADCASTD 16(SI), Z30
+	DPBF16(30, 28, 8)
+	DPBF16(30, 29, 9)
+	VPBROADCASTD 20(SI), Z31
+	DPBF16(31, 28, 10)
+	DPBF16(31, 29, 11)
+	VPBROADCASTD 24(SI), Z30
+	DPBF16(30, 28, 12)
+	DPBF16(30, 29, 13)
+	VPBROADCASTD 28(SI), Z31
+	DPBF16(31, 28, 14)
+	DPBF16(31, 29, 15)
+	VPBROADCASTD 32(SI), Z30
+	DPBF16(30, 28, 16)
+	DPBF16(30, 29, 17)
+	VPBROADCASTD 36(SI), Z31
+	DPBF16(31, 28, 18)
+	DPBF16(31, 29, 19)
+	VPBROADCASTD 40(SI), Z30
+	DPBF16(30, 28, 20)
+	DPBF16(30, 29, 21)
+	VPBROADCASTD 44(SI), Z31
+	DPBF16(31, 28, 22)
+	DPBF16(31, 29, 23)
+	VPBROADCASTD 48(SI), Z30
+	DPBF16(30, 28, 24)
+	DPBF16(30, 29, 25)
+	VPBROADCASTD 52(SI), Z31
+	DPBF16(31, 28, 26)
+	DPBF16(31, 29, 27)
+	ADDQ $56, SI
+	ADDQ $128, DI
+	DECQ CX
+	JNZ  pgDPloop
+pgDPdone:
+	STORE28
+	VZEROUPPER
+	RET
+
+// func pgemv32DP(x *uint32, w *uint16, kp2 int, y *float32)
+// y[j] = Σ_c dot(x[c], w pair c of row j): one row of the tile, the same
+// chain per output.
+TEXT ·pgemv32DP(SB), NOSPLIT, $0-32
+	MOVQ x+0(FP), SI
+	MOVQ w+8(FP), DI
+	MOVQ kp2+16(FP), CX
+	MOVQ y+24(FP), DX
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	TESTQ CX, CX
+	JZ   pvDPdone
+pvDPloop:
+	PREFETCHT0 4096(DI)
+	VPBROADCASTD (SI), Z2
+	VMOVDQU32 (DI), Z3
+	VMOVDQU32 64(DI), Z4
+	DPBF16(3, 2, 0)
+	DPBF16(4, 2, 1)
+	ADDQ $4, SI
+	ADDQ $128, DI
+	DECQ CX
+	JNZ  pvDPloop
+pvDPdone:
+	VMOVUPS Z0, (DX)
+	VMOVUPS Z1, 64(DX)
+	VZEROUPPER
+	RET
+
+// func pgemv32x2DP(x *uint32, w1 *uint16, w2 *uint16, kp2 int, y1 *float32, y2 *float32)
+// Two panels at once (two memory streams), each exactly as pgemv32DP.
+TEXT ·pgemv32x2DP(SB), NOSPLIT, $0-48
+	MOVQ x+0(FP), SI
+	MOVQ w1+8(FP), DI
+	MOVQ w2+16(FP), R9
+	MOVQ kp2+24(FP), CX
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z7, Z7, Z7
+	VPXORD Z8, Z8, Z8
+	TESTQ CX, CX
+	JZ   pv2DPdone
+pv2DPloop:
+	PREFETCHT0 4096(DI)
+	PREFETCHT0 4096(R9)
+	VPBROADCASTD (SI), Z2
+	VMOVDQU32 (DI), Z3
+	VMOVDQU32 64(DI), Z4
+	VMOVDQU32 (R9), Z5
+	VMOVDQU32 64(R9), Z6
+	DPBF16(3, 2, 0)
+	DPBF16(4, 2, 1)
+	DPBF16(5, 2, 7)
+	DPBF16(6, 2, 8)
+	ADDQ $4, SI
+	ADDQ $128, DI
+	ADDQ $128, R9
+	DECQ CX
+	JNZ  pv2DPloop
+pv2DPdone:
+	MOVQ y1+32(FP), DX
+	VMOVUPS Z0, (DX)
+	VMOVUPS Z1, 64(DX)
+	MOVQ y2+40(FP), DX
+	VMOVUPS Z7, (DX)
+	VMOVUPS Z8, 64(DX)
+	VZEROUPPER
+	RET

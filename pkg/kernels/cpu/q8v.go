@@ -26,11 +26,23 @@ func q8vPad(k int) int { return q8Groups(k) * q8Group }
 // q8vIndex is the position of w[j][c] (j < 32 in the panel) in a panel.
 func q8vIndex(j, c int) int { return (c/4)*packNR*4 + j*4 + c%4 }
 
-// quantized is an activation [T, k] quantised by quantRows.
+// quantized holds the forms an activation [T, k] takes for the kernels
+// that do not read float32: u and s quantised by quantRows (VNNI), bf its
+// bf16 pairs (bf16dp.go). Each is made by the first product that needs it;
+// every op that changes the activation drops them all.
 type quantized struct {
-	k int
-	u []uint8
-	s []float32
+	k  int
+	u  []uint8
+	s  []float32
+	bf *bf16Act
+}
+
+// derived returns t's derived forms for k columns, new if it had none.
+func (t *tensor) derived(k int) *quantized {
+	if t.qa == nil || t.qa.k != k {
+		t.qa = &quantized{k: k}
+	}
+	return t.qa
 }
 
 // quantRows quantises groups [u0, u1) (unit t·G+g is row t's group g) of
@@ -125,14 +137,14 @@ func (b *Backend) matmulQ8V(xin *tensor, T int, w *tensor, y []float32) {
 	pk := w.pk
 	K, N, kp, G := pk.k, pk.n, pk.kp, q8Groups(pk.k)
 	P := (N + packNR - 1) / packNR
-	if xin.qa == nil || xin.qa.k != K {
-		qa := &quantized{k: K, u: make([]uint8, T*kp), s: make([]float32, T*G)}
+	qa := xin.derived(K)
+	if qa.u == nil {
+		qa.u, qa.s = make([]uint8, T*kp), make([]float32, T*G)
 		// Quantising is an op of the pool too: its threads stay spinning
 		// for the product that follows (a parked thread costs a wake-up).
 		b.pool.run(T*G, 1, func(_, lo, hi int) { quantRows(xin.f, K, lo, hi, qa.u, qa.s) })
-		xin.qa = qa
 	}
-	u, xs := xin.qa.u, xin.qa.s
+	u, xs := qa.u, qa.s
 	tiles := T / q8vMR
 	if T%q8vMR >= 4 {
 		tiles++

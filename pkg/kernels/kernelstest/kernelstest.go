@@ -132,11 +132,12 @@ func testMatMul(t *testing.T, b kernels.Backend) {
 					}
 					want := make([]float64, T*N)
 					tol := make([]float64, T*N)
+					xr := roundedInput(b, w, xv)
 					for i := range T {
 						for j := range N {
 							var s, a float64
 							for k := range K {
-								p := xv[i*K+k] * wv[j*K+k]
+								p := xr[i*K+k] * wv[j*K+k]
 								s += p
 								a += math.Abs(p)
 							}
@@ -153,6 +154,33 @@ func testMatMul(t *testing.T, b kernels.Backend) {
 			}
 		}
 	}
+}
+
+// InputRounder is implemented by backends whose MatMul rounds its
+// activations before multiplying for some weights (the CPU's bf16
+// compute): MatMulInputDType(w) is the dtype x is rounded to (F32: none).
+type InputRounder interface {
+	MatMulInputDType(w kernels.Tensor) kernels.DType
+}
+
+// roundedInput is xv as b's MatMul with w sees it: rounded to bf16 (to
+// nearest, ties to even) where b says so, else unchanged.
+func roundedInput(b kernels.Backend, w kernels.Tensor, xv []float64) []float64 {
+	r, ok := b.(InputRounder)
+	if !ok || r.MatMulInputDType(w) != kernels.BF16 {
+		return xv
+	}
+	out := make([]float64, len(xv))
+	for i, v := range xv {
+		// Keep 8 significant bits: scale into [2^7, 2^8), round half to even.
+		if v == 0 || math.IsInf(v, 0) || math.IsNaN(v) {
+			out[i] = v
+			continue
+		}
+		frac, exp := math.Frexp(v) // v = frac·2^exp, |frac| in [0.5, 1)
+		out[i] = math.Ldexp(math.RoundToEven(frac*256), exp-8)
+	}
+	return out
 }
 
 func testEmbed(t *testing.T, b kernels.Backend) {

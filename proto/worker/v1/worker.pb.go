@@ -202,7 +202,11 @@ type Assignment struct {
 	// writes with the placement, so only the workers of this replica know it.
 	// A worker's peers present it (metadata qwenfleet-secret) on their
 	// Exchange streams. Never logged, never in the public API.
-	Secret        string `protobuf:"bytes,17,opt,name=secret,proto3" json:"secret,omitempty"`
+	Secret string `protobuf:"bytes,17,opt,name=secret,proto3" json:"secret,omitempty"`
+	// compute: how the CPU backend multiplies bf16 weights: "bf16" (the
+	// fastest product the CPU has, cpu.Config.Compute), "f32", or "" for the
+	// worker's own --compute.
+	Compute       string `protobuf:"bytes,18,opt,name=compute,proto3" json:"compute,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -352,6 +356,13 @@ func (x *Assignment) GetExpertsVersion() int64 {
 func (x *Assignment) GetSecret() string {
 	if x != nil {
 		return x.Secret
+	}
+	return ""
+}
+
+func (x *Assignment) GetCompute() string {
+	if x != nil {
+		return x.Compute
 	}
 	return ""
 }
@@ -1800,7 +1811,7 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x12assignment_version\x18\b \x01(\x03R\x11assignmentVersion\x12\"\n" +
 	"\rnum_kv_blocks\x18\t \x01(\x03R\vnumKvBlocks\x12\"\n" +
 	"\rkv_block_size\x18\n" +
-	" \x01(\x05R\vkvBlockSize\"\xdc\x03\n" +
+	" \x01(\x05R\vkvBlockSize\"\xf6\x03\n" +
 	"\n" +
 	"Assignment\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12\x14\n" +
@@ -1822,7 +1833,8 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\aep_rank\x18\x0e \x01(\x05R\x06epRank\x12\x18\n" +
 	"\aexperts\x18\x0f \x03(\x05R\aexperts\x12'\n" +
 	"\x0fexperts_version\x18\x10 \x01(\x03R\x0eexpertsVersion\x12\x16\n" +
-	"\x06secret\x18\x11 \x01(\tR\x06secret\"|\n" +
+	"\x06secret\x18\x11 \x01(\tR\x06secret\x12\x18\n" +
+	"\acompute\x18\x12 \x01(\tR\acompute\"|\n" +
 	"\vLoadRequest\x12?\n" +
 	"\n" +
 	"assignment\x18\x01 \x01(\v2\x1f.qwenfleet.worker.v1.AssignmentR\n" +
