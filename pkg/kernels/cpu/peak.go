@@ -19,7 +19,7 @@ import (
 // ProbePeak runs each figure's loop on Threads OS threads at once (one
 // goroutine per thread, runtime.LockOSThread, all released together) and
 // times the wall clock from the release to the last thread's finish; each
-// figure is the best of three such runs (the bandwidth, of three or more
+// figure is the best of three such runs (the bandwidth, of five to ten
 // passes). The compute loops are Go assembly with 12 to 16 independent
 // accumulators, enough to hide the instructions' latency, so they measure
 // throughput: the instructions' operands never leave the registers.
@@ -40,9 +40,10 @@ import (
 //   - ReadGBs: memory read bandwidth in GB/s (1e9 bytes/s): the threads sum
 //     disjoint parts of one buffer (4 × the last-level cache, at least 512
 //     MiB and at most 2 GiB; touched by the same threads before any timing),
-//     with 256-bit loads where the machine has AVX2; the best pass over the
-//     whole buffer. It is comparable to an OpenMP stream-sum (the
-//     bandwidth bound of a memory-bound kernel like decode's GEMV).
+//     with 512-bit loads where the machine has AVX-512 (else 256-bit where
+//     it has AVX2); the best pass over the whole buffer. It is comparable
+//     to an OpenMP sum over a GiB array in C, and is the bound of a
+//     memory-bound kernel like decode's GEMV.
 //
 // These are throughput ceilings of the core's execution units at the
 // frequency the machine runs them at (AVX-512 may run slower than scalar
@@ -75,6 +76,9 @@ type peakKernels struct {
 	vnni      *peakLoop
 	// read sums the uint64 words of b modulo 2^64.
 	read func(b []uint64) uint64
+	// reads are all the read loops the CPU can run, read among them, for
+	// the tests.
+	reads []func(b []uint64) uint64
 }
 
 // ProbePeak measures the figures of Peak on threads OS threads (0 or less:
@@ -152,9 +156,10 @@ func calibrate(run func(n int), target time.Duration) int {
 }
 
 // bestParallel starts threads goroutines, each locked to its OS thread,
-// which run warm(t) once and then f(t) in rounds rounds, all threads of a
-// round released together; it returns the shortest round's wall time, from
-// the release to the last thread's finish.
+// which run warm(t) once (where warm is not nil) and then f(t) in rounds
+// rounds, all threads of a round released together; it returns the
+// shortest round's wall time, from the release to the last thread's finish
+// (with no rounds, once every warm(t) has returned).
 func bestParallel(threads, rounds int, warm, f func(t int)) time.Duration {
 	start := make([]chan struct{}, rounds)
 	done := make([]sync.WaitGroup, rounds)
@@ -192,8 +197,8 @@ func bestParallel(threads, rounds int, warm, f func(t int)) time.Duration {
 
 // measureRead allocates size bytes, has each thread fill its own part (the
 // first touch, which also places the pages near it), then times passes in
-// which every thread sums its part: at least three, more while the total
-// stays under d, at most ten. It returns the best pass in GB/s.
+// which every thread sums its part: at least five, more while the passes
+// have taken less than d, at most ten. It returns the best pass in GB/s.
 func measureRead(read func([]uint64) uint64, threads int, size int64, d time.Duration) float64 {
 	const chunk = 4096 // bytes: a part is a multiple of this
 	words := size / 8
@@ -211,12 +216,11 @@ func measureRead(read func([]uint64) uint64, threads int, size int64, d time.Dur
 			b[i] = uint64(i)
 		}
 	}
-	passes := 3
+	bestParallel(threads, 0, fill, nil) // the first touch, untimed
+	best := time.Duration(math.MaxInt64)
 	t0 := time.Now()
-	best := bestParallel(threads, passes, fill, pass)
-	for el := time.Since(t0); el < d && passes < 10; el = time.Since(t0) {
+	for passes := 0; passes < 10 && (passes < 5 || time.Since(t0) < d); passes++ {
 		best = min(best, bestParallel(threads, 1, nil, pass))
-		passes++
 	}
 	runtime.KeepAlive(sink)
 	return float64(len(buf)*8) / best.Seconds() / 1e9

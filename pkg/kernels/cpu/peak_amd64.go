@@ -19,6 +19,24 @@ func peakVNNI(n int)
 //go:noescape
 func peakReadAVX2(p *uint64, n int) uint64
 
+//go:noescape
+func peakReadAVX512(p *uint64, n int) uint64
+
+// peakRead makes a read loop of f, which sums a multiple of 32 words.
+func peakRead(f func(p *uint64, n int) uint64) func([]uint64) uint64 {
+	return func(b []uint64) uint64 {
+		if len(b) == 0 {
+			return 0
+		}
+		n := len(b) &^ 31
+		s := f(&b[0], n)
+		for _, v := range b[n:] {
+			s += v
+		}
+		return s
+	}
+}
+
 // peakKernelSet picks the loops this CPU (and its OS) can run.
 func peakKernelSet() (peakKernels, error) {
 	var k peakKernels
@@ -37,17 +55,13 @@ func peakKernelSet() (peakKernels, error) {
 		k.vnni = &peakLoop{run: peakVNNI, perIter: 16, opsPerInstr: 2 * 64}
 	}
 	if cpu.X86.HasAVX2 {
-		k.read = func(b []uint64) uint64 {
-			if len(b) == 0 {
-				return 0
-			}
-			n := len(b) &^ 31
-			s := peakReadAVX2(&b[0], n)
-			for _, v := range b[n:] {
-				s += v
-			}
-			return s
-		}
+		k.reads = append(k.reads, peakRead(peakReadAVX2))
+	}
+	if cpu.X86.HasAVX512F {
+		k.reads = append(k.reads, peakRead(peakReadAVX512))
+	}
+	if len(k.reads) > 0 {
+		k.read = k.reads[len(k.reads)-1] // the widest loads
 	}
 	return k, nil
 }
