@@ -15,13 +15,13 @@ import (
 
 // BenchmarkDecodeStep: one decode step of B sequences on the qwen2-0.5b
 // shape (random bf16 weights, or the checkpoint QWENFLEET_BENCH_MODEL
-// names; all threads): plain kernels, batch-invariant ones, and packed
-// weights (batch-invariant too). tok/s is B per
+// names; all threads): plain kernels, batch-invariant ones, packed
+// weights (batch-invariant too; the workers' default) and --compute bf16. tok/s is B per
 // step time.
 func BenchmarkDecodeStep(b *testing.B) {
 	cfg, _ := model.Preset("qwen2-0.5b")
-	for _, mode := range []string{"plain", "invariant", "packed"} {
-		be, err := cpu.New(cpu.Config{BatchInvariant: mode != "plain", PackWeights: mode == "packed"})
+	for _, mode := range []string{"plain", "invariant", "packed", "bf16"} {
+		be, err := cpu.New(cpu.Config{BatchInvariant: mode != "plain", PackWeights: mode == "packed" || mode == "bf16", Compute: map[bool]string{true: "bf16"}[mode == "bf16"]})
 		if err != nil {
 			b.Fatal(err)
 		}

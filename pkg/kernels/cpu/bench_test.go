@@ -16,7 +16,7 @@ func BenchmarkMatMul(b *testing.B) {
 	variants := append(cpu.Variants(), "packed", "q8", "q8a", "bf16dp")
 	for _, v := range variants {
 		for _, threads := range []int{1, 2} {
-			for _, sh := range []struct{ T, K, N int }{{1, 896, 4864}, {1, 4864, 896}, {1, 896, 151936}, {8, 896, 4864}, {32, 896, 4864}, {35, 896, 4864}, {128, 896, 4864}, {128, 4864, 896}, {512, 896, 4864}} {
+			for _, sh := range []struct{ T, K, N int }{{1, 896, 4864}, {1, 4864, 896}, {1, 896, 151936}, {8, 896, 4864}, {32, 896, 4864}, {35, 896, 4864}, {32, 896, 151936}, {32, 896, 896}, {32, 896, 128}, {32, 4864, 896}, {128, 896, 4864}, {128, 4864, 896}, {512, 896, 4864}} {
 				T, K, N := sh.T, sh.K, sh.N
 				b.Run(fmt.Sprintf("%s/threads=%d/T=%d/K=%d/N=%d", v, threads, T, K, N), func(b *testing.B) {
 					cfg := cpu.Config{Threads: threads, Generic: v == "generic", Kernels: v}

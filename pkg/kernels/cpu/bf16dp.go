@@ -199,7 +199,12 @@ func (b *Backend) matmulDP(xin *tensor, T int, w *tensor, y []float32) {
 		for p := lo; p < hi; p++ {
 			cols := min(packNR, N-p*packNR)
 			for tl := 0; tl < a.tiles; tl++ {
-				b.k.pgemmDP(a.xt[tl*kp2*dpMR:(tl+1)*kp2*dpMR], panel(p), kp2, c[:])
+				tile := a.xt[tl*kp2*dpMR : (tl+1)*kp2*dpMR]
+				if min(dpMR, T-tl*dpMR) == dpMR && cols == packNR {
+					b.k.pgemmDP(tile, panel(p), kp2, y[tl*dpMR*N+p*packNR:], N) // a whole tile: straight into y
+					continue
+				}
+				b.k.pgemmDP(tile, panel(p), kp2, c[:], packNR)
 				for t := 0; t < dpMR && tl*dpMR+t < T; t++ {
 					copy(y[(tl*dpMR+t)*N+p*packNR:][:cols], c[t*packNR:t*packNR+cols])
 				}

@@ -33,7 +33,7 @@ func TestDPKernels(t *testing.T) {
 		want := make([]float32, dpMR*packNR)
 		pgemmDPGo(xt, w1, kp2, want)
 		got := make([]float32, dpMR*packNR)
-		k.pgemmDP(xt, w1, kp2, got)
+		k.pgemmDP(xt, w1, kp2, got, packNR)
 		near(t, "tile", kp2, got, want)
 		for tk := 0; tk < dpMR; tk++ {
 			x := make([]uint32, kp2)

@@ -14,9 +14,9 @@ import (
 func TestConformance(t *testing.T) {
 	for _, v := range cpu.Variants() {
 		for _, threads := range []int{1, 3} {
-			for _, mode := range []string{"plain", "invariant", "bf16"} {
+			for _, mode := range []string{"plain", "invariant", "packed", "bf16"} {
 				t.Run(fmt.Sprintf("%s/%dthreads/%s", v, threads, mode), func(t *testing.T) {
-					cfg := cpu.Config{Threads: threads, Generic: v == "generic", BatchInvariant: mode == "invariant"}
+					cfg := cpu.Config{Threads: threads, Generic: v == "generic", BatchInvariant: mode == "invariant", PackWeights: mode == "packed"}
 					if mode == "bf16" {
 						cfg.Compute = "bf16dp"
 					}

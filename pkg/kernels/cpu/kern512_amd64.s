@@ -320,3 +320,26 @@ g1fdone:
 	REDUCE4(Z0, Z1, Z2, Z3, Y0, Y1, Y2, Y3, X0, DX)
 	VZEROUPPER
 	RET
+
+// func cvtBF16AVX512(dst *float32, src *uint16, n int); n is a multiple of 32.
+TEXT ·cvtBF16AVX512(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	XORQ AX, AX
+
+cvtb512loop:
+	CMPQ AX, CX
+	JGE  cvtb512done
+	VPMOVZXWD (SI)(AX*2), Z0
+	VPMOVZXWD 32(SI)(AX*2), Z1
+	VPSLLD    $16, Z0, Z0
+	VPSLLD    $16, Z1, Z1
+	VMOVUPS   Z0, (DI)(AX*4)
+	VMOVUPS   Z1, 64(DI)(AX*4)
+	ADDQ $32, AX
+	JMP  cvtb512loop
+
+cvtb512done:
+	VZEROUPPER
+	RET

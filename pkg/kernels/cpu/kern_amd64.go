@@ -33,7 +33,7 @@ func pgemv32x2Q8V(u *uint8, xs *float32, w1, w2 *int8, s1, s2 *float32, ws1, ws2
 func pgemm8x32Q8V(xt *uint8, xs *float32, w *int8, s *float32, ws *int32, kp int, c *float32)
 
 //go:noescape
-func pgemm14x32Q8(xp *float32, w *int8, s *float32, k int, c *float32)
+func pgemm14x32Q8(xp *float32, w *int8, s *float32, k int, c *float32, ldc int)
 
 //go:noescape
 func pgemv32x2Q8(x *float32, w1, w2 *int8, s1, s2 *float32, k int, y1, y2 *float32)
@@ -51,13 +51,22 @@ func pgemv32F16(x *float32, w *uint16, k int, y *float32)
 func pgemv32F32(x *float32, w *float32, k int, y *float32)
 
 //go:noescape
-func pgemm14x32BF16(xp *float32, w *uint16, k int, c *float32)
+func pgemm14x32BF16(xp *float32, w *uint16, k int, c *float32, ldc int)
 
 //go:noescape
-func pgemm14x32F16(xp *float32, w *uint16, k int, c *float32)
+func pgemm14x32F16(xp *float32, w *uint16, k int, c *float32, ldc int)
 
 //go:noescape
-func pgemm14x32F32(xp *float32, w *float32, k int, c *float32)
+func pgemm14x32F32(xp *float32, w *float32, k int, c *float32, ldc int)
+
+//go:noescape
+func pgemm8x32BF16(xp *float32, w *uint16, k int, c *float32, ldc int)
+
+//go:noescape
+func pgemm8x32F16(xp *float32, w *uint16, k int, c *float32, ldc int)
+
+//go:noescape
+func pgemm8x32F32(xp *float32, w *float32, k int, c *float32, ldc int)
 
 //go:noescape
 func gemm1x4BF16AVX512(x *float32, w *uint16, stride int, n int, c *float32)
@@ -72,7 +81,7 @@ func gemm1x4F32AVX512(x *float32, w *float32, stride int, n int, c *float32)
 func dot4BF16AVX512(x *float32, w *uint16, stride, n int, out *[4]float32)
 
 //go:noescape
-func pgemm14x32DP(xt *uint32, w *uint16, kp2 int, c *float32)
+func pgemm14x32DP(xt *uint32, w *uint16, kp2 int, c *float32, ldc int)
 
 //go:noescape
 func pgemv32DP(x *uint32, w *uint16, kp2 int, y *float32)
@@ -106,6 +115,9 @@ func swigluAVX2(gate, up, out *float32, n int)
 func cvtBF16AVX2(dst *float32, src *uint16, n int)
 
 //go:noescape
+func cvtBF16AVX512(dst *float32, src *uint16, n int)
+
+//go:noescape
 func cvtF16AVX2(dst *float32, src *uint16, n int)
 
 // simdKernels lists the SIMD kernel sets this machine can run, best first.
@@ -131,6 +143,7 @@ func simdKernels() []kernelSet {
 	avx512 := avx2
 	avx512.name, avx512.gemm, avx512.gemmRows = "avx512", gemm5x4Asm, 5
 	avx512.dot4BF16 = dot4BF16Asm512
+	avx512.cvtBF16 = cvtBF16Asm512
 	avx512.gemm1BF16 = func(x []float32, w []uint16, stride, n int, c []float32) {
 		gemm1Asm(gemm1x4BF16AVX512, safetensors.BF16ToFloat32, x, w, stride, n, c)
 	}
@@ -158,25 +171,37 @@ func simdKernels() []kernelSet {
 		_, _, _ = x[k-1], w[32*k-1], y[31]
 		pgemv32F32(&x[0], &w[0], k, &y[0])
 	}
-	avx512.pgemmBF16 = func(xp []float32, w []uint16, k int, c []float32) {
-		_, _, _ = xp[14*k-1], w[32*k-1], c[14*32-1]
-		pgemm14x32BF16(&xp[0], &w[0], k, &c[0])
+	avx512.pgemmBF16 = func(xp []float32, w []uint16, k int, c []float32, ldc int) {
+		_, _, _ = xp[14*k-1], w[32*k-1], c[13*ldc+31]
+		pgemm14x32BF16(&xp[0], &w[0], k, &c[0], ldc)
 	}
-	avx512.pgemmF16 = func(xp []float32, w []uint16, k int, c []float32) {
-		_, _, _ = xp[14*k-1], w[32*k-1], c[14*32-1]
-		pgemm14x32F16(&xp[0], &w[0], k, &c[0])
+	avx512.pgemmF16 = func(xp []float32, w []uint16, k int, c []float32, ldc int) {
+		_, _, _ = xp[14*k-1], w[32*k-1], c[13*ldc+31]
+		pgemm14x32F16(&xp[0], &w[0], k, &c[0], ldc)
 	}
-	avx512.pgemmF32 = func(xp []float32, w []float32, k int, c []float32) {
-		_, _, _ = xp[14*k-1], w[32*k-1], c[14*32-1]
-		pgemm14x32F32(&xp[0], &w[0], k, &c[0])
+	avx512.pgemmF32 = func(xp []float32, w []float32, k int, c []float32, ldc int) {
+		_, _, _ = xp[14*k-1], w[32*k-1], c[13*ldc+31]
+		pgemm14x32F32(&xp[0], &w[0], k, &c[0], ldc)
+	}
+	avx512.pgemm8BF16 = func(xp []float32, w []uint16, k int, c []float32, ldc int) {
+		_, _, _ = xp[8*k-1], w[32*k-1], c[7*ldc+31]
+		pgemm8x32BF16(&xp[0], &w[0], k, &c[0], ldc)
+	}
+	avx512.pgemm8F16 = func(xp []float32, w []uint16, k int, c []float32, ldc int) {
+		_, _, _ = xp[8*k-1], w[32*k-1], c[7*ldc+31]
+		pgemm8x32F16(&xp[0], &w[0], k, &c[0], ldc)
+	}
+	avx512.pgemm8F32 = func(xp []float32, w []float32, k int, c []float32, ldc int) {
+		_, _, _ = xp[8*k-1], w[32*k-1], c[7*ldc+31]
+		pgemm8x32F32(&xp[0], &w[0], k, &c[0], ldc)
 	}
 	avx512.pgemvQ8 = func(x []float32, w []int8, s []float32, k int, y []float32) {
 		_, _, _, _ = x[k-1], w[32*k-1], s[32*((k+31)/32)-1], y[31]
 		pgemv32Q8(&x[0], &w[0], &s[0], k, &y[0])
 	}
-	avx512.pgemmQ8 = func(xp []float32, w []int8, s []float32, k int, c []float32) {
-		_, _, _, _ = xp[14*k-1], w[32*k-1], s[32*((k+31)/32)-1], c[14*32-1]
-		pgemm14x32Q8(&xp[0], &w[0], &s[0], k, &c[0])
+	avx512.pgemmQ8 = func(xp []float32, w []int8, s []float32, k int, c []float32, ldc int) {
+		_, _, _, _ = xp[14*k-1], w[32*k-1], s[32*((k+31)/32)-1], c[13*ldc+31]
+		pgemm14x32Q8(&xp[0], &w[0], &s[0], k, &c[0], ldc)
 	}
 	if cpu.X86.HasAVX512VNNI {
 		avx512.pgemvQ8V = func(u []uint8, xs []float32, w []int8, s []float32, ws []int32, kp int, y []float32) {
@@ -227,13 +252,15 @@ func simdKernels() []kernelSet {
 			_, _, _, _, _ = x[kp2-1], w1[2*packNR*kp2-1], w2[2*packNR*kp2-1], y1[packNR-1], y2[packNR-1]
 			pgemv32x2DP(&x[0], &w1[0], &w2[0], kp2, &y1[0], &y2[0])
 		}
-		avx512.pgemmDP = func(xt []uint32, w []uint16, kp2 int, c []float32) {
+		avx512.pgemmDP = func(xt []uint32, w []uint16, kp2 int, c []float32, ldc int) {
 			if kp2 == 0 {
-				clear(c[:dpMR*packNR])
+				for t := 0; t < dpMR; t++ {
+					clear(c[t*ldc : t*ldc+packNR])
+				}
 				return
 			}
-			_, _, _ = xt[dpMR*kp2-1], w[2*packNR*kp2-1], c[dpMR*packNR-1]
-			pgemm14x32DP(&xt[0], &w[0], kp2, &c[0])
+			_, _, _ = xt[dpMR*kp2-1], w[2*packNR*kp2-1], c[(dpMR-1)*ldc+packNR-1]
+			pgemm14x32DP(&xt[0], &w[0], kp2, &c[0], ldc)
 		}
 	}
 	avx512.gemm1F32 = func(x []float32, w []float32, stride, n int, c []float32) {
@@ -336,6 +363,16 @@ func cvtBF16Asm(dst []float32, src []uint16) {
 	for i := n8; i < n; i++ {
 		dst[i] = safetensors.BF16ToFloat32(src[i])
 	}
+}
+
+func cvtBF16Asm512(dst []float32, src []uint16) {
+	n := len(dst)
+	src = src[:n]
+	n32 := n &^ 31
+	if n32 > 0 {
+		cvtBF16AVX512(&dst[0], &src[0], n32)
+	}
+	cvtBF16Asm(dst[n32:], src[n32:])
 }
 
 func cvtF16Asm(dst []float32, src []uint16) {

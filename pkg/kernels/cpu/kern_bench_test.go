@@ -40,7 +40,7 @@ func BenchmarkPackedTile(b *testing.B) {
 		b.Run(ks.name+"/f32", func(b *testing.B) {
 			xp, w, c := make([]float32, packMR*k), make([]float32, packNR*k), make([]float32, packMR*packNR)
 			for i := 0; i < b.N; i++ {
-				ks.pgemmF32(xp, w, k, c)
+				ks.pgemmF32(xp, w, k, c, packNR)
 			}
 			b.ReportMetric(2*float64(packMR*packNR*k)*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
 		})
@@ -50,7 +50,7 @@ func BenchmarkPackedTile(b *testing.B) {
 		b.Run(ks.name+"/bf16", func(b *testing.B) {
 			xt, w, c := make([]uint32, dpMR*k/2), make([]uint16, packNR*k), make([]float32, dpMR*packNR)
 			for i := 0; i < b.N; i++ {
-				ks.pgemmDP(xt, w, k/2, c)
+				ks.pgemmDP(xt, w, k/2, c, packNR)
 			}
 			b.ReportMetric(2*float64(dpMR*packNR*k)*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
 		})

@@ -23,19 +23,23 @@ type kernelSet struct {
 	gemm1F32  func(x []float32, w []float32, stride, n int, c []float32)
 	// pgemv* / pgemm* (optional) are the packed-weight kernels: y[j] =
 	// Σ_k x[k]·w[k·32+j] for j < 32, and the same for a 14-token tile whose
-	// x is k-major (xp[k·14+t]) into c[t·32+j]. Each output is one FMA chain
-	// over k in order.
+	// x is k-major (xp[k·14+t]) into c[t·ldc+j]. Each output is one FMA
+	// chain over k in order.
 	pgemvBF16, pgemvF16 func(x []float32, w []uint16, k int, y []float32)
 	pgemvF32            func(x []float32, w []float32, k int, y []float32)
 	// pgemv2BF16 (optional) is pgemvBF16 on two panels at once.
 	pgemv2BF16          func(x []float32, w1, w2 []uint16, k int, y1, y2 []float32)
 	pgemv2Q8            func(x []float32, w1, w2 []int8, s1, s2 []float32, k int, y1, y2 []float32)
-	pgemmBF16, pgemmF16 func(xp []float32, w []uint16, k int, c []float32)
-	pgemmF32            func(xp []float32, w []float32, k int, c []float32)
+	pgemmBF16, pgemmF16 func(xp []float32, w []uint16, k int, c []float32, ldc int)
+	pgemmF32            func(xp []float32, w []float32, k int, c []float32, ldc int)
+	// pgemm8* (optional, with pgemm*) are the tile kernels for 8 tokens
+	// (xp[k·8+t]): the same chains, fewer padding rows for small batches.
+	pgemm8BF16, pgemm8F16 func(xp []float32, w []uint16, k int, c []float32, ldc int)
+	pgemm8F32             func(xp []float32, w []float32, k int, c []float32, ldc int)
 	// pgemvQ8 / pgemmQ8 take int8 weights in groups of 32 k with scales
 	// s[g·32+j]; a weight enters the chain as float32(q)·s.
 	pgemvQ8 func(x []float32, w []int8, s []float32, k int, y []float32)
-	pgemmQ8 func(xp []float32, w []int8, s []float32, k int, c []float32)
+	pgemmQ8 func(xp []float32, w []int8, s []float32, k int, c []float32, ldc int)
 	// pgemvQ8V / pgemmQ8V (optional, with pgemvQ8) are the int8 × int8
 	// kernels over the VNNI layout (q8v.go): one token, or a tile of
 	// q8vMR tokens; kp is k padded to whole groups.
@@ -48,7 +52,7 @@ type kernelSet struct {
 	// bf16 pairs, a tile of dpMR tokens (xt[c·14+t]), or one token on two
 	// panels at once.
 	pgemvDP  func(x []uint32, w []uint16, kp2 int, y []float32)
-	pgemmDP  func(xt []uint32, w []uint16, kp2 int, c []float32)
+	pgemmDP  func(xt []uint32, w []uint16, kp2 int, c []float32, ldc int)
 	pgemv2DP func(x []uint32, w1, w2 []uint16, kp2 int, y1, y2 []float32)
 	// swiglu writes out[i] = silu(g[i])·u[i] for i < len(out).
 	swiglu func(g, u, out []float32)

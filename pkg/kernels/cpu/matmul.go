@@ -21,7 +21,7 @@ func (b *Backend) MatMul(x, w, bias kernels.Tensor) kernels.Tensor {
 	case wt.pk != nil && wt.pk.vnni:
 		b.matmulQ8V(xt, T, wt, out.f)
 	case wt.pk != nil:
-		b.matmulPacked(xt.f, T, wt, out.f)
+		b.matmulPacked(xt, T, wt, out.f)
 	case T == 1 && !b.invariant:
 		b.gemv(xt.f, wt, out.f)
 	case T == 1 && b.hasGemm1(wt.dt):

@@ -208,19 +208,33 @@ func (b *Backend) pgemvRow(dt kernels.DType, x []float32, pk *packed, p int, yro
 	}
 }
 
-// pgemm runs the tile kernel: c[t·32+j] for t < 14 from the packed tile xp.
-func (b *Backend) pgemm(dt kernels.DType, xp []float32, pk *packed, p int, c []float32) {
+// pgemm runs the tile kernel for mr (packMR or 8) tokens: c[t·ldc+j] for
+// t < mr from the packed tile xp; wf, when set, is the panel already
+// widened to float32.
+func (b *Backend) pgemm(dt kernels.DType, mr int, xp []float32, pk *packed, p int, wf []float32, c []float32, ldc int) {
 	switch {
 	case pk.k == 0:
-		clear(c[:packMR*packNR])
+		for t := 0; t < mr; t++ {
+			clear(c[t*ldc : t*ldc+packNR])
+		}
+	case mr == 8 && wf != nil:
+		b.k.pgemm8F32(xp, wf, pk.k, c, ldc)
+	case mr == 8 && dt == kernels.BF16:
+		b.k.pgemm8BF16(xp, pk.hp(p), pk.k, c, ldc)
+	case mr == 8 && dt == kernels.F16:
+		b.k.pgemm8F16(xp, pk.hp(p), pk.k, c, ldc)
+	case mr == 8:
+		b.k.pgemm8F32(xp, pk.fp(p), pk.k, c, ldc)
+	case wf != nil:
+		b.k.pgemmF32(xp, wf, pk.k, c, ldc)
 	case pk.q != nil:
-		b.k.pgemmQ8(xp, pk.qp(p), pk.sp(p), pk.k, c)
+		b.k.pgemmQ8(xp, pk.qp(p), pk.sp(p), pk.k, c, ldc)
 	case dt == kernels.BF16:
-		b.k.pgemmBF16(xp, pk.hp(p), pk.k, c)
+		b.k.pgemmBF16(xp, pk.hp(p), pk.k, c, ldc)
 	case dt == kernels.F16:
-		b.k.pgemmF16(xp, pk.hp(p), pk.k, c)
+		b.k.pgemmF16(xp, pk.hp(p), pk.k, c, ldc)
 	default:
-		b.k.pgemmF32(xp, pk.fp(p), pk.k, c)
+		b.k.pgemmF32(xp, pk.fp(p), pk.k, c, ldc)
 	}
 }
 
@@ -252,7 +266,8 @@ func (b *Backend) gemvPacked2(x []float32, w *tensor, y []float32) {
 }
 
 // matmulPacked computes y = x·wᵀ for a packed w.
-func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
+func (b *Backend) matmulPacked(xin *tensor, T int, w *tensor, y []float32) {
+	x := xin.f
 	pk := w.pk
 	K, N := pk.k, pk.n
 	if T == 1 && K > 0 && ((pk.q == nil && w.dt == kernels.BF16 && b.k.pgemv2BF16 != nil) || (pk.q != nil && b.k.pgemv2Q8 != nil)) {
@@ -260,33 +275,12 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 		return
 	}
 	P := (N + packNR - 1) / packNR
-	// Tiles of packMR tokens, x transposed k-major (the tile kernel
-	// broadcasts x[t][k] from consecutive floats); a remainder of fewer
-	// than 4 tokens goes row by row through the one-row kernel instead.
-	tiles := T / packMR
-	if T%packMR >= 4 {
-		tiles++
-	}
-	var xp []float32
-	if tiles > 0 {
-		xp = make([]float32, tiles*K*packMR)
-		b.pool.run(tiles, 1, func(_, lo, hi int) {
-			for tl := lo; tl < hi; tl++ {
-				dst := xp[tl*K*packMR : (tl+1)*K*packMR]
-				for t := 0; t < packMR && tl*packMR+t < T; t++ {
-					row := x[(tl*packMR+t)*K : (tl*packMR+t+1)*K]
-					for k, v := range row {
-						dst[k*packMR+t] = v
-					}
-				}
-			}
-		})
-	}
+	xp, plan := b.tileForm(xin, T, K, pk.q == nil && b.k.pgemm8F32 != nil)
 	// With several tiles, a bf16/f16 panel is widened once into scratch
 	// (exactly: the products are the same) and the tiles read float32;
 	// int8 panels are dequantised in registers by the tile kernel itself
 	// (faster than a widening pass here).
-	widen := tiles >= 2 && w.dt != kernels.F32 && pk.q == nil && K > 0
+	widen := len(plan.tiles) >= 2 && w.dt != kernels.F32 && pk.q == nil && K > 0
 	b.pool.run(P, 1, func(tid, lo, hi int) {
 		var c [packMR * packNR]float32
 		var wf []float32
@@ -302,19 +296,113 @@ func (b *Backend) matmulPacked(x []float32, T int, w *tensor, y []float32) {
 					b.k.cvtF16(wf, pk.hp(p))
 				}
 			}
-			for tl := 0; tl < tiles; tl++ {
-				if widen {
-					b.k.pgemmF32(xp[tl*K*packMR:(tl+1)*K*packMR], wf, K, c[:])
-				} else {
-					b.pgemm(w.dt, xp[tl*K*packMR:(tl+1)*K*packMR], pk, p, c[:])
+			for _, tl := range plan.tiles {
+				tile := xp[tl.row*K : (tl.row+tl.mr)*K]
+				if rows := min(tl.mr, T-tl.row); rows == tl.mr && cols == packNR {
+					// A whole tile: straight into y.
+					b.pgemm(w.dt, tl.mr, tile, pk, p, wf, y[tl.row*N+p*packNR:], N)
+					continue
 				}
-				for t := 0; t < packMR && tl*packMR+t < T; t++ {
-					copy(y[(tl*packMR+t)*N+p*packNR:][:cols], c[t*packNR:t*packNR+cols])
+				b.pgemm(w.dt, tl.mr, tile, pk, p, wf, c[:], packNR)
+				for t := 0; t < tl.mr && tl.row+t < T; t++ {
+					copy(y[(tl.row+t)*N+p*packNR:][:cols], c[t*packNR:t*packNR+cols])
 				}
 			}
-			for t := tiles * packMR; t < T; t++ {
+			for t := plan.rows; t < T; t++ {
 				b.pgemvRow(w.dt, x[t*K:(t+1)*K], pk, p, y[t*N:(t+1)*N])
 			}
 		}
 	})
+}
+
+// tileSpan is one tile of a tiling: rows [row, row+mr) of x (the last
+// tile may run past T: its extra rows are zero).
+type tileSpan struct{ row, mr int }
+
+// tiling is how a product covers x's T rows: tiles of packMR or 8 rows
+// (8 only where the kernel set has them), then rows [rows, T) one at a
+// time through the one-row kernel (at most 3).
+type tiling struct {
+	tiles []tileSpan
+	rows  int
+	has8  bool
+}
+
+// planTiles picks the tiling of T rows that computes the fewest padding
+// rows, counting an 8-row tile's row 5% dearer than a 14-row tile's (its
+// panel loads are spread over fewer tokens) and a row through the one-row
+// kernel 3 times dearer. Every kernel runs the same chain per output, so
+// the tiling changes no bit of the result.
+func planTiles(T int, has8 bool) tiling {
+	build := func(mr int) (tiling, float64) {
+		t := tiling{has8: has8}
+		var cost float64
+		row := 0
+		for ; T-row >= mr; row += mr {
+			t.tiles = append(t.tiles, tileSpan{row, mr})
+		}
+		rest := T - row
+		switch {
+		case rest >= 4 && has8 && rest <= 8:
+			t.tiles = append(t.tiles, tileSpan{row, 8})
+			row += rest
+		case rest >= 4:
+			t.tiles = append(t.tiles, tileSpan{row, mr})
+			row += rest
+		}
+		t.rows = row
+		for _, s := range t.tiles {
+			cost += float64(s.mr) * map[bool]float64{true: 1.05, false: 1}[s.mr == 8]
+		}
+		return t, cost + 3*float64(T-row)
+	}
+	best, cost := build(packMR)
+	if has8 {
+		if t, c := build(8); c < cost {
+			best = t
+		}
+	}
+	return best
+}
+
+// tileForm returns x [T, K] laid out for the tile kernels, each tile's rows
+// k-major (xp[row·K + k·mr + t] for the tile at row; padding rows zero),
+// and its tiling. It is made once per activation (q, k and v, or gate and
+// up, read the same x) and cached with its other derived forms.
+func (b *Backend) tileForm(xt *tensor, T, K int, has8 bool) ([]float32, tiling) {
+	d := xt.derived(K)
+	if d.xp != nil && d.plan.has8 == has8 {
+		return d.xp, d.plan
+	}
+	plan := planTiles(T, has8)
+	end := 0
+	if n := len(plan.tiles); n > 0 {
+		end = plan.tiles[n-1].row + plan.tiles[n-1].mr
+	}
+	xp := make([]float32, end*K)
+	x := xt.f
+	b.pool.run(len(plan.tiles), 1, func(_, lo, hi int) {
+		for _, tl := range plan.tiles[lo:hi] {
+			dst := xp[tl.row*K : (tl.row+tl.mr)*K]
+			rows := min(tl.mr, T-tl.row)
+			r := x[tl.row*K : (tl.row+rows)*K]
+			if rows < packMR || tl.mr != packMR {
+				for t := 0; t < rows; t++ {
+					for k, v := range r[t*K : (t+1)*K] {
+						dst[k*tl.mr+t] = v
+					}
+				}
+				continue
+			}
+			// A whole 14-row tile: write dst in order, reading the 14 rows
+			// side by side (sequential streams both ways).
+			for k := 0; k < K; k++ {
+				o := dst[k*packMR : k*packMR+packMR]
+				o[0], o[1], o[2], o[3], o[4], o[5], o[6] = r[k], r[K+k], r[2*K+k], r[3*K+k], r[4*K+k], r[5*K+k], r[6*K+k]
+				o[7], o[8], o[9], o[10], o[11], o[12], o[13] = r[7*K+k], r[8*K+k], r[9*K+k], r[10*K+k], r[11*K+k], r[12*K+k], r[13*K+k]
+			}
+		}
+	})
+	d.xp, d.plan = xp, plan
+	return xp, plan
 }

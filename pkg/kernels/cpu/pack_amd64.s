@@ -81,35 +81,49 @@
 	VPXORD Z26, Z26, Z26 \
 	VPXORD Z27, Z27, Z27
 
+// STORE28 writes the tile's 14 rows of 32 outputs, R11 bytes apart.
 #define STORE28 \
-	VMOVUPS Z0, 0(DX) \
-	VMOVUPS Z1, 64(DX) \
-	VMOVUPS Z2, 128(DX) \
-	VMOVUPS Z3, 192(DX) \
-	VMOVUPS Z4, 256(DX) \
-	VMOVUPS Z5, 320(DX) \
-	VMOVUPS Z6, 384(DX) \
-	VMOVUPS Z7, 448(DX) \
-	VMOVUPS Z8, 512(DX) \
-	VMOVUPS Z9, 576(DX) \
-	VMOVUPS Z10, 640(DX) \
-	VMOVUPS Z11, 704(DX) \
-	VMOVUPS Z12, 768(DX) \
-	VMOVUPS Z13, 832(DX) \
-	VMOVUPS Z14, 896(DX) \
-	VMOVUPS Z15, 960(DX) \
-	VMOVUPS Z16, 1024(DX) \
-	VMOVUPS Z17, 1088(DX) \
-	VMOVUPS Z18, 1152(DX) \
-	VMOVUPS Z19, 1216(DX) \
-	VMOVUPS Z20, 1280(DX) \
-	VMOVUPS Z21, 1344(DX) \
-	VMOVUPS Z22, 1408(DX) \
-	VMOVUPS Z23, 1472(DX) \
-	VMOVUPS Z24, 1536(DX) \
-	VMOVUPS Z25, 1600(DX) \
-	VMOVUPS Z26, 1664(DX) \
-	VMOVUPS Z27, 1728(DX)
+	VMOVUPS Z0, (DX); \
+	VMOVUPS Z1, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z2, (DX); \
+	VMOVUPS Z3, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z4, (DX); \
+	VMOVUPS Z5, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z6, (DX); \
+	VMOVUPS Z7, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z8, (DX); \
+	VMOVUPS Z9, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z10, (DX); \
+	VMOVUPS Z11, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z12, (DX); \
+	VMOVUPS Z13, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z14, (DX); \
+	VMOVUPS Z15, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z16, (DX); \
+	VMOVUPS Z17, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z18, (DX); \
+	VMOVUPS Z19, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z20, (DX); \
+	VMOVUPS Z21, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z22, (DX); \
+	VMOVUPS Z23, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z24, (DX); \
+	VMOVUPS Z25, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z26, (DX); \
+	VMOVUPS Z27, 64(DX)
 
 // Weight loads of one k: 32 values into Z28/Z29 (tile) or Z3/Z4 (one row).
 #define LOADBF16(A, B) \
@@ -153,9 +167,11 @@ pvBF16done:
 	VZEROUPPER
 	RET
 
-// func pgemm14x32BF16(xp *float32, w *uint16, k int, c *float32)
-// c[t*32+j] = sum_k xp[k*14+t]*w[k*32+j] for t < 14, j < 32.
-TEXT ·pgemm14x32BF16(SB), NOSPLIT, $0-32
+// func pgemm14x32BF16(xp *float32, w *uint16, k int, c *float32, ldc int)
+// c[t*ldc+j] = sum_k xp[k*14+t]*w[k*32+j] for t < 14, j < 32.
+TEXT ·pgemm14x32BF16(SB), NOSPLIT, $0-40
+	MOVQ ldc+32(FP), R11
+	SHLQ $2, R11
 	MOVQ xp+0(FP), SI
 	MOVQ w+8(FP), DI
 	MOVQ k+16(FP), CX
@@ -203,9 +219,11 @@ pvF16done:
 	VZEROUPPER
 	RET
 
-// func pgemm14x32F16(xp *float32, w *uint16, k int, c *float32)
-// c[t*32+j] = sum_k xp[k*14+t]*w[k*32+j] for t < 14, j < 32.
-TEXT ·pgemm14x32F16(SB), NOSPLIT, $0-32
+// func pgemm14x32F16(xp *float32, w *uint16, k int, c *float32, ldc int)
+// c[t*ldc+j] = sum_k xp[k*14+t]*w[k*32+j] for t < 14, j < 32.
+TEXT ·pgemm14x32F16(SB), NOSPLIT, $0-40
+	MOVQ ldc+32(FP), R11
+	SHLQ $2, R11
 	MOVQ xp+0(FP), SI
 	MOVQ w+8(FP), DI
 	MOVQ k+16(FP), CX
@@ -253,9 +271,11 @@ pvF32done:
 	VZEROUPPER
 	RET
 
-// func pgemm14x32F32(xp *float32, w *float32, k int, c *float32)
-// c[t*32+j] = sum_k xp[k*14+t]*w[k*32+j] for t < 14, j < 32.
-TEXT ·pgemm14x32F32(SB), NOSPLIT, $0-32
+// func pgemm14x32F32(xp *float32, w *float32, k int, c *float32, ldc int)
+// c[t*ldc+j] = sum_k xp[k*14+t]*w[k*32+j] for t < 14, j < 32.
+TEXT ·pgemm14x32F32(SB), NOSPLIT, $0-40
+	MOVQ ldc+32(FP), R11
+	SHLQ $2, R11
 	MOVQ xp+0(FP), SI
 	MOVQ w+8(FP), DI
 	MOVQ k+16(FP), CX
@@ -330,8 +350,10 @@ pvQ8done:
 	VZEROUPPER
 	RET
 
-// func pgemm14x32Q8(xp *float32, w *int8, s *float32, k int, c *float32)
-TEXT ·pgemm14x32Q8(SB), NOSPLIT, $0-40
+// func pgemm14x32Q8(xp *float32, w *int8, s *float32, k int, c *float32, ldc int)
+TEXT ·pgemm14x32Q8(SB), NOSPLIT, $0-48
+	MOVQ ldc+40(FP), R11
+	SHLQ $2, R11
 	MOVQ xp+0(FP), SI
 	MOVQ w+8(FP), DI
 	MOVQ s+16(FP), BX
@@ -476,9 +498,11 @@ pv2qdone:
 // Activations are bf16 pairs too (one uint32 per pair of k).
 
 
-// func pgemm14x32DP(xt *uint32, w *uint16, kp2 int, c *float32)
-// c[t*32+j] = Σ_c dot(xt[c*14+t], w pair c of row j) for t < 14, j < 32.
-TEXT ·pgemm14x32DP(SB), NOSPLIT, $0-32
+// func pgemm14x32DP(xt *uint32, w *uint16, kp2 int, c *float32, ldc int)
+// c[t*ldc+j] = Σ_c dot(xt[c*14+t], w pair c of row j) for t < 14, j < 32.
+TEXT ·pgemm14x32DP(SB), NOSPLIT, $0-40
+	MOVQ ldc+32(FP), R11
+	SHLQ $2, R11
 	MOVQ xt+0(FP), SI
 	MOVQ w+8(FP), DI
 	MOVQ kp2+16(FP), CX
@@ -607,5 +631,153 @@ pv2DPdone:
 	MOVQ y2+40(FP), DX
 	VMOVUPS Z7, (DX)
 	VMOVUPS Z8, 64(DX)
+	VZEROUPPER
+	RET
+
+// The 8-token tile: x k-major (xp[k*8+t]); Z0..Z15 accumulate.
+#define TILE8 \
+	VBROADCASTSS 0(SI), Z30; \
+	VFMADD231PS Z30, Z28, Z0; \
+	VFMADD231PS Z30, Z29, Z1 \
+	VBROADCASTSS 4(SI), Z31; \
+	VFMADD231PS Z31, Z28, Z2; \
+	VFMADD231PS Z31, Z29, Z3 \
+	VBROADCASTSS 8(SI), Z30; \
+	VFMADD231PS Z30, Z28, Z4; \
+	VFMADD231PS Z30, Z29, Z5 \
+	VBROADCASTSS 12(SI), Z31; \
+	VFMADD231PS Z31, Z28, Z6; \
+	VFMADD231PS Z31, Z29, Z7 \
+	VBROADCASTSS 16(SI), Z30; \
+	VFMADD231PS Z30, Z28, Z8; \
+	VFMADD231PS Z30, Z29, Z9 \
+	VBROADCASTSS 20(SI), Z31; \
+	VFMADD231PS Z31, Z28, Z10; \
+	VFMADD231PS Z31, Z29, Z11 \
+	VBROADCASTSS 24(SI), Z30; \
+	VFMADD231PS Z30, Z28, Z12; \
+	VFMADD231PS Z30, Z29, Z13 \
+	VBROADCASTSS 28(SI), Z31; \
+	VFMADD231PS Z31, Z28, Z14; \
+	VFMADD231PS Z31, Z29, Z15
+
+#define ZERO16 \
+	VPXORD Z0, Z0, Z0 \
+	VPXORD Z1, Z1, Z1 \
+	VPXORD Z2, Z2, Z2 \
+	VPXORD Z3, Z3, Z3 \
+	VPXORD Z4, Z4, Z4 \
+	VPXORD Z5, Z5, Z5 \
+	VPXORD Z6, Z6, Z6 \
+	VPXORD Z7, Z7, Z7 \
+	VPXORD Z8, Z8, Z8 \
+	VPXORD Z9, Z9, Z9 \
+	VPXORD Z10, Z10, Z10 \
+	VPXORD Z11, Z11, Z11 \
+	VPXORD Z12, Z12, Z12 \
+	VPXORD Z13, Z13, Z13 \
+	VPXORD Z14, Z14, Z14 \
+	VPXORD Z15, Z15, Z15
+
+#define STORE16 \
+	VMOVUPS Z0, (DX); \
+	VMOVUPS Z1, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z2, (DX); \
+	VMOVUPS Z3, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z4, (DX); \
+	VMOVUPS Z5, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z6, (DX); \
+	VMOVUPS Z7, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z8, (DX); \
+	VMOVUPS Z9, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z10, (DX); \
+	VMOVUPS Z11, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z12, (DX); \
+	VMOVUPS Z13, 64(DX); \
+	ADDQ R11, DX; \
+	VMOVUPS Z14, (DX); \
+	VMOVUPS Z15, 64(DX)
+
+// func pgemm8x32F32(xp *float32, w *float32, k int, c *float32, ldc int)
+// c[t*ldc+j] = sum_k xp[k*8+t]*w[k*32+j] for t < 8, j < 32: the 14-token
+// tile's chains for 8 tokens (batches of 8–40 waste fewer padding rows).
+TEXT ·pgemm8x32F32(SB), NOSPLIT, $0-40
+	MOVQ ldc+32(FP), R11
+	SHLQ $2, R11
+	MOVQ xp+0(FP), SI
+	MOVQ w+8(FP), DI
+	MOVQ k+16(FP), CX
+	MOVQ c+24(FP), DX
+	ZERO16
+	TESTQ CX, CX
+	JZ   pgemm8x32F32done
+pgemm8x32F32loop:
+	PREFETCHT0 512(DI)
+	LOADF32(Z28, Z29)
+	TILE8
+	ADDQ $32, SI
+	ADDQ $128, DI
+	DECQ CX
+	JNZ  pgemm8x32F32loop
+pgemm8x32F32done:
+	STORE16
+	VZEROUPPER
+	RET
+
+// func pgemm8x32BF16(xp *float32, w *uint16, k int, c *float32, ldc int)
+// c[t*ldc+j] = sum_k xp[k*8+t]*w[k*32+j] for t < 8, j < 32: the 14-token
+// tile's chains for 8 tokens (batches of 8–40 waste fewer padding rows).
+TEXT ·pgemm8x32BF16(SB), NOSPLIT, $0-40
+	MOVQ ldc+32(FP), R11
+	SHLQ $2, R11
+	MOVQ xp+0(FP), SI
+	MOVQ w+8(FP), DI
+	MOVQ k+16(FP), CX
+	MOVQ c+24(FP), DX
+	ZERO16
+	TESTQ CX, CX
+	JZ   pgemm8x32BF16done
+pgemm8x32BF16loop:
+	PREFETCHT0 512(DI)
+	LOADBF16(Z28, Z29)
+	TILE8
+	ADDQ $32, SI
+	ADDQ $64, DI
+	DECQ CX
+	JNZ  pgemm8x32BF16loop
+pgemm8x32BF16done:
+	STORE16
+	VZEROUPPER
+	RET
+
+// func pgemm8x32F16(xp *float32, w *uint16, k int, c *float32, ldc int)
+// c[t*ldc+j] = sum_k xp[k*8+t]*w[k*32+j] for t < 8, j < 32: the 14-token
+// tile's chains for 8 tokens (batches of 8–40 waste fewer padding rows).
+TEXT ·pgemm8x32F16(SB), NOSPLIT, $0-40
+	MOVQ ldc+32(FP), R11
+	SHLQ $2, R11
+	MOVQ xp+0(FP), SI
+	MOVQ w+8(FP), DI
+	MOVQ k+16(FP), CX
+	MOVQ c+24(FP), DX
+	ZERO16
+	TESTQ CX, CX
+	JZ   pgemm8x32F16done
+pgemm8x32F16loop:
+	PREFETCHT0 512(DI)
+	LOADF16(Z28, Z29)
+	TILE8
+	ADDQ $32, SI
+	ADDQ $64, DI
+	DECQ CX
+	JNZ  pgemm8x32F16loop
+pgemm8x32F16done:
+	STORE16
 	VZEROUPPER
 	RET

@@ -27,14 +27,16 @@ func q8vPad(k int) int { return q8Groups(k) * q8Group }
 func q8vIndex(j, c int) int { return (c/4)*packNR*4 + j*4 + c%4 }
 
 // quantized holds the forms an activation [T, k] takes for the kernels
-// that do not read float32: u and s quantised by quantRows (VNNI), bf its
-// bf16 pairs (bf16dp.go). Each is made by the first product that needs it;
+// that do not read it row by row: u and s quantised by quantRows (VNNI),
+// bf its bf16 pairs (bf16dp.go), xp its float32 tiles (tileForm). Each is made by the first product that needs it;
 // every op that changes the activation drops them all.
 type quantized struct {
-	k  int
-	u  []uint8
-	s  []float32
-	bf *bf16Act
+	k    int
+	u    []uint8
+	s    []float32
+	bf   *bf16Act
+	xp   []float32 // tiles for the float32 tile kernels (tileForm)
+	plan tiling
 }
 
 // derived returns t's derived forms for k columns, new if it had none.
