@@ -31,6 +31,11 @@ type Config struct {
 	// products, batch-invariant by construction. It copies each weight, so
 	// it is off for memory-mapped weights.
 	PackWeights bool
+	// DecodeStreams is how many weight streams each thread of a one-token
+	// product of packed bf16 weights reads side by side: 2 or 4 (0: the
+	// default, 4 where the kernel set has the four-stream kernel). The
+	// outputs are the same bits either way.
+	DecodeStreams int
 	// Quantize "q8" stores 2-D weights as int8 with one scale per 32 k of
 	// an output row (weight-only quantisation: activations stay float32),
 	// packed; "q8a" also quantises the activations (per 32 k, like
@@ -74,6 +79,7 @@ type Backend struct {
 	quant     bool
 	quantAct  bool // q8a with VNNI kernels
 	dp        bool // Compute "bf16" with the DP kernels
+	streams   int  // weight streams per thread of one-token bf16 products (2 or 4)
 }
 
 var _ kernels.Backend = (*Backend)(nil)
@@ -97,6 +103,13 @@ func New(cfg Config) (*Backend, error) {
 	if (cfg.Compute == "bf16" || cfg.Compute == "bf16dp") && cfg.Quantize != "" {
 		return nil, fmt.Errorf("cpu: compute bf16 with quantisation %q: choose one", cfg.Quantize)
 	}
+	switch cfg.DecodeStreams {
+	case 0:
+		cfg.DecodeStreams = 4
+	case 2, 4:
+	default:
+		return nil, fmt.Errorf("cpu: %d decode streams (2 or 4)", cfg.DecodeStreams)
+	}
 	k := genericKernels
 	if !cfg.Generic {
 		found := cfg.Kernels == ""
@@ -111,7 +124,7 @@ func New(cfg Config) (*Backend, error) {
 		}
 	}
 	return &Backend{k: k, pool: newPool(cfg.Threads), scratch: make([][]float32, cfg.Threads), invariant: cfg.BatchInvariant, packW: cfg.PackWeights || cfg.Quantize != "", quant: cfg.Quantize != "",
-		quantAct: cfg.Quantize == "q8a" && k.pgemvQ8V != nil, dp: k.pgemmDP != nil && (cfg.Compute == "bf16dp" || cfg.Compute == "bf16" && dpFaster())}, nil
+		quantAct: cfg.Quantize == "q8a" && k.pgemvQ8V != nil, dp: k.pgemmDP != nil && (cfg.Compute == "bf16dp" || cfg.Compute == "bf16" && dpFaster()), streams: cfg.DecodeStreams}, nil
 }
 
 // Close stops the backend's threads. The backend must not be used afterwards.

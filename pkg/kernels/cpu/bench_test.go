@@ -13,17 +13,20 @@ import (
 // BenchmarkMatMul reports GFLOP/s (2 per multiply-add) of x [T, K] · wᵀ for
 // a bf16 w [N, K] of the qwen2-0.5b MLP shape.
 func BenchmarkMatMul(b *testing.B) {
-	variants := append(cpu.Variants(), "packed", "q8", "q8a", "bf16dp")
+	variants := append(cpu.Variants(), "packed", "packed2", "q8", "q8a", "bf16dp")
 	for _, v := range variants {
 		for _, threads := range []int{1, 2} {
 			for _, sh := range []struct{ T, K, N int }{{1, 896, 4864}, {1, 4864, 896}, {1, 896, 151936}, {8, 896, 4864}, {32, 896, 4864}, {35, 896, 4864}, {32, 896, 151936}, {32, 896, 896}, {32, 896, 128}, {32, 4864, 896}, {128, 896, 4864}, {128, 4864, 896}, {512, 896, 4864}} {
 				T, K, N := sh.T, sh.K, sh.N
 				b.Run(fmt.Sprintf("%s/threads=%d/T=%d/K=%d/N=%d", v, threads, T, K, N), func(b *testing.B) {
 					cfg := cpu.Config{Threads: threads, Generic: v == "generic", Kernels: v}
-					if v == "generic" || v == "packed" || v == "q8" || v == "q8a" || v == "bf16dp" {
+					if v == "generic" || v == "packed" || v == "packed2" || v == "q8" || v == "q8a" || v == "bf16dp" {
 						cfg.Kernels = ""
 					}
-					cfg.PackWeights = v == "packed"
+					cfg.PackWeights = v == "packed" || v == "packed2"
+					if v == "packed2" {
+						cfg.DecodeStreams = 2 // the four-stream default's alternative
+					}
 					if v == "bf16dp" {
 						cfg.Compute = v
 					}

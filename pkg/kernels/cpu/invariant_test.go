@@ -129,3 +129,40 @@ func bf16Bytes(v []float32) []byte {
 }
 
 func math32bits(x float32) uint32 { return math.Float32bits(x) }
+
+// TestDecodeStreams: one-token products of packed bf16 weights give the
+// same bits with two or four weight streams per thread, and the same as
+// the row inside a batch.
+func TestDecodeStreams(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	const K, N = 300, 32*11 + 5 // eleven whole panels and a ragged one
+	wraw := bf16Bytes(randSlice(r, N*K))
+	xs := randSlice(r, 3*K)
+	var want []float32
+	for _, threads := range []int{1, 2, 3} {
+		for _, streams := range []int{2, 4} {
+			b, err := cpu.New(cpu.Config{Threads: threads, PackWeights: true, BatchInvariant: true, DecodeStreams: streams})
+			if err != nil {
+				t.Fatal(err)
+			}
+			w, err := b.Weight(kernels.BF16, []int{N, K}, wraw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			one := b.ToFloat32(b.MatMul(b.FromFloat32([]int{1, K}, xs[:K]), w, nil))
+			batch := b.ToFloat32(b.MatMul(b.FromFloat32([]int{3, K}, xs), w, nil))
+			b.Close()
+			if want == nil {
+				want = one
+			}
+			for j := range one {
+				if one[j] != want[j] || batch[j] != want[j] {
+					t.Fatalf("threads %d streams %d out %d: %v alone, %v in a batch, want %v", threads, streams, j, one[j], batch[j], want[j])
+				}
+			}
+		}
+	}
+	if _, err := cpu.New(cpu.Config{DecodeStreams: 3}); err == nil {
+		t.Fatal("3 decode streams accepted")
+	}
+}

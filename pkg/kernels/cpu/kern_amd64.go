@@ -42,6 +42,9 @@ func pgemv32x2Q8(x *float32, w1, w2 *int8, s1, s2 *float32, k int, y1, y2 *float
 func pgemv32x2BF16(x *float32, w1, w2 *uint16, k int, y1, y2 *float32)
 
 //go:noescape
+func pgemv32x4BF16(x *float32, w *[4]*uint16, k int, y *[4]*float32)
+
+//go:noescape
 func pgemv32BF16(x *float32, w *uint16, k int, y *float32)
 
 //go:noescape
@@ -157,6 +160,16 @@ func simdKernels() []kernelSet {
 	avx512.pgemv2BF16 = func(x []float32, w1, w2 []uint16, k int, y1, y2 []float32) {
 		_, _, _, _, _ = x[k-1], w1[32*k-1], w2[32*k-1], y1[31], y2[31]
 		pgemv32x2BF16(&x[0], &w1[0], &w2[0], k, &y1[0], &y2[0])
+	}
+	avx512.pgemv4BF16 = func(x []float32, w *[4][]uint16, k int, y *[4][]float32) {
+		var wp [4]*uint16
+		var yp [4]*float32
+		_ = x[k-1]
+		for i := range wp {
+			_, _ = w[i][32*k-1], y[i][31]
+			wp[i], yp[i] = &w[i][0], &y[i][0]
+		}
+		pgemv32x4BF16(&x[0], &wp, k, &yp)
 	}
 	avx512.pgemv2Q8 = func(x []float32, w1, w2 []int8, s1, s2 []float32, k int, y1, y2 []float32) {
 		g := 32 * ((k + 31) / 32)

@@ -238,28 +238,46 @@ func (b *Backend) pgemm(dt kernels.DType, mr int, xp []float32, pk *packed, p in
 	}
 }
 
-// gemvPacked2 is the one-token product with two-panel kernels: each thread
-// streams its panels as two sequential streams (the first and second half
-// of its range) for more memory parallelism; outputs are exactly pgemv's.
+// gemvPacked2 is the one-token product with multi-panel kernels: each
+// thread streams its panels as several sequential streams (its range cut
+// in parts, streamed side by side: more loads in flight than one stream
+// keeps); outputs are exactly pgemv's. bf16 panels go four at a time where
+// the kernel set has it (gemvStreams), int8 ones two at a time.
 func (b *Backend) gemvPacked2(x []float32, w *tensor, y []float32) {
 	pk := w.pk
 	P := (pk.n + packNR - 1) / packNR
+	S := 2
+	if pk.q == nil && b.k.pgemv4BF16 != nil && b.streams == 4 {
+		S = 4
+	}
 	b.pool.run(P, 1, func(_, lo, hi int) {
-		half := (hi - lo + 1) / 2
-		for p := lo; p < lo+half; p++ {
-			q := p + half
-			if q >= hi || (q+1)*packNR > pk.n { // no partner, or a ragged one
-				b.pgemvRow(w.dt, x, pk, p, y)
-				if q < hi {
-					b.pgemvRow(w.dt, x, pk, q, y)
+		part := (hi - lo + S - 1) / S
+		for i := 0; i < part; i++ {
+			var ps [4]int
+			whole := true
+			for j := 0; j < S; j++ {
+				ps[j] = lo + i + j*part
+				if ps[j] >= hi || (ps[j]+1)*packNR > pk.n { // no partner, or a ragged one
+					whole = false
+				}
+			}
+			if !whole {
+				for j := 0; j < S; j++ {
+					if ps[j] < hi {
+						b.pgemvRow(w.dt, x, pk, ps[j], y)
+					}
 				}
 				continue
 			}
-			y1, y2 := y[p*packNR:(p+1)*packNR], y[q*packNR:(q+1)*packNR]
-			if pk.q != nil {
-				b.k.pgemv2Q8(x, pk.qp(p), pk.qp(q), pk.sp(p), pk.sp(q), pk.k, y1, y2)
-			} else {
-				b.k.pgemv2BF16(x, pk.hp(p), pk.hp(q), pk.k, y1, y2)
+			yp := func(p int) []float32 { return y[p*packNR : (p+1)*packNR] }
+			switch {
+			case S == 4:
+				b.k.pgemv4BF16(x, &[4][]uint16{pk.hp(ps[0]), pk.hp(ps[1]), pk.hp(ps[2]), pk.hp(ps[3])}, pk.k,
+					&[4][]float32{yp(ps[0]), yp(ps[1]), yp(ps[2]), yp(ps[3])})
+			case pk.q != nil:
+				b.k.pgemv2Q8(x, pk.qp(ps[0]), pk.qp(ps[1]), pk.sp(ps[0]), pk.sp(ps[1]), pk.k, yp(ps[0]), yp(ps[1]))
+			default:
+				b.k.pgemv2BF16(x, pk.hp(ps[0]), pk.hp(ps[1]), pk.k, yp(ps[0]), yp(ps[1]))
 			}
 		}
 	})
