@@ -28,9 +28,9 @@ type kernelSet struct {
 	pgemvBF16, pgemvF16 func(x []float32, w []uint16, k int, y []float32)
 	pgemvF32            func(x []float32, w []float32, k int, y []float32)
 	// pgemv2BF16 (optional) is pgemvBF16 on two panels at once.
-	pgemv2BF16          func(x []float32, w1, w2 []uint16, k int, y1, y2 []float32)
+	pgemv2BF16 func(x []float32, w1, w2 []uint16, k int, y1, y2 []float32)
 	// pgemv4BF16 (optional) is pgemvBF16 on four panels at once.
-	pgemv4BF16 func(x []float32, w *[4][]uint16, k int, y *[4][]float32)
+	pgemv4BF16          func(x []float32, w *[4][]uint16, k int, y *[4][]float32)
 	pgemv2Q8            func(x []float32, w1, w2 []int8, s1, s2 []float32, k int, y1, y2 []float32)
 	pgemmBF16, pgemmF16 func(xp []float32, w []uint16, k int, c []float32, ldc int)
 	pgemmF32            func(xp []float32, w []float32, k int, c []float32, ldc int)
