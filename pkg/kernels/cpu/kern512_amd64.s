@@ -343,3 +343,93 @@ cvtb512loop:
 cvtb512done:
 	VZEROUPPER
 	RET
+
+// Softmax rows for attention (ops.go): the exponential is expf's (Cephes:
+// range reduction by ln 2, a degree-6 polynomial, scaling by 2^n), 16
+// lanes at a time; an argument under expf's lower limit gives 0 as there.
+DATA expc<>+0(SB)/4, $0x3fb8aa3b  // log2(e)
+DATA expc<>+4(SB)/4, $0x3f318000  // c1
+DATA expc<>+8(SB)/4, $0xb95e8083  // c2
+DATA expc<>+12(SB)/4, $0x39506967 // p0
+DATA expc<>+16(SB)/4, $0x3ab743ce // p1
+DATA expc<>+20(SB)/4, $0x3c088908 // p2
+DATA expc<>+24(SB)/4, $0x3d2aa9c1 // p3
+DATA expc<>+28(SB)/4, $0x3e2aaaaa // p4
+DATA expc<>+32(SB)/4, $0x3f000000 // p5
+DATA expc<>+36(SB)/4, $0xc2aeac4f // lower limit -87.33654
+DATA expc<>+40(SB)/4, $0x3f800000 // 1
+GLOBL expc<>(SB), RODATA|NOPTR, $44
+
+// func scaleMax16(s *float32, n int, scale float32, m *[16]float32)
+// s[j] *= scale for j < n (a multiple of 16); m[l] = max(m[l], lane l's
+// scaled values).
+TEXT ·scaleMax16(SB), NOSPLIT, $0-32
+	MOVQ s+0(FP), SI
+	MOVQ n+8(FP), CX
+	VBROADCASTSS scale+16(FP), Z1
+	MOVQ m+24(FP), DX
+	VMOVUPS (DX), Z2
+	SHRQ $4, CX
+	JZ   smdone
+smloop:
+	VMULPS (SI), Z1, Z0
+	VMOVUPS Z0, (SI)
+	VMAXPS Z0, Z2, Z2
+	ADDQ $64, SI
+	DECQ CX
+	JNZ  smloop
+smdone:
+	VMOVUPS Z2, (DX)
+	VZEROUPPER
+	RET
+
+// func expSum16(s *float32, n int, m float32, sum *[16]float32)
+// s[j] = exp(s[j] - m) for j < n (a multiple of 16); sum[l] += lane l's
+// values.
+TEXT ·expSum16(SB), NOSPLIT, $0-32
+	MOVQ s+0(FP), SI
+	MOVQ n+8(FP), CX
+	VBROADCASTSS m+16(FP), Z1
+	MOVQ sum+24(FP), DX
+	VMOVUPS (DX), Z2
+	VBROADCASTSS expc<>+0(SB), Z16
+	VBROADCASTSS expc<>+4(SB), Z17
+	VBROADCASTSS expc<>+8(SB), Z18
+	VBROADCASTSS expc<>+12(SB), Z19
+	VBROADCASTSS expc<>+16(SB), Z20
+	VBROADCASTSS expc<>+20(SB), Z21
+	VBROADCASTSS expc<>+24(SB), Z22
+	VBROADCASTSS expc<>+28(SB), Z23
+	VBROADCASTSS expc<>+32(SB), Z24
+	VBROADCASTSS expc<>+36(SB), Z25
+	VBROADCASTSS expc<>+40(SB), Z26
+	SHRQ $4, CX
+	JZ   esdone
+esloop:
+	VMOVUPS (SI), Z0
+	VSUBPS Z1, Z0, Z0            // x = s - m
+	VCMPPS $1, Z25, Z0, K1       // x < limit: 0
+	VMULPS Z16, Z0, Z3           // fx = x·log2e
+	VRNDSCALEPS $0, Z3, Z3       // n = round(fx), ties to even
+	VFNMADD231PS Z17, Z3, Z0     // r = x - n·c1
+	VFNMADD231PS Z18, Z3, Z0     // r -= n·c2
+	VMULPS Z0, Z0, Z4            // z = r²
+	VMOVAPS Z19, Z5              // Horner: y = p0
+	VFMADD213PS Z20, Z0, Z5      // y = y·r + p1
+	VFMADD213PS Z21, Z0, Z5
+	VFMADD213PS Z22, Z0, Z5
+	VFMADD213PS Z23, Z0, Z5
+	VFMADD213PS Z24, Z0, Z5      // y = y·r + p5
+	VFMADD213PS Z0, Z4, Z5       // y = y·z + r
+	VADDPS Z26, Z5, Z5           // y += 1
+	VSCALEFPS Z3, Z5, Z5         // y·2^n
+	VPXORD Z5, Z5, K1, Z5
+	VMOVUPS Z5, (SI)
+	VADDPS Z5, Z2, Z2
+	ADDQ $64, SI
+	DECQ CX
+	JNZ  esloop
+esdone:
+	VMOVUPS Z2, (DX)
+	VZEROUPPER
+	RET

@@ -118,6 +118,12 @@ func swigluAVX2(gate, up, out *float32, n int)
 func cvtBF16AVX2(dst *float32, src *uint16, n int)
 
 //go:noescape
+func scaleMax16(s *float32, n int, scale float32, m *[16]float32)
+
+//go:noescape
+func expSum16(s *float32, n int, m float32, sum *[16]float32)
+
+//go:noescape
 func cvtBF16AVX512(dst *float32, src *uint16, n int)
 
 //go:noescape
@@ -147,6 +153,20 @@ func simdKernels() []kernelSet {
 	avx512.name, avx512.gemm, avx512.gemmRows = "avx512", gemm5x4Asm, 5
 	avx512.dot4BF16 = dot4BF16Asm512
 	avx512.cvtBF16 = cvtBF16Asm512
+	avx512.scaleMax16 = func(s []float32, scale float32, m *[16]float32) int {
+		n := len(s) &^ 15
+		if n > 0 {
+			scaleMax16(&s[0], n, scale, m)
+		}
+		return n
+	}
+	avx512.expSum16 = func(s []float32, m float32, sum *[16]float32) int {
+		n := len(s) &^ 15
+		if n > 0 {
+			expSum16(&s[0], n, m, sum)
+		}
+		return n
+	}
 	avx512.gemm1BF16 = func(x []float32, w []uint16, stride, n int, c []float32) {
 		gemm1Asm(gemm1x4BF16AVX512, safetensors.BF16ToFloat32, x, w, stride, n, c)
 	}

@@ -56,6 +56,12 @@ type kernelSet struct {
 	pgemvDP  func(x []uint32, w []uint16, kp2 int, y []float32)
 	pgemmDP  func(xt []uint32, w []uint16, kp2 int, c []float32, ldc int)
 	pgemv2DP func(x []uint32, w1, w2 []uint16, kp2 int, y1, y2 []float32)
+	// scaleMax16 and expSum16 (optional) do the bulk of a softmax row, 16
+	// lanes at a time, and return how many values they did (a multiple of
+	// 16): s[j] *= scale with m[l] the running maximum of lane l; then
+	// s[j] = expf(s[j] − m) with sum[l] adding lane l's values.
+	scaleMax16 func(s []float32, scale float32, m *[16]float32) int
+	expSum16   func(s []float32, m float32, sum *[16]float32) int
 	// swiglu writes out[i] = silu(g[i])·u[i] for i < len(out).
 	swiglu func(g, u, out []float32)
 	// cvt* widen len(dst) elements of src into dst.

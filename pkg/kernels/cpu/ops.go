@@ -231,13 +231,29 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 				continue
 			}
 			m := mx[r]
-			for j := 0; j < valid; j++ {
+			j0 := 0
+			if b.k.scaleMax16 != nil { // the bulk in SIMD lanes, the tail here
+				lanes := [16]float32{m, m, m, m, m, m, m, m, m, m, m, m, m, m, m, m}
+				j0 = b.k.scaleMax16(srow[:valid], ab.Scale, &lanes)
+				for _, v := range lanes {
+					m = max(m, v)
+				}
+			}
+			for j := j0; j < valid; j++ {
 				srow[j] *= ab.Scale
 				m = max(m, srow[j])
 			}
 			alpha := expf(mx[r] - m) // 0 on the first block (-Inf)
 			var bsum float32
-			for j := 0; j < valid; j++ {
+			j0 = 0
+			if b.k.expSum16 != nil {
+				var lanes [16]float32
+				j0 = b.k.expSum16(srow[:valid], m, &lanes)
+				for _, v := range lanes {
+					bsum += v
+				}
+			}
+			for j := j0; j < valid; j++ {
 				e := expf(srow[j] - m)
 				srow[j] = e
 				bsum += e
