@@ -294,11 +294,14 @@ func (b *Backend) matmulPacked(xin *tensor, T int, w *tensor, y []float32) {
 	}
 	P := (N + packNR - 1) / packNR
 	xp, plan := b.tileForm(xin, T, K, pk.q == nil && b.k.pgemm8F32 != nil)
-	// With several tiles, a bf16/f16 panel is widened once into scratch
-	// (exactly: the products are the same) and the tiles read float32;
-	// int8 panels are dequantised in registers by the tile kernel itself
-	// (faster than a widening pass here).
-	widen := len(plan.tiles) >= 2 && w.dt != kernels.F32 && pk.q == nil && K > 0
+	// With many tiles (prefill), a bf16/f16 panel is widened once into
+	// scratch (exactly: the products are the same) and the tiles read
+	// float32; with few (batched decode) the tile kernels widen in
+	// registers as they stream the panel from memory, which overlaps the
+	// weights' read with the arithmetic (32 sequences: 10-20% faster steps
+	// than widening first). int8 panels are always dequantised in
+	// registers by the tile kernel itself.
+	widen := len(plan.tiles) >= 5 && w.dt != kernels.F32 && pk.q == nil && K > 0
 	b.pool.run(P, 1, func(tid, lo, hi int) {
 		var c [packMR * packNR]float32
 		var wf []float32
