@@ -45,12 +45,12 @@ func TestBatchInvariance(t *testing.T) {
 							t.Fatal(err)
 						}
 					}
-					xs := randSlice(r, 33*K)
-					alone := make([][]float32, 33)
+					xs := randSlice(r, 70*K)
+					alone := make([][]float32, 70)
 					for i := range alone {
 						alone[i] = b.ToFloat32(b.MatMul(b.FromFloat32([]int{1, K}, xs[i*K:(i+1)*K]), w, nil))
 					}
-					for T := 2; T <= 33; T++ {
+					for T := 2; T <= 70; T += 1 + T/33*36 { // 2..33, then 70 (five tiles: widened panels)
 						y := b.ToFloat32(b.MatMul(b.FromFloat32([]int{T, K}, xs[:T*K]), w, nil))
 						for i := 0; i < T; i++ {
 							for j := 0; j < N; j++ {

@@ -119,7 +119,7 @@ func testWeight(t *testing.T, b kernels.Backend) {
 func testMatMul(t *testing.T, b kernels.Backend) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	for _, dt := range dtypes {
-		for _, T := range []int{1, 2, 3, 4, 5, 7, 13, 14, 15, 19, 31} {
+		for _, T := range []int{1, 2, 3, 4, 5, 7, 13, 14, 15, 19, 31, 70} {
 			for _, K := range []int{1, 7, 8, 9, 16, 33, 100, 300} {
 				for _, N := range []int{1, 3, 4, 5, 8, 13, 67} {
 					name := fmt.Sprintf("%v T%d K%d N%d", dt, T, K, N)
