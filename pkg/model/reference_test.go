@@ -215,19 +215,26 @@ func testReferenceQ8(t *testing.T, mode string) {
 	if !b.Quantizes() {
 		t.Skip("no int8 kernels on this machine")
 	}
+	share := 0.03
+	if b.QuantizesActivations() {
+		share *= 2
+	}
+	checkRefLogits(t, b, share, mode)
+}
+
+// checkRefLogits runs every reference case on b: its logits must be within
+// share of the case's largest reference logit.
+func checkRefLogits(t *testing.T, b *cpu.Backend, share float64, what string) {
 	for _, c := range refCases(t) {
 		t.Run(c.name, func(t *testing.T) {
 			m := loadCase(t, c, b, false)
 			got := fullForward(t, m, c.json.PromptIDs, nil)
-			tol := 0.03 * math.Max(1, c.json.MaxAbsLogit)
-			if b.QuantizesActivations() {
-				tol *= 2
-			}
+			tol := share * math.Max(1, c.json.MaxAbsLogit)
 			d := maxDiff(got, c.tensor(t, "logits"))
 			if d > tol {
-				t.Fatalf("q8 logits differ by %.3g > %.3g", d, tol)
+				t.Fatalf("%s logits differ by %.3g > %.3g", what, d, tol)
 			}
-			t.Logf("max|Δlogits| %.3g = %.2f%% of max|logit|", d, 100*d/math.Max(1, c.json.MaxAbsLogit))
+			t.Logf("max|Δlogits| %.3g = %.3f%% of max|logit|", d, 100*d/math.Max(1, c.json.MaxAbsLogit))
 		})
 	}
 }
@@ -246,16 +253,5 @@ func TestReferenceBF16Compute(t *testing.T) {
 	if !b.ComputesBF16() {
 		t.Skip("no VDPBF16PS (AVX512_BF16) on this machine")
 	}
-	for _, c := range refCases(t) {
-		t.Run(c.name, func(t *testing.T) {
-			m := loadCase(t, c, b, false)
-			got := fullForward(t, m, c.json.PromptIDs, nil)
-			tol := 0.01 * math.Max(1, c.json.MaxAbsLogit)
-			d := maxDiff(got, c.tensor(t, "logits"))
-			if d > tol {
-				t.Fatalf("bf16-compute logits differ by %.3g > %.3g", d, tol)
-			}
-			t.Logf("max|Δlogits| %.3g = %.3f%% of max|logit|", d, 100*d/math.Max(1, c.json.MaxAbsLogit))
-		})
-	}
+	checkRefLogits(t, b, 0.01, "bf16-compute")
 }

@@ -967,14 +967,21 @@ func TestQuantizedCluster(t *testing.T) {
 	if len(r.ids) != 8 || r.finish != "length" {
 		t.Fatalf("q8 generation: %v %s", r.ids, r.finish)
 	}
-	for i := 1; i < len(ref.PromptIDs); i++ {
-		want := logSoftmaxAt(ref.logits[(i-1)*ref.vocab:i*ref.vocab], int(ref.PromptIDs[i]))
-		if d := math.Abs(float64(*r.plp[i].Logprob) - want); d > 0.1 {
-			t.Fatalf("q8 prompt logprob %d: %v, bf16 reference %v", i, *r.plp[i].Logprob, want)
-		}
-	}
+	checkPromptLogprobs(t, ref, r, 0.1, "q8")
 	if _, err := generate(context.Background(), c.client, req); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// checkPromptLogprobs: r's prompt logprobs are within tol of the
+// reference's (computed from its float32 logits).
+func checkPromptLogprobs(t *testing.T, ref *reference, r *result, tol float64, what string) {
+	t.Helper()
+	for i := 1; i < len(ref.PromptIDs); i++ {
+		want := logSoftmaxAt(ref.logits[(i-1)*ref.vocab:i*ref.vocab], int(ref.PromptIDs[i]))
+		if d := math.Abs(float64(*r.plp[i].Logprob) - want); d > tol {
+			t.Fatalf("%s prompt logprob %d: %v, reference %v", what, i, *r.plp[i].Logprob, want)
+		}
 	}
 }
 
@@ -994,12 +1001,7 @@ func TestBF16ComputeCluster(t *testing.T) {
 	if len(r.ids) != 8 || r.finish != "length" {
 		t.Fatalf("bf16 generation: %v %s", r.ids, r.finish)
 	}
-	for i := 1; i < len(ref.PromptIDs); i++ {
-		want := logSoftmaxAt(ref.logits[(i-1)*ref.vocab:i*ref.vocab], int(ref.PromptIDs[i]))
-		if d := math.Abs(float64(*r.plp[i].Logprob) - want); d > 0.05 {
-			t.Fatalf("bf16 prompt logprob %d: %v, float32 reference %v", i, *r.plp[i].Logprob, want)
-		}
-	}
+	checkPromptLogprobs(t, ref, r, 0.05, "bf16-compute")
 	lone := mustGenerate(t, c.client, idsReq(ref.PromptIDs, 8))
 	var wg sync.WaitGroup
 	got := make([][]int32, 4)
