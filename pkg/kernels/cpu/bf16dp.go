@@ -6,11 +6,12 @@ import (
 	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
 )
 
-// bf16 compute (Config.Compute "bf16"): products of bf16 weights with
-// activations rounded to bf16, on AVX512_BF16's VDPBF16PS (32 bf16
-// multiply-adds into 16 float32 sums per instruction, twice the rate of
-// float32 FMA on the same registers, from half the weight bytes of a
-// widened panel and none of the widening work).
+// bf16 compute (Config.Compute "bf16" where dpFaster, or "bf16dp"):
+// products of bf16 weights with activations rounded to bf16, on
+// AVX512_BF16's VDPBF16PS (32 bf16 multiply-adds into 16 float32 sums per
+// instruction: on AMD Zen 4/5 twice the work of a float32 FMA at the same
+// rate, from half the weight bytes of a widened panel and none of the
+// widening work; on Intel half the FMA rate, so not chosen there).
 //
 // Arithmetic: an activation row is rounded to bf16 once (round to nearest
 // even), the first product that reads it caches the result on the tensor

@@ -29,6 +29,13 @@
 // register-blocked micro-kernel, so each weight byte is read from memory once
 // per call however many tokens there are.
 //
+// Packed weights (pack.go, the default of workers and qwenctl) replace both
+// with panels of 32 rows stored k-major: four weight streams per thread for
+// one token, 14×32 and 8×32 register tiles for several (planTiles), and, with
+// Config.Compute "bf16" on a CPU where VDPBF16PS outruns float32 FMA, bf16
+// pairs on that instruction (bf16dp.go). docs/cpu-kernels.md has the whole
+// picture; qwenctl peak (peak.go) measures what the machine can do.
+//
 // # Threads
 //
 // A fixed pool of one goroutine per thread (Config.Threads, default
