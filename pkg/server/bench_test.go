@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -19,17 +20,25 @@ import (
 // local cluster (coordinator + one worker process, all cores) on the
 // qwen2-0.5b shape (random bf16 weights, made once under the temp dir) at
 // 1, 8 and 32 concurrent streams: 16-token prompts, 64 new tokens each.
+// Besides tokens/s and the time to first token it reports the served
+// decode step as the client sees it (ms-token: the median time between a
+// stream's tokens, so prefill steps drop out) and, per step, the
+// coordinator's round trip (ms/step) and the worker's forward pass
+// (ms-fwd/step), both averaged over all steps, prefill included.
 //
 //	go test ./pkg/server -run '^$' -bench ServingDecode -benchtime 1x
 func BenchmarkServingDecode(b *testing.B) {
 	needE2E(b)
 	dir := benchModel(b)
-	c := startCluster(b, dir)
+	c := startCluster(b, dir, "--metrics-listen", freeAddr(b))
+	maddr := serverInfo(b, c.client).Workers[0].MetricsAddress
 	const promptLen, newTokens = 16, 64
 	for _, conc := range []int{1, 8, 32} {
 		b.Run(fmt.Sprintf("streams=%d", conc), func(b *testing.B) {
 			var total int
 			var elapsed, ttft time.Duration
+			var gaps []time.Duration // between a stream's tokens, per token
+			before, wbefore := schedulerStats(b, c.client), scrape(b, maddr)
 			for it := 0; it < b.N; it++ {
 				var wg sync.WaitGroup
 				var mu sync.Mutex
@@ -47,22 +56,31 @@ func BenchmarkServingDecode(b *testing.B) {
 							b.Error(err)
 							return
 						}
-						first := true
+						var last time.Time
+						var mine []time.Duration
 						for {
 							resp, err := stream.Recv()
 							if err != nil {
 								b.Error(err)
 								return
 							}
-							if ch := resp.GetChunk(); ch != nil && first {
-								first = false
-								mu.Lock()
-								ttft += time.Since(t0)
-								mu.Unlock()
+							if ch := resp.GetChunk(); ch != nil && len(ch.TokenIds) > 0 {
+								now := time.Now()
+								if last.IsZero() {
+									mu.Lock()
+									ttft += now.Sub(t0)
+									mu.Unlock()
+								} else {
+									for range ch.TokenIds {
+										mine = append(mine, now.Sub(last)/time.Duration(len(ch.TokenIds)))
+									}
+								}
+								last = now
 							}
 							if cp := resp.GetComplete(); cp != nil {
 								mu.Lock()
 								total += int(cp.Usage.CompletionTokens)
+								gaps = append(gaps, mine...)
 								mu.Unlock()
 								return
 							}
@@ -72,8 +90,17 @@ func BenchmarkServingDecode(b *testing.B) {
 				wg.Wait()
 				elapsed += time.Since(t0)
 			}
+			after, wafter := schedulerStats(b, c.client), scrape(b, maddr)
 			b.ReportMetric(float64(total)/elapsed.Seconds(), "tok/s")
 			b.ReportMetric(float64(ttft.Milliseconds())/float64(conc*b.N), "ms-ttft")
+			if len(gaps) > 0 {
+				slices.Sort(gaps)
+				b.ReportMetric(float64(gaps[len(gaps)/2].Microseconds())/1000, "ms-token")
+			}
+			steps := float64(after.Steps - before.Steps)
+			b.ReportMetric(1000*(after.StepSeconds-before.StepSeconds)/steps, "ms/step")
+			fwd := func(m map[string]float64) float64 { return sum(m, "qwenfleet:worker_forward_seconds_sum") }
+			b.ReportMetric(1000*(fwd(wafter)-fwd(wbefore))/steps, "ms-fwd/step")
 			b.ReportMetric(0, "ns/op")
 		})
 	}

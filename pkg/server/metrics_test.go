@@ -17,7 +17,7 @@ import (
 
 // scrape reads a /metrics page into series → value ("name{labels}" as
 // printed, labels in the exporter's order).
-func scrape(t *testing.T, addr string) map[string]float64 {
+func scrape(t testing.TB, addr string) map[string]float64 {
 	t.Helper()
 	cl, url := metricsClient(t, addr)
 	resp, err := cl.Get(url)

@@ -4,6 +4,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // pool runs a range of work split into one contiguous chunk per thread. The
@@ -12,10 +13,20 @@ import (
 //
 // No channel or WaitGroup is on the hot path: an op publishes its job (a
 // new immutable value with the next generation number); workers spin on it
-// for a while
-// (ops follow each other within microseconds during a step) and only then
-// park on a condition variable; the caller spins until the pending count
-// drops to zero.
+// for a few tens of microseconds, then keep checking between
+// runtime.Gosched calls, and park on a condition variable only when no op
+// has come for parkAfter; the caller spins until the pending count drops
+// to zero.
+//
+// Workers must not park within a forward pass. Waking a parked goroutine
+// goes through the Go scheduler (an idle thread is woken and steals the
+// goroutine from the caller's P, sleeping a few microseconds first, which
+// the kernel's timer slack makes tens), and the caller waits that long at
+// the op's end. Parking after the spin alone, a worker parked about 20
+// times per one-token decode step in a test process and twice as often in
+// a worker process, where the coordinator, its clients and the runtime's
+// own threads take a CPU now and then and stretch the gaps between ops;
+// that made the served step 10–20% slower than the same step in process.
 type pool struct {
 	threads int
 
@@ -40,8 +51,14 @@ type job struct {
 func (j *job) bound(i int) int { return min(j.n, (j.units*i/j.part)*j.grain) }
 
 // spinLimit is how many checks a waiting goroutine makes before yielding
-// or parking (a few tens of microseconds).
+// (a few tens of microseconds).
 const spinLimit = 20000
+
+// parkAfter is how long a worker with no new op keeps yielding (so the
+// process's other goroutines get its P) before it parks: longer than any
+// gap within a forward pass, short enough that it stops taking a CPU soon
+// after one.
+const parkAfter = time.Millisecond
 
 func newPool(threads int) *pool {
 	p := &pool{threads: threads}
@@ -56,13 +73,22 @@ func newPool(threads int) *pool {
 func (p *pool) worker(tid int) {
 	defer p.done.Done()
 	var last uint64
+	var yielding time.Time // since when this wait has been yielding
 	for {
 		j := p.job.Load()
 		for spins := 0; j == nil || j.gen == last; spins++ {
 			if p.stop.Load() {
 				return
 			}
-			if spins < spinLimit {
+			switch {
+			case spins < spinLimit:
+				j = p.job.Load()
+				continue
+			case spins == spinLimit:
+				yielding = time.Now()
+				fallthrough
+			case spins%64 != 0 || time.Since(yielding) < parkAfter:
+				runtime.Gosched()
 				j = p.job.Load()
 				continue
 			}
