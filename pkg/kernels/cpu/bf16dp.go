@@ -180,18 +180,10 @@ func (b *Backend) matmulDP(xin *tensor, T int, w *tensor, y []float32) {
 	}
 	if T == 1 {
 		b.pool.run(P, 1, func(_, lo, hi int) {
-			half := (hi - lo + 1) / 2
-			for p := lo; p < lo+half; p++ {
-				q := p + half
-				if q >= hi || (q+1)*packNR > N {
-					row(a.xb, p, y)
-					if q < hi {
-						row(a.xb, q, y)
-					}
-					continue
-				}
+			streamPanels(lo, hi, 2, N, func(p int) { row(a.xb, p, y) }, func(ps *[4]int) {
+				p, q := ps[0], ps[1]
 				b.k.pgemv2DP(a.xb, panel(p), panel(q), kp2, y[p*packNR:(p+1)*packNR], y[q*packNR:(q+1)*packNR])
-			}
+			})
 		})
 		return
 	}

@@ -251,24 +251,7 @@ func (b *Backend) gemvPacked2(x []float32, w *tensor, y []float32) {
 		S = 4
 	}
 	b.pool.run(P, 1, func(_, lo, hi int) {
-		part := (hi - lo + S - 1) / S
-		for i := 0; i < part; i++ {
-			var ps [4]int
-			whole := true
-			for j := 0; j < S; j++ {
-				ps[j] = lo + i + j*part
-				if ps[j] >= hi || (ps[j]+1)*packNR > pk.n { // no partner, or a ragged one
-					whole = false
-				}
-			}
-			if !whole {
-				for j := 0; j < S; j++ {
-					if ps[j] < hi {
-						b.pgemvRow(w.dt, x, pk, ps[j], y)
-					}
-				}
-				continue
-			}
+		streamPanels(lo, hi, S, pk.n, func(p int) { b.pgemvRow(w.dt, x, pk, p, y) }, func(ps *[4]int) {
 			yp := func(p int) []float32 { return y[p*packNR : (p+1)*packNR] }
 			switch {
 			case S == 4:
@@ -279,8 +262,35 @@ func (b *Backend) gemvPacked2(x []float32, w *tensor, y []float32) {
 			default:
 				b.k.pgemv2BF16(x, pk.hp(ps[0]), pk.hp(ps[1]), pk.k, yp(ps[0]), yp(ps[1]))
 			}
-		}
+		})
 	})
+}
+
+// streamPanels walks panels [lo, hi) of a weight with n rows as S (2 or 4)
+// streams side by side (the range cut in S parts): group gets S whole
+// panels at a time, one the panels without a whole partner (past the
+// range's end, or the ragged last panel of the weight).
+func streamPanels(lo, hi, S, n int, one func(p int), group func(ps *[4]int)) {
+	part := (hi - lo + S - 1) / S
+	for i := 0; i < part; i++ {
+		var ps [4]int
+		whole := true
+		for j := 0; j < S; j++ {
+			ps[j] = lo + i + j*part
+			if ps[j] >= hi || (ps[j]+1)*packNR > n {
+				whole = false
+			}
+		}
+		if whole {
+			group(&ps)
+			continue
+		}
+		for j := 0; j < S; j++ {
+			if ps[j] < hi {
+				one(ps[j])
+			}
+		}
+	}
 }
 
 // matmulPacked computes y = x·wᵀ for a packed w.
