@@ -32,6 +32,16 @@
 // Who owns which block is decided outside (package kvcache); kernels only
 // follow the tables they are given.
 //
+// # Dual Chunk Attention
+//
+// With AttnBatch.DCAChunk = c > 0, Attention is Qwen2's Dual Chunk
+// Attention (qwen2.md section 2.8; docs/long-context.md): the model stores
+// keys rotated at p mod c, gives Attention each query rotated three ways
+// (RoPEMulti: intra, successive, inter positions), and the kernel scores
+// each key with the variant its chunk calls for inside one online softmax,
+// which is exactly the log-sum-exp merge of the three partial attentions.
+// The KV cache is unchanged.
+//
 // # Threads
 //
 // A Backend is used by one goroutine at a time (a worker runs one step after

@@ -1,6 +1,10 @@
 package kernels
 
-import "github.com/qwenfleet/qwenfleet/pkg/safetensors"
+import (
+	"math"
+
+	"github.com/qwenfleet/qwenfleet/pkg/safetensors"
+)
 
 // DType is the element type of a tensor: the checkpoint's, one enum for
 // the file format and the kernels (Size, String; the widening conversions
@@ -74,6 +78,58 @@ type AttnBatch struct {
 	HeadDim   int     // elements per head
 	BlockSize int     // slots per KV block
 	Scale     float32 // multiplies q·k (1/sqrt(HeadDim))
+
+	// DCAChunk > 0 switches on Dual Chunk Attention (qwen2.md section 2.8)
+	// with chunk length c = DCAChunk (chunk_size − local_size). q then has
+	// DCAVariants·Heads·HeadDim columns: each row's query rotated at its
+	// intra, successive and inter positions, in that order (columns
+	// [v·Heads·HeadDim, (v+1)·Heads·HeadDim) hold variant v), and the keys
+	// in the cache are rotated at p mod c. A query at position p, in chunk
+	// i = ⌊p/c⌋, scores the keys of chunk i (up to p) with its intra
+	// variant, those of chunk i−1 with its successive variant and those of
+	// chunks before that with its inter variant, all in one softmax. 0 is
+	// plain causal attention.
+	DCAChunk int
+	// DCAOrigLen (DCA's original_max_position_embeddings), when > 0 with
+	// DCAChunk, multiplies the scores of a query at position p by DCA's
+	// length temperature DCATemperature(p+1, DCAOrigLen) (see RowScale).
+	DCAOrigLen int
+}
+
+// DCAVariants is the number of rotated copies of each query DCA attends
+// with: intra, successive, inter (AttnBatch.DCAChunk).
+const DCAVariants = 3
+
+// QueryCols is the number of columns Attention expects of q:
+// Heads·HeadDim, times DCAVariants with DCA.
+func (ab *AttnBatch) QueryCols() int {
+	if ab.DCAChunk > 0 {
+		return DCAVariants * ab.Heads * ab.HeadDim
+	}
+	return ab.Heads * ab.HeadDim
+}
+
+// DCATemperature is DCA's length temperature for a sequence of n
+// positions: τ = max(1, 0.1·ln(n/orig) + 1), so 1 while n ≤ orig (and
+// when orig ≤ 0).
+func DCATemperature(n, orig int) float64 {
+	if orig <= 0 || n <= orig {
+		return 1
+	}
+	return max(1, 0.1*math.Log(float64(n)/float64(orig))+1)
+}
+
+// RowScale is the factor of the scores of a query at absolute position p:
+// Scale, times DCATemperature(p+1, DCAOrigLen) with DCA. The temperature
+// depends on the query's own position, not on how long the sequence is
+// when the step runs, so a row's result does not depend on the chunk of
+// the prompt it is computed in. It is computed in float64 and rounded
+// once, so it is exactly Scale where τ = 1.
+func (ab *AttnBatch) RowScale(p int) float32 {
+	if ab.DCAChunk <= 0 || ab.DCAOrigLen <= 0 || p+1 <= ab.DCAOrigLen {
+		return ab.Scale
+	}
+	return float32(float64(ab.Scale) * DCATemperature(p+1, ab.DCAOrigLen))
 }
 
 // PreciseWeights is implemented by backends that may quantise weights:
@@ -119,6 +175,12 @@ type Backend interface {
 	// RoPE rotates every head of every row of x [T, heads·headDim] in place;
 	// row t is at position pos[t].
 	RoPE(x Tensor, headDim int, pos []int32, r *Rope)
+	// RoPEMulti returns k rotated copies of each row of x [T, C] (C =
+	// heads·headDim; x is not modified), k = len(pos)/T: a new [T, k·C]
+	// tensor whose columns [j·C, (j+1)·C) of row t are row t of x rotated
+	// exactly as RoPE rotates it at position pos[t·k+j] (the same bits).
+	// DCA's three query variants are RoPEMulti with k = 3.
+	RoPEMulti(x Tensor, headDim int, pos []int32, r *Rope) Tensor
 	// SwiGLU is silu(gate) ⊙ up.
 	SwiGLU(gate, up Tensor) Tensor
 	// WriteKV copies row i of x into row slots[i] of cache, in place.
@@ -127,6 +189,10 @@ type Backend interface {
 	// over the paged caches kc, vc [slots, KVHeads·HeadDim]: query row Row+i
 	// of a sequence attends to its positions 0..Start+i. Query head h reads
 	// KV head h/(Heads/KVHeads). Softmax is computed in float32 or wider.
+	// With b.DCAChunk > 0 it is Dual Chunk Attention: q has
+	// b.QueryCols() columns and each key is scored with the query variant
+	// its chunk calls for (see AttnBatch.DCAChunk), scaled by
+	// b.RowScale(position). The result is [T, Heads·HeadDim] either way.
 	Attention(q, kc, vc Tensor, b *AttnBatch) Tensor
 
 	// Gather copies rows of x into a new [len(rows), cols] tensor.

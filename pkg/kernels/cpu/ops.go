@@ -70,21 +70,58 @@ func (b *Backend) RoPE(x kernels.Tensor, headDim int, pos []int32, r *kernels.Ro
 	}
 	cs := make([]float32, 2*half)
 	for t := 0; t < T; t++ {
-		p := float32(pos[t])
-		for j, f := range r.InvFreq {
-			a := float64(p * f)
-			cs[j] = float32(math.Cos(a)) * r.Scale
-			cs[half+j] = float32(math.Sin(a)) * r.Scale
-		}
+		ropeTable(cs, pos[t], r)
 		row := xt.f[t*C : (t+1)*C]
-		for h := 0; h < C; h += headDim {
-			v := row[h : h+headDim]
-			for j := 0; j < half; j++ {
-				c, s := cs[j], cs[half+j]
-				a, bb := v[j], v[j+half]
-				v[j] = a*c - bb*s
-				v[j+half] = bb*c + a*s
-			}
+		ropeRow(row, row, headDim, cs)
+	}
+}
+
+// RoPEMulti returns len(pos)/T rotated copies of each row of x side by
+// side (RoPE's arithmetic, so the same bits as RoPE at each position).
+func (b *Backend) RoPEMulti(x kernels.Tensor, headDim int, pos []int32, r *kernels.Rope) kernels.Tensor {
+	xt := f32(x)
+	T, C := xt.rows(), xt.cols()
+	half := headDim / 2
+	if T == 0 || len(pos)%T != 0 || len(pos) == 0 || C%headDim != 0 || len(r.InvFreq) != half {
+		panic(fmt.Sprintf("cpu: RoPEMulti x %v headDim %d with %d positions, %d freqs", xt.shape, headDim, len(pos), len(r.InvFreq)))
+	}
+	k := len(pos) / T
+	out := newF32(T, k*C)
+	cs := make([]float32, 2*half)
+	for t := 0; t < T; t++ {
+		src := xt.f[t*C : (t+1)*C]
+		for j := 0; j < k; j++ {
+			ropeTable(cs, pos[t*k+j], r)
+			o := (t*k + j) * C
+			ropeRow(out.f[o:o+C], src, headDim, cs)
+		}
+	}
+	return out
+}
+
+// ropeTable fills cs with the cosines (first half) and sines (second half)
+// of position p's angles, times r.Scale.
+func ropeTable(cs []float32, p int32, r *kernels.Rope) {
+	half := len(r.InvFreq)
+	pf := float32(p)
+	for j, f := range r.InvFreq {
+		a := float64(pf * f)
+		cs[j] = float32(math.Cos(a)) * r.Scale
+		cs[half+j] = float32(math.Sin(a)) * r.Scale
+	}
+}
+
+// ropeRow writes every head of src, rotated by the table cs, to dst (which
+// may be src).
+func ropeRow(dst, src []float32, headDim int, cs []float32) {
+	half := headDim / 2
+	for h := 0; h < len(src); h += headDim {
+		v, d := src[h:h+headDim], dst[h:h+headDim]
+		for j := 0; j < half; j++ {
+			c, s := cs[j], cs[half+j]
+			a, bb := v[j], v[j+half]
+			d[j] = a*c - bb*s
+			d[j+half] = bb*c + a*s
 		}
 	}
 }
@@ -132,11 +169,21 @@ const attnRows = 512
 // block into a running maximum, sum and output per row (online softmax). No
 // score row longer than a block is ever materialised, so memory per unit
 // does not grow with the context.
+//
+// With DCA (ab.DCAChunk > 0) the online softmax over the blocks is the
+// log-sum-exp merge of the intra, successive and inter partial attentions:
+// each block's scores are computed with those query variants some row of
+// the unit needs for some key of the block (one GEMM each), and each row
+// takes, key by key, the score of the variant the key's chunk calls for.
+// A row's scores, and so its result, depend only on its own query and
+// position, as without DCA; where every key a row sees lies in its own
+// chunk it takes the intra scores only, through the same operations as
+// plain attention (the same bits).
 func (b *Backend) Attention(q, kc, vc kernels.Tensor, ab *kernels.AttnBatch) kernels.Tensor {
 	qt, kt, vt := f32(q), f32(kc), f32(vc)
 	H, KVH, D := ab.Heads, ab.KVHeads, ab.HeadDim
-	if qt.cols() != H*D || kt.cols() != KVH*D || vt.cols() != KVH*D || KVH == 0 || H%KVH != 0 {
-		panic(fmt.Sprintf("cpu: Attention q %v k %v v %v heads %d/%d dim %d", qt.shape, kt.shape, vt.shape, H, KVH, D))
+	if qt.cols() != ab.QueryCols() || kt.cols() != KVH*D || vt.cols() != KVH*D || KVH == 0 || H%KVH != 0 || ab.DCAChunk < 0 {
+		panic(fmt.Sprintf("cpu: Attention q %v k %v v %v heads %d/%d dim %d DCA chunk %d", qt.shape, kt.shape, vt.shape, H, KVH, D, ab.DCAChunk))
 	}
 	out := newF32(qt.rows(), H*D)
 	G := H / KVH
@@ -163,6 +210,10 @@ func (b *Backend) Attention(q, kc, vc kernels.Tensor, ab *kernels.AttnBatch) ker
 func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s kernels.AttnSeq, g, i0, i1, tid int) {
 	H, KVH, D, bs := ab.Heads, ab.KVHeads, ab.HeadDim, ab.BlockSize
 	G, kvStride := H/KVH, KVH*D
+	nv, c := 1, ab.DCAChunk // query variants: intra (0), succ (1), inter (2)
+	if c > 0 {
+		nv = kernels.DCAVariants
+	}
 	ctx := s.Start + i1 // keys the last row of the unit sees
 	M := (i1 - i0) * G
 	Mp := M // rows through the GEMMs: whole tiles when batch-invariant
@@ -170,25 +221,33 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 		Mp = (M + mr - 1) / mr * mr
 	}
 	const Bk = attnBlock
-	buf := b.scratchFor(tid, Bk*D+D*Bk+Mp*D+Mp*Bk+2*Mp*D+2*Mp)
+	buf := b.scratchFor(tid, Bk*D+D*Bk+nv*Mp*D+nv*Mp*Bk+2*Mp*D+3*Mp)
 	keys, buf := buf[:Bk*D], buf[Bk*D:]
 	valsT, buf := buf[:D*Bk], buf[D*Bk:]
-	qs, buf := buf[:Mp*D], buf[Mp*D:]
-	sc, buf := buf[:Mp*Bk], buf[Mp*Bk:]
-	acc, buf := buf[:Mp*D], buf[Mp*D:] // running output per row
-	pv, buf := buf[:Mp*D], buf[Mp*D:]  // this block's P·V
-	mx, sum := buf[:Mp], buf[Mp:2*Mp]  // running maximum and sum per row
+	qs, buf := buf[:nv*Mp*D], buf[nv*Mp*D:]   // variant v's queries at v·Mp·D
+	sc, buf := buf[:nv*Mp*Bk], buf[nv*Mp*Bk:] // variant v's scores at v·Mp·Bk
+	acc, buf := buf[:Mp*D], buf[Mp*D:]        // running output per row
+	pv, buf := buf[:Mp*D], buf[Mp*D:]         // this block's P·V
+	mx, sum := buf[:Mp], buf[Mp:2*Mp]         // running maximum and sum per row
+	rscale := buf[2*Mp : 3*Mp]                // score scale per row
 	for i := i0; i < i1; i++ {
-		row := (s.Row + i) * H * D
-		for hh := 0; hh < G; hh++ {
-			h := g*G + hh
-			copy(qs[((i-i0)*G+hh)*D:], qt.f[row+h*D:row+(h+1)*D])
+		row := (s.Row + i) * nv * H * D
+		for v := 0; v < nv; v++ {
+			for hh := 0; hh < G; hh++ {
+				h := g*G + hh
+				copy(qs[v*Mp*D+((i-i0)*G+hh)*D:], qt.f[row+(v*H+h)*D:row+(v*H+h+1)*D])
+			}
 		}
 	}
-	clear(qs[M*D:])
+	for v := 0; v < nv; v++ {
+		clear(qs[v*Mp*D+M*D : (v+1)*Mp*D])
+	}
 	clear(acc)
 	for r := range mx {
 		mx[r], sum[r] = float32(math.Inf(-1)), 0
+	}
+	for r := 0; r < M; r++ {
+		rscale[r] = ab.RowScale(s.Start + i0 + r/G)
 	}
 	var offs [16]int
 	for k0 := 0; k0 < ctx; k0 += Bk {
@@ -221,26 +280,53 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 			clear(valsT[e*L+n : (e+1)*L])
 		}
 		clear(keys[n*D : L*D])
-		clear(sc[:Mp*L])
-		b.panelMulAdd(qs, D, Mp, D, keys, D, L, sc, L)
+		// The variants the block needs: with DCA, row r takes keys
+		// [0, dcaSucc(r)) of the block from the inter variant,
+		// [dcaSucc(r), dcaIntra(r)) from the successive one and the rest
+		// from the intra one (sc itself).
+		need := [kernels.DCAVariants]bool{true}
+		if nv > 1 {
+			need[0] = false
+			for r := 0; r < M; r++ {
+				valid, bS, bI := dcaSplit(s.Start+i0+r/G, k0, n, c)
+				need[0] = need[0] || valid > bI
+				need[1] = need[1] || bI > bS
+				need[2] = need[2] || bS > 0
+			}
+		}
+		for v := 0; v < nv; v++ {
+			if need[v] || v == 0 {
+				clear(sc[v*Mp*Bk : v*Mp*Bk+Mp*L])
+			}
+			if need[v] {
+				b.panelMulAdd(qs[v*Mp*D:], D, Mp, D, keys, D, L, sc[v*Mp*Bk:], L)
+			}
+		}
 		for r := 0; r < M; r++ {
 			srow := sc[r*L : (r+1)*L]
-			valid := min(n, s.Start+i0+r/G+1-k0) // keys of this block the row sees
+			p := s.Start + i0 + r/G
+			valid := min(n, p+1-k0) // keys of this block the row sees
 			if valid <= 0 {
 				clear(srow) // a block past the row: nothing changes
 				continue
 			}
+			if nv > 1 {
+				_, bS, bI := dcaSplit(p, k0, n, c)
+				copy(srow[:bS], sc[2*Mp*Bk+r*L:2*Mp*Bk+r*L+bS])
+				copy(srow[bS:bI], sc[Mp*Bk+r*L+bS:Mp*Bk+r*L+bI])
+			}
+			scale := rscale[r]
 			m := mx[r]
 			j0 := 0
 			if b.k.scaleMax16 != nil { // the bulk in SIMD lanes, the tail here
 				lanes := [16]float32{m, m, m, m, m, m, m, m, m, m, m, m, m, m, m, m}
-				j0 = b.k.scaleMax16(srow[:valid], ab.Scale, &lanes)
+				j0 = b.k.scaleMax16(srow[:valid], scale, &lanes)
 				for _, v := range lanes {
 					m = max(m, v)
 				}
 			}
 			for j := j0; j < valid; j++ {
-				srow[j] *= ab.Scale
+				srow[j] *= scale
 				m = max(m, srow[j])
 			}
 			alpha := expf(mx[r] - m) // 0 on the first block (-Inf)
@@ -284,6 +370,20 @@ func (b *Backend) attendUnit(qt, kt, vt, out *tensor, ab *kernels.AttnBatch, s k
 			}
 		}
 	}
+}
+
+// dcaSplit places the DCA chunk boundaries of a query at position p in
+// the key block [k0, k0+n) (chunk length c): the row sees the block's keys
+// [0, valid); those before bS lie in chunks ≥ 2 before the query's (inter
+// variant), those in [bS, bI) in the chunk just before it (successive) and
+// those in [bI, valid) in its own chunk (intra). All are clamped to
+// [0, valid].
+func dcaSplit(p, k0, n, c int) (valid, bS, bI int) {
+	valid = max(0, min(n, p+1-k0))
+	i := p / c // the query's chunk
+	bS = min(valid, max(0, (i-1)*c-k0))
+	bI = min(valid, max(0, i*c-k0))
+	return valid, bS, bI
 }
 
 // expf is e^x in float32 (Cephes' expf: range reduction by ln 2 and a

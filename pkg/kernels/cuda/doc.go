@@ -19,9 +19,13 @@
 //     float32 accumulation, no tensor cores yet).
 //   - Attention: causal over the paged cache, one block of 4 warps per
 //     (query row, head), each warp an online softmax over its share of the
-//     keys, merged at the end.
-//   - RMSNorm, RoPE (rotate-half, YaRN's scale), SwiGLU, embedding lookup,
-//     gather / scatter-add / row scaling for the MoE block.
+//     keys, merged at the end; no scores are stored. With Dual Chunk
+//     Attention the block walks the row's inter, successive and intra key
+//     segments in turn, each with its query variant, in the same online
+//     softmax.
+//   - RMSNorm, RoPE (rotate-half, YaRN's scale) and RoPEMulti (DCA's
+//     three rotated queries), SwiGLU, embedding lookup, gather /
+//     scatter-add / row scaling for the MoE block.
 //
 // cuBLAS is not used: purego calls functions of at most 15 arguments and
 // cublasGemmEx takes 19 (cublasLtMatmul 16). MoE routing (softmax, top-k)

@@ -24,10 +24,13 @@
 //                                                        blockDim a multiple of 32, <= 1024
 //   qf_add            flat(n)                   256
 //   qf_rope           flat(T*C/2)               256    T*(C/headDim)*(headDim/2) pairs
+//   qf_rope_multi     flat(T*k*C/2)             256    y [T, k*C]: k rotated copies of each row of x
 //   qf_swiglu         flat(n)                   256
 //   qf_write_kv       flat(T*C)                 256    a negative slot skips its row
 //   qf_attention      (T, heads)                128    blockIdx.x = query row, blockIdx.y = head;
-//                                                        4 warps (any 1..8 warps work); head_dim <= 256
+//                                                        4 warps (any 1..8 warps work); head_dim <= 256;
+//                                                        dca_chunk > 0: Dual Chunk Attention, q rows
+//                                                        of 3*heads*head_dim (intra, succ, inter)
 //   qf_gather         flat(n*H)                 256
 //   qf_scatter_add    flat(n*H)                 256    atomicAdd; scale == 0 (null) means 1
 //   qf_scale_rows     flat(T*H)                 256
@@ -318,6 +321,17 @@ extern "C" __global__ void qf_add(float* dst, const float* src, int n) {
 		dst[i] += src[i];
 }
 
+// Rotates pair j of one head v (in place or from src to dst) at position
+// p: both qf_rope and qf_rope_multi, so the same bits.
+__device__ inline void qf_k_rope_pair(float* dst, const float* src, int j, int half, int p, const float* inv_freq,
+                                      float scale) {
+	const float a = (float)p * inv_freq[j];
+	const float c = cosf(a) * scale, s = sinf(a) * scale;
+	const float v0 = src[j], v1 = src[j + half];
+	dst[j] = v0 * c - v1 * s;
+	dst[j + half] = v1 * c + v0 * s;
+}
+
 extern "C" __global__ void qf_rope(float* x, const int* pos, const float* inv_freq, int T, int C, int headDim,
                                    float scale) {
 	const int half = headDim / 2, nh = C / headDim;
@@ -326,12 +340,23 @@ extern "C" __global__ void qf_rope(float* x, const int* pos, const float* inv_fr
 		const int j = (int)(i % half);
 		const long long th = i / half; // t * nh + h
 		const long long t = th / nh;
-		const float a = (float)pos[t] * inv_freq[j];
-		const float c = cosf(a) * scale, s = sinf(a) * scale;
 		float* v = x + t * C + (th - t * nh) * headDim;
-		const float v0 = v[j], v1 = v[j + half];
-		v[j] = v0 * c - v1 * s;
-		v[j + half] = v1 * c + v0 * s;
+		qf_k_rope_pair(v, v, j, half, pos[t], inv_freq, scale);
+	}
+}
+
+// y [T, k*C]: columns [u*C, (u+1)*C) of row t are row t of x rotated at
+// pos[t*k + u] (DCA's query variants, k = 3).
+extern "C" __global__ void qf_rope_multi(const float* x, float* y, const int* pos, const float* inv_freq, int T,
+                                         int C, int headDim, int k, float scale) {
+	const int half = headDim / 2, nh = C / headDim;
+	const long long n = (long long)T * k * nh * half, stride = (long long)gridDim.x * blockDim.x;
+	for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+		const int j = (int)(i % half);
+		const long long th = i / half;  // (t * k + u) * nh + h
+		const long long tu = th / nh;   // t * k + u
+		const long long h = th - tu * nh, t = tu / k;
+		qf_k_rope_pair(y + tu * C + h * headDim, x + t * C + h * headDim, j, half, pos[tu], inv_freq, scale);
 	}
 }
 
@@ -361,87 +386,128 @@ extern "C" __global__ void qf_write_kv(float* cache, const float* x, const int* 
 // head_dim). Each warp walks keys warp, warp+nw, … with an online softmax
 // (running max m, sum l, acc); the warps' states are merged through shared
 // memory.
+//
+// With DCA (dca_chunk = c > 0) the keys of a query at position p in chunk
+// i = p / c are three segments walked in turn by the same online softmax
+// (which is the log-sum-exp merge of the partial attentions): [0, (i-1)c)
+// with the inter query (columns 2*heads*head_dim on), [(i-1)c, ic) with
+// the successive one (heads*head_dim on), [ic, p] with the intra one;
+// empty segments are skipped. Scores are scaled by the row's scale:
+// scale * tau(p+1) when dca_orig > 0 (kernels.AttnBatch.RowScale).
 template <int D>
 __device__ inline void qf_k_attention(const float* __restrict__ q, const float* __restrict__ kc,
                                       const float* __restrict__ vc, float* __restrict__ out, const int* row_seq,
                                       const int* seq_row, const int* seq_start, const int* seq_boff,
                                       const int* blocks, int heads, int kv_heads, int head_dim, int block_size,
-                                      float scale, float* sm_m, float* sm_l, float (*sm_acc)[256]) {
+                                      float scale, int dca_chunk, int dca_orig, float* sm_m, float* sm_l,
+                                      float (*sm_acc)[256]) {
 	const int r = (int)blockIdx.x, h = (int)blockIdx.y;
 	const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
 	const int nw = (int)(blockDim.x >> 5);
 	const int s = row_seq[r];
 	const int p = seq_start[s] + (r - seq_row[s]); // keys 0..p
 	const int kvh = h / (heads / kv_heads);
-	const long long qstride = (long long)heads * head_dim, kvstride = (long long)kv_heads * head_dim;
+	const long long ostride = (long long)heads * head_dim, kvstride = (long long)kv_heads * head_dim;
+	const long long qstride = dca_chunk > 0 ? 3 * ostride : ostride;
 	const float* qr = q + r * qstride + (long long)h * head_dim;
 	const int* bt = blocks + seq_boff[s];
 
+	// Segments of keys [lo, hi) and the query variant (column offset) each
+	// is scored with.
+	int seg_lo[3], seg_hi[3];
+	long long seg_q[3];
+	int nseg = 0;
+	if (dca_chunk > 0) {
+		const int c = dca_chunk, i = p / c;
+		const int b_succ = i >= 1 ? (i - 1) * c : 0, b_intra = i * c;
+		if (b_succ > 0) {
+			seg_lo[nseg] = 0, seg_hi[nseg] = b_succ, seg_q[nseg] = 2 * ostride;
+			nseg++;
+		}
+		if (b_intra > b_succ) {
+			seg_lo[nseg] = b_succ, seg_hi[nseg] = b_intra, seg_q[nseg] = ostride;
+			nseg++;
+		}
+		seg_lo[nseg] = b_intra, seg_hi[nseg] = p + 1, seg_q[nseg] = 0;
+		nseg++;
+		if (dca_orig > 0 && p + 1 > dca_orig)
+			scale = (float)((double)scale * (0.1 * log((double)(p + 1) / (double)dca_orig) + 1.0));
+	} else {
+		seg_lo[0] = 0, seg_hi[0] = p + 1, seg_q[0] = 0;
+		nseg = 1;
+	}
+
 	float qv[D], acc[D];
 	QF_K_UNROLL
-	for (int i = 0; i < D; i++) {
-		const int d = lane + 32 * i;
-		qv[i] = d < head_dim ? qr[d] : 0.0f;
+	for (int i = 0; i < D; i++)
 		acc[i] = 0.0f;
-	}
-	// Keys go QF_K_ATT_U at a time (warp w: w, w+nw, …, w+(U-1)nw, then
-	// w+U·nw, …) so that each lane has U loads and U reductions in flight.
 	float m = qf_k_neg_inf(), l = 0.0f;
-	for (int j0 = warp; j0 <= p; j0 += QF_K_ATT_U * nw) {
-		float kv[QF_K_ATT_U][D], vv[QF_K_ATT_U][D], sc[QF_K_ATT_U];
+	for (int sg = 0; sg < nseg; sg++) {
+		const int lo = seg_lo[sg], hi = seg_hi[sg];
 		QF_K_UNROLL
-		for (int u = 0; u < QF_K_ATT_U; u++) {
-			const int j = j0 + u * nw;
-			const bool ok = j <= p; // warp-uniform
-			const float* kr = kc;
-			const float* vr = vc;
-			if (ok) {
-				const int blk = j / block_size;
-				const long long slot = (long long)bt[blk] * block_size + (j - blk * block_size);
-				kr = kc + slot * kvstride + (long long)kvh * head_dim;
-				vr = vc + slot * kvstride + (long long)kvh * head_dim;
+		for (int i = 0; i < D; i++) {
+			const int d = lane + 32 * i;
+			qv[i] = d < head_dim ? qr[seg_q[sg] + d] : 0.0f;
+		}
+		// Keys go QF_K_ATT_U at a time (warp w: lo+w, lo+w+nw, …,
+		// lo+w+(U-1)nw, then lo+w+U·nw, …) so that each lane has U loads and
+		// U reductions in flight.
+		for (int j0 = lo + warp; j0 < hi; j0 += QF_K_ATT_U * nw) {
+			float kv[QF_K_ATT_U][D], vv[QF_K_ATT_U][D], sc[QF_K_ATT_U];
+			QF_K_UNROLL
+			for (int u = 0; u < QF_K_ATT_U; u++) {
+				const int j = j0 + u * nw;
+				const bool ok = j < hi; // warp-uniform
+				const float* kr = kc;
+				const float* vr = vc;
+				if (ok) {
+					const int blk = j / block_size;
+					const long long slot = (long long)bt[blk] * block_size + (j - blk * block_size);
+					kr = kc + slot * kvstride + (long long)kvh * head_dim;
+					vr = vc + slot * kvstride + (long long)kvh * head_dim;
+				}
+				QF_K_UNROLL
+				for (int i = 0; i < D; i++) {
+					const int d = lane + 32 * i;
+					kv[u][i] = ok && d < head_dim ? kr[d] : 0.0f;
+					vv[u][i] = ok && d < head_dim ? vr[d] : 0.0f;
+				}
 			}
 			QF_K_UNROLL
-			for (int i = 0; i < D; i++) {
-				const int d = lane + 32 * i;
-				kv[u][i] = ok && d < head_dim ? kr[d] : 0.0f;
-				vv[u][i] = ok && d < head_dim ? vr[d] : 0.0f;
+			for (int u = 0; u < QF_K_ATT_U; u++) {
+				float dot = 0.0f;
+				QF_K_UNROLL
+				for (int i = 0; i < D; i++)
+					dot += qv[i] * kv[u][i];
+				sc[u] = dot;
 			}
-		}
-		QF_K_UNROLL
-		for (int u = 0; u < QF_K_ATT_U; u++) {
-			float dot = 0.0f;
+			QF_K_UNROLL
+			for (int off = 16; off > 0; off >>= 1) {
+				QF_K_UNROLL
+				for (int u = 0; u < QF_K_ATT_U; u++)
+					sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], off);
+			}
+			float mn = m;
+			QF_K_UNROLL
+			for (int u = 0; u < QF_K_ATT_U; u++) {
+				sc[u] = j0 + u * nw < hi ? sc[u] * scale : qf_k_neg_inf();
+				mn = fmaxf(mn, sc[u]);
+			}
+			const float corr = expf(m - mn); // 0 for the first keys (m = -inf)
+			l *= corr;
 			QF_K_UNROLL
 			for (int i = 0; i < D; i++)
-				dot += qv[i] * kv[u][i];
-			sc[u] = dot;
-		}
-		QF_K_UNROLL
-		for (int off = 16; off > 0; off >>= 1) {
+				acc[i] *= corr;
 			QF_K_UNROLL
-			for (int u = 0; u < QF_K_ATT_U; u++)
-				sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], off);
+			for (int u = 0; u < QF_K_ATT_U; u++) {
+				const float pe = expf(sc[u] - mn); // 0 past the segment
+				l += pe;
+				QF_K_UNROLL
+				for (int i = 0; i < D; i++)
+					acc[i] += pe * vv[u][i];
+			}
+			m = mn;
 		}
-		float mn = m;
-		QF_K_UNROLL
-		for (int u = 0; u < QF_K_ATT_U; u++) {
-			sc[u] = j0 + u * nw <= p ? sc[u] * scale : qf_k_neg_inf();
-			mn = fmaxf(mn, sc[u]);
-		}
-		const float corr = expf(m - mn); // 0 for the first keys (m = -inf)
-		l *= corr;
-		QF_K_UNROLL
-		for (int i = 0; i < D; i++)
-			acc[i] *= corr;
-		QF_K_UNROLL
-		for (int u = 0; u < QF_K_ATT_U; u++) {
-			const float pe = expf(sc[u] - mn); // 0 past p
-			l += pe;
-			QF_K_UNROLL
-			for (int i = 0; i < D; i++)
-				acc[i] += pe * vv[u][i];
-		}
-		m = mn;
 	}
 
 	if (lane == 0) {
@@ -464,7 +530,7 @@ __device__ inline void qf_k_attention(const float* __restrict__ q, const float* 
 		if (sm_l[w] > 0.0f)
 			L += sm_l[w] * expf(sm_m[w] - M);
 	const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-	float* orow = out + r * qstride + (long long)h * head_dim;
+	float* orow = out + r * ostride + (long long)h * head_dim;
 	for (int d = tid; d < head_dim; d += (int)blockDim.x) {
 		float o = 0.0f;
 		for (int w = 0; w < nw; w++)
@@ -477,14 +543,14 @@ __device__ inline void qf_k_attention(const float* __restrict__ q, const float* 
 extern "C" __global__ void qf_attention(const float* q, const float* kc, const float* vc, float* out,
                                         const int* row_seq, const int* seq_row, const int* seq_start,
                                         const int* seq_boff, const int* blocks, int heads, int kv_heads,
-                                        int head_dim, int block_size, float scale) {
+                                        int head_dim, int block_size, float scale, int dca_chunk, int dca_orig) {
 	__shared__ float sm_m[8], sm_l[8]; // per warp: running max, sum
 	__shared__ float sm_acc[8][256];   // per warp: unnormalised output
 	switch ((head_dim + 31) >> 5) {
 #define QF_K_ATT(D)                                                                                             \
 	case D:                                                                                                     \
 		qf_k_attention<D>(q, kc, vc, out, row_seq, seq_row, seq_start, seq_boff, blocks, heads, kv_heads,         \
-		                  head_dim, block_size, scale, sm_m, sm_l, sm_acc);                                      \
+		                  head_dim, block_size, scale, dca_chunk, dca_orig, sm_m, sm_l, sm_acc);                 \
 		break;
 		QF_K_ATT(1)
 		QF_K_ATT(2)

@@ -184,11 +184,11 @@ func BenchmarkDecode(b *testing.B) {
 // emuSlowOps are the ops of the kernels conformance suite that
 // TestEmulatedDevice leaves out unless QWENFLEET_EMU_FULL is set: on the
 // emulator (a thread per CUDA thread) MatMul's 1848 shapes take about 8
-// minutes and Attention's long sequences about 20 on 2 cores, the other
-// ops under a second together. compareWithCPU runs both ops on the
-// emulated device at small shapes (GEMV and GEMM, bf16 and f32 weights;
-// paged GQA attention).
-const emuSlowOps = "MatMul|Attention"
+// minutes and Attention's long sequences about 20 on 2 cores (AttentionDCA's
+// as long), the other ops under a second together. compareWithCPU runs
+// these ops on the emulated device at small shapes (GEMV and GEMM, bf16
+// and f32 weights; paged GQA attention, plain and DCA).
+const emuSlowOps = "MatMul|Attention|AttentionDCA"
 
 // TestEmulatedDevice runs the whole backend — allocation, copies, argument
 // packing, launch shapes and the kernels — with no GPU: emu/fake_driver.cc
@@ -381,6 +381,41 @@ func compareWithCPU(t *testing.T, b *cuda.Backend) {
 		return be.Attention(be.FromFloat32([]int{4, 32}, q), kc, vc, ab)
 	})
 	cmp("WriteKV+Attention", got, want)
+	// Dual Chunk Attention as the model runs it: keys rotated at p mod c,
+	// queries three ways by RoPEMulti, chunks of c = 5 positions (C = 7),
+	// the length temperature past 12 positions; a prefill chunk of 6 rows
+	// at positions 20..25 and a decode row at 33, so rows see one, two and
+	// many chunks back. GQA 4 heads / 2 KV heads of 8, blocks of 4.
+	dcaRope := &kernels.Rope{InvFreq: []float32{1, 0.1, 0.01, 0.001}, Scale: 1}
+	dk, dv, dq := rnd(34*16), rnd(34*16), rnd(7*32)
+	kpos, qpos := make([]int32, 34), make([]int32, 0, 21)
+	for p := range kpos {
+		kpos[p] = int32(p % 5)
+	}
+	for _, p := range []int{20, 21, 22, 23, 24, 25, 33} {
+		qpos = append(qpos, int32(p%5), int32(min(p%5+5, 7)), int32(min(2*5-1, 7)))
+	}
+	got, want = both(func(be kernels.Backend) kernels.Tensor {
+		return be.RoPEMulti(be.FromFloat32([]int{7, 32}, dq), 8, qpos, dcaRope)
+	})
+	cmp("RoPEMulti", got, want)
+	got, want = both(func(be kernels.Backend) kernels.Tensor {
+		kc, vc := be.Zeros(48, 16), be.Zeros(48, 16)
+		blocks := []int32{11, 3, 7, 0, 9, 2, 5, 10, 1}
+		slots := make([]int32, 34)
+		for p := range slots {
+			slots[p] = blocks[p/4]*4 + int32(p%4)
+		}
+		k := be.FromFloat32([]int{34, 16}, dk)
+		be.RoPE(k, 8, kpos, dcaRope)
+		be.WriteKV(kc, k, slots)
+		be.WriteKV(vc, be.FromFloat32([]int{34, 16}, dv), slots)
+		q3 := be.RoPEMulti(be.FromFloat32([]int{7, 32}, dq), 8, qpos, dcaRope)
+		ab := &kernels.AttnBatch{Heads: 4, KVHeads: 2, HeadDim: 8, BlockSize: 4, Scale: 0.35, DCAChunk: 5, DCAOrigLen: 12,
+			Seqs: []kernels.AttnSeq{{Row: 0, N: 6, Start: 20, Blocks: blocks}, {Row: 6, N: 1, Start: 33, Blocks: blocks}}}
+		return be.Attention(q3, kc, vc, ab)
+	})
+	cmp("DCA RoPE+RoPEMulti+Attention", got, want)
 	got, want = both(func(be kernels.Backend) kernels.Tensor {
 		x := be.FromFloat32([]int{4, 16}, xv)
 		g := be.Gather(x, []int32{3, 1, 3})

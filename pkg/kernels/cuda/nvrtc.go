@@ -23,7 +23,7 @@ func Source() string { return kernelsSource + "\n" + gemmSource }
 // kernelNames are the kernels the backend looks up after compiling.
 var kernelNames = []string{
 	"qf_cvt_f32_bf16", "qf_gemv_bf16", "qf_gemv_f32", "qf_gemm_bf16", "qf_gemm_f32", "qf_add_bias",
-	"qf_embed_bf16", "qf_embed_f32", "qf_rmsnorm", "qf_add", "qf_rope", "qf_swiglu", "qf_write_kv",
+	"qf_embed_bf16", "qf_embed_f32", "qf_rmsnorm", "qf_add", "qf_rope", "qf_rope_multi", "qf_swiglu", "qf_write_kv",
 	"qf_attention", "qf_gather", "qf_scatter_add", "qf_scale_rows",
 }
 

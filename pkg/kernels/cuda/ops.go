@@ -136,6 +136,26 @@ func (b *Backend) RoPE(x kernels.Tensor, headDim int, pos []int32, r *kernels.Ro
 	b.launch("qf_rope", g, bl, xt, pt, ft, T, C, headDim, r.Scale)
 }
 
+// RoPEMulti implements kernels.Backend: qf_rope_multi writes the k
+// rotated copies of every row (the rotation of qf_rope, the same bits).
+func (b *Backend) RoPEMulti(x kernels.Tensor, headDim int, pos []int32, r *kernels.Rope) kernels.Tensor {
+	xt := f32t(x, "RoPEMulti")
+	T, C := kernels.Rows(xt), kernels.Cols(xt)
+	if T == 0 || len(pos) == 0 || len(pos)%T != 0 || headDim <= 0 || C%headDim != 0 || len(r.InvFreq) != headDim/2 {
+		panic(fmt.Sprintf("cuda: RoPEMulti x %v headDim %d with %d positions, %d freqs", xt.shape, headDim, len(pos), len(r.InvFreq)))
+	}
+	k := len(pos) / T
+	b.enter()
+	y := b.alloc(kernels.F32, T, k*C)
+	if C == 0 {
+		return y
+	}
+	pt, ft := b.paramI32(pos), b.paramF32(r.InvFreq)
+	g, bl := flat(T * k * C / 2)
+	b.launch("qf_rope_multi", g, bl, xt, y, pt, ft, T, C, headDim, k, r.Scale)
+	return y
+}
+
 // SwiGLU implements kernels.Backend.
 func (b *Backend) SwiGLU(gate, up kernels.Tensor) kernels.Tensor {
 	g, u := f32t(gate, "SwiGLU"), f32t(up, "SwiGLU")
@@ -208,14 +228,17 @@ func attentionMeta(T int, ab *kernels.AttnBatch, slots int) (*attnMeta, error) {
 }
 
 // Attention implements kernels.Backend: causal attention over the paged
-// caches, one block of 4 warps per (query row, head).
+// caches, one block of 4 warps per (query row, head); with DCA each block
+// walks the row's inter, successive and intra key segments in turn with
+// the matching query variant. No scores are stored: memory does not grow
+// with the context or the chunk.
 func (b *Backend) Attention(q, kc, vc kernels.Tensor, ab *kernels.AttnBatch) kernels.Tensor {
 	qt, kt, vt := f32t(q, "Attention"), f32t(kc, "Attention"), f32t(vc, "Attention")
 	T := kernels.Rows(qt)
 	hd := ab.HeadDim
-	if kernels.Cols(qt) != ab.Heads*hd || kernels.Cols(kt) != ab.KVHeads*hd || kernels.Cols(vt) != ab.KVHeads*hd ||
+	if kernels.Cols(qt) != ab.QueryCols() || ab.DCAChunk < 0 || kernels.Cols(kt) != ab.KVHeads*hd || kernels.Cols(vt) != ab.KVHeads*hd ||
 		ab.KVHeads <= 0 || ab.Heads%ab.KVHeads != 0 || hd <= 0 || hd > 256 || ab.BlockSize <= 0 {
-		panic(fmt.Sprintf("cuda: Attention q %v k %v v %v with %d heads, %d KV heads of %d", qt.shape, kt.shape, vt.shape, ab.Heads, ab.KVHeads, hd))
+		panic(fmt.Sprintf("cuda: Attention q %v k %v v %v with %d heads, %d KV heads of %d, DCA chunk %d", qt.shape, kt.shape, vt.shape, ab.Heads, ab.KVHeads, hd, ab.DCAChunk))
 	}
 	meta, err := attentionMeta(T, ab, kernels.Rows(kt))
 	if err != nil {
@@ -234,7 +257,7 @@ func (b *Backend) Attention(q, kc, vc kernels.Tensor, ab *kernels.AttnBatch) ker
 		// Rows are indexed from the chunk: shift q, out and the row table.
 		b.launch("qf_attention", [3]uint32{uint32(r1 - r0), uint32(ab.Heads), 1}, [3]uint32{128, 1, 1},
 			qt.view(r0, r1), kt, vt, out.view(r0, r1), rs, b.shiftRows(bufs[1], meta.seqRow, r0), bufs[2], bufs[3], bufs[4],
-			ab.Heads, ab.KVHeads, hd, ab.BlockSize, ab.Scale)
+			ab.Heads, ab.KVHeads, hd, ab.BlockSize, ab.Scale, ab.DCAChunk, max(ab.DCAOrigLen, 0))
 	}
 	return out
 }

@@ -21,8 +21,10 @@ func Run(t *testing.T, b kernels.Backend) {
 	t.Run("Embed", func(t *testing.T) { testEmbed(t, b) })
 	t.Run("RMSNorm", func(t *testing.T) { testRMSNorm(t, b) })
 	t.Run("RoPE", func(t *testing.T) { testRoPE(t, b) })
+	t.Run("RoPEMulti", func(t *testing.T) { testRoPEMulti(t, b) })
 	t.Run("SwiGLU", func(t *testing.T) { testSwiGLU(t, b) })
 	t.Run("Attention", func(t *testing.T) { testAttention(t, b) })
+	t.Run("AttentionDCA", func(t *testing.T) { testAttentionDCA(t, b) })
 	t.Run("RowOps", func(t *testing.T) { testRowOps(t, b) })
 }
 
@@ -245,6 +247,128 @@ func testRoPE(t *testing.T, b kernels.Backend) {
 			}
 		}
 		check(t, fmt.Sprintf("RoPE hd%d", hd), b.ToFloat32(x), want, 2e-6)
+	}
+}
+
+// testRoPEMulti: each copy is the bits RoPE gives at its position, and x
+// is left alone.
+func testRoPEMulti(t *testing.T, b kernels.Backend) {
+	rng := rand.New(rand.NewPCG(21, 22))
+	for _, tc := range []struct{ hd, heads, T, k int }{{8, 3, 5, 3}, {64, 2, 3, 3}, {16, 1, 4, 2}, {2, 4, 2, 1}} {
+		C := tc.heads * tc.hd
+		x, xv := randAct(b, rng, tc.T, C)
+		r := &kernels.Rope{InvFreq: make([]float32, tc.hd/2), Scale: 1.1}
+		for j := range r.InvFreq {
+			r.InvFreq[j] = float32(math.Pow(1e6, -2*float64(j)/float64(tc.hd)))
+		}
+		pos := make([]int32, tc.T*tc.k)
+		for i := range pos {
+			pos[i] = int32(rng.IntN(5000))
+		}
+		got := b.ToFloat32(b.RoPEMulti(x, tc.hd, pos, r))
+		name := fmt.Sprintf("RoPEMulti hd%d heads%d k%d", tc.hd, tc.heads, tc.k)
+		check(t, name+" input", b.ToFloat32(x), xv, 0)
+		want := make([]float64, tc.T*tc.k*C)
+		xf := b.ToFloat32(x)
+		for u := 0; u < tc.k; u++ {
+			pu := make([]int32, tc.T)
+			for i := range pu {
+				pu[i] = pos[i*tc.k+u]
+			}
+			y := b.FromFloat32([]int{tc.T, C}, xf)
+			b.RoPE(y, tc.hd, pu, r)
+			for i, v := range b.ToFloat32(y) {
+				want[(i/C*tc.k+u)*C+i%C] = float64(v)
+			}
+		}
+		check(t, name+" (= RoPE)", got, want, 0)
+	}
+}
+
+// testAttentionDCA is testAttention with Dual Chunk Attention: q holds
+// three independent variants per row, and each key must be scored with
+// the one its chunk calls for (intra for the query's chunk, succ for the
+// one before, inter for earlier ones), the scores times RowScale.
+func testAttentionDCA(t *testing.T, b kernels.Backend) {
+	rng := rand.New(rand.NewPCG(23, 24))
+	for _, tc := range []struct{ heads, kv, hd, bs, chunk, orig int }{{4, 2, 16, 4, 13, 0}, {6, 2, 8, 5, 40, 100}, {2, 1, 64, 16, 300, 200}} {
+		name := fmt.Sprintf("h%d kv%d hd%d bs%d chunk%d orig%d", tc.heads, tc.kv, tc.hd, tc.bs, tc.chunk, tc.orig)
+		// a prefill from 0, decode steps, chunks continuing a prefix, long
+		// ones spanning attention blocks (256) and many DCA chunks
+		type seq struct{ start, n int }
+		seqs := []seq{{0, 30}, {9, 1}, {27, 4}, {600, 1}, {250, 270}}
+		nBlocks := 0
+		for _, s := range seqs {
+			nBlocks += (s.start + s.n + tc.bs - 1) / tc.bs
+		}
+		perm := rng.Perm(nBlocks + 3)
+		kvDim := tc.kv * tc.hd
+		slots := nBlocks*tc.bs + 3*tc.bs
+		kc, vc := b.Zeros(slots, kvDim), b.Zeros(slots, kvDim)
+		ab := &kernels.AttnBatch{Heads: tc.heads, KVHeads: tc.kv, HeadDim: tc.hd, BlockSize: tc.bs,
+			Scale: float32(1 / math.Sqrt(float64(tc.hd))), DCAChunk: tc.chunk, DCAOrigLen: tc.orig}
+		keys := make([][]float64, len(seqs))
+		vals := make([][]float64, len(seqs))
+		T, next := 0, 0
+		for i, s := range seqs {
+			n := s.start + s.n
+			blocks := make([]int32, (n+tc.bs-1)/tc.bs)
+			for j := range blocks {
+				blocks[j] = int32(perm[next])
+				next++
+			}
+			kt, kv := randAct(b, rng, n, kvDim)
+			vt, vv := randAct(b, rng, n, kvDim)
+			keys[i], vals[i] = kv, vv
+			sl := make([]int32, n)
+			for p := range sl {
+				sl[p] = blocks[p/tc.bs]*int32(tc.bs) + int32(p%tc.bs)
+			}
+			b.WriteKV(kc, kt, sl)
+			b.WriteKV(vc, vt, sl)
+			ab.Seqs = append(ab.Seqs, kernels.AttnSeq{Row: T, N: s.n, Start: s.start, Blocks: blocks})
+			T += s.n
+		}
+		QC := 3 * tc.heads * tc.hd
+		q, qv := randAct(b, rng, T, QC)
+		want := make([]float64, T*tc.heads*tc.hd)
+		group := tc.heads / tc.kv
+		for si, s := range ab.Seqs {
+			for i := 0; i < s.N; i++ {
+				row, p := s.Row+i, s.Start+i
+				tau := 1.0
+				if tc.orig > 0 && p+1 > tc.orig {
+					tau = 0.1*math.Log(float64(p+1)/float64(tc.orig)) + 1
+				}
+				for h := 0; h < tc.heads; h++ {
+					kvh := h / group
+					sc := make([]float64, p+1)
+					m := math.Inf(-1)
+					for j := range sc {
+						v := min(2, p/tc.chunk-j/tc.chunk) // 0 intra, 1 succ, 2 inter
+						var d float64
+						for e := 0; e < tc.hd; e++ {
+							d += qv[row*QC+(v*tc.heads+h)*tc.hd+e] * keys[si][j*kvDim+kvh*tc.hd+e]
+						}
+						sc[j] = d * float64(ab.Scale) * tau
+						m = math.Max(m, sc[j])
+					}
+					var sum float64
+					for j := range sc {
+						sc[j] = math.Exp(sc[j] - m)
+						sum += sc[j]
+					}
+					for e := 0; e < tc.hd; e++ {
+						var o float64
+						for j := range sc {
+							o += sc[j] / sum * vals[si][j*kvDim+kvh*tc.hd+e]
+						}
+						want[row*tc.heads*tc.hd+h*tc.hd+e] = o
+					}
+				}
+			}
+		}
+		check(t, "AttentionDCA "+name, b.ToFloat32(b.Attention(q, kc, vc, ab)), want, 2e-5)
 	}
 }
 

@@ -38,7 +38,7 @@ const Kernel kernels[] = {
 	QF_K(qf_cvt_f32_bf16), QF_K(qf_gemv_bf16), QF_K(qf_gemv_f32),  QF_K(qf_gemm_bf16),   QF_K(qf_gemm_f32),
 	QF_K(qf_add_bias),     QF_K(qf_embed_bf16), QF_K(qf_embed_f32), QF_K(qf_rmsnorm),     QF_K(qf_add),
 	QF_K(qf_rope),         QF_K(qf_swiglu),    QF_K(qf_write_kv),  QF_K(qf_attention),   QF_K(qf_gather),
-	QF_K(qf_scatter_add),  QF_K(qf_scale_rows),
+	QF_K(qf_scatter_add),  QF_K(qf_scale_rows),  QF_K(qf_rope_multi),
 };
 
 const char ptx[] = "// emulated";

@@ -365,6 +365,45 @@ void test_rope() {
 	}
 }
 
+// qf_rope_multi: k rotated copies of each row, each bit-identical to
+// qf_rope at its position.
+void test_rope_multi() {
+	Report rep("qf_rope_multi");
+	for (auto [T, heads, hd, k] : {std::tuple{4, 3, 64, 3}, std::tuple{5, 2, 16, 3}, std::tuple{3, 1, 8, 2}}) {
+		const int C = heads * hd, half = hd / 2;
+		const float scale = 1.05f;
+		std::vector<float> x = rand_vec((size_t)T * C), x0 = x, y((size_t)T * k * C, NAN);
+		std::vector<int> pos((size_t)T * k);
+		for (auto& p : pos)
+			p = rng.intn(300);
+		std::vector<float> inv(half);
+		for (int j = 0; j < half; j++)
+			inv[j] = (float)std::pow(1000000.0, -2.0 * j / hd);
+		emu_launch(qf_rope_multi, flat((long long)T * k * C / 2), dim3(256), x.data(), y.data(), pos.data(),
+		           inv.data(), T, C, hd, k, scale);
+		std::vector<double> ref(y.size()), zero(y.size(), 0.0);
+		for (int u = 0; u < k; u++) {
+			std::vector<float> xr = x0;
+			std::vector<int> pu(T);
+			for (int t = 0; t < T; t++)
+				pu[t] = pos[(size_t)t * k + u];
+			emu_launch(qf_rope, flat((long long)T * C / 2), dim3(256), xr.data(), pu.data(), inv.data(), T, C, hd,
+			           scale);
+			for (int t = 0; t < T; t++)
+				for (int i = 0; i < C; i++)
+					ref[((size_t)t * k + u) * C + i] = xr[(size_t)t * C + i];
+		}
+		rep.add(check("qf_rope_multi (= qf_rope)", y.data(), ref, zero));
+		bool same = true;
+		for (size_t i = 0; i < x.size(); i++)
+			same = same && x[i] == x0[i];
+		if (!same) {
+			std::printf("  qf_rope_multi modified its input\n");
+			g_ok = false;
+		}
+	}
+}
+
 void test_swiglu() {
 	Report rep("qf_swiglu");
 	const int n = 3000;
@@ -401,7 +440,12 @@ struct Seq {
 	int rows, start; // query rows, position of the first
 };
 
-void attention_case(Report& rep, int heads, int kv, int hd, int bs, const std::vector<Seq>& seqs, float qscale) {
+// attention_case checks qf_attention on random q, K, V; with dca_chunk > 0
+// q has three variants per row (intra, succ, inter) and each key is scored
+// with the one its chunk calls for (qwen2.md 2.8), scores times tau(p+1)
+// when dca_orig > 0.
+void attention_case(Report& rep, int heads, int kv, int hd, int bs, const std::vector<Seq>& seqs, float qscale,
+                    int dca_chunk = 0, int dca_orig = 0) {
 	std::vector<int> row_seq, seq_row, seq_start, seq_boff, blocks;
 	int T = 0, nblk = 0;
 	for (auto& s : seqs)
@@ -422,14 +466,17 @@ void attention_case(Report& rep, int heads, int kv, int hd, int bs, const std::v
 			row_seq.push_back((int)si);
 		T += seqs[si].rows;
 	}
-	const int nslots = nblk * bs, C = heads * hd, KC = kv * hd;
-	std::vector<float> q = rand_vec((size_t)T * C, -qscale, qscale);
+	const int nslots = nblk * bs, C = heads * hd, KC = kv * hd, QC = dca_chunk > 0 ? 3 * C : C;
+	std::vector<float> q = rand_vec((size_t)T * QC, -qscale, qscale);
 	std::vector<float> kc = rand_vec((size_t)nslots * KC), vc = rand_vec((size_t)nslots * KC);
 	std::vector<float> out((size_t)T * C, NAN);
 	const float scale = 1.0f / std::sqrt((float)hd);
 	std::vector<double> ref(out.size()), mag(out.size());
 	for (int r = 0; r < T; r++) {
 		const int s = row_seq[r], p = seq_start[s] + r - seq_row[s];
+		double tau = 1;
+		if (dca_chunk > 0 && dca_orig > 0 && p + 1 > dca_orig)
+			tau = 0.1 * std::log((double)(p + 1) / dca_orig) + 1;
 		for (int h = 0; h < heads; h++) {
 			const int g = h / (heads / kv);
 			std::vector<double> sc(p + 1);
@@ -437,10 +484,16 @@ void attention_case(Report& rep, int heads, int kv, int hd, int bs, const std::v
 			double mx = -1e300;
 			for (int j = 0; j <= p; j++) {
 				slot[j] = (size_t)blocks[seq_boff[s] + j / bs] * bs + j % bs;
+				int variant = 0; // intra: the query's own chunk
+				if (dca_chunk > 0) {
+					const int dc = p / dca_chunk - j / dca_chunk;
+					variant = dc == 0 ? 0 : dc == 1 ? 1 : 2;
+				}
 				double d = 0;
 				for (int i = 0; i < hd; i++)
-					d += (double)q[(size_t)r * C + (size_t)h * hd + i] * kc[slot[j] * KC + (size_t)g * hd + i];
-				sc[j] = d * scale;
+					d += (double)q[(size_t)r * QC + (size_t)variant * C + (size_t)h * hd + i] *
+					     kc[slot[j] * KC + (size_t)g * hd + i];
+				sc[j] = d * (double)(float)((double)scale * tau);
 				mx = std::max(mx, sc[j]);
 			}
 			double sum = 0;
@@ -459,9 +512,11 @@ void attention_case(Report& rep, int heads, int kv, int hd, int bs, const std::v
 		}
 	}
 	emu_launch(qf_attention, dim3(T, heads), dim3(128), q.data(), kc.data(), vc.data(), out.data(), row_seq.data(),
-	           seq_row.data(), seq_start.data(), seq_boff.data(), blocks.data(), heads, kv, hd, bs, scale);
-	char what[128];
-	std::snprintf(what, sizeof what, "qf_attention heads %d/%d dim %d block %d rows %d", heads, kv, hd, bs, T);
+	           seq_row.data(), seq_start.data(), seq_boff.data(), blocks.data(), heads, kv, hd, bs, scale, dca_chunk,
+	           dca_orig);
+	char what[160];
+	std::snprintf(what, sizeof what, "qf_attention heads %d/%d dim %d block %d rows %d DCA chunk %d orig %d", heads,
+	              kv, hd, bs, T, dca_chunk, dca_orig);
 	rep.add(check(what, out.data(), ref, rel_tol(mag, 1e-5, 1e-7)));
 }
 
@@ -476,6 +531,12 @@ void test_attention() {
 	attention_case(rep, 2, 2, 256, 4, {{1, 9}, {2, 3}}, 1.0f);
 	attention_case(rep, 8, 1, 40, 3, {{1, 0}, {4, 2}}, 6.0f);
 	attention_case(rep, 1, 1, 96, 1, {{2, 20}}, 3.0f);
+	// DCA: chunks of 5 and 7 positions; rows in chunk 0 (intra only), 1
+	// (intra and succ) and further on (all three), a partial last chunk,
+	// the temperature past 12 positions.
+	attention_case(rep, 4, 2, 16, 4, {{6, 0}, {1, 33}, {4, 17}}, 2.0f, 5, 0);
+	attention_case(rep, 4, 2, 40, 3, {{3, 9}, {1, 30}}, 2.0f, 7, 12);
+	attention_case(rep, 2, 1, 64, 16, {{2, 40}, {2, 3}}, 1.0f, 16, 20);
 }
 
 // ---- rows ----
@@ -546,6 +607,7 @@ int main() {
 	test_rmsnorm();
 	test_add();
 	test_rope();
+	test_rope_multi();
 	test_swiglu();
 	test_write_kv();
 	test_attention();
