@@ -26,8 +26,10 @@ import (
 )
 
 const benchSynopsis = "[--addr HOST:PORT[,HOST:PORT...] | --http [--http-addr HOST:PORT]] [--etcd-endpoints URLS] [--tls-dir DIR] [--api-key KEY | --api-key-file FILE] [--concurrency C] [--rate R] [--requests N] [--duration D] " +
-	"[--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ttft=200ms,tpot=50ms,e2e=2s] [--json FILE] [--plot FILE.png] ...\n" +
-	"Prints the report (and writes --json and --plot) however the run went; exits 0 when every request completed, 1 when any failed or the run was interrupted, 2 on bad flags."
+	"[--dataset FILE.jsonl | [--shared-prefix N:L] --input-len DIST] [--output-len DIST] [--slo ttft=200ms,tpot=50ms,e2e=2s] [--json FILE] [--plot FILE.png] ...\n" +
+	"Prints the report (and writes --json and --plot) however the run went; exits 0 when every request completed, 1 when any failed or the run was interrupted, 2 on bad flags.\n" +
+	"   or: qwenctl bench --compare A.json B.json\n" +
+	"Compares two runs' --json reports request by request (the same --seed, greedy: their output_token_ids should agree); exits 0 when they are identical, 1 when not."
 
 // runBench is a load generator modelled on `vllm bench serve`: it sends
 // requests closed loop (C in flight) or open loop (Poisson arrivals, capped
@@ -45,22 +47,34 @@ func runBench(args []string) error {
 	requests := fs.Int("requests", 100, "requests to send (no limit when only --duration is given)")
 	duration := fs.Duration("duration", 0, "stop sending after this long, then wait for the requests in flight")
 	dataset := fs.String("dataset", "", `JSONL prompts: {"prompt": ...} or {"messages": [...]}, with optional "max_tokens"; cycled`)
-	inputLen := fs.String("input-len", "128", "synthetic prompt length in tokens: N, uniform:A-B or normal:MEAN,STD")
+	inputLen := fs.String("input-len", "128", "synthetic prompt length in tokens: N, uniform:A-B or normal:MEAN,STD (with --shared-prefix: the user turn's, default 32)")
+	sharedPrefix := fs.String("shared-prefix", "", "shared-prefix workload N:L: N synthetic system prompts of L tokens; each request is one of them (drawn from --seed) then a user turn of --input-len tokens; the report adds TTFT on a prefix's first use and on reuse")
 	outputLen := fs.String("output-len", "128", "tokens to generate when a prompt names no max_tokens: N, uniform:A-B or normal:MEAN,STD")
 	temperature := fs.Float64("temperature", 0, "sampling temperature (0: greedy)")
 	ignoreEOS := fs.Bool("ignore-eos", false, "keep generating after EOS, so outputs are exactly max_tokens long (default: true for synthetic prompts, false with --dataset)")
 	seed := fs.Int64("seed", 0, "seed of the prompts, lengths and arrivals")
 	sloFlag := fs.String("slo", "", "goodput objectives, any of ttft=200ms,tpot=50ms,e2e=2s")
-	jsonOut := fs.String("json", "", "write the report, config and per-request records as JSON to this file")
+	jsonOut := fs.String("json", "", "write the report, config and per-request records (with their output_token_ids, and prefix_index with --shared-prefix) as JSON to this file")
 	plotOut := fs.String("plot", "", "draw latency over time and TTFT/ITL histograms to this PNG file")
 	quiet := fs.Bool("quiet", false, "no progress bar")
 	httpMode := fs.Bool("http", false, "drive the coordinator's OpenAI-compatible HTTP API (--http-addr; https with --tls-dir) instead of gRPC: the same prompts, streamed, and the same report")
 	httpAddr := fs.String("http-addr", "127.0.0.1:8000", "with --http: the coordinator's --http-listen address")
-	if err := parse(fs, args); err != nil {
-		return err
+	compare := fs.String("compare", "", "compare the output_token_ids of the --json reports `A.json` and B.json (the argument after it) request by request instead of running (two runs of the same --seed, greedy, should agree); exit 0 when identical, 1 when not")
+	// As parse, but --compare takes a second file after it.
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err // Parse has printed the usage
+		}
+		return usageError{err.Error()}
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if set["compare"] {
+		return compareBench(*compare, fs.Args(), len(set))
+	}
+	if fs.NArg() > 0 {
+		return usagef("unexpected argument %q", fs.Arg(0))
+	}
 
 	cfg := bench.Config{Addr: *addr, API: "grpc", Dataset: *dataset, Temperature: *temperature, Seed: *seed}
 	if set["http-addr"] && !*httpMode {
@@ -101,6 +115,19 @@ func runBench(args []string) error {
 	cfg.OutputLen = out
 	if *dataset != "" && set["input-len"] {
 		return usagef("--input-len: not used with --dataset (the dataset holds the prompts)")
+	}
+	if set["shared-prefix"] {
+		if *dataset != "" {
+			return usagef("--shared-prefix: not with --dataset (the dataset holds the prompts; the shared prefixes are synthetic)")
+		}
+		sp, err := bench.ParseSharedPrefix(*sharedPrefix)
+		if err != nil {
+			return usagef("--shared-prefix: %v", err)
+		}
+		cfg.SharedPrefix = &sp
+		if !set["input-len"] {
+			*inputLen = "32" // a short user turn after the long shared prefix
+		}
 	}
 	if *dataset == "" {
 		in, err := bench.ParseLengthDist(*inputLen)
@@ -201,8 +228,14 @@ func runBench(args []string) error {
 		if limit <= len(info.EosTokenIds) {
 			return fmt.Errorf("the served model's vocabulary of %d has no ids for synthetic prompts", info.VocabSize)
 		}
-		src = bench.Synthetic{Input: *cfg.InputLen, Output: out, Limit: limit, Avoid: info.EosTokenIds, Seed: uint64(*seed),
+		syn := bench.Synthetic{Input: *cfg.InputLen, Output: out, Limit: limit, Avoid: info.EosTokenIds, Seed: uint64(*seed),
 			MaxInput: int(info.MaxContext)}
+		src = syn
+		if sp := cfg.SharedPrefix; sp != nil {
+			if src, err = bench.NewSharedPrefixes(*sp, syn); err != nil {
+				return fmt.Errorf("--shared-prefix %s: %w", sp, err)
+			}
+		}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -244,6 +277,54 @@ func runBench(args []string) error {
 	}
 	written = true
 	return benchOutcome(rep, interrupted)
+}
+
+// compareBench is `qwenctl bench --compare A.json B.json`: it prints how
+// the two reports' outputs compare (bench.Compare) and returns an error
+// saying how they differ unless they are identical. nflags counts the flags
+// given, --compare included: it takes no other.
+func compareBench(a string, rest []string, nflags int) error {
+	if len(rest) != 1 {
+		return usagef("--compare: wants two --json reports: --compare A.json B.json")
+	}
+	if nflags > 1 {
+		return usagef("--compare: compares two reports and runs nothing: no other flags")
+	}
+	var reps [2]*bench.Report
+	for i, path := range []string{a, rest[0]} {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("--compare: %w", err)
+		}
+		reps[i] = new(bench.Report)
+		if err := json.Unmarshal(raw, reps[i]); err != nil {
+			return fmt.Errorf("--compare: %s is not a qwenctl bench --json report: %v", path, err)
+		}
+	}
+	c := bench.Compare(reps[0], reps[1])
+	if err := c.WriteText(os.Stdout); err != nil {
+		return err
+	}
+	if c.Identical() {
+		return nil
+	}
+	var why []string
+	if len(c.ConfigDiffs) > 0 {
+		why = append(why, "the runs' configs differ ("+strings.Join(c.ConfigDiffs, ", ")+")")
+	}
+	if n := len(c.Diffs); n > 0 {
+		why = append(why, fmt.Sprintf("%d of %d %s differ", n, c.Compared, plural(c.Compared, "output")))
+	}
+	if n := len(c.NotCompared); n > 0 {
+		why = append(why, fmt.Sprintf("%d %s not completed in both runs", n, plural(n, "request")))
+	}
+	if n := len(c.NoIDs); n > 0 {
+		why = append(why, fmt.Sprintf("%d %s without output_token_ids", n, plural(n, "request")))
+	}
+	if len(why) == 0 {
+		why = append(why, "no request to compare")
+	}
+	return fmt.Errorf("%s and %s are not identical: %s", a, rest[0], strings.Join(why, "; "))
 }
 
 // benchOutcome is the run's error once its report is out: nil when every
@@ -383,7 +464,7 @@ func (r *benchRunner) one(ctx context.Context, i int) {
 	p := r.src.Prompt(i)
 	if r.http != nil {
 		r.sent.Add(1)
-		rec := bench.Request{Index: i, Start: time.Since(r.t0), PromptTokens: len(p.TokenIDs)}
+		rec := bench.Request{Index: i, Start: time.Since(r.t0), PromptTokens: len(p.TokenIDs), Prefix: p.Prefix}
 		r.finish(ctx, r.http.stream(ctx, p, r.temperature, r.cfg.IgnoreEOS, r.t0, &rec), &rec)
 		return
 	}
@@ -402,7 +483,7 @@ func (r *benchRunner) one(ctx context.Context, i int) {
 		req.Input = &pb.GenerateRequest_Text{Text: p.Text}
 	}
 	r.sent.Add(1)
-	rec := bench.Request{Index: i, ID: req.RequestId, Start: time.Since(r.t0), PromptTokens: len(p.TokenIDs)}
+	rec := bench.Request{Index: i, ID: req.RequestId, Start: time.Since(r.t0), PromptTokens: len(p.TokenIDs), Prefix: p.Prefix}
 	r.finish(ctx, r.stream(ctx, req, &rec), &rec)
 }
 
@@ -420,6 +501,7 @@ func (r *benchRunner) stream(ctx context.Context, req *pb.GenerateRequest, rec *
 		return nil
 	})
 	rec.End = time.Since(r.t0)
+	rec.OutputIDs = res.TokenIDs // each once, also across resumes
 	if err != nil {
 		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 			return status.FromContextError(err).Code().String()

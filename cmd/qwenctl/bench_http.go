@@ -25,7 +25,9 @@ import (
 // gRPC, as a streamed /v1/completions (token ids or text) or
 // /v1/chat/completions (messages), with stream_options include_usage and
 // continuous_usage_stats, so that every chunk says how many tokens it
-// carried and the report is the gRPC run's, comparable line by line.
+// carried and the report is the gRPC run's, comparable line by line, and
+// with return_token_ids, so that the records hold the generated ids as the
+// gRPC run's do.
 // Failures are recorded by the gRPC code name the error's code field (or,
 // without one, the HTTP status) stands for.
 type httpBench struct {
@@ -92,8 +94,10 @@ func (h *httpBench) auth(req *http.Request) {
 
 // sseChunk is what bench reads of a streamed chunk.
 type sseChunk struct {
-	Choices []json.RawMessage `json:"choices"`
-	Usage   *struct {
+	Choices []struct {
+		TokenIDs []int32 `json:"token_ids"` // return_token_ids
+	} `json:"choices"`
+	Usage *struct {
 		PromptTokens     int `json:"prompt_tokens"`
 		CompletionTokens int `json:"completion_tokens"`
 	} `json:"usage"`
@@ -109,7 +113,7 @@ type oaiErrorBody struct {
 // the gRPC code name of a failure, or "" once the stream's [DONE] came.
 func (h *httpBench) stream(ctx context.Context, p bench.Prompt, temperature float32, ignoreEOS bool, t0 time.Time, rec *bench.Request) string {
 	body := map[string]any{"model": h.model, "max_tokens": p.MaxTokens, "temperature": temperature, "ignore_eos": ignoreEOS, "stream": true,
-		"stream_options": map[string]bool{"include_usage": true, "continuous_usage_stats": true}}
+		"stream_options": map[string]bool{"include_usage": true, "continuous_usage_stats": true}, "return_token_ids": true}
 	path := "/v1/completions"
 	switch {
 	case p.TokenIDs != nil:
@@ -171,6 +175,9 @@ func (h *httpBench) stream(ctx context.Context, p bench.Prompt, temperature floa
 		}
 		if ck.Error != nil {
 			return codeFromField(ck.Error.Code, codes.Internal)
+		}
+		for _, c := range ck.Choices { // one: bench asks for n = 1
+			rec.OutputIDs = append(rec.OutputIDs, c.TokenIDs...)
 		}
 		if ck.Usage == nil {
 			continue

@@ -56,6 +56,26 @@ func TestBenchHTTP(t *testing.T) {
 		t.Fatalf("gRPC report %+v, HTTP %+v", g.Config, rep.Config)
 	}
 
+	// A shared-prefix workload over HTTP and over gRPC, one request at a
+	// time: the same prompts (token ids), so the same greedy outputs, and
+	// --compare says so.
+	spArgs := []string{"--concurrency", "1", "--requests", "6", "--shared-prefix", "2:24", "--input-len", "8", "--output-len", "6", "--seed", "9"}
+	hsp, gsp := filepath.Join(tmp, "http-prefix.json"), filepath.Join(tmp, "grpc-prefix.json")
+	if _, errs, code := qwenctl(t, append([]string{"bench", "--http", "--http-addr", httpAddr, "--json", hsp}, spArgs...)...); code != 0 {
+		t.Fatalf("HTTP shared-prefix run: exit %d: %s", code, errs)
+	}
+	if _, errs, code := qwenctl(t, append([]string{"bench", "--addr", addr, "--json", gsp}, spArgs...)...); code != 0 {
+		t.Fatalf("gRPC shared-prefix run: exit %d: %s", code, errs)
+	}
+	for _, r := range readReport(t, hsp).Records {
+		if r.PrefixIndex == nil || r.PromptTokens != 32 || len(r.OutputTokenIDs) != 6 {
+			t.Fatalf("HTTP record %+v", r)
+		}
+	}
+	if out, errs, code := qwenctl(t, "bench", "--compare", hsp, gsp); code != 0 || out != "6 requests compared: 6 identical, 0 differ\n" {
+		t.Fatalf("compare: exit %d %q %q", code, out, errs)
+	}
+
 	// Requests the server refuses (more tokens than the context) are
 	// failures named by their gRPC code; the run exits 1.
 	out, errs, code = qwenctl(t, "bench", "--http", "--http-addr", httpAddr, "--requests", "2", "--input-len", "16", "--output-len", "100000")

@@ -124,6 +124,42 @@ func TestBench(t *testing.T) {
 		}
 	})
 
+	t.Run("shared prefix", func(t *testing.T) {
+		// 3 prefixes of 40 tokens, then the default user turn of 32.
+		js := filepath.Join(tmp, "prefix.json")
+		out, errs, code := qwenctl(t, "bench", "--addr", addr, "--concurrency", "2", "--requests", "12", "--shared-prefix", "3:40",
+			"--output-len", "6", "--seed", "5", "--json", js)
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, errs)
+		}
+		for _, want := range []string{"Workload:                                shared prefix 3:40, user turn 32\n", "Prefixes used:",
+			"Median TTFT, prefix first use (ms):", "Median TTFT, prefix reuse (ms):"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("no %q in\n%s", want, out)
+			}
+		}
+		rep := readReport(t, js)
+		if c := rep.Config; c.SharedPrefix == nil || *c.SharedPrefix != (bench.SharedPrefix{N: 3, L: 40}) || c.InputLen.String() != "32" || !c.IgnoreEOS {
+			t.Fatalf("config %+v", c)
+		}
+		used := map[int]bool{}
+		for i, r := range rep.Records {
+			if r.Error != "" || r.PrefixIndex == nil || *r.PrefixIndex < 0 || *r.PrefixIndex > 2 || r.PromptTokens != 72 || len(r.OutputTokenIDs) != 6 {
+				t.Fatalf("record %d: %+v", i, r)
+			}
+			used[*r.PrefixIndex] = true
+		}
+		if p := rep.SharedPrefix; p == nil || p.Used != len(used) || p.FirstTTFT.Count != len(used) || p.ReuseTTFT.Count != 12-len(used) {
+			t.Fatalf("shared prefix stats %+v, prefixes used %v", p, used)
+		}
+		// A prefix as long as the context leaves no room: one line, exit 1.
+		_, errs, code = qwenctl(t, "bench", "--addr", addr, "--requests", "1", "--shared-prefix", "1:40000")
+		if code != 1 || !strings.Contains(errs, "--shared-prefix 1:40000: prefixes of 40000 tokens leave no room for a user turn") ||
+			strings.Count(strings.TrimSpace(errs), "\n") != 0 {
+			t.Fatalf("exit %d: %q", code, errs)
+		}
+	})
+
 	t.Run("text dataset without a tokenizer", func(t *testing.T) {
 		ds := filepath.Join(tmp, "prompts.jsonl")
 		os.WriteFile(ds, []byte(`{"prompt": "Hello"}`+"\n"), 0o644)
@@ -160,6 +196,15 @@ func TestBenchBadFlags(t *testing.T) {
 		{[]string{"--input-len", "uniform:9-3"}, 2, "--input-len"},
 		{[]string{"--output-len", "normal:x"}, 2, "--output-len"},
 		{[]string{"--dataset", badDataset, "--input-len", "5"}, 2, "--input-len"},
+		{[]string{"--shared-prefix", "8"}, 2, `--shared-prefix: bad shared prefix "8": want N:L`},
+		{[]string{"--shared-prefix", "8:x"}, 2, `--shared-prefix: bad shared prefix "8:x": want N:L`},
+		{[]string{"--shared-prefix", "8:1.5"}, 2, `--shared-prefix: bad shared prefix "8:1.5": want N:L`},
+		{[]string{"--shared-prefix", "0:512"}, 2, "--shared-prefix: bad shared prefix \"0:512\": N (the number of prefixes) must be >= 1"},
+		{[]string{"--shared-prefix", "8:0"}, 2, "--shared-prefix: bad shared prefix \"8:0\": L (the tokens of a prefix) must be >= 1"},
+		{[]string{"--shared-prefix", "100000:100000"}, 2, "--shared-prefix: bad shared prefix \"100000:100000\": N×L must be at most"},
+		{[]string{"--shared-prefix", "2:16", "--dataset", badDataset}, 2, "--shared-prefix: not with --dataset"},
+		{[]string{"--shared-prefix", "2:16", "--input-len", "uniform:9-3"}, 2, "--input-len"},
+		{[]string{"--shared-prefix", "2:16", "extra"}, 2, `unexpected argument "extra"`},
 		{[]string{"--slo", "ttft=soon"}, 2, "--slo"},
 		{[]string{"--slo", "latency=1s"}, 2, "--slo"},
 		{[]string{"--temperature", "-1"}, 2, "--temperature"},
@@ -181,6 +226,77 @@ func TestBenchBadFlags(t *testing.T) {
 			}
 			if _, err := os.Stat(js); err == nil {
 				t.Fatalf("%s left behind", js)
+			}
+		})
+	}
+}
+
+// TestBenchCompare: `qwenctl bench --compare A.json B.json` compares two
+// reports' outputs request by request, exits 0 when they are identical and
+// 1 (one line on stderr saying how) when not.
+func TestBenchCompare(t *testing.T) {
+	dir := t.TempDir()
+	in := bench.LengthDist{Kind: bench.Fixed, N: 32}
+	cfg := bench.Config{Concurrency: 2, InputLen: &in, OutputLen: bench.LengthDist{Kind: bench.Fixed, N: 3}, SharedPrefix: &bench.SharedPrefix{N: 2, L: 64}, Seed: 5}
+	reqs := func(last []int32) []bench.Request {
+		var out []bench.Request
+		for i, ids := range [][]int32{{1, 2, 3}, {4, 5, 6}, last} {
+			out = append(out, bench.Request{Index: i, Start: time.Duration(i) * time.Millisecond, End: time.Duration(i+5) * time.Millisecond,
+				PromptTokens: 96, OutputTokens: len(ids), OutputIDs: ids, Prefix: &[]int{0, 1, 0}[i],
+				Chunks: []bench.Chunk{{At: time.Duration(i+1) * time.Millisecond, Tokens: len(ids)}}})
+		}
+		return out
+	}
+	write := func(name string, cfg bench.Config, r []bench.Request) string {
+		path := filepath.Join(dir, name)
+		raw, err := json.Marshal(bench.Summarize(cfg, r, time.Second, nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, raw, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	a := write("a.json", cfg, reqs([]int32{7, 8, 9}))
+	httpCfg := cfg
+	httpCfg.API, httpCfg.Concurrency = "http", 8
+	b := write("b.json", httpCfg, reqs([]int32{7, 8, 9}))
+	out, errs, code := qwenctl(t, "bench", "--compare", a, b)
+	if code != 0 || errs != "" || out != "3 requests compared: 3 identical, 0 differ\n" {
+		t.Fatalf("identical: exit %d %q %q", code, out, errs)
+	}
+	c := write("c.json", cfg, reqs([]int32{7, 10, 9}))
+	out, errs, code = qwenctl(t, "bench", "--compare", a, c)
+	if code != 1 || out != "request 2 (prefix 0): differs at output token 1: 8 vs 10 (3 and 3 tokens)\n3 requests compared: 2 identical, 1 differ\n" ||
+		errs != "qwenctl bench: "+a+" and "+c+" are not identical: 1 of 3 outputs differ\n" {
+		t.Fatalf("differing: exit %d %q %q", code, out, errs)
+	}
+	seeded := cfg
+	seeded.Seed = 6
+	d := write("d.json", seeded, reqs([]int32{7, 8, 9}))
+	if _, errs, code := qwenctl(t, "bench", "--compare", a, d); code != 1 || !strings.Contains(errs, "the runs' configs differ (seed 5 vs 6)") {
+		t.Fatalf("another seed: exit %d %q", code, errs)
+	}
+	notJSON := filepath.Join(dir, "not.json")
+	os.WriteFile(notJSON, []byte("Serving Benchmark Result\n"), 0o644)
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"--compare", a}, 2, "--compare: wants two --json reports"},
+		{[]string{"--compare", a, b, c}, 2, "--compare: wants two --json reports"},
+		{[]string{"--compare", a, b, "--requests", "3"}, 2, "--compare: wants two --json reports"},
+		{[]string{"--compare", a, "--requests", "3", b}, 2, "--compare: compares two reports and runs nothing"},
+		{[]string{"--requests", "3", "--compare", a, b}, 2, "--compare: compares two reports and runs nothing"},
+		{[]string{"--compare", a, filepath.Join(dir, "missing.json")}, 1, "--compare: open " + filepath.Join(dir, "missing.json")},
+		{[]string{"--compare", notJSON, a}, 1, "--compare: " + notJSON + " is not a qwenctl bench --json report"},
+	} {
+		t.Run(strings.Join(tc.args[1:], " "), func(t *testing.T) {
+			_, errs, code := qwenctl(t, append([]string{"bench"}, tc.args...)...)
+			if code != tc.code || !strings.Contains(errs, tc.want) || strings.Count(strings.TrimSpace(errs), "\n") != 0 {
+				t.Fatalf("exit %d, stderr %q; want %d naming %q", code, errs, tc.code, tc.want)
 			}
 		})
 	}

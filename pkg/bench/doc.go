@@ -15,6 +15,12 @@
 //	rep.WriteText(os.Stdout)
 //	bench.WritePNG(f, rep)
 //
+// SharedPrefixes is the source of a shared-prefix workload (the load a
+// prefix cache serves): N synthetic system prompts of L tokens, each request
+// one of them and a short user turn. Every Record carries the output token
+// ids, so Compare can tell whether two runs of the same seed generated the
+// same tokens.
+//
 // # Timings
 //
 // A Request carries offsets from the start of the benchmark: when it was

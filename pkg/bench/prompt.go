@@ -20,11 +20,14 @@ type Message struct {
 
 // Prompt is the input of one request: exactly one of Text, Messages and
 // TokenIDs is set. MaxTokens is the number of tokens to generate (>= 1).
+// Prefix is set in a shared-prefix workload (SharedPrefixes): the index of
+// the shared prefix TokenIDs begin with.
 type Prompt struct {
 	Text      string
 	Messages  []Message
 	TokenIDs  []int32
 	MaxTokens int
+	Prefix    *int
 }
 
 // Source gives the prompt of the i-th request (i >= 0). Prompt must be safe
@@ -58,21 +61,39 @@ type Synthetic struct {
 }
 
 // Prompt makes the prompt of request i.
-func (s Synthetic) Prompt(i int) Prompt {
-	r := rngFor(s.Seed, i)
+func (s Synthetic) Prompt(i int) Prompt { return s.draw(rngFor(s.Seed, i)) }
+
+// draw makes a prompt from r: its length, its ids, then its output length.
+func (s Synthetic) draw(r *rand.Rand) Prompt {
 	n := s.Input.Sample(r)
 	if s.MaxInput > 0 {
 		n = min(n, s.MaxInput)
 	}
 	ids := make([]int32, n)
 	for j := range ids {
-		id := int32(r.IntN(s.Limit))
-		for slices.Contains(s.Avoid, id) {
-			id = (id + 1) % int32(s.Limit)
-		}
-		ids[j] = id
+		ids[j] = s.id(r)
 	}
 	return Prompt{TokenIDs: ids, MaxTokens: s.Output.Sample(r)}
+}
+
+// id draws one id from [0, Limit) that is not in Avoid.
+func (s Synthetic) id(r *rand.Rand) int32 {
+	id := int32(r.IntN(s.Limit))
+	for slices.Contains(s.Avoid, id) {
+		id = (id + 1) % int32(s.Limit)
+	}
+	return id
+}
+
+// ids is the number of distinct ids id draws from.
+func (s Synthetic) ids() int {
+	n := s.Limit
+	for i, a := range s.Avoid {
+		if a >= 0 && int(a) < s.Limit && !slices.Contains(s.Avoid[:i], a) {
+			n--
+		}
+	}
+	return n
 }
 
 // TokenLimit is the bound under which synthetic prompt ids are drawn for a

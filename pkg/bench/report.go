@@ -52,12 +52,16 @@ type Config struct {
 	DurationS float64 `json:"duration_limit_s"`
 	// Dataset is the JSONL file of prompts ("": synthetic token ids of
 	// InputLen tokens).
-	Dataset     string      `json:"dataset,omitempty"`
-	InputLen    *LengthDist `json:"input_len,omitempty"` // synthetic only
-	OutputLen   LengthDist  `json:"output_len"`          // when a prompt names no max_tokens
-	IgnoreEOS   bool        `json:"ignore_eos"`
-	Temperature float64     `json:"temperature"`
-	Seed        int64       `json:"seed"`
+	Dataset  string      `json:"dataset,omitempty"`
+	InputLen *LengthDist `json:"input_len,omitempty"` // synthetic only; with SharedPrefix, the user turn's
+	// SharedPrefix is a shared-prefix workload's N:L: every prompt is one
+	// of N synthetic prefixes of L tokens, then InputLen tokens of user
+	// turn (see SharedPrefixes).
+	SharedPrefix *SharedPrefix `json:"shared_prefix,omitempty"`
+	OutputLen    LengthDist    `json:"output_len"` // when a prompt names no max_tokens
+	IgnoreEOS    bool          `json:"ignore_eos"`
+	Temperature  float64       `json:"temperature"`
+	Seed         int64         `json:"seed"`
 }
 
 // SLO is a set of latency objectives; a zero field is not an objective.
@@ -177,6 +181,13 @@ type Record struct {
 	ITLMs        []float64 `json:"itl_ms,omitempty"` // see Request.ITL
 	Error        string    `json:"error,omitempty"`  // gRPC status code name
 	Interrupted  bool      `json:"interrupted,omitempty"`
+	// PrefixIndex is the shared prefix the prompt began with (shared-prefix
+	// workloads only).
+	PrefixIndex *int `json:"prefix_index,omitempty"`
+	// OutputTokenIDs are the generated token ids, in order: two runs of the
+	// same prompts (the same seed) and greedy sampling should agree on them
+	// record for record (see Compare).
+	OutputTokenIDs []int32 `json:"output_token_ids,omitempty"`
 }
 
 // Report is the result of a run: what `qwenctl bench` prints and writes as
@@ -202,21 +213,44 @@ type Report struct {
 
 	Goodput *Goodput `json:"goodput"` // null without SLOs
 
+	// SharedPrefix adds up a shared-prefix workload (absent otherwise).
+	SharedPrefix *PrefixStats `json:"shared_prefix,omitempty"`
+
 	Records []Record `json:"records"` // every request made, by Index
+}
+
+// PrefixStats adds up a shared-prefix workload: how many of the N prefixes
+// the requests made used, and the TTFT of the completed requests that were
+// the first (lowest index) to use their prefix, against that of the
+// completed ones that reused a prefix. Only a reuse can find its prefix in
+// a cache; at concurrency C, a reuse sent while its prefix's first use is
+// still in prefill may not find it either.
+type PrefixStats struct {
+	Used      int     `json:"prefixes_used"`
+	FirstTTFT Summary `json:"first_use_ttft_ms"`
+	ReuseTTFT Summary `json:"reuse_ttft_ms"`
 }
 
 // Summarize adds up the requests of a run that took duration. slo may be
 // nil (no goodput). reqs is not modified.
 func Summarize(cfg Config, reqs []Request, duration time.Duration, slo *SLO) *Report {
 	rep := &Report{Config: cfg, Failures: map[string]int{}, DurationS: duration.Seconds(), Records: []Record{}}
-	var ttft, tpot, itl, e2e []float64
+	var ttft, tpot, itl, e2e, firstTTFT, reuseTTFT []float64
 	good := 0
+	used := map[int]bool{} // shared prefixes used so far
 	sorted := slices.Clone(reqs)
 	slices.SortFunc(sorted, func(a, b Request) int { return a.Index - b.Index })
 	for i := range sorted {
 		r := &sorted[i]
 		rec := Record{Index: r.Index, ID: r.ID, StartS: r.Start.Seconds(), E2EMs: ms(r.E2E()), PromptTokens: r.PromptTokens,
-			OutputTokens: r.OutputTokens, Error: r.Code, Interrupted: r.Interrupted}
+			OutputTokens: r.OutputTokens, Error: r.Code, Interrupted: r.Interrupted, OutputTokenIDs: slices.Clone(r.OutputIDs)}
+		first := false
+		if r.Prefix != nil {
+			rec.PrefixIndex = ptr(*r.Prefix)
+			if !used[*r.Prefix] {
+				used[*r.Prefix], first = true, true
+			}
+		}
 		if t, ok := r.TTFT(); ok {
 			rec.TTFTMs = ptr(ms(t))
 		}
@@ -241,6 +275,11 @@ func Summarize(cfg Config, reqs []Request, duration time.Duration, slo *SLO) *Re
 		rep.TotalOutputTokens += r.OutputTokens
 		if rec.TTFTMs != nil {
 			ttft = append(ttft, *rec.TTFTMs)
+			if r.Prefix != nil && first {
+				firstTTFT = append(firstTTFT, *rec.TTFTMs)
+			} else if r.Prefix != nil {
+				reuseTTFT = append(reuseTTFT, *rec.TTFTMs)
+			}
 		}
 		if rec.TPOTMs != nil {
 			tpot = append(tpot, *rec.TPOTMs)
@@ -264,6 +303,9 @@ func Summarize(cfg Config, reqs []Request, duration time.Duration, slo *SLO) *Re
 	if slo != nil {
 		rep.Goodput = &Goodput{SLO: *slo, Good: good, Throughput: per(good)}
 	}
+	if cfg.SharedPrefix != nil {
+		rep.SharedPrefix = &PrefixStats{Used: len(used), FirstTTFT: Describe(firstTTFT), ReuseTTFT: Describe(reuseTTFT)}
+	}
 	return rep
 }
 
@@ -283,6 +325,13 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintf(&b, "%-40s %v\n", k+":", v)
 	}
 	head(" Serving Benchmark Result ", '=')
+	if sp := r.Config.SharedPrefix; sp != nil {
+		w := "shared prefix " + sp.String()
+		if in := r.Config.InputLen; in != nil {
+			w += ", user turn " + in.String()
+		}
+		row("Workload", w)
+	}
 	row("Successful requests", r.Completed)
 	row("Failed requests", r.Failed)
 	for _, code := range slices.Sorted(maps.Keys(r.Failures)) {
@@ -315,6 +364,17 @@ func (r *Report) WriteText(w io.Writer) error {
 		row("Median "+m.name+" (ms)", m.s.Median)
 		row("P90 "+m.name+" (ms)", m.s.P90)
 		row("P99 "+m.name+" (ms)", m.s.P99)
+		if p := r.SharedPrefix; m.name == "TTFT" && p != nil {
+			n := "?"
+			if sp := r.Config.SharedPrefix; sp != nil {
+				n = strconv.Itoa(sp.N)
+			}
+			row("Prefixes used", fmt.Sprintf("%d of %s", p.Used, n))
+			row("Mean TTFT, prefix first use (ms)", p.FirstTTFT.Mean)
+			row("Median TTFT, prefix first use (ms)", p.FirstTTFT.Median)
+			row("Mean TTFT, prefix reuse (ms)", p.ReuseTTFT.Mean)
+			row("Median TTFT, prefix reuse (ms)", p.ReuseTTFT.Median)
+		}
 	}
 	b.WriteString(strings.Repeat("=", 50) + "\n")
 	_, err := io.WriteString(w, b.String())

@@ -25,6 +25,12 @@ type Request struct {
 	// PromptTokens and OutputTokens are the server's usage counts (the
 	// client's count of streamed tokens when the server sent none).
 	PromptTokens, OutputTokens int
+	// OutputIDs are the generated token ids, in order (those received
+	// before a failure when it failed).
+	OutputIDs []int32
+	// Prefix is the prompt's Prefix: the index of its shared prefix in a
+	// shared-prefix workload, nil otherwise.
+	Prefix *int
 	// Code is "" for a request that completed, otherwise the gRPC status
 	// code name it failed with ("Unavailable", "Internal", ...).
 	Code string
