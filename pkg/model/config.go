@@ -32,6 +32,10 @@ type Config struct {
 	TieWordEmbeddings     bool         `json:"tie_word_embeddings"`
 	TorchDtype            string       `json:"torch_dtype,omitempty"`
 
+	// DualChunkAttention switches on Dual Chunk Attention (qwen2.md 2.8);
+	// nil (the key absent or null) leaves it off.
+	DualChunkAttention *DualChunkAttention `json:"dual_chunk_attention_config,omitempty"`
+
 	BosTokenID  *int   `json:"bos_token_id,omitempty"`
 	EosTokenIDs IntSet `json:"eos_token_id,omitempty"` // a number or a list in config.json
 
@@ -65,6 +69,32 @@ type RopeScaling struct {
 	BetaFast                      *float64 `json:"beta_fast,omitempty"`
 	BetaSlow                      *float64 `json:"beta_slow,omitempty"`
 	AttentionFactor               *float64 `json:"attention_factor,omitempty"`
+}
+
+// DualChunkAttention is the dual_chunk_attention_config object (vLLM's
+// keys, as Qwen2.5-*-1M ship them). ParseConfig fills an absent key with
+// vLLM's default: chunk_size 8192, local_size 1024,
+// original_max_position_embeddings 0 (no length temperature). The sparse
+// attention keys (sparse_attention_config, ...) are ignored: attention is
+// always dense.
+type DualChunkAttention struct {
+	ChunkSize int `json:"chunk_size"` // C
+	LocalSize int `json:"local_size"` // Lc; chunks are c = C − Lc positions long
+	// OriginalMaxPositionEmbeddings > 0 switches on the length temperature
+	// τ(n) = max(1, 0.1·ln(n/orig) + 1) (kernels.DCATemperature).
+	OriginalMaxPositionEmbeddings int `json:"original_max_position_embeddings"`
+}
+
+// ChunkLen is the chunk length c = chunk_size − local_size.
+func (d *DualChunkAttention) ChunkLen() int { return d.ChunkSize - d.LocalSize }
+
+// Positions returns the RoPE positions DCA gives the token at absolute
+// position p (qwen2.md 2.8): key (and intra query) p mod c, successive
+// query min(p mod c + c, C), inter query min(2c − 1, C).
+func (d *DualChunkAttention) Positions(p int) (key, succ, inter int) {
+	c := d.ChunkLen()
+	key = p % c
+	return key, min(key+c, d.ChunkSize), min(2*c-1, d.ChunkSize)
 }
 
 // Kind is the scaling type, from "rope_type" or the older "type".
@@ -179,6 +209,17 @@ func (c *Config) applyDefaults(raw map[string]json.RawMessage) {
 			c.DecoderSparseStep = 1
 		}
 	}
+	if d := c.DualChunkAttention; d != nil {
+		var keys map[string]json.RawMessage
+		if json.Unmarshal(raw["dual_chunk_attention_config"], &keys) == nil {
+			if _, ok := keys["chunk_size"]; !ok {
+				d.ChunkSize = 8192
+			}
+			if _, ok := keys["local_size"]; !ok {
+				d.LocalSize = 1024
+			}
+		}
+	}
 }
 
 // Validate checks the config; errors name the offending key.
@@ -269,6 +310,9 @@ func (c *Config) Validate() error {
 	if err := c.validateRope(); err != nil {
 		return err
 	}
+	if err := c.validateDCA(); err != nil {
+		return err
+	}
 	if c.ModelType == "qwen2_moe" {
 		if err := c.validateMoE(); err != nil {
 			return err
@@ -317,6 +361,27 @@ func (c *Config) validateRope() error {
 	}
 	if a := r.AttentionFactor; a != nil && (!(*a > 0) || math.IsInf(*a, 0)) {
 		return fmt.Errorf("config: key %q: must be a positive number, got %v", "rope_scaling.attention_factor", *a)
+	}
+	return nil
+}
+
+func (c *Config) validateDCA() error {
+	d := c.DualChunkAttention
+	if d == nil {
+		return nil
+	}
+	bad := func(key string, format string, args ...any) error {
+		return fmt.Errorf("config: key %q: %s", "dual_chunk_attention_config."+key, fmt.Sprintf(format, args...))
+	}
+	const limit = 1 << 26
+	if d.LocalSize <= 0 || d.LocalSize > limit {
+		return bad("local_size", "must be in [1, %d], got %d", limit, d.LocalSize)
+	}
+	if d.ChunkSize <= d.LocalSize || d.ChunkSize > limit {
+		return bad("chunk_size", "must be > local_size (%d) and at most %d, got %d", d.LocalSize, limit, d.ChunkSize)
+	}
+	if o := d.OriginalMaxPositionEmbeddings; o < 0 || o > limit {
+		return bad("original_max_position_embeddings", "must be in [0, %d], got %d", limit, o)
 	}
 	return nil
 }
@@ -374,7 +439,8 @@ func (c *Config) IsMoELayer(l int) bool {
 // MaxContext is the longest sequence (prompt + generated) the model serves:
 // original_max_position_embeddings × factor with YaRN (falling back to
 // max_position_embeddings when the original is absent), otherwise
-// max_position_embeddings.
+// max_position_embeddings. Dual Chunk Attention does not change it: it
+// changes the positions attention sees, not how many a sequence may have.
 func (c *Config) MaxContext() int {
 	if c.RopeScaling.Kind() == "yarn" {
 		l0 := c.RopeScaling.OriginalMaxPositionEmbeddings

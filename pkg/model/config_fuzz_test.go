@@ -42,6 +42,9 @@ func FuzzLoadConfig(f *testing.F) {
 		`{"model_type":"qwen2","hidden_size":"64"}`,
 		`{"model_type":"qwen2","rope_theta":-1,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":32}`,
 		`{"model_type":"qwen2","hidden_size":64`,
+		`{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":32,"dual_chunk_attention_config":{}}`,
+		`{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":32,"dual_chunk_attention_config":{"chunk_size":64,"local_size":16,"original_max_position_embeddings":100}}`,
+		`{"model_type":"qwen2","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":32,"dual_chunk_attention_config":{"chunk_size":16,"local_size":16}}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -107,6 +110,9 @@ func checkAccepted(t *testing.T, c *Config) {
 		if c.IsMoELayer(l) && (c.NumExpertsPerTok < 1 || c.NumExpertsPerTok > c.NumExperts || c.MoeIntermediateSize <= 0) {
 			t.Fatalf("MoE layer %d: %d of %d experts of width %d", l, c.NumExpertsPerTok, c.NumExperts, c.MoeIntermediateSize)
 		}
+	}
+	if d := c.DualChunkAttention; d != nil && (d.LocalSize <= 0 || d.ChunkSize <= d.LocalSize || d.OriginalMaxPositionEmbeddings < 0) {
+		t.Fatalf("DCA %+v accepted", *d)
 	}
 	inv, scale := c.Rope()
 	if len(inv) != d/2 || scale != scale {

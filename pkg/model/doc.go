@@ -15,6 +15,12 @@
 //	    x += FFN(m)                                 SwiGLU MLP, or the MoE block
 //	logits = RMSNorm(x)·W_lmᵀ                       W_lm = embedding when tied
 //
+// With Dual Chunk Attention (dual_chunk_attention_config; qwen2.md 2.8,
+// docs/long-context.md) the keys are rotated at p mod c instead of p and
+// each query three ways (RoPEMulti: intra, successive and inter chunk
+// positions, DualChunkAttention.Positions); Attention picks the variant
+// per key by chunk. The cache still holds one K and one V per token.
+//
 // The MoE block: a float32 softmax router over all experts, top-k (weights
 // renormalised only when norm_topk_prob), each token's rows gathered to the
 // experts that chose it and scatter-added back weighted, plus the shared

@@ -602,9 +602,12 @@ func (m *Model) reduceStage(x kernels.Tensor, touched []bool, c Comm) (kernels.T
 // step is a validated batch flattened for the kernels.
 type step struct {
 	ids, pos, slots []int32
-	attn            kernels.AttnBatch
-	outRows         []int32 // rows of x whose logits are returned
-	outCount        []int   // rows per sequence
+	// With DCA: kpos are the keys' RoPE positions (p mod c), qpos the
+	// queries' three (intra, succ, inter) per token.
+	kpos, qpos []int32
+	attn       kernels.AttnBatch
+	outRows    []int32 // rows of x whose logits are returned
+	outCount   []int   // rows per sequence
 }
 
 func (m *Model) plan(batch *Batch, cache Cache) (*step, error) {
@@ -618,6 +621,10 @@ func (m *Model) plan(batch *Batch, cache Cache) (*step, error) {
 		Heads: m.g.heads, KVHeads: m.g.kvHeads, HeadDim: cfg.headDim(),
 		BlockSize: bs, Scale: float32(1 / math.Sqrt(float64(cfg.headDim()))),
 	}}
+	dca := cfg.DualChunkAttention
+	if dca != nil {
+		st.attn.DCAChunk, st.attn.DCAOrigLen = dca.ChunkLen(), dca.OriginalMaxPositionEmbeddings
+	}
 	for i, s := range batch.Seqs {
 		if len(s.Tokens) == 0 {
 			return nil, fmt.Errorf("%w: sequence %d has no tokens", ErrBadBatch, i)
@@ -645,6 +652,11 @@ func (m *Model) plan(batch *Batch, cache Cache) (*step, error) {
 			p := s.Pos + j
 			st.ids = append(st.ids, id)
 			st.pos = append(st.pos, int32(p))
+			if dca != nil {
+				k, succ, inter := dca.Positions(p)
+				st.kpos = append(st.kpos, int32(k))
+				st.qpos = append(st.qpos, int32(k), int32(succ), int32(inter))
+			}
 			st.slots = append(st.slots, s.Blocks[p/bs]*int32(bs)+int32(p%bs))
 		}
 		st.attn.Seqs = append(st.attn.Seqs, kernels.AttnSeq{Row: row, N: len(s.Tokens), Start: s.Pos, Blocks: s.Blocks})
@@ -666,8 +678,17 @@ func (m *Model) attention(l int, ly *layer, a kernels.Tensor, st *step, cache Ca
 	q := b.MatMul(a, ly.q, ly.qb)
 	k := b.MatMul(a, ly.k, ly.kb)
 	v := b.MatMul(a, ly.v, ly.vb)
-	b.RoPE(q, hd, st.pos, &m.rope)
-	b.RoPE(k, hd, st.pos, &m.rope)
+	if st.attn.DCAChunk > 0 {
+		// Dual Chunk Attention: keys at p mod c, queries rotated three
+		// ways side by side (kernels.AttnBatch.DCAChunk).
+		q3 := b.RoPEMulti(q, hd, st.qpos, &m.rope)
+		b.Free(q)
+		q = q3
+		b.RoPE(k, hd, st.kpos, &m.rope)
+	} else {
+		b.RoPE(q, hd, st.pos, &m.rope)
+		b.RoPE(k, hd, st.pos, &m.rope)
+	}
 	kc, vc := cache.KV(l)
 	b.WriteKV(kc, k, st.slots)
 	b.WriteKV(vc, v, st.slots)

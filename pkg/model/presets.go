@@ -7,12 +7,14 @@ import (
 )
 
 // Presets are the configs `qwenctl mkmodel --preset` knows: the real shapes
-// of the Qwen2 family (Instruct variants, qwen2.md section 1) and two tiny
+// of the Qwen2 family (Instruct variants, qwen2.md section 1) and three tiny
 // models for demos and tests that keep the real vocabulary so the real
-// tokenizer works with them.
+// tokenizer works with them (tiny-dca: tiny with Dual Chunk Attention in
+// chunks of 256 positions and the length temperature past 1024).
 var presets = map[string]func() *Config{
 	"tiny":       func() *Config { return dense(128, 384, 4, 4, 2, 151936, true) },
 	"tiny-moe":   func() *Config { return withMoE(dense(128, 384, 4, 4, 2, 151936, false), 32, 256) },
+	"tiny-dca":   func() *Config { return WithDCA(dense(128, 384, 4, 4, 2, 151936, true), 320, 64, 1024) },
 	"qwen2-0.5b": func() *Config { return dense(896, 4864, 24, 14, 2, 151936, true) },
 	"qwen2-1.5b": func() *Config { return dense(1536, 8960, 28, 12, 2, 151936, true) },
 	"qwen2-7b":   func() *Config { return dense(3584, 18944, 28, 28, 4, 152064, false) },
@@ -40,6 +42,15 @@ func dense(h, i, layers, heads, kv, vocab int, tied bool) *Config {
 		BosTokenID: &bos, EosTokenIDs: IntSet{151645},
 		InitializerRange: 0.02, SlidingWindow: &window, MaxWindowLayers: layers,
 	}
+}
+
+// WithDCA switches Dual Chunk Attention on in c (chunk_size, local_size,
+// original_max_position_embeddings as in dual_chunk_attention_config; 0
+// for orig: no length temperature) and returns it. Tests make tiny DCA
+// models with it from any preset.
+func WithDCA(c *Config, chunkSize, localSize, orig int) *Config {
+	c.DualChunkAttention = &DualChunkAttention{ChunkSize: chunkSize, LocalSize: localSize, OriginalMaxPositionEmbeddings: orig}
+	return c
 }
 
 // withMoE turns a dense config into Qwen2-MoE with every layer sparse: 64
