@@ -560,7 +560,7 @@ func TestDCAConfig(t *testing.T) {
 	if d := c.DualChunkAttention; d == nil || d.ChunkSize != 8192 || d.LocalSize != 1024 || d.OriginalMaxPositionEmbeddings != 0 {
 		t.Fatalf("defaults: %+v", d)
 	}
-	// Qwen2.5-7B-Instruct-1M's object, sparse keys included (ignored).
+	// The Qwen2.5-1M object (qwen2.md 2.8) with sparse keys, which are ignored.
 	c, err = parse(`,"dual_chunk_attention_config":{"chunk_size":262144,"local_size":8192,"original_max_position_embeddings":262144,
 		"sparse_attention_config":null,"sparse_attention_enabled":true,"sparse_attention_threshold":32768}`)
 	if err != nil {
