@@ -1,12 +1,21 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/qwenfleet/qwenfleet/pkg/kernels/cpu"
@@ -80,23 +89,54 @@ func (e engineFlags) load(dir string) (*model.Model, *cpu.Backend, error) {
 }
 
 func runForward(args []string) error {
-	fs := newFlags("forward", "--model DIR --ids 1,2,3 [--out FILE.safetensors] [--generate N]")
+	fs := newFlags("forward", "--model DIR (--ids 1,2,3 | --random-prompt N [--seed S]) [--out FILE.safetensors] [--generate N] [--chunk T] [--json FILE]")
 	dir := fs.String("model", "", "HuggingFace model directory (config.json + safetensors)")
 	idsFlag := fs.String("ids", "", "comma-separated prompt token ids")
-	out := fs.String("out", "", "write float32 tensor \"logits\" [len(ids), vocab_size] to this safetensors file")
+	out := fs.String("out", "", "write float32 tensor \"logits\" [len(ids), vocab_size] to this safetensors file (with --chunk or --random-prompt: [1, vocab_size], the last prompt token's)")
 	gen := fs.Int("generate", 0, "greedy-decode this many tokens through the KV cache and print {\"ids\":[...]}")
+	randomPrompt := fs.Int("random-prompt", 0, "prefill N seeded random token ids (instead of --ids) and report time and memory; chunks of --chunk tokens")
+	seed := fs.Uint64("seed", 1, "seed of the --random-prompt token ids")
+	chunk := fs.Int("chunk", 0, "prefill the prompt through the KV cache in chunks of T tokens, one forward step each, as the serving scheduler's chunked prefill does, and report time and memory (default with --random-prompt: 512)")
+	jsonOut := fs.String("json", "", "with --chunk or --random-prompt: also write the prefill report as a JSON object to this file (- for stdout)")
 	ef := addEngineFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if *dir == "" {
 		return usagef("--model is required")
 	}
-	ids, err := parseIDs("ids", *idsFlag)
-	if err != nil {
-		return err
+	switch {
+	case *randomPrompt < 0:
+		return usagef("--random-prompt: %d < 0", *randomPrompt)
+	case set["random-prompt"] && *randomPrompt == 0:
+		return usagef("--random-prompt: 0 tokens (want N ≥ 1)")
+	case *randomPrompt > 0 && set["ids"]:
+		return usagef("--random-prompt and --ids: give one prompt, not both")
+	case set["seed"] && *randomPrompt == 0:
+		return usagef("--seed: only seeds --random-prompt")
+	case *chunk < 0 || set["chunk"] && *chunk == 0:
+		return usagef("--chunk: %d tokens (want T ≥ 1)", *chunk)
 	}
-	if *out == "" && *gen <= 0 {
+	prefill := *randomPrompt > 0 || *chunk > 0
+	if prefill && *chunk == 0 {
+		*chunk = 512
+	}
+	switch {
+	case *jsonOut != "" && !prefill:
+		return usagef("--json: reports a chunked prefill; add --chunk T or --random-prompt N")
+	case prefill && set["generate"]:
+		return usagef("--generate: not with --chunk or --random-prompt (they measure a prefill; --generate prefills in one step)")
+	}
+	var ids []int32
+	if *randomPrompt == 0 {
+		var err error
+		if ids, err = parseIDs("ids", *idsFlag); err != nil {
+			return err
+		}
+	}
+	if !prefill && *out == "" && *gen <= 0 {
 		return usagef("nothing to do: give --out FILE and/or --generate N")
 	}
 	if *gen < 0 {
@@ -109,12 +149,23 @@ func runForward(args []string) error {
 			return usagef("--out: directory %s does not exist", filepath.Dir(*out))
 		}
 	}
+	if *jsonOut != "" && *jsonOut != "-" {
+		if st, err := os.Stat(filepath.Dir(*jsonOut)); err != nil || !st.IsDir() {
+			return usagef("--json: directory %s does not exist", filepath.Dir(*jsonOut))
+		}
+	}
 	if _, err := os.Stat(*dir); err != nil {
 		return fmt.Errorf("--model: %w", err)
 	}
 	cfg, err := model.LoadConfig(filepath.Join(*dir, "config.json"))
 	if err != nil {
 		return fmt.Errorf("--model: %w", err)
+	}
+	if *randomPrompt > cfg.MaxContext() {
+		return usagef("--random-prompt: %d tokens exceed the model's context of %d", *randomPrompt, cfg.MaxContext())
+	}
+	if *randomPrompt > 0 {
+		ids = randomIDs(*randomPrompt, cfg.VocabSize, *seed)
 	}
 	for _, id := range ids {
 		if int(id) >= cfg.VocabSize {
@@ -134,6 +185,10 @@ func runForward(args []string) error {
 	defer b.Close()
 	defer m.Close()
 
+	if prefill {
+		return runPrefill(m, ids, *chunk, *out, *jsonOut, prefillInfo{Model: *dir, Random: *randomPrompt > 0, Seed: *seed, Threads: b.Threads(), Backend: b.Name(), Compute: *ef.compute, Quantize: *ef.quantize, Mmap: *ef.mmap})
+	}
+
 	if *out != "" {
 		start := time.Now()
 		bm, st := m.NewCache(len(ids), model.DefaultBlockSize)
@@ -144,14 +199,8 @@ func runForward(args []string) error {
 		if err != nil {
 			return err
 		}
-		logits := res.Logits[0]
-		raw := make([]byte, 4*len(logits))
-		for i, v := range logits {
-			binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(v))
-		}
-		t := safetensors.Tensor{Header: safetensors.Header{Name: "logits", DType: safetensors.F32, Shape: []int{len(ids), cfg.VocabSize}}, Data: raw}
-		if err := safetensors.WriteFile(*out, []safetensors.Tensor{t}, map[string]string{"format": "pt"}); err != nil {
-			return fmt.Errorf("--out: %w", err)
+		if err := writeLogits(*out, res.Logits[0], len(ids), cfg.VocabSize); err != nil {
+			return err
 		}
 		fmt.Fprintf(os.Stderr, "forward: %d tokens in %.3fs, logits [%d, %d] written to %s\n",
 			len(ids), time.Since(start).Seconds(), len(ids), cfg.VocabSize, *out)
@@ -190,4 +239,254 @@ func computeNote(asked string, bf16 bool) string {
 		return ", bf16 compute asked: float32 FMA is the faster product on this CPU"
 	}
 	return ""
+}
+
+// writeLogits writes float32 tensor "logits" [rows, vocab] to path.
+func writeLogits(path string, logits []float32, rows, vocab int) error {
+	raw := make([]byte, 4*len(logits))
+	for i, v := range logits {
+		binary.LittleEndian.PutUint32(raw[4*i:], math.Float32bits(v))
+	}
+	t := safetensors.Tensor{Header: safetensors.Header{Name: "logits", DType: safetensors.F32, Shape: []int{rows, vocab}}, Data: raw}
+	if err := safetensors.WriteFile(path, []safetensors.Tensor{t}, map[string]string{"format": "pt"}); err != nil {
+		return fmt.Errorf("--out: %w", err)
+	}
+	return nil
+}
+
+// randomIDs is n token ids drawn uniformly from [0, vocab), the same for
+// the same seed.
+func randomIDs(n, vocab int, seed uint64) []int32 {
+	r := rand.New(rand.NewPCG(seed, 0x9e3779b97f4a7c15))
+	ids := make([]int32, n)
+	for i := range ids {
+		ids[i] = int32(r.IntN(vocab))
+	}
+	return ids
+}
+
+// chunkedPrefill runs ids through a KV cache of exactly the blocks they
+// need, chunk tokens per forward step: the way the serving scheduler
+// prefills a long prompt (one sequence per step, Pos = the tokens already
+// cached, the sequence's block table, logits of the step's last token
+// only). It returns the last token's logits, the number of steps and the
+// filled cache.
+func chunkedPrefill(m *model.Model, ids []int32, chunk int) ([]float32, int, *kvcache.Storage, error) {
+	if len(ids) == 0 || chunk <= 0 {
+		return nil, 0, nil, fmt.Errorf("prefill: %d tokens in chunks of %d", len(ids), chunk)
+	}
+	bm, kv := m.NewCache(len(ids), model.DefaultBlockSize)
+	const seq = kvcache.SeqID(0)
+	var last []float32
+	steps := 0
+	for start := 0; start < len(ids); start += chunk {
+		end := min(len(ids), start+chunk)
+		if err := bm.Reserve(seq, end); err != nil {
+			return nil, steps, nil, err
+		}
+		res, err := m.Forward(&model.Batch{Seqs: []model.Seq{{Tokens: ids[start:end], Pos: start, Blocks: bm.Table(seq)}}}, kv)
+		if err != nil {
+			return nil, steps, nil, fmt.Errorf("prefill chunk [%d, %d): %w", start, end, err)
+		}
+		last = res.Logits[0]
+		steps++
+	}
+	return last, steps, kv, nil
+}
+
+// prefillInfo is what runPrefill reports about the run besides its figures.
+type prefillInfo struct {
+	Model    string `json:"model"`
+	Random   bool   `json:"random_prompt"`
+	Seed     uint64 `json:"seed,omitempty"`
+	Threads  int    `json:"threads"`
+	Backend  string `json:"backend"`
+	Compute  string `json:"compute"`
+	Quantize string `json:"quantize,omitempty"`
+	Mmap     bool   `json:"mmap"`
+}
+
+// prefillReport is the --json object of a chunked prefill. Memory figures
+// are bytes of resident memory of the whole process.
+type prefillReport struct {
+	prefillInfo
+	Tokens      int     `json:"tokens"`
+	Chunk       int     `json:"chunk"`
+	Chunks      int     `json:"chunks"`
+	Seconds     float64 `json:"seconds"`
+	TokensPerS  float64 `json:"tokens_per_s"`
+	Layers      int     `json:"layers"`
+	KVDim       int     `json:"kv_dim"`
+	KVPerToken  int64   `json:"kv_bytes_per_token"` // layers × 2 × kvDim × 4
+	KVBytes     int64   `json:"kv_bytes"`           // KVPerToken × tokens
+	KVAllocated int64   `json:"kv_alloc_bytes"`     // the cache's blocks: tokens rounded up to whole blocks
+	BlockSize   int     `json:"block_size"`
+	WeightBytes int64   `json:"weight_bytes"`
+	// PeakBefore is the process's peak after the weights loaded (loading's
+	// transient copies included); RSSBefore its resident memory when the
+	// prefill starts, after a collection that returns freed memory to the
+	// OS.
+	PeakBefore int64 `json:"peak_rss_before"`
+	RSSBefore  int64 `json:"rss_before"`
+	// PeakPrefill is the peak during the prefill alone when PeakReset (the
+	// high-water mark was reset to the current RSS before it: Linux's
+	// /proc/self/clear_refs), else the process's peak so far.
+	PeakPrefill int64 `json:"peak_rss_prefill"`
+	// PeakAfter is the process's peak after the prefill, loading included.
+	PeakAfter int64 `json:"peak_rss_after"`
+	// RSSKept is the resident memory after the prefill once a collection
+	// has returned the garbage to the OS, the cache still held: weights,
+	// cache and the runtime, without the collector's headroom that the
+	// peaks include.
+	RSSKept    int64  `json:"rss_after_gc"`
+	PeakReset  bool   `json:"peak_reset"`
+	PeakSource string `json:"peak_source"` // /proc/self/status VmHWM, or getrusage
+	GCCycles   uint32 `json:"gc_cycles"`   // Go collections during the prefill
+	GOGC       string `json:"gogc,omitempty"`
+	GOMEMLIMIT string `json:"gomemlimit,omitempty"`
+	LastArgmax int    `json:"last_argmax"` // the last prompt token's arg-max
+}
+
+// runPrefill prefills ids in chunks and reports time and memory: one line
+// on stderr, and the JSON object to jsonPath when it is set.
+func runPrefill(m *model.Model, ids []int32, chunk int, outPath, jsonPath string, info prefillInfo) error {
+	cfg := m.Config()
+	if !info.Random {
+		info.Seed = 0
+	}
+	r := prefillReport{prefillInfo: info, Tokens: len(ids), Chunk: chunk, Layers: m.NumLayers(), KVDim: m.KVDim(),
+		BlockSize: model.DefaultBlockSize, WeightBytes: m.WeightBytes(), GOGC: os.Getenv("GOGC"), GOMEMLIMIT: os.Getenv("GOMEMLIMIT")}
+	r.KVPerToken = int64(kvcache.BytesPerToken(r.Layers, r.KVDim))
+	r.KVBytes = r.KVPerToken * int64(len(ids))
+	r.KVAllocated = r.KVPerToken * int64((len(ids)+r.BlockSize-1)/r.BlockSize*r.BlockSize)
+
+	// Loading leaves garbage (file buffers before packing); collect it and
+	// hand it back so the prefill starts from what the weights hold, then
+	// restart the high-water mark so it measures the prefill alone.
+	before := readMem()
+	runtime.GC()
+	debug.FreeOSMemory()
+	r.PeakBefore, r.PeakSource = before.peak, before.source
+	r.RSSBefore = readMem().rss
+	r.PeakReset = resetPeak()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	gc0 := ms.NumGC
+
+	start := time.Now()
+	logits, chunks, kv, err := chunkedPrefill(m, ids, chunk)
+	elapsed := time.Since(start)
+	after := readMem()
+	runtime.ReadMemStats(&ms)
+	if err != nil {
+		return err
+	}
+	r.GCCycles = ms.NumGC - gc0
+	runtime.GC()
+	debug.FreeOSMemory()
+	r.RSSKept = readMem().rss
+	runtime.KeepAlive(kv)
+	r.Chunks, r.Seconds = chunks, elapsed.Seconds()
+	r.TokensPerS = float64(len(ids)) / r.Seconds
+	r.PeakPrefill = after.peak
+	r.PeakAfter = max(after.peak, r.PeakBefore)
+	r.LastArgmax = model.Argmax(logits)
+
+	if outPath != "" {
+		if err := writeLogits(outPath, logits, 1, cfg.VocabSize); err != nil {
+			return err
+		}
+	}
+	during := "peak during it"
+	if !r.PeakReset {
+		during = "process peak after it (could not reset the high-water mark)"
+	}
+	fmt.Fprintf(os.Stderr, "prefill: %d tokens in %d chunks of %d: %.3fs (%.1f tokens/s); KV cache %s (%d B/token); RSS %s at start (peak %s through loading), %s %s (%s above the start), %s after a collection; %s\n",
+		r.Tokens, r.Chunks, r.Chunk, r.Seconds, r.TokensPerS, fmtBytes(r.KVBytes), r.KVPerToken,
+		fmtBytes(r.RSSBefore), fmtBytes(r.PeakBefore), during, fmtBytes(r.PeakPrefill), fmtBytes(r.PeakPrefill-r.RSSBefore), fmtBytes(r.RSSKept), r.PeakSource)
+	if jsonPath == "" {
+		return nil
+	}
+	raw, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	raw = append(raw, '\n')
+	if jsonPath == "-" {
+		_, err = os.Stdout.Write(raw)
+		return err
+	}
+	if err := os.WriteFile(jsonPath, raw, 0o644); err != nil {
+		return fmt.Errorf("--json: %w", err)
+	}
+	return nil
+}
+
+func fmtBytes(n int64) string {
+	switch {
+	case n >= 1<<30 || n <= -1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
+	case n >= 1<<20 || n <= -1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	}
+	return fmt.Sprintf("%d KiB", n>>10)
+}
+
+// memSample is the process's resident memory now and at its peak, bytes.
+type memSample struct {
+	rss, peak int64
+	source    string
+}
+
+// readMem reads VmRSS and VmHWM from /proc/self/status, or where there is
+// none, getrusage's peak (ru_maxrss: KiB on Linux, bytes on macOS) for both.
+func readMem() memSample {
+	if raw, err := os.ReadFile("/proc/self/status"); err == nil {
+		var s memSample
+		sc := bufio.NewScanner(bytes.NewReader(raw))
+		for sc.Scan() {
+			k, v, ok := strings.Cut(sc.Text(), ":")
+			if !ok || k != "VmRSS" && k != "VmHWM" {
+				continue
+			}
+			f := strings.Fields(v) // "1234 kB"
+			if len(f) != 2 || f[1] != "kB" {
+				continue
+			}
+			n, err := strconv.ParseInt(f[0], 10, 64)
+			if err != nil {
+				continue
+			}
+			if k == "VmRSS" {
+				s.rss = n << 10
+			} else {
+				s.peak = n << 10
+			}
+		}
+		if s.peak > 0 {
+			s.source = "/proc/self/status VmHWM"
+			return s
+		}
+	}
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return memSample{source: "none"}
+	}
+	peak := int64(ru.Maxrss)
+	if runtime.GOOS != "darwin" && runtime.GOOS != "ios" {
+		peak <<= 10
+	}
+	return memSample{rss: peak, peak: peak, source: "getrusage ru_maxrss"}
+}
+
+// resetPeak sets the process's high-water mark (VmHWM) to its current
+// resident memory (Linux 4.0+); it reports whether it could.
+func resetPeak() bool {
+	f, err := os.OpenFile("/proc/self/clear_refs", os.O_WRONLY, 0)
+	if err != nil {
+		return false
+	}
+	_, werr := f.WriteString("5")
+	cerr := f.Close()
+	return werr == nil && cerr == nil
 }
