@@ -73,6 +73,12 @@ type Event struct {
 	// Scheduled (final event) is when the request first ran in a step;
 	// zero if it never did.
 	Scheduled time.Time
+	// CachedTokens (final event) is how many prompt tokens the request's
+	// last admission found in the prefix cache.
+	CachedTokens int
+	// Route (final event) is how the router chose the request's replica
+	// (see Router.Submit), empty for an engine used alone.
+	Route Route
 }
 
 // Stream delivers one request's events; events not yet received are
@@ -103,7 +109,7 @@ func (s *Stream) finish(e Event) {
 	if !s.closed {
 		s.pending.Done, s.pending.Finish, s.pending.MatchedStop = true, e.Finish, e.MatchedStop
 		s.pending.PromptLogprobs, s.pending.Preemptions, s.pending.Err = e.PromptLogprobs, e.Preemptions, e.Err
-		s.pending.Scheduled = e.Scheduled
+		s.pending.Scheduled, s.pending.CachedTokens, s.pending.Route = e.Scheduled, e.CachedTokens, e.Route
 		s.closed, s.has = true, true
 	}
 	s.mu.Unlock()
@@ -166,6 +172,8 @@ type reqState struct {
 	scheduled time.Time
 	// queued is when the sequence last entered an engine's queue.
 	queued time.Time
+	// route is the router's choice of replica for the request.
+	route Route
 }
 
 // MaxStepFailures is how many consecutive failed steps a request survives.
@@ -193,6 +201,8 @@ type Stats struct {
 	// see StepTimeout (the type). A Router's Stats has the largest of its
 	// replicas'.
 	StepTimeout time.Duration
+	// Cache counts prefix-cache lookups (see CacheStats).
+	Cache CacheStats
 }
 
 // Engine runs the continuous-batching loop of one replica. Safe for
@@ -283,7 +293,7 @@ func newSeq(r *Request) *Seq {
 		}
 	}
 	return &Seq{ID: kvcache.SeqID(seqIDs.Add(1)), Tokens: slices.Concat(r.Prompt, r.Resume), NumPrompt: len(r.Prompt),
-		MaxLen: len(r.Prompt) + r.MaxTokens, Payload: st}
+		MaxLen: len(r.Prompt) + r.MaxTokens, Payload: st, NoCacheLookup: r.PromptLogprobs}
 }
 
 // Submit queues a request and returns its stream.
@@ -378,6 +388,7 @@ func (e *Engine) end(q *Seq, ev Event) {
 	ev.PromptLogprobs = st.plp
 	ev.Preemptions = q.Preemptions
 	ev.Scheduled = st.scheduled
+	ev.CachedTokens, ev.Route = min(q.Cached, q.NumPrompt), st.route
 	st.stream.finish(ev)
 }
 
@@ -409,7 +420,15 @@ func (e *Engine) Stats() Stats {
 		BlockSize: bm.BlockSize(), Preemptions: e.sched.Preemptions(), Steps: e.steps.Load(), Tokens: e.tokens.Load(),
 		StepErrors: e.errs.Load(), LastStep: time.Duration(e.lastStep.Load()), Comm: time.Duration(e.commNs.Load()),
 		StepTime: time.Duration(e.stepNs.Load()), SentBytes: e.sent.Load(), StepTokens: e.stepToks.Load(),
-		StepTimeout: e.timer.typical()}
+		StepTimeout: e.timer.typical(), Cache: e.sched.CacheStats()}
+}
+
+// CachedPrefix is how many leading tokens of q this replica's prefix cache
+// holds now.
+func (e *Engine) CachedPrefix(q *Seq) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.sched.CachedPrefix(q)
 }
 
 // SetMaxQueueWait sets how long a new request may wait in this engine's
@@ -586,6 +605,9 @@ func (e *Engine) Run(ctx context.Context) {
 				}
 			}
 			e.sched.PreemptAll()
+			// The workers may have lost their KV (restarted): cached
+			// prefixes are recomputed rather than trusted.
+			e.sched.ResetCache()
 			e.mu.Unlock()
 			if e.OnStepError != nil {
 				e.OnStepError(d.err)
@@ -637,6 +659,9 @@ func batchTokens(b *steps.Batch) int {
 
 func (e *Engine) batch(p *Plan) *steps.Batch {
 	b := &steps.Batch{Seqs: make([]steps.Seq, len(p.Items))}
+	for _, c := range p.Copies {
+		b.Copies = append(b.Copies, steps.BlockCopy{Src: c.Src, Dst: c.Dst})
+	}
 	for i, it := range p.Items {
 		st := it.Seq.Payload.(*reqState)
 		s := steps.Seq{ID: uint64(it.Seq.ID), Tokens: it.Tokens, Start: it.Start, Blocks: it.Blocks, Sample: it.Sample, RequestID: st.req.ID}

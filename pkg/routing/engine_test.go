@@ -35,6 +35,13 @@ func (w wholeModel) Step(ctx context.Context, b *steps.Batch) (*steps.Result, er
 // newEngine runs an engine over an in-process executor of a reference model.
 func newEngine(t *testing.T, blocks, blockSize int, cfg routing.SchedulerConfig) (*routing.Engine, *model.Model) {
 	t.Helper()
+	return newEngineWith(t, blocks, blockSize, cfg, nil)
+}
+
+// newEngineWith is newEngine with the executor wrapped by wrap (when not
+// nil).
+func newEngineWith(t *testing.T, blocks, blockSize int, cfg routing.SchedulerConfig, wrap func(routing.Executor) routing.Executor) (*routing.Engine, *model.Model) {
+	t.Helper()
 	b, err := cpu.New(cpu.Config{Threads: 2, BatchInvariant: true})
 	if err != nil {
 		t.Fatal(err)
@@ -47,7 +54,11 @@ func newEngine(t *testing.T, blocks, blockSize int, cfg routing.SchedulerConfig)
 	if err := x.Warmup(blocks, blockSize, 8); err != nil {
 		t.Fatal(err)
 	}
-	e := routing.NewEngine(wholeModel{x}, cfg, blocks, blockSize)
+	var exec routing.Executor = wholeModel{x}
+	if wrap != nil {
+		exec = wrap(exec)
+	}
+	e := routing.NewEngine(exec, cfg, blocks, blockSize)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { e.Run(ctx); close(done) }()

@@ -3,6 +3,7 @@ package routing
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"sort"
 	"sync"
 	"time"
@@ -18,8 +19,13 @@ const (
 	DefaultMaxOrphans   = 1024
 )
 
-// Router spreads requests over the replicas' engines (least loaded first)
-// and moves a lost replica's requests to the others. A request no replica
+// Router spreads requests over the replicas' engines and moves a lost
+// replica's requests to the others. With the prefix policy (the default)
+// a request goes to the replica whose prefix cache holds the longest
+// prefix of its tokens, unless that replica is busier than the least
+// loaded one by more than the load margin; with no cached prefix within
+// the margin, or with the least-loaded policy, it goes to the least
+// loaded replica (see SetRouting). A request no replica
 // can take (there is none, or every one is cordoned) waits in the router,
 // an orphan, until a replica is added or the queue timeout passes (see
 // SetQueueTimeout). Request ids are unique across replicas and orphans
@@ -39,6 +45,34 @@ type Router struct {
 	// maxWait is the longest a new request may wait in a replica's queue
 	// before its first step (0: no limit): see SetMaxQueueWait.
 	maxWait time.Duration
+	// policy and margin: see SetRouting. routed counts decisions by
+	// policy.
+	policy string
+	margin int
+	routed map[string]int64
+}
+
+// Routing policies (SetRouting).
+const (
+	// RoutePrefix sends a request to the replica holding the longest
+	// cached prefix of it, within the load margin of the least loaded.
+	RoutePrefix = "prefix"
+	// RouteLeastLoaded sends a request to the replica with the fewest
+	// sequences (running and queued).
+	RouteLeastLoaded = "least-loaded"
+	// DefaultLoadMargin is how many more sequences than the least loaded
+	// replica a replica may hold and keep a request whose prefix it caches.
+	DefaultLoadMargin = 4
+)
+
+// Route is how the router chose a request's replica: the Policy that
+// decided ("prefix": the longest cached prefix; "load": the least loaded;
+// "wait": the shortest estimated queue wait, see SetMaxQueueWait), and how
+// many leading tokens of the request the chosen replica's cache held then.
+type Route struct {
+	Replica      string
+	Policy       string
+	PrefixTokens int
 }
 
 // orphan is a request waiting for a replica since a time.
@@ -50,7 +84,32 @@ type orphan struct {
 // NewRouter makes an empty router.
 func NewRouter() *Router {
 	return &Router{replicas: map[string]*Engine{}, cordoned: map[string]bool{},
-		queueTimeout: DefaultQueueTimeout, maxOrphans: DefaultMaxOrphans}
+		queueTimeout: DefaultQueueTimeout, maxOrphans: DefaultMaxOrphans,
+		policy: RoutePrefix, margin: DefaultLoadMargin, routed: map[string]int64{}}
+}
+
+// SetRouting sets the policy (RoutePrefix or RouteLeastLoaded) and, for
+// RoutePrefix, the load margin (≥ 0, in sequences). Requests moved from a
+// lost replica, and requests that waited for one, are placed the same way.
+func (r *Router) SetRouting(policy string, margin int) error {
+	if policy != RoutePrefix && policy != RouteLeastLoaded {
+		return fmt.Errorf("routing: policy %q is not %q or %q", policy, RoutePrefix, RouteLeastLoaded)
+	}
+	if margin < 0 {
+		return fmt.Errorf("routing: load margin %d < 0", margin)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.policy, r.margin = policy, margin
+	return nil
+}
+
+// Routed counts the requests routed so far by the policy that decided
+// (Route.Policy).
+func (r *Router) Routed() map[string]int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return maps.Clone(r.routed)
 }
 
 // SetQueueTimeout sets how long a request may wait with no replica able
@@ -266,21 +325,19 @@ func (r *Router) RemoveReplica(name string) {
 // moving between replicas is always findable (Abort) and AddReplica cannot
 // miss an orphan.
 func (r *Router) placeLocked(seqs []*Seq) {
-	for len(seqs) > 0 {
-		e := r.pickLocked()
+	for i, q := range seqs {
+		e, route := r.pickLocked(q)
 		if e == nil {
-			r.orphanLocked(seqs...)
+			r.orphanLocked(seqs[i:]...)
 			return
 		}
-		left := e.Adopt(seqs) // those refused because e is closed
-		if len(left) == len(seqs) {
+		q.Payload.(*reqState).route = route
+		if left := e.Adopt([]*Seq{q}); len(left) > 0 {
 			// Only the router closes engines, removing them in the same
 			// critical section, so this does not happen; were it to, the
-			// sequences wait rather than the loop spin.
+			// sequence waits rather than the loop spin.
 			r.orphanLocked(left...)
-			return
 		}
-		seqs = left
 	}
 }
 
@@ -300,19 +357,68 @@ func (r *Router) namesLocked() []string {
 	return names
 }
 
-func (r *Router) pickLocked() *Engine {
-	var best *Engine
-	bestLoad := 0
+// pickLocked chooses q's replica by the routing policy (nil when no
+// replica takes requests); r.mu is held.
+func (r *Router) pickLocked(q *Seq) (*Engine, Route) {
+	type cand struct {
+		name       string
+		e          *Engine
+		load, hits int
+	}
+	var cs []cand
+	minLoad := 0
 	for _, n := range r.namesLocked() {
 		if r.cordoned[n] {
 			continue
 		}
-		e := r.replicas[n]
-		if l := e.Load(); best == nil || l < bestLoad {
-			best, bestLoad = e, l
+		c := cand{name: n, e: r.replicas[n], load: r.replicas[n].Load()}
+		if len(cs) == 0 || c.load < minLoad {
+			minLoad = c.load
+		}
+		cs = append(cs, c)
+	}
+	if len(cs) == 0 {
+		return nil, Route{}
+	}
+	least := 0
+	for i, c := range cs {
+		if c.load < cs[least].load {
+			least = i
 		}
 	}
-	return best
+	if r.policy == RoutePrefix {
+		best := -1
+		for i := range cs {
+			c := &cs[i]
+			if c.load > minLoad+r.margin {
+				continue
+			}
+			c.hits = c.e.CachedPrefix(q)
+			if c.hits > 0 && (best < 0 || c.hits > cs[best].hits || c.hits == cs[best].hits && c.load < cs[best].load) {
+				best = i
+			}
+		}
+		if best >= 0 {
+			return cs[best].e, r.routeLocked(Route{Replica: cs[best].name, Policy: "prefix", PrefixTokens: cs[best].hits})
+		}
+	}
+	return cs[least].e, r.routeLocked(Route{Replica: cs[least].name, Policy: "load", PrefixTokens: cs[least].hits})
+}
+
+// routeLocked counts a decision; r.mu is held.
+func (r *Router) routeLocked(rt Route) Route {
+	r.routed[rt.Policy]++
+	return rt
+}
+
+// nameOfLocked is e's replica name; r.mu is held.
+func (r *Router) nameOfLocked(e *Engine) string {
+	for n, x := range r.replicas {
+		if x == e {
+			return n
+		}
+	}
+	return ""
 }
 
 // shortestWaitLocked is the replica (not cordoned) whose estimated queue
@@ -370,18 +476,28 @@ func (r *Router) Submit(req *Request) (*Stream, error) {
 			return nil, fmt.Errorf("%w: %q", ErrDuplicate, req.ID)
 		}
 	}
-	if e := r.pickLocked(); e != nil {
+	q := newSeq(req)
+	if r.maxWait > 0 && len(req.Resume) == 0 && len(r.replicas) > 0 {
+		if _, wait := r.shortestWaitLocked(); wait > r.maxWait {
+			return nil, fmt.Errorf("%w: a new request would wait about %v in the queue, more than the max queue wait of %v",
+				ErrOverloaded, roundWait(wait), r.maxWait)
+		}
+	}
+	if e, route := r.pickLocked(q); e != nil {
 		if r.maxWait > 0 && len(req.Resume) == 0 {
-			best, wait := r.shortestWaitLocked()
-			if wait > r.maxWait {
-				return nil, fmt.Errorf("%w: a new request would wait about %v in the queue, more than the max queue wait of %v",
-					ErrOverloaded, roundWait(wait), r.maxWait)
-			}
 			if w, ok := e.QueueWait(); ok && w > r.maxWait {
-				e = best // the least loaded replica drains its queue slowly
+				// The chosen replica drains its queue slowly.
+				r.routed[route.Policy]--
+				best, _ := r.shortestWaitLocked()
+				e, route = best, r.routeLocked(Route{Replica: r.nameOfLocked(best), Policy: "wait", PrefixTokens: best.CachedPrefix(q)})
 			}
 		}
-		return e.Submit(req)
+		q.Payload.(*reqState).route = route
+		if err := e.adopt(q); err != nil {
+			r.routed[route.Policy]--
+			return nil, err
+		}
+		return q.Payload.(*reqState).stream, nil
 	}
 	if r.refuse != "" {
 		return nil, fmt.Errorf("%w: %s", ErrNoReplica, r.refuse)
@@ -389,7 +505,6 @@ func (r *Router) Submit(req *Request) (*Stream, error) {
 	if len(r.orphans) >= r.maxOrphans {
 		return nil, fmt.Errorf("%w: %d requests wait for a replica", ErrQueueFull, len(r.orphans))
 	}
-	q := newSeq(req)
 	if err := checkSeq(q); err != nil {
 		return nil, err
 	}
@@ -456,6 +571,12 @@ func (r *Router) Stats() Stats {
 		s.SentBytes += x.SentBytes
 		s.StepTokens += x.StepTokens
 		s.StepTimeout = max(s.StepTimeout, x.StepTimeout)
+		s.Cache.Queries += x.Cache.Queries
+		s.Cache.Hits += x.Cache.Hits
+		s.Cache.QuerySeqs += x.Cache.QuerySeqs
+		s.Cache.HitSeqs += x.Cache.HitSeqs
+		s.Cache.CachedBlocks += x.Cache.CachedBlocks
+		s.Cache.Evictions += x.Cache.Evictions
 	}
 	s.Waiting += waiting
 	return s

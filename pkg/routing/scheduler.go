@@ -38,6 +38,12 @@ type SchedulerConfig struct {
 	MaxBatchTokens int // tokens computed per step (prefill chunks + decodes)
 	MaxRunning     int // sequences in the running set
 	MaxWaiting     int // queued sequences before Add refuses
+	// NoPrefixCache turns prefix caching off (it is on by default): see
+	// Scheduler.
+	NoPrefixCache bool
+	// CacheIdentity names what the KV of a token prefix depends on besides
+	// the tokens (the model and adapter): cached blocks are keyed by it.
+	CacheIdentity string
 }
 
 // DefaultSchedulerConfig suits a CPU worker.
@@ -58,9 +64,23 @@ type Seq struct {
 	Preemptions int
 	// Payload is the caller's; the scheduler never reads it.
 	Payload any
+	// NoCacheLookup: the sequence computes its prompt from position 0
+	// even where it is cached (a request for prompt logprobs needs every
+	// position's); what it computes is cached for others all the same.
+	NoCacheLookup bool
+	// Cached is how many tokens of the sequence its last admission found
+	// in the prefix cache (0 when it looked up none).
+	Cached int
 
 	running  bool
 	inflight bool // in a step that has not returned (pipelined engines)
+	// hashes name the full blocks of Tokens (see kvcache.PrefixHashes)
+	// under hashRoot; registered is how many of the blocks of the table
+	// are in the cache (or were found there).
+	hashes     []kvcache.BlockHash
+	hashRoot   kvcache.BlockHash
+	hashBS     int
+	registered int
 }
 
 // Generated is the number of tokens generated so far.
@@ -83,15 +103,43 @@ type Plan struct {
 	Preempted []*Seq // sequences preempted while planning
 	// Admitted is how many of the items came from the waiting queue.
 	Admitted int
+	// Copies are the blocks the executor copies before the step
+	// (copy-on-write of shared blocks the step writes).
+	Copies []kvcache.Copy
+}
+
+// CacheStats count prefix-cache lookups: one per admission of a sequence
+// that looks up its tokens (Queries, in tokens: the sequence's length;
+// Hits, in tokens: those found cached), and the same counted in sequences
+// (QuerySeqs; HitSeqs: those that found at least one block).
+type CacheStats struct {
+	Queries, Hits      int64
+	QuerySeqs, HitSeqs int64
+	CachedBlocks       int
+	Evictions          int64
 }
 
 // Scheduler decides which sequences run in each step.
+//
+// With prefix caching on (SchedulerConfig.NoPrefixCache unset), a sequence
+// admitted from the queue first takes the longest run of cached full
+// blocks of its tokens (kvcache.BlockManager.Share) and starts computing
+// after them; when every token is cached it still computes the last one
+// (the step's output for it picks the next token), in a copy of the last
+// block if another sequence shares it. After each step, the blocks a
+// sequence filled are cached under the hash of their prefix
+// (kvcache.PrefixHashes), generated tokens included, so a preempted
+// sequence, a request resumed with its earlier output, or the next turn
+// of a chat finds its prefix again while the blocks are not needed
+// elsewhere.
 type Scheduler struct {
 	cfg     SchedulerConfig
 	bm      *kvcache.BlockManager
+	root    kvcache.BlockHash
 	waiting []*Seq
 	running []*Seq
 	preempt int64
+	stats   CacheStats
 }
 
 // NewScheduler schedules over bm.
@@ -99,7 +147,65 @@ func NewScheduler(cfg SchedulerConfig, bm *kvcache.BlockManager) *Scheduler {
 	if cfg.MaxBatchTokens <= 0 || cfg.MaxRunning <= 0 || cfg.MaxWaiting < 0 {
 		panic(fmt.Sprintf("routing: bad SchedulerConfig %+v", cfg))
 	}
-	return &Scheduler{cfg: cfg, bm: bm}
+	bm.SetPrefixCaching(!cfg.NoPrefixCache)
+	return &Scheduler{cfg: cfg, bm: bm, root: kvcache.RootHash(cfg.CacheIdentity)}
+}
+
+// CacheStats reads the prefix cache's counters.
+func (s *Scheduler) CacheStats() CacheStats {
+	c := s.stats
+	c.CachedBlocks, c.Evictions = s.bm.NumCached(), s.bm.Evictions()
+	return c
+}
+
+// hashesFor has q.hashes name every full block of q.Tokens[:n].
+func (s *Scheduler) hashesFor(q *Seq, n int) []kvcache.BlockHash {
+	bs := s.bm.BlockSize()
+	if q.hashRoot != s.root || q.hashBS != bs {
+		q.hashes, q.hashRoot, q.hashBS = nil, s.root, bs
+	}
+	if len(q.hashes) < n/bs {
+		q.hashes = kvcache.PrefixHashes(s.root, q.hashes, q.Tokens[:n], bs)
+	}
+	return q.hashes[:n/bs]
+}
+
+// CachedPrefix is how many leading tokens of q's this scheduler's cache
+// holds now (0 with caching off): what admitting it would skip.
+func (s *Scheduler) CachedPrefix(q *Seq) int {
+	if !s.bm.PrefixCaching() || q.NoCacheLookup {
+		return 0
+	}
+	return s.bm.Match(s.hashesFor(q, len(q.Tokens))) * s.bm.BlockSize()
+}
+
+// share starts a sequence being admitted with its cached prefix: it sets
+// Computed past the cached tokens (all but the last token at most) and
+// returns how many tokens were cached.
+func (s *Scheduler) share(q *Seq) int {
+	q.registered = 0
+	if !s.bm.PrefixCaching() || q.NoCacheLookup {
+		return 0
+	}
+	hs := s.hashesFor(q, len(q.Tokens))
+	n := s.bm.Share(q.ID, hs, len(hs))
+	q.Computed = min(n*s.bm.BlockSize(), len(q.Tokens)-1)
+	q.registered = q.Computed / s.bm.BlockSize()
+	return n * s.bm.BlockSize()
+}
+
+// grow gives q's table the blocks for positions up to end, writable from
+// q.Computed on; copies are added to p.
+func (s *Scheduler) grow(p *Plan, q *Seq, end int) error {
+	if err := s.bm.Reserve(q.ID, end); err != nil {
+		return err
+	}
+	cp, err := s.bm.PrepareWrite(q.ID, q.Computed, end)
+	if err != nil {
+		return err
+	}
+	p.Copies = append(p.Copies, cp...)
+	return nil
 }
 
 // Blocks is the block manager (read its counters; do not reserve).
@@ -194,7 +300,7 @@ func (s *Scheduler) ScheduleAtMost(maxSeqs int) *Plan {
 		if n <= 0 || q.inflight {
 			continue
 		}
-		for s.bm.Reserve(q.ID, q.Computed+n) != nil {
+		for s.grow(p, q, q.Computed+n) != nil {
 			// Preempt the newest running sequence not in a step; if that
 			// is q itself, q waits and the step goes on without it.
 			victim := s.newestIdle()
@@ -221,11 +327,22 @@ func (s *Scheduler) ScheduleAtMost(maxSeqs int) *Plan {
 		if q.inflight { // preempted during a step still out: wait for it
 			break
 		}
+		hit := s.share(q)
 		n := min(len(q.Tokens)-q.Computed, budget)
-		if s.bm.Reserve(q.ID, q.Computed+n) != nil {
+		if s.grow(p, q, q.Computed+n) != nil {
 			s.bm.Free(q.ID)
+			q.Computed, q.registered = 0, 0
 			break
 		}
+		if s.bm.PrefixCaching() && !q.NoCacheLookup {
+			s.stats.Queries += int64(len(q.Tokens))
+			s.stats.Hits += int64(hit)
+			s.stats.QuerySeqs++
+			if hit > 0 {
+				s.stats.HitSeqs++
+			}
+		}
+		q.Cached = hit
 		s.waiting = s.waiting[1:]
 		q.running = true
 		s.running = append(s.running, q)
@@ -262,13 +379,24 @@ func (s *Scheduler) preemptSeq(q *Seq) {
 
 // Advance records that a plan ran: every item's tokens are now computed.
 // Items whose sequence was removed meanwhile are skipped.
+// With prefix caching, the blocks the plan filled are cached.
 func (s *Scheduler) Advance(p *Plan) {
 	for _, it := range p.Items {
-		if s.Owns(it.Seq) && it.Seq.Computed == it.Start {
-			it.Seq.Computed = it.Start + len(it.Tokens)
+		q := it.Seq
+		if s.Owns(q) && q.Computed == it.Start {
+			q.Computed = it.Start + len(it.Tokens)
+			if s.bm.PrefixCaching() {
+				hs := s.hashesFor(q, q.Computed)
+				s.bm.Register(q.ID, q.registered, hs)
+				q.registered = len(hs)
+			}
 		}
 	}
 }
+
+// ResetCache forgets every cached prefix: the executor's KV cannot be
+// trusted (a step failed; its workers may have restarted).
+func (s *Scheduler) ResetCache() { s.bm.ResetCache() }
 
 // Owns reports whether q is in this scheduler's running set (a sequence
 // removed, preempted or moved to another scheduler during a step is not).

@@ -16,7 +16,7 @@ func seq(id int, prompt, maxLen int) *Seq {
 }
 
 func TestSchedulerChunksPrefillUnderBudget(t *testing.T) {
-	s := NewScheduler(SchedulerConfig{MaxBatchTokens: 8, MaxRunning: 4, MaxWaiting: 4}, kvcache.NewBlockManager(100, 4))
+	s := NewScheduler(SchedulerConfig{MaxBatchTokens: 8, MaxRunning: 4, MaxWaiting: 4, NoPrefixCache: true}, kvcache.NewBlockManager(100, 4))
 	q := seq(1, 20, 30)
 	if err := s.Add(q); err != nil {
 		t.Fatal(err)
@@ -52,7 +52,7 @@ func TestSchedulerChunksPrefillUnderBudget(t *testing.T) {
 
 func TestSchedulerPreemptsNewestAndRecomputes(t *testing.T) {
 	bm := kvcache.NewBlockManager(4, 4) // 16 slots
-	s := NewScheduler(SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 4, MaxWaiting: 4}, bm)
+	s := NewScheduler(SchedulerConfig{MaxBatchTokens: 64, MaxRunning: 4, MaxWaiting: 4, NoPrefixCache: true}, bm)
 	a, b := seq(1, 6, 16), seq(2, 6, 16)
 	s.Add(a)
 	s.Add(b)

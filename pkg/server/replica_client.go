@@ -81,6 +81,9 @@ func (g *replicaExecutor) Step(ctx context.Context, b *steps.Batch) (*steps.Resu
 		req.StepId = b.ID
 		req.ExpertsVersion = g.expertsFor(b.ID)
 	}
+	for _, c := range b.Copies {
+		req.Copies = append(req.Copies, &workerv1.BlockCopy{Src: c.Src, Dst: c.Dst})
+	}
 	for i, s := range b.Seqs {
 		req.Seqs[i] = &workerv1.SeqStep{SeqId: s.ID, Tokens: s.Tokens, Start: int32(s.Start), BlockTable: s.Blocks,
 			Sample: s.Sample, TopN: int32(s.TopN), FullRow: s.FullRow, PromptTargets: s.PromptTargets, WantLogsumexp: s.WantLogSumExp,

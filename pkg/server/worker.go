@@ -515,6 +515,9 @@ func (w *WorkerService) Step(ctx context.Context, req *workerv1.StepRequest) (*w
 		return nil, status.Errorf(codes.FailedPrecondition, "assignment_version: %d, this worker holds %d", req.AssignmentVersion, version)
 	}
 	b := &steps.Batch{ID: req.StepId, Seqs: make([]steps.Seq, len(req.Seqs))}
+	for _, c := range req.Copies {
+		b.Copies = append(b.Copies, steps.BlockCopy{Src: c.Src, Dst: c.Dst})
+	}
 	tokens := 0
 	for i, s := range req.Seqs {
 		b.Seqs[i] = steps.Seq{ID: s.SeqId, Tokens: s.Tokens, Start: int(s.Start), Blocks: s.BlockTable,

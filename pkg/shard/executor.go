@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/qwenfleet/qwenfleet/pkg/kernels"
 	"github.com/qwenfleet/qwenfleet/pkg/kvcache"
 	"github.com/qwenfleet/qwenfleet/pkg/model"
 	"github.com/qwenfleet/qwenfleet/pkg/sampling"
@@ -21,8 +22,8 @@ const MaxTopN = 1024
 var ErrNotReady = errors.New("shard: KV cache not allocated (call Warmup)")
 
 // ErrMissingKV is returned by Step for a sequence that starts past the
-// positions this executor computed for it (its KV was lost, e.g. the pool
-// was re-allocated by a Warmup, or it ran elsewhere): the coordinator must
+// positions whose KV its blocks hold here (the KV was lost: the pool was
+// re-allocated by a Warmup, or the worker restarted): the coordinator must
 // recompute it from position 0.
 var ErrMissingKV = errors.New("shard: sequence's KV cache is not here")
 
@@ -32,9 +33,12 @@ type Executor struct {
 	mu    sync.Mutex
 	m     *model.Model
 	cache *kvcache.Storage
-	// known is, per sequence, how many positions of KV this executor has
-	// computed since the pool was allocated (until Release).
-	known map[uint64]int
+	// filled is, per block, how many leading slots hold KV written since
+	// the pool was allocated (by a step or a copy). A step that starts a
+	// sequence at position p needs the blocks before p filled: the
+	// coordinator may start a sequence past 0 on blocks other sequences
+	// computed (prefix caching), and this catches KV the worker lost.
+	filled []int32
 
 	// turn is the highest step id run since Warmup; turnC is closed and
 	// replaced whenever it moves.
@@ -45,17 +49,12 @@ type Executor struct {
 
 // NewExecutor wraps a loaded model (whole, or a shard of it).
 func NewExecutor(m *model.Model) *Executor {
-	return &Executor{m: m, known: map[uint64]int{}, turnC: make(chan struct{})}
+	return &Executor{m: m, turnC: make(chan struct{})}
 }
 
-// Release forgets sequences (they finished, or moved).
-func (x *Executor) Release(ids []uint64) {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	for _, id := range ids {
-		delete(x.known, id)
-	}
-}
+// Release is told of sequences that finished or moved. The executor keeps
+// no per-sequence state (KV validity is per block), so it does nothing.
+func (x *Executor) Release(ids []uint64) {}
 
 // Model is the executor's model.
 func (x *Executor) Model() *model.Model { return x.m }
@@ -73,17 +72,18 @@ func (x *Executor) Warmup(numBlocks, blockSize, warmTokens int) error {
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	x.cache = nil
-	clear(x.known)
+	x.cache, x.filled = nil, nil
 	x.turnMu.Lock()
 	x.turn = 0
 	x.turnMu.Unlock()
 	x.cache = kvcache.NewStorage(x.m.Backend(), x.m.NumLayers(), numBlocks, blockSize, x.m.KVDim())
+	x.filled = make([]int32, numBlocks)
 	n := min(warmTokens, numBlocks*blockSize, x.m.Config().MaxContext())
 	if n <= 0 || !x.m.Whole() {
 		// A shard cannot step alone: its first step warms it.
 		return nil
 	}
+	// The warm-up's KV is garbage to every sequence: filled stays 0.
 	toks := make([]int32, n)
 	blocks := make([]int32, (n+blockSize-1)/blockSize)
 	for i := range blocks {
@@ -169,20 +169,21 @@ func (x *Executor) Step(ctx context.Context, b *steps.Batch, link Link, em model
 		x.mu.Unlock()
 		return nil, ErrNotReady
 	}
+	if err := x.copyBlocks(b.Copies); err != nil {
+		x.mu.Unlock()
+		return nil, err
+	}
 	for _, s := range b.Seqs {
-		if s.Start > x.known[s.ID] {
-			n := x.known[s.ID]
+		if err := x.checkFilled(s); err != nil {
 			x.mu.Unlock()
-			return nil, fmt.Errorf("%w: sequence %d starts at %d, %d positions are cached", ErrMissingKV, s.ID, s.Start, n)
+			return nil, err
 		}
 	}
 	t0 := time.Now()
 	out, err := m.Forward(mb, x.cache)
 	fwd := time.Since(t0)
 	if err == nil {
-		for _, s := range b.Seqs {
-			x.known[s.ID] = s.Start + len(s.Tokens)
-		}
+		x.markFilled(b.Seqs)
 	}
 	x.mu.Unlock()
 	if err != nil {
@@ -239,6 +240,72 @@ func (x *Executor) Step(ctx context.Context, b *steps.Batch, link Link, em model
 		}
 	}
 	return res, nil
+}
+
+// copyBlocks makes each copy's Dst block hold its Src block's KV, in
+// order; x.mu is held.
+func (x *Executor) copyBlocks(cs []steps.BlockCopy) error {
+	if len(cs) == 0 {
+		return nil
+	}
+	nb, bs := int32(x.cache.NumBlocks()), x.cache.BlockSize()
+	for _, c := range cs {
+		if c.Src < 0 || c.Src >= nb || c.Dst < 0 || c.Dst >= nb || c.Src == c.Dst {
+			return fmt.Errorf("%w: block copy %d -> %d (the cache has %d blocks)", model.ErrBadBatch, c.Src, c.Dst, nb)
+		}
+	}
+	b := x.m.Backend()
+	src, dst := make([]int32, bs), make([]int32, bs)
+	for _, c := range cs {
+		for i := range bs {
+			src[i], dst[i] = c.Src*int32(bs)+int32(i), c.Dst*int32(bs)+int32(i)
+		}
+		for l := range x.m.NumLayers() {
+			k, v := x.cache.KV(l)
+			for _, t := range []kernels.Tensor{k, v} {
+				rows := b.Gather(t, src)
+				b.WriteKV(t, rows, dst)
+				b.Free(rows)
+			}
+		}
+		x.filled[c.Dst] = x.filled[c.Src]
+	}
+	return nil
+}
+
+// checkFilled refuses a sequence whose blocks do not hold the KV of the
+// positions before its start; x.mu is held.
+func (x *Executor) checkFilled(s steps.Seq) error {
+	bs := x.cache.BlockSize()
+	for i := 0; i*bs < s.Start; i++ {
+		if i >= len(s.Blocks) {
+			return nil // the model refuses the batch with a clearer message
+		}
+		b := s.Blocks[i]
+		if b < 0 || int(b) >= len(x.filled) {
+			return nil // likewise
+		}
+		if need := min(bs, s.Start-i*bs); int(x.filled[b]) < need {
+			return fmt.Errorf("%w: sequence %d starts at %d, but its block %d (table index %d) holds %d positions, not %d",
+				ErrMissingKV, s.ID, s.Start, b, i, x.filled[b], need)
+		}
+	}
+	return nil
+}
+
+// markFilled records the slots a step wrote: a block written up to slot
+// j holds j+1 positions of its sequence (positions are written in order,
+// and a block a sequence starts anew holds nothing of it beyond them).
+func (x *Executor) markFilled(ss []steps.Seq) {
+	bs := x.cache.BlockSize()
+	for _, s := range ss {
+		for p := s.Start; p < s.Start+len(s.Tokens); {
+			i := p / bs
+			end := min((i+1)*bs, s.Start+len(s.Tokens))
+			x.filled[s.Blocks[i]] = int32(end - i*bs)
+			p = end
+		}
+	}
 }
 
 // LoadExperts has an expert-parallel model read the experts em places on

@@ -126,9 +126,31 @@ func TestStepPromptLogprobsAndErrors(t *testing.T) {
 	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 77, Tokens: []int32{1}, Start: 3, Blocks: []int32{2}}}}, nil, nil); !errors.Is(err, shard.ErrMissingKV) {
 		t.Fatalf("unknown sequence at position 3: %v", err)
 	}
+	// Another sequence may start on blocks a finished one computed (the
+	// prefix cache), and on a copy of them; not once the pool is
+	// re-allocated.
 	x.Release([]uint64{1})
-	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 1, Tokens: []int32{1}, Start: 4, Blocks: []int32{0}}}}, nil, nil); !errors.Is(err, shard.ErrMissingKV) {
-		t.Fatalf("released sequence: %v", err)
+	onCached, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 2, Tokens: []int32{1}, Start: 4, Blocks: []int32{0}, Sample: true, TopN: 3}}}, nil, nil)
+	if err != nil {
+		t.Fatalf("a sequence on cached blocks: %v", err)
+	}
+	onCopy, err := x.Step(context.Background(), &steps.Batch{Copies: []steps.BlockCopy{{Src: 0, Dst: 5}},
+		Seqs: []steps.Seq{{ID: 3, Tokens: []int32{1}, Start: 4, Blocks: []int32{5}, Sample: true, TopN: 3}}}, nil, nil)
+	if err != nil {
+		t.Fatalf("a sequence on a copied block: %v", err)
+	}
+	if !slices.Equal(onCached.Seqs[0].Candidates, onCopy.Seqs[0].Candidates) {
+		t.Fatalf("a copied block gives %v, the original %v", onCopy.Seqs[0].Candidates, onCached.Seqs[0].Candidates)
+	}
+	if _, err := x.Step(context.Background(), &steps.Batch{Copies: []steps.BlockCopy{{Src: 0, Dst: 64}},
+		Seqs: []steps.Seq{{ID: 3, Tokens: []int32{1}, Blocks: []int32{5}}}}, nil, nil); !errors.Is(err, model.ErrBadBatch) {
+		t.Fatalf("copy to a block outside the pool: %v", err)
+	}
+	if err := x.Warmup(64, 16, 4); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{{ID: 2, Tokens: []int32{1}, Start: 4, Blocks: []int32{0}}}}, nil, nil); !errors.Is(err, shard.ErrMissingKV) {
+		t.Fatalf("a sequence on blocks of the pool before Warmup: %v", err)
 	}
 	for i, s := range bad {
 		if _, err := x.Step(context.Background(), &steps.Batch{Seqs: []steps.Seq{s}}, nil, nil); !errors.Is(err, model.ErrBadBatch) {

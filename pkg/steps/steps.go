@@ -32,7 +32,14 @@ type Seq struct {
 type Batch struct {
 	ID   uint64
 	Seqs []Seq
+	// Copies are done, in order, before the step: block Dst's K and V
+	// (every layer) become block Src's (copy-on-write of a block shared
+	// through the prefix cache).
+	Copies []BlockCopy
 }
+
+// BlockCopy copies one KV block into another.
+type BlockCopy struct{ Src, Dst int32 }
 
 // Candidate is a token and its raw logit.
 type Candidate struct {

@@ -791,8 +791,11 @@ type StepRequest struct {
 	AssignmentVersion int64      `protobuf:"varint,2,opt,name=assignment_version,json=assignmentVersion,proto3" json:"assignment_version,omitempty"`
 	Seqs              []*SeqStep `protobuf:"bytes,3,rep,name=seqs,proto3" json:"seqs,omitempty"`
 	ExpertsVersion    int64      `protobuf:"varint,4,opt,name=experts_version,json=expertsVersion,proto3" json:"experts_version,omitempty"` // expert placement to use (0: the assignment's)
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Done in order before the step: block dst's K and V (every layer) become
+	// block src's (copy-on-write of a block shared through the prefix cache).
+	Copies        []*BlockCopy `protobuf:"bytes,5,rep,name=copies,proto3" json:"copies,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StepRequest) Reset() {
@@ -853,6 +856,65 @@ func (x *StepRequest) GetExpertsVersion() int64 {
 	return 0
 }
 
+func (x *StepRequest) GetCopies() []*BlockCopy {
+	if x != nil {
+		return x.Copies
+	}
+	return nil
+}
+
+type BlockCopy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Src           int32                  `protobuf:"varint,1,opt,name=src,proto3" json:"src,omitempty"`
+	Dst           int32                  `protobuf:"varint,2,opt,name=dst,proto3" json:"dst,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockCopy) Reset() {
+	*x = BlockCopy{}
+	mi := &file_worker_v1_worker_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockCopy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockCopy) ProtoMessage() {}
+
+func (x *BlockCopy) ProtoReflect() protoreflect.Message {
+	mi := &file_worker_v1_worker_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockCopy.ProtoReflect.Descriptor instead.
+func (*BlockCopy) Descriptor() ([]byte, []int) {
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *BlockCopy) GetSrc() int32 {
+	if x != nil {
+		return x.Src
+	}
+	return 0
+}
+
+func (x *BlockCopy) GetDst() int32 {
+	if x != nil {
+		return x.Dst
+	}
+	return 0
+}
+
 type Candidate struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            int32                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -863,7 +925,7 @@ type Candidate struct {
 
 func (x *Candidate) Reset() {
 	*x = Candidate{}
-	mi := &file_worker_v1_worker_proto_msgTypes[9]
+	mi := &file_worker_v1_worker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -875,7 +937,7 @@ func (x *Candidate) String() string {
 func (*Candidate) ProtoMessage() {}
 
 func (x *Candidate) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[9]
+	mi := &file_worker_v1_worker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -888,7 +950,7 @@ func (x *Candidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Candidate.ProtoReflect.Descriptor instead.
 func (*Candidate) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{9}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Candidate) GetId() int32 {
@@ -925,7 +987,7 @@ type SeqResult struct {
 
 func (x *SeqResult) Reset() {
 	*x = SeqResult{}
-	mi := &file_worker_v1_worker_proto_msgTypes[10]
+	mi := &file_worker_v1_worker_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +999,7 @@ func (x *SeqResult) String() string {
 func (*SeqResult) ProtoMessage() {}
 
 func (x *SeqResult) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[10]
+	mi := &file_worker_v1_worker_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,7 +1012,7 @@ func (x *SeqResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SeqResult.ProtoReflect.Descriptor instead.
 func (*SeqResult) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{10}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SeqResult) GetSeqId() uint64 {
@@ -1025,7 +1087,7 @@ type StepResponse struct {
 
 func (x *StepResponse) Reset() {
 	*x = StepResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[11]
+	mi := &file_worker_v1_worker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1037,7 +1099,7 @@ func (x *StepResponse) String() string {
 func (*StepResponse) ProtoMessage() {}
 
 func (x *StepResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[11]
+	mi := &file_worker_v1_worker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1050,7 +1112,7 @@ func (x *StepResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StepResponse.ProtoReflect.Descriptor instead.
 func (*StepResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{11}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *StepResponse) GetStepId() uint64 {
@@ -1123,7 +1185,7 @@ type ExchangeRequest struct {
 
 func (x *ExchangeRequest) Reset() {
 	*x = ExchangeRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[12]
+	mi := &file_worker_v1_worker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1197,7 @@ func (x *ExchangeRequest) String() string {
 func (*ExchangeRequest) ProtoMessage() {}
 
 func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[12]
+	mi := &file_worker_v1_worker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1210,7 @@ func (x *ExchangeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeRequest.ProtoReflect.Descriptor instead.
 func (*ExchangeRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{12}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ExchangeRequest) GetVersion() int64 {
@@ -1201,7 +1263,7 @@ type ExchangeResponse struct {
 
 func (x *ExchangeResponse) Reset() {
 	*x = ExchangeResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[13]
+	mi := &file_worker_v1_worker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1275,7 @@ func (x *ExchangeResponse) String() string {
 func (*ExchangeResponse) ProtoMessage() {}
 
 func (x *ExchangeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[13]
+	mi := &file_worker_v1_worker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1288,7 @@ func (x *ExchangeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExchangeResponse.ProtoReflect.Descriptor instead.
 func (*ExchangeResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{13}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{14}
 }
 
 type ReleaseRequest struct {
@@ -1238,7 +1300,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[14]
+	mi := &file_worker_v1_worker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1312,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[14]
+	mi := &file_worker_v1_worker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1325,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{14}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReleaseRequest) GetSeqIds() []uint64 {
@@ -1281,7 +1343,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[15]
+	mi := &file_worker_v1_worker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1355,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[15]
+	mi := &file_worker_v1_worker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1368,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{15}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{16}
 }
 
 type HealthRequest struct {
@@ -1317,7 +1379,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[16]
+	mi := &file_worker_v1_worker_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1329,7 +1391,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[16]
+	mi := &file_worker_v1_worker_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1342,7 +1404,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{16}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{17}
 }
 
 type HealthResponse struct {
@@ -1355,7 +1417,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[17]
+	mi := &file_worker_v1_worker_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1367,7 +1429,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[17]
+	mi := &file_worker_v1_worker_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1380,7 +1442,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{17}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *HealthResponse) GetReady() bool {
@@ -1411,7 +1473,7 @@ type SetExpertsRequest struct {
 
 func (x *SetExpertsRequest) Reset() {
 	*x = SetExpertsRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[18]
+	mi := &file_worker_v1_worker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1423,7 +1485,7 @@ func (x *SetExpertsRequest) String() string {
 func (*SetExpertsRequest) ProtoMessage() {}
 
 func (x *SetExpertsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[18]
+	mi := &file_worker_v1_worker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1436,7 +1498,7 @@ func (x *SetExpertsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetExpertsRequest.ProtoReflect.Descriptor instead.
 func (*SetExpertsRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{18}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetExpertsRequest) GetAssignmentVersion() int64 {
@@ -1478,7 +1540,7 @@ type SetExpertsResponse struct {
 
 func (x *SetExpertsResponse) Reset() {
 	*x = SetExpertsResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[19]
+	mi := &file_worker_v1_worker_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1552,7 @@ func (x *SetExpertsResponse) String() string {
 func (*SetExpertsResponse) ProtoMessage() {}
 
 func (x *SetExpertsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[19]
+	mi := &file_worker_v1_worker_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1565,7 @@ func (x *SetExpertsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetExpertsResponse.ProtoReflect.Descriptor instead.
 func (*SetExpertsResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{19}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SetExpertsResponse) GetLoaded() int32 {
@@ -1535,7 +1597,7 @@ type ExpertLoadRequest struct {
 
 func (x *ExpertLoadRequest) Reset() {
 	*x = ExpertLoadRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[20]
+	mi := &file_worker_v1_worker_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1547,7 +1609,7 @@ func (x *ExpertLoadRequest) String() string {
 func (*ExpertLoadRequest) ProtoMessage() {}
 
 func (x *ExpertLoadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[20]
+	mi := &file_worker_v1_worker_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1560,7 +1622,7 @@ func (x *ExpertLoadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertLoadRequest.ProtoReflect.Descriptor instead.
 func (*ExpertLoadRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{20}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{21}
 }
 
 type ExpertLoadResponse struct {
@@ -1576,7 +1638,7 @@ type ExpertLoadResponse struct {
 
 func (x *ExpertLoadResponse) Reset() {
 	*x = ExpertLoadResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[21]
+	mi := &file_worker_v1_worker_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1588,7 +1650,7 @@ func (x *ExpertLoadResponse) String() string {
 func (*ExpertLoadResponse) ProtoMessage() {}
 
 func (x *ExpertLoadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[21]
+	mi := &file_worker_v1_worker_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1601,7 +1663,7 @@ func (x *ExpertLoadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertLoadResponse.ProtoReflect.Descriptor instead.
 func (*ExpertLoadResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{21}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ExpertLoadResponse) GetLayersBegin() int32 {
@@ -1651,7 +1713,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[22]
+	mi := &file_worker_v1_worker_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1663,7 +1725,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[22]
+	mi := &file_worker_v1_worker_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1676,7 +1738,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{22}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DrainRequest) GetTimeoutSeconds() float64 {
@@ -1694,7 +1756,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[23]
+	mi := &file_worker_v1_worker_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1706,7 +1768,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[23]
+	mi := &file_worker_v1_worker_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1719,7 +1781,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{23}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{24}
 }
 
 type LeaveRequest struct {
@@ -1730,7 +1792,7 @@ type LeaveRequest struct {
 
 func (x *LeaveRequest) Reset() {
 	*x = LeaveRequest{}
-	mi := &file_worker_v1_worker_proto_msgTypes[24]
+	mi := &file_worker_v1_worker_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1742,7 +1804,7 @@ func (x *LeaveRequest) String() string {
 func (*LeaveRequest) ProtoMessage() {}
 
 func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[24]
+	mi := &file_worker_v1_worker_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1755,7 +1817,7 @@ func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveRequest.ProtoReflect.Descriptor instead.
 func (*LeaveRequest) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{24}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{25}
 }
 
 type LeaveResponse struct {
@@ -1766,7 +1828,7 @@ type LeaveResponse struct {
 
 func (x *LeaveResponse) Reset() {
 	*x = LeaveResponse{}
-	mi := &file_worker_v1_worker_proto_msgTypes[25]
+	mi := &file_worker_v1_worker_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1840,7 @@ func (x *LeaveResponse) String() string {
 func (*LeaveResponse) ProtoMessage() {}
 
 func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_worker_v1_worker_proto_msgTypes[25]
+	mi := &file_worker_v1_worker_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1853,7 @@ func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveResponse.ProtoReflect.Descriptor instead.
 func (*LeaveResponse) Descriptor() ([]byte, []int) {
-	return file_worker_v1_worker_proto_rawDescGZIP(), []int{25}
+	return file_worker_v1_worker_proto_rawDescGZIP(), []int{26}
 }
 
 var File_worker_v1_worker_proto protoreflect.FileDescriptor
@@ -1880,12 +1942,16 @@ const file_worker_v1_worker_proto_rawDesc = "" +
 	"\x0ewant_logsumexp\x18\t \x01(\bR\rwantLogsumexp\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\n" +
-	" \x01(\tR\trequestId\"\xb0\x01\n" +
+	" \x01(\tR\trequestId\"\xe8\x01\n" +
 	"\vStepRequest\x12\x17\n" +
 	"\astep_id\x18\x01 \x01(\x04R\x06stepId\x12-\n" +
 	"\x12assignment_version\x18\x02 \x01(\x03R\x11assignmentVersion\x120\n" +
 	"\x04seqs\x18\x03 \x03(\v2\x1c.qwenfleet.worker.v1.SeqStepR\x04seqs\x12'\n" +
-	"\x0fexperts_version\x18\x04 \x01(\x03R\x0eexpertsVersion\"1\n" +
+	"\x0fexperts_version\x18\x04 \x01(\x03R\x0eexpertsVersion\x126\n" +
+	"\x06copies\x18\x05 \x03(\v2\x1e.qwenfleet.worker.v1.BlockCopyR\x06copies\"/\n" +
+	"\tBlockCopy\x12\x10\n" +
+	"\x03src\x18\x01 \x01(\x05R\x03src\x12\x10\n" +
+	"\x03dst\x18\x02 \x01(\x05R\x03dst\"1\n" +
 	"\tCandidate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x14\n" +
 	"\x05logit\x18\x02 \x01(\x02R\x05logit\"\x98\x02\n" +
@@ -1976,7 +2042,7 @@ func file_worker_v1_worker_proto_rawDescGZIP() []byte {
 	return file_worker_v1_worker_proto_rawDescData
 }
 
-var file_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_worker_v1_worker_proto_goTypes = []any{
 	(*InfoRequest)(nil),        // 0: qwenfleet.worker.v1.InfoRequest
 	(*InfoResponse)(nil),       // 1: qwenfleet.worker.v1.InfoResponse
@@ -1987,56 +2053,58 @@ var file_worker_v1_worker_proto_goTypes = []any{
 	(*WarmupResponse)(nil),     // 6: qwenfleet.worker.v1.WarmupResponse
 	(*SeqStep)(nil),            // 7: qwenfleet.worker.v1.SeqStep
 	(*StepRequest)(nil),        // 8: qwenfleet.worker.v1.StepRequest
-	(*Candidate)(nil),          // 9: qwenfleet.worker.v1.Candidate
-	(*SeqResult)(nil),          // 10: qwenfleet.worker.v1.SeqResult
-	(*StepResponse)(nil),       // 11: qwenfleet.worker.v1.StepResponse
-	(*ExchangeRequest)(nil),    // 12: qwenfleet.worker.v1.ExchangeRequest
-	(*ExchangeResponse)(nil),   // 13: qwenfleet.worker.v1.ExchangeResponse
-	(*ReleaseRequest)(nil),     // 14: qwenfleet.worker.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),    // 15: qwenfleet.worker.v1.ReleaseResponse
-	(*HealthRequest)(nil),      // 16: qwenfleet.worker.v1.HealthRequest
-	(*HealthResponse)(nil),     // 17: qwenfleet.worker.v1.HealthResponse
-	(*SetExpertsRequest)(nil),  // 18: qwenfleet.worker.v1.SetExpertsRequest
-	(*SetExpertsResponse)(nil), // 19: qwenfleet.worker.v1.SetExpertsResponse
-	(*ExpertLoadRequest)(nil),  // 20: qwenfleet.worker.v1.ExpertLoadRequest
-	(*ExpertLoadResponse)(nil), // 21: qwenfleet.worker.v1.ExpertLoadResponse
-	(*DrainRequest)(nil),       // 22: qwenfleet.worker.v1.DrainRequest
-	(*DrainResponse)(nil),      // 23: qwenfleet.worker.v1.DrainResponse
-	(*LeaveRequest)(nil),       // 24: qwenfleet.worker.v1.LeaveRequest
-	(*LeaveResponse)(nil),      // 25: qwenfleet.worker.v1.LeaveResponse
+	(*BlockCopy)(nil),          // 9: qwenfleet.worker.v1.BlockCopy
+	(*Candidate)(nil),          // 10: qwenfleet.worker.v1.Candidate
+	(*SeqResult)(nil),          // 11: qwenfleet.worker.v1.SeqResult
+	(*StepResponse)(nil),       // 12: qwenfleet.worker.v1.StepResponse
+	(*ExchangeRequest)(nil),    // 13: qwenfleet.worker.v1.ExchangeRequest
+	(*ExchangeResponse)(nil),   // 14: qwenfleet.worker.v1.ExchangeResponse
+	(*ReleaseRequest)(nil),     // 15: qwenfleet.worker.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),    // 16: qwenfleet.worker.v1.ReleaseResponse
+	(*HealthRequest)(nil),      // 17: qwenfleet.worker.v1.HealthRequest
+	(*HealthResponse)(nil),     // 18: qwenfleet.worker.v1.HealthResponse
+	(*SetExpertsRequest)(nil),  // 19: qwenfleet.worker.v1.SetExpertsRequest
+	(*SetExpertsResponse)(nil), // 20: qwenfleet.worker.v1.SetExpertsResponse
+	(*ExpertLoadRequest)(nil),  // 21: qwenfleet.worker.v1.ExpertLoadRequest
+	(*ExpertLoadResponse)(nil), // 22: qwenfleet.worker.v1.ExpertLoadResponse
+	(*DrainRequest)(nil),       // 23: qwenfleet.worker.v1.DrainRequest
+	(*DrainResponse)(nil),      // 24: qwenfleet.worker.v1.DrainResponse
+	(*LeaveRequest)(nil),       // 25: qwenfleet.worker.v1.LeaveRequest
+	(*LeaveResponse)(nil),      // 26: qwenfleet.worker.v1.LeaveResponse
 }
 var file_worker_v1_worker_proto_depIdxs = []int32{
 	2,  // 0: qwenfleet.worker.v1.LoadRequest.assignment:type_name -> qwenfleet.worker.v1.Assignment
 	7,  // 1: qwenfleet.worker.v1.StepRequest.seqs:type_name -> qwenfleet.worker.v1.SeqStep
-	9,  // 2: qwenfleet.worker.v1.SeqResult.candidates:type_name -> qwenfleet.worker.v1.Candidate
-	10, // 3: qwenfleet.worker.v1.StepResponse.results:type_name -> qwenfleet.worker.v1.SeqResult
-	0,  // 4: qwenfleet.worker.v1.Worker.Info:input_type -> qwenfleet.worker.v1.InfoRequest
-	3,  // 5: qwenfleet.worker.v1.Worker.Load:input_type -> qwenfleet.worker.v1.LoadRequest
-	5,  // 6: qwenfleet.worker.v1.Worker.Warmup:input_type -> qwenfleet.worker.v1.WarmupRequest
-	8,  // 7: qwenfleet.worker.v1.Worker.Step:input_type -> qwenfleet.worker.v1.StepRequest
-	14, // 8: qwenfleet.worker.v1.Worker.Release:input_type -> qwenfleet.worker.v1.ReleaseRequest
-	16, // 9: qwenfleet.worker.v1.Worker.Health:input_type -> qwenfleet.worker.v1.HealthRequest
-	12, // 10: qwenfleet.worker.v1.Worker.Exchange:input_type -> qwenfleet.worker.v1.ExchangeRequest
-	18, // 11: qwenfleet.worker.v1.Worker.SetExperts:input_type -> qwenfleet.worker.v1.SetExpertsRequest
-	20, // 12: qwenfleet.worker.v1.Worker.ExpertLoad:input_type -> qwenfleet.worker.v1.ExpertLoadRequest
-	22, // 13: qwenfleet.worker.v1.Worker.Drain:input_type -> qwenfleet.worker.v1.DrainRequest
-	24, // 14: qwenfleet.worker.v1.Worker.Leave:input_type -> qwenfleet.worker.v1.LeaveRequest
-	1,  // 15: qwenfleet.worker.v1.Worker.Info:output_type -> qwenfleet.worker.v1.InfoResponse
-	4,  // 16: qwenfleet.worker.v1.Worker.Load:output_type -> qwenfleet.worker.v1.LoadProgress
-	6,  // 17: qwenfleet.worker.v1.Worker.Warmup:output_type -> qwenfleet.worker.v1.WarmupResponse
-	11, // 18: qwenfleet.worker.v1.Worker.Step:output_type -> qwenfleet.worker.v1.StepResponse
-	15, // 19: qwenfleet.worker.v1.Worker.Release:output_type -> qwenfleet.worker.v1.ReleaseResponse
-	17, // 20: qwenfleet.worker.v1.Worker.Health:output_type -> qwenfleet.worker.v1.HealthResponse
-	13, // 21: qwenfleet.worker.v1.Worker.Exchange:output_type -> qwenfleet.worker.v1.ExchangeResponse
-	19, // 22: qwenfleet.worker.v1.Worker.SetExperts:output_type -> qwenfleet.worker.v1.SetExpertsResponse
-	21, // 23: qwenfleet.worker.v1.Worker.ExpertLoad:output_type -> qwenfleet.worker.v1.ExpertLoadResponse
-	23, // 24: qwenfleet.worker.v1.Worker.Drain:output_type -> qwenfleet.worker.v1.DrainResponse
-	25, // 25: qwenfleet.worker.v1.Worker.Leave:output_type -> qwenfleet.worker.v1.LeaveResponse
-	15, // [15:26] is the sub-list for method output_type
-	4,  // [4:15] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	9,  // 2: qwenfleet.worker.v1.StepRequest.copies:type_name -> qwenfleet.worker.v1.BlockCopy
+	10, // 3: qwenfleet.worker.v1.SeqResult.candidates:type_name -> qwenfleet.worker.v1.Candidate
+	11, // 4: qwenfleet.worker.v1.StepResponse.results:type_name -> qwenfleet.worker.v1.SeqResult
+	0,  // 5: qwenfleet.worker.v1.Worker.Info:input_type -> qwenfleet.worker.v1.InfoRequest
+	3,  // 6: qwenfleet.worker.v1.Worker.Load:input_type -> qwenfleet.worker.v1.LoadRequest
+	5,  // 7: qwenfleet.worker.v1.Worker.Warmup:input_type -> qwenfleet.worker.v1.WarmupRequest
+	8,  // 8: qwenfleet.worker.v1.Worker.Step:input_type -> qwenfleet.worker.v1.StepRequest
+	15, // 9: qwenfleet.worker.v1.Worker.Release:input_type -> qwenfleet.worker.v1.ReleaseRequest
+	17, // 10: qwenfleet.worker.v1.Worker.Health:input_type -> qwenfleet.worker.v1.HealthRequest
+	13, // 11: qwenfleet.worker.v1.Worker.Exchange:input_type -> qwenfleet.worker.v1.ExchangeRequest
+	19, // 12: qwenfleet.worker.v1.Worker.SetExperts:input_type -> qwenfleet.worker.v1.SetExpertsRequest
+	21, // 13: qwenfleet.worker.v1.Worker.ExpertLoad:input_type -> qwenfleet.worker.v1.ExpertLoadRequest
+	23, // 14: qwenfleet.worker.v1.Worker.Drain:input_type -> qwenfleet.worker.v1.DrainRequest
+	25, // 15: qwenfleet.worker.v1.Worker.Leave:input_type -> qwenfleet.worker.v1.LeaveRequest
+	1,  // 16: qwenfleet.worker.v1.Worker.Info:output_type -> qwenfleet.worker.v1.InfoResponse
+	4,  // 17: qwenfleet.worker.v1.Worker.Load:output_type -> qwenfleet.worker.v1.LoadProgress
+	6,  // 18: qwenfleet.worker.v1.Worker.Warmup:output_type -> qwenfleet.worker.v1.WarmupResponse
+	12, // 19: qwenfleet.worker.v1.Worker.Step:output_type -> qwenfleet.worker.v1.StepResponse
+	16, // 20: qwenfleet.worker.v1.Worker.Release:output_type -> qwenfleet.worker.v1.ReleaseResponse
+	18, // 21: qwenfleet.worker.v1.Worker.Health:output_type -> qwenfleet.worker.v1.HealthResponse
+	14, // 22: qwenfleet.worker.v1.Worker.Exchange:output_type -> qwenfleet.worker.v1.ExchangeResponse
+	20, // 23: qwenfleet.worker.v1.Worker.SetExperts:output_type -> qwenfleet.worker.v1.SetExpertsResponse
+	22, // 24: qwenfleet.worker.v1.Worker.ExpertLoad:output_type -> qwenfleet.worker.v1.ExpertLoadResponse
+	24, // 25: qwenfleet.worker.v1.Worker.Drain:output_type -> qwenfleet.worker.v1.DrainResponse
+	26, // 26: qwenfleet.worker.v1.Worker.Leave:output_type -> qwenfleet.worker.v1.LeaveResponse
+	16, // [16:27] is the sub-list for method output_type
+	5,  // [5:16] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_worker_v1_worker_proto_init() }
@@ -2050,7 +2118,7 @@ func file_worker_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_worker_v1_worker_proto_rawDesc), len(file_worker_v1_worker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
