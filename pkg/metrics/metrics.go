@@ -58,6 +58,14 @@ type Coordinator struct {
 	GenerationTokens prometheus.Counter
 	Preemptions      prometheus.Counter
 
+	// Prefix caching, as vLLM's prefix_cache_queries and _hits (in
+	// tokens: a finished request's prompt tokens looked up, and those
+	// found cached), and the same in requests; routing decisions by the
+	// policy that decided (prefix, load, wait).
+	PrefixCacheQueries, PrefixCacheHits              prometheus.Counter
+	PrefixCacheQueryRequests, PrefixCacheHitRequests prometheus.Counter
+	RouterDecisions                                  *prometheus.CounterVec
+
 	TTFT          prometheus.Histogram
 	ITL           prometheus.Histogram // per generated token after the first
 	E2E           prometheus.Histogram
@@ -94,6 +102,13 @@ func NewCoordinator(model string, maxLen int, state prometheus.Collector) *Coord
 		GenerationTokens: c("generation_tokens_total", "Generated tokens."),
 		Preemptions:      c("num_preemptions_total", "Sequences preempted (to be recomputed) for KV space."),
 
+		PrefixCacheQueries:       c("prefix_cache_queries_total", "Prefix cache queries, in prompt tokens looked up (finished requests that looked up the cache)."),
+		PrefixCacheHits:          c("prefix_cache_hits_total", "Prefix cache hits, in prompt tokens found cached."),
+		PrefixCacheQueryRequests: c("prefix_cache_query_requests_total", "Finished requests that looked up the prefix cache."),
+		PrefixCacheHitRequests:   c("prefix_cache_hit_requests_total", "Finished requests that found part of their prompt in the prefix cache."),
+		RouterDecisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: Prefix + "router_decisions_total",
+			Help: "Finished requests by what chose their replica: prefix (the longest cached prefix), load (the least loaded), wait (the shortest queue wait).", ConstLabels: l}, []string{"policy"}),
+
 		TTFT:          h("time_to_first_token_seconds", "Time from the request's arrival to its first token.", ttftBuckets),
 		ITL:           h("inter_token_latency_seconds", "Time between a request's consecutive tokens.", itlBuckets),
 		E2E:           h("e2e_request_latency_seconds", "Time from the request's arrival to its end.", latencyBuckets),
@@ -111,6 +126,7 @@ func NewCoordinator(model string, maxLen int, state prometheus.Collector) *Coord
 		StepComm:        h("step_communication_seconds", "Of a step, the time workers spent in all-reduces and stage transfers (the slowest worker's).", stepBuckets),
 	}
 	m.Registry.MustRegister(m.RequestSuccess, m.PromptTokens, m.GenerationTokens, m.Preemptions,
+		m.PrefixCacheQueries, m.PrefixCacheHits, m.PrefixCacheQueryRequests, m.PrefixCacheHitRequests, m.RouterDecisions,
 		m.TTFT, m.ITL, m.E2E, m.QueueTime, m.PrefillTime, m.DecodeTime, m.InferenceTime,
 		m.RequestPromptTokens, m.RequestGenerationTokens, m.RequestMaxTokens, m.IterationTokens, m.StepDuration, m.StepComm,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

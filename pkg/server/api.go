@@ -449,7 +449,7 @@ func (s *GeneratorService) Generate(req *pb.GenerateRequest, out pb.Generator_Ge
 					return status.FromContextError(err).Err()
 				}
 			}
-			g.plp, g.preempt = ev.PromptLogprobs, ev.Preemptions
+			g.plp, g.preempt, g.cached = ev.PromptLogprobs, ev.Preemptions, ev.CachedTokens
 		}
 		if chunk != nil {
 			if err := snd.Send(&pb.GenerateResponse{RequestId: r.ID, Response: &pb.GenerateResponse_Chunk{Chunk: chunk}}); err != nil {
@@ -509,6 +509,7 @@ type genState struct {
 	matched  string
 	plp      []float32
 	preempt  int
+	cached   int // prompt tokens found in the prefix cache
 }
 
 func newGenState(c *Coordinator, r *routing.Request, req *pb.GenerateRequest) *genState {
@@ -560,7 +561,7 @@ func (g *genState) add(ev routing.Event) (*pb.GenerateChunk, bool) {
 	g.sent = end
 	ch.Usage = g.usage()
 	if ev.Done {
-		g.plp, g.preempt = ev.PromptLogprobs, ev.Preemptions
+		g.plp, g.preempt, g.cached = ev.PromptLogprobs, ev.Preemptions, ev.CachedTokens
 		if g.finish == "" {
 			g.finish = ev.Finish
 			if ev.MatchedStop >= 0 {
@@ -634,7 +635,7 @@ func (g *genState) logprob(lp routing.TokenLogprob) *pb.TokenLogprob {
 
 func (g *genState) usage() *pb.Usage {
 	p := int32(len(g.r.Prompt))
-	return &pb.Usage{PromptTokens: p, CompletionTokens: int32(g.n), TotalTokens: p + int32(g.n)}
+	return &pb.Usage{PromptTokens: p, CompletionTokens: int32(g.n), TotalTokens: p + int32(g.n), CachedTokens: int32(g.cached)}
 }
 
 func (g *genState) complete(ev routing.Event) *pb.GenerateComplete {

@@ -50,7 +50,14 @@ type CoordinatorOptions struct {
 	KVCacheBytes int64
 	// NumBlocks, when > 0, fixes the KV pool size in blocks (tests).
 	NumBlocks int64
+	// Scheduler bounds each replica's steps and queue; its NoPrefixCache
+	// turns prefix caching off.
 	Scheduler routing.SchedulerConfig
+	// Routing is the router's policy: routing.RoutePrefix (the default,
+	// "") or routing.RouteLeastLoaded; RouteLoadMargin its load margin in
+	// sequences (0: routing.DefaultLoadMargin; < 0: none).
+	Routing         string
+	RouteLoadMargin int
 	// Quantize is passed to workers in their assignment ("", "q8" or "q8a").
 	Quantize string
 	// Compute is passed to workers in their assignment ("", "bf16", "f32").
@@ -214,6 +221,19 @@ func NewCoordinator(opts CoordinatorOptions) (*Coordinator, error) {
 		reqs: map[int64]chan control.Action{}, rt: map[int64]*replicaRT{}}
 	c.router.SetQueueTimeout(opts.QueueTimeout, opts.Scheduler.MaxWaiting, c.whyNoReplica)
 	c.router.SetMaxQueueWait(opts.MaxQueueWait)
+	policy, margin := opts.Routing, opts.RouteLoadMargin
+	if policy == "" {
+		policy = routing.RoutePrefix
+	}
+	switch {
+	case margin == 0:
+		margin = routing.DefaultLoadMargin
+	case margin < 0:
+		margin = 0
+	}
+	if err := c.router.SetRouting(policy, margin); err != nil {
+		return nil, fmt.Errorf("--routing: %w", err)
+	}
 	c.metrics = metrics.NewCoordinator(opts.ModelName, cfg.MaxContext(), newStateCollector(c, opts.ModelName))
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if c.tok, err = tokenizer.Load(filepath.Join(dir, "tokenizer.json")); err != nil {
@@ -877,7 +897,11 @@ func (c *Coordinator) serve(a control.Serve) {
 	}
 	key := control.Key(a.Gen)
 	exec := &replicaExecutor{members: rt.members, gen: rt.gen, pp: rt.pp, ranks: len(rt.members) / rt.pp, expVersion: a.ExpertsVersion}
-	eng := routing.NewEngine(exec, c.opts.Scheduler, int(a.Blocks), c.opts.BlockSize)
+	sc := c.opts.Scheduler
+	// The KV of a prefix depends on the model and how the workers
+	// compute it.
+	sc.CacheIdentity = fmt.Sprintf("model=%s quantize=%s compute=%s", c.opts.ModelName, c.opts.Quantize, c.opts.Compute)
+	eng := routing.NewEngine(exec, sc, int(a.Blocks), c.opts.BlockSize)
 	eng.SetStepTimeouts(c.opts.StepTimeout)
 	eng.SetDepth(rt.pp) // one micro-batch in flight per stage
 	eng.OnStep = c.observeStep

@@ -203,6 +203,9 @@ func CoordinatorMain(args []string) int {
 	batchTokens := fs.Int("max-batch-tokens", 512, "tokens computed per step (prefill chunks + decodes)")
 	maxRunning := fs.Int("max-running", 64, "sequences decoding together")
 	maxWaiting := fs.Int("max-waiting", 1024, "queued requests before RESOURCE_EXHAUSTED")
+	noPrefixCache := fs.Bool("no-prefix-cache", false, "turn prefix caching off (on by default: full KV blocks are kept by the hash of their token prefix and shared by later requests that start with it)")
+	routingPolicy := fs.String("routing", routing.RoutePrefix, "how a request's replica is chosen: prefix (the replica caching the longest prefix of it, within --route-load-margin of the least loaded) or least-loaded")
+	routeMargin := fs.Int("route-load-margin", routing.DefaultLoadMargin, "with --routing prefix: a replica holding more than this many sequences beyond the least loaded one loses its prefix preference")
 	quantize := fs.String("quantize", "", "quantisation on the workers: q8 (int8 weights, groups of 32), q8a (int8 weights and activations, VNNI), or none")
 	compute := fs.String("compute", "", "the workers' products of bf16 weights: bf16 (the fastest each CPU has: VDPBF16PS on bf16-rounded activations where it outruns float32 FMA, as on AMD Zen 4/5; float32 elsewhere), f32, or empty for each worker's own --compute (default f32)")
 	leaderTTL := fs.Duration("leader-ttl", cluster.DefaultLeaderTTL, "leader lease TTL: a standby takes over this long after the leader dies (a leader cut off from etcd longer serves on; see docs/failure-model.md)")
@@ -260,6 +263,10 @@ func CoordinatorMain(args []string) int {
 		return fail("--max-waiting: must be >= 0")
 	case *blocks < 0:
 		return fail("--kv-blocks: must be >= 0")
+	case *routingPolicy != routing.RoutePrefix && *routingPolicy != routing.RouteLeastLoaded:
+		return fail("--routing: %q is not %s or %s", *routingPolicy, routing.RoutePrefix, routing.RouteLeastLoaded)
+	case *routeMargin < 0:
+		return fail("--route-load-margin: must be >= 0")
 	case *leaderTTL < 2*time.Second:
 		return fail("--leader-ttl: must be >= 2s (etcd grants no shorter lease)")
 	case *quantize != "" && *quantize != "q8" && *quantize != "q8a":
@@ -336,7 +343,8 @@ func CoordinatorMain(args []string) int {
 		MaxQueueWait: *maxQueueWait, SendTimeout: *sendTimeout, Limits: Limits{MaxConcurrentStreams: uint32(*maxStreams)},
 		Security: sec, APIKeysFile: *apiKeys, MaxStreamsPerKey: *keyStreams,
 		GossipProbeInterval: *probeInterval, GossipProbeTimeout: *probeTimeout, GossipSuspicionMult: *suspicion,
-		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting}})
+		Scheduler: routing.SchedulerConfig{MaxBatchTokens: *batchTokens, MaxRunning: *maxRunning, MaxWaiting: *maxWaiting, NoPrefixCache: *noPrefixCache},
+		Routing:   *routingPolicy, RouteLoadMargin: marginOption(*routeMargin)})
 	if err != nil && ctx.Err() == nil {
 		fmt.Fprintf(os.Stderr, "coordinator: %v\n", err)
 		return 1
@@ -353,4 +361,13 @@ func advertisable(addr string) bool {
 	}
 	ip := net.ParseIP(h)
 	return ip == nil || !ip.IsUnspecified()
+}
+
+// marginOption is --route-load-margin as CoordinatorOptions.RouteLoadMargin
+// (where 0 means the default and a negative value none).
+func marginOption(m int) int {
+	if m == 0 {
+		return -1
+	}
+	return m
 }

@@ -21,10 +21,11 @@ type requestRecord struct {
 	first   time.Time // first token sent
 	last    time.Time // latest token sent
 	tokens  int
+	caching bool // prefix caching is on
 }
 
 func (c *Coordinator) record(r *routing.Request, arrived time.Time) *requestRecord {
-	return &requestRecord{m: c.metrics, log: c.log, r: r, arrived: arrived}
+	return &requestRecord{m: c.metrics, log: c.log, r: r, arrived: arrived, caching: !c.opts.Scheduler.NoPrefixCache}
 }
 
 // sent notes n tokens sent to the client now: the first opens the time to
@@ -62,6 +63,19 @@ func (rr *requestRecord) done(finish string, ev routing.Event) {
 	m.E2E.Observe(e2e.Seconds())
 	attrs := []any{"request_id", rr.r.ID, "finish_reason", finish, "prompt_tokens", len(rr.r.Prompt),
 		"completion_tokens", rr.tokens, "e2e_ms", ms(e2e), "preemptions", ev.Preemptions}
+	if rr.caching && !rr.r.PromptLogprobs && !ev.Scheduled.IsZero() {
+		m.PrefixCacheQueries.Add(float64(len(rr.r.Prompt)))
+		m.PrefixCacheHits.Add(float64(ev.CachedTokens))
+		m.PrefixCacheQueryRequests.Inc()
+		if ev.CachedTokens > 0 {
+			m.PrefixCacheHitRequests.Inc()
+		}
+		attrs = append(attrs, "cached_tokens", ev.CachedTokens)
+	}
+	if ev.Route.Policy != "" {
+		m.RouterDecisions.With(prometheus.Labels{"policy": ev.Route.Policy}).Inc()
+		attrs = append(attrs, "replica", ev.Route.Replica, "route", ev.Route.Policy, "route_prefix_tokens", ev.Route.PrefixTokens)
+	}
 	if !ev.Scheduled.IsZero() {
 		queue := ev.Scheduled.Sub(rr.arrived)
 		m.QueueTime.Observe(queue.Seconds())

@@ -946,9 +946,16 @@ func sse(v any) []byte {
 // Responses.
 
 type oaiUsage struct {
-	PromptTokens     int `json:"prompt_tokens"`
-	CompletionTokens int `json:"completion_tokens"`
-	TotalTokens      int `json:"total_tokens"`
+	PromptTokens        int               `json:"prompt_tokens"`
+	CompletionTokens    int               `json:"completion_tokens"`
+	TotalTokens         int               `json:"total_tokens"`
+	PromptTokensDetails *oaiPromptDetails `json:"prompt_tokens_details,omitempty"`
+}
+
+// oaiPromptDetails is OpenAI's usage.prompt_tokens_details: the prompt
+// tokens served from the prefix cache.
+type oaiPromptDetails struct {
+	CachedTokens int `json:"cached_tokens"`
 }
 
 type oaiDelta struct {
@@ -1027,7 +1034,11 @@ func usageOf(u *pb.Usage) oaiUsage {
 	if u == nil {
 		return oaiUsage{}
 	}
-	return oaiUsage{PromptTokens: int(u.PromptTokens), CompletionTokens: int(u.CompletionTokens), TotalTokens: int(u.TotalTokens)}
+	ou := oaiUsage{PromptTokens: int(u.PromptTokens), CompletionTokens: int(u.CompletionTokens), TotalTokens: int(u.TotalTokens)}
+	if u.CachedTokens > 0 {
+		ou.PromptTokensDetails = &oaiPromptDetails{CachedTokens: int(u.CachedTokens)}
+	}
+	return ou
 }
 
 // runningUsage is ch's usage so far, for continuous_usage_stats.

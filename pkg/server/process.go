@@ -457,9 +457,12 @@ type CoordinatorProcessOptions struct {
 	NumBlocks    int64
 	LeaderTTL    time.Duration
 	Scheduler    routing.SchedulerConfig
-	Quantize     string
-	Compute      string // passed to workers in the placement ("", "bf16", "f32")
-	GossipFast   bool
+	// Routing, RouteLoadMargin: see CoordinatorOptions.
+	Routing         string
+	RouteLoadMargin int
+	Quantize        string
+	Compute         string // passed to workers in the placement ("", "bf16", "f32")
+	GossipFast      bool
 	// Gossip timings of the coordinator's memberlist node (0: GossipFast's).
 	GossipProbeInterval, GossipProbeTimeout time.Duration
 	GossipSuspicionMult                     int
@@ -608,7 +611,7 @@ func RunCoordinator(ctx context.Context, o CoordinatorProcessOptions) error {
 	}
 	coord, err := NewCoordinator(CoordinatorOptions{ID: o.ID, Addr: addr, ModelDir: o.ModelDir, Store: store, Gossip: gossip,
 		EtcdEndpoints: endpoints, LeaderTTL: o.LeaderTTL, BlockSize: o.BlockSize, KVCacheBytes: o.KVCacheBytes, NumBlocks: o.NumBlocks,
-		Scheduler: o.Scheduler, Quantize: o.Quantize, Compute: o.Compute, Logger: log, TP: o.TP, PP: o.PP,
+		Scheduler: o.Scheduler, Routing: o.Routing, RouteLoadMargin: o.RouteLoadMargin, Quantize: o.Quantize, Compute: o.Compute, Logger: log, TP: o.TP, PP: o.PP,
 		EP: o.EP, RedundantExperts: o.RedundantExperts, EPLBInterval: o.EPLBInterval,
 		StepTimeout: o.StepTimeout, QueueTimeout: o.QueueTimeout, DrainTimeout: o.DrainTimeout,
 		MaxQueueWait: o.MaxQueueWait, SendTimeout: o.SendTimeout, WorkerCreds: ptls.dialCreds(), Security: o.Security.Mode()})
