@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -172,6 +173,35 @@ func TestMetrics(t *testing.T) {
 		}
 		if sum(wa, "qwenfleet:worker_assignment", `tp_size="2"`, `state="ready"`) != 1 {
 			t.Errorf("worker %s assignment: %v", w.Id, fmt.Sprint(wa))
+		}
+	}
+	// Prefix caching: a 40-token prompt twice; the second finds its two
+	// full blocks of 16 cached, with the same output, and says so in its
+	// usage and the metrics.
+	long := make([]int32, 40)
+	for i := range long {
+		long[i] = int32(i*7+3) % 100
+	}
+	before = scrape(t, maddr)
+	first, second := mustGenerate(t, c.client, idsReq(long, 4)), mustGenerate(t, c.client, idsReq(long, 4))
+	if !slices.Equal(first.ids, second.ids) || first.usage.CachedTokens != 0 || second.usage.CachedTokens != 32 {
+		t.Errorf("repeated prompt: %v then %v, cached tokens %d then %d (want 0, 32)", first.ids, second.ids, first.usage.CachedTokens, second.usage.CachedTokens)
+	}
+	after = scrape(t, maddr)
+	for _, x := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"qwenfleet:prefix_cache_queries_total", nil, 80},
+		{"qwenfleet:prefix_cache_hits_total", nil, 32},
+		{"qwenfleet:prefix_cache_query_requests_total", nil, 2},
+		{"qwenfleet:prefix_cache_hit_requests_total", nil, 1},
+		{"qwenfleet:router_decisions_total", []string{`policy="load"`}, 1},   // nothing cached yet
+		{"qwenfleet:router_decisions_total", []string{`policy="prefix"`}, 1}, // the replica caching the prompt
+	} {
+		if got := delta(x.name, x.labels...); got != x.want {
+			t.Errorf("%s%v moved by %v, want %v", x.name, x.labels, got, x.want)
 		}
 	}
 }
