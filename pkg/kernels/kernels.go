@@ -132,6 +132,17 @@ func (ab *AttnBatch) RowScale(p int) float32 {
 	return float32(float64(ab.Scale) * DCATemperature(p+1, ab.DCAOrigLen))
 }
 
+// CacheAllocator is implemented by backends that keep long-lived cache
+// tensors apart from activations: the CPU backend maps them outside the Go
+// heap, so a large KV pool neither raises the garbage collector's target
+// (which would let garbage grow with it) nor is scanned. CacheZeros is a
+// zeroed F32 tensor; FreeCache releases it (using it afterwards is an
+// error).
+type CacheAllocator interface {
+	CacheZeros(shape ...int) Tensor
+	FreeCache(t Tensor)
+}
+
 // PreciseWeights is implemented by backends that may quantise weights:
 // WeightPrecise stores a weight in its own dtype regardless (MoE routers,
 // whose top-k choice one rounding can flip).

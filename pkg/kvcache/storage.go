@@ -11,20 +11,38 @@ import (
 type Storage struct {
 	blockSize int
 	k, v      []kernels.Tensor
+	b         kernels.Backend
 }
 
 // NewStorage allocates layers × 2 tensors of numBlocks·blockSize rows of
-// kvDim (KV heads × head dim) float32 values.
+// kvDim (KV heads × head dim) float32 values, as cache tensors where the
+// backend keeps them apart (kernels.CacheAllocator).
 func NewStorage(b kernels.Backend, layers, numBlocks, blockSize, kvDim int) *Storage {
 	if layers < 0 || numBlocks < 0 || blockSize <= 0 || kvDim <= 0 {
 		panic(fmt.Sprintf("kvcache: NewStorage(%d layers, %d blocks, block size %d, kv dim %d)", layers, numBlocks, blockSize, kvDim))
 	}
-	s := &Storage{blockSize: blockSize}
+	s := &Storage{blockSize: blockSize, b: b}
+	zeros := b.Zeros
+	if ca, ok := b.(kernels.CacheAllocator); ok {
+		zeros = ca.CacheZeros
+	}
 	for range layers {
-		s.k = append(s.k, b.Zeros(numBlocks*blockSize, kvDim))
-		s.v = append(s.v, b.Zeros(numBlocks*blockSize, kvDim))
+		s.k = append(s.k, zeros(numBlocks*blockSize, kvDim))
+		s.v = append(s.v, zeros(numBlocks*blockSize, kvDim))
 	}
 	return s
+}
+
+// Free releases the tensors (the storage must not be used afterwards).
+func (s *Storage) Free() {
+	for _, t := range append(s.k, s.v...) {
+		if ca, ok := s.b.(kernels.CacheAllocator); ok {
+			ca.FreeCache(t)
+		} else {
+			s.b.Free(t)
+		}
+	}
+	s.k, s.v = nil, nil
 }
 
 // BlockSize is the number of token slots in a block.

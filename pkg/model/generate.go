@@ -36,6 +36,7 @@ func (m *Model) Greedy(prompt []int32, n int, onToken func(step int, id int32, l
 	}
 	var ids []int32
 	bm, st := m.NewCache(len(prompt)+n, DefaultBlockSize)
+	defer st.Free()
 	const seq = 1
 	tokens, pos := prompt, 0
 	for len(ids) < n {

@@ -72,6 +72,9 @@ func (x *Executor) Warmup(numBlocks, blockSize, warmTokens int) error {
 	}
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	if x.cache != nil {
+		x.cache.Free() // steps hold x.mu: none is using it
+	}
 	x.cache, x.filled = nil, nil
 	x.turnMu.Lock()
 	x.turn = 0

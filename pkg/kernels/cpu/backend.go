@@ -147,6 +147,10 @@ type tensor struct {
 	// made by its first product and reused by the next ones (q, k and v
 	// read the same activation); every op that changes f drops it.
 	qa *quantized
+	// mapped: f lies outside the Go heap (CacheZeros); FreeCache unmaps
+	// it, or unmap does when the tensor is garbage.
+	mapped bool
+	unmap  runtime.Cleanup
 }
 
 func (t *tensor) DType() kernels.DType { return t.dt }
@@ -236,6 +240,38 @@ func (b *Backend) weight(dt kernels.DType, shape []int, data []byte, precise boo
 
 // Zeros is a new zeroed F32 tensor.
 func (b *Backend) Zeros(shape ...int) kernels.Tensor { return newF32(shape...) }
+
+// mapMin is the smallest cache tensor CacheZeros maps outside the Go heap
+// (smaller ones cost the collector little).
+const mapMin = 1 << 20
+
+// CacheZeros implements kernels.CacheAllocator: a zeroed F32 tensor mapped
+// outside the Go heap when it is large (an ordinary one where mapping is
+// not available). It is unmapped by FreeCache, or once unreachable.
+func (b *Backend) CacheZeros(shape ...int) kernels.Tensor {
+	n := kernels.NumElements(shape)
+	if 4*n < mapMin {
+		return newF32(shape...)
+	}
+	f, ok := mapFloats(n)
+	if !ok {
+		return newF32(shape...)
+	}
+	t := &tensor{dt: kernels.F32, shape: append([]int(nil), shape...), f: f, mapped: true}
+	t.unmap = runtime.AddCleanup(t, unmapFloats, f)
+	return t
+}
+
+// FreeCache implements kernels.CacheAllocator.
+func (b *Backend) FreeCache(t kernels.Tensor) {
+	c := cast(t)
+	if c.mapped {
+		c.unmap.Stop()
+		unmapFloats(c.f)
+		c.mapped = false
+	}
+	b.Free(c)
+}
 
 // FromFloat32 copies data into a new F32 tensor.
 func (b *Backend) FromFloat32(shape []int, data []float32) kernels.Tensor {
