@@ -58,6 +58,25 @@ stop() {
   kill -KILL -- "-$pg" 2>/dev/null || true
   pg=""
 }
+# cachestats: the coordinator log's finished requests: prompt tokens found
+# cached, and how their replicas were chosen.
+cachestats() {
+  python3 - "$work/coordinator.log" <<'PY'
+import re, sys, collections
+cached = prompt = n = 0
+routes = collections.Counter()
+for line in open(sys.argv[1]):
+    if "request finished" not in line:
+        continue
+    kv = dict(re.findall(r'(\w+)=("[^"]*"|\S+)', line))
+    n += 1
+    prompt += int(kv.get("prompt_tokens", 0))
+    cached += int(kv.get("cached_tokens", 0))
+    routes[kv.get("route", "?")] += 1
+if n:
+    print(f"prefix cache: {cached} of {prompt} prompt tokens cached ({100*cached/max(prompt,1):.0f} %); routes: {dict(routes)}")
+PY
+}
 field() { python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print(eval(sys.argv[2]))' "$@"; }
 
 if [[ " $parts " == *" ttft "* ]]; then
@@ -66,6 +85,7 @@ if [[ " $parts " == *" ttft "* ]]; then
   "$bin/qwenctl" bench --addr "$addr" --quiet --shared-prefix 3:1800 --input-len 200 --output-len 1 \
     --requests 12 --concurrency 1 --seed 7 --json "$work/ttft.json" >"$work/ttft.txt"
   stop
+  cachestats
   grep -E "Workload|Prefixes used|first use|reuse" "$work/ttft.txt" || true
   field "$work/ttft.json" '"TTFT of a 90%%-cached request / uncached: %.3f (%.0f ms / %.0f ms)" % (d["shared_prefix"]["reuse_ttft_ms"]["mean"]/d["shared_prefix"]["first_use_ttft_ms"]["mean"], d["shared_prefix"]["reuse_ttft_ms"]["mean"], d["shared_prefix"]["first_use_ttft_ms"]["mean"])'
 fi
@@ -78,6 +98,7 @@ if [[ " $parts " == *" routing "* ]]; then
       --requests "$requests" --concurrency 4 --seed 11 --json "$work/$policy.json" >"$work/$policy.txt"
     stop
     echo "-- $policy"
+    cachestats
     grep -E "Request throughput|Successful|Failed|first use|reuse|Duration" "$work/$policy.txt" || true
   done
   "$bin/qwenctl" bench --compare "$work/least-loaded.json" "$work/prefix.json" | tail -1

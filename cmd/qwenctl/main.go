@@ -2,6 +2,7 @@
 //
 //	qwenctl mkmodel --preset NAME --out DIR [--seed N] [--dtype bf16|f16|f32] [--layers N] [--config-only] [--if-missing]
 //	qwenctl forward --model DIR --ids 1,2,3 [--out FILE.safetensors] [--generate N] [--compute f32|bf16] [--quantize q8|q8a]
+//	qwenctl forward --model DIR --random-prompt N [--seed S] [--chunk 512] [--json FILE]
 //	qwenctl demo    [--preset tiny] [--tokens N]
 //	qwenctl tokenize (--model DIR | --tokenizer FILE) (--jsonl | --text TEXT [--chat])
 //	qwenctl detokenize (--model DIR | --tokenizer FILE) --ids 1,2,3 [--skip-special] [--json]
@@ -9,7 +10,8 @@
 //	qwenctl status --addr HOST:PORT[,HOST:PORT...] [--json] [--wait 60s]
 //	qwenctl drain  [--addr HOST:PORT] [--timeout D] [--force] [--no-wait] WORKER_ID
 //	qwenctl experts --addr HOST:PORT [--rebalance [--redundant N]] [--json]
-//	qwenctl bench  --addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
+//	qwenctl bench  --addr HOST:PORT[,HOST:PORT...] [--etcd-endpoints URLS] [--concurrency C | --rate R] [--requests N | --duration D] [--dataset FILE.jsonl | [--shared-prefix N:L] --input-len DIST] [--output-len DIST] [--slo ...] [--json FILE] [--plot FILE.png]
+//	qwenctl bench  --compare A.json B.json
 //	qwenctl certs --out DIR [--hosts H1,H2,...] [--force] [--if-missing]
 //	qwenctl apikey --file FILE --name N --role user|admin
 //	qwenctl plan (--model DIR | --preset NAME) --workers N --mem 80GiB [--hosts H] [--backend cuda|cpu] [--tp N] [--pp M] [--kv-tokens N] [--json]
