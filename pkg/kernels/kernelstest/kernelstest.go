@@ -295,40 +295,11 @@ func testAttentionDCA(t *testing.T, b kernels.Backend) {
 		name := fmt.Sprintf("h%d kv%d hd%d bs%d chunk%d orig%d", tc.heads, tc.kv, tc.hd, tc.bs, tc.chunk, tc.orig)
 		// a prefill from 0, decode steps, chunks continuing a prefix, long
 		// ones spanning attention blocks (256) and many DCA chunks
-		type seq struct{ start, n int }
-		seqs := []seq{{0, 30}, {9, 1}, {27, 4}, {600, 1}, {250, 270}}
-		nBlocks := 0
-		for _, s := range seqs {
-			nBlocks += (s.start + s.n + tc.bs - 1) / tc.bs
-		}
-		perm := rng.Perm(nBlocks + 3)
+		seqs := []attnSeqSpec{{0, 30}, {9, 1}, {27, 4}, {600, 1}, {250, 270}}
 		kvDim := tc.kv * tc.hd
-		slots := nBlocks*tc.bs + 3*tc.bs
-		kc, vc := b.Zeros(slots, kvDim), b.Zeros(slots, kvDim)
-		ab := &kernels.AttnBatch{Heads: tc.heads, KVHeads: tc.kv, HeadDim: tc.hd, BlockSize: tc.bs,
-			Scale: float32(1 / math.Sqrt(float64(tc.hd))), DCAChunk: tc.chunk, DCAOrigLen: tc.orig}
-		keys := make([][]float64, len(seqs))
-		vals := make([][]float64, len(seqs))
-		T, next := 0, 0
-		for i, s := range seqs {
-			n := s.start + s.n
-			blocks := make([]int32, (n+tc.bs-1)/tc.bs)
-			for j := range blocks {
-				blocks[j] = int32(perm[next])
-				next++
-			}
-			kt, kv := randAct(b, rng, n, kvDim)
-			vt, vv := randAct(b, rng, n, kvDim)
-			keys[i], vals[i] = kv, vv
-			sl := make([]int32, n)
-			for p := range sl {
-				sl[p] = blocks[p/tc.bs]*int32(tc.bs) + int32(p%tc.bs)
-			}
-			b.WriteKV(kc, kt, sl)
-			b.WriteKV(vc, vt, sl)
-			ab.Seqs = append(ab.Seqs, kernels.AttnSeq{Row: T, N: s.n, Start: s.start, Blocks: blocks})
-			T += s.n
-		}
+		kc, vc, ab, keys, vals, T := pagedKV(b, rng, seqs, kvDim, tc.bs)
+		ab.Heads, ab.KVHeads, ab.HeadDim = tc.heads, tc.kv, tc.hd
+		ab.Scale, ab.DCAChunk, ab.DCAOrigLen = float32(1/math.Sqrt(float64(tc.hd))), tc.chunk, tc.orig
 		QC := 3 * tc.heads * tc.hd
 		q, qv := randAct(b, rng, T, QC)
 		want := make([]float64, T*tc.heads*tc.hd)
@@ -396,6 +367,48 @@ func testSwiGLU(t *testing.T, b kernels.Backend) {
 	check(t, "SwiGLU", b.ToFloat32(b.SwiGLU(g, u)), want, tol...)
 }
 
+// attnSeqSpec is a sequence of an attention test: n query rows from
+// position start.
+type attnSeqSpec struct{ start, n int }
+
+// pagedKV writes random K and V of every position of seqs into paged
+// caches of kvDim columns through shuffled block tables (with spare
+// blocks), and returns the caches, an AttnBatch with the sequences (the
+// caller sets heads, dims and scale), each sequence's keys and values
+// (positions × kvDim, as written) and the number of query rows.
+func pagedKV(b kernels.Backend, rng *rand.Rand, seqs []attnSeqSpec, kvDim, bs int) (kc, vc kernels.Tensor, ab *kernels.AttnBatch, keys, vals [][]float64, T int) {
+	nBlocks := 0
+	for _, s := range seqs {
+		nBlocks += (s.start + s.n + bs - 1) / bs
+	}
+	perm := rng.Perm(nBlocks + 3)
+	slots := nBlocks*bs + 3*bs
+	kc, vc = b.Zeros(slots, kvDim), b.Zeros(slots, kvDim)
+	ab = &kernels.AttnBatch{BlockSize: bs}
+	keys, vals = make([][]float64, len(seqs)), make([][]float64, len(seqs))
+	next := 0
+	for i, s := range seqs {
+		n := s.start + s.n
+		blocks := make([]int32, (n+bs-1)/bs)
+		for j := range blocks {
+			blocks[j] = int32(perm[next])
+			next++
+		}
+		kt, kv := randAct(b, rng, n, kvDim)
+		vt, vv := randAct(b, rng, n, kvDim)
+		keys[i], vals[i] = kv, vv
+		sl := make([]int32, n)
+		for p := range sl {
+			sl[p] = blocks[p/bs]*int32(bs) + int32(p%bs)
+		}
+		b.WriteKV(kc, kt, sl)
+		b.WriteKV(vc, vt, sl)
+		ab.Seqs = append(ab.Seqs, kernels.AttnSeq{Row: T, N: s.n, Start: s.start, Blocks: blocks})
+		T += s.n
+	}
+	return kc, vc, ab, keys, vals, T
+}
+
 // testAttention writes K/V of a mixed batch into a paged cache through
 // shuffled block tables and checks attention against a dense reference.
 func testAttention(t *testing.T, b kernels.Backend) {
@@ -404,39 +417,10 @@ func testAttention(t *testing.T, b kernels.Backend) {
 		name := fmt.Sprintf("h%d kv%d hd%d bs%d", tc.heads, tc.kv, tc.hd, tc.bs)
 		// a prefill from 0, a decode step, a chunk continuing a cached prefix,
 		// and long ones whose keys span several attention blocks (256)
-		type seq struct{ start, n int }
-		seqs := []seq{{0, 6}, {9, 1}, {5, 4}, {600, 1}, {250, 270}}
-		nBlocks := 0
-		for _, s := range seqs {
-			nBlocks += (s.start + s.n + tc.bs - 1) / tc.bs
-		}
-		perm := rng.Perm(nBlocks + 3)
+		seqs := []attnSeqSpec{{0, 6}, {9, 1}, {5, 4}, {600, 1}, {250, 270}}
 		kvDim := tc.kv * tc.hd
-		slots := nBlocks*tc.bs + 3*tc.bs
-		kc, vc := b.Zeros(slots, kvDim), b.Zeros(slots, kvDim)
-		ab := &kernels.AttnBatch{Heads: tc.heads, KVHeads: tc.kv, HeadDim: tc.hd, BlockSize: tc.bs, Scale: float32(1 / math.Sqrt(float64(tc.hd)))}
-		keys := make([][]float64, len(seqs)) // per seq, all positions × kvDim
-		vals := make([][]float64, len(seqs))
-		T, next := 0, 0
-		for i, s := range seqs {
-			n := s.start + s.n
-			blocks := make([]int32, (n+tc.bs-1)/tc.bs)
-			for j := range blocks {
-				blocks[j] = int32(perm[next])
-				next++
-			}
-			kt, kv := randAct(b, rng, n, kvDim)
-			vt, vv := randAct(b, rng, n, kvDim)
-			keys[i], vals[i] = kv, vv
-			sl := make([]int32, n)
-			for p := range sl {
-				sl[p] = blocks[p/tc.bs]*int32(tc.bs) + int32(p%tc.bs)
-			}
-			b.WriteKV(kc, kt, sl)
-			b.WriteKV(vc, vt, sl)
-			ab.Seqs = append(ab.Seqs, kernels.AttnSeq{Row: T, N: s.n, Start: s.start, Blocks: blocks})
-			T += s.n
-		}
+		kc, vc, ab, keys, vals, T := pagedKV(b, rng, seqs, kvDim, tc.bs)
+		ab.Heads, ab.KVHeads, ab.HeadDim, ab.Scale = tc.heads, tc.kv, tc.hd, float32(1/math.Sqrt(float64(tc.hd)))
 		q, qv := randAct(b, rng, T, tc.heads*tc.hd)
 		want := make([]float64, T*tc.heads*tc.hd)
 		group := tc.heads / tc.kv
