@@ -107,7 +107,7 @@ func NewCoordinator(model string, maxLen int, state prometheus.Collector) *Coord
 		PrefixCacheQueryRequests: c("prefix_cache_query_requests_total", "Finished requests that looked up the prefix cache."),
 		PrefixCacheHitRequests:   c("prefix_cache_hit_requests_total", "Finished requests that found part of their prompt in the prefix cache."),
 		RouterDecisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: Prefix + "router_decisions_total",
-			Help: "Finished requests by what chose their replica: prefix (the longest cached prefix), load (the least loaded), wait (the shortest queue wait).", ConstLabels: l}, []string{"policy"}),
+			Help: "Finished requests by what chose their replica: prefix (the longest cached prefix), room (cached nowhere: the replica caching the least), load (the least loaded), wait (the shortest queue wait).", ConstLabels: l}, []string{"policy"}),
 
 		TTFT:          h("time_to_first_token_seconds", "Time from the request's arrival to its first token.", ttftBuckets),
 		ITL:           h("inter_token_latency_seconds", "Time between a request's consecutive tokens.", itlBuckets),

@@ -431,6 +431,13 @@ func (e *Engine) CachedPrefix(q *Seq) int {
 	return e.sched.CachedPrefix(q)
 }
 
+// prefixAndCached is CachedPrefix and the number of blocks in the cache.
+func (e *Engine) prefixAndCached(q *Seq) (hits, cached int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.sched.CachedPrefix(q), e.sched.bm.NumCached()
+}
+
 // SetMaxQueueWait sets how long a new request may wait in this engine's
 // queue before its first step (0: no limit; see Router.SetMaxQueueWait).
 func (e *Engine) SetMaxQueueWait(d time.Duration) {

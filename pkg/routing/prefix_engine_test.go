@@ -175,16 +175,16 @@ func TestRouterPrefersCachedPrefix(t *testing.T) {
 		}
 		return ev
 	}
-	// Prefix 0 lands on a (both idle: the first by name).
-	if ev := gen("p0", 2); ev.Route.Replica != "a" || ev.Route.Policy != "load" {
+	// Prefix 0 lands on a (both idle and empty: the first by name).
+	if ev := gen("p0", 2); ev.Route.Replica != "a" || ev.Route.Policy != "room" {
 		t.Fatalf("first request: %+v", ev.Route)
 	}
-	// Prefix 1 while a is busy: b.
+	// Prefix 1 while a is busy: b, which caches less.
 	busy, err := r.Submit(greedy("busy", ps[0], 300))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ev := gen("p1", 8); ev.Route.Replica != "b" {
+	if ev := gen("p1", 8); ev.Route.Replica != "b" || ev.Route.Policy != "room" {
 		t.Fatalf("second prefix went to %+v", ev.Route)
 	}
 	// With a still busy (1 sequence, within the margin), prefix 0 goes
@@ -199,7 +199,7 @@ func TestRouterPrefersCachedPrefix(t *testing.T) {
 	if err := r.SetRouting(routing.RoutePrefix, 0); err != nil {
 		t.Fatal(err)
 	}
-	if ev := gen("p0c", 4); ev.Route.Replica != "b" || ev.Route.Policy != "load" {
+	if ev := gen("p0c", 4); ev.Route.Replica != "b" || ev.Route.Policy != "room" {
 		t.Fatalf("prefix 0, a busier than the margin: %+v", ev.Route)
 	}
 	// Least loaded: the cache does not count.
@@ -214,7 +214,7 @@ func TestRouterPrefersCachedPrefix(t *testing.T) {
 	}
 	r.Abort("busy")
 	collect(t, busy)
-	if got := r.Routed(); got["prefix"] != 3 || got["load"] != 4 { // busy went to a by its prefix
+	if got := r.Routed(); got["prefix"] != 3 || got["room"] != 3 || got["load"] != 1 { // busy went to a by its prefix
 		t.Fatalf("decisions %v", got)
 	}
 }

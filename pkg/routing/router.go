@@ -24,8 +24,10 @@ const (
 // a request goes to the replica whose prefix cache holds the longest
 // prefix of its tokens, unless that replica is busier than the least
 // loaded one by more than the load margin; with no cached prefix within
-// the margin, or with the least-loaded policy, it goes to the least
-// loaded replica (see SetRouting). A request no replica
+// the margin, to the replica within the margin that caches the fewest
+// blocks (SGLang's cache-aware policy does the same), so that distinct
+// prefixes spread over the replicas' caches. With the least-loaded policy
+// a request goes to the least loaded replica (see SetRouting). A request no replica
 // can take (there is none, or every one is cordoned) waits in the router,
 // an orphan, until a replica is added or the queue timeout passes (see
 // SetQueueTimeout). Request ids are unique across replicas and orphans
@@ -66,9 +68,11 @@ const (
 )
 
 // Route is how the router chose a request's replica: the Policy that
-// decided ("prefix": the longest cached prefix; "load": the least loaded;
-// "wait": the shortest estimated queue wait, see SetMaxQueueWait), and how
-// many leading tokens of the request the chosen replica's cache held then.
+// decided ("prefix": the longest cached prefix; "room": no replica within
+// the margin caches a prefix of it, so the one caching the fewest blocks;
+// "load": the least loaded, the least-loaded policy; "wait": the shortest
+// estimated queue wait, see SetMaxQueueWait), and how many leading tokens
+// of the request the chosen replica's cache held then.
 type Route struct {
 	Replica      string
 	Policy       string
@@ -361,9 +365,9 @@ func (r *Router) namesLocked() []string {
 // replica takes requests); r.mu is held.
 func (r *Router) pickLocked(q *Seq) (*Engine, Route) {
 	type cand struct {
-		name       string
-		e          *Engine
-		load, hits int
+		name               string
+		e                  *Engine
+		load, hits, cached int
 	}
 	var cs []cand
 	minLoad := 0
@@ -387,20 +391,27 @@ func (r *Router) pickLocked(q *Seq) (*Engine, Route) {
 		}
 	}
 	if r.policy == RoutePrefix {
-		best := -1
+		best, room := -1, -1
 		for i := range cs {
 			c := &cs[i]
 			if c.load > minLoad+r.margin {
 				continue
 			}
-			c.hits = c.e.CachedPrefix(q)
+			c.hits, c.cached = c.e.prefixAndCached(q)
 			if c.hits > 0 && (best < 0 || c.hits > cs[best].hits || c.hits == cs[best].hits && c.load < cs[best].load) {
 				best = i
+			}
+			if room < 0 || c.cached < cs[room].cached || c.cached == cs[room].cached && c.load < cs[room].load {
+				room = i
 			}
 		}
 		if best >= 0 {
 			return cs[best].e, r.routeLocked(Route{Replica: cs[best].name, Policy: "prefix", PrefixTokens: cs[best].hits})
 		}
+		// Cached nowhere within the margin: the replica that caches the
+		// least takes the new prefix, so prefixes spread over the
+		// replicas' caches instead of piling on whichever was idle.
+		return cs[room].e, r.routeLocked(Route{Replica: cs[room].name, Policy: "room"})
 	}
 	return cs[least].e, r.routeLocked(Route{Replica: cs[least].name, Policy: "load", PrefixTokens: cs[least].hits})
 }

@@ -197,7 +197,7 @@ func TestMetrics(t *testing.T) {
 		{"qwenfleet:prefix_cache_hits_total", nil, 32},
 		{"qwenfleet:prefix_cache_query_requests_total", nil, 2},
 		{"qwenfleet:prefix_cache_hit_requests_total", nil, 1},
-		{"qwenfleet:router_decisions_total", []string{`policy="load"`}, 1},   // nothing cached yet
+		{"qwenfleet:router_decisions_total", []string{`policy="room"`}, 1},   // nothing cached yet
 		{"qwenfleet:router_decisions_total", []string{`policy="prefix"`}, 1}, // the replica caching the prompt
 	} {
 		if got := delta(x.name, x.labels...); got != x.want {
