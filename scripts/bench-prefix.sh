@@ -10,7 +10,8 @@
 #      throughput, and identical outputs (qwenctl bench --compare).
 # Usage: scripts/bench-prefix.sh [MODEL_DIR]   (made with qwenctl mkmodel when
 # missing). PARTS="ttft routing" picks the parts; KV_BLOCKS (per replica),
-# REQUESTS, OUTPUT_LEN, PREFIXES (N:L) override the routing workload.
+# REQUESTS, OUTPUT_LEN, PREFIXES (N:L) override the routing workload, POLICIES
+# (least-loaded prefix) and MARGIN (--route-load-margin, 4) its runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export GOTOOLCHAIN=local
@@ -19,6 +20,8 @@ parts=${PARTS:-ttft routing}
 prefixes=${PREFIXES:-8:1500}
 requests=${REQUESTS:-64}
 outlen=${OUTPUT_LEN:-16}
+policies=${POLICIES:-least-loaded prefix}
+margin=${MARGIN:-4} # --route-load-margin
 kvblocks=${KV_BLOCKS:-450} # 7,200 tokens: about 4 of the 8 prefixes and the running requests' own blocks
 bin=$(mktemp -d)
 work=$(mktemp -d)
@@ -92,8 +95,8 @@ fi
 
 if [[ " $parts " == *" routing "* ]]; then
   echo "== routing: --shared-prefix $prefixes, $requests requests at concurrency 4, 2 replicas of $kvblocks KV blocks of 16"
-  for policy in least-loaded prefix; do
-    start 2 --kv-blocks "$kvblocks" --routing "$policy"
+  for policy in $policies; do
+    start 2 --kv-blocks "$kvblocks" --routing "$policy" --route-load-margin "$margin"
     "$bin/qwenctl" bench --addr "$addr" --quiet --shared-prefix "$prefixes" --output-len "$outlen" \
       --requests "$requests" --concurrency 4 --seed 11 --json "$work/$policy.json" >"$work/$policy.txt"
     stop
@@ -101,6 +104,7 @@ if [[ " $parts " == *" routing "* ]]; then
     cachestats
     grep -E "Request throughput|Successful|Failed|first use|reuse|Duration" "$work/$policy.txt" || true
   done
+  [ -f "$work/least-loaded.json" ] && [ -f "$work/prefix.json" ] || exit 0
   "$bin/qwenctl" bench --compare "$work/least-loaded.json" "$work/prefix.json" | tail -1
   python3 - "$work/least-loaded.json" "$work/prefix.json" <<'PY'
 import json, sys
