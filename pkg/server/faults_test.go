@@ -237,7 +237,10 @@ func TestHungLastStage(t *testing.T) {
 }
 
 func testHungMember(t *testing.T, layout []string, victimOf func([][]string) string) {
-	b := startBare(t, refDir("dense-gqa-f32"), append(layout, "--max-batch-tokens", "512")...)
+	// No prefix cache: greedyAlone's runs would leave every prompt
+	// cached, and the load then skips the prefill chunks the fault must
+	// hit (it may even end before the fault).
+	b := startBare(t, refDir("dense-gqa-f32"), append(layout, "--max-batch-tokens", "512", "--no-prefix-cache")...)
 	for i := range 3 { // a replica of two, and a spare
 		b.worker(t, fmt.Sprintf("w%d", i), "--peer-window", "64KiB")
 	}
