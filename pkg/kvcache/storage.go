@@ -35,12 +35,12 @@ func NewStorage(b kernels.Backend, layers, numBlocks, blockSize, kvDim int) *Sto
 
 // Free releases the tensors (the storage must not be used afterwards).
 func (s *Storage) Free() {
+	free := s.b.Free
+	if ca, ok := s.b.(kernels.CacheAllocator); ok {
+		free = ca.FreeCache
+	}
 	for _, t := range append(s.k, s.v...) {
-		if ca, ok := s.b.(kernels.CacheAllocator); ok {
-			ca.FreeCache(t)
-		} else {
-			s.b.Free(t)
-		}
+		free(t)
 	}
 	s.k, s.v = nil, nil
 }

@@ -341,7 +341,9 @@ func (r *Router) placeLocked(seqs []*Seq) {
 			// critical section, so this does not happen; were it to, the
 			// sequence waits rather than the loop spin.
 			r.orphanLocked(left...)
+			continue
 		}
+		r.routed[route.Policy]++
 	}
 }
 
@@ -370,27 +372,21 @@ func (r *Router) pickLocked(q *Seq) (*Engine, Route) {
 		load, hits, cached int
 	}
 	var cs []cand
-	minLoad := 0
+	least := 0
 	for _, n := range r.namesLocked() {
 		if r.cordoned[n] {
 			continue
 		}
-		c := cand{name: n, e: r.replicas[n], load: r.replicas[n].Load()}
-		if len(cs) == 0 || c.load < minLoad {
-			minLoad = c.load
+		cs = append(cs, cand{name: n, e: r.replicas[n], load: r.replicas[n].Load()})
+		if c := cs[len(cs)-1]; c.load < cs[least].load {
+			least = len(cs) - 1
 		}
-		cs = append(cs, c)
 	}
 	if len(cs) == 0 {
 		return nil, Route{}
 	}
-	least := 0
-	for i, c := range cs {
-		if c.load < cs[least].load {
-			least = i
-		}
-	}
 	if r.policy == RoutePrefix {
+		minLoad := cs[least].load
 		best, room := -1, -1
 		for i := range cs {
 			c := &cs[i]
@@ -406,37 +402,22 @@ func (r *Router) pickLocked(q *Seq) (*Engine, Route) {
 			}
 		}
 		if best >= 0 {
-			return cs[best].e, r.routeLocked(Route{Replica: cs[best].name, Policy: "prefix", PrefixTokens: cs[best].hits})
+			return cs[best].e, Route{Replica: cs[best].name, Policy: "prefix", PrefixTokens: cs[best].hits}
 		}
 		// Cached nowhere within the margin: the replica that caches the
 		// least takes the new prefix, so prefixes spread over the
 		// replicas' caches instead of piling on whichever was idle.
-		return cs[room].e, r.routeLocked(Route{Replica: cs[room].name, Policy: "room"})
+		return cs[room].e, Route{Replica: cs[room].name, Policy: "room"}
 	}
-	return cs[least].e, r.routeLocked(Route{Replica: cs[least].name, Policy: "load", PrefixTokens: cs[least].hits})
-}
-
-// routeLocked counts a decision; r.mu is held.
-func (r *Router) routeLocked(rt Route) Route {
-	r.routed[rt.Policy]++
-	return rt
-}
-
-// nameOfLocked is e's replica name; r.mu is held.
-func (r *Router) nameOfLocked(e *Engine) string {
-	for n, x := range r.replicas {
-		if x == e {
-			return n
-		}
-	}
-	return ""
+	return cs[least].e, Route{Replica: cs[least].name, Policy: "load"}
 }
 
 // shortestWaitLocked is the replica (not cordoned) whose estimated queue
-// wait is the shortest, and that wait; a replica with no estimate yet
-// counts as no wait. r.mu is held.
-func (r *Router) shortestWaitLocked() (*Engine, time.Duration) {
+// wait is the shortest, its name, and that wait; a replica with no
+// estimate yet counts as no wait. r.mu is held.
+func (r *Router) shortestWaitLocked() (*Engine, string, time.Duration) {
 	var best *Engine
+	var bestName string
 	var bestWait time.Duration
 	for _, n := range r.namesLocked() {
 		if r.cordoned[n] {
@@ -448,10 +429,10 @@ func (r *Router) shortestWaitLocked() (*Engine, time.Duration) {
 			w = 0
 		}
 		if best == nil || w < bestWait {
-			best, bestWait = e, w
+			best, bestName, bestWait = e, n, w
 		}
 	}
-	return best, bestWait
+	return best, bestName, bestWait
 }
 
 // Capacity is the longest sequence (prompt + output tokens) every replica
@@ -488,26 +469,23 @@ func (r *Router) Submit(req *Request) (*Stream, error) {
 		}
 	}
 	q := newSeq(req)
-	if r.maxWait > 0 && len(req.Resume) == 0 && len(r.replicas) > 0 {
-		if _, wait := r.shortestWaitLocked(); wait > r.maxWait {
-			return nil, fmt.Errorf("%w: a new request would wait about %v in the queue, more than the max queue wait of %v",
-				ErrOverloaded, roundWait(wait), r.maxWait)
-		}
-	}
 	if e, route := r.pickLocked(q); e != nil {
 		if r.maxWait > 0 && len(req.Resume) == 0 {
+			best, name, wait := r.shortestWaitLocked()
+			if wait > r.maxWait {
+				return nil, fmt.Errorf("%w: a new request would wait about %v in the queue, more than the max queue wait of %v",
+					ErrOverloaded, roundWait(wait), r.maxWait)
+			}
 			if w, ok := e.QueueWait(); ok && w > r.maxWait {
 				// The chosen replica drains its queue slowly.
-				r.routed[route.Policy]--
-				best, _ := r.shortestWaitLocked()
-				e, route = best, r.routeLocked(Route{Replica: r.nameOfLocked(best), Policy: "wait", PrefixTokens: best.CachedPrefix(q)})
+				e, route = best, Route{Replica: name, Policy: "wait", PrefixTokens: best.CachedPrefix(q)}
 			}
 		}
 		q.Payload.(*reqState).route = route
 		if err := e.adopt(q); err != nil {
-			r.routed[route.Policy]--
 			return nil, err
 		}
+		r.routed[route.Policy]++
 		return q.Payload.(*reqState).stream, nil
 	}
 	if r.refuse != "" {
