@@ -314,7 +314,6 @@ func testAttentionDCA(t *testing.T, b kernels.Backend) {
 				for h := 0; h < tc.heads; h++ {
 					kvh := h / group
 					sc := make([]float64, p+1)
-					m := math.Inf(-1)
 					for j := range sc {
 						v := min(2, p/tc.chunk-j/tc.chunk) // 0 intra, 1 succ, 2 inter
 						var d float64
@@ -322,20 +321,8 @@ func testAttentionDCA(t *testing.T, b kernels.Backend) {
 							d += qv[row*QC+(v*tc.heads+h)*tc.hd+e] * keys[si][j*kvDim+kvh*tc.hd+e]
 						}
 						sc[j] = d * float64(ab.Scale) * tau
-						m = math.Max(m, sc[j])
 					}
-					var sum float64
-					for j := range sc {
-						sc[j] = math.Exp(sc[j] - m)
-						sum += sc[j]
-					}
-					for e := 0; e < tc.hd; e++ {
-						var o float64
-						for j := range sc {
-							o += sc[j] / sum * vals[si][j*kvDim+kvh*tc.hd+e]
-						}
-						want[row*tc.heads*tc.hd+h*tc.hd+e] = o
-					}
+					softmaxMix(sc, vals[si], kvDim, kvh*tc.hd, want[row*tc.heads*tc.hd+h*tc.hd:][:tc.hd])
 				}
 			}
 		}
@@ -365,6 +352,27 @@ func testSwiGLU(t *testing.T, b kernels.Backend) {
 		tol[i] = 1e-5 * math.Max(1, math.Abs(w))
 	}
 	check(t, "SwiGLU", b.ToFloat32(b.SwiGLU(g, u)), want, tol...)
+}
+
+// softmaxMix is the float64 reference's last half of attention: out[e] =
+// Σ_j softmax(sc)_j · vals[j·stride+off+e] (sc is overwritten).
+func softmaxMix(sc, vals []float64, stride, off int, out []float64) {
+	m := math.Inf(-1)
+	for _, v := range sc {
+		m = math.Max(m, v)
+	}
+	var sum float64
+	for j := range sc {
+		sc[j] = math.Exp(sc[j] - m)
+		sum += sc[j]
+	}
+	for e := range out {
+		var o float64
+		for j := range sc {
+			o += sc[j] / sum * vals[j*stride+off+e]
+		}
+		out[e] = o
+	}
 }
 
 // attnSeqSpec is a sequence of an attention test: n query rows from
@@ -431,27 +439,14 @@ func testAttention(t *testing.T, b kernels.Backend) {
 				for h := 0; h < tc.heads; h++ {
 					kvh := h / group
 					sc := make([]float64, ctx)
-					m := math.Inf(-1)
 					for j := range ctx {
 						var d float64
 						for e := 0; e < tc.hd; e++ {
 							d += qv[row*tc.heads*tc.hd+h*tc.hd+e] * keys[si][j*kvDim+kvh*tc.hd+e]
 						}
 						sc[j] = d * float64(ab.Scale)
-						m = math.Max(m, sc[j])
 					}
-					var sum float64
-					for j := range sc {
-						sc[j] = math.Exp(sc[j] - m)
-						sum += sc[j]
-					}
-					for e := 0; e < tc.hd; e++ {
-						var o float64
-						for j := range ctx {
-							o += sc[j] / sum * vals[si][j*kvDim+kvh*tc.hd+e]
-						}
-						want[row*tc.heads*tc.hd+h*tc.hd+e] = o
-					}
+					softmaxMix(sc, vals[si], kvDim, kvh*tc.hd, want[row*tc.heads*tc.hd+h*tc.hd:][:tc.hd])
 				}
 			}
 		}
